@@ -1,0 +1,159 @@
+"""Backend selection: which implementation serves a call.
+
+Backends: ``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+``cuda`` and ``cpu`` (C++ kernels from ``gptkern._C``), ``torch`` (PyTorch
+composition, always available) and ``auto``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger("gptkern")
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+_ENV_VAR = "GPTKERN_BACKEND"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_current = _check_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend name in force: ``auto`` unless set otherwise."""
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every following gptkern op call (process-wide)."""
+    global _current
+    _current = _check_name(name)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Context manager that selects a backend and restores the previous one on exit."""
+    global _current
+    previous, _current = _current, _check_name(name)
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET: Optional[bool] = None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter.
+
+    Read once, at the first call: Triton decides interpret mode when a kernel is
+    decorated, so ``TRITON_INTERPRET=1`` must be set before gptkern's first Triton call.
+    """
+    global _TRITON_INTERPRET
+    if _TRITON_INTERPRET is None:
+        _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _TRITON_INTERPRET
+
+
+def _has_triton() -> bool:
+    return _HAS_TRITON
+
+
+def _extension():
+    """``gptkern._C`` if it is built, else None (looked up once)."""
+    global _EXT
+    if _EXT is _UNSET:
+        try:
+            from gptkern import _C  # type: ignore[attr-defined]
+        except ImportError:
+            _C = None
+        _EXT = _C
+    return _EXT
+
+
+_UNSET = object()
+_EXT = _UNSET
+
+
+def _backend_runs_on(name: str, device_type: str) -> bool:
+    if name == "torch":
+        return True
+    if name == "triton":
+        if not _has_triton():
+            return False
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
+    if name in ("cpu", "cuda"):
+        ext = _extension()
+        return ext is not None and device_type == name and name in getattr(ext, "devices", ())
+    return False
+
+
+def available_backends() -> list[str]:
+    """Backends that can run a call on this machine (``torch`` always)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS[1:] if any(_backend_runs_on(b, d) for d in devices)]
+
+
+# Order tried by ``auto``, per device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# A check returns None when the backend can serve the call, else a reason.
+Support = Callable[[], Optional[str]]
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _log_fallback_once(op: str, name: str, reason: str) -> None:
+    if torch.compiler.is_compiling() or (op, name, reason) in _logged:
+        return
+    _logged.add((op, name, reason))
+    log.debug("gptkern.%s: backend %r skipped under auto: %s", op, name, reason)
+
+
+def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
+    """Pick the backend for one call of ``op`` on ``device``.
+
+    ``supports`` maps each backend that implements ``op`` to a check of the call's
+    configuration; ``torch`` must be among them and serve everything.
+    """
+    device_type = device.type
+    name = _current
+    if name != "auto":
+        if name not in supports:
+            raise NotImplementedError(
+                f"gptkern.{op}: the {name!r} backend does not implement this op; "
+                f"use one of {sorted(supports)} or 'auto'")
+        if not _backend_runs_on(name, device_type):
+            runs = [b for b in supports if _backend_runs_on(b, device_type)]
+            hint = " (set TRITON_INTERPRET=1 before importing triton)" if (
+                name == "triton" and device_type == "cpu" and _has_triton()) else ""
+            raise NotImplementedError(
+                f"gptkern.{op}: the {name!r} backend cannot run on {device_type} tensors "
+                f"here{hint}; backends that can: {runs}")
+        reason = supports[name]()
+        if reason is not None:
+            raise NotImplementedError(
+                f"gptkern.{op}: the {name!r} backend does not support {reason}; "
+                f"the 'torch' backend can serve this call")
+        return name
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if name not in supports or not _backend_runs_on(name, device_type):
+            continue
+        reason = supports[name]()
+        if reason is None:
+            return name
+        _log_fallback_once(op, name, reason)
+    return "torch"

@@ -1,0 +1,5 @@
+"""Modules over gptkern.ops with torch.nn's constructors, forward signatures and state_dict keys."""
+from gptkern.nn.activation import Softmax
+from gptkern.nn.normalization import LayerNorm, RMSNorm
+
+__all__ = ["Softmax", "LayerNorm", "RMSNorm"]

@@ -1,0 +1,23 @@
+"""Softmax module: torch.nn's, with the forward served by gptkern.ops."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from gptkern import ops
+
+
+def _legacy_softmax_dim(ndim: int) -> int:
+    # torch.nn.Softmax(dim=None) picks the dimension from the rank, with a warning.
+    warnings.warn("Implicit dimension choice for softmax has been deprecated. "
+                  "Change the call to include dim=X as an argument.", stacklevel=3)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+class Softmax(torch.nn.Softmax):
+    """Drop-in for ``torch.nn.Softmax``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        dim = self.dim if self.dim is not None else _legacy_softmax_dim(input.dim())
+        return ops.softmax(input, dim)

@@ -1,0 +1,20 @@
+"""LayerNorm and RMSNorm modules: torch.nn's, with the forward served by gptkern.ops."""
+from __future__ import annotations
+
+import torch
+
+from gptkern import ops
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for ``torch.nn.LayerNorm``: same arguments, parameters and ``state_dict`` keys."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for ``torch.nn.RMSNorm``: same arguments, parameters and ``state_dict`` keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)

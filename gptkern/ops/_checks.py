@@ -1,0 +1,84 @@
+"""Input checks shared by the ops: the exception types PyTorch raises, naming the argument."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_floating(t: torch.Tensor, name: str, op: str) -> None:
+    if not t.is_floating_point():
+        raise NotImplementedError(f'"{op}" not implemented for {t.dtype}: {name} must be a '
+                                  f"floating-point tensor")
+
+
+def check_dtype_arg(dtype: Optional[torch.dtype], op: str) -> None:
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{op}(): argument 'dtype' must be torch.dtype, got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise NotImplementedError(f'"{op}" not implemented for {dtype}: dtype must be a '
+                                  f"floating-point dtype")
+
+
+def wrap_dim(dim: int, ndim: int) -> int:
+    """``dim`` in [0, max(ndim, 1)), with torch's IndexError otherwise."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"argument 'dim' must be int, got {type(dim).__name__}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], "
+                         f"but got {dim}): argument 'dim'")
+    return dim % rank
+
+
+def check_same_device(input: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least "
+                               f"two devices, {input.device} (input) and {t.device} ({name})")
+
+
+def normalized_shape_tuple(normalized_shape: object) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        return (normalized_shape,)
+    if isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in normalized_shape):
+        return tuple(normalized_shape)
+    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+
+
+def check_norm_args(op: str, input: torch.Tensor, normalized_shape: Sequence[int],
+                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None) -> None:
+    check_floating(input, "input", op)
+    shape = tuple(normalized_shape)
+    if len(shape) == 0:
+        raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                           "at least one element, but got normalized_shape = []")
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if tuple(t.shape) != shape:
+            raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got "
+                               f"{name} of shape {list(t.shape)} and normalized_shape = {list(shape)}")
+        check_floating(t, name, op)
+    check_same_device(input, weight=weight, bias=bias)
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current while Triton launches on it."""
+    if t.device.type == "cuda" and t.device.index is not None:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -1,0 +1,141 @@
+"""layer_norm / rms_norm: the functional API, their Triton custom ops and autograd."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from gptkern import _backend
+from gptkern.ops._checks import check_norm_args, check_tensor, device_guard, normalized_shape_tuple
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _stats_shape(x: torch.Tensor, k: int):
+    return x.shape[: x.dim() - k]
+
+
+@torch.library.custom_op("gptkern::triton_norm", mutates_args=())
+def triton_norm(x: torch.Tensor, k: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize over the last ``k`` dims. Returns (y, mean, rstd); mean/rstd are fp32 (*lead)."""
+    from gptkern.kernels.norms import norm_fwd
+
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(_stats_shape(x, k), dtype=torch.float32, device=x.device)
+    mean = torch.zeros_like(rstd) if is_rms else torch.empty_like(rstd)  # RMSNorm leaves it at 0
+    n = math.prod(x.shape[x.dim() - k:])
+    with device_guard(x):
+        norm_fwd(x, n, weight, bias, eps, is_rms, y, mean, rstd)
+    return y, mean, rstd
+
+
+@triton_norm.register_fake
+def _(x, k, weight, bias, eps, is_rms):
+    stats = x.new_empty(_stats_shape(x, k), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("gptkern::triton_norm_backward", mutates_args=())
+def triton_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, k: int,
+                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool, need_dw: bool,
+                         need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db); dw / db are empty (0,) tensors when not asked for."""
+    from gptkern.kernels.norms import norm_bwd
+
+    dx, dw, db = _grad_buffers(x, k, weight, bias, need_dw, need_db, torch.empty)
+    n = math.prod(x.shape[x.dim() - k:])
+    with device_guard(x):
+        norm_bwd(grad_out, x, n, weight, mean, rstd, is_rms, need_dw, need_db, dx,
+                 dw if need_dw else None, db if need_db else None)
+    return dx, dw, db
+
+
+def _grad_buffers(x, k, weight, bias, need_dw, need_db, alloc):
+    dx = alloc(x.shape, dtype=x.dtype, device=x.device)
+    dw = alloc(weight.shape if need_dw else (0,), dtype=weight.dtype if need_dw else x.dtype,
+               device=x.device)
+    db = alloc(bias.shape if need_db else (0,), dtype=bias.dtype if need_db else x.dtype,
+               device=x.device)
+    return dx, dw, db
+
+
+@triton_norm_backward.register_fake
+def _(grad_out, x, k, weight, bias, mean, rstd, is_rms, need_dw, need_db):
+    return _grad_buffers(x, k, weight, bias, need_dw, need_db, torch.empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, k, weight, bias, _, is_rms = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.k, ctx.is_rms = k, is_rms
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need_db = bias is not None and ctx.needs_input_grad[3]
+    dx, dw, db = torch.ops.gptkern.triton_norm_backward(
+        grad_y, x, ctx.k, weight, bias, mean, rstd, ctx.is_rms, need_dw, need_db)
+    return dx, None, dw if need_dw else None, db if need_db else None, None, None
+
+
+triton_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor]) -> str:
+    def triton_support():
+        dtypes = [input.dtype] + [p.dtype for p in params if p is not None]
+        if any(d not in TRITON_DTYPES for d in dtypes):
+            return f"dtypes {dtypes} (supported: float16, bfloat16, float32)"
+        return None
+
+    return _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
+
+
+ShapeArg = Union[int, Sequence[int], torch.Size]
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm``: (x - mean) / sqrt(var + eps) * weight + bias over the last dims.
+
+    Args:
+        input: (*, *normalized_shape) floating-point tensor.
+        normalized_shape: the trailing shape to normalize over.
+        weight, bias: optional (*normalized_shape) tensors.
+        eps: added to the biased variance.
+    Returns:
+        a tensor of ``input``'s shape and dtype.
+    """
+    check_tensor(input, "input")
+    shape = normalized_shape_tuple(normalized_shape)
+    check_norm_args("layer_norm", input, shape, weight, bias)
+    if _choose("layer_norm", input, weight, bias) == "triton":
+        return torch.ops.gptkern.triton_norm(input, len(shape), weight, bias, float(eps), False)[0]
+    return F.layer_norm(input, shape, weight, bias, eps)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None) -> torch.Tensor:
+    """``F.rms_norm``: x / sqrt(mean(x²) + eps) * weight over the last dims.
+
+    Args:
+        input: (*, *normalized_shape) floating-point tensor.
+        normalized_shape: the trailing shape to normalize over.
+        weight: optional (*normalized_shape) tensor.
+        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+    Returns:
+        a tensor of ``input``'s shape and dtype.
+    """
+    check_tensor(input, "input")
+    shape = normalized_shape_tuple(normalized_shape)
+    check_norm_args("rms_norm", input, shape, weight)
+    if _choose("rms_norm", input, weight) == "triton":
+        eps_value = torch.finfo(input.dtype).eps if eps is None else float(eps)
+        return torch.ops.gptkern.triton_norm(input, len(shape), weight, None, eps_value, True)[0]
+    return F.rms_norm(input, shape, weight, eps)

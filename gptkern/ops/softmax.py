@@ -1,0 +1,100 @@
+"""softmax / log_softmax: the functional API, its Triton custom ops and autograd."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gptkern import _backend
+from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
+                                 wrap_dim)
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("gptkern::triton_softmax", mutates_args=())
+def triton_softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    from gptkern.kernels.softmax import softmax_fwd
+
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    with device_guard(x):
+        return softmax_fwd(x, dim, log, out)
+
+
+@triton_softmax.register_fake
+def _(x, dim, log, out_dtype):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+@torch.library.custom_op("gptkern::triton_softmax_backward", mutates_args=())
+def triton_softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, dim: int,
+                            log: bool) -> torch.Tensor:
+    from gptkern.kernels.softmax import softmax_bwd
+
+    grad_in = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    with device_guard(out):
+        return softmax_bwd(grad_out, out, dim, log, grad_in)
+
+
+@triton_softmax_backward.register_fake
+def _(grad_out, out, dim, log):
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dim, log, _ = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log, ctx.in_dtype = dim, log, x.dtype
+
+
+def _backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    grad_in = torch.ops.gptkern.triton_softmax_backward(grad.to(out.dtype), out, ctx.dim, ctx.log)
+    return grad_in.to(ctx.in_dtype), None, None, None
+
+
+triton_softmax.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    check_tensor(input, "input")
+    check_dtype_arg(dtype, op)
+    if dtype is None:
+        check_floating(input, "input", op)
+    dim = wrap_dim(dim, input.dim())
+    log = op == "log_softmax"
+    out_dtype = dtype if dtype is not None else input.dtype
+
+    def triton_support():
+        if input.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
+            return f"dtype {input.dtype} -> {out_dtype} (supported: float16, bfloat16, float32)"
+        return None
+
+    name = _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
+    if name == "triton":
+        x = input
+        if out_dtype.itemsize < input.dtype.itemsize or (
+                out_dtype == torch.float16 and input.dtype == torch.bfloat16):
+            x = input.to(out_dtype)  # torch rounds to dtype first; a wider dtype needs no copy
+        return torch.ops.gptkern.triton_softmax(x, dim, log, out_dtype)
+    fn = torch.log_softmax if log else torch.softmax
+    return fn(input, dim, dtype=dtype)
+
+
+def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.softmax``: exp(x) / sum(exp(x)) along ``dim``, computed in fp32.
+
+    Args:
+        input: floating-point tensor of any shape.
+        dim: the dimension to normalize over.
+        dtype: if given, ``input`` is cast to it first and the output has this dtype.
+    Returns:
+        a tensor of ``input``'s shape.
+    """
+    return _softmax("softmax", input, dim, dtype)
+
+
+def log_softmax(input: torch.Tensor, dim: int = -1,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``torch.log_softmax``: x - logsumexp(x) along ``dim``; arguments as in :func:`softmax`."""
+    return _softmax("log_softmax", input, dim, dtype)

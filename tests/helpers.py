@@ -1,0 +1,74 @@
+"""Shared test helpers: backends to test, tolerances, poisoning, reference comparison."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import gptkern
+
+# Error allowed against the float64 reference, per dtype of the tested tensors.
+TOLERANCES = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+}
+# Gradients go through one more rounding of an fp32 reduction.
+GRAD_TOLERANCES = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3.2e-2, rtol=3.2e-2),
+    torch.float64: dict(atol=1e-9, rtol=1e-9),
+}
+
+
+def backends_here(device: torch.device) -> list[str]:
+    """Every named backend that can run on ``device`` here, plus 'auto'."""
+    names = [b for b in gptkern.available_backends() if gptkern._backend._backend_runs_on(b, device.type)]
+    return names + ["auto"]
+
+
+def dtypes_for(backend: str, device: torch.device) -> list[torch.dtype]:
+    # Under the interpreter numpy has no bf16: test bf16 on GPU only.
+    if device.type == "cpu" and backend == "triton":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, grad: bool = False,
+                 msg: str = "") -> None:
+    tol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True, msg=msg or None, **tol)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every new torch.empty* tensor with NaN (or -1 for integers) so an unwritten
+    element shows up in the output."""
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like")}
+
+    def poison(t):
+        if isinstance(t, torch.Tensor) and t.numel():
+            t.fill_(float("nan") if t.is_floating_point() else -1)
+        return t
+
+    def wrap(fn):
+        return lambda *a, **k: poison(fn(*a, **k))
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
+def noncontiguous(x: torch.Tensor) -> torch.Tensor:
+    """A strided view holding the same values as ``x``: every other column of a wider buffer."""
+    buf = torch.randn(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    view = buf[..., ::2]
+    view.copy_(x)
+    assert not view.is_contiguous() or x.shape[-1] <= 1
+    return view

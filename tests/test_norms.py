@@ -1,0 +1,177 @@
+"""layer_norm / rms_norm on every backend that runs here, against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from gptkern.kernels import launch
+from gptkern.ops.reference import layer_norm_ref, rms_norm_ref
+from helpers import assert_close, backends_here, dtypes_for, noncontiguous, poisoned_allocations
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = backends_here(DEVICE)
+PARAMS = [(b, d) for b in BACKENDS for d in dtypes_for(b, DEVICE)]
+# (input shape, normalized_shape): odd sizes 1, 7, 1023, primes, several normalized dims.
+SHAPES = [((3, 1), (1,)), ((7,), (7,)), ((2, 1023), (1023,)), ((5, 3, 13), (13,)),
+          ((4, 3, 5), (3, 5)), ((2, 2, 3, 7), (2, 3, 7)), ((1, 97), (97,))]
+
+
+def call(op, x, shape, w, b, eps):
+    if op == "layer_norm":
+        return gptkern.ops.layer_norm(x, shape, w, b, eps)
+    return gptkern.ops.rms_norm(x, shape, w, eps)
+
+
+def reference(op, x, shape, w, b, eps):
+    if op == "layer_norm":
+        return layer_norm_ref(x, shape, w, b, 1e-5 if eps is None else eps)
+    return rms_norm_ref(x, shape, w, eps)
+
+
+def make_params(shape, dtype, affine, bias):
+    w = 1 + 0.5 * torch.randn(shape, device=DEVICE, dtype=dtype) if affine else None
+    b = torch.randn(shape, device=DEVICE, dtype=dtype) if bias else None
+    return w, b
+
+
+def check_norm(op, backend, x, shape, w, b, eps):
+    """Forward, dX, dW and dB of ``op`` against the float64 reference."""
+    dtype = x.dtype
+    leaves = [t for t in (x, w, b) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    with gptkern.backend(backend), poisoned_allocations():
+        y = call(op, x, shape, w, b, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    it = iter(ref_leaves)
+    xr, wr, br = next(it), next(it) if w is not None else None, next(it) if b is not None else None
+    if op == "rms_norm" and eps is None:  # the default eps is that of the input dtype
+        yr = rms_norm_ref(xr, shape, wr, torch.finfo(dtype).eps)
+    else:
+        yr = reference(op, xr, shape, wr, br, eps)
+    assert_close(y, yr, dtype, msg=f"{op} {backend} forward")
+    g = torch.randn_like(y)
+    with gptkern.backend(backend), poisoned_allocations():
+        grads = torch.autograd.grad(y, leaves, g)
+    grads_ref = torch.autograd.grad(yr, ref_leaves, g.double())
+    for name, got, want, leaf in zip("xwb", grads, grads_ref, leaves):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        # dW/dB sum over rows: scale the tolerance with the size of the sum.
+        scale = 1.0 if name == "x" else max(1.0, (x.numel() / leaf.numel()) ** 0.5)
+        tol = dict(atol=2e-4 * scale, rtol=1e-4) if dtype == torch.float32 else None
+        if tol:
+            torch.testing.assert_close(got.double(), want, **tol, msg=f"d{name} {op} {backend}")
+        else:
+            assert_close(got, want / 1.0, dtype, grad=True, msg=f"d{name} {op} {backend}")
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+@pytest.mark.parametrize("x_shape,shape", SHAPES)
+def test_odd_shapes(op, backend, dtype, x_shape, shape):
+    x = 2 + 3 * torch.randn(x_shape, device=DEVICE, dtype=dtype)
+    w, b = make_params(shape, dtype, True, op == "layer_norm")
+    check_norm(op, backend, x, shape, w, b, 1e-5)
+
+
+OPTIONAL = [("layer_norm", affine, bias, eps) for affine, bias in [(False, False), (True, False), (False, True)]
+            for eps in (1e-5, 0.1)] + [("rms_norm", affine, False, eps) for affine in (False, True)
+                                       for eps in (1e-5, 0.1, None)]
+
+
+@pytest.mark.parametrize("op,affine,bias,eps", OPTIONAL)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_params_and_eps(op, backend, affine, bias, eps):
+    x = torch.randn(6, 29, device=DEVICE)
+    w, b = make_params((29,), torch.float32, affine, bias)
+    check_norm(op, backend, x, (29,), w, b, eps)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_noncontiguous_views(op, backend, dtype):
+    x = noncontiguous(torch.randn(5, 4, 19, device=DEVICE, dtype=dtype))
+    w, b = make_params((19,), dtype, True, op == "layer_norm")
+    check_norm(op, backend, x, (19,), w, b, 1e-5)
+    t = torch.randn(12, 3, 8, device=DEVICE, dtype=dtype).transpose(0, 1)  # (3, 12, 8)
+    w, b = make_params((12, 8), dtype, True, op == "layer_norm")
+    check_norm(op, backend, t, (12, 8), w, b, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_looped_rows(op, backend, monkeypatch):
+    """Rows wider than one block go through the multi-pass kernels."""
+    monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 64)
+    monkeypatch.setattr(launch, "LOOP_BLOCK", 32)
+    x = 5 + torch.randn(9, 203, device=DEVICE)
+    w, b = make_params((203,), torch.float32, True, op == "layer_norm")
+    check_norm(op, backend, x, (203,), w, b, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_very_long_row(op, backend):
+    x = torch.randn(2, 40000 + 1, device=DEVICE)
+    assert launch.row_block(x.shape[-1])[1] is False
+    w, b = make_params((x.shape[-1],), torch.float32, True, op == "layer_norm")
+    check_norm(op, backend, x, (x.shape[-1],), w, b, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grad_deterministic(op, backend):
+    """dW and dB are bit-identical from run to run (two-stage sums, no atomics)."""
+    x = torch.randn(67, 48, device=DEVICE, requires_grad=True)
+    w, b = make_params((48,), torch.float32, True, op == "layer_norm")
+    leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
+    g = torch.randn(67, 48, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        with gptkern.backend(backend):
+            y = call(op, x, (48,), w, b, 1e-5)
+            runs.append(torch.autograd.grad(y, leaves, g))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(op, backend):
+    x = torch.randn(0, 3, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, device=DEVICE, requires_grad=True)
+    with gptkern.backend(backend):
+        y = call(op, x, (8,), w, None, 1e-5)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_as_torch(op, backend):
+    x = torch.randn(4, 16, device=DEVICE)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    w = torch.randn(16, device=DEVICE)
+    with gptkern.backend(backend):
+        y = call(op, x, (16,), w, None, 1e-5)
+    expected = (F.layer_norm(x, (16,), w, None, 1e-5) if op == "layer_norm"
+                else F.rms_norm(x, (16,), w, 1e-5))
+    torch.testing.assert_close(y, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_param_dtype(backend):
+    """fp16 input with fp32 weight and bias: output in fp16, grads in each tensor's dtype."""
+    x = torch.randn(5, 24, device=DEVICE, dtype=torch.float16)
+    w, b = make_params((24,), torch.float32, True, True)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    with gptkern.backend(backend):
+        y = gptkern.ops.layer_norm(x, (24,), w, b)
+        grads = torch.autograd.grad(y.float().sum(), (x, w, b))
+    assert y.dtype == torch.float16
+    assert [g.dtype for g in grads] == [torch.float16, torch.float32, torch.float32]
+    assert_close(y, layer_norm_ref(x, (24,), w, b), torch.float16)

@@ -1,0 +1,135 @@
+"""softmax / log_softmax on every backend that runs here, against the float64 reference."""
+import pytest
+import torch
+
+import gptkern
+from gptkern.kernels import launch
+from gptkern.ops.reference import softmax_ref
+from helpers import assert_close, backends_here, dtypes_for, noncontiguous, poisoned_allocations
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = backends_here(DEVICE)
+OPS = {"softmax": gptkern.ops.softmax, "log_softmax": gptkern.ops.log_softmax}
+# (shape, dim): odd sizes 1, 7, 1023, primes; reductions over the last, middle and first dim.
+CASES = [((1,), 0), ((7,), -1), ((3, 1023), -1), ((13, 5), 0), ((2, 31, 3), 1), ((4, 1, 97), -1),
+         ((5, 2, 2), -2), ((), 0)]
+
+
+def params(dtypes_of=dtypes_for):
+    return [(b, d) for b in BACKENDS for d in dtypes_of(b, DEVICE)]
+
+
+def check_op(op, backend, x, dim, dtype=None, grad=True):
+    """Forward and backward of ``op`` against the float64 reference."""
+    log = op == "log_softmax"
+    x = x.detach().requires_grad_(grad)
+    with gptkern.backend(backend), poisoned_allocations():
+        y = OPS[op](x, dim, dtype=dtype)
+    out_dtype = dtype or x.dtype
+    assert y.dtype == out_dtype and y.shape == x.shape
+    xr = x.detach().double().requires_grad_(grad)
+    yr = softmax_ref(xr, dim, upcast=True, log=log)
+    if dtype is not None and dtype.itemsize < x.dtype.itemsize:
+        yr = softmax_ref(x.detach().to(dtype), dim, upcast=True, log=log)
+    assert_close(y, yr, out_dtype, msg=f"{op} {backend} forward")
+    if not grad:
+        return
+    g = torch.randn_like(y)
+    with gptkern.backend(backend), poisoned_allocations():
+        (dx,) = torch.autograd.grad(y, x, g)
+    (dxr,) = torch.autograd.grad(softmax_ref(xr, dim, upcast=True, log=log), xr, g.double())
+    assert dx.dtype == x.dtype
+    assert_close(dx, dxr, min(out_dtype, x.dtype, key=lambda d: torch.finfo(d).bits), grad=True,
+                 msg=f"{op} {backend} backward")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend,dtype", params())
+@pytest.mark.parametrize("shape,dim", CASES)
+def test_odd_shapes(op, backend, dtype, shape, dim):
+    x = 3 * torch.randn(shape, device=DEVICE, dtype=dtype)
+    check_op(op, backend, x, dim)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_noncontiguous_views(op, backend, dtype):
+    x = noncontiguous(torch.randn(6, 37, device=DEVICE, dtype=dtype))
+    check_op(op, backend, x, -1)
+    t = torch.randn(9, 4, 5, device=DEVICE, dtype=dtype).transpose(0, 2)  # (5, 4, 9), strided
+    check_op(op, backend, t, -1)
+    check_op(op, backend, t, 1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float16, torch.float32),
+                                                (torch.float32, torch.float16)])
+def test_dtype_argument(op, backend, in_dtype, out_dtype):
+    x = torch.randn(4, 33, device=DEVICE, dtype=in_dtype)
+    check_op(op, backend, x, -1, dtype=out_dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_looped_rows(op, backend, monkeypatch):
+    """Rows wider than one block go through the looped (online) kernels."""
+    monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 64)
+    monkeypatch.setattr(launch, "LOOP_BLOCK", 32)
+    x = 4 * torch.randn(3, 200, device=DEVICE)
+    x[0, :150] = float("-inf")  # the first tiles of a row are all -inf
+    check_op(op, backend, x, -1)
+    check_op(op, backend, x.t(), 0)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_very_long_row(op, backend):
+    """256K columns, past the fused limit, at the real tile size."""
+    x = torch.randn(1, 262144 + 3, device=DEVICE)
+    assert launch.row_block(x.shape[-1])[1] is False
+    check_op(op, backend, x, -1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dim", [((0, 5), -1), ((5, 0), -1), ((0, 5), 0), ((3, 0, 2), 1)])
+def test_empty(op, backend, shape, dim):
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    with gptkern.backend(backend):
+        y = OPS[op](x, dim)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("monkey_loop", [False, True])
+def test_nan_inf_as_torch(op, backend, monkey_loop, monkeypatch):
+    """Rows of all -inf, with +inf, with NaN: NaN where torch gives NaN, values elsewhere."""
+    if monkey_loop:
+        monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 16)
+        monkeypatch.setattr(launch, "LOOP_BLOCK", 16)
+    inf, nan = float("inf"), float("nan")
+    x = torch.randn(5, 40, device=DEVICE)
+    x[0] = -inf
+    x[1, 3] = inf
+    x[2, 7] = nan
+    x[3, :20] = -inf
+    with gptkern.backend(backend):
+        y = OPS[op](x, -1)
+    expected = getattr(torch, op)(x, -1)
+    torch.testing.assert_close(y, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module(backend):
+    m = gptkern.nn.Softmax(dim=1)
+    ref = torch.nn.Softmax(dim=1)
+    x = torch.randn(3, 9, 4, device=DEVICE)
+    with gptkern.backend(backend):
+        assert_close(m(x), ref(x.double()), torch.float32)
+    assert repr(m) == repr(ref) and m.state_dict().keys() == ref.state_dict().keys()
+    legacy = gptkern.nn.Softmax()
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        assert_close(legacy(x), torch.softmax(x.double(), 0), torch.float32)

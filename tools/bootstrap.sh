@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates $VENV (default .venv) and installs the pinned dependencies and gptkern.
+# A machine whose python3 already has a CUDA build of torch keeps it: the venv sees
+# the system packages and nothing is installed over torch or triton.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+system_cuda_torch() {
+  "$PYTHON" - <<'PY' 2>/dev/null
+import sys, torch
+sys.exit(0 if torch.version.cuda else 1)
+PY
+}
+
+if system_cuda_torch; then
+  echo "bootstrap: using the CUDA torch of $PYTHON (nothing installed over it)"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+  PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+  # Install only what is missing (the GPU machine may have no network).
+  missing=$("$VENV/bin/python" - <<'PY'
+import importlib.util
+print(" ".join(line.split("==")[0] for line in open("requirements-dev.txt")
+      if line.strip() and not line.startswith("#")
+      and importlib.util.find_spec(line.split("==")[0]) is None))
+PY
+)
+  [ -z "$missing" ] || "${PIP[@]}" $missing
+else
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    # The CPU wheel: from a local wheel directory when there is one, else PyTorch's CPU index.
+    if compgen -G "${PIP_FIND_LINKS:-/opt/wheels}/torch-${TORCH_VERSION}+cpu-*.whl" >/dev/null; then
+      "${PIP[@]}" --find-links "${PIP_FIND_LINKS:-/opt/wheels}" "torch==${TORCH_VERSION}+cpu"
+    else
+      "${PIP[@]}" --index-url "$TORCH_CPU_INDEX" "torch==${TORCH_VERSION}+cpu"
+    fi
+  fi
+  "${PIP[@]}" -r requirements.txt -r requirements-dev.txt
+fi
+# --no-deps: the dependencies are in place; --no-build-isolation: the build sees this torch.
+"${PIP[@]}" --no-deps --no-build-isolation -e .
+"$VENV/bin/python" -c "import gptkern, torch; print('bootstrap: gptkern', gptkern.__version__, 'torch', torch.__version__, 'backends', gptkern.available_backends())"
