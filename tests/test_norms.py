@@ -103,8 +103,7 @@ def test_noncontiguous_views(op, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_looped_rows(op, backend, monkeypatch):
     """Rows wider than one block go through the multi-pass kernels."""
-    monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 64)
-    monkeypatch.setattr(launch, "LOOP_BLOCK", 32)
+    monkeypatch.setattr(launch, "FUSED_CAP", 32)
     x = 5 + torch.randn(9, 203, device=DEVICE)
     w, b = make_params((203,), torch.float32, True, op == "layer_norm")
     check_norm(op, backend, x, (203,), w, b, 1e-5)
@@ -114,7 +113,7 @@ def test_looped_rows(op, backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_very_long_row(op, backend):
     x = torch.randn(2, 40000 + 1, device=DEVICE)
-    assert launch.row_block(x.shape[-1])[1] is False
+    assert launch.row_block(launch.NORM_FWD, x.shape[-1], aligned=True, elem_bytes=4)[1] is False
     w, b = make_params((x.shape[-1],), torch.float32, True, op == "layer_norm")
     check_norm(op, backend, x, (x.shape[-1],), w, b, 1e-5)
 

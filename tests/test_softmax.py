@@ -74,8 +74,7 @@ def test_dtype_argument(op, backend, in_dtype, out_dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_looped_rows(op, backend, monkeypatch):
     """Rows wider than one block go through the looped (online) kernels."""
-    monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 64)
-    monkeypatch.setattr(launch, "LOOP_BLOCK", 32)
+    monkeypatch.setattr(launch, "FUSED_CAP", 32)
     x = 4 * torch.randn(3, 200, device=DEVICE)
     x[0, :150] = float("-inf")  # the first tiles of a row are all -inf
     check_op(op, backend, x, -1)
@@ -87,7 +86,7 @@ def test_looped_rows(op, backend, monkeypatch):
 def test_very_long_row(op, backend):
     """256K columns, past the fused limit, at the real tile size."""
     x = torch.randn(1, 262144 + 3, device=DEVICE)
-    assert launch.row_block(x.shape[-1])[1] is False
+    assert launch.row_block(launch.SOFTMAX_FWD, x.shape[-1], aligned=True, elem_bytes=4)[1] is False
     check_op(op, backend, x, -1)
 
 
@@ -108,8 +107,7 @@ def test_empty(op, backend, shape, dim):
 def test_nan_inf_as_torch(op, backend, monkey_loop, monkeypatch):
     """Rows of all -inf, with +inf, with NaN: NaN where torch gives NaN, values elsewhere."""
     if monkey_loop:
-        monkeypatch.setattr(launch, "MAX_FUSED_BLOCK", 16)
-        monkeypatch.setattr(launch, "LOOP_BLOCK", 16)
+        monkeypatch.setattr(launch, "FUSED_CAP", 16)
     inf, nan = float("inf"), float("nan")
     x = torch.randn(5, 40, device=DEVICE)
     x[0] = -inf

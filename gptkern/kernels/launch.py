@@ -1,28 +1,76 @@
-"""Launch heuristics shared by the row-wise kernels (softmax, norms)."""
+"""Launch heuristics shared by the row-wise kernels (softmax, norms).
+
+A row of N elements is held in registers by one program when N fits the kernel's
+fused limit; longer rows take looped (multi-pass) kernels. Limits are measured: every
+block a launcher can pick compiles for sm_90 without register spills
+(tests/test_hopper_compile.py). Triton vectorizes 16-byte loads only when it knows the
+pointers, N and the row strides are multiples of 16, which frees registers: aligned rows
+get a larger limit.
+"""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 
-# Widest row held in registers by one program; longer rows loop over tiles.
-MAX_FUSED_BLOCK = 32768
 # Tile width of the looped kernels.
 LOOP_BLOCK = 4096
+MIN_BLOCK = 16
 
 
-def row_block(n_cols: int) -> tuple[int, bool]:
-    """(BLOCK_N, fused): the block for a row of ``n_cols`` and whether one block holds it."""
-    block = max(triton.next_power_of_2(n_cols), 16)
-    if block <= MAX_FUSED_BLOCK:
+@dataclass(frozen=True)
+class RowKernel:
+    """Limits of one family of row kernels."""
+    max_fused_aligned: int
+    max_fused_unaligned: int
+    max_fused_fp32: int = 1 << 30   # a further cap for 4-byte elements
+    elems_per_warp: int = 256       # warps = block // elems_per_warp, within [1, max_warps]
+    max_warps: int = 32
+    loop_warps: int = 16            # warps of the looped kernels (tile LOOP_BLOCK)
+
+    def warps(self, block: int, fused: bool = True) -> int:
+        if not fused:
+            return self.loop_warps
+        return max(1, min(block // self.elems_per_warp, self.max_warps))
+
+    def max_fused(self, aligned: bool, elem_bytes: int = 2) -> int:
+        limit = self.max_fused_aligned if aligned else self.max_fused_unaligned
+        return min(limit, self.max_fused_fp32) if elem_bytes >= 4 else limit
+
+
+SOFTMAX_FWD = RowKernel(max_fused_aligned=32768, max_fused_unaligned=16384)
+SOFTMAX_BWD = RowKernel(max_fused_aligned=16384, max_fused_unaligned=16384)
+NORM_FWD = RowKernel(max_fused_aligned=32768, max_fused_unaligned=16384, max_fused_fp32=16384,
+                     loop_warps=8)
+NORM_BWD = RowKernel(max_fused_aligned=8192, max_fused_unaligned=4096, elems_per_warp=128, max_warps=16)
+
+# Tests lower this to exercise the looped kernels on small rows (None: no cap).
+FUSED_CAP = None
+
+
+def is_aligned(n: int, *tensors_and_strides) -> bool:
+    """True when ``n``, every int and every tensor's data pointer are multiples of 16 (bytes)."""
+    if n % 16:
+        return False
+    for item in tensors_and_strides:
+        value = item.data_ptr() if isinstance(item, torch.Tensor) else item
+        if value % 16:
+            return False
+    return True
+
+
+def row_block(kind: RowKernel, n_cols: int, aligned: bool, elem_bytes: int) -> tuple[int, bool]:
+    """(BLOCK_N, fused): the block for a row of ``n_cols`` elements of up to ``elem_bytes``
+    bytes, and whether one block holds the row."""
+    block = max(triton.next_power_of_2(n_cols), MIN_BLOCK)
+    limit = kind.max_fused(aligned, elem_bytes)
+    if FUSED_CAP is not None:
+        limit = min(limit, FUSED_CAP)
+    if block <= limit:
         return block, True
-    return LOOP_BLOCK, False
-
-
-def row_warps(block: int) -> int:
-    """Warps for one program handling ``block`` columns: about 8 to 16 elements per thread."""
-    return max(1, min(block // 256, 32))
+    return min(LOOP_BLOCK, limit), False
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,7 +81,8 @@ def sm_count(device_index: int) -> int:
 def reduction_programs(device: torch.device, n_rows: int) -> int:
     """Programs for a kernel that accumulates per-column partial sums over rows."""
     if device.type == "cuda":
-        target = 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = 4 * sm_count(index)
     else:  # interpreter: programs run one after another, few are enough
         target = 4
     return max(1, min(n_rows, target))

@@ -1,12 +1,14 @@
 """LayerNorm and RMSNorm over the last N elements of each row, forward and backward.
 
-Forward: one program per row; rows of up to MAX_FUSED_BLOCK elements stay in
+Forward: one program per row; rows up to the fused limit of launch.py stay in
 registers, longer rows take several passes over tiles. The forward saves the row's
 mean (LayerNorm) and reciprocal standard deviation, in fp32.
 
 Backward: G programs each take a contiguous range of rows, write dX and accumulate
-dW/dB partial sums of their rows in fp32 into a (G, N) buffer; a second kernel sums
-the buffer over G in a fixed order. No atomics: results are bit-reproducible.
+dW/dB partial sums of their rows in fp32 registers, stored into a (G, N) buffer; a
+last kernel sums the buffer over G in a fixed order. Rows too long for registers
+first get their two row reductions from a separate pass, then a (G, column tiles)
+grid does the rest. No atomics: results are bit-reproducible.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkern.kernels.launch import reduction_programs, row_block, row_warps
+from gptkern.kernels.launch import NORM_BWD, NORM_FWD, is_aligned, reduction_programs, row_block
 
 
 @triton.jit
@@ -76,99 +78,122 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _norm_bwd_row(X, DY, DX, W, cols, mask, mean, rstd, c1, c2,
-                  IS_RMS: tl.constexpr, HAS_W: tl.constexpr):
-    """dX of one tile given the row's c1 = mean(xhat * wdy), c2 = mean(wdy); returns (xhat, dy)."""
-    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    wdy = dy
-    if HAS_W:
-        wdy = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS:
-        dx = (wdy - xhat * c1) * rstd
-    else:
-        dx = (wdy - (xhat * c1 + c2)) * rstd
-    tl.store(DX + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    return xhat, dy
-
-
-@triton.jit
-def _norm_row_sums(X, DY, W, cols, mask, mean, rstd, HAS_W: tl.constexpr):
-    """Per-lane xhat * wdy and wdy of one tile."""
-    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-    wdy = dy
-    if HAS_W:
-        wdy = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    return xhat * wdy, wdy
-
-
-@triton.jit
-def _norm_bwd_kernel(
+def _norm_bwd_fused_kernel(
     X, DY, DX,             # (rows, N), row strides stride_x / stride_dy / stride_dx, unit column stride
     W,                     # (N,), unused when HAS_W is False
     Mean, Rstd,            # (rows,) fp32 from the forward
-    DW_part, DB_part,      # (G, N) fp32 partial sums, row stride N; zeroed when not FUSED
+    DW_part, DB_part,      # (G, N) fp32 partial sums, row stride N
     stride_x, stride_dy, stride_dx, n_rows, rows_per_program, N,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, FUSED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    """Rows of up to BLOCK_N elements: dW/dB partials stay in registers across the rows."""
     pid = tl.program_id(0).to(tl.int64)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK_N)
-    DW_part += pid * N
-    DB_part += pid * N
+    mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], tl.float32)
     db_acc = tl.zeros([BLOCK_N], tl.float32)
-    for row64 in range(first, last):  # int64 bounds, so int64 offsets
-        x_row = X + row64 * stride_x
-        dy_row = DY + row64 * stride_dy
-        dx_row = DX + row64 * stride_dx
-        rstd = tl.load(Rstd + row64)
-        mean = 0.0
-        if not IS_RMS:
-            mean = tl.load(Mean + row64)
-        if FUSED:
-            mask = cols < N
-            a, b = _norm_row_sums(x_row, dy_row, W, cols, mask, mean, rstd, HAS_W)
-            c1 = tl.sum(a, 0) / N
-            c2 = tl.sum(b, 0) / N
-            xhat, dy = _norm_bwd_row(x_row, dy_row, dx_row, W, cols, mask, mean, rstd, c1, c2,
-                                     IS_RMS, HAS_W)
-            if NEED_DW:
-                dw_acc += dy * xhat
-            if NEED_DB:
-                db_acc += dy
+    for row in range(first, last):  # int64 bounds, so int64 offsets
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        if IS_RMS:
+            xhat = x * rstd
         else:
-            sum_a = tl.zeros([BLOCK_N], tl.float32)
-            sum_b = tl.zeros([BLOCK_N], tl.float32)
-            for start in range(0, N, BLOCK_N):
-                a, b = _norm_row_sums(x_row + start, dy_row + start, W + start, cols,
-                                      start + cols < N, mean, rstd, HAS_W)
-                sum_a += a
-                sum_b += b
-            c1 = tl.sum(sum_a, 0) / N
-            c2 = tl.sum(sum_b, 0) / N
-            for start in range(0, N, BLOCK_N):
-                mask = start + cols < N
-                xhat, dy = _norm_bwd_row(x_row + start, dy_row + start, dx_row + start,
-                                         W + start, cols, mask, mean, rstd, c1, c2, IS_RMS, HAS_W)
-                # Only this program touches its partial row: a plain read-modify-write.
-                if NEED_DW:
-                    dw = tl.load(DW_part + start + cols, mask=mask, other=0.0)
-                    tl.store(DW_part + start + cols, dw + dy * xhat, mask=mask)
-                if NEED_DB:
-                    db = tl.load(DB_part + start + cols, mask=mask, other=0.0)
-                    tl.store(DB_part + start + cols, db + dy, mask=mask)
-    if FUSED:
-        mask = cols < N
+            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+        wdy = dy * w if HAS_W else dy
+        c1 = tl.sum(xhat * wdy, 0) / N
+        if IS_RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            dx = (wdy - (xhat * c1 + tl.sum(wdy, 0) / N)) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
-            tl.store(DW_part + cols, dw_acc, mask=mask)
+            dw_acc += dy * xhat
         if NEED_DB:
-            tl.store(DB_part + cols, db_acc, mask=mask)
+            db_acc += dy
+    if NEED_DW:
+        tl.store(DW_part + pid * N + cols, dw_acc, mask=mask)
+    if NEED_DB:
+        tl.store(DB_part + pid * N + cols, db_acc, mask=mask)
+
+
+@triton.jit
+def _norm_bwd_row_sums_kernel(
+    X, DY, W, Mean, Rstd,  # as in _norm_bwd_fused_kernel
+    C1, C2,                # (rows,) fp32 out: mean(xhat * w * dy), mean(w * dy)
+    stride_x, stride_dy, N,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """First pass of the looped backward: the two row reductions dX needs."""
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    DY += row * stride_dy
+    rstd = tl.load(Rstd + row)
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(Mean + row)
+    cols = tl.arange(0, BLOCK_N)
+    sum_a = tl.zeros([BLOCK_N], tl.float32)
+    sum_b = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        mask = start + cols < N
+        x = tl.load(X + start + cols, mask=mask, other=0.0).to(tl.float32)
+        wdy = tl.load(DY + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            wdy = wdy * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+        sum_a += tl.where(mask, (x - mean) * rstd, 0.0) * wdy
+        sum_b += wdy
+    tl.store(C1 + row, tl.sum(sum_a, 0) / N)
+    tl.store(C2 + row, tl.sum(sum_b, 0) / N)
+
+
+@triton.jit
+def _norm_bwd_tiled_kernel(
+    X, DY, DX, W, Mean, Rstd,  # as in _norm_bwd_fused_kernel
+    C1, C2,                    # (rows,) fp32 from _norm_bwd_row_sums_kernel
+    DW_part, DB_part,          # (G, N) fp32 partial sums, row stride N
+    stride_x, stride_dy, stride_dx, n_rows, rows_per_program, N,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Second pass of the looped backward: program (g, t) writes dX of column tile t for
+    the rows of group g and keeps that tile's dW/dB partials in registers."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], tl.float32)
+    db_acc = tl.zeros([BLOCK_N], tl.float32)
+    for row in range(first, last):  # int64 bounds, so int64 offsets
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        if IS_RMS:
+            xhat = x * rstd
+        else:
+            xhat = (x - tl.load(Mean + row)) * rstd
+        wdy = dy * w if HAS_W else dy
+        if IS_RMS:
+            dx = (wdy - xhat * tl.load(C1 + row)) * rstd
+        else:
+            dx = (wdy - (xhat * tl.load(C1 + row) + tl.load(C2 + row))) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw_acc += dy * xhat
+        if NEED_DB:
+            db_acc += dy
+    if NEED_DW:
+        tl.store(DW_part + pid * N + cols, dw_acc, mask=mask)
+    if NEED_DB:
+        tl.store(DB_part + pid * N + cols, db_acc, mask=mask)
 
 
 @triton.jit
@@ -220,11 +245,12 @@ def norm_fwd(x: torch.Tensor, n: int, weight: Optional[torch.Tensor], bias: Opti
     x2, y2 = as_rows(x, n), out.view(-1, n)
     w = weight.reshape(-1).contiguous() if weight is not None else x2
     b = bias.reshape(-1).contiguous() if bias is not None else x2
-    block, fused = row_block(n)
+    aligned = is_aligned(n, x2, y2, w, b, x2.stride(0), y2.stride(0))
+    block, fused = row_block(NORM_FWD, n, aligned, max(t.element_size() for t in (x2, w, b)))
     _norm_fwd_kernel[(x2.shape[0],)](
         x2, y2, w, b, mean, rstd, x2.stride(0), y2.stride(0), n, eps,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_N=block, FUSED=fused, num_warps=row_warps(block))
+        BLOCK_N=block, FUSED=fused, num_warps=NORM_FWD.warps(block, fused))
 
 
 def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[torch.Tensor],
@@ -240,18 +266,27 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
         return
     x2, dy2, dx2 = as_rows(x, n), as_rows(grad_out, n), grad_in.view(-1, n)
     w = weight.reshape(-1).contiguous() if weight is not None else x2
-    block, fused = row_block(n)
+    aligned = is_aligned(n, x2, dy2, dx2, w, x2.stride(0), dy2.stride(0), dx2.stride(0))
+    block, fused = row_block(NORM_BWD, n, aligned, max(t.element_size() for t in (x2, dy2, w)))
     programs = reduction_programs(x.device, rows)
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program)
-    alloc = torch.empty if fused else torch.zeros
-    dw_part = alloc((programs, n), device=x.device, dtype=torch.float32) if need_dw else rstd
-    db_part = alloc((programs, n), device=x.device, dtype=torch.float32) if need_db else rstd
-    _norm_bwd_kernel[(programs,)](
-        x2, dy2, dx2, w, mean, rstd, dw_part, db_part,
-        x2.stride(0), dy2.stride(0), dx2.stride(0), rows, rows_per_program, n,
-        IS_RMS=is_rms, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
-        BLOCK_N=block, FUSED=fused, num_warps=row_warps(block))
+    dw_part = torch.empty((programs, n), device=x.device, dtype=torch.float32) if need_dw else rstd
+    db_part = torch.empty((programs, n), device=x.device, dtype=torch.float32) if need_db else rstd
+    flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
+                 BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
+    strides = (x2.stride(0), dy2.stride(0), dx2.stride(0), rows, rows_per_program, n)
+    if fused:
+        _norm_bwd_fused_kernel[(programs,)](x2, dy2, dx2, w, mean, rstd, dw_part, db_part,
+                                            *strides, **flags)
+    else:
+        c1 = torch.empty(rows, device=x.device, dtype=torch.float32)
+        c2 = torch.empty_like(c1)
+        _norm_bwd_row_sums_kernel[(rows,)](
+            x2, dy2, w, mean, rstd, c1, c2, x2.stride(0), dy2.stride(0), n,
+            IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
+        _norm_bwd_tiled_kernel[(programs, triton.cdiv(n, block))](
+            x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides, **flags)
     if need_dw:
         sum_rows(dw_part, grad_weight)
     if need_db:

@@ -1,8 +1,8 @@
 """Softmax and log-softmax over one dimension, forward and backward.
 
 A tensor is seen as (outer, N, inner) with the reduced dimension N in the middle; one
-program handles one row (one (outer, inner) pair). Rows of up to MAX_FUSED_BLOCK
-columns stay in registers; longer rows use the looped kernels (online max/sum).
+program handles one row (one (outer, inner) pair). Rows up to the fused limit of
+launch.py stay in registers; longer rows use the looped kernels (online max/sum).
 All arithmetic is fp32.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkern.kernels.launch import row_block, row_warps
+from gptkern.kernels.launch import SOFTMAX_BWD, SOFTMAX_FWD, is_aligned, row_block
 
 
 @triton.jit
@@ -141,17 +141,28 @@ def as_3d(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.reshape(outer, n, inner)
 
 
+def _rows_aligned(n: int, *views: torch.Tensor) -> bool:
+    """Rows are contiguous and every pointer, N and row stride is a multiple of 16."""
+    if views[0].shape[2] != 1 or any(v.stride(1) != 1 for v in views):
+        return False
+    return is_aligned(n, *views, *(v.stride(0) for v in views))
+
+
+def _elem_bytes(*tensors: torch.Tensor) -> int:
+    return max(t.element_size() for t in tensors)
+
+
 def softmax_fwd(x: torch.Tensor, dim: int, log: bool, out: torch.Tensor) -> torch.Tensor:
     """Write softmax (or log-softmax) of ``x`` along ``dim`` into ``out`` (same shape)."""
     if x.numel() == 0:
         return out
     x3, y3 = as_3d(x, dim), as_3d(out, dim)
     outer, n, inner = x3.shape
-    block, fused = row_block(n)
+    block, fused = row_block(SOFTMAX_FWD, n, _rows_aligned(n, x3, y3), _elem_bytes(x3, y3))
     kernel = _softmax_fwd_kernel if fused else _softmax_fwd_looped_kernel
     kernel[(outer * inner,)](
         x3, y3, inner, n, *x3.stride(), *y3.stride(),
-        LOG=log, BLOCK_N=block, num_warps=row_warps(block))
+        LOG=log, BLOCK_N=block, num_warps=SOFTMAX_FWD.warps(block, fused))
     return out
 
 
@@ -170,9 +181,9 @@ def softmax_bwd(grad_out: torch.Tensor, out: torch.Tensor, dim: int, log: bool,
         y3 = as_3d(out.contiguous(), dim)
     dx3 = as_3d(grad_in, dim)
     outer, n, inner = y3.shape
-    block, fused = row_block(n)
+    block, fused = row_block(SOFTMAX_BWD, n, _rows_aligned(n, dy3, y3, dx3), _elem_bytes(dy3, y3, dx3))
     kernel = _softmax_bwd_kernel if fused else _softmax_bwd_looped_kernel
     kernel[(outer * inner,)](
         dy3, y3, dx3, inner, n, *y3.stride(), *dx3.stride(),
-        LOG=log, BLOCK_N=block, num_warps=row_warps(block))
+        LOG=log, BLOCK_N=block, num_warps=SOFTMAX_BWD.warps(block, fused))
     return grad_in

@@ -1,0 +1,11 @@
+"""Softmax and log_softmax benchmark: gptkern backends vs torch eager and torch.compile.
+
+Needs gptkern importable (installed, or ``PYTHONPATH=.`` from the repository root):
+``python benchmarks/bench_softmax.py [gptkern bench options]``.
+"""
+import sys
+
+from gptkern.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main(["--op", "softmax,log_softmax", *sys.argv[1:]]))

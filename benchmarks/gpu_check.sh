@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent NVIDIA GPU machine: no network, PyTorch, Triton and
+# pytest already installed (nothing is installed here). Runs the GPU tests, `gptkern info`
+# and the kernel benchmarks; stays under 7 minutes on an H200.
+#
+# Usage: bash benchmarks/gpu_check.sh OUTDIR
+#
+# OUTDIR (plain files, simple names, at most one folder down):
+#   env.txt                      date, versions, nvidia-smi
+#   steps.tsv                    step, exit status, seconds
+#   logs/STEP.log                full output of each step
+#   bench/SUITE.json, SUITE.md   benchmark numbers (with metadata) and tables
+#   summary.md                   the benchmark tables, the pytest result line, the steps
+#
+# Adding a step: one `step NAME LIMIT_S command...` line in the right section below.
+set -u
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1/logs" "$1/bench"
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PY=python3
+BUDGET_S=400            # the whole script; each step is also capped by its own limit
+: > "$OUT/steps.tsv"
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout` (its limit, or the time left if less),
+# output to logs/NAME.log; print the log's tail and record the exit status (124: timed out).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name: skipped, out of time"
+    printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 5 "$OUT/logs/$name.log" | sed 's/^/   /'
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
+}
+
+# ---- environment (queries only: clocks and settings are never changed)
+{
+  echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "repo: $REPO"
+  timeout 60 "$PY" - <<'PY'
+import platform, torch
+print("python:", platform.python_version())
+print("torch:", torch.__version__, "cuda:", torch.version.cuda, "available:", torch.cuda.is_available())
+try:
+    import triton
+    print("triton:", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+PY
+  if command -v nvcc > /dev/null; then timeout 20 nvcc --version | tail -n 2; else echo "nvcc: none"; fi
+  timeout 20 nvidia-smi
+  timeout 20 nvidia-smi --format=csv \
+    --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ---- build (later: the C++/CUDA extension, before the tests that use it)
+
+# ---- tests
+step pytest 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+step info 30 "$PY" -m gptkern info
+
+# ---- benchmarks: step bench_SUITE writes bench/SUITE.json and bench/SUITE.md (later: attention)
+BENCH=(--mode all --shapes 8192x8192,4096x32768 --dtype bf16)
+step bench_softmax 100 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" \
+  --out-json "$OUT/bench/softmax.json" --out-md "$OUT/bench/softmax.md"
+step bench_norms 130 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
+  --out-json "$OUT/bench/norms.json" --out-md "$OUT/bench/norms.md"
+
+# ---- summary
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  # step bench_SUITE writes bench/SUITE.md: the tables in the order the steps ran
+  cut -f1 "$OUT/steps.tsv" | sed -n 's/^bench_//p' | while read -r suite; do
+    [ -f "$OUT/bench/$suite.md" ] && cat "$OUT/bench/$suite.md" && echo
+  done
+  result=$(grep -E '(passed|failed|error|no tests ran|deselected)' "$OUT/logs/pytest.log" 2>/dev/null | tail -n 1)
+  echo "pytest -m gpu: ${result:-no result line, see logs/pytest.log}"
+  echo
+  echo "| step | rc | seconds |"
+  echo "|---|---:|---:|"
+  sed 's/^/| /; s/\t/ | /g; s/$/ |/' "$OUT/steps.tsv"
+} > "$OUT/summary.md"
+echo
+cat "$OUT/summary.md"

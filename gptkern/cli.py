@@ -1,0 +1,96 @@
+"""The ``gptkern`` command (also ``python -m gptkern``).
+
+Subcommands: ``info`` (versions, device, backends), ``bench`` (kernel benchmarks, see
+``gptkern.benchmark``) and ``demo`` (the main job, see ``gptkern.demo``). ``bench`` and
+``demo`` hand every argument after their name to their module's ``main(argv) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> int:
+    import gptkern
+    from gptkern import _backend
+    from gptkern.benchmark import device_name
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        cap = torch.cuda.get_device_capability(0)
+        device = f"cuda: {', '.join(names)} (sm_{cap[0]}{cap[1]})"
+    else:
+        device = f"cpu: {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads"
+    ext = _backend._extension()
+    rows = [
+        ("gptkern", gptkern.__version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
+        ("triton", _version("triton")),
+        ("device", device),
+        ("available backends", ", ".join(gptkern.available_backends())),
+        ("current backend", f"{gptkern.get_backend()} (GPTKERN_BACKEND="
+                            f"{os.environ.get('GPTKERN_BACKEND', 'unset')})"),
+        ("C++ extension", "built, devices: " + ", ".join(getattr(ext, "devices", ()))
+         if ext is not None else "not built"),
+        ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    from gptkern import benchmark
+
+    return benchmark.main(argv)
+
+
+# ---- demo: the main job, written in gptkern/demo.py (main(argv=None) -> int) ----
+def demo(argv: list[str]) -> int:
+    from gptkern import demo as demo_module
+
+    return demo_module.main(argv)
+# ----------------------------------------------------------------------------------
+
+
+# Subcommands whose arguments go, unparsed, to another module's main.
+FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "demo": demo}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptkern", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("info", help="print versions, device and backends")
+    sub.add_parser("bench", add_help=False,
+                   help="time the kernels against PyTorch (gptkern bench -h for options)")
+    sub.add_parser("demo", add_help=False, help="run the main job (gptkern demo -h for options)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return FORWARDED[argv[0]](argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        return info()
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Backend selection: set_backend, the context manager, GPTKERN_BACKEND, auto's fallbacks."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptkern
+from gptkern import _backend
+
+
+def test_default_and_available():
+    assert gptkern.get_backend() == "auto"
+    names = gptkern.available_backends()
+    assert "torch" in names and "auto" not in names
+    assert set(names) <= {"triton", "cuda", "cpu", "torch"}
+    # The C++ extension is not built yet: no cpu/cuda backends.
+    assert "cpu" not in names and "cuda" not in names
+
+
+def test_set_backend_and_context_manager():
+    gptkern.set_backend("torch")
+    assert gptkern.get_backend() == "torch"
+    with gptkern.backend("triton") as name:
+        assert name == "triton" and gptkern.get_backend() == "triton"
+        with gptkern.backend("auto"):
+            assert gptkern.get_backend() == "auto"
+        assert gptkern.get_backend() == "triton"
+    assert gptkern.get_backend() == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        gptkern.set_backend("cudnn")
+    with pytest.raises(ValueError, match="backend"):
+        with gptkern.backend("bogus"):
+            pass
+    assert gptkern.get_backend() == "torch"
+
+
+def test_context_manager_restores_on_error():
+    with pytest.raises(KeyError):
+        with gptkern.backend("torch"):
+            raise KeyError
+    assert gptkern.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("value,expected", [("torch", "torch"), ("TRITON", "triton"), ("", "auto")])
+def test_environment_variable(value, expected):
+    env = dict(os.environ, GPTKERN_BACKEND=value)
+    out = subprocess.run([sys.executable, "-c", "import gptkern; print(gptkern.get_backend())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_environment_variable_invalid():
+    env = dict(os.environ, GPTKERN_BACKEND="nope")
+    out = subprocess.run([sys.executable, "-c", "import gptkern"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "backend must be one of" in out.stderr
+
+
+def test_auto_on_cpu_resolves_to_torch():
+    """Until the C++ extension lands, auto serves CPU tensors with the torch backend."""
+    supports = {"triton": lambda: None, "torch": lambda: None}
+    assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
+
+
+def test_auto_on_cuda_prefers_triton_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(_backend, "_backend_runs_on", lambda name, dev: name in ("triton", "torch"))
+    cuda = torch.device("cuda")
+    assert _backend.choose("softmax", cuda, {"triton": lambda: None, "torch": lambda: None}) == "triton"
+    with caplog.at_level(logging.DEBUG, logger="gptkern"):
+        chosen = _backend.choose("softmax", cuda, {"triton": lambda: "float64", "torch": lambda: None})
+    assert chosen == "torch"
+    assert "float64" in caplog.text
+
+
+def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
+    monkeypatch.setattr(_backend, "_backend_runs_on", lambda name, dev: name in ("triton", "torch"))
+    with gptkern.backend("triton"), pytest.raises(NotImplementedError, match="float64.*torch"):
+        _backend.choose("softmax", torch.device("cuda"), {"triton": lambda: "float64", "torch": lambda: None})
+    with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="'cpu'"):
+        _backend.choose("softmax", torch.device("cuda"), {"triton": lambda: None, "torch": lambda: None})
+
+
+def test_explicit_backend_not_on_this_device():
+    with gptkern.backend("cuda"), pytest.raises(NotImplementedError, match="'cuda' backend"):
+        gptkern.ops.softmax(torch.randn(3), 0)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_triton_rejects_float64_and_auto_serves_it():
+    x = torch.randn(3, 5, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    with gptkern.backend("triton"), pytest.raises(NotImplementedError, match="float64"):
+        gptkern.ops.softmax(x, -1)
+    torch.testing.assert_close(gptkern.ops.softmax(x, -1), torch.softmax(x, -1))
+
+
+def test_triton_on_cpu_without_interpreter():
+    code = ("import torch, gptkern\n"
+            "with gptkern.backend('triton'):\n"
+            "    gptkern.ops.softmax(torch.randn(3), 0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine")
+    assert out.returncode != 0 and "TRITON_INTERPRET" in out.stderr
+
+
+def test_import_without_triton():
+    """import gptkern works on a machine without triton (and the torch backend serves)."""
+    code = ("import sys, importlib.util as u\n"
+            "orig = u.find_spec\n"
+            "u.find_spec = lambda name, *a: None if name.split('.')[0] == 'triton' else orig(name, *a)\n"
+            "sys.modules['triton'] = None\n"
+            "import torch, gptkern\n"
+            "assert 'triton' not in gptkern.available_backends()\n"
+            "print(gptkern.ops.layer_norm(torch.ones(2, 3), (3,)).sum().item())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.0"

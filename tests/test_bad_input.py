@@ -1,0 +1,72 @@
+"""Bad input raises the exception type PyTorch raises, with a message naming the argument."""
+import pytest
+import torch
+
+import gptkern
+from helpers import backends_here
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = backends_here(DEVICE)
+ops = gptkern.ops
+
+
+def raises(exc, match, fn, backend):
+    with gptkern.backend(backend), pytest.raises(exc, match=match):
+        fn()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_dtypes(backend):
+    xi = torch.arange(12, device=DEVICE).reshape(3, 4)
+    raises(NotImplementedError, "input", lambda: ops.softmax(xi, -1), backend)
+    raises(NotImplementedError, "input", lambda: ops.log_softmax(xi, -1), backend)
+    raises(NotImplementedError, "input", lambda: ops.layer_norm(xi, (4,)), backend)
+    raises(NotImplementedError, "input", lambda: ops.rms_norm(xi, (4,)), backend)
+    x = torch.randn(3, 4, device=DEVICE)
+    raises(NotImplementedError, "dtype", lambda: ops.softmax(x, -1, dtype=torch.int32), backend)
+    raises(NotImplementedError, "weight", lambda: ops.layer_norm(x, (4,), torch.ones(4, dtype=torch.long,
+                                                                                    device=DEVICE)), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dim_out_of_range(backend):
+    x = torch.randn(3, 4, device=DEVICE)
+    raises(IndexError, "dim", lambda: ops.softmax(x, 2), backend)
+    raises(IndexError, "dim", lambda: ops.log_softmax(x, -3), backend)
+    raises(IndexError, "dim", lambda: ops.softmax(torch.tensor(1.0, device=DEVICE), 1), backend)
+    raises(TypeError, "dim", lambda: ops.softmax(x, 1.0), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", [ops.layer_norm, ops.rms_norm])
+def test_wrong_normalized_shape(backend, op):
+    x = torch.randn(3, 4, device=DEVICE)
+    raises(RuntimeError, "normalized_shape", lambda: op(x, (5,)), backend)
+    raises(RuntimeError, "normalized_shape", lambda: op(x, (2, 3, 4)), backend)
+    raises(RuntimeError, "normalized_shape", lambda: op(x, ()), backend)
+    raises(TypeError, "normalized_shape", lambda: op(x, "4"), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_weight_shape(backend):
+    x = torch.randn(3, 4, device=DEVICE)
+    w5 = torch.ones(5, device=DEVICE)
+    raises(RuntimeError, "weight", lambda: ops.layer_norm(x, (4,), w5), backend)
+    raises(RuntimeError, "bias", lambda: ops.layer_norm(x, (4,), None, w5), backend)
+    raises(RuntimeError, "weight", lambda: ops.rms_norm(x, (4,), w5), backend)
+    raises(TypeError, "weight", lambda: ops.rms_norm(x, (4,), [1.0] * 4), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_devices(backend):
+    x = torch.randn(3, 4, device=DEVICE)
+    meta = torch.ones(4, device="meta")
+    raises(RuntimeError, "weight", lambda: ops.layer_norm(x, (4,), meta), backend)
+    raises(RuntimeError, "bias", lambda: ops.layer_norm(x, (4,), None, meta), backend)
+    raises(RuntimeError, "weight", lambda: ops.rms_norm(x, (4,), meta), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_not_a_tensor(backend):
+    raises(TypeError, "input", lambda: ops.softmax([1.0, 2.0], 0), backend)
+    raises(TypeError, "input", lambda: ops.layer_norm([1.0, 2.0], (2,)), backend)

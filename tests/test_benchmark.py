@@ -1,0 +1,57 @@
+"""The benchmark harness and the CLI run end to end on the CPU (tiny shapes, few repeats)."""
+import json
+import subprocess
+import sys
+
+import torch
+
+from gptkern import benchmark
+
+
+def test_benchmark_main_writes_json_and_markdown(tmp_path, capsys):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "sub" / "bench.md"
+    rc = benchmark.main(["--device", "cpu", "--op", "softmax,layer_norm", "--shapes", "4x64",
+                         "--repeats", "2", "--warmup", "1", "--providers", "gptkern:torch,torch",
+                         "--out-json", str(out_json), "--out-md", str(out_md)])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is True
+    assert {"date_utc", "device_name", "torch", "triton", "python", "gptkern"} <= set(report["meta"])
+    assert report["copy"][0]["shape"] == [4, 64] and report["copy"][0]["gbps"] > 0
+    results = report["results"]
+    assert {(r["op"], r["mode"], r["provider"]) for r in results} == {
+        (op, mode, provider) for op in ("softmax", "layer_norm") for mode in ("fwd", "fwd+bwd")
+        for provider in ("gptkern:torch", "torch")}
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["gbps"] > 0 and r["speedup_vs_torch"] > 0
+        assert r["bytes"] == benchmark.traffic_bytes(r["op"], r["mode"], 4, 64, 4)
+    markdown = out_md.read_text()
+    assert "| op | mode | shape | provider | median ms |" in markdown
+    assert "| layer_norm | fwd+bwd | 4x64 | torch |" in markdown
+    assert markdown in capsys.readouterr().out
+    assert not [p.name for p in tmp_path.rglob("*.tmp*")]
+
+
+def test_provider_failure_is_a_table_cell():
+    def broken(op):
+        def forward(x, *params):
+            raise RuntimeError("boom")
+        return forward
+
+    timed = {"torch": benchmark._torch_provider, "torch.compile": broken}
+    rows = benchmark.run_case("rms_norm", "fwd", 2, 32, torch.float32, torch.device("cpu"), timed,
+                              warmup=0, repeats=2, copy_gbps=1.0)
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert rows[1]["error"] == "RuntimeError: boom" and "speedup_vs_torch" not in rows[1]
+    assert "| rms_norm | fwd | 2x32 | torch.compile | error: RuntimeError: boom |" in \
+        benchmark.markdown({"meta": benchmark.metadata(torch.device("cpu"), [], 0, 2),
+                            "complete": True, "copy": [], "results": rows, "skipped": {}})
+
+
+def test_cli_info_runs():
+    proc = subprocess.run([sys.executable, "-m", "gptkern", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "available backends" in proc.stdout and "torch" in proc.stdout

@@ -1,0 +1,189 @@
+"""Every Triton kernel, in every configuration its launcher can choose, compiles for Hopper
+(sm_90) on this machine, and ptxas spills nothing (cuobjdump shows LOCAL:0 and STACK:0).
+
+Configurations: each block size up to the kernel's fused limit (launch.py), for aligned
+launches (pointers, N and row strides multiples of 16, which Triton specializes on) up to
+the aligned limit and for unaligned ones up to the unaligned limit; each constexpr flag;
+fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's). The compiles
+run in a subprocess because the tests run the kernels under the interpreter.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+if __name__ != "__main__":
+    pytest.importorskip("triton")
+
+CUOBJDUMP_RE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+
+
+def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligned: bool) -> dict:
+    """Compile ``kernel`` for sm_90 and return cuobjdump's REG / STACK / SHARED / LOCAL of it.
+
+    ``types`` gives every runtime argument's Triton type. With ``aligned``, pointers and
+    integer arguments carry the divisible-by-16 hint that Triton adds at such launches.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
+    # Row counts are not hinted: Triton specializes them too, but only when they happen
+    # to divide by 16, and they change no load's width.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if aligned and n not in constexprs and (types[n] == "i32" or types[n].startswith("*"))
+             and n not in ("n_rows", "rows_per_program", "G")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {k: int(v) for k, v in CUOBJDUMP_RE.findall(out)}
+
+
+def blocks_up_to(limit: int) -> list[int]:
+    from gptkern.kernels import launch
+
+    return [1 << p for p in range(launch.MIN_BLOCK.bit_length() - 1, limit.bit_length())]
+
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def fused_blocks(kind, aligned: bool, dtype: str) -> list[int]:
+    """The fused blocks a launcher can pick for ``dtype``; fp16 only at the largest (its code is bf16's)."""
+    blocks = blocks_up_to(kind.max_fused(aligned, BYTES[dtype]))
+    return blocks[-1:] if dtype == "fp16" else blocks
+
+
+def softmax_configs():
+    from gptkern.kernels import launch, softmax
+
+    families = ((softmax._softmax_fwd_kernel, softmax._softmax_fwd_looped_kernel, launch.SOFTMAX_FWD,
+                 ("X", "Y"), ("inner", "sx_n", "sx_i", "sy_n", "sy_i")),
+                (softmax._softmax_bwd_kernel, softmax._softmax_bwd_looped_kernel, launch.SOFTMAX_BWD,
+                 ("DY", "Y", "DX"), ("inner", "s_n", "s_i", "sd_n", "sd_i")))
+    for fused_kernel, looped_kernel, kind, ptrs, unit_args in families:
+        # (aligned, unit strides): aligned launches are contiguous rows; unaligned ones may be either.
+        for aligned, unit in ((True, True), (False, True), (False, False)):
+            for dtype in BYTES:
+                blocks = [(fused_kernel, b, True) for b in fused_blocks(kind, aligned, dtype)]
+                blocks.append((looped_kernel, launch.LOOP_BLOCK, False))
+                for kernel, block, fused in blocks:
+                    for log in (False, True):
+                        types = {n: "i32" for n in kernel.arg_names}
+                        types.update({p: "*" + dtype for p in ptrs})
+                        constexprs = {"LOG": log, "BLOCK_N": block, **({a: 1 for a in unit_args} if unit else {})}
+                        yield kernel, types, constexprs, kind.warps(block, fused), aligned
+
+
+def norm_configs():
+    from gptkern.kernels import launch, norms
+
+    flags = [(rms, w, b) for rms in (False, True) for w in (False, True) for b in (False, True)
+             if not (rms and b)]
+    for aligned in (True, False):
+        for dtype in ("fp32", "bf16", "fp16"):
+            ptr = "*" + dtype
+            for is_rms, has_w, has_b in flags:
+                fwd_types = {n: "i32" for n in norms._norm_fwd_kernel.arg_names}
+                fwd_types.update(X=ptr, Y=ptr, W=ptr, B=ptr, Mean="*fp32", Rstd="*fp32", eps="fp32")
+                blocks = [(b, True) for b in fused_blocks(launch.NORM_FWD, aligned, dtype)]
+                for block, fused in blocks + [(launch.LOOP_BLOCK, False)]:
+                    yield (norms._norm_fwd_kernel, fwd_types,
+                           dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, BLOCK_N=block, FUSED=fused),
+                           launch.NORM_FWD.warps(block, fused), aligned)
+                bwd_types = {n: "i32" for n in norms._norm_bwd_tiled_kernel.arg_names}
+                bwd_types.update(X=ptr, DY=ptr, DX=ptr, W=ptr, Mean="*fp32", Rstd="*fp32", C1="*fp32",
+                                 C2="*fp32", DW_part="*fp32", DB_part="*fp32")
+                bwd_flags = dict(IS_RMS=is_rms, HAS_W=has_w, NEED_DW=has_w, NEED_DB=has_b)
+                for block in fused_blocks(launch.NORM_BWD, aligned, dtype):
+                    yield (norms._norm_bwd_fused_kernel, bwd_types, dict(bwd_flags, BLOCK_N=block),
+                           launch.NORM_BWD.warps(block), aligned)
+                looped = min(launch.LOOP_BLOCK, launch.NORM_BWD.max_fused(aligned, BYTES[dtype]))
+                warps = launch.NORM_BWD.warps(looped, fused=False)
+                yield (norms._norm_bwd_tiled_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped), warps, aligned)
+                if not has_b:
+                    yield (norms._norm_bwd_row_sums_kernel, bwd_types,
+                           dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
+            yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32"},
+                   {"BLOCK_N": norms.SUM_ROWS_BLOCK}, 4, aligned)
+
+
+def spill_probe():
+    from gptkern.kernels import softmax
+
+    yield (softmax._softmax_bwd_kernel, {n: "*fp32" if n in ("DY", "Y", "DX") else "i32"
+                                         for n in softmax._softmax_bwd_kernel.arg_names},
+           {"LOG": False, "BLOCK_N": 32768}, 1, False)
+
+
+def run_compiles(which: str) -> list[dict]:
+    """Compile the ``which`` configurations in a subprocess with the interpreter off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def assert_no_spills(results: list[dict]) -> None:
+    # ptxas puts spilled registers in the stack frame: LOCAL and STACK must both be 0.
+    bad = [r for r in results if r["usage"].get("LOCAL", -1) != 0 or r["usage"].get("STACK", -1) != 0]
+    assert results and not bad, f"{len(bad)} of {len(results)} configurations spill: {bad[:5]}"
+
+
+@pytest.mark.slow
+def test_softmax_kernels_compile_for_hopper_without_spills():
+    results = run_compiles("softmax")
+    assert {r["kernel"] for r in results} == {"_softmax_fwd_kernel", "_softmax_fwd_looped_kernel",
+                                              "_softmax_bwd_kernel", "_softmax_bwd_looped_kernel"}
+    assert_no_spills(results)
+
+
+@pytest.mark.slow
+def test_norm_kernels_compile_for_hopper_without_spills():
+    results = run_compiles("norms")
+    assert {r["kernel"] for r in results} == {"_norm_fwd_kernel", "_norm_bwd_fused_kernel",
+                                              "_norm_bwd_row_sums_kernel", "_norm_bwd_tiled_kernel",
+                                              "_sum_rows_kernel"}
+    assert_no_spills(results)
+
+
+def test_resource_usage_reports_spills():
+    """The check sees a spill: a 32K block kept live by one warp."""
+    (result,) = run_compiles("spill-probe")
+    assert result["usage"]["STACK"] > 0
+    with pytest.raises(AssertionError, match="spill"):
+        assert_no_spills([result])
+
+
+def _main(which: str) -> None:
+    configs = {"softmax": softmax_configs, "norms": norm_configs, "spill-probe": spill_probe}[which]()
+
+    def one(config):
+        kernel, types, constexprs, warps, aligned = config
+        usage = resource_usage(kernel, types, constexprs, warps, aligned)
+        return {"kernel": kernel.fn.__name__, "constexprs": constexprs, "warps": warps,
+                "aligned": aligned, "dtype": next(t for t in types.values() if t.startswith("*")),
+                "usage": usage}
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for result in pool.map(one, list(configs)):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
