@@ -5,12 +5,11 @@
 #
 # Usage: bash benchmarks/gpu_check.sh OUTDIR
 #
-# OUTDIR (plain files, simple names, at most one folder down):
-#   env.txt                      date, versions, nvidia-smi
-#   steps.tsv                    step, exit status, seconds
-#   logs/STEP.log                full output of each step
-#   bench/SUITE.json, SUITE.md   benchmark numbers (with metadata) and tables
-#   summary.md                   the benchmark tables, the pytest result line, the steps
+# OUTDIR holds few plain files (the device tool brings back at most 8):
+#   summary.md          environment, the benchmark tables, the pytest result line, the steps
+#   steps.tsv           step, exit status, seconds
+#   steps.log           full output of every step, one after another
+#   SUITE.json          benchmark numbers with metadata, one per benchmark step
 #
 # Adding a step: one `step NAME LIMIT_S command...` line in the right section below.
 set -u
@@ -19,8 +18,10 @@ if [ $# -ne 1 ]; then
   echo "usage: $0 OUTDIR" >&2
   exit 2
 fi
-mkdir -p "$1/logs" "$1/bench"
+mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
+WORK=$(mktemp -d)       # per-step logs and Markdown tables, gathered into OUTDIR at the end
+mkdir -p "$WORK/logs" "$WORK/bench"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -42,9 +43,9 @@ step() {
   fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
   local rc=$?
-  tail -n 5 "$OUT/logs/$name.log" | sed 's/^/   /'
+  tail -n 5 "$WORK/logs/$name.log" | sed 's/^/   /'
   echo "== $name: rc=$rc in $((SECONDS - t0))s"
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
 }
@@ -67,8 +68,8 @@ PY
   timeout 20 nvidia-smi
   timeout 20 nvidia-smi --format=csv \
     --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
 
 # ---- build (later: the C++/CUDA extension, before the tests that use it)
 
@@ -76,27 +77,36 @@ cat "$OUT/env.txt"
 step pytest 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 step info 30 "$PY" -m gptkern info
 
-# ---- benchmarks: step bench_SUITE writes bench/SUITE.json and bench/SUITE.md (later: attention)
+# ---- benchmarks: step bench_SUITE writes OUTDIR/SUITE.json and a table (later: attention)
 BENCH=(--mode all --shapes 8192x8192,4096x32768 --dtype bf16)
 step bench_softmax 100 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" \
-  --out-json "$OUT/bench/softmax.json" --out-md "$OUT/bench/softmax.md"
+  --out-json "$OUT/softmax.json" --out-md "$WORK/bench/softmax.md"
 step bench_norms 130 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
-  --out-json "$OUT/bench/norms.json" --out-md "$OUT/bench/norms.md"
+  --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
 
 # ---- summary
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
-  # step bench_SUITE writes bench/SUITE.md: the tables in the order the steps ran
+  echo '```'
+  cat "$WORK/env.txt"
+  echo '```'
+  echo
+  # the tables in the order the steps ran
   cut -f1 "$OUT/steps.tsv" | sed -n 's/^bench_//p' | while read -r suite; do
-    [ -f "$OUT/bench/$suite.md" ] && cat "$OUT/bench/$suite.md" && echo
+    [ -f "$WORK/bench/$suite.md" ] && cat "$WORK/bench/$suite.md" && echo
   done
-  result=$(grep -E '(passed|failed|error|no tests ran|deselected)' "$OUT/logs/pytest.log" 2>/dev/null | tail -n 1)
-  echo "pytest -m gpu: ${result:-no result line, see logs/pytest.log}"
+  result=$(grep -E '(passed|failed|error|no tests ran|deselected)' "$WORK/logs/pytest.log" 2>/dev/null | tail -n 1)
+  echo "pytest -m gpu: ${result:-no result line, see steps.log}"
   echo
   echo "| step | rc | seconds |"
   echo "|---|---:|---:|"
   sed 's/^/| /; s/\t/ | /g; s/$/ |/' "$OUT/steps.tsv"
 } > "$OUT/summary.md"
+cut -f1 "$OUT/steps.tsv" | while read -r name; do
+  echo "======== $name"
+  cat "$WORK/logs/$name.log" 2>/dev/null
+done > "$OUT/steps.log"
+rm -rf "$WORK"
 echo
 cat "$OUT/summary.md"

@@ -60,12 +60,10 @@ def bench(argv: list[str]) -> int:
     return benchmark.main(argv)
 
 
-# ---- demo: the main job, written in gptkern/demo.py (main(argv=None) -> int) ----
 def demo(argv: list[str]) -> int:
     from gptkern import demo as demo_module
 
     return demo_module.main(argv)
-# ----------------------------------------------------------------------------------
 
 
 # Subcommands whose arguments go, unparsed, to another module's main.

@@ -1,0 +1,131 @@
+"""The main job (``make demo``, ``gptkern demo``): a correctness summary of every op on
+every backend that runs here, then the kernel benchmark table for this device.
+
+On a machine without CUDA the Triton kernels run in the Triton interpreter, so the
+summary covers them too (at small sizes); they are not timed there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def _enable_interpreter_without_cuda() -> None:
+    # Before gptkern's first Triton call: Triton reads it when kernels are decorated.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _cases(device: torch.device) -> list[tuple[str, tuple[int, ...]]]:
+    small = device.type == "cpu"
+    shapes = [(4, 7), (3, 1023), (2, 5, 96)] if small else [(64, 7), (1024, 1023), (512, 8192), (64, 40000)]
+    return [(op, s) for op in ("softmax", "log_softmax", "layer_norm", "rms_norm") for s in shapes]
+
+
+def _run(op: str, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    import gptkern
+
+    n = x.shape[-1]
+    if op == "softmax":
+        return gptkern.ops.softmax(x, -1)
+    if op == "log_softmax":
+        return gptkern.ops.log_softmax(x, -1)
+    if op == "layer_norm":
+        return gptkern.ops.layer_norm(x, (n,), *params)
+    return gptkern.ops.rms_norm(x, (n,), *params, eps=1e-6)
+
+
+def _reference(op: str) -> Callable:
+    from gptkern.ops import reference
+
+    return {
+        "softmax": lambda x, p: reference.softmax_ref(x, -1),
+        "log_softmax": lambda x, p: reference.softmax_ref(x, -1, log=True),
+        "layer_norm": lambda x, p: reference.layer_norm_ref(x, (x.shape[-1],), *p),
+        "rms_norm": lambda x, p: reference.rms_norm_ref(x, (x.shape[-1],), *p, eps=1e-6),
+    }[op]
+
+
+def check(op: str, shape: tuple[int, ...], dtype: torch.dtype, backend: str,
+          device: torch.device) -> tuple[float, float]:
+    """Max |error| of the forward and of all gradients against the float64 reference."""
+    import gptkern
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (3 * torch.randn(shape, generator=gen)).to(device, dtype).requires_grad_()
+    n = shape[-1]
+    params = []
+    if op in ("layer_norm", "rms_norm"):
+        params.append((1 + 0.5 * torch.randn(n, generator=gen)).to(device, dtype).requires_grad_())
+    if op == "layer_norm":
+        params.append(torch.randn(n, generator=gen).to(device, dtype).requires_grad_())
+    with gptkern.backend(backend):
+        y = _run(op, x, params)
+        g = torch.randn(y.shape, generator=gen).to(device, dtype)
+        grads = torch.autograd.grad(y, [x, *params], g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    y_ref = _reference(op)(leaves[0], leaves[1:])
+    grads_ref = torch.autograd.grad(y_ref, leaves, g.double())
+    fwd = (y.double() - y_ref).abs().max().item()
+    bwd = max((a.double() - b).abs().max().item() for a, b in zip(grads, grads_ref))
+    return fwd, bwd
+
+
+# Max |error| allowed, per dtype, for outputs (forward) and gradients.
+LIMITS = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 5e-2), torch.bfloat16: (8e-2, 4e-1)}
+
+
+def correctness_summary(device: torch.device) -> bool:
+    import gptkern
+    from gptkern import _backend
+
+    backends = [b for b in gptkern.available_backends() if _backend._backend_runs_on(b, device.type)]
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    print(f"## Correctness on {device.type}: max |error| against a float64 reference\n")
+    print("| op | shape | backend | dtype | forward | gradients | result |")
+    print("|---|---|---|---|---|---|---|")
+    ok = True
+    for op, shape in _cases(device):
+        for backend in backends:
+            for dtype in dtypes:
+                try:
+                    fwd, bwd = check(op, shape, dtype, backend, device)
+                except Exception as exc:  # report, keep going
+                    print(f"| {op} | {shape} | {backend} | {str(dtype)[6:]} | error: "
+                          f"{type(exc).__name__}: {exc} | | FAIL |")
+                    ok = False
+                    continue
+                lim_f, lim_b = LIMITS[dtype]
+                passed = fwd <= lim_f and bwd <= lim_b
+                ok &= passed
+                print(f"| {op} | {'x'.join(map(str, shape))} | {backend} | {str(dtype)[6:]} | "
+                      f"{fwd:.2e} | {bwd:.2e} | {'ok' if passed else 'FAIL'} |")
+    print()
+    return ok
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="gptkern demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-bench", action="store_true", help="only the correctness summary")
+    args = parser.parse_args(argv)
+    _enable_interpreter_without_cuda()
+    import gptkern
+    from gptkern import benchmark
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"gptkern {gptkern.__version__} on {benchmark.device_name(device)}; "
+          f"backends here: {', '.join(gptkern.available_backends())}\n")
+    ok = correctness_summary(device)
+    if not args.skip_bench:
+        bench_args = ["--quick"] + (["--threads", "1"] if device.type == "cpu" else [])
+        benchmark.main(bench_args)
+    print("correctness: all ok" if ok else "correctness: FAILURES above")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

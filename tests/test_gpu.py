@@ -1,0 +1,110 @@
+"""Tests that need a CUDA device: bf16 and fp16 at realistic sizes, the Triton backend on
+GPU against the float64 reference and against torch. Skipped (and reported) without one."""
+import pytest
+import torch
+
+import gptkern
+from gptkern.ops.reference import layer_norm_ref, rms_norm_ref, softmax_ref
+from helpers import assert_close
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Shapes around every launcher limit: fused blocks, aligned or not, and looped rows.
+SHAPES = [(8192, 8192), (4096, 32768), (333, 1023), (64, 16385), (16, 32769), (8, 131072),
+          (2, 262147), (4097, 4099)]
+
+
+def _inputs(shape, dtype, params):
+    x = (3 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_()
+    n = shape[-1]
+    w = (1 + 0.5 * torch.randn(n, device="cuda")).to(dtype).requires_grad_() if params else None
+    b = torch.randn(n, device="cuda").to(dtype).requires_grad_() if params > 1 else None
+    return x, w, b
+
+
+def _grad_check(got, leaves, ref_fn, dtype):
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = ref_fn(*ref_leaves)
+    assert_close(got, ref, dtype)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    for name, a, r, leaf in zip("xwb", grads, ref_grads, leaves):
+        # dW / dB sum over many rows: allow for that in the absolute tolerance.
+        scale = 1.0 if name == "x" else max(1.0, (got.numel() / leaf.numel()) ** 0.5)
+        torch.testing.assert_close(a.double(), r, atol=scale * {torch.float32: 1e-4, torch.float16: 4e-3,
+                                                               torch.bfloat16: 3.2e-2}[dtype],
+                                   rtol={torch.float32: 1e-4, torch.float16: 4e-3,
+                                         torch.bfloat16: 3.2e-2}[dtype], msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_cuda(dtype, shape, log):
+    x, _, _ = _inputs(shape, dtype, 0)
+    with gptkern.backend("triton"):
+        y = (gptkern.ops.log_softmax if log else gptkern.ops.softmax)(x, -1)
+        _grad_check(y, [x], lambda x: softmax_ref(x, -1, log=log), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_cuda(dtype, shape):
+    x, w, b = _inputs(shape, dtype, 2)
+    n = shape[-1]
+    with gptkern.backend("triton"):
+        y = gptkern.ops.layer_norm(x, (n,), w, b)
+        _grad_check(y, [x, w, b], lambda x, w, b: layer_norm_ref(x, (n,), w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_cuda(dtype, shape):
+    x, w, _ = _inputs(shape, dtype, 1)
+    n = shape[-1]
+    with gptkern.backend("triton"):
+        y = gptkern.ops.rms_norm(x, (n,), w, 1e-6)
+        _grad_check(y, [x, w], lambda x, w: rms_norm_ref(x, (n,), w, 1e-6), dtype)
+
+
+def test_auto_uses_triton_on_cuda():
+    assert "triton" in gptkern.available_backends()
+    x = torch.randn(4, 64, device="cuda")
+    from gptkern import _backend
+    assert _backend.choose("softmax", x.device, {"triton": lambda: None, "torch": lambda: None}) == "triton"
+
+
+def test_noncontiguous_and_other_dims_cuda():
+    x = torch.randn(64, 512, 48, device="cuda", dtype=torch.bfloat16)
+    with gptkern.backend("triton"):
+        for dim in (0, 1, 2):
+            assert_close(gptkern.ops.softmax(x, dim), softmax_ref(x, dim), torch.bfloat16)
+        t = x.transpose(0, 2)
+        assert_close(gptkern.ops.layer_norm(t, (64,)), layer_norm_ref(t, (64,)), torch.bfloat16)
+
+
+def test_compile_fullgraph_cuda():
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    f = torch.compile(lambda x, w: gptkern.ops.softmax(gptkern.ops.rms_norm(x, (1024,), w), -1),
+                      fullgraph=True)
+    with gptkern.backend("triton"):
+        y = f(x, w)
+        y.float().sum().backward()
+    ref = softmax_ref(rms_norm_ref(x, (1024,), w), -1)
+    assert_close(y, ref, torch.bfloat16)
+
+
+def test_deterministic_weight_grads_cuda():
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    runs = []
+    with gptkern.backend("triton"):
+        for _ in range(2):
+            y = gptkern.ops.layer_norm(x, (4096,), w, b)
+            runs.append(torch.autograd.grad(y, (x, w, b), g))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
