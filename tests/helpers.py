@@ -37,9 +37,15 @@ def dtypes_for(backend: str, device: torch.device) -> list[torch.dtype]:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, grad: bool = False,
-                 msg: str = "") -> None:
-    tol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True, msg=msg or None, **tol)
+                 msg: str = "", atol_scale: float = 1.0) -> None:
+    """``actual`` within the tolerance of ``dtype`` of ``expected``; ``atol_scale`` widens the
+    absolute part for sums over many terms (weight gradients)."""
+    tol = dict((GRAD_TOLERANCES if grad else TOLERANCES)[dtype])
+    tol["atol"] *= atol_scale
+    try:
+        torch.testing.assert_close(actual.double(), expected.double(), equal_nan=True, **tol)
+    except AssertionError as err:
+        raise AssertionError(f"{msg}: {err}" if msg else str(err)) from None
 
 
 @contextlib.contextmanager
