@@ -242,7 +242,8 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(dist: str) -> Optional[str]:
+def package_version(dist: str) -> Optional[str]:
+    """The installed version of ``dist``, or None."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -256,7 +257,7 @@ def metadata(device: torch.device, argv: Sequence[str], warmup: int, repeats: in
         "device_name": device_name(device),
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "python": platform.python_version(),
         "gptkern": gptkern.__version__,
         "platform": platform.platform(),

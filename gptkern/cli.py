@@ -7,7 +7,6 @@ Subcommands: ``info`` (versions, device, backends), ``bench`` (kernel benchmarks
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import platform
 import sys
@@ -16,17 +15,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def info() -> int:
     import gptkern
     from gptkern import _backend
-    from gptkern.benchmark import device_name
+    from gptkern.benchmark import device_name, package_version
 
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -39,7 +31,7 @@ def info() -> int:
         ("gptkern", gptkern.__version__),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
-        ("triton", _version("triton")),
+        ("triton", package_version("triton") or "not installed"),
         ("device", device),
         ("available backends", ", ".join(gptkern.available_backends())),
         ("current backend", f"{gptkern.get_backend()} (GPTKERN_BACKEND="

@@ -20,6 +20,8 @@ def rand(*shape, grad=False):
 def test_opcheck_softmax(log, dim):
     x = rand(5, 19, grad=True)
     torch.library.opcheck(torch.ops.gptkern.triton_softmax.default, (x, dim, log, torch.float32))
+    torch.library.opcheck(torch.ops.gptkern.triton_softmax.default,
+                          (x.detach().half().requires_grad_(), dim, log, torch.float32))
     y = torch.softmax(x.detach(), dim)
     torch.library.opcheck(torch.ops.gptkern.triton_softmax_backward.default,
                           (rand(5, 19), torch.log(y) if log else y, dim, log))

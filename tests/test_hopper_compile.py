@@ -4,7 +4,8 @@
 Configurations: each block size up to the kernel's fused limit (launch.py), for aligned
 launches (pointers, N and row strides multiples of 16, which Triton specializes on) up to
 the aligned limit and for unaligned ones up to the unaligned limit; each constexpr flag;
-fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's). The compiles
+fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's); int64 column
+offsets for strided softmax rows; frozen weights or biases in the norm backward. The compiles
 run in a subprocess because the tests run the kernels under the interpreter.
 """
 import json
@@ -75,7 +76,10 @@ def softmax_configs():
                  ("DY", "Y", "DX"), ("inner", "s_n", "s_i", "sd_n", "sd_i")))
     for fused_kernel, looped_kernel, kind, ptrs, unit_args in families:
         # (aligned, unit strides): aligned launches are contiguous rows; unaligned ones may be either.
-        for aligned, unit in ((True, True), (False, True), (False, False)):
+        # (aligned, unit strides, int64 columns): aligned launches are contiguous rows;
+        # unaligned ones may be either; only strided columns can need int64 offsets.
+        for aligned, unit, wide in ((True, True, False), (False, True, False), (False, False, False),
+                                    (False, False, True)):
             for dtype in BYTES:
                 blocks = [(fused_kernel, b, True) for b in fused_blocks(kind, aligned, dtype)]
                 blocks.append((looped_kernel, launch.LOOP_BLOCK, False))
@@ -83,7 +87,8 @@ def softmax_configs():
                     for log in (False, True):
                         types = {n: "i32" for n in kernel.arg_names}
                         types.update({p: "*" + dtype for p in ptrs})
-                        constexprs = {"LOG": log, "BLOCK_N": block, **({a: 1 for a in unit_args} if unit else {})}
+                        constexprs = {"LOG": log, "BLOCK_N": block, "WIDE": wide,
+                                      **({a: 1 for a in unit_args} if unit else {})}
                         yield kernel, types, constexprs, kind.warps(block, fused), aligned
 
 
@@ -106,13 +111,16 @@ def norm_configs():
                 bwd_types = {n: "i32" for n in norms._norm_bwd_tiled_kernel.arg_names}
                 bwd_types.update(X=ptr, DY=ptr, DX=ptr, W=ptr, Mean="*fp32", Rstd="*fp32", C1="*fp32",
                                  C2="*fp32", DW_part="*fp32", DB_part="*fp32")
-                bwd_flags = dict(IS_RMS=is_rms, HAS_W=has_w, NEED_DW=has_w, NEED_DB=has_b)
-                for block in fused_blocks(launch.NORM_BWD, aligned, dtype):
-                    yield (norms._norm_bwd_fused_kernel, bwd_types, dict(bwd_flags, BLOCK_N=block),
-                           launch.NORM_BWD.warps(block), aligned)
                 looped = min(launch.LOOP_BLOCK, launch.NORM_BWD.max_fused(aligned, BYTES[dtype]))
                 warps = launch.NORM_BWD.warps(looped, fused=False)
-                yield (norms._norm_bwd_tiled_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped), warps, aligned)
+                # NEED_DW / NEED_DB: a weight or bias may be frozen (no gradient asked for).
+                for need_dw, need_db in {(has_w, has_b), (False, has_b), (has_w, False)}:
+                    bwd_flags = dict(IS_RMS=is_rms, HAS_W=has_w, NEED_DW=need_dw, NEED_DB=need_db)
+                    for block in fused_blocks(launch.NORM_BWD, aligned, dtype):
+                        yield (norms._norm_bwd_fused_kernel, bwd_types, dict(bwd_flags, BLOCK_N=block),
+                               launch.NORM_BWD.warps(block), aligned)
+                    yield (norms._norm_bwd_tiled_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped), warps,
+                           aligned)
                 if not has_b:
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
@@ -125,7 +133,7 @@ def spill_probe():
 
     yield (softmax._softmax_bwd_kernel, {n: "*fp32" if n in ("DY", "Y", "DX") else "i32"
                                          for n in softmax._softmax_bwd_kernel.arg_names},
-           {"LOG": False, "BLOCK_N": 32768}, 1, False)
+           {"LOG": False, "BLOCK_N": 32768, "WIDE": False}, 1, False)
 
 
 def run_compiles(which: str) -> list[dict]:

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import gptkern
 from gptkern.kernels import launch
+from gptkern.ops.norms import default_rms_eps
 from gptkern.ops.reference import layer_norm_ref, rms_norm_ref
 from helpers import assert_close, backends_here, dtypes_for, noncontiguous, poisoned_allocations
 
@@ -47,7 +48,7 @@ def check_norm(op, backend, x, shape, w, b, eps):
     it = iter(ref_leaves)
     xr, wr, br = next(it), next(it) if w is not None else None, next(it) if b is not None else None
     if op == "rms_norm" and eps is None:  # the default eps is that of the input dtype
-        yr = rms_norm_ref(xr, shape, wr, torch.finfo(dtype).eps)
+        yr = rms_norm_ref(xr, shape, wr, default_rms_eps(dtype))
     else:
         yr = reference(op, xr, shape, wr, br, eps)
     assert_close(y, yr, dtype, msg=f"{op} {backend} forward")
@@ -170,3 +171,82 @@ def test_mixed_param_dtype(backend):
     assert y.dtype == torch.float16
     assert [g.dtype for g in grads] == [torch.float16, torch.float32, torch.float32]
     assert_close(y, layer_norm_ref(x, (24,), w, b), torch.float16)
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+def test_rms_norm_default_eps_matches_torch(backend, dtype):
+    """eps=None is the fp32 epsilon for 16-bit inputs; tiny inputs make the difference visible."""
+    x = 1e-3 * torch.randn(4, 64, device=DEVICE, dtype=dtype)
+    w = 1 + 0.5 * torch.randn(64, device=DEVICE, dtype=dtype)
+    with gptkern.backend(backend):
+        y = gptkern.ops.rms_norm(x, (64,), w)
+    assert_close(y, F.rms_norm(x.double(), (64,), w.double(), eps=torch.finfo(torch.float32).eps), dtype)
+    m = gptkern.nn.RMSNorm(64, device=DEVICE, dtype=dtype)
+    with gptkern.backend(backend):
+        assert_close(m(x), torch.nn.RMSNorm(64, device=DEVICE, dtype=dtype)(x), dtype)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight(op, backend):
+    """A weight that needs no gradient: dX still right, no dW computed."""
+    x = torch.randn(7, 33, device=DEVICE, requires_grad=True)
+    w, b = make_params((33,), torch.float32, True, op == "layer_norm")
+    g = torch.randn(7, 33, device=DEVICE)
+    with gptkern.backend(backend):
+        (dx,) = torch.autograd.grad(call(op, x, (33,), w, b, 1e-5), x, g)
+    xr = x.detach().double().requires_grad_()
+    (dxr,) = torch.autograd.grad(reference(op, xr, (33,), w.double(), None if b is None else b.double(),
+                                           1e-5), xr, g.double())
+    assert_close(dx, dxr, torch.float32, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_mixed_param_dtype(backend):
+    x = torch.randn(5, 24, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(24, device=DEVICE)).requires_grad_()
+    g = torch.randn(5, 24, device=DEVICE, dtype=torch.float16)
+    with gptkern.backend(backend):
+        y = gptkern.ops.rms_norm(x, (24,), w, 1e-5)
+        dx, dw = torch.autograd.grad(y, (x, w), g)
+    assert y.dtype == torch.float16 and dx.dtype == torch.float16 and dw.dtype == torch.float32
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = rms_norm_ref(xr, (24,), wr, 1e-5)
+    dxr, dwr = torch.autograd.grad(yr, (xr, wr), g.double())
+    assert_close(y, yr, torch.float16)
+    assert_close(dx, dxr, torch.float16, grad=True)
+    assert_close(dw, dwr, torch.float16, grad=True, atol_scale=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalized_shape_accepts_index_types(backend):
+    import numpy as np
+
+    x = torch.randn(3, 8, device=DEVICE)
+    with gptkern.backend(backend):
+        a = gptkern.ops.layer_norm(x, (np.int64(8),))
+        b = gptkern.ops.rms_norm(x, [torch.tensor(8)])
+    torch.testing.assert_close(a, F.layer_norm(x, (8,)))
+    torch.testing.assert_close(b, F.rms_norm(x, (8,)))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward(op, backend):
+    x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    w, b = make_params((10,), torch.float32, True, op == "layer_norm")
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    g = torch.randn(4, 10, device=DEVICE)
+    with gptkern.backend(backend):
+        grads = torch.autograd.grad(call(op, x, (10,), w, b, 1e-5), leaves, g, create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in grads), leaves, allow_unused=True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(ref_leaves)
+    xr, wr, br = next(it), next(it), (next(it) if b is not None else None)
+    ref_grads = torch.autograd.grad(reference(op, xr, (10,), wr, br, 1e-5), ref_leaves, g.double(),
+                                    create_graph=True)
+    ref_second = torch.autograd.grad(sum((t * t).sum() for t in ref_grads), ref_leaves, allow_unused=True)
+    for got, want, leaf in zip(second, ref_second, ref_leaves):
+        got = torch.zeros_like(leaf) if got is None else got.double()
+        want = torch.zeros_like(leaf) if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

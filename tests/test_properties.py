@@ -59,10 +59,18 @@ def test_norm_property(problem, rms, affine, data):
     norm_shape = tuple(x.shape[x.dim() - k:])
     w = (1 + 0.3 * torch.randn(norm_shape)).to(DEVICE, dtype) if affine else None
     b = torch.randn(norm_shape).to(DEVICE, dtype) if affine and not rms else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
     with gptkern.backend(backend):
         y = (gptkern.ops.rms_norm(x, norm_shape, w, 1e-5) if rms
              else gptkern.ops.layer_norm(x, norm_shape, w, b, 1e-5))
-    ref = (rms_norm_ref(x, norm_shape, w, 1e-5) if rms
-           else layer_norm_ref(x, norm_shape, w, b, 1e-5))
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    xr, wr, br = (ref_leaves + [None, None])[:3] if affine else (ref_leaves[0], None, None)
+    ref = (rms_norm_ref(xr, norm_shape, wr, 1e-5) if rms
+           else layer_norm_ref(xr, norm_shape, wr, br, 1e-5))
     assert y.shape == x.shape and y.dtype == dtype
     assert_close(y, ref, dtype)
+    for got, want, leaf in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double()), leaves):
+        scale = max(1.0, (x.numel() / leaf.numel()) ** 0.5)
+        assert_close(got, want, dtype, grad=True, atol_scale=scale)

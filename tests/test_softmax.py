@@ -131,3 +131,55 @@ def test_module(backend):
     legacy = gptkern.nn.Softmax()
     with pytest.warns(UserWarning, match="Implicit dimension"):
         assert_close(legacy(x), torch.softmax(x.double(), 0), torch.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
+@pytest.mark.parametrize("fused_cap", [None, 16])
+def test_int64_column_offsets(op, backend, fused_cap, monkeypatch):
+    """The int64-offset variant (for column offsets past 2**31) computes the same thing."""
+    from gptkern.kernels import softmax as softmax_kernels
+
+    monkeypatch.setattr(softmax_kernels, "_wide", lambda *args: True)
+    monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
+    check_op(op, backend, torch.randn(3, 40, 5, device=DEVICE), 1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float16, torch.bfloat16), (torch.float64, torch.float32)])
+def test_dtype_argument_casts_first(op, backend, in_dtype, out_dtype):
+    """Like torch: the input is rounded to ``dtype`` before the softmax."""
+    if backend == "triton" and DEVICE.type == "cpu" and torch.bfloat16 in (in_dtype, out_dtype):
+        pytest.skip("no bf16 under the interpreter")
+    x = 4 * torch.randn(3, 50, device=DEVICE, dtype=in_dtype)
+    with gptkern.backend(backend):
+        y = OPS[op](x, -1, dtype=out_dtype)
+    assert y.dtype == out_dtype
+    assert_close(y, softmax_ref(x.to(out_dtype), -1, log=op == "log_softmax"), out_dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_input_with_float_dtype(op, backend):
+    x = torch.randint(-5, 5, (4, 9), device=DEVICE)
+    with gptkern.backend(backend):
+        y = OPS[op](x, -1, dtype=torch.float32)
+    torch.testing.assert_close(y, getattr(torch, op)(x, -1, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward(op, backend):
+    x = torch.randn(3, 11, device=DEVICE, dtype=torch.float64 if backend != "triton" else torch.float32,
+                    requires_grad=True)
+    g = torch.randn_like(x)
+    with gptkern.backend(backend):
+        y = OPS[op](x, -1)
+        (dx,) = torch.autograd.grad(y, x, g, create_graph=True)
+        (ddx,) = torch.autograd.grad((dx * dx).sum(), x)
+    xr = x.detach().double().requires_grad_()
+    yr = softmax_ref(xr, -1, log=op == "log_softmax")
+    (dxr,) = torch.autograd.grad(yr, xr, g.double(), create_graph=True)
+    (ddxr,) = torch.autograd.grad((dxr * dxr).sum(), xr)
+    torch.testing.assert_close(ddx.double(), ddxr, atol=1e-4, rtol=1e-4)

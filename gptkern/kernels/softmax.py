@@ -21,15 +21,24 @@ def _row_base(inner, s_o, s_i):
 
 
 @triton.jit
+def _columns(BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
+    """Column indices; int64 when column offsets (index * column stride) may pass 2**31."""
+    cols = tl.arange(0, BLOCK_N)
+    if WIDE:
+        cols = cols.to(tl.int64)
+    return cols
+
+
+@triton.jit
 def _softmax_fwd_kernel(
     X, Y,                  # (outer, N, inner), strides (sx_o, sx_n, sx_i) / (sy_o, sy_n, sy_i)
     inner, N,
     sx_o, sx_n, sx_i, sy_o, sy_n, sy_i,
-    LOG: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOG: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     X += _row_base(inner, sx_o, sx_i)
     Y += _row_base(inner, sy_o, sy_i)
-    cols = tl.arange(0, BLOCK_N)
+    cols = _columns(BLOCK_N, WIDE)
     mask = cols < N
     x = tl.load(X + cols * sx_n, mask=mask, other=-float("inf")).to(tl.float32)
     z = x - tl.max(x, 0)
@@ -47,17 +56,17 @@ def _softmax_fwd_looped_kernel(
     X, Y,                  # (outer, N, inner), as in _softmax_fwd_kernel
     inner, N,
     sx_o, sx_n, sx_i, sy_o, sy_n, sy_i,
-    LOG: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOG: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     X += _row_base(inner, sx_o, sx_i)
     Y += _row_base(inner, sy_o, sy_i)
-    cols = tl.arange(0, BLOCK_N)
+    cols = _columns(BLOCK_N, WIDE)
     # Online max and sum per lane; a lane that has seen only -inf keeps sum 0.
     m = tl.full([BLOCK_N], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, N, BLOCK_N):
         x = tl.load(X + (start + cols) * sx_n, mask=start + cols < N, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
+        m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN must not be dropped
         keep = m_new != -float("inf")
         s = tl.where(keep, s * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
         m = m_new
@@ -82,13 +91,13 @@ def _softmax_bwd_kernel(
     DY, Y, DX,             # (outer, N, inner) each; DY and Y share strides (s_*), DX has sd_*
     inner, N,
     s_o, s_n, s_i, sd_o, sd_n, sd_i,
-    LOG: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOG: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     base = _row_base(inner, s_o, s_i)
     DY += base
     Y += base
     DX += _row_base(inner, sd_o, sd_i)
-    cols = tl.arange(0, BLOCK_N)
+    cols = _columns(BLOCK_N, WIDE)
     mask = cols < N
     dy = tl.load(DY + cols * s_n, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + cols * s_n, mask=mask, other=0.0).to(tl.float32)
@@ -104,13 +113,13 @@ def _softmax_bwd_looped_kernel(
     DY, Y, DX,             # as in _softmax_bwd_kernel
     inner, N,
     s_o, s_n, s_i, sd_o, sd_n, sd_i,
-    LOG: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOG: tl.constexpr, BLOCK_N: tl.constexpr, WIDE: tl.constexpr,
 ):
     base = _row_base(inner, s_o, s_i)
     DY += base
     Y += base
     DX += _row_base(inner, sd_o, sd_i)
-    cols = tl.arange(0, BLOCK_N)
+    cols = _columns(BLOCK_N, WIDE)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, N, BLOCK_N):
         mask = start + cols < N
@@ -148,6 +157,10 @@ def _rows_aligned(n: int, *views: torch.Tensor) -> bool:
     return is_aligned(n, *views, *(v.stride(0) for v in views))
 
 
+def _wide(n: int, *views: torch.Tensor) -> bool:
+    return max(n - 1, 0) * max(abs(v.stride(1)) for v in views) >= 2**31 - 1
+
+
 def _elem_bytes(*tensors: torch.Tensor) -> int:
     return max(t.element_size() for t in tensors)
 
@@ -162,7 +175,7 @@ def softmax_fwd(x: torch.Tensor, dim: int, log: bool, out: torch.Tensor) -> torc
     kernel = _softmax_fwd_kernel if fused else _softmax_fwd_looped_kernel
     kernel[(outer * inner,)](
         x3, y3, inner, n, *x3.stride(), *y3.stride(),
-        LOG=log, BLOCK_N=block, num_warps=SOFTMAX_FWD.warps(block, fused))
+        LOG=log, BLOCK_N=block, WIDE=_wide(n, x3, y3), num_warps=SOFTMAX_FWD.warps(block, fused))
     return out
 
 
@@ -185,5 +198,5 @@ def softmax_bwd(grad_out: torch.Tensor, out: torch.Tensor, dim: int, log: bool,
     kernel = _softmax_bwd_kernel if fused else _softmax_bwd_looped_kernel
     kernel[(outer * inner,)](
         dy3, y3, dx3, inner, n, *y3.stride(), *dx3.stride(),
-        LOG=log, BLOCK_N=block, num_warps=SOFTMAX_BWD.warps(block, fused))
+        LOG=log, BLOCK_N=block, WIDE=_wide(n, dy3, y3, dx3), num_warps=SOFTMAX_BWD.warps(block, fused))
     return grad_in

@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional, Sequence
 
 import torch
+
+# Input dtypes the Triton kernels take (they compute in fp32).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_dtype_support(*dtypes: torch.dtype) -> Optional[str]:
+    """None when the Triton kernels take every dtype given, else the reason they don't."""
+    bad = [d for d in dtypes if d not in TRITON_DTYPES]
+    return f"dtype {bad[0]} (supported: float16, bfloat16, float32)" if bad else None
 
 
 def check_tensor(t: object, name: str) -> torch.Tensor:
@@ -47,13 +57,20 @@ def check_same_device(input: torch.Tensor, **others: Optional[torch.Tensor]) -> 
                                f"two devices, {input.device} (input) and {t.device} ({name})")
 
 
+def _as_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError
+    return operator.index(value)  # int, numpy integers, integer 0-d tensors
+
+
 def normalized_shape_tuple(normalized_shape: object) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
-        return (normalized_shape,)
-    if isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
-            isinstance(s, int) and not isinstance(s, bool) for s in normalized_shape):
-        return tuple(normalized_shape)
-    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    try:
+        if isinstance(normalized_shape, (tuple, list, torch.Size)):
+            return tuple(_as_int(s) for s in normalized_shape)
+        return (_as_int(normalized_shape),)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}") from None
 
 
 def check_norm_args(op: str, input: torch.Tensor, normalized_shape: Sequence[int],

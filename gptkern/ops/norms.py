@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops._checks import check_norm_args, check_tensor, device_guard, normalized_shape_tuple
+from gptkern.ops._checks import (check_norm_args, check_tensor, device_guard, normalized_shape_tuple,
+                                 triton_dtype_support)
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """F.rms_norm's eps=None: the machine epsilon of the type it computes in (fp32 for fp16/bf16)."""
+    return torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).eps
 
 
 def _stats_shape(x: torch.Tensor, k: int):
@@ -46,7 +50,7 @@ def triton_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, k: int,
     """(dx, dw, db); dw / db are empty (0,) tensors when not asked for."""
     from gptkern.kernels.norms import norm_bwd
 
-    dx, dw, db = _grad_buffers(x, k, weight, bias, need_dw, need_db, torch.empty)
+    dx, dw, db = _grad_buffers(x, weight, bias, need_dw, need_db)
     n = math.prod(x.shape[x.dim() - k:])
     with device_guard(x):
         norm_bwd(grad_out, x, n, weight, mean, rstd, is_rms, need_dw, need_db, dx,
@@ -54,29 +58,46 @@ def triton_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, k: int,
     return dx, dw, db
 
 
-def _grad_buffers(x, k, weight, bias, need_dw, need_db, alloc):
-    dx = alloc(x.shape, dtype=x.dtype, device=x.device)
-    dw = alloc(weight.shape if need_dw else (0,), dtype=weight.dtype if need_dw else x.dtype,
-               device=x.device)
-    db = alloc(bias.shape if need_db else (0,), dtype=bias.dtype if need_db else x.dtype,
-               device=x.device)
+def _grad_buffers(x, weight, bias, need_dw, need_db):
+    """dx (x's shape), and dw / db, or empty (0,) tensors when not asked for."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(weight.shape if need_dw else (0,), dtype=weight.dtype if need_dw else x.dtype,
+                     device=x.device)
+    db = torch.empty(bias.shape if need_db else (0,), dtype=bias.dtype if need_db else x.dtype,
+                     device=x.device)
     return dx, dw, db
 
 
 @triton_norm_backward.register_fake
 def _(grad_out, x, k, weight, bias, mean, rstd, is_rms, need_dw, need_db):
-    return _grad_buffers(x, k, weight, bias, need_dw, need_db, torch.empty)
+    return _grad_buffers(x, weight, bias, need_dw, need_db)
 
 
 def _setup_context(ctx, inputs, output):
-    x, k, weight, bias, _, is_rms = inputs
+    x, k, weight, bias, eps, is_rms = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.k, ctx.is_rms = k, is_rms
+    ctx.k, ctx.eps, ctx.is_rms = k, eps, is_rms
+
+
+def _double_backward_able(ctx, grad_y, x, weight, bias):
+    """Gradients as a differentiable graph (create_graph=True): through torch's own norm."""
+    shape = x.shape[x.dim() - ctx.k:]
+    with torch.enable_grad():
+        y = (F.rms_norm(x, shape, weight, ctx.eps) if ctx.is_rms
+             else F.layer_norm(x, shape, weight, bias, ctx.eps))
+    wanted = [t if t is not None and need else None
+              for t, need in zip((x, weight, bias), (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]))]
+    inputs = [t for t in wanted if t is not None]
+    grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+    dx, dw, db = (next(grads) if t is not None else None for t in wanted)
+    return dx, None, dw, db, None, None
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _double_backward_able(ctx, grad_y, x, weight, bias)
     need_dw = weight is not None and ctx.needs_input_grad[2]
     need_db = bias is not None and ctx.needs_input_grad[3]
     dx, dw, db = torch.ops.gptkern.triton_norm_backward(
@@ -89,10 +110,7 @@ triton_norm.register_autograd(_backward, setup_context=_setup_context)
 
 def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor]) -> str:
     def triton_support():
-        dtypes = [input.dtype] + [p.dtype for p in params if p is not None]
-        if any(d not in TRITON_DTYPES for d in dtypes):
-            return f"dtypes {dtypes} (supported: float16, bfloat16, float32)"
-        return None
+        return triton_dtype_support(input.dtype, *(p.dtype for p in params if p is not None))
 
     return _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
 
@@ -128,7 +146,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
         input: (*, *normalized_shape) floating-point tensor.
         normalized_shape: the trailing shape to normalize over.
         weight: optional (*normalized_shape) tensor.
-        eps: added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+        eps: added to the mean square; None means the machine epsilon of the compute type
+            (``torch.finfo(torch.float32).eps`` for fp16/bf16/fp32 inputs), as in PyTorch.
     Returns:
         a tensor of ``input``'s shape and dtype.
     """
@@ -136,6 +155,6 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("rms_norm", input, shape, weight)
     if _choose("rms_norm", input, weight) == "triton":
-        eps_value = torch.finfo(input.dtype).eps if eps is None else float(eps)
+        eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
         return torch.ops.gptkern.triton_norm(input, len(shape), weight, None, eps_value, True)[0]
     return F.rms_norm(input, shape, weight, eps)

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from gptkern.ops.norms import default_rms_eps
+
 
 def _prepare(x: torch.Tensor, upcast: bool, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if dtype is not None:
@@ -52,9 +54,10 @@ def layer_norm_ref(x: torch.Tensor, normalized_shape: Sequence[int],
 def rms_norm_ref(x: torch.Tensor, normalized_shape: Sequence[int],
                  weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
                  upcast: bool = True) -> torch.Tensor:
-    """x / sqrt(mean(x²) + eps) * weight over the trailing dims; eps=None: finfo(x.dtype).eps."""
+    """x / sqrt(mean(x²) + eps) * weight over the trailing dims; eps=None: the machine
+    epsilon of the compute type (fp32 for fp16/bf16), as F.rms_norm."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = default_rms_eps(x.dtype)
     dims = tuple(range(-len(normalized_shape), 0))
     xf = _prepare(x, upcast)
     y = xf / torch.sqrt((xf * xf).mean(dims, keepdim=True) + eps)

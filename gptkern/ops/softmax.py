@@ -7,9 +7,7 @@ import torch
 
 from gptkern import _backend
 from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
-                                 wrap_dim)
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+                                 triton_dtype_support, wrap_dim)
 
 
 @torch.library.custom_op("gptkern::triton_softmax", mutates_args=())
@@ -49,7 +47,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
-    grad_in = torch.ops.gptkern.triton_softmax_backward(grad.to(out.dtype), out, ctx.dim, ctx.log)
+    grad = grad.to(out.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable composition
+        total = grad.sum(ctx.dim, keepdim=True) if ctx.log else (grad * out).sum(ctx.dim, keepdim=True)
+        grad_in = grad - out.exp() * total if ctx.log else out * (grad - total)
+    else:
+        grad_in = torch.ops.gptkern.triton_softmax_backward(grad, out, ctx.dim, ctx.log)
     return grad_in.to(ctx.in_dtype), None, None, None
 
 
@@ -64,18 +67,17 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     dim = wrap_dim(dim, input.dim())
     log = op == "log_softmax"
     out_dtype = dtype if dtype is not None else input.dtype
+    # torch casts the input to ``dtype`` first; the kernel upcasts fp16/bf16 to fp32 itself.
+    upcast_in_kernel = input.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+    cast_first = dtype is not None and dtype != input.dtype and not upcast_in_kernel
+    kernel_in_dtype = out_dtype if cast_first else input.dtype
 
     def triton_support():
-        if input.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
-            return f"dtype {input.dtype} -> {out_dtype} (supported: float16, bfloat16, float32)"
-        return None
+        return triton_dtype_support(kernel_in_dtype, out_dtype)
 
     name = _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
     if name == "triton":
-        x = input
-        if out_dtype.itemsize < input.dtype.itemsize or (
-                out_dtype == torch.float16 and input.dtype == torch.bfloat16):
-            x = input.to(out_dtype)  # torch rounds to dtype first; a wider dtype needs no copy
+        x = input.to(out_dtype) if cast_first else input
         return torch.ops.gptkern.triton_softmax(x, dim, log, out_dtype)
     fn = torch.log_softmax if log else torch.softmax
     return fn(input, dim, dtype=dtype)

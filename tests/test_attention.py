@@ -1,0 +1,233 @@
+"""scaled_dot_product_attention on every backend that runs here, against a float64
+reference (torch's math SDPA in float64) and against F.scaled_dot_product_attention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from helpers import assert_close, backends_here, dtypes_for, poisoned_allocations
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = backends_here(DEVICE)
+PARAMS = [(b, d) for b in BACKENDS for d in dtypes_for(b, DEVICE)]
+sdpa = gptkern.ops.scaled_dot_product_attention
+# Attention sums over S terms: gradients get a looser absolute tolerance than row ops.
+ATTN_ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def reference(q, k, v, mask=None, **kw):
+    """SDPA in float64 on explicit math: softmax(q kᵀ scale + mask) v, 0 for rows that see nothing."""
+    q, k, v = q.double(), k.double(), v.double()
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def check(backend, q, k, v, mask=None, grad=True, **kw):
+    dtype = q.dtype
+    leaves = [q, k, v]
+    for t in leaves:
+        t.requires_grad_(grad)
+    with gptkern.backend(backend), poisoned_allocations():
+        out = sdpa(q, k, v, attn_mask=mask, **kw)
+    ref_leaves = [t.detach().double().requires_grad_(grad) for t in leaves]
+    ref = reference(*ref_leaves, mask=mask, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype, msg=f"{backend} forward")
+    if not grad:
+        return
+    g = torch.randn_like(out)
+    with gptkern.backend(backend), poisoned_allocations():
+        grads = torch.autograd.grad(out, leaves, g)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, atol=ATTN_ATOL[dtype] * 4, rtol=ATTN_ATOL[dtype] * 4,
+                                   msg=lambda m: f"{backend} {name}: {m}")
+
+
+# (B, H, Hkv, L, S, D, Dv): odd sizes, L != S both ways, head dims that are not powers of 2.
+SHAPES = [(1, 1, 1, 1, 1, 16, 16), (2, 3, 3, 37, 53, 16, 16), (1, 2, 2, 70, 33, 24, 40),
+          (1, 2, 2, 7, 129, 64, 64), (2, 1, 1, 65, 65, 8, 20)]
+
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_shapes(backend, dtype, shape, causal):
+    b, h, hk, l, s, d, dv = shape
+    check(backend, rand(b, h, l, d, dtype=dtype), rand(b, hk, s, d, dtype=dtype),
+          rand(b, hk, s, dv, dtype=dtype), is_causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hk", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_and_mqa(backend, hk, causal):
+    check(backend, rand(2, 4, 19, 32), rand(2, hk, 23, 32), rand(2, hk, 23, 16), is_causal=causal,
+          enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale(backend):
+    check(backend, rand(1, 2, 9, 16), rand(1, 2, 11, 16), rand(1, 2, 11, 16), scale=0.37)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks(backend):
+    q, k, v = rand(2, 3, 21, 16), rand(2, 3, 34, 16), rand(2, 3, 34, 16)
+    key_padding = torch.rand(2, 1, 1, 34, device=DEVICE) > 0.3
+    key_padding[1] = False  # a batch that sees nothing: zeros, as torch gives
+    check(backend, q, k, v, mask=key_padding)
+    full_bool = torch.rand(21, 34, device=DEVICE) > 0.5
+    full_bool[4] = False
+    check(backend, q, k, v, mask=full_bool)
+    additive = rand(3, 21, 34)
+    additive[:, 5] = float("-inf")
+    check(backend, q, k, v, mask=additive)
+    check(backend, q, k, v, mask=rand(2, 1, 21, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_and_ranks(backend):
+    """(B, L, H, D) storage transposed to (B, H, L, D), 3-D and 2-D inputs, broadcast batch."""
+    q = rand(2, 17, 3, 16).transpose(1, 2)
+    k = rand(2, 25, 3, 16).transpose(1, 2)
+    v = rand(2, 25, 3, 16).transpose(1, 2)
+    check(backend, q, k, v, is_causal=True)
+    check(backend, rand(3, 10, 16), rand(3, 12, 16), rand(3, 12, 16))
+    check(backend, rand(10, 16), rand(12, 16), rand(12, 16))
+    check(backend, rand(2, 3, 10, 16), rand(1, 3, 12, 16), rand(1, 3, 12, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_no_keys(backend):
+    check(backend, rand(2, 2, 0, 16), rand(2, 2, 5, 16), rand(2, 2, 5, 16))
+    check(backend, rand(2, 2, 5, 16), rand(2, 2, 0, 16), rand(2, 2, 0, 16))
+    check(backend, rand(0, 2, 5, 16), rand(0, 2, 5, 16), rand(0, 2, 5, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_more_queries_than_keys(backend):
+    """Top-left alignment: the last queries see every key, the first only key 0."""
+    check(backend, rand(1, 2, 40, 16), rand(1, 2, 9, 16), rand(1, 2, 9, 16), is_causal=True)
+
+
+def test_matches_torch_sdpa_directly():
+    q, k, v = rand(2, 4, 33, 32), rand(2, 4, 47, 32), rand(2, 4, 47, 32)
+    for causal in (False, True):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for backend in BACKENDS:
+            with gptkern.backend(backend):
+                got = sdpa(q, k, v, is_causal=causal)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_triton_unsupported_configs_raise_and_auto_falls_back():
+    q, k, v = rand(1, 2, 8, 16), rand(1, 2, 8, 16), rand(1, 2, 8, 16)
+    with gptkern.backend("triton"):
+        with pytest.raises(NotImplementedError, match="dropout"):
+            sdpa(q, k, v, dropout_p=0.5)
+        with pytest.raises(NotImplementedError, match="float64"):
+            sdpa(q.double(), k.double(), v.double())
+        with pytest.raises(NotImplementedError, match="head dims"):
+            sdpa(rand(1, 1, 4, 272), rand(1, 1, 4, 272), rand(1, 1, 4, 272))
+    torch.manual_seed(0)
+    out = sdpa(q, k, v, dropout_p=0.5)  # auto: served by torch
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    q, k, v = rand(2, 4, 5, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 8)
+    cases = [
+        (RuntimeError, "query", lambda: sdpa(q, rand(2, 4, 6, 4), v)),
+        (RuntimeError, "key and value", lambda: sdpa(q, k, rand(2, 4, 7, 8))),
+        (RuntimeError, "heads|broadcast", lambda: sdpa(q, rand(2, 2, 6, 8), rand(2, 2, 6, 8))),
+        (RuntimeError, "heads", lambda: sdpa(q, rand(2, 3, 6, 8), rand(2, 3, 6, 8), enable_gqa=True)),
+        (RuntimeError, "broadcast", lambda: sdpa(q, rand(3, 4, 6, 8), rand(3, 4, 6, 8))),
+        (RuntimeError, "attn_mask", lambda: sdpa(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool,
+                                                                                  device=DEVICE))),
+        (RuntimeError, "attn_mask", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.long,
+                                                                                  device=DEVICE))),
+        (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=1.0)),
+        (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=-0.1)),
+        (RuntimeError, "query", lambda: sdpa(q.long(), k.long(), v.long())),
+        (RuntimeError, "dtype", lambda: sdpa(q, k.half(), v)),
+        (RuntimeError, "device", lambda: sdpa(q, k.to("meta"), v)),
+        (TypeError, "key", lambda: sdpa(q, [1.0], v)),
+    ]
+    for exc, match, fn in cases:
+        with gptkern.backend(backend), pytest.raises(exc, match=match):
+            fn()
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_opcheck_and_compile():
+    q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
+    mask = (torch.rand(1, 1, 1, 20, device=DEVICE) > 0.2).expand(1, 2, 20, 20)
+    for m, causal in ((None, True), (mask, False)):
+        torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, m, causal, 0.25))
+    out, lse = torch.ops.gptkern.triton_attention(q.detach(), k.detach(), v.detach(), None, True, 0.25)
+    torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, True,
+                           0.25))
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: sdpa(q, k, v, is_causal=True), fullgraph=True)
+    with gptkern.backend("triton"):
+        y = f(q, k, v)
+        grads = torch.autograd.grad(y.sum(), (q, k, v))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_leaves, is_causal=True)
+    assert_close(y, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_backward_is_deterministic():
+    q, k, v = (rand(1, 4, 70, 32).requires_grad_() for _ in range(3))
+    g = rand(1, 4, 70, 32)
+    runs = []
+    with gptkern.backend("triton"):
+        for _ in range(2):
+            out = sdpa(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
+            runs.append(torch.autograd.grad(out, (q, k, v), g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends() or DEVICE.type != "cpu",
+                    reason="memory check on CPU")
+def test_no_l_by_s_tensor_is_allocated():
+    """The Triton path never allocates an L×S tensor: every allocation it makes is O(L)."""
+    l = s = 256
+    q, k, v = rand(1, 1, l, 16), rand(1, 1, s, 16), rand(1, 1, s, 16)
+    sizes = []
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "zeros", "ones", "full")}
+
+    def spy(fn):
+        def wrapped(*a, **kw):
+            t = fn(*a, **kw)
+            sizes.append(t.numel())
+            return t
+        return wrapped
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, spy(fn))
+        mask = torch.rand(1, 1, 1, s) > 0.1
+        q.requires_grad_()
+        with gptkern.backend("triton"):
+            out = sdpa(q, k, v, attn_mask=mask)
+            out.sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+    assert sizes and max(sizes) <= l * 16 and max(sizes) < l * s
