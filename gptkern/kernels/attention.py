@@ -2,7 +2,8 @@
 backward (dK/dV per key block, dQ per query block: no atomics, so deterministic).
 
 Layouts are 4-D with arbitrary strides: Q (B, H, L, D), K (B, Hkv, S, D), V (B, Hkv, S, Dv),
-O (B, H, L, Dv); query head h reads key/value head h // (H // Hkv) (GQA / MQA). An optional
+O (B, H, L, Dv); query head h reads key/value head h // (H // Hkv) (GQA / MQA). Head dims D
+and Dv are compile-time constants, so the padding masks vanish when they are powers of 2. An optional
 mask is read through strides broadcast to (B, H, L, S) (stride 0 on broadcast dims), so a
 key-padding mask (B, 1, 1, S) is never expanded. Key j is visible to query i when
 j <= i + DIAG under CAUSAL (DIAG = 0: PyTorch's top-left alignment). Scores are kept in
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # written out in _scores too: a jit function can't read globals
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -45,24 +46,30 @@ def _attn_fwd_kernel(
     MASK,                  # mask broadcast to (B, H, L, S) through strides, or unused
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn,
-    H, L, S, D, DV, GROUP, diag, qk_scale,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    H, L, S, GROUP, diag, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # Tile bases are int64 (pointer increments); offsets inside a tile are int32.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rows
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
-    MASK += b * smb + h * smh
+    MASK += b * smb + h * smh + m0 * smm
+    k_offs = cols[:, None] * skn + offs_d[None, :] * skd
+    v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
+    mask_offs = rows[:, None] * smm + cols[None, :] * smn
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -71,23 +78,23 @@ def _attn_fwd_kernel(
     if CAUSAL:  # causal block skipping: keys past the block's last visible one
         hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + diag, 0))
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale,
-                    MASK + offs_m[:, None] * smm + offs_n[None, :] * smn, CAUSAL, MASK_KIND, PRECISION)
+        offs_n = start_n + cols
+        k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, MASK + mask_offs, CAUSAL, MASK_KIND, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+        K += BLOCK_N * skn
+        V += BLOCK_N * svn
+        MASK += BLOCK_N * smn
     # A row that sees no key gets 0, as torch's SDPA gives; its LSE is -inf.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
     tl.store(LSE + (b * H + h) * L + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)
 
@@ -97,19 +104,21 @@ def _attn_bwd_delta_kernel(
     O, DO,                 # (B, H, L, Dv) each, strides s*o / s*do
     DELTA,                 # (B, H, L) fp32, contiguous: rowsum(dO * O)
     sob, soh, som, sod, sdb, sdh, sdm, sdd,
-    H, L, DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    H, L,
+    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rows
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    o = tl.load(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+    do = tl.load(DO + b * sdb + h * sdh + m0 * sdm + rows[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + (b * H + h) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
@@ -122,8 +131,8 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     smb, smh, smm, smn,
-    H, L, S, D, DV, GROUP, diag, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    H, L, S, GROUP, diag, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads."""
@@ -132,16 +141,21 @@ def _attn_bwd_dkdv_kernel(
     hkv = H // GROUP
     b = (bhk // hkv).to(tl.int64)
     hk = (bhk % hkv).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + cols
+    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(K + b * skb + hk * skh + n0 * skn + cols[:, None] * skn + offs_d[None, :] * skd,
                 mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+    v = tl.load(V + b * svb + hk * svh + n0 * svn + cols[:, None] * svn + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    q_offs = rows[:, None] * sqm + offs_d[None, :] * sqd
+    do_offs = rows[:, None] * sdom + offs_dv[None, :] * sdod
+    mask_offs = rows[:, None] * smm + cols[None, :] * smn
     lo = 0
     if CAUSAL:  # queries before the first one that sees this block see none of it
         lo = tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M * BLOCK_M
@@ -149,29 +163,34 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
+        mask_base = MASK + b * smb + h * smh + n0 * smn
+        if CAUSAL:
+            lo64 = lo.to(tl.int64)
+            q_base += lo64 * sqm
+            do_base += lo64 * sdom
+            mask_base += lo64 * smm
         row_base = (b * H + h) * L
-        mask_base = MASK + b * smb + h * smh
         for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + offs_m0
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale,
-                        mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
-                        CAUSAL, MASK_KIND, PRECISION)
+            offs_m = start_m + rows
+            q = tl.load(q_base + q_offs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+            s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, mask_base + mask_offs, CAUSAL, MASK_KIND,
+                        PRECISION)
             lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
             lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
             p = tl.exp2(s - lse[:, None])
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                         mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
+            do = tl.load(do_base + do_offs, mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            q_base += BLOCK_M * sqm
+            do_base += BLOCK_M * sdom
+            mask_base += BLOCK_M * smm
     dk *= sm_scale
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    tl.store(DK + b * sdkb + hk * sdkh + n0 * sdkn + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < D))
-    tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+    tl.store(DV_ + b * sdvb + hk * sdvh + n0 * sdvn + cols[:, None] * sdvn + offs_dv[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
 
 
@@ -182,8 +201,8 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn,
-    H, L, S, D, DV, GROUP, diag, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    H, L, S, GROUP, diag, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
@@ -192,39 +211,44 @@ def _attn_bwd_dq_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rows
+    cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+    do = tl.load(DO + b * sdob + h * sdoh + m0 * sdom + rows[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_mask, other=0.0)
     lse = tl.where(lse == -float("inf"), float("inf"), lse)
     delta = tl.load(DELTA + (b * H + h) * L + offs_m, mask=row_mask, other=0.0)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
-    MASK += b * smb + h * smh
+    MASK += b * smb + h * smh + m0 * smm
+    k_offs = cols[:, None] * skn + offs_d[None, :] * skd
+    v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
+    mask_offs = rows[:, None] * smm + cols[None, :] * smn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = S
     if CAUSAL:
         hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + diag, 0))
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale,
-                    MASK + offs_m[:, None] * smm + offs_n[None, :] * smn, CAUSAL, MASK_KIND, PRECISION)
+        offs_n = start_n + cols
+        k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, MASK + mask_offs, CAUSAL, MASK_KIND, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        K += BLOCK_N * skn
+        V += BLOCK_N * svn
+        MASK += BLOCK_N * smn
     dq *= sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+    tl.store(DQ + b * sdqb + h * sdqh + m0 * sdqm + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < D))
 
 
@@ -291,8 +315,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     grid = (triton.cdiv(l, cfg.block_m), b * h)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *mask_strides, h, l, s, d, dv, h // hkv, 0, scale * LOG2E,
-        CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype),
+        *mask_strides, h, l, s, h // hkv, 0, scale * LOG2E,
+        D=d, DV=dv, CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -313,13 +337,13 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     delta = torch.empty((b, h, l), device=q.device, dtype=torch.float32)
     block_dv = head_block(dvh)
     _attn_bwd_delta_kernel[(triton.cdiv(l, cfg.block_m), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, l, dvh,
-        BLOCK_M=cfg.block_m, BLOCK_DV=block_dv, num_warps=4)
+        out, do, delta, *out.stride(), *do.stride(), h, l,
+        DV=dvh, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv, num_warps=4)
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    common = dict(CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
+    common = dict(D=d, DV=dvh, CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=head_block(d), BLOCK_DV=block_dv,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    scalars = (h, l, s, d, dvh, h // hkv, 0, scale * LOG2E, scale)
+    scalars = (h, l, s, h // hkv, 0, scale * LOG2E, scale)
     if s > 0:
         _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg.block_n), b * hkv)](
             q, k, v, do, dk, dv, lse, delta, mask_ptr, *q.stride(), *k.stride(), *v.stride(),

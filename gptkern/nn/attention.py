@@ -1,0 +1,104 @@
+"""MultiheadAttention: torch.nn's module, with the attention served by gptkern.ops."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gptkern import ops
+
+
+def _sdpa_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """torch.nn.MultiheadAttention's masks (bool True = do NOT attend, or additive float) as an
+    SDPA mask (bool True = attend, or additive float in ``dtype``)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if not mask.is_floating_point():
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    return mask.to(dtype)
+
+
+def _combine(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None or b is None:
+        return a if b is None else b
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    dtype = a.dtype if a.dtype != torch.bool else b.dtype
+
+    def additive(m):
+        if m.dtype != torch.bool:
+            return m
+        zero = torch.zeros((), dtype=dtype, device=m.device)
+        return torch.where(m, zero, zero - float("inf"))
+
+    return additive(a) + additive(b)
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """Drop-in for ``torch.nn.MultiheadAttention``: same arguments, forward and ``state_dict``.
+
+    With ``need_weights=False`` the attention runs through ``gptkern.ops.scaled_dot_product_attention``
+    (flash attention, no L×S weights). ``need_weights=True`` (torch's default), ``add_bias_kv`` and
+    ``add_zero_attn`` take the explicit path, torch's own implementation, which returns the weights.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E) -> (1, L, E)
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def _project(self, query, key, value):
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.split(e)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.split(e) if self.in_proj_bias is not None else (None,) * 3
+        if self._qkv_same_embed_dim and query is key and key is value:  # self-attention: one matmul
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        b, l, _ = query.shape
+        s = key.shape[1]
+        h, dh = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        q, k, v = (t.reshape(b, -1, h, dh).transpose(1, 2) for t in (q, k, v))  # (B, H, seq, Dh)
+        if is_causal and key_padding_mask is None:
+            mask, causal = None, True  # attn_mask is the causal mask (the hint): let the kernel skip blocks
+        else:
+            causal = False
+            kpm = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
+            am = _sdpa_mask(attn_mask, "attn_mask", q.dtype)
+            if kpm is not None:
+                kpm = kpm.reshape(b, 1, 1, s)
+            if am is not None and am.dim() == 3:  # (B * H, L, S)
+                am = am.reshape(b, h, l, s)
+            mask = _combine(am, kpm)
+        dropout = self.dropout if self.training else 0.0
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
+        return self.out_proj(out)

@@ -1,0 +1,125 @@
+"""gptkern.nn.MultiheadAttention is a drop-in for torch.nn.MultiheadAttention."""
+import inspect
+
+import pytest
+import torch
+
+import gptkern
+from helpers import backends_here
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = backends_here(DEVICE)
+
+
+def pair(**kwargs):
+    theirs = torch.nn.MultiheadAttention(**kwargs, device=DEVICE)
+    ours = gptkern.nn.MultiheadAttention(**kwargs, device=DEVICE)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def run_both(ours, theirs, args, kwargs, backend, grad=True):
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    for t in leaves:
+        t.requires_grad_(grad)
+    with gptkern.backend(backend):
+        out, weights = ours(*args, **kwargs)
+    ref, ref_weights = theirs(*args, **kwargs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    if kwargs.get("need_weights", True):
+        torch.testing.assert_close(weights, ref_weights)
+    else:
+        assert weights is None and ref_weights is None
+    if grad:
+        g = torch.randn_like(out)
+        params = list(ours.parameters()) + leaves
+        ref_params = list(theirs.parameters()) + leaves
+        with gptkern.backend(backend):
+            got = torch.autograd.grad(out, params, g, allow_unused=True)
+        want = torch.autograd.grad(ref, ref_params, g, allow_unused=True)
+        for a, b in zip(got, want):
+            if a is None or b is None:
+                assert a is None and b is None
+            else:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_signatures_match():
+    def params(fn):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+    assert issubclass(gptkern.nn.MultiheadAttention, torch.nn.MultiheadAttention)
+    assert params(gptkern.nn.MultiheadAttention.__init__) == params(torch.nn.MultiheadAttention.__init__)
+    assert params(gptkern.nn.MultiheadAttention.forward) == params(torch.nn.MultiheadAttention.forward)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_self_attention_with_masks(backend, batch_first):
+    ours, theirs = pair(embed_dim=32, num_heads=4, batch_first=batch_first)
+    x = torch.randn(2, 9, 32, device=DEVICE) if batch_first else torch.randn(9, 2, 32, device=DEVICE)
+    kpm = torch.zeros(2, 9, dtype=torch.bool, device=DEVICE)
+    kpm[0, 6:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9, device=DEVICE)
+    bool_mask = torch.rand(9, 9, device=DEVICE) > 0.7
+    bool_mask.fill_diagonal_(False)
+    for kwargs in (dict(), dict(key_padding_mask=kpm), dict(attn_mask=causal, is_causal=True),
+                   dict(attn_mask=causal, key_padding_mask=kpm), dict(attn_mask=bool_mask),
+                   dict(attn_mask=bool_mask, key_padding_mask=kpm),
+                   dict(attn_mask=torch.randn(8, 9, 9, device=DEVICE))):
+        run_both(ours, theirs, (x, x, x), dict(kwargs, need_weights=False), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_attention_kdim_vdim(backend):
+    ours, theirs = pair(embed_dim=24, num_heads=3, kdim=10, vdim=14, batch_first=True)
+    q = torch.randn(3, 5, 24, device=DEVICE)
+    k = torch.randn(3, 7, 10, device=DEVICE)
+    v = torch.randn(3, 7, 14, device=DEVICE)
+    run_both(ours, theirs, (q, k, v), dict(need_weights=False), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_need_weights_explicit_path_and_unbatched(backend):
+    ours, theirs = pair(embed_dim=16, num_heads=2, bias=False)
+    x = torch.randn(6, 2, 16, device=DEVICE)
+    for average in (True, False):
+        run_both(ours, theirs, (x, x, x), dict(need_weights=True, average_attn_weights=average), backend)
+    u = torch.randn(6, 16, device=DEVICE)
+    run_both(ours, theirs, (u, u, u), dict(need_weights=False), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_kv_and_zero_attn_fall_back(backend):
+    ours, theirs = pair(embed_dim=16, num_heads=2, add_bias_kv=True, add_zero_attn=True)
+    x = torch.randn(5, 2, 16, device=DEVICE)
+    run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)
+
+
+def test_is_causal_needs_attn_mask():
+    ours, _ = pair(embed_dim=16, num_heads=2)
+    x = torch.randn(5, 2, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        ours(x, x, x, need_weights=False, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transformer_encoder_layer_with_patched_attention(backend):
+    """A torch TransformerEncoderLayer whose self_attn is swapped for ours gives the same output."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True, device=DEVICE).eval()
+    ref_layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                                 batch_first=True, device=DEVICE).eval()
+    ref_layer.load_state_dict(layer.state_dict())
+    mha = gptkern.nn.MultiheadAttention(32, 4, batch_first=True, device=DEVICE)
+    mha.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = mha
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    kpm = torch.zeros(2, 11, dtype=torch.bool, device=DEVICE)
+    kpm[1, 8:] = True
+    with gptkern.backend(backend):
+        got = layer(x, src_key_padding_mask=kpm)
+    want = ref_layer(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(got[~kpm], want[~kpm], atol=2e-5, rtol=2e-5)
