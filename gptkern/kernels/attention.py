@@ -1,13 +1,20 @@
 """Flash attention in Triton: forward (online softmax, exp2, saves the log-sum-exp) and
 backward (dK/dV per key block, dQ per query block: no atomics, so deterministic).
 
-Layouts are 4-D with arbitrary strides: Q (B, H, L, D), K (B, Hkv, S, D), V (B, Hkv, S, Dv),
-O (B, H, L, Dv); query head h reads key/value head h // (H // Hkv) (GQA / MQA). Head dims D
-and Dv are compile-time constants, so the padding masks vanish when they are powers of 2. An optional
-mask is read through strides broadcast to (B, H, L, S) (stride 0 on broadcast dims), so a
-key-padding mask (B, 1, 1, S) is never expanded. Key j is visible to query i when
-j <= i + DIAG under CAUSAL (DIAG = 0: PyTorch's top-left alignment). Scores are kept in
-the log2 domain: s = q.k * scale * log2(e) (+ float mask * log2(e)).
+Dense layouts are 4-D with arbitrary strides: Q (B, H, L, D), K (B, Hkv, S, D),
+V (B, Hkv, S, Dv), O (B, H, L, Dv). Varlen (VARLEN) layouts are packed (total, heads, dim)
+with sequence b at rows cu_seqlens[b]:cu_seqlens[b + 1]; the batch stride is then 0 and
+the sequence lengths are read per program. Query head h reads key/value head
+h // (H // Hkv) (GQA / MQA). Head dims D and Dv are compile-time constants, so the
+padding masks vanish when they are powers of 2.
+
+Visibility of key j to query i: CAUSAL: j <= i + diag; WINDOW: i + diag - left <= j <=
+i + diag + right. diag is 0 for dense calls (PyTorch's top-left alignment) and S - L
+per sequence for varlen calls (flash-attn's bottom-right alignment). An optional mask is
+read through strides broadcast to (B, H, L, S) (stride 0 on broadcast dims), so a
+key-padding mask (B, 1, 1, S) is never expanded. Scores are kept in the log2 domain:
+s = q.k * scale * log2(e) (+ float mask * log2(e)). LSE and the backward's delta live
+at LSE[b * slb + h * slh + row].
 """
 from __future__ import annotations
 
@@ -24,13 +31,16 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, mask_ptrs,
-            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mask_ptrs,
+            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores in the log2 domain, -inf where a key is not visible."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     visible = (offs_m[:, None] < L) & (offs_n[None, :] < S)
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+    if WINDOW:
+        visible = visible & (offs_n[None, :] >= offs_m[:, None] + (diag - win_left)) & \
+            (offs_n[None, :] <= offs_m[:, None] + (diag + win_right))
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=visible, other=0)
         visible = visible & (keep != 0)
@@ -40,33 +50,67 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, mask_ptrs,
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
+    """(first query row, first key row, L, S, diag) of sequence b."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        L = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        S = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        diag = S - L
+        return q0, k0, L, S, diag
+    return b * 0, b * 0, L, S, diag
+
+
+@triton.jit
+def _key_range(start_m, L, S, diag, win_left, win_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the key blocks that queries start_m .. start_m + BLOCK_M - 1 may see."""
+    lo = start_m * 0
+    hi = S + start_m * 0
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + diag, 0))
+    if WINDOW:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + diag + win_right, 0))
+        lo = tl.maximum(start_m + diag - win_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.where(start_m < L, hi, lo)  # a block past the sequence's end sees nothing
+    return lo, hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O,            # (B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, Dv), (B, H, L, Dv)
-    LSE,                   # (B, H, L) fp32, contiguous: log2-domain log-sum-exp of each row
+    Q, K, V, O,            # (B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, Dv), (B, H, L, Dv) or packed
+    LSE,                   # fp32 log2-domain log-sum-exp of each query row, at b * slb + h * slh + row
     MASK,                  # mask broadcast to (B, H, L, S) through strides, or unused
+    CU_Q, CU_K,            # (B + 1,) int32 sequence starts (VARLEN), or unused
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    smb, smh, smm, smn,
-    H, L, S, GROUP, diag, qk_scale,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    smb, smh, smm, smn, slb, slh,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # Tile bases are int64 (pointer increments); offsets inside a tile are int32.
+    # Tile bases are int64; offsets inside a tile are int32.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    m0 = pid_m.to(tl.int64) * BLOCK_M
+    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
+    start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + rows
+    offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    m0 = q0 + start_m
     q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
-    MASK += b * smb + h * smh + m0 * smm
+    lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    n_base = k0 + lo
+    K += b * skb + hk * skh + n_base * skn
+    V += b * svb + hk * svh + n_base * svn
+    MASK += b * smb + h * smh + start_m.to(tl.int64) * smm + lo.to(tl.int64) * smn
     k_offs = cols[:, None] * skn + offs_d[None, :] * skd
     v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
     mask_offs = rows[:, None] * smm + cols[None, :] * smn
@@ -74,13 +118,11 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    hi = S
-    if CAUSAL:  # causal block skipping: keys past the block's last visible one
-        hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + diag, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + cols
         k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, MASK + mask_offs, CAUSAL, MASK_KIND, PRECISION)
+        s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
+                    CAUSAL, WINDOW, MASK_KIND, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp2(s - m_ref[:, None])
@@ -96,43 +138,47 @@ def _attn_fwd_kernel(
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
-    tl.store(LSE + (b * H + h) * L + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)
+    tl.store(LSE + b * slb + h * slh + q0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO,                 # (B, H, L, Dv) each, strides s*o / s*do
-    DELTA,                 # (B, H, L) fp32, contiguous: rowsum(dO * O)
-    sob, soh, som, sod, sdb, sdh, sdm, sdd,
+    O, DO,                 # as O of the forward, strides s*o / s*do
+    DELTA,                 # fp32 rowsum(dO * O), laid out as the forward's LSE
+    CU_Q,
+    sob, soh, som, sod, sdb, sdh, sdm, sdd, slb, slh,
     H, L,
-    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DV: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    m0 = pid_m.to(tl.int64) * BLOCK_M
+    q0, _, L, _, _ = _sequence(CU_Q, CU_Q, b, L, L, 0, VARLEN)
+    start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + rows
+    offs_m = start_m + rows
     offs_dv = tl.arange(0, BLOCK_DV)
+    m0 = q0 + start_m
     mask = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
     o = tl.load(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + m0 * sdm + rows[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + (b * H + h) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+    tl.store(DELTA + b * slb + h * slh + q0 + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_,  # Q, dO as in the forward (DO strides sdo*); DK (B, Hkv, S, D), DV_ (B, Hkv, S, Dv)
-    LSE, DELTA,            # (B, H, L) fp32, contiguous
-    MASK,
+    Q, K, V, DO, DK, DV_,  # Q, dO as in the forward (DO strides sdo*); DK, DV_ as K, V
+    LSE, DELTA,            # fp32, laid out as the forward's LSE
+    MASK, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    smb, smh, smm, smn,
-    H, L, S, GROUP, diag, qk_scale, sm_scale,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    smb, smh, smm, smn, slb, slh,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads."""
@@ -141,40 +187,44 @@ def _attn_bwd_dkdv_kernel(
     hkv = H // GROUP
     b = (bhk // hkv).to(tl.int64)
     hk = (bhk % hkv).to(tl.int64)
-    n0 = pid_n.to(tl.int64) * BLOCK_N
+    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
+    start_n = pid_n * BLOCK_N
     cols = tl.arange(0, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + cols
+    offs_n = start_n + cols
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    n0 = k0 + start_n
     k = tl.load(K + b * skb + hk * skh + n0 * skn + cols[:, None] * skn + offs_d[None, :] * skd,
                 mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b * svb + hk * svh + n0 * svn + cols[:, None] * svn + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # [lo, hi): the query blocks that may see this key block.
+    lo = start_n * 0
+    hi = L + start_n * 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+    if WINDOW:
+        lo = tl.maximum(lo, tl.maximum(start_n - diag - win_right, 0) // BLOCK_M * BLOCK_M)
+        hi = tl.minimum(hi, tl.maximum(start_n + BLOCK_N - diag + win_left, 0))
+    hi = tl.where(start_n < S, hi, lo)
     q_offs = rows[:, None] * sqm + offs_d[None, :] * sqd
     do_offs = rows[:, None] * sdom + offs_dv[None, :] * sdod
     mask_offs = rows[:, None] * smm + cols[None, :] * smn
-    lo = 0
-    if CAUSAL:  # queries before the first one that sees this block see none of it
-        lo = tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M * BLOCK_M
+    lo64 = lo.to(tl.int64)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
-        mask_base = MASK + b * smb + h * smh + n0 * smn
-        if CAUSAL:
-            lo64 = lo.to(tl.int64)
-            q_base += lo64 * sqm
-            do_base += lo64 * sdom
-            mask_base += lo64 * smm
-        row_base = (b * H + h) * L
-        for start_m in range(lo, L, BLOCK_M):
+        q_base = Q + b * sqb + h * sqh + (q0 + lo64) * sqm
+        do_base = DO + b * sdob + h * sdoh + (q0 + lo64) * sdom
+        mask_base = MASK + b * smb + h * smh + start_n.to(tl.int64) * smn + lo64 * smm
+        row_base = b * slb + h * slh + q0
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + rows
             q = tl.load(q_base + q_offs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, mask_base + mask_offs, CAUSAL, MASK_KIND,
-                        PRECISION)
+            s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mask_base + mask_offs,
+                        CAUSAL, WINDOW, MASK_KIND, PRECISION)
             lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
             lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
             p = tl.exp2(s - lse[:, None])
@@ -196,13 +246,14 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ,       # DQ (B, H, L, D)
-    LSE, DELTA, MASK,
+    Q, K, V, DO, DQ,       # DQ as Q
+    LSE, DELTA, MASK, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
-    smb, smh, smm, smn,
-    H, L, S, GROUP, diag, qk_scale, sm_scale,
-    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    smb, smh, smm, smn, slb, slh,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
@@ -211,35 +262,37 @@ def _attn_bwd_dq_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    m0 = pid_m.to(tl.int64) * BLOCK_M
+    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
+    start_m = pid_m * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + rows
+    offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
+    m0 = q0 + start_m
     q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + m0 * sdom + rows[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + (b * H + h) * L + offs_m, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + q0 + offs_m, mask=row_mask, other=0.0)
     lse = tl.where(lse == -float("inf"), float("inf"), lse)
-    delta = tl.load(DELTA + (b * H + h) * L + offs_m, mask=row_mask, other=0.0)
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
-    MASK += b * smb + h * smh + m0 * smm
+    delta = tl.load(DELTA + b * slb + h * slh + q0 + offs_m, mask=row_mask, other=0.0)
+    lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    n_base = k0 + lo
+    K += b * skb + hk * skh + n_base * skn
+    V += b * svb + hk * svh + n_base * svn
+    MASK += b * smb + h * smh + start_m.to(tl.int64) * smm + lo.to(tl.int64) * smn
     k_offs = cols[:, None] * skn + offs_d[None, :] * skd
     v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
     mask_offs = rows[:, None] * smm + cols[None, :] * smn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, tl.maximum((pid_m + 1) * BLOCK_M + diag, 0))
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + cols
         k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, qk_scale, MASK + mask_offs, CAUSAL, MASK_KIND, PRECISION)
+        s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
+                    CAUSAL, WINDOW, MASK_KIND, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -299,55 +352,101 @@ def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
     return mask, tuple(mask.stride()), kind
 
 
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-             causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Write attention of q (B, H, L, D) over k (B, Hkv, S, D), v (B, Hkv, S, Dv) into
-    ``out`` (B, H, L, Dv) and the log2-domain log-sum-exp into ``lse`` (B, H, L) fp32.
+UNBOUNDED = 1 << 30  # a window side of -1
 
-    ``mask`` is None or a bool / float tensor expanded (as a view) to (B, H, L, S).
+
+@dataclass(frozen=True)
+class Problem:
+    """What the kernels need besides the tensors: sizes, layout and visibility rules.
+
+    Dense: tensors (B, H, seq, dim). Varlen: packed (total, H, dim), ``cu_q`` / ``cu_k`` the
+    (B + 1,) int32 sequence starts, ``l`` / ``s`` the longest query / key sequence.
     """
-    b, h, l, d = q.shape
-    _, hkv, s, dv = v.shape
-    if out.numel() == 0:
+    batch: int
+    heads: int
+    kv_heads: int
+    l: int
+    s: int
+    d: int
+    dv: int
+    causal: bool
+    scale: float
+    window: tuple[int, int] = (-1, -1)
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int, int]:
+        """(batch, head, row, dim) strides of q, k, v, o or their gradients."""
+        if self.varlen:
+            return (0, t.stride(1), t.stride(0), t.stride(2))
+        return tuple(t.stride())
+
+    def row_stat_strides(self, stat: torch.Tensor) -> tuple[int, int]:
+        """(batch, head) strides of the LSE / delta: (B, H, L) dense, (H, total) varlen."""
+        return (0, stat.stride(0)) if self.varlen else (stat.stride(0), stat.stride(1))
+
+    def scalars(self) -> tuple:
+        left, right = (UNBOUNDED if w < 0 else w for w in self.window)
+        return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E)
+
+    def flags(self, q: torch.Tensor, mask_kind: int) -> dict:
+        return dict(D=self.d, DV=self.dv, CAUSAL=self.causal, WINDOW=self.window != (-1, -1),
+                    VARLEN=self.varlen, MASK_KIND=mask_kind, PRECISION=_precision(q.dtype),
+                    BLOCK_D=head_block(self.d), BLOCK_DV=head_block(self.dv))
+
+    def cu(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.cu_q, self.cu_k) if self.varlen else (q, q)
+
+
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+             problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Write attention of q over k, v into ``out`` and the log2-domain log-sum-exp of each
+    query row into ``lse`` ((B, H, L) dense, (H, total_q) varlen; fp32).
+
+    ``mask`` is None or a bool / float tensor expanded (as a view) to (B, H, L, S); dense only.
+    """
+    p = problem
+    if out.numel() == 0 or p.l == 0:
         return
-    cfg = fwd_config(d, dv, q.device)
+    cfg = fwd_config(p.d, p.dv, q.device)
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    grid = (triton.cdiv(l, cfg.block_m), b * h)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask_ptr, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *mask_strides, h, l, s, h // hkv, 0, scale * LOG2E,
-        D=d, DV=dv, CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_block(d), BLOCK_DV=head_block(dv),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _attn_fwd_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
+        q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
+        *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, scale: float,
+             lse: torch.Tensor, mask: Optional[torch.Tensor], problem: Problem,
              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Write the gradients of :func:`attn_fwd` into dq, dk, dv (shapes of q, k, v)."""
-    b, h, l, d = q.shape
-    _, hkv, s, dvh = v.shape
+    p = problem
     if dq.numel() + dk.numel() + dv.numel() == 0:
         return
-    if l == 0 or b * h == 0:  # nothing attends: every gradient is zero
+    if p.l == 0 or p.batch * p.heads == 0:  # nothing attends: every gradient is zero
         for t in (dq, dk, dv):
             t.zero_()
         return
-    cfg = bwd_config(d, dvh, q.device)
-    delta = torch.empty((b, h, l), device=q.device, dtype=torch.float32)
-    block_dv = head_block(dvh)
-    _attn_bwd_delta_kernel[(triton.cdiv(l, cfg.block_m), b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, l,
-        DV=dvh, BLOCK_M=cfg.block_m, BLOCK_DV=block_dv, num_warps=4)
+    cfg = bwd_config(p.d, p.dv, q.device)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
+        out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
+        DV=p.dv, VARLEN=p.varlen, BLOCK_M=cfg.block_m, BLOCK_DV=head_block(p.dv), num_warps=4)
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    common = dict(D=d, DV=dvh, CAUSAL=causal, MASK_KIND=kind, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_D=head_block(d), BLOCK_DV=block_dv,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    scalars = (h, l, s, h // hkv, 0, scale * LOG2E, scale)
-    if s > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg.block_n), b * hkv)](
-            q, k, v, do, dk, dv, lse, delta, mask_ptr, *q.stride(), *k.stride(), *v.stride(),
-            *do.stride(), *dk.stride(), *dv.stride(), *mask_strides, *scalars, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(l, cfg.block_m), b * h)](
-        q, k, v, do, dq, lse, delta, mask_ptr, *q.stride(), *k.stride(), *v.stride(),
-        *do.stride(), *dq.stride(), *mask_strides, *scalars, **common)
+    launch = dict(p.flags(q, kind), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
+    if p.s > 0:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(p.s, cfg.block_n), p.batch * p.kv_heads)](
+            q, k, v, do, dk, dv, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
+            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **launch)
+    else:
+        dk.zero_()
+        dv.zero_()
+    _attn_bwd_dq_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
+        q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
+        *p.strides(do), *p.strides(dq), *tail, **launch)

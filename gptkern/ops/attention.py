@@ -25,8 +25,16 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     out = torch.empty((b, h, l, v.shape[-1]), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, l), device=q.device, dtype=torch.float32)
     with device_guard(q):
-        attn_fwd(q, k, v, mask, causal, scale, out, lse)
+        attn_fwd(q, k, v, mask, _dense_problem(q, k, v, causal, scale), out, lse)
     return out, lse
+
+
+def _dense_problem(q, k, v, causal, scale):
+    from gptkern.kernels.attention import Problem
+
+    b, h, l, d = q.shape
+    return Problem(batch=b, heads=h, kv_heads=k.shape[1], l=l, s=k.shape[2], d=d, dv=v.shape[-1],
+                   causal=causal, scale=scale)
 
 
 @triton_attention.register_fake
@@ -43,7 +51,7 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     with device_guard(q):
-        attn_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
+        attn_bwd(grad_out, q, k, v, out, lse, mask, _dense_problem(q, k, v, causal, scale), dq, dk, dv)
     return dq, dk, dv
 
 
@@ -200,3 +208,204 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return out.reshape(out_shape)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen: packed (total, heads, dim) sequences, flash-attn's interface and alignment.
+
+
+def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
+    from gptkern.kernels.attention import Problem
+
+    return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=max_q, s=max_k,
+                   d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
+                   cu_q=cu_q, cu_k=cu_k)
+
+
+@torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())
+def triton_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                            scale: float, window_left: int, window_right: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv). Returns out (total_q, H, Dv)
+    and the log2-domain LSE (H, total_q) fp32."""
+    from gptkern.kernels.attention import attn_fwd
+
+    out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), device=q.device, dtype=q.dtype)
+    lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+    problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                              (window_left, window_right))
+    with device_guard(q):
+        attn_fwd(q, k, v, None, problem, out, lse)
+    return out, lse
+
+
+@triton_attention_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
+      window_right):
+    return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("gptkern::triton_attention_varlen_backward", mutates_args=())
+def triton_attention_varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                     causal: bool, scale: float, window_left: int, window_right: int
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gptkern.kernels.attention import attn_bwd
+
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                              (window_left, window_right))
+    with device_guard(q):
+        attn_bwd(grad_out, q, k, v, out, lse, None, problem, dq, dk, dv)
+    return dq, dk, dv
+
+
+@triton_attention_varlen_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      window_left, window_right):
+    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale, left, right)
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptkern.triton_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k,
+                                                                    *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+triton_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def varlen_visibility(l: int, s: int, causal: bool, window: tuple[int, int], device) -> Optional[torch.Tensor]:
+    """(l, s) bool mask, True = key visible, with flash-attn's bottom-right alignment; None if all visible."""
+    if not causal and window == (-1, -1):
+        return None
+    i = torch.arange(l, device=device)[:, None] + (s - l)
+    j = torch.arange(s, device=device)[None, :]
+    visible = torch.ones(l, s, dtype=torch.bool, device=device)
+    left, right = window
+    if causal:
+        visible &= j <= i
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    return visible
+
+
+def _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window):
+    """The reference: F.scaled_dot_product_attention on each sequence (rows that see nothing give 0)."""
+    outs = []
+    for (q0, q1), (k0, k1) in zip(bounds_q, bounds_k):
+        qb, kb, vb = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
+        mask = varlen_visibility(q1 - q0, k1 - k0, causal, window, q.device)
+        if k1 == k0:
+            out = qb.new_zeros(qb.shape[0], q1 - q0, vb.shape[-1])
+        else:
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                                 enable_gqa=qb.shape[0] != kb.shape[0])
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[-1])
+
+
+def _check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int, tensor_name: str,
+                      device: torch.device) -> list[tuple[int, int]]:
+    check_tensor(cu, name)
+    if cu.dim() != 1 or cu.numel() < 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError(f"{name} must be a 1-D int32 tensor of batch + 1 offsets, got {cu.dtype} "
+                           f"{list(cu.shape)}")
+    if cu.device != device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{device} (q) and {cu.device} ({name})")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise RuntimeError(f"{name} must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise RuntimeError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise RuntimeError(f"{name} ends at {values[-1]} but {tensor_name} has {total} rows")
+    longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+    if longest > max_seqlen:
+        raise RuntimeError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} rows")
+    return list(zip(values, values[1:]))
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                      causal: bool = False, scale: Optional[float] = None,
+                      window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """Attention over packed variable-length sequences; no attention crosses a sequence boundary.
+
+    Args:
+        q: (total_q, H, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv), H a multiple of Hkv.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of each sequence, starting at 0.
+        max_seqlen_q, max_seqlen_k: the longest sequence of each.
+        dropout_p: dropout on the attention weights (served by the torch backend for now).
+        causal: query i of a sequence sees key j when j <= i + S - L (bottom-right aligned, as
+            flash-attn).
+        scale: defaults to 1 / sqrt(D).
+        window_size: (left, right) sliding window, -1 for unbounded: key j is visible when
+            i + S - L - left <= j <= i + S - L + right.
+    Returns:
+        (total_q, H, Dv) in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name)
+        if t.dim() != 3:
+            raise RuntimeError(f"flash_attn_varlen: {name} must be (total, heads, dim), got {list(t.shape)}")
+        if t.device != q.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{q.device} (q) and {t.device} ({name})")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise RuntimeError(f"flash_attn_varlen: q, k and v must share one floating-point dtype, got {q.dtype}, "
+                           f"{k.dtype}, {v.dtype}")
+    if k.shape[2] != q.shape[2] or k.shape[:2] != v.shape[:2]:
+        raise RuntimeError(f"flash_attn_varlen: shapes do not match: q {list(q.shape)}, k {list(k.shape)}, "
+                           f"v {list(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise RuntimeError(f"flash_attn_varlen: the {q.shape[1]} query heads must be a multiple of the "
+                           f"{k.shape[1]} key/value heads")
+    if not 0.0 <= dropout_p < 1.0:
+        raise RuntimeError(f"dropout probability has to be in [0, 1), but got dropout_p={dropout_p}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1, got {window_size!r}")
+    window = (int(window_size[0]), int(window_size[1]))
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise RuntimeError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                           f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # reading the offsets needs their values: skipped while tracing
+        bounds_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "q", q.device)
+        bounds_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "k", q.device)
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    def triton_support():
+        if q.dtype not in TRITON_DTYPES:
+            return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+        if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+            return f"head dims above {MAX_HEAD_DIM}"
+        if dropout_p > 0.0:
+            return "dropout_p > 0"
+        return None
+
+    name = _backend.choose("flash_attn_varlen", q.device, {"triton": triton_support, "torch": lambda: None})
+    if name == "triton":
+        out, _ = torch.ops.gptkern.triton_attention_varlen(
+            q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+            int(max_seqlen_k), bool(causal), scale_value, *window)
+        return out
+    if compiling:
+        raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
+                                  "be traced by torch.compile; use the triton backend")
+    return _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)
