@@ -131,16 +131,12 @@ def test_matches_torch_sdpa_directly():
 def test_triton_unsupported_configs_raise_and_auto_falls_back():
     q, k, v = rand(1, 2, 8, 16), rand(1, 2, 8, 16), rand(1, 2, 8, 16)
     with gptkern.backend("triton"):
-        with pytest.raises(NotImplementedError, match="dropout"):
-            sdpa(q, k, v, dropout_p=0.5)
         with pytest.raises(NotImplementedError, match="float64"):
             sdpa(q.double(), k.double(), v.double())
         with pytest.raises(NotImplementedError, match="head dims"):
             sdpa(rand(1, 1, 4, 272), rand(1, 1, 4, 272), rand(1, 1, 4, 272))
-    torch.manual_seed(0)
-    out = sdpa(q, k, v, dropout_p=0.5)  # auto: served by torch
-    torch.manual_seed(0)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    out = sdpa(q.double(), k.double(), v.double())  # auto: served by torch
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,11 +169,11 @@ def test_opcheck_and_compile():
     q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
     mask = (torch.rand(1, 1, 1, 20, device=DEVICE) > 0.2).expand(1, 2, 20, 20)
     for m, causal in ((None, True), (mask, False)):
-        torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, m, causal, 0.25))
-    out, lse = torch.ops.gptkern.triton_attention(q.detach(), k.detach(), v.detach(), None, True, 0.25)
+        torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, m, causal, 0.25, 0.0))
+    out, lse, seed = torch.ops.gptkern.triton_attention(q.detach(), k.detach(), v.detach(), None, True, 0.25, 0.0)
     torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, True,
-                           0.25))
+                           0.25, 0.0, seed))
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: sdpa(q, k, v, is_causal=True), fullgraph=True)
     with gptkern.backend("triton"):
@@ -231,3 +227,54 @@ def test_no_l_by_s_tensor_is_allocated():
         for name, fn in originals.items():
             setattr(torch, name, fn)
     assert sizes and max(sizes) <= l * 16 and max(sizes) < l * s
+
+
+def _dropout_factors(q, k, p, seed, **kw):
+    """The kernel's dropout factors Z (0 or 1/(1-p)) for q, k under ``seed``: run it with V = I."""
+    s = k.shape[-2]
+    eye = torch.eye(s, device=DEVICE, dtype=q.dtype).expand(*k.shape[:-1], s)
+    torch.manual_seed(seed)
+    with gptkern.backend("triton"):
+        weights = sdpa(q, k, eye, dropout_p=p, **kw)  # = softmax(...) * Z
+    probs = reference(q, k, eye, **kw)
+    return weights.double() / probs.clamp_min(1e-30), probs
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_statistics_and_gradients(causal):
+    p = 0.3
+    q, k, v = rand(1, 2, 48, 16), rand(1, 2, 80, 16), rand(1, 2, 80, 24)
+    z, probs = _dropout_factors(q, k, p, seed=7, is_causal=causal)
+    visible = probs > 0
+    kept = z[visible]
+    assert torch.all((kept.abs() < 1e-4) | ((kept - 1 / (1 - p)).abs() < 1e-3))
+    dropped = (kept.abs() < 1e-4).double().mean().item()
+    assert abs(dropped - p) < 0.03, dropped
+    # Same seed: the same mask, in the forward with real values and in the backward.
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    torch.manual_seed(7)
+    with gptkern.backend("triton"):
+        out = sdpa(q, k, v, dropout_p=p, is_causal=causal)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    weights = torch.softmax((leaves[0] @ leaves[1].transpose(-1, -2)) / 4.0
+                            + torch.zeros(48, 80, dtype=torch.float64, device=DEVICE).masked_fill(
+                                ~visible[0, 0], float("-inf")), -1)
+    ref = (weights * z.round(decimals=4)) @ leaves[2]
+    assert_close(out, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_dropout_reproducible_under_manual_seed():
+    q, k, v = rand(2, 2, 33, 16), rand(2, 2, 33, 16), rand(2, 2, 33, 16)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        with gptkern.backend("triton"):
+            outs.append(sdpa(q, k, v, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])

@@ -131,10 +131,26 @@ def test_opcheck_and_compile():
     q, k, v = (torch.randn(30, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     cu = offsets([10, 0, 20])
     torch.library.opcheck(torch.ops.gptkern.triton_attention_varlen.default,
-                          (q, k, v, cu, cu, 20, 20, True, 0.25, 4, -1))
+                          (q, k, v, cu, cu, 20, 20, True, 0.25, 4, -1, 0.0))
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: varlen(q, k, v, cu, cu, 20, 20, causal=True), fullgraph=True)
     with gptkern.backend("triton"):
         out = f(q, k, v)
     torch.testing.assert_close(out, reference(q, k, v, [10, 0, 20], [10, 0, 20], True, (-1, -1)).float(),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_dropout_reproducible_and_p_zero_exact():
+    q, k, v = (torch.randn(40, 2, 16, device=DEVICE) for _ in range(3))
+    cu = offsets([15, 25])
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        with gptkern.backend("triton"):
+            outs.append(varlen(q, k, v, cu, cu, 25, 25, dropout_p=0.4, causal=True))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    with gptkern.backend("triton"):
+        plain = varlen(q, k, v, cu, cu, 25, 25, causal=True)
+    # Dropout rescales the kept weights: the expectation over masks is the plain output.
+    assert (outs[0] - plain).abs().mean() < plain.abs().mean()

@@ -50,6 +50,16 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mas
 
 
 @triton.jit
+def _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep):
+    """(BLOCK_M, BLOCK_N) factor: 0 for a dropped weight, 1 / (1 - p) for a kept one. Philox
+    counters (key j, query i, batch-head, 0) make it reproducible from the seed alone."""
+    zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
+    r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
+    keep = (r >> 1).to(tl.int32, bitcast=True) >= threshold
+    return tl.where(keep, inv_keep, 0.0)
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
     """(first query row, first key row, L, S, diag) of sequence b."""
     if VARLEN:
@@ -85,9 +95,9 @@ def _attn_fwd_kernel(
     CU_Q, CU_K,            # (B + 1,) int32 sequence starts (VARLEN), or unused
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Tile bases are int64; offsets inside a tile are int32.
@@ -128,6 +138,8 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normalizer counts every weight; only the weighted sum is dropped
+            p = p * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
         v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -176,9 +188,9 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale, sm_scale,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads."""
@@ -229,8 +241,13 @@ def _attn_bwd_dkdv_kernel(
             lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
             p = tl.exp2(s - lse[:, None])
             do = tl.load(do_base + do_offs, mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                z = _dropout_scale(seed, (b * H + h).to(tl.int32), offs_m, offs_n, threshold, inv_keep)
+                dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=PRECISION)
+                dp = dp * z
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -251,9 +268,9 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale, sm_scale,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
@@ -295,6 +312,8 @@ def _attn_bwd_dq_kernel(
                     CAUSAL, WINDOW, MASK_KIND, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         K += BLOCK_N * skn
@@ -374,6 +393,8 @@ class Problem:
     window: tuple[int, int] = (-1, -1)
     cu_q: Optional[torch.Tensor] = None
     cu_k: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    seed: int = 0
 
     @property
     def varlen(self) -> bool:
@@ -391,11 +412,16 @@ class Problem:
 
     def scalars(self) -> tuple:
         left, right = (UNBOUNDED if w < 0 else w for w in self.window)
-        return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E)
+        # Dropout drops a weight when its 31-bit Philox draw is below p * 2**31.
+        threshold = min(int(self.dropout_p * 2**31), 2**31 - 1)
+        inv_keep = 1.0 / (1.0 - self.dropout_p)
+        return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E,
+                self.seed, threshold, inv_keep)
 
     def flags(self, q: torch.Tensor, mask_kind: int) -> dict:
         return dict(D=self.d, DV=self.dv, CAUSAL=self.causal, WINDOW=self.window != (-1, -1),
-                    VARLEN=self.varlen, MASK_KIND=mask_kind, PRECISION=_precision(q.dtype),
+                    VARLEN=self.varlen, MASK_KIND=mask_kind, DROPOUT=self.dropout_p > 0.0,
+                    PRECISION=_precision(q.dtype),
                     BLOCK_D=head_block(self.d), BLOCK_DV=head_block(self.dv))
 
     def cu(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

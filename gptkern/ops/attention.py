@@ -14,64 +14,75 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+def draw_seed() -> torch.Tensor:
+    """A dropout seed from torch's default generator: reproducible under torch.manual_seed."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
 @torch.library.custom_op("gptkern::triton_attention", mutates_args=())
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or (B, H, L, S) (a
-    broadcast view). Returns out (B, H, L, Dv) and the log2-domain LSE (B, H, L) fp32."""
+                     causal: bool, scale: float, dropout_p: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or (B, H, L, S) (a broadcast
+    view). Returns out (B, H, L, Dv), the log2-domain LSE (B, H, L) fp32 and the dropout seed
+    (1,) int64 (CPU) that the backward regenerates the dropout mask from."""
     from gptkern.kernels.attention import attn_fwd
 
     b, h, l, _ = q.shape
     out = torch.empty((b, h, l, v.shape[-1]), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, l), device=q.device, dtype=torch.float32)
+    seed = draw_seed() if dropout_p > 0 else torch.zeros(1, dtype=torch.int64)
     with device_guard(q):
-        attn_fwd(q, k, v, mask, _dense_problem(q, k, v, causal, scale), out, lse)
-    return out, lse
+        attn_fwd(q, k, v, mask, _dense_problem(q, k, v, causal, scale, dropout_p, seed), out, lse)
+    return out, lse, seed
 
 
-def _dense_problem(q, k, v, causal, scale):
+def _dense_problem(q, k, v, causal, scale, dropout_p, seed):
     from gptkern.kernels.attention import Problem
 
     b, h, l, d = q.shape
     return Problem(batch=b, heads=h, kv_heads=k.shape[1], l=l, s=k.shape[2], d=d, dv=v.shape[-1],
-                   causal=causal, scale=scale)
+                   causal=causal, scale=scale, dropout_p=dropout_p, seed=int(seed.item()))
 
 
 @triton_attention.register_fake
-def _(q, k, v, mask, causal, scale):
+def _(q, k, v, mask, causal, scale, dropout_p):
     b, h, l, _ = q.shape
-    return q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32)
+    return (q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32),
+            torch.empty(1, dtype=torch.int64))
 
 
 @torch.library.custom_op("gptkern::triton_attention_backward", mutates_args=())
 def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
-                              causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              causal: bool, scale: float, dropout_p: float, seed: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkern.kernels.attention import attn_bwd
 
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    problem = _dense_problem(q, k, v, causal, scale, dropout_p, seed)
     with device_guard(q):
-        attn_bwd(grad_out, q, k, v, out, lse, mask, _dense_problem(q, k, v, causal, scale), dq, dk, dv)
+        attn_bwd(grad_out, q, k, v, out, lse, mask, problem, dq, dk, dv)
     return dq, dk, dv
 
 
 @triton_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask, causal, scale):
+def _(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed):
     return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.causal, ctx.scale = causal, scale
+    q, k, v, mask, causal, scale, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.gptkern.triton_attention_backward(
-        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None
 
 
 triton_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -176,7 +187,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Args:
         query: (..., Hq, L, E); key: (..., H, S, E); value: (..., H, S, Ev).
         attn_mask: bool (True = attend) or additive float mask broadcastable to (..., Hq, L, S).
-        dropout_p: dropout on the attention weights (served by the torch backend for now).
+        dropout_p: dropout on the attention weights, inside the kernel (Philox, seeded from torch's
+            generator: reproducible under torch.manual_seed; the backward regenerates the mask).
+            The random stream differs from torch's own, so outputs agree in distribution only.
         is_causal: PyTorch's top-left-aligned causal mask (query i sees keys j <= i).
         scale: defaults to 1 / sqrt(E).
         enable_gqa: allow Hq to be a multiple of H (grouped-query attention).
@@ -192,8 +205,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             return f"dtype {query.dtype} (supported: float16, bfloat16, float32)"
         if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
             return f"head dims above {MAX_HEAD_DIM}"
-        if dropout_p > 0.0:
-            return "dropout_p > 0"
         if attn_mask is not None and is_causal:
             return "attn_mask together with is_causal"
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
@@ -204,7 +215,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                            {"triton": triton_support, "torch": lambda: None})
     if name == "triton":
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value)
+        out, _, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
+                                                       float(dropout_p))
         return out.reshape(out_shape)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -214,50 +226,52 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 # Varlen: packed (total, heads, dim) sequences, flash-attn's interface and alignment.
 
 
-def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
+def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dropout_p, seed):
     from gptkern.kernels.attention import Problem
 
     return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=max_q, s=max_k,
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
-                   cu_q=cu_q, cu_k=cu_k)
+                   cu_q=cu_q, cu_k=cu_k, dropout_p=dropout_p, seed=int(seed.item()))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())
 def triton_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                            scale: float, window_left: int, window_right: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv). Returns out (total_q, H, Dv)
-    and the log2-domain LSE (H, total_q) fp32."""
+                            scale: float, window_left: int, window_right: int, dropout_p: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv). Returns out (total_q, H, Dv),
+    the log2-domain LSE (H, total_q) fp32 and the dropout seed (1,) int64."""
     from gptkern.kernels.attention import attn_fwd
 
     out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), device=q.device, dtype=q.dtype)
     lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+    seed = draw_seed() if dropout_p > 0 else torch.zeros(1, dtype=torch.int64)
     problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                              (window_left, window_right))
+                              (window_left, window_right), dropout_p, seed)
     with device_guard(q):
         attn_fwd(q, k, v, None, problem, out, lse)
-    return out, lse
+    return out, lse, seed
 
 
 @triton_attention_varlen.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-      window_right):
+      window_right, dropout_p):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), torch.empty(1, dtype=torch.int64))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen_backward", mutates_args=())
 def triton_attention_varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                                     causal: bool, scale: float, window_left: int, window_right: int
+                                     causal: bool, scale: float, window_left: int, window_right: int,
+                                     dropout_p: float, seed: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkern.kernels.attention import attn_bwd
 
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                              (window_left, window_right))
+                              (window_left, window_right), dropout_p, seed)
     with device_guard(q):
         attn_bwd(grad_out, q, k, v, out, lse, None, problem, dq, dk, dv)
     return dq, dk, dv
@@ -265,22 +279,22 @@ def triton_attention_varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k:
 
 @triton_attention_varlen_backward.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-      window_left, window_right):
+      window_left, window_right, dropout_p, seed):
     return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, left, right)
+    q, k, v, cu_q, cu_k, *args = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = args  # max_q, max_k, causal, scale, window_left, window_right, dropout_p
 
 
-def _varlen_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+def _varlen_backward(ctx, grad_out, _grad_lse, _grad_seed):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.gptkern.triton_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k,
-                                                                    *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                                                    *ctx.args, seed)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
 
 
 triton_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -350,7 +364,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         q: (total_q, H, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv), H a multiple of Hkv.
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of each sequence, starting at 0.
         max_seqlen_q, max_seqlen_k: the longest sequence of each.
-        dropout_p: dropout on the attention weights (served by the torch backend for now).
+        dropout_p: dropout on the attention weights (in the kernel, as in
+            :func:`scaled_dot_product_attention`).
         causal: query i of a sequence sees key j when j <= i + S - L (bottom-right aligned, as
             flash-attn).
         scale: defaults to 1 / sqrt(D).
@@ -395,15 +410,13 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             return f"head dims above {MAX_HEAD_DIM}"
-        if dropout_p > 0.0:
-            return "dropout_p > 0"
         return None
 
     name = _backend.choose("flash_attn_varlen", q.device, {"triton": triton_support, "torch": lambda: None})
     if name == "triton":
-        out, _ = torch.ops.gptkern.triton_attention_varlen(
+        out, _, _ = torch.ops.gptkern.triton_attention_varlen(
             q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
-            int(max_seqlen_k), bool(causal), scale_value, *window)
+            int(max_seqlen_k), bool(causal), scale_value, *window, float(dropout_p))
         return out
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
