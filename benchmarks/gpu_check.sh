@@ -26,7 +26,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=python3
-BUDGET_S=400            # the whole script; each step is also capped by its own limit
+BUDGET_S=410            # the whole script (+5 s kill grace, summary: < 7 min); each step is also capped by its own limit
 : > "$OUT/steps.tsv"
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout` (its limit, or the time left if less),
@@ -77,12 +77,14 @@ cat "$WORK/env.txt"
 step pytest 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
 step info 30 "$PY" -m gptkern info
 
-# ---- benchmarks: step bench_SUITE writes OUTDIR/SUITE.json and a table (later: attention)
+# ---- benchmarks: step bench_SUITE writes OUTDIR/SUITE.json and a table
 BENCH=(--mode all --shapes 8192x8192,4096x32768 --dtype bf16)
 step bench_softmax 100 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" \
   --out-json "$OUT/softmax.json" --out-md "$WORK/bench/softmax.md"
 step bench_norms 130 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
   --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
+step bench_attention 120 "$PY" benchmarks/bench_attention.py --quick \
+  --out-json "$OUT/attention.json" --out-md "$WORK/bench/attention.md"
 
 # ---- summary
 {

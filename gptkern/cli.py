@@ -52,6 +52,12 @@ def bench(argv: list[str]) -> int:
     return benchmark.main(argv)
 
 
+def bench_attention(argv: list[str]) -> int:
+    from gptkern import bench_attention as bench_attention_module
+
+    return bench_attention_module.main(argv)
+
+
 def demo(argv: list[str]) -> int:
     from gptkern import demo as demo_module
 
@@ -59,7 +65,8 @@ def demo(argv: list[str]) -> int:
 
 
 # Subcommands whose arguments go, unparsed, to another module's main.
-FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "demo": demo}
+FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "bench-attention": bench_attention,
+                                                    "demo": demo}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions, device and backends")
     sub.add_parser("bench", add_help=False,
                    help="time the kernels against PyTorch (gptkern bench -h for options)")
+    sub.add_parser("bench-attention", add_help=False,
+                   help="time attention against torch SDPA (gptkern bench-attention -h for options)")
     sub.add_parser("demo", add_help=False, help="run the main job (gptkern demo -h for options)")
     return parser
 

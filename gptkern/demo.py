@@ -1,5 +1,6 @@
-"""The main job (``make demo``, ``gptkern demo``): a correctness summary of every op on
-every backend that runs here, then the kernel benchmark table for this device.
+"""The main job (``make demo``, ``gptkern demo``): a correctness summary of every op
+(softmax, log_softmax, layer_norm, rms_norm, attention) on every backend that runs here,
+then the kernel benchmark table for this device.
 
 On a machine without CUDA the Triton kernels run in the Triton interpreter, so the
 summary covers them too (at small sizes); they are not timed there.
@@ -104,7 +105,50 @@ def correctness_summary(device: torch.device) -> bool:
                 ok &= passed
                 print(f"| {op} | {'x'.join(map(str, shape))} | {backend} | {str(dtype)[6:]} | "
                       f"{fwd:.2e} | {bwd:.2e} | {'ok' if passed else 'FAIL'} |")
+    ok &= _attention_summary(backends, dtypes, device)
     print()
+    return ok
+
+
+def check_attention(causal: bool, dtype: torch.dtype, backend: str, device: torch.device) -> tuple[float, float]:
+    """Max |error| of SDPA (GQA, L != S) forward and gradients against float64 math."""
+    import torch.nn.functional as F
+
+    import gptkern
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    shapes = [(2, 4, 40, 32), (2, 2, 56, 32), (2, 2, 56, 24)]
+    q, k, v = (torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in shapes)
+    with gptkern.backend(backend):
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        g = torch.randn(out.shape, generator=gen).to(device, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+    fwd = (out.double() - ref).abs().max().item()
+    bwd = max((a.double() - b).abs().max().item()
+              for a, b in zip(grads, torch.autograd.grad(ref, leaves, g.double())))
+    return fwd, bwd
+
+
+def _attention_summary(backends, dtypes, device) -> bool:
+    ok = True
+    for causal in (False, True):
+        for backend in backends:
+            for dtype in dtypes:
+                op = "sdpa causal" if causal else "sdpa"
+                try:
+                    fwd, bwd = check_attention(causal, dtype, backend, device)
+                except Exception as exc:  # report, keep going
+                    print(f"| {op} | gqa 4/2 heads, L=40, S=56 | {backend} | {str(dtype)[6:]} | error: "
+                          f"{type(exc).__name__}: {exc} | | FAIL |")
+                    ok = False
+                    continue
+                lim_f, lim_b = LIMITS[dtype]
+                passed = fwd <= lim_f and bwd <= lim_b
+                ok &= passed
+                print(f"| {op} | gqa 4/2 heads, L=40, S=56 | {backend} | {str(dtype)[6:]} | {fwd:.2e} | "
+                      f"{bwd:.2e} | {'ok' if passed else 'FAIL'} |")
     return ok
 
 

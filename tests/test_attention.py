@@ -278,3 +278,18 @@ def test_dropout_reproducible_under_manual_seed():
             outs.append(sdpa(q, k, v, dropout_p=0.5))
     assert torch.equal(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
+
+
+def test_cases_without_spill_free_gpu_config_are_routed_to_torch():
+    from gptkern.kernels import attention as kernels
+
+    assert kernels.unsupported(128, 128, False, kernels.PLAIN) is None
+    assert kernels.unsupported(256, 256, False, kernels.PLAIN) is None
+    assert "dropout" in kernels.unsupported(256, 256, False, kernels.DROPOUT)
+    assert "mask" in kernels.unsupported(256, 200, False, kernels.MASKED)
+    assert "float32" in kernels.unsupported(64, 64, True, kernels.DROPOUT)
+    for (fp32, weight), by_width in kernels._CONFIGS["fwd"].items():
+        for index, d in enumerate((64, 128, 256)):
+            # a case is either served everywhere or nowhere
+            served = [kernels._CONFIGS[k][(fp32, weight)][index] is not None for k in kernels._CONFIGS]
+            assert all(served) or not any(served), (fp32, weight, d)

@@ -8,6 +8,6 @@ def test_demo_correctness_summary():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "correctness: all ok" in out.stdout
-    for op in ("softmax", "log_softmax", "layer_norm", "rms_norm"):
+    for op in ("softmax", "log_softmax", "layer_norm", "rms_norm", "sdpa causal"):
         assert f"| {op} |" in out.stdout
     assert "| triton |" in out.stdout or "triton" not in out.stdout.split("backends here:")[1].split("\n")[0]

@@ -5,7 +5,10 @@ Configurations: each block size up to the kernel's fused limit (launch.py), for 
 launches (pointers, N and row strides multiples of 16, which Triton specializes on) up to
 the aligned limit and for unaligned ones up to the unaligned limit; each constexpr flag;
 fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's); int64 column
-offsets for strided softmax rows; frozen weights or biases in the norm backward. The compiles
+offsets for strided softmax rows; frozen weights or biases in the norm backward. Attention:
+every flag combination its launchers use (causal, masks, varlen, windows, dropout) at the
+configuration launch picks, for head dims 16, 64, 80 (padded), 128 and 256, fp16 and fp32
+(bf16 at 128). The compiles
 run in a subprocess because the tests run the kernels under the interpreter.
 """
 import json
@@ -24,7 +27,8 @@ if __name__ != "__main__":
 CUOBJDUMP_RE = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
 
 
-def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligned: bool) -> dict:
+def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligned: bool,
+                   num_stages: int = 3) -> dict:
     """Compile ``kernel`` for sm_90 and return cuobjdump's REG / STACK / SHARED / LOCAL of it.
 
     ``types`` gives every runtime argument's Triton type. With ``aligned``, pointers and
@@ -40,9 +44,10 @@ def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligne
     # to divide by 16, and they change no load's width.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and n not in constexprs and (types[n] == "i32" or types[n].startswith("*"))
-             and n not in ("n_rows", "rows_per_program", "G")}
+             and n not in ("n_rows", "rows_per_program", "G", "seed", "threshold")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -128,6 +133,58 @@ def norm_configs():
                    {"BLOCK_N": norms.SUM_ROWS_BLOCK}, 4, aligned)
 
 
+ATTN_HEAD_DIMS = (16, 64, 80, 128, 256)  # powers of two and one that is padded (80 -> 128)
+
+
+def attention_variants():
+    """The flag combinations the attention launchers can use (dense masks come without causal;
+    windows only in varlen)."""
+    for dropout in (False, True):
+        for causal in (False, True):
+            yield dict(CAUSAL=causal, WINDOW=False, VARLEN=False, MASK_KIND=0, DROPOUT=dropout)
+        for mask_kind in (1, 2):
+            yield dict(CAUSAL=False, WINDOW=False, VARLEN=False, MASK_KIND=mask_kind, DROPOUT=dropout)
+        for causal in (False, True):
+            for window in (False, True):
+                yield dict(CAUSAL=causal, WINDOW=window, VARLEN=True, MASK_KIND=0, DROPOUT=dropout)
+
+
+def attention_configs():
+    import torch
+
+    from gptkern.kernels import attention
+
+    kernels = (("fwd", attention._attn_fwd_kernel), ("dq", attention._attn_bwd_dq_kernel),
+               ("dkdv", attention._attn_bwd_dkdv_kernel))
+    for d in ATTN_HEAD_DIMS:
+        for dtype in ("fp16", "fp32") + (("bf16",) if d == 128 else ()):
+            for flags in attention_variants():
+                weight = (attention.DROPOUT if flags["DROPOUT"] else
+                          attention.MASKED if flags["MASK_KIND"] else attention.PLAIN)
+                if attention.unsupported(d, d, dtype == "fp32", weight):
+                    continue  # the launchers hand these to the torch backend
+                for name, kernel in kernels:
+                    cfg = attention.config(name, d, d, dtype == "fp32", weight, torch.device("cuda"))
+                    types = {n: "i32" for n in kernel.arg_names}
+                    types.update({n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ")
+                                  if n in types})
+                    types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
+                    types.update(CU_Q="*i32", CU_K="*i32", MASK="*i1" if flags["MASK_KIND"] == 1 else "*" + dtype,
+                                 qk_scale="fp32", inv_keep="fp32", seed="i64")
+                    if "sm_scale" in types:
+                        types["sm_scale"] = "fp32"
+                    constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                      BLOCK_D=attention.head_block(d), BLOCK_DV=attention.head_block(d),
+                                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                    yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
+            delta = attention._attn_bwd_delta_kernel
+            for varlen in (False, True):
+                types = {n: "i32" for n in delta.arg_names}
+                types.update(O="*" + dtype, DO="*" + dtype, DELTA="*fp32", CU_Q="*i32")
+                yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.DELTA_BLOCK_M,
+                                          BLOCK_DV=attention.head_block(d)), 4, True, 3)
+
+
 def spill_probe():
     from gptkern.kernels import softmax
 
@@ -170,6 +227,14 @@ def test_norm_kernels_compile_for_hopper_without_spills():
     assert_no_spills(results)
 
 
+@pytest.mark.slow
+def test_attention_kernels_compile_for_hopper_without_spills():
+    results = run_compiles("attention")
+    assert {r["kernel"] for r in results} == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
+                                              "_attn_bwd_delta_kernel"}
+    assert_no_spills(results)
+
+
 def test_resource_usage_reports_spills():
     """The check sees a spill: a 32K block kept live by one warp."""
     (result,) = run_compiles("spill-probe")
@@ -179,11 +244,12 @@ def test_resource_usage_reports_spills():
 
 
 def _main(which: str) -> None:
-    configs = {"softmax": softmax_configs, "norms": norm_configs, "spill-probe": spill_probe}[which]()
+    configs = {"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
+               "spill-probe": spill_probe}[which]()
 
     def one(config):
-        kernel, types, constexprs, warps, aligned = config
-        usage = resource_usage(kernel, types, constexprs, warps, aligned)
+        kernel, types, constexprs, warps, aligned, *stages = config
+        usage = resource_usage(kernel, types, constexprs, warps, aligned, *stages)
         return {"kernel": kernel.fn.__name__, "constexprs": constexprs, "warps": warps,
                 "aligned": aligned, "dtype": next(t for t in types.values() if t.startswith("*")),
                 "usage": usage}

@@ -150,7 +150,9 @@ def _attn_fwd_kernel(
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
-    tl.store(LSE + b * slb + h * slh + q0 + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)
+    seen = l_i > 0.0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -float("inf"))
+    tl.store(LSE + b * slb + h * slh + q0 + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -331,32 +333,69 @@ class AttnConfig:
     num_warps: int
     num_stages: int
 
+    def launch(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+DELTA_BLOCK_M = 64
+
 
 def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def fwd_config(d: int, dv: int, device: torch.device) -> AttnConfig:
-    """Block sizes of the forward for head dims (d, dv)."""
-    if device.type != "cuda":  # interpreter: few, wide tiles
-        return AttnConfig(64, 64, 4, 1)
+# Hopper (sm_90) configurations per kernel, by padded head dim (<= 64, <= 128, 256), for
+# 16-bit and fp32 inputs and three weights of work per score: plain, with a mask, with
+# dropout (Philox draws keep the most registers live). Every entry compiles without
+# spills (tests/test_hopper_compile.py); None: no configuration found that does not spill,
+# so the Triton path does not take that case (see ``unsupported``).
+PLAIN, MASKED, DROPOUT = 0, 1, 2
+_CONFIGS = {
+    # kernel: {(fp32, weight): (config for d <= 64, d <= 128, d <= 256)}
+    "fwd": {(False, PLAIN): ((128, 64, 8, 3), (128, 64, 8, 3), (32, 32, 8, 1)),
+            (False, MASKED): ((128, 32, 8, 3), (32, 32, 4, 2), None),
+            (False, DROPOUT): ((128, 32, 8, 3), (32, 32, 4, 2), None),
+            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1)),
+            (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
+            (True, DROPOUT): (None, None, None)},
+    "dq": {(False, PLAIN): ((64, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
+           (False, MASKED): ((64, 64, 8, 2), (32, 32, 4, 2), None),
+           (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 4, 2), None),
+           (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1)),
+           (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
+           (True, DROPOUT): (None, None, None)},
+    "dkdv": {(False, PLAIN): ((64, 64, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)),
+             (False, MASKED): ((64, 64, 8, 2), (32, 32, 8, 1), None),
+             (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 8, 1), None),
+             (True, PLAIN): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+             (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+             (True, DROPOUT): (None, None, None)},
+}
+INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
+
+
+def _width_index(d: int, dv: int) -> int:
     width = max(head_block(d), head_block(dv))
-    if width <= 64:
-        return AttnConfig(128, 64, 4, 3)
-    if width <= 128:
-        return AttnConfig(128, 64, 8, 3)
-    return AttnConfig(64, 32, 8, 2)
+    return 0 if width <= 64 else 1 if width <= 128 else 2
 
 
-def bwd_config(d: int, dv: int, device: torch.device) -> AttnConfig:
+def unsupported(d: int, dv: int, fp32: bool, weight: int) -> Optional[str]:
+    """Why the Triton kernels do not take this case on a GPU, or None."""
+    index = _width_index(d, dv)
+    if any(_CONFIGS[k][(fp32, weight)][index] is None for k in _CONFIGS):
+        what = {MASKED: "an attention mask", DROPOUT: "dropout"}.get(weight, "this case")
+        return (f"{what} with {'float32 inputs' if fp32 else f'head dims above 128'} (no spill-free "
+                f"Hopper configuration)")
+    return None
+
+
+def config(kernel: str, d: int, dv: int, fp32: bool, weight: int, device: torch.device) -> AttnConfig:
+    """Blocks, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for head dims (d, dv) and
+    the work per score (PLAIN, MASKED or DROPOUT)."""
     if device.type != "cuda":
-        return AttnConfig(64, 64, 4, 1)
-    width = max(head_block(d), head_block(dv))
-    if width <= 64:
-        return AttnConfig(64, 64, 4, 2)
-    if width <= 128:
-        return AttnConfig(64, 64, 8, 2)
-    return AttnConfig(32, 32, 8, 1)
+        return INTERPRETER_CONFIG
+    return AttnConfig(*_CONFIGS[kernel][(fp32, weight)][_width_index(d, dv)])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -424,6 +463,10 @@ class Problem:
                     PRECISION=_precision(q.dtype),
                     BLOCK_D=head_block(self.d), BLOCK_DV=head_block(self.dv))
 
+    def weight(self, mask_kind: int) -> int:
+        """The work per score, which sets the block sizes: PLAIN, MASKED or DROPOUT."""
+        return DROPOUT if self.dropout_p > 0.0 else MASKED if mask_kind != MASK_NONE else PLAIN
+
     def cu(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.cu_q, self.cu_k) if self.varlen else (q, q)
 
@@ -438,12 +481,11 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     p = problem
     if out.numel() == 0 or p.l == 0:
         return
-    cfg = fwd_config(p.d, p.dv, q.device)
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
+    cfg = config("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), q.device)
     _attn_fwd_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
         q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
-        *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch())
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -457,22 +499,22 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for t in (dq, dk, dv):
             t.zero_()
         return
-    cfg = bwd_config(p.d, p.dv, q.device)
-    delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
-        out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
-        DV=p.dv, VARLEN=p.varlen, BLOCK_M=cfg.block_m, BLOCK_DV=head_block(p.dv), num_warps=4)
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    launch = dict(p.flags(q, kind), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    fp32, weight = q.dtype == torch.float32, p.weight(kind)
+    cfg_dq = config("dq", p.d, p.dv, fp32, weight, q.device)
+    cfg_kv = config("dkdv", p.d, p.dv, fp32, weight, q.device)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(p.l, DELTA_BLOCK_M), p.batch * p.heads)](
+        out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
+        DV=p.dv, VARLEN=p.varlen, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=head_block(p.dv), num_warps=4)
     tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
     if p.s > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(p.s, cfg.block_n), p.batch * p.kv_heads)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(p.s, cfg_kv.block_n), p.batch * p.kv_heads)](
             q, k, v, do, dk, dv, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **launch)
+            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **p.flags(q, kind), **cfg_kv.launch())
     else:
         dk.zero_()
         dv.zero_()
-    _attn_bwd_dq_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
+    _attn_bwd_dq_kernel[(triton.cdiv(p.l, cfg_dq.block_m), p.batch * p.heads)](
         q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-        *p.strides(do), *p.strides(dq), *tail, **launch)
+        *p.strides(do), *p.strides(dq), *tail, **p.flags(q, kind), **cfg_dq.launch())

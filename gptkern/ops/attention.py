@@ -88,6 +88,16 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
 triton_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _kernel_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
+    """Cases the GPU kernels have no spill-free configuration for (the interpreter takes all)."""
+    if q.device.type != "cuda":
+        return None
+    from gptkern.kernels import attention
+
+    weight = attention.DROPOUT if dropout_p > 0 else attention.MASKED if masked else attention.PLAIN
+    return attention.unsupported(q.shape[-1], v.shape[-1], q.dtype == torch.float32, weight)
+
+
 def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
@@ -207,6 +217,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             return f"head dims above {MAX_HEAD_DIM}"
         if attn_mask is not None and is_causal:
             return "attn_mask together with is_causal"
+        why = _kernel_limits(query, value, attn_mask is not None, dropout_p)
+        if why:
+            return why
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             return "a gradient for attn_mask"
         return None
@@ -410,7 +423,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             return f"head dims above {MAX_HEAD_DIM}"
-        return None
+        return _kernel_limits(q, v, False, dropout_p)
 
     name = _backend.choose("flash_attn_varlen", q.device, {"triton": triton_support, "torch": lambda: None})
     if name == "triton":

@@ -1,0 +1,63 @@
+"""Attention on a CUDA device at real sizes, bf16 and fp16, against a float64 reference.
+Skipped (and reported) without one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from helpers import assert_close
+
+pytestmark = pytest.mark.gpu
+
+
+def _reference(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_real_sizes(dtype, d, causal):
+    q = torch.randn(2, 8, 1024, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 1536, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 1536, d, device="cuda", dtype=dtype, requires_grad=True)
+    with gptkern.backend("triton"):
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*leaves, is_causal=causal, enable_gqa=True)
+    assert_close(out, ref, dtype)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(got, want, dtype, grad=True, atol_scale=2)
+
+
+def test_sdpa_key_padding_mask_and_fp32():
+    q, k, v = (torch.randn(4, 4, 700, 64, device="cuda") for _ in range(3))
+    mask = torch.rand(4, 1, 1, 700, device="cuda") > 0.2
+    with gptkern.backend("triton"):
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, _reference(q, k, v, attn_mask=mask), torch.float32)
+
+
+def test_varlen_real_sizes():
+    lengths = [1, 517, 2048, 0, 300]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with gptkern.backend("triton"):
+        out = gptkern.ops.flash_attn_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=True,
+                                            window_size=(256, 0))
+    with gptkern.backend("torch"):
+        ref = gptkern.ops.flash_attn_varlen(q.double(), k.double(), v.double(), cu, cu, max(lengths),
+                                            max(lengths), causal=True, window_size=(256, 0))
+    assert_close(out, ref, torch.bfloat16)
+
+
+def test_dropout_rate_cuda():
+    q, k = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    eye = torch.eye(512, device="cuda", dtype=torch.bfloat16).expand(1, 4, 512, 512)
+    with gptkern.backend("triton"):
+        weights = gptkern.ops.scaled_dot_product_attention(q, k, eye, dropout_p=0.25)
+    dropped = (weights == 0).double().mean().item()
+    assert abs(dropped - 0.25) < 0.02
