@@ -46,7 +46,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptkern
 from gptkern import benchmark
-from gptkern.benchmark import DTYPES, REPEATS, _error, _parse_list, metadata, time_fn, write_atomic
+from gptkern.benchmark import (DTYPES, REPEATS, _error, _parse_list, add_common_args, device_from_args, metadata,
+                               time_fn, write_atomic)
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SUITES = ("dense", "varlen")
@@ -219,7 +220,6 @@ def _step(forward: Forward, inputs: list[torch.Tensor], mode: str) -> Callable[[
     grad_out = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=gen)
     if mode == "bwd":
         return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
-    del out
     return lambda: torch.autograd.grad(forward(*inputs), inputs, grad_out)
 
 
@@ -418,21 +418,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokens per batch, B·L, also the varlen total (default: 16384 on CUDA, 512 on CPU)")
     p.add_argument("--width", type=int, default=None,
                    help="H·D: heads = width // head dim (default: 2048 on CUDA, 256 on CPU)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--providers", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
-                   default=None, help="comma-separated subset of providers to time, e.g. "
-                                      "gptkern:triton,torch:sdpa,torch:padded (default: all)")
     p.add_argument("--matmul-n", type=int, default=None,
                    help="size of the square matmul roof (default: 8192 on CUDA, 512 on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per provider (>= 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--quick", action="store_true",
-                   help="CUDA: L 1024,4096, D 128; CPU: L 128, D 64; modes fwd,fwd+bwd; fewer repeats")
-    p.add_argument("--out-json", metavar="PATH", help="write all numbers and metadata as JSON")
-    p.add_argument("--out-md", metavar="PATH", help="write the Markdown tables")
+    add_common_args(p, providers_example="gptkern:triton,torch:sdpa,torch:padded",
+                    quick_help="CUDA: L 1024,4096, D 128; CPU: L 128, D 64; modes fwd,fwd+bwd; fewer repeats")
     return p
 
 
@@ -440,14 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    else:
-        device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(parser, args)
     defaults = {**DEFAULTS[device.type], **(QUICK[device.type] if args.quick else {})}
     seqlens = args.seqlens or list(defaults["seqlens"])
     head_dims = args.head_dims or list(defaults["head_dims"])

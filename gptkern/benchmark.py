@@ -355,34 +355,43 @@ def _parser() -> argparse.ArgumentParser:
                    help="ROWSxCOLS,... (default: %s on CUDA, %s on CPU)" % (
                        ",".join(f"{r}x{c}" for r, c in CUDA_SHAPES),
                        ",".join(f"{r}x{c}" for r, c in CPU_SHAPES)))
+    add_common_args(p, providers_example="gptkern:triton,torch",
+                    quick_help="first default shape only and fewer repeats")
+    return p
+
+
+def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_help: str) -> None:
+    """The options every benchmark takes: dtype, device, providers, repeats, threads, outputs."""
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--providers", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
-                   default=None, help="comma-separated subset of providers to time, "
-                                      "e.g. gptkern:triton,torch (default: all)")
+                   default=None, help=f"comma-separated subset of providers to time, "
+                                      f"e.g. {providers_example} (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per provider (>= 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--quick", action="store_true",
-                   help="first default shape only and fewer repeats")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out-json", metavar="PATH", help="write all numbers and metadata as JSON")
     p.add_argument("--out-md", metavar="PATH", help="write the Markdown tables")
-    return p
+
+
+def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The device ``--device`` names (auto: CUDA when there is one); applies ``--threads``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    return torch.device(args.device)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    else:
-        device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(parser, args)
     shapes = args.shapes or list(CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.quick and args.shapes is None:
         shapes = shapes[:1]

@@ -93,18 +93,8 @@ def correctness_summary(device: torch.device) -> bool:
     for op, shape in _cases(device):
         for backend in backends:
             for dtype in dtypes:
-                try:
-                    fwd, bwd = check(op, shape, dtype, backend, device)
-                except Exception as exc:  # report, keep going
-                    print(f"| {op} | {shape} | {backend} | {str(dtype)[6:]} | error: "
-                          f"{type(exc).__name__}: {exc} | | FAIL |")
-                    ok = False
-                    continue
-                lim_f, lim_b = LIMITS[dtype]
-                passed = fwd <= lim_f and bwd <= lim_b
-                ok &= passed
-                print(f"| {op} | {'x'.join(map(str, shape))} | {backend} | {str(dtype)[6:]} | "
-                      f"{fwd:.2e} | {bwd:.2e} | {'ok' if passed else 'FAIL'} |")
+                ok &= _row(op, "x".join(map(str, shape)), backend, dtype,
+                           lambda: check(op, shape, dtype, backend, device))
     ok &= _attention_summary(backends, dtypes, device)
     print()
     return ok
@@ -136,20 +126,22 @@ def _attention_summary(backends, dtypes, device) -> bool:
     for causal in (False, True):
         for backend in backends:
             for dtype in dtypes:
-                op = "sdpa causal" if causal else "sdpa"
-                try:
-                    fwd, bwd = check_attention(causal, dtype, backend, device)
-                except Exception as exc:  # report, keep going
-                    print(f"| {op} | gqa 4/2 heads, L=40, S=56 | {backend} | {str(dtype)[6:]} | error: "
-                          f"{type(exc).__name__}: {exc} | | FAIL |")
-                    ok = False
-                    continue
-                lim_f, lim_b = LIMITS[dtype]
-                passed = fwd <= lim_f and bwd <= lim_b
-                ok &= passed
-                print(f"| {op} | gqa 4/2 heads, L=40, S=56 | {backend} | {str(dtype)[6:]} | {fwd:.2e} | "
-                      f"{bwd:.2e} | {'ok' if passed else 'FAIL'} |")
+                ok &= _row("sdpa causal" if causal else "sdpa", "gqa 4/2 heads, L=40, S=56", backend, dtype,
+                           lambda: check_attention(causal, dtype, backend, device))
     return ok
+
+
+def _row(op: str, shape: str, backend: str, dtype: torch.dtype, measure: Callable[[], tuple[float, float]]) -> bool:
+    """Print one table row: the errors ``measure`` returns against the dtype's limits."""
+    try:
+        fwd, bwd = measure()
+    except Exception as exc:  # report, keep going
+        print(f"| {op} | {shape} | {backend} | {str(dtype)[6:]} | error: {type(exc).__name__}: {exc} | | FAIL |")
+        return False
+    lim_f, lim_b = LIMITS[dtype]
+    passed = fwd <= lim_f and bwd <= lim_b
+    print(f"| {op} | {shape} | {backend} | {str(dtype)[6:]} | {fwd:.2e} | {bwd:.2e} | {'ok' if passed else 'FAIL'} |")
+    return passed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -288,6 +288,8 @@ def test_cases_without_spill_free_gpu_config_are_routed_to_torch():
     assert "dropout" in kernels.unsupported(256, 256, False, kernels.DROPOUT)
     assert "mask" in kernels.unsupported(256, 200, False, kernels.MASKED)
     assert "float32" in kernels.unsupported(64, 64, True, kernels.DROPOUT)
+    assert "float32" in kernels.unsupported(256, 256, True, kernels.PLAIN)
+    assert kernels.unsupported(128, 128, True, kernels.PLAIN) is None
     for (fp32, weight), by_width in kernels._CONFIGS["fwd"].items():
         for index, d in enumerate((64, 128, 256)):
             # a case is either served everywhere or nowhere

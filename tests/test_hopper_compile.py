@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -181,7 +180,7 @@ def attention_configs():
             for varlen in (False, True):
                 types = {n: "i32" for n in delta.arg_names}
                 types.update(O="*" + dtype, DO="*" + dtype, DELTA="*fp32", CU_Q="*i32")
-                yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.DELTA_BLOCK_M,
+                yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.delta_block_m(d),
                                           BLOCK_DV=attention.head_block(d)), 4, True, 3)
 
 
@@ -243,19 +242,24 @@ def test_resource_usage_reports_spills():
         assert_no_spills([result])
 
 
+_CONFIGS: list = []
+
+
+def _compile_one(index: int) -> dict:
+    kernel, types, constexprs, warps, aligned, *stages = _CONFIGS[index]
+    usage = resource_usage(kernel, types, constexprs, warps, aligned, *stages)
+    return {"kernel": kernel.fn.__name__, "constexprs": constexprs, "warps": warps, "aligned": aligned,
+            "dtype": next(t for t in types.values() if t.startswith("*")), "usage": usage}
+
+
 def _main(which: str) -> None:
-    configs = {"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
-               "spill-probe": spill_probe}[which]()
+    import multiprocessing
 
-    def one(config):
-        kernel, types, constexprs, warps, aligned, *stages = config
-        usage = resource_usage(kernel, types, constexprs, warps, aligned, *stages)
-        return {"kernel": kernel.fn.__name__, "constexprs": constexprs, "warps": warps,
-                "aligned": aligned, "dtype": next(t for t in types.values() if t.startswith("*")),
-                "usage": usage}
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for result in pool.map(one, list(configs)):
+    _CONFIGS.extend({"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
+                     "spill-probe": spill_probe}[which]())
+    # Processes (forked: they inherit the configurations): compiling holds the GIL much of the time.
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 2) as pool:
+        for result in pool.imap(_compile_one, range(len(_CONFIGS)), chunksize=4):
             print(json.dumps(result), flush=True)
 
 

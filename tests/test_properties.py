@@ -74,3 +74,27 @@ def test_norm_property(problem, rms, affine, data):
     for got, want, leaf in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double()), leaves):
         scale = max(1.0, (x.numel() / leaf.numel()) ** 0.5)
         assert_close(got, want, dtype, grad=True, atol_scale=scale)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_attention_property(data):
+    """Random batch, heads (GQA), lengths, head dims, causal and scale: SDPA and varlen."""
+    import torch.nn.functional as F
+
+    backend = data.draw(st.sampled_from(BACKENDS))
+    dtype = data.draw(st.sampled_from(dtypes_for(backend, DEVICE)))
+    hk = data.draw(st.integers(1, 2))
+    h = hk * data.draw(st.integers(1, 3))
+    b, l, s = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 80)), data.draw(st.integers(1, 80))
+    d, dv = data.draw(st.integers(1, 48)), data.draw(st.integers(1, 48))
+    causal = data.draw(st.booleans())
+    scale = data.draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q, k, v = ((torch.randn(shape, generator=gen)).to(DEVICE, dtype)
+               for shape in ((b, h, l, d), (b, hk, s, d), (b, hk, s, dv)))
+    with gptkern.backend(backend):
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal, scale=scale,
+                                         enable_gqa=True)
+    assert_close(out, ref, dtype)

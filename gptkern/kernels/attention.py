@@ -338,7 +338,9 @@ class AttnConfig:
                     num_stages=self.num_stages)
 
 
-DELTA_BLOCK_M = 64
+def delta_block_m(dv: int) -> int:
+    """Rows per program of the backward's delta kernel: 4096 elements of O and of dO."""
+    return max(16, min(64, 4096 // head_block(dv)))
 
 
 def head_block(d: int) -> int:
@@ -356,20 +358,20 @@ _CONFIGS = {
     "fwd": {(False, PLAIN): ((128, 64, 8, 3), (128, 64, 8, 3), (32, 32, 8, 1)),
             (False, MASKED): ((128, 32, 8, 3), (32, 32, 4, 2), None),
             (False, DROPOUT): ((128, 32, 8, 3), (32, 32, 4, 2), None),
-            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1)),
-            (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
+            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), None),
+            (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), None),
             (True, DROPOUT): (None, None, None)},
     "dq": {(False, PLAIN): ((64, 64, 8, 2), (64, 64, 8, 2), (32, 32, 8, 1)),
            (False, MASKED): ((64, 64, 8, 2), (32, 32, 4, 2), None),
            (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 4, 2), None),
-           (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), (16, 16, 4, 1)),
-           (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)),
+           (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), None),
+           (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), None),
            (True, DROPOUT): (None, None, None)},
     "dkdv": {(False, PLAIN): ((64, 64, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)),
              (False, MASKED): ((64, 64, 8, 2), (32, 32, 8, 1), None),
              (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 8, 1), None),
-             (True, PLAIN): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
-             (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+             (True, PLAIN): ((16, 32, 4, 1), (16, 16, 4, 1), None),
+             (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
              (True, DROPOUT): (None, None, None)},
 }
 INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
@@ -384,9 +386,10 @@ def unsupported(d: int, dv: int, fp32: bool, weight: int) -> Optional[str]:
     """Why the Triton kernels do not take this case on a GPU, or None."""
     index = _width_index(d, dv)
     if any(_CONFIGS[k][(fp32, weight)][index] is None for k in _CONFIGS):
-        what = {MASKED: "an attention mask", DROPOUT: "dropout"}.get(weight, "this case")
-        return (f"{what} with {'float32 inputs' if fp32 else f'head dims above 128'} (no spill-free "
-                f"Hopper configuration)")
+        what = {MASKED: "an attention mask", DROPOUT: "dropout"}.get(weight, "attention")
+        where = "float32 inputs" + (" and head dims above 128" if index == 2 and weight != DROPOUT else "") \
+            if fp32 else "head dims above 128"
+        return f"{what} with {where} (no spill-free Hopper configuration)"
     return None
 
 
@@ -504,9 +507,10 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     cfg_dq = config("dq", p.d, p.dv, fp32, weight, q.device)
     cfg_kv = config("dkdv", p.d, p.dv, fp32, weight, q.device)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(p.l, DELTA_BLOCK_M), p.batch * p.heads)](
+    delta_rows = delta_block_m(p.dv)
+    _attn_bwd_delta_kernel[(triton.cdiv(p.l, delta_rows), p.batch * p.heads)](
         out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
-        DV=p.dv, VARLEN=p.varlen, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=head_block(p.dv), num_warps=4)
+        DV=p.dv, VARLEN=p.varlen, BLOCK_M=delta_rows, BLOCK_DV=head_block(p.dv), num_warps=4)
     tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
     if p.s > 0:
         _attn_bwd_dkdv_kernel[(triton.cdiv(p.s, cfg_kv.block_n), p.batch * p.kv_heads)](

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops._checks import check_tensor, device_guard
+from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -88,10 +87,14 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
 triton_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kernel_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
-    """Cases the GPU kernels have no spill-free configuration for (the interpreter takes all)."""
-    if q.device.type != "cuda":
-        return None
+def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
+    """Why the Triton attention kernels cannot take these inputs, or None."""
+    why = triton_dtype_support(q.dtype)
+    if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        why = f"head dims above {MAX_HEAD_DIM}"
+    if why is not None or q.device.type != "cuda":
+        return why
+    # Cases without a spill-free Hopper configuration (the interpreter takes all).
     from gptkern.kernels import attention
 
     weight = attention.DROPOUT if dropout_p > 0 else attention.MASKED if masked else attention.PLAIN
@@ -211,18 +214,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
     def triton_support():
-        if query.dtype not in TRITON_DTYPES:
-            return f"dtype {query.dtype} (supported: float16, bfloat16, float32)"
-        if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-            return f"head dims above {MAX_HEAD_DIM}"
         if attn_mask is not None and is_causal:
             return "attn_mask together with is_causal"
-        why = _kernel_limits(query, value, attn_mask is not None, dropout_p)
-        if why:
-            return why
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             return "a gradient for attn_mask"
-        return None
+        return _triton_limits(query, value, attn_mask is not None, dropout_p)
 
     name = _backend.choose("scaled_dot_product_attention", query.device,
                            {"triton": triton_support, "torch": lambda: None})
@@ -418,14 +414,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         bounds_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "k", q.device)
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    def triton_support():
-        if q.dtype not in TRITON_DTYPES:
-            return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-        if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-            return f"head dims above {MAX_HEAD_DIM}"
-        return _kernel_limits(q, v, False, dropout_p)
-
-    name = _backend.choose("flash_attn_varlen", q.device, {"triton": triton_support, "torch": lambda: None})
+    name = _backend.choose("flash_attn_varlen", q.device,
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p), "torch": lambda: None})
     if name == "triton":
         out, _, _ = torch.ops.gptkern.triton_attention_varlen(
             q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
