@@ -157,8 +157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"backends here: {', '.join(gptkern.available_backends())}\n")
     ok = correctness_summary(device)
     if not args.skip_bench:
+        from gptkern import bench_attention
+
         bench_args = ["--quick"] + (["--threads", "1"] if device.type == "cpu" else [])
         benchmark.main(bench_args)
+        bench_attention.main(bench_args)
     print("correctness: all ok" if ok else "correctness: FAILURES above")
     return 0 if ok else 1
 
