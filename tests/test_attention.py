@@ -169,11 +169,13 @@ def test_opcheck_and_compile():
     q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
     mask = (torch.rand(1, 1, 1, 20, device=DEVICE) > 0.2).expand(1, 2, 20, 20)
     for m, causal in ((None, True), (mask, False)):
-        torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, m, causal, 0.25, 0.0))
-    out, lse, seed = torch.ops.gptkern.triton_attention(q.detach(), k.detach(), v.detach(), None, True, 0.25, 0.0)
+        torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, m, causal, 0.25, 0.0, None))
+    seed = torch.tensor([12345])
+    torch.library.opcheck(torch.ops.gptkern.triton_attention.default, (q, k, v, None, True, 0.25, 0.3, seed))
+    out, lse = torch.ops.gptkern.triton_attention(q.detach(), k.detach(), v.detach(), None, True, 0.25, 0.3, seed)
     torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, True,
-                           0.25, 0.0, seed))
+                           0.25, 0.3, seed))
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: sdpa(q, k, v, is_causal=True), fullgraph=True)
     with gptkern.backend("triton"):
@@ -295,3 +297,74 @@ def test_cases_without_spill_free_gpu_config_are_routed_to_torch():
             # a case is either served everywhere or nowhere
             served = [kernels._CONFIGS[k][(fp32, weight)][index] is not None for k in kernels._CONFIGS]
             assert all(served) or not any(served), (fp32, weight, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_across_many_blocks(backend):
+    """Masks read at the right offsets in every (query block, key block) tile, with gradients."""
+    q, k, v = rand(2, 3, 100, 16), rand(2, 3, 150, 16), rand(2, 3, 150, 16)
+    check(backend, q, k, v, mask=torch.rand(100, 150, device=DEVICE) > 0.4)
+    check(backend, q, k, v, mask=rand(3, 100, 150))
+    check(backend, q, k, v, mask=rand(2, 1, 150, 100).transpose(-1, -2))  # strided (L, S)
+    check(backend, q, k, v, mask=torch.rand(2, 1, 1, 150, device=DEVICE) > 0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_mask_finfo_min_and_float32_mask(backend):
+    """Hugging Face's finfo.min masks: a fully masked row averages every key, as torch does."""
+    q, k, v = rand(2, 2, 9, 16, dtype=torch.float16), rand(2, 2, 12, 16, dtype=torch.float16), \
+        rand(2, 2, 12, 16, dtype=torch.float16)
+    mask = torch.zeros(2, 1, 9, 12, device=DEVICE)
+    mask[0, :, 2] = torch.finfo(torch.float32).min
+    mask[1, :, :, 5:] = torch.finfo(torch.float32).min
+    with gptkern.backend(backend):
+        got = sdpa(q, k, v, attn_mask=mask)  # a float32 mask with fp16 inputs is allowed
+    want = reference(q, k, v, mask=mask)
+    assert_close(got, want, torch.float16)
+    assert_close(got, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask),
+                 torch.float16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast(backend):
+    q, k, v = rand(1, 2, 10, 16), rand(1, 2, 10, 16), rand(1, 2, 10, 16)
+    with torch.autocast(DEVICE.type, dtype=torch.float16 if backend == "triton" else torch.bfloat16):
+        with gptkern.backend(backend):
+            got = sdpa(q, k, v, is_causal=True)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.dtype == want.dtype
+    assert_close(got, want.double(), got.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_value_dim_and_bad_mask_rank(backend):
+    q, k = rand(1, 2, 5, 8, ), rand(1, 2, 6, 8)
+    v = rand(1, 2, 6, 0)
+    check(backend, q, k, v)
+    with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
+        sdpa(q, k, rand(1, 2, 6, 8), attn_mask=torch.ones(6, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_dropout_gradients_with_gqa_and_batches():
+    """The dK/dV kernel regenerates each query head's mask (batch 2, groups of 2)."""
+    p = 0.25
+    q, k, v = rand(2, 4, 24, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 8)
+    eye = torch.eye(40, device=DEVICE).expand(2, 2, 40, 40)
+    torch.manual_seed(11)
+    with gptkern.backend("triton"):
+        weights = sdpa(q, k, eye, dropout_p=p, enable_gqa=True)  # softmax * Z per query head
+    probs = reference(q, k, eye, enable_gqa=True)
+    z = (weights.double() / probs).round(decimals=4)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    torch.manual_seed(11)
+    with gptkern.backend("triton"):
+        out = sdpa(q, k, v, dropout_p=p, enable_gqa=True)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.repeat_interleave(2, dim=1) for t in leaves[1:])
+    ref = (torch.softmax(leaves[0] @ kk.transpose(-1, -2) / 4.0, -1) * z) @ vv
+    assert_close(out, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ configuration launch picks, for head dims 16, 64, 80 (padded), 128 and 256, fp16
 (bf16 at 128). The compiles
 run in a subprocess because the tests run the kernels under the interpreter.
 """
+import itertools
 import json
 import os
 import re
@@ -149,8 +150,6 @@ def attention_variants():
 
 
 def attention_configs():
-    import torch
-
     from gptkern.kernels import attention
 
     kernels = (("fwd", attention._attn_fwd_kernel), ("dq", attention._attn_bwd_dq_kernel),
@@ -162,14 +161,16 @@ def attention_configs():
                           attention.MASKED if flags["MASK_KIND"] else attention.PLAIN)
                 if attention.unsupported(d, d, dtype == "fp32", weight):
                     continue  # the launchers hand these to the torch backend
-                for name, kernel in kernels:
-                    cfg = attention.config(name, d, d, dtype == "fp32", weight, torch.device("cuda"))
+                # a float mask comes in the inputs' dtype or in float32
+                mask_types = {0: ["*i1"], 1: ["*i1"], 2: sorted({"*" + dtype, "*fp32"})}[flags["MASK_KIND"]]
+                for (name, kernel), mask_type in itertools.product(kernels, mask_types):
+                    cfg = attention.config(name, d, d, dtype == "fp32", weight, (9, 0))
                     types = {n: "i32" for n in kernel.arg_names}
                     types.update({n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ")
                                   if n in types})
                     types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
-                    types.update(CU_Q="*i32", CU_K="*i32", MASK="*i1" if flags["MASK_KIND"] == 1 else "*" + dtype,
-                                 qk_scale="fp32", inv_keep="fp32", seed="i64")
+                    types.update(CU_Q="*i32", CU_K="*i32", MASK=mask_type, qk_scale="fp32", inv_keep="fp32",
+                                 seed="i64")
                     if "sm_scale" in types:
                         types["sm_scale"] = "fp32"
                     constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",

@@ -123,3 +123,16 @@ def test_transformer_encoder_layer_with_patched_attention(backend):
         got = layer(x, src_key_padding_mask=kpm)
     want = ref_layer(x, src_key_padding_mask=kpm)
     torch.testing.assert_close(got[~kpm], want[~kpm], atol=2e-5, rtol=2e-5)
+
+
+def test_shape_checks_as_torch():
+    ours, theirs = pair(embed_dim=16, num_heads=2)
+    x = torch.randn(5, 2, 16, device=DEVICE)
+    bad_kv = torch.randn(5, 16, device=DEVICE)
+    for module in (ours, theirs):
+        with pytest.raises(AssertionError):
+            module(x, bad_kv, bad_kv, need_weights=False)
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            module(x, x, x, need_weights=False, attn_mask=torch.zeros(1, 5, device=DEVICE))
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            module(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 5, 5, device=DEVICE))

@@ -18,6 +18,7 @@ at LSE[b * slb + h * slh + row].
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,7 +46,10 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mas
         keep = tl.load(mask_ptrs, mask=visible, other=0)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        # finfo.min-style masks must stay finite after the log2(e) scaling, as in torch.
+        bias = tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
+        bias = tl.where(bias == -float("inf"), bias, tl.maximum(bias, -2.0e38))
+        s += bias * 1.4426950408889634
     return tl.where(visible, s, -float("inf"))
 
 
@@ -101,8 +105,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Tile bases are int64; offsets inside a tile are int32.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -164,8 +168,8 @@ def _attn_bwd_delta_kernel(
     H, L,
     DV: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q0, _, L, _, _ = _sequence(CU_Q, CU_Q, b, L, L, 0, VARLEN)
@@ -196,8 +200,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    bhk = tl.program_id(0)
     hkv = H // GROUP
     b = (bhk // hkv).to(tl.int64)
     hk = (bhk % hkv).to(tl.int64)
@@ -276,8 +280,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -339,8 +343,8 @@ class AttnConfig:
 
 
 def delta_block_m(dv: int) -> int:
-    """Rows per program of the backward's delta kernel: 4096 elements of O and of dO."""
-    return max(16, min(64, 4096 // head_block(dv)))
+    """Rows per program of the backward's delta kernel: about 2048 elements of O and of dO."""
+    return max(16, min(64, 2048 // head_block(dv)))
 
 
 def head_block(d: int) -> int:
@@ -393,12 +397,29 @@ def unsupported(d: int, dv: int, fp32: bool, weight: int) -> Optional[str]:
     return None
 
 
-def config(kernel: str, d: int, dv: int, fp32: bool, weight: int, device: torch.device) -> AttnConfig:
-    """Blocks, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for head dims (d, dv) and
-    the work per score (PLAIN, MASKED or DROPOUT)."""
-    if device.type != "cuda":
+def config(kernel: str, d: int, dv: int, fp32: bool, weight: int,
+           capability: Optional[tuple[int, int]]) -> AttnConfig:
+    """Blocks, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for head dims (d, dv), the
+    work per score (PLAIN, MASKED or DROPOUT) and the GPU's compute capability (None: the
+    interpreter)."""
+    if capability is None:
         return INTERPRETER_CONFIG
-    return AttnConfig(*_CONFIGS[kernel][(fp32, weight)][_width_index(d, dv)])
+    cfg = AttnConfig(*_CONFIGS[kernel][(fp32, weight)][_width_index(d, dv)])
+    if capability < (9, 0):  # less shared memory than Hopper: smaller tiles
+        cfg = AttnConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), min(cfg.num_warps, 4),
+                         min(cfg.num_stages, 2))
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -483,10 +504,11 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     """
     p = problem
     if out.numel() == 0 or p.l == 0:
+        lse.fill_(-float("inf"))  # nothing attended (or nothing to write): the backward gives zeros
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    cfg = config("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), q.device)
-    _attn_fwd_kernel[(triton.cdiv(p.l, cfg.block_m), p.batch * p.heads)](
+    cfg = config("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
+    _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
         q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
         *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch())
 
@@ -498,27 +520,28 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     p = problem
     if dq.numel() + dk.numel() + dv.numel() == 0:
         return
-    if p.l == 0 or p.batch * p.heads == 0:  # nothing attends: every gradient is zero
+    if p.l == 0 or p.batch * p.heads == 0 or p.dv == 0:  # nothing attends: every gradient is zero
         for t in (dq, dk, dv):
             t.zero_()
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     fp32, weight = q.dtype == torch.float32, p.weight(kind)
-    cfg_dq = config("dq", p.d, p.dv, fp32, weight, q.device)
-    cfg_kv = config("dkdv", p.d, p.dv, fp32, weight, q.device)
+    capability = device_capability(q.device)
+    cfg_dq = config("dq", p.d, p.dv, fp32, weight, capability)
+    cfg_kv = config("dkdv", p.d, p.dv, fp32, weight, capability)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)
-    _attn_bwd_delta_kernel[(triton.cdiv(p.l, delta_rows), p.batch * p.heads)](
+    _attn_bwd_delta_kernel[(p.batch * p.heads, triton.cdiv(p.l, delta_rows))](
         out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
         DV=p.dv, VARLEN=p.varlen, BLOCK_M=delta_rows, BLOCK_DV=head_block(p.dv), num_warps=4)
     tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
     if p.s > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(p.s, cfg_kv.block_n), p.batch * p.kv_heads)](
+        _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg_kv.block_n))](
             q, k, v, do, dk, dv, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
             *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **p.flags(q, kind), **cfg_kv.launch())
     else:
         dk.zero_()
         dv.zero_()
-    _attn_bwd_dq_kernel[(triton.cdiv(p.l, cfg_dq.block_m), p.batch * p.heads)](
+    _attn_bwd_dq_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg_dq.block_m))](
         q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
         *p.strides(do), *p.strides(dq), *tail, **p.flags(q, kind), **cfg_dq.launch())

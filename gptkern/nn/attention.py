@@ -53,6 +53,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        # torch's own shape checks (AssertionError on a mismatch), before anything is reshaped
+        F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
@@ -85,6 +87,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         b, l, _ = query.shape
         s = key.shape[1]
         h, dh = self.num_heads, self.head_dim
+        if attn_mask is not None:
+            expected = (l, s) if attn_mask.dim() == 2 else (b * h, l, s)
+            if tuple(attn_mask.shape) != expected:
+                raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
+                                   f"but should be {expected}.")
         q, k, v = self._project(query, key, value)
         q, k, v = (t.reshape(b, -1, h, dh).transpose(1, 2) for t in (q, k, v))  # (B, H, seq, Dh)
         if is_causal and key_padding_mask is None:

@@ -13,27 +13,31 @@ from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
 MAX_HEAD_DIM = 256
 
 
-def draw_seed() -> torch.Tensor:
-    """A dropout seed from torch's default generator: reproducible under torch.manual_seed."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+def draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
+    """A dropout seed from torch's default generator (reproducible under torch.manual_seed), drawn
+    outside the custom op so that the op stays a pure function of its inputs; None without dropout."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
 
 
 @torch.library.custom_op("gptkern::triton_attention", mutates_args=())
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     causal: bool, scale: float, dropout_p: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or (B, H, L, S) (a broadcast
-    view). Returns out (B, H, L, Dv), the log2-domain LSE (B, H, L) fp32 and the dropout seed
-    (1,) int64 (CPU) that the backward regenerates the dropout mask from."""
+    view), seed the (1,) int64 dropout seed (None without dropout). Returns out (B, H, L, Dv) and
+    the log2-domain LSE (B, H, L) fp32."""
     from gptkern.kernels.attention import attn_fwd
 
     b, h, l, _ = q.shape
     out = torch.empty((b, h, l, v.shape[-1]), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, l), device=q.device, dtype=torch.float32)
-    seed = draw_seed() if dropout_p > 0 else torch.zeros(1, dtype=torch.int64)
     with device_guard(q):
         attn_fwd(q, k, v, mask, _dense_problem(q, k, v, causal, scale, dropout_p, seed), out, lse)
-    return out, lse, seed
+    return out, lse
+
+
+def _seed_value(seed: Optional[torch.Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0
 
 
 def _dense_problem(q, k, v, causal, scale, dropout_p, seed):
@@ -41,20 +45,19 @@ def _dense_problem(q, k, v, causal, scale, dropout_p, seed):
 
     b, h, l, d = q.shape
     return Problem(batch=b, heads=h, kv_heads=k.shape[1], l=l, s=k.shape[2], d=d, dv=v.shape[-1],
-                   causal=causal, scale=scale, dropout_p=dropout_p, seed=int(seed.item()))
+                   causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed))
 
 
 @triton_attention.register_fake
-def _(q, k, v, mask, causal, scale, dropout_p):
+def _(q, k, v, mask, causal, scale, dropout_p, seed):
     b, h, l, _ = q.shape
-    return (q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32),
-            torch.empty(1, dtype=torch.int64))
+    return q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptkern::triton_attention_backward", mutates_args=())
 def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
-                              causal: bool, scale: float, dropout_p: float, seed: torch.Tensor
+                              causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkern.kernels.attention import attn_bwd
 
@@ -71,17 +74,17 @@ def _(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, dropout_p = inputs
-    out, lse, seed = output
+    q, k, v, mask, causal, scale, dropout_p, seed = inputs
+    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.gptkern.triton_attention_backward(
         grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 triton_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -99,6 +102,15 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
 
     weight = attention.DROPOUT if dropout_p > 0 else attention.MASKED if masked else attention.PLAIN
     return attention.unsupported(q.shape[-1], v.shape[-1], q.dtype == torch.float32, weight)
+
+
+def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
+    """Under torch.autocast, the floating-point inputs in the autocast dtype (as torch's SDPA)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
@@ -127,9 +139,12 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         raise RuntimeError(f"dropout probability has to be in [0, 1), but got dropout_p={dropout_p}")
     if attn_mask is not None:
         check_tensor(attn_mask, "attn_mask")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise RuntimeError(f"Expected attn_mask dtype to be bool or to match query dtype, but got "
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+        if attn_mask.dim() < 2:
+            raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
+                             f"(..., L, S), got shape {list(attn_mask.shape)}")
     if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
         hq, hk = query.shape[-3], key.shape[-3]
         if hk == 0 or hq % hk or value.shape[-3] != hk:
@@ -209,6 +224,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Returns:
         (..., Hq, L, Ev), in query's dtype.
     """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -224,8 +242,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                            {"triton": triton_support, "torch": lambda: None})
     if name == "triton":
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        out, _, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
-                                                       float(dropout_p))
+        out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
+                                                    float(dropout_p), draw_seed(dropout_p))
         return out.reshape(out_shape)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -240,33 +258,32 @@ def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dr
 
     return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=max_q, s=max_k,
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
-                   cu_q=cu_q, cu_k=cu_k, dropout_p=dropout_p, seed=int(seed.item()))
+                   cu_q=cu_q, cu_k=cu_k, dropout_p=dropout_p, seed=_seed_value(seed))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())
 def triton_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                            scale: float, window_left: int, window_right: int, dropout_p: float
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv). Returns out (total_q, H, Dv),
-    the log2-domain LSE (H, total_q) fp32 and the dropout seed (1,) int64."""
+                            scale: float, window_left: int, window_right: int, dropout_p: float,
+                            seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv). Returns out (total_q, H, Dv)
+    and the log2-domain LSE (H, total_q) fp32."""
     from gptkern.kernels.attention import attn_fwd
 
     out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), device=q.device, dtype=q.dtype)
     lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
-    seed = draw_seed() if dropout_p > 0 else torch.zeros(1, dtype=torch.int64)
     problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                               (window_left, window_right), dropout_p, seed)
     with device_guard(q):
         attn_fwd(q, k, v, None, problem, out, lse)
-    return out, lse, seed
+    return out, lse
 
 
 @triton_attention_varlen.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left,
-      window_right, dropout_p):
+      window_right, dropout_p, seed):
     return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), torch.empty(1, dtype=torch.int64))
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen_backward", mutates_args=())
@@ -274,7 +291,7 @@ def triton_attention_varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k:
                                      out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                      causal: bool, scale: float, window_left: int, window_right: int,
-                                     dropout_p: float, seed: torch.Tensor
+                                     dropout_p: float, seed: Optional[torch.Tensor]
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from gptkern.kernels.attention import attn_bwd
 
@@ -293,17 +310,17 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, *args = inputs
-    out, lse, seed = output
+    q, k, v, cu_q, cu_k, *args, seed = inputs
+    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
     ctx.args = args  # max_q, max_k, causal, scale, window_left, window_right, dropout_p
 
 
-def _varlen_backward(ctx, grad_out, _grad_lse, _grad_seed):
+def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.gptkern.triton_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k,
                                                                     *ctx.args, seed)
-    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 3)
 
 
 triton_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -385,6 +402,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name)
+    q, k, v = _autocast(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise RuntimeError(f"flash_attn_varlen: {name} must be (total, heads, dim), got {list(t.shape)}")
         if t.device != q.device:
@@ -417,9 +436,9 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     name = _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p), "torch": lambda: None})
     if name == "triton":
-        out, _, _ = torch.ops.gptkern.triton_attention_varlen(
+        out, _ = torch.ops.gptkern.triton_attention_varlen(
             q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
-            int(max_seqlen_k), bool(causal), scale_value, *window, float(dropout_p))
+            int(max_seqlen_k), bool(causal), scale_value, *window, float(dropout_p), draw_seed(dropout_p))
         return out
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
