@@ -20,13 +20,13 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 _ENV_VAR = "GPTKERN_BACKEND"
 
 
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+def _check_name(name: str, source: str = "backend") -> str:
+    if isinstance(name, str) and name.strip().lower() in BACKENDS:
+        return name.strip().lower()
+    raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
 
 
-_current = _check_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+_current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
 
 
 def get_backend() -> str:
@@ -133,12 +133,13 @@ def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
     name = _current
     if name != "auto":
         if name not in supports:
+            runs = [b for b in supports if _backend_runs_on(b, device_type)]
             raise NotImplementedError(
                 f"gptkern.{op}: the {name!r} backend does not implement this op; "
-                f"use one of {sorted(supports)} or 'auto'")
+                f"backends that can run it on {device_type} tensors here: {runs}, or 'auto'")
         if not _backend_runs_on(name, device_type):
             runs = [b for b in supports if _backend_runs_on(b, device_type)]
-            hint = " (set TRITON_INTERPRET=1 before importing triton)" if (
+            hint = " (set TRITON_INTERPRET=1 before the first Triton call, which imports triton)" if (
                 name == "triton" and device_type == "cpu" and _has_triton()) else ""
             raise NotImplementedError(
                 f"gptkern.{op}: the {name!r} backend cannot run on {device_type} tensors "

@@ -114,6 +114,8 @@ def _sdpa_dense(backend: Optional[str]) -> Callable[[bool], Forward]:
 
 def _compile_dense(causal: bool) -> Forward:
     torch.compiler.reset()  # a fresh, shape-specialized graph per case
+    # The bwd mode replays one backward (retain_graph=True), which donated buffers forbid.
+    torch._functorch.config.donated_buffer = False
 
     def forward(q, k, v):
         return math_attention(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))

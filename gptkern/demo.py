@@ -150,11 +150,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _enable_interpreter_without_cuda()
     import gptkern
-    from gptkern import benchmark
+    from gptkern import _backend, benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"gptkern {gptkern.__version__} on {benchmark.device_name(device)}; "
-          f"backends here: {', '.join(gptkern.available_backends())}\n")
+          f"backends here: {', '.join(gptkern.available_backends())}")
+    if device.type == "cpu" and _backend.triton_interpret():
+        print("(no CUDA device: the demo runs the Triton kernels in the Triton interpreter, "
+              "TRITON_INTERPRET=1, for the correctness table; they are not timed)")
+    print()
     ok = correctness_summary(device)
     if not args.skip_bench:
         from gptkern import bench_attention

@@ -29,6 +29,8 @@ def test_set_backend_and_context_manager():
             assert gptkern.get_backend() == "auto"
         assert gptkern.get_backend() == "triton"
     assert gptkern.get_backend() == "torch"
+    gptkern.set_backend(" Torch ")
+    assert gptkern.get_backend() == "torch"
     with pytest.raises(ValueError, match="backend"):
         gptkern.set_backend("cudnn")
     with pytest.raises(ValueError, match="backend"):
@@ -55,7 +57,7 @@ def test_environment_variable(value, expected):
 def test_environment_variable_invalid():
     env = dict(os.environ, GPTKERN_BACKEND="nope")
     out = subprocess.run([sys.executable, "-c", "import gptkern"], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "backend must be one of" in out.stderr
+    assert out.returncode != 0 and "GPTKERN_BACKEND must be one of" in out.stderr
 
 
 def test_auto_on_cpu_resolves_to_torch():
