@@ -8,7 +8,9 @@ STAMP := $(VENV)/.gptkern-installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py tools/bootstrap.sh
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py tools/bootstrap.sh $(CSRC)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh
 	touch $@
 

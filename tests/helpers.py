@@ -23,9 +23,16 @@ GRAD_TOLERANCES = {
 }
 
 
-def backends_here(device: torch.device) -> list[str]:
-    """Every named backend that can run on ``device`` here, plus 'auto'."""
+# Backends that implement attention (the C++ attention kernels are not built yet).
+ATTENTION_BACKENDS = ("triton", "torch")
+
+
+def backends_here(device: torch.device, attention: bool = False) -> list[str]:
+    """Every named backend that can run on ``device`` here (and implements attention, if
+    asked), plus 'auto'."""
     names = [b for b in gptkern.available_backends() if gptkern._backend._backend_runs_on(b, device.type)]
+    if attention:
+        names = [b for b in names if b in ATTENTION_BACKENDS]
     return names + ["auto"]
 
 

@@ -8,7 +8,7 @@ import gptkern
 from helpers import assert_close, backends_here, dtypes_for, poisoned_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = backends_here(DEVICE)
+BACKENDS = backends_here(DEVICE, attention=True)
 PARAMS = [(b, d) for b in BACKENDS for d in dtypes_for(b, DEVICE)]
 sdpa = gptkern.ops.scaled_dot_product_attention
 # Attention sums over S terms: gradients get a looser absolute tolerance than row ops.

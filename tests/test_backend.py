@@ -16,8 +16,8 @@ def test_default_and_available():
     names = gptkern.available_backends()
     assert "torch" in names and "auto" not in names
     assert set(names) <= {"triton", "cuda", "cpu", "torch"}
-    # The C++ extension is not built yet: no cpu/cuda backends.
-    assert "cpu" not in names and "cuda" not in names
+    ext = _backend._extension()
+    assert ("cpu" in names) == (ext is not None and "cpu" in ext.devices)
 
 
 def test_set_backend_and_context_manager():
@@ -60,10 +60,14 @@ def test_environment_variable_invalid():
     assert out.returncode != 0 and "GPTKERN_BACKEND must be one of" in out.stderr
 
 
-def test_auto_on_cpu_resolves_to_torch():
-    """Until the C++ extension lands, auto serves CPU tensors with the torch backend."""
-    supports = {"triton": lambda: None, "torch": lambda: None}
-    assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
+def test_auto_on_cpu_prefers_the_cpp_kernels():
+    """auto serves CPU tensors with the C++ kernels when they are built, else with torch; never
+    with the Triton interpreter."""
+    supports = {"triton": lambda: None, "cpu": lambda: None, "torch": lambda: None}
+    want = "cpu" if "cpu" in gptkern.available_backends() else "torch"
+    assert _backend.choose("softmax", torch.device("cpu"), supports) == want
+    assert _backend.choose("attention", torch.device("cpu"), {"triton": lambda: None, "torch": lambda: None}) \
+        == "torch"
 
 
 def test_auto_on_cuda_prefers_triton_and_falls_back(monkeypatch, caplog):

@@ -8,7 +8,7 @@ import gptkern
 from helpers import backends_here
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = backends_here(DEVICE)
+BACKENDS = backends_here(DEVICE, attention=True)
 
 
 def pair(**kwargs):

@@ -171,7 +171,7 @@ def test_integer_input_with_float_dtype(op, backend):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward(op, backend):
-    x = torch.randn(3, 11, device=DEVICE, dtype=torch.float64 if backend != "triton" else torch.float32,
+    x = torch.randn(3, 11, device=DEVICE, dtype=torch.float64 if backend == "torch" else torch.float32,
                     requires_grad=True)
     g = torch.randn_like(x)
     with gptkern.backend(backend):

@@ -9,7 +9,7 @@ from gptkern.ops.attention import varlen_visibility
 from helpers import assert_close, backends_here, dtypes_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = backends_here(DEVICE)
+BACKENDS = backends_here(DEVICE, attention=True)
 PARAMS = [(b, d) for b in BACKENDS for d in dtypes_for(b, DEVICE)]
 varlen = gptkern.ops.flash_attn_varlen
 

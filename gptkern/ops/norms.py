@@ -94,25 +94,48 @@ def _double_backward_able(ctx, grad_y, x, weight, bias):
     return dx, None, dw, db, None, None
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        return _double_backward_able(ctx, grad_y, x, weight, bias)
-    need_dw = weight is not None and ctx.needs_input_grad[2]
-    need_db = bias is not None and ctx.needs_input_grad[3]
-    dx, dw, db = torch.ops.gptkern.triton_norm_backward(
-        grad_y, x, ctx.k, weight, bias, mean, rstd, ctx.is_rms, need_dw, need_db)
-    return dx, None, dw if need_dw else None, db if need_db else None, None, None
+def _make_backward(backward_op):
+    """The autograd formula of a norm forward op whose kernel backward is ``backward_op``."""
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _double_backward_able(ctx, grad_y, x, weight, bias)
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        need_db = bias is not None and ctx.needs_input_grad[3]
+        dx, dw, db = backward_op(grad_y, x, ctx.k, weight, bias, mean, rstd, ctx.is_rms, need_dw, need_db)
+        return dx, None, dw if need_dw else None, db if need_db else None, None, None
+    return backward
 
 
-triton_norm.register_autograd(_backward, setup_context=_setup_context)
+triton_norm.register_autograd(_make_backward(lambda *args: torch.ops.gptkern.triton_norm_backward(*args)),
+                              setup_context=_setup_context)
+
+
+def register_cpu_ops() -> None:
+    """Fake and autograd registrations of the C++ ops (gptkern._C's norm_fwd / norm_bwd)."""
+    def fake_fwd(x, k, weight, bias, eps, is_rms):
+        stats = x.new_empty(_stats_shape(x, k), dtype=torch.float32)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+    torch.library.register_fake("gptkern::norm_fwd")(fake_fwd)
+    torch.library.register_fake("gptkern::norm_bwd")(
+        lambda grad_out, x, k, weight, bias, mean, rstd, is_rms, need_dw, need_db:
+        _grad_buffers(x, weight, bias, need_dw, need_db))
+    torch.library.register_autograd("gptkern::norm_fwd",
+                                    _make_backward(lambda *args: torch.ops.gptkern.norm_bwd(*args)),
+                                    setup_context=_setup_context)
 
 
 def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor]) -> str:
-    def triton_support():
+    def kernel_support():  # the Triton and C++ kernels take the same dtypes
         return triton_dtype_support(input.dtype, *(p.dtype for p in params if p is not None))
 
-    return _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
+    return _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
+                                              "torch": lambda: None})
+
+
+def _norm_op(backend: str):
+    return torch.ops.gptkern.triton_norm if backend == "triton" else torch.ops.gptkern.norm_fwd
 
 
 ShapeArg = Union[int, Sequence[int], torch.Size]
@@ -133,8 +156,9 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     check_tensor(input, "input")
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("layer_norm", input, shape, weight, bias)
-    if _choose("layer_norm", input, weight, bias) == "triton":
-        return torch.ops.gptkern.triton_norm(input, len(shape), weight, bias, float(eps), False)[0]
+    name = _choose("layer_norm", input, weight, bias)
+    if name != "torch":
+        return _norm_op(name)(input, len(shape), weight, bias, float(eps), False)[0]
     return F.layer_norm(input, shape, weight, bias, eps)
 
 
@@ -154,7 +178,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     check_tensor(input, "input")
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("rms_norm", input, shape, weight)
-    if _choose("rms_norm", input, weight) == "triton":
+    name = _choose("rms_norm", input, weight)
+    if name != "torch":
         eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
-        return torch.ops.gptkern.triton_norm(input, len(shape), weight, None, eps_value, True)[0]
+        return _norm_op(name)(input, len(shape), weight, None, eps_value, True)[0]
     return F.rms_norm(input, shape, weight, eps)

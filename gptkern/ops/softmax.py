@@ -45,18 +45,33 @@ def _setup_context(ctx, inputs, output):
     ctx.dim, ctx.log, ctx.in_dtype = dim, log, x.dtype
 
 
-def _backward(ctx, grad):
-    (out,) = ctx.saved_tensors
-    grad = grad.to(out.dtype)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable composition
-        total = grad.sum(ctx.dim, keepdim=True) if ctx.log else (grad * out).sum(ctx.dim, keepdim=True)
-        grad_in = grad - out.exp() * total if ctx.log else out * (grad - total)
-    else:
-        grad_in = torch.ops.gptkern.triton_softmax_backward(grad, out, ctx.dim, ctx.log)
-    return grad_in.to(ctx.in_dtype), None, None, None
+def _make_backward(backward_op):
+    """The autograd formula of a softmax forward op whose kernel backward is ``backward_op``."""
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        grad = grad.to(out.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable composition
+            total = grad.sum(ctx.dim, keepdim=True) if ctx.log else (grad * out).sum(ctx.dim, keepdim=True)
+            grad_in = grad - out.exp() * total if ctx.log else out * (grad - total)
+        else:
+            grad_in = backward_op(grad, out, ctx.dim, ctx.log)
+        return grad_in.to(ctx.in_dtype), None, None, None
+    return backward
 
 
-triton_softmax.register_autograd(_backward, setup_context=_setup_context)
+triton_softmax.register_autograd(
+    _make_backward(lambda *args: torch.ops.gptkern.triton_softmax_backward(*args)), setup_context=_setup_context)
+
+
+def register_cpu_ops() -> None:
+    """Fake and autograd registrations of the C++ ops (gptkern._C's softmax_fwd / softmax_bwd)."""
+    torch.library.register_fake("gptkern::softmax_fwd")(
+        lambda x, dim, log, out_dtype: torch.empty(x.shape, dtype=out_dtype, device=x.device))
+    torch.library.register_fake("gptkern::softmax_bwd")(
+        lambda grad_out, out, dim, log: torch.empty(out.shape, dtype=out.dtype, device=out.device))
+    torch.library.register_autograd("gptkern::softmax_fwd",
+                                    _make_backward(lambda *args: torch.ops.gptkern.softmax_bwd(*args)),
+                                    setup_context=_setup_context)
 
 
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -72,13 +87,15 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     cast_first = dtype is not None and dtype != input.dtype and not upcast_in_kernel
     kernel_in_dtype = out_dtype if cast_first else input.dtype
 
-    def triton_support():
+    def kernel_support():  # the Triton and C++ kernels take the same dtypes
         return triton_dtype_support(kernel_in_dtype, out_dtype)
 
-    name = _backend.choose(op, input.device, {"triton": triton_support, "torch": lambda: None})
-    if name == "triton":
+    name = _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
+                                              "torch": lambda: None})
+    if name != "torch":
         x = input.to(out_dtype) if cast_first else input
-        return torch.ops.gptkern.triton_softmax(x, dim, log, out_dtype)
+        fwd = torch.ops.gptkern.triton_softmax if name == "triton" else torch.ops.gptkern.softmax_fwd
+        return fwd(x, dim, log, out_dtype)
     fn = torch.log_softmax if log else torch.softmax
     return fn(input, dim, dtype=dtype)
 

@@ -1,0 +1,104 @@
+// softmax / log_softmax forward and backward on CPU: one row at a time in fp32, rows in
+// parallel (at::parallel_for), arithmetic vectorized with at::vec.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "row_buffer.h"
+
+namespace gptkern::cpu {
+namespace {
+
+template <typename in_t, typename out_t>
+void softmax_rows(const in_t* x, out_t* y, int64_t rows, int64_t n, bool log) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    float* z = buf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      load_row(x + r * n, z, n);
+      const float m = vec_max(z, n);  // a row of -inf gives NaN, as torch
+      at::vec::map([m](Vec v) { return v - Vec(m); }, z, z, n);
+      if (log) {
+        const float s = at::vec::map_reduce_all<float>(
+            [](Vec v) { return v.exp(); }, [](Vec a, Vec b) { return a + b; }, z, n);
+        const float log_s = std::log(s);
+        at::vec::map([log_s](Vec v) { return v - Vec(log_s); }, z, z, n);
+      } else {
+        at::vec::map([](Vec v) { return v.exp(); }, z, z, n);
+        const float inv = 1.0f / vec_sum(z, n);
+        at::vec::map([inv](Vec v) { return v * Vec(inv); }, z, z, n);
+      }
+      store_row(z, y + r * n, n);
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_bwd_rows(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t rows, int64_t n,
+                      bool log) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * n);
+    float* g = buf.data();
+    float* o = buf.data() + n;
+    for (int64_t r = begin; r < end; ++r) {
+      load_row(dy + r * n, g, n);
+      load_row(y + r * n, o, n);
+      if (log) {  // dx = dy - exp(y) * sum(dy)
+        const float total = vec_sum(g, n);
+        at::vec::map2([total](Vec gv, Vec ov) { return gv - ov.exp() * Vec(total); }, g, g, o, n);
+      } else {  // dx = y * (dy - sum(dy * y))
+        const float total = at::vec::map2_reduce_all<float>(
+            [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g, o, n);
+        at::vec::map2([total](Vec gv, Vec ov) { return ov * (gv - Vec(total)); }, g, g, o, n);
+      }
+      store_row(g, dx + r * n, n);
+    }
+  });
+}
+
+at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.device().is_cpu(), "gptkern::softmax_fwd: x must be a CPU tensor");
+  const int64_t rank = std::max<int64_t>(x.dim(), 1);
+  dim = at::maybe_wrap_dim(dim, rank);
+  auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
+  auto out = at::empty(xt.sizes(), xt.options().dtype(out_dtype));
+  const int64_t n = xt.dim() ? xt.size(-1) : 1;
+  if (xt.numel() > 0) {
+    GPTKERN_DISPATCH(xt.scalar_type(), "softmax_fwd_in", [&] {
+      using in_t = scalar_t;
+      GPTKERN_DISPATCH(out_dtype, "softmax_fwd_out", [&] {
+        softmax_rows<in_t, scalar_t>(xt.const_data_ptr<in_t>(), out.mutable_data_ptr<scalar_t>(),
+                                     xt.numel() / n, n, log);
+      });
+    });
+  }
+  out = out.movedim(-1, dim).contiguous();
+  return x.dim() == 0 ? out.reshape({}) : out;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log) {
+  TORCH_CHECK(out.device().is_cpu(), "gptkern::softmax_bwd: out must be a CPU tensor");
+  const int64_t rank = std::max<int64_t>(out.dim(), 1);
+  dim = at::maybe_wrap_dim(dim, rank);
+  auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
+  auto yt = shape_1d(out).movedim(dim, -1).contiguous();
+  auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
+  auto dx = at::empty(yt.sizes(), yt.options());
+  const int64_t n = yt.dim() ? yt.size(-1) : 1;
+  if (yt.numel() > 0) {
+    GPTKERN_DISPATCH(yt.scalar_type(), "softmax_bwd", [&] {
+      softmax_bwd_rows<scalar_t>(gt.const_data_ptr<scalar_t>(), yt.const_data_ptr<scalar_t>(),
+                                 dx.mutable_data_ptr<scalar_t>(), yt.numel() / n, n, log);
+    });
+  }
+  dx = dx.movedim(-1, dim).contiguous();
+  return out.dim() == 0 ? dx.reshape({}) : dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptkern, CPU, m) {
+  m.impl("softmax_fwd", &softmax_fwd);
+  m.impl("softmax_bwd", &softmax_bwd);
+}
+
+}  // namespace gptkern::cpu

@@ -1,0 +1,79 @@
+"""The C++ CPU kernels of gptkern._C: build info, custom-op registrations, compile, and
+dW/dB that do not depend on the thread count. (Their numerics run in every op test: 'cpu'
+is one of the backends those parametrize over, and auto's choice for CPU tensors.)"""
+import pytest
+import torch
+
+import gptkern
+from gptkern import _backend
+from gptkern.ops.reference import layer_norm_ref, softmax_ref
+from helpers import assert_close
+
+pytestmark = pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+
+
+def test_build_info():
+    ext = _backend._extension()
+    assert ext.devices == ("cpu",)
+    assert isinstance(ext.compiler, str) and isinstance(ext.openmp, bool) and isinstance(ext.simd, list)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_opcheck_softmax(log):
+    x = torch.randn(5, 19, requires_grad=True)
+    for dim in (-1, 0):
+        torch.library.opcheck(torch.ops.gptkern.softmax_fwd.default, (x, dim, log, torch.float32))
+    torch.library.opcheck(torch.ops.gptkern.softmax_fwd.default,
+                          (x.detach().bfloat16().requires_grad_(), 1, log, torch.float32))
+    y = torch.softmax(x.detach(), -1)
+    torch.library.opcheck(torch.ops.gptkern.softmax_bwd.default,
+                          (torch.randn(5, 19), torch.log(y) if log else y, -1, log))
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_opcheck_norm(is_rms):
+    x = torch.randn(3, 4, 11, requires_grad=True)
+    w = torch.randn(4, 11, requires_grad=True)
+    b = None if is_rms else torch.randn(4, 11, requires_grad=True)
+    torch.library.opcheck(torch.ops.gptkern.norm_fwd.default, (x, 2, w, b, 1e-5, is_rms))
+    _, mean, rstd = torch.ops.gptkern.norm_fwd(x.detach(), 2, w.detach(), b, 1e-5, is_rms)
+    torch.library.opcheck(torch.ops.gptkern.norm_bwd.default,
+                          (torch.randn(3, 4, 11), x.detach(), 2, w.detach(), None if b is None else b.detach(),
+                           mean, rstd, is_rms, True, b is not None))
+
+
+def test_compile_fullgraph():
+    x = torch.randn(4, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+
+    def f(x, w):
+        return gptkern.ops.log_softmax(gptkern.ops.layer_norm(x, (24,), w), -1)
+
+    torch._dynamo.reset()
+    with gptkern.backend("cpu"):
+        y = torch.compile(f, fullgraph=True)(x, w)
+        grads = torch.autograd.grad(y.sum(), (x, w))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w)]
+    ref = softmax_ref(layer_norm_ref(leaves[0], (24,), leaves[1]), -1, log=True)
+    assert_close(y, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_weight_grads_do_not_depend_on_threads():
+    x = torch.randn(301, 96, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    g = torch.randn(301, 96)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            with gptkern.backend("cpu"):
+                runs.append(torch.autograd.grad(gptkern.ops.layer_norm(x, (96,), w, b), (x, w, b), g))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
