@@ -33,7 +33,6 @@ Usage: ``python -m gptkern bench-attention [--quick] [--mode fwd,bwd,fwd+bwd] [-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -47,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import gptkern
 from gptkern import benchmark
 from gptkern.benchmark import (DTYPES, REPEATS, _error, _parse_list, add_common_args, device_from_args, metadata,
-                               time_fn, write_atomic)
+                               time_fn)
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SUITES = ("dense", "varlen")
@@ -382,12 +381,7 @@ def markdown(report: dict) -> str:
 
 
 def _save(report: dict, args: argparse.Namespace) -> str:
-    text = markdown(report)
-    if args.out_json:
-        write_atomic(args.out_json, json.dumps(report, indent=1) + "\n")
-    if args.out_md:
-        write_atomic(args.out_md, text)
-    return text
+    return benchmark._save(report, args, markdown)
 
 
 # ---------------------------------------------------------------- entry point

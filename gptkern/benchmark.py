@@ -311,9 +311,10 @@ def write_atomic(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
-def _save(report: dict, args: argparse.Namespace) -> str:
-    """Write the JSON and Markdown files asked for; returns the Markdown."""
-    text = markdown(report)
+def _save(report: dict, args: argparse.Namespace, render: Optional[Callable[[dict], str]] = None) -> str:
+    """Write the JSON and Markdown files asked for; returns the Markdown (``render``, by default
+    this module's table)."""
+    text = (render or markdown)(report)
     if args.out_json:
         write_atomic(args.out_json, json.dumps(report, indent=1) + "\n")
     if args.out_md:
