@@ -107,7 +107,7 @@ def available_backends() -> list[str]:
 
 
 # Order tried by ``auto``, per device type. The C++ CPU kernels are not in it yet: measured
-# on one thread with AVX2 they are slower than PyTorch's own for softmax (0.37x) and
+# on one thread with AVX2 they are slower than PyTorch's own for softmax (0.65x) and
 # layer_norm (0.4-0.57x), faster only for rms_norm forward+backward, so ``auto`` keeps CPU
 # tensors on ``torch`` until they win; ``gptkern.backend("cpu")`` selects them.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}

@@ -43,13 +43,45 @@ inline float vec_sum(const float* x, int64_t n) {
 }
 
 inline float vec_max(const float* x, int64_t n) {
-  // NaN-propagating, as torch.max: a NaN anywhere gives NaN.
+  // NaN-propagating, as torch.max: a NaN anywhere gives NaN (at::vec::maximum propagates it).
+  constexpr int64_t kW = Vec::size();
+  Vec vm(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+  float lanes[kW];
+  vm.store(lanes);
   float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t j = 0; j < kW; ++j) {
+    if (std::isnan(lanes[j])) return lanes[j];
+    m = std::max(m, lanes[j]);
+  }
+  for (; i < n; ++i) {
     if (std::isnan(x[i])) return x[i];
     m = std::max(m, x[i]);
   }
   return m;
+}
+
+// y[i] = exp(x[i] - m) for every i; returns the sum of y. x and y may alias.
+inline float exp_shifted_sum(const float* x, float* y, int64_t n, float m) {
+  constexpr int64_t kW = Vec::size();
+  const Vec vm(m);
+  Vec acc(0.0f);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec e = (Vec::loadu(x + i) - vm).exp();  // Sleef: NaN and inf as std::exp
+    e.store(y + i);
+    acc = acc + e;
+  }
+  float lanes[kW];
+  acc.store(lanes);
+  float s = 0.0f;
+  for (int64_t j = 0; j < kW; ++j) s += lanes[j];
+  for (; i < n; ++i) {
+    y[i] = std::exp(x[i] - m);
+    s += y[i];
+  }
+  return s;
 }
 
 }  // namespace gptkern::cpu

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "row_buffer.h"
 
 namespace gptkern::cpu {
@@ -11,23 +13,24 @@ namespace {
 template <typename in_t, typename out_t>
 void softmax_rows(const in_t* x, out_t* y, int64_t rows, int64_t n, bool log) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(n);
-    float* z = buf.data();
+    std::vector<float> buf(2 * n);
+    float* z = buf.data();            // the row in fp32 when it is not fp32 already
+    float* scratch = buf.data() + n;  // log-softmax's exp values
     for (int64_t r = begin; r < end; ++r) {
-      load_row(x + r * n, z, n);
-      const float m = vec_max(z, n);  // a row of -inf gives NaN, as torch
-      at::vec::map([m](Vec v) { return v - Vec(m); }, z, z, n);
+      // fp32 rows are read in place; other dtypes go through the float buffer.
+      const float* row = std::is_same_v<in_t, float> ? reinterpret_cast<const float*>(x + r * n) : z;
+      float* dst = std::is_same_v<out_t, float> ? reinterpret_cast<float*>(y + r * n) : z;
+      if constexpr (!std::is_same_v<in_t, float>) load_row(x + r * n, z, n);
+      const float m = vec_max(row, n);  // a row of -inf gives NaN, as torch
       if (log) {
-        const float s = at::vec::map_reduce_all<float>(
-            [](Vec v) { return v.exp(); }, [](Vec a, Vec b) { return a + b; }, z, n);
-        const float log_s = std::log(s);
-        at::vec::map([log_s](Vec v) { return v - Vec(log_s); }, z, z, n);
+        const float s = exp_shifted_sum(row, scratch, n, m);
+        const float shift = m + std::log(s);
+        at::vec::map([shift](Vec v) { return v - Vec(shift); }, dst, row, n);
       } else {
-        at::vec::map([](Vec v) { return v.exp(); }, z, z, n);
-        const float inv = 1.0f / vec_sum(z, n);
-        at::vec::map([inv](Vec v) { return v * Vec(inv); }, z, z, n);
+        const float inv = 1.0f / exp_shifted_sum(row, dst, n, m);
+        at::vec::map([inv](Vec v) { return v * Vec(inv); }, dst, dst, n);
       }
-      store_row(z, y + r * n, n);
+      if constexpr (!std::is_same_v<out_t, float>) store_row(dst, y + r * n, n);
     }
   });
 }
