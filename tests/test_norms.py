@@ -250,3 +250,15 @@ def test_double_backward(op, backend):
         got = torch.zeros_like(leaf) if got is None else got.double()
         want = torch.zeros_like(leaf) if want is None else want
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_shape,shape", [((3, 0), (0,)), ((2, 0, 3), (0, 3))])
+def test_empty_normalized_shape(op, backend, x_shape, shape):
+    x = torch.randn(x_shape, device=DEVICE, requires_grad=True)
+    w = torch.randn(shape, device=DEVICE, requires_grad=True)
+    with gptkern.backend(backend):
+        y = call(op, x, shape, w, None, 1e-5)
+        y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))

@@ -89,11 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_fwd: x must be a CPU tensor");
   auto lead = x.sizes().slice(0, x.dim() - k);
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
-  auto x2 = x.reshape({-1, n}).contiguous();
   auto y = at::empty(x.sizes(), x.options());
   auto mean = at::zeros(lead, x.options().dtype(at::kFloat));
   auto rstd = at::empty(lead, x.options().dtype(at::kFloat));
-  if (x.numel() > 0) {
+  if (x.numel() == 0) {
+    rstd.fill_(1.0f / std::sqrt(static_cast<float>(eps)));  // rows of no element: variance 0
+  } else {
+    auto x2 = x.reshape({-1, n}).contiguous();
     auto w = as_floats(weight, n, 1.0f);
     auto b = as_floats(bias, n, 0.0f);
     GPTKERN_DISPATCH(x.scalar_type(), "norm_fwd", [&] {
@@ -113,8 +115,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_bwd: x must be a CPU tensor");
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   const int64_t rows = n ? x.numel() / n : 0;
-  auto x2 = x.reshape({-1, n}).contiguous();
-  auto dy2 = grad_out.to(x.scalar_type()).reshape({-1, n}).contiguous();
   auto dx = at::empty(x.sizes(), x.options());
   auto empty = [&] { return at::empty({0}, x.options()); };
   const int64_t groups = std::max<int64_t>(1, std::min(rows, kGroups));
@@ -123,6 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   };
   auto dw_part = part(need_dw), db_part = part(need_db);
   if (rows > 0) {
+    auto x2 = x.reshape({-1, n}).contiguous();
+    auto dy2 = grad_out.to(x.scalar_type()).reshape({-1, n}).contiguous();
     auto w = as_floats(weight, n, 1.0f);
     auto mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
     GPTKERN_DISPATCH(x.scalar_type(), "norm_bwd", [&] {
