@@ -113,7 +113,7 @@ def norm_configs():
                     yield (norms._norm_fwd_kernel, fwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, BLOCK_N=block, FUSED=fused),
                            launch.NORM_FWD.warps(block, fused), aligned)
-                bwd_types = {n: "i32" for n in norms._norm_bwd_tiled_kernel.arg_names}
+                bwd_types = {n: "i32" for n in norms._norm_bwd_kernel.arg_names}
                 bwd_types.update(X=ptr, DY=ptr, DX=ptr, W=ptr, Mean="*fp32", Rstd="*fp32", C1="*fp32",
                                  C2="*fp32", DW_part="*fp32", DB_part="*fp32")
                 looped = min(launch.LOOP_BLOCK, launch.NORM_BWD.max_fused(aligned, BYTES[dtype]))
@@ -122,10 +122,11 @@ def norm_configs():
                 for need_dw, need_db in {(has_w, has_b), (False, has_b), (has_w, False)}:
                     bwd_flags = dict(IS_RMS=is_rms, HAS_W=has_w, NEED_DW=need_dw, NEED_DB=need_db)
                     for block in fused_blocks(launch.NORM_BWD, aligned, dtype):
-                        yield (norms._norm_bwd_fused_kernel, bwd_types, dict(bwd_flags, BLOCK_N=block),
-                               launch.NORM_BWD.warps(block), aligned)
-                    yield (norms._norm_bwd_tiled_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped), warps,
-                           aligned)
+                        yield (norms._norm_bwd_kernel, bwd_types,
+                               dict(bwd_flags, BLOCK_N=block, SUMS_GIVEN=False), launch.NORM_BWD.warps(block),
+                               aligned)
+                    yield (norms._norm_bwd_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped, SUMS_GIVEN=True),
+                           warps, aligned)
                 if not has_b:
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
@@ -221,8 +222,8 @@ def test_softmax_kernels_compile_for_hopper_without_spills():
 @pytest.mark.slow
 def test_norm_kernels_compile_for_hopper_without_spills():
     results = run_compiles("norms")
-    assert {r["kernel"] for r in results} == {"_norm_fwd_kernel", "_norm_bwd_fused_kernel",
-                                              "_norm_bwd_row_sums_kernel", "_norm_bwd_tiled_kernel",
+    assert {r["kernel"] for r in results} == {"_norm_fwd_kernel", "_norm_bwd_kernel",
+                                              "_norm_bwd_row_sums_kernel",
                                               "_sum_rows_kernel"}
     assert_no_spills(results)
 

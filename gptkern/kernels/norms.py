@@ -78,21 +78,24 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _norm_bwd_fused_kernel(
+def _norm_bwd_kernel(
     X, DY, DX,             # (rows, N), row strides stride_x / stride_dy / stride_dx, unit column stride
     W,                     # (N,), unused when HAS_W is False
     Mean, Rstd,            # (rows,) fp32 from the forward
+    C1, C2,                # (rows,) fp32 row sums from _norm_bwd_row_sums_kernel when SUMS_GIVEN
     DW_part, DB_part,      # (G, N) fp32 partial sums, row stride N
     stride_x, stride_dy, stride_dx, n_rows, rows_per_program, N,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    SUMS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Rows of up to BLOCK_N elements: dW/dB partials stay in registers across the rows."""
+    """Program (g, t) writes dX of column tile t for the rows of group g and keeps that tile's
+    dW/dB partials in registers. Without SUMS_GIVEN one tile holds the whole row (grid (G, 1))
+    and the row sums c1 = mean(xhat * w * dy), c2 = mean(w * dy) are computed here."""
     pid = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
     if HAS_W:
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], tl.float32)
@@ -104,13 +107,20 @@ def _norm_bwd_fused_kernel(
         if IS_RMS:
             xhat = x * rstd
         else:
-            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-        wdy = dy * w if HAS_W else dy
-        c1 = tl.sum(xhat * wdy, 0) / N
+            xhat = (x - tl.load(Mean + row)) * rstd
+        wdy = dy * w if HAS_W else dy  # 0 on masked lanes, so they add nothing below
+        if SUMS_GIVEN:
+            c1 = tl.load(C1 + row)
+        else:
+            c1 = tl.sum(xhat * wdy, 0) / N
         if IS_RMS:
             dx = (wdy - xhat * c1) * rstd
         else:
-            dx = (wdy - (xhat * c1 + tl.sum(wdy, 0) / N)) * rstd
+            if SUMS_GIVEN:
+                c2 = tl.load(C2 + row)
+            else:
+                c2 = tl.sum(wdy, 0) / N
+            dx = (wdy - (xhat * c1 + c2)) * rstd
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw_acc += dy * xhat
@@ -124,7 +134,7 @@ def _norm_bwd_fused_kernel(
 
 @triton.jit
 def _norm_bwd_row_sums_kernel(
-    X, DY, W, Mean, Rstd,  # as in _norm_bwd_fused_kernel
+    X, DY, W, Mean, Rstd,  # as in _norm_bwd_kernel
     C1, C2,                # (rows,) fp32 out: mean(xhat * w * dy), mean(w * dy)
     stride_x, stride_dy, N,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,50 +160,6 @@ def _norm_bwd_row_sums_kernel(
         sum_b += wdy
     tl.store(C1 + row, tl.sum(sum_a, 0) / N)
     tl.store(C2 + row, tl.sum(sum_b, 0) / N)
-
-
-@triton.jit
-def _norm_bwd_tiled_kernel(
-    X, DY, DX, W, Mean, Rstd,  # as in _norm_bwd_fused_kernel
-    C1, C2,                    # (rows,) fp32 from _norm_bwd_row_sums_kernel
-    DW_part, DB_part,          # (G, N) fp32 partial sums, row stride N
-    stride_x, stride_dy, stride_dx, n_rows, rows_per_program, N,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Second pass of the looped backward: program (g, t) writes dX of column tile t for
-    the rows of group g and keeps that tile's dW/dB partials in registers."""
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    first = pid * rows_per_program
-    last = tl.minimum(first + rows_per_program, n_rows)
-    if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_N], tl.float32)
-    db_acc = tl.zeros([BLOCK_N], tl.float32)
-    for row in range(first, last):  # int64 bounds, so int64 offsets
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + row)
-        if IS_RMS:
-            xhat = x * rstd
-        else:
-            xhat = (x - tl.load(Mean + row)) * rstd
-        wdy = dy * w if HAS_W else dy
-        if IS_RMS:
-            dx = (wdy - xhat * tl.load(C1 + row)) * rstd
-        else:
-            dx = (wdy - (xhat * tl.load(C1 + row) + tl.load(C2 + row))) * rstd
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        if NEED_DW:
-            dw_acc += dy * xhat
-        if NEED_DB:
-            db_acc += dy
-    if NEED_DW:
-        tl.store(DW_part + pid * N + cols, dw_acc, mask=mask)
-    if NEED_DB:
-        tl.store(DB_part + pid * N + cols, db_acc, mask=mask)
 
 
 @triton.jit
@@ -277,16 +243,17 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
                  BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
     strides = (x2.stride(0), dy2.stride(0), dx2.stride(0), rows, rows_per_program, n)
     if fused:
-        _norm_bwd_fused_kernel[(programs,)](x2, dy2, dx2, w, mean, rstd, dw_part, db_part,
-                                            *strides, **flags)
+        c1 = c2 = rstd  # unused
+        tiles = 1
     else:
         c1 = torch.empty(rows, device=x.device, dtype=torch.float32)
         c2 = torch.empty_like(c1)
         _norm_bwd_row_sums_kernel[(rows,)](
             x2, dy2, w, mean, rstd, c1, c2, x2.stride(0), dy2.stride(0), n,
             IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
-        _norm_bwd_tiled_kernel[(programs, triton.cdiv(n, block))](
-            x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides, **flags)
+        tiles = triton.cdiv(n, block)
+    _norm_bwd_kernel[(programs, tiles)](x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides,
+                                        SUMS_GIVEN=not fused, **flags)
     if need_dw:
         sum_rows(dw_part, grad_weight)
     if need_db:
