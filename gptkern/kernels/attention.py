@@ -77,6 +77,17 @@ def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+    """A query-block program's (batch-head, batch, head, KV head, first query row, first key
+    row, L, S, diag, first query of the block); grid (B * H, query blocks)."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
+    return bh, b, h, h // GROUP, q0, k0, L, S, diag, tl.program_id(1) * BLOCK_M
+
+
+@triton.jit
 def _key_range(start_m, L, S, diag, win_left, win_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[lo, hi): the key blocks that queries start_m .. start_m + BLOCK_M - 1 may see."""
@@ -105,13 +116,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Tile bases are int64; offsets inside a tile are int32.
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
-    start_m = pid_m * BLOCK_M
+    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
@@ -280,13 +285,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
-    pid_m = tl.program_id(1)
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
-    start_m = pid_m * BLOCK_M
+    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
