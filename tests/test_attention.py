@@ -239,35 +239,40 @@ def _dropout_factors(q, k, p, seed, **kw):
     with gptkern.backend("triton"):
         weights = sdpa(q, k, eye, dropout_p=p, **kw)  # = softmax(...) * Z
     probs = reference(q, k, eye, **kw)
-    return weights.double() / probs.clamp_min(1e-30), probs
+    return (weights.double() / probs.clamp_min(1e-30)).round(decimals=4), probs
+
+
+def _check_dropout(q, k, v, p, seed, **kw):
+    """Forward and gradients under ``seed`` against float64 (softmax * Z) @ V, with Z the kernel's
+    own mask: the backward must regenerate exactly the forward's mask. Returns (Z, softmax)."""
+    z, probs = _dropout_factors(q, k, p, seed, **kw)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(seed)
+    with gptkern.backend("triton"):
+        out = sdpa(*leaves, dropout_p=p, **kw)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    s = k.shape[-2]
+    eye = torch.eye(s, device=DEVICE, dtype=torch.float64).expand(*k.shape[:-1], s)
+    weights = reference(ref_leaves[0], ref_leaves[1], eye, **kw)  # softmax, differentiable in q, k
+    ref = (weights * z) @ ref_leaves[2].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    assert_close(out, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    return z, probs
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_statistics_and_gradients(causal):
     p = 0.3
-    q, k, v = rand(1, 2, 48, 16), rand(1, 2, 80, 16), rand(1, 2, 80, 24)
-    z, probs = _dropout_factors(q, k, p, seed=7, is_causal=causal)
-    visible = probs > 0
-    kept = z[visible]
+    z, probs = _check_dropout(rand(1, 2, 48, 16), rand(1, 2, 80, 16), rand(1, 2, 80, 24), p, seed=7,
+                              is_causal=causal)
+    kept = z[probs > 0]
     assert torch.all((kept.abs() < 1e-4) | ((kept - 1 / (1 - p)).abs() < 1e-3))
     dropped = (kept.abs() < 1e-4).double().mean().item()
     assert abs(dropped - p) < 0.03, dropped
-    # Same seed: the same mask, in the forward with real values and in the backward.
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    torch.manual_seed(7)
-    with gptkern.backend("triton"):
-        out = sdpa(q, k, v, dropout_p=p, is_causal=causal)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (q, k, v), g)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    weights = torch.softmax((leaves[0] @ leaves[1].transpose(-1, -2)) / 4.0
-                            + torch.zeros(48, 80, dtype=torch.float64, device=DEVICE).masked_fill(
-                                ~visible[0, 0], float("-inf")), -1)
-    ref = (weights * z.round(decimals=4)) @ leaves[2]
-    assert_close(out, ref, torch.float32)
-    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
@@ -348,23 +353,4 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
 def test_dropout_gradients_with_gqa_and_batches():
     """The dK/dV kernel regenerates each query head's mask (batch 2, groups of 2)."""
-    p = 0.25
-    q, k, v = rand(2, 4, 24, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 8)
-    eye = torch.eye(40, device=DEVICE).expand(2, 2, 40, 40)
-    torch.manual_seed(11)
-    with gptkern.backend("triton"):
-        weights = sdpa(q, k, eye, dropout_p=p, enable_gqa=True)  # softmax * Z per query head
-    probs = reference(q, k, eye, enable_gqa=True)
-    z = (weights.double() / probs).round(decimals=4)
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    torch.manual_seed(11)
-    with gptkern.backend("triton"):
-        out = sdpa(q, k, v, dropout_p=p, enable_gqa=True)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (q, k, v), g)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    kk, vv = (t.repeat_interleave(2, dim=1) for t in leaves[1:])
-    ref = (torch.softmax(leaves[0] @ kk.transpose(-1, -2) / 4.0, -1) * z) @ vv
-    assert_close(out, ref, torch.float32)
-    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    _check_dropout(rand(2, 4, 24, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 8), 0.25, seed=11, enable_gqa=True)
