@@ -69,13 +69,19 @@ class GPTBody(nn.Module):
         self.ln_f = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        """cache: a gptkern.generation KV cache, or None. The first call with a cache is the prompt
+        (left-padded with ``attention_mask``); later calls decode new tokens after the cached ones."""
         c = self.config
         check_token_ids(idx, c.vocab_size)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "
                              f"{list(attention_mask.shape)}")
-        if position_ids is None:
+        decoding = cache is not None and cache.filled
+        if decoding:  # new tokens follow each sequence's cached ones; no padding in the cache
+            attention_mask = None
+            position_ids = cache.seqlens.long()[:, None] + torch.arange(idx.shape[1], device=idx.device)
+        elif position_ids is None:
             position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
                             else torch.arange(idx.shape[1], device=idx.device))
         x = self.wte(idx)
@@ -88,11 +94,19 @@ class GPTBody(nn.Module):
             rope = rope_cos_sin(position_ids, c.head_dim, c.rope_base)
         x = self.drop(x)
         key_mask = None if attention_mask is None else attention_mask.bool()
-        for block in self.h:
+        lengths = None if attention_mask is None else attention_mask.sum(-1, dtype=torch.int32)
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else cache.layer(i, lengths)
             if c.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, key_mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, key_mask, layer_cache, use_reentrant=False)
             else:
-                x = block(x, rope, key_mask)
+                x = block(x, rope, key_mask, layer_cache)
+        if cache is not None:
+            if decoding:
+                cache.advance(idx.shape[1])
+            else:
+                cache.seqlens.copy_(lengths if lengths is not None else idx.shape[1])
+                cache.filled = True
         return self.ln_f(x)
 
 

@@ -70,9 +70,10 @@ class DecoderBlock(nn.Module):
         self.ln_3 = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         self.mlp = MLP(c.n_embd, c.mlp_hidden, c.activation, bias=c.bias, dropout=c.dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask)
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor], memory_mask: Optional[torch.Tensor],
+                cache=None, memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache)
+        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask, memory_kv)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -105,11 +106,15 @@ class Seq2SeqTransformer(nn.Module):
         gpt2_init_(self, c.n_encoder_layer + c.n_decoder_layer, c.init_std)
         self.lm_head.weight = self.tgt_emb.weight
 
-    def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: nn.Embedding, name: str) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: nn.Embedding, name: str,
+               offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_token_ids(ids, table.num_embeddings, name)
         if ids.shape[1] > self.config.max_len:
             raise ValueError(f"{name} length {ids.shape[1]} is longer than max_len {self.config.max_len}")
-        return self.drop(table(ids) + positions(torch.arange(ids.shape[1], device=ids.device)))
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        if offset is not None:  # (B,) tokens already decoded
+            pos = offset.long()[:, None] + pos
+        return self.drop(table(ids) + positions(pos))
 
     def encode(self, src: torch.Tensor, src_pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """src (B, S) -> memory (B, S, n_embd); computed once per source for decoding."""
@@ -121,13 +126,27 @@ class Seq2SeqTransformer(nn.Module):
             x = block(x, key_mask=keep)
         return self.ln_enc(x)
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor,
-               src_pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tgt_in (B, T), memory (B, S, n_embd) -> logits (B, T, target vocabulary)."""
-        x = self._embed(tgt_in, self.tgt_emb, self.tgt_pos, "tgt_in")
+    def decode(self, tgt_in: torch.Tensor, memory: Optional[torch.Tensor],
+               src_pad_mask: Optional[torch.Tensor] = None, *, cache=None,
+               memory_kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+        """tgt_in (B, T), memory (B, S, n_embd) -> logits (B, T, target vocabulary).
+
+        For step-by-step decoding: ``cache`` (a gptkern.generation KV cache for the decoder's
+        self-attention; tgt_in then holds only the new tokens) and ``memory_kv``, each decoder
+        layer's ``cross_attn.project_memory(memory)``, computed once.
+        """
+        decoding = cache is not None and cache.filled
+        x = self._embed(tgt_in, self.tgt_emb, self.tgt_pos, "tgt_in", cache.seqlens if decoding else None)
         keep = None if src_pad_mask is None else ~src_pad_mask.bool()
-        for block in self.decoder:
-            x = block(x, memory, keep)
+        for i, block in enumerate(self.decoder):
+            x = block(x, memory, keep, None if cache is None else cache.layer(i),
+                      None if memory_kv is None else memory_kv[i])
+        if cache is not None:
+            if decoding:
+                cache.advance(tgt_in.shape[1])
+            else:
+                cache.seqlens.fill_(tgt_in.shape[1])
+                cache.filled = True
         return self.lm_head(self.ln_dec(x))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor,

@@ -73,7 +73,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        """cache: a ``LayerCache`` (gptkern.generation) or None. While decoding, attention runs over
+        the cached keys; on the prompt, the keys and values are also written to the cache."""
         b, l, _ = x.shape
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split((h * d, hkv * d, hkv * d), dim=-1)
@@ -82,10 +84,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, l, hkv, d).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
-        y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             enable_gqa=hkv != h)
+        if cache is not None and cache.decoding:
+            if self.window is not None:
+                raise NotImplementedError("decoding with a KV cache does not support sliding windows yet")
+            y = cache.decode(q, k, v)
+        else:
+            mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
+            y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 dropout_p=self.dropout if self.training else 0.0,
+                                                 enable_gqa=hkv != h)
+            if cache is not None:
+                cache.write_prompt(k, v)
         y = y.transpose(1, 2).reshape(b, l, h * d)
         return self.resid_dropout(self.c_proj(y))
 
@@ -106,12 +115,21 @@ class CrossAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor,
-                memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, n_embd) -> keys and values (B, H, S, D): computed once when decoding."""
+        b, _, e = memory.shape
+        h = self.n_head
+        k, v = (t.view(b, -1, h, e // h).transpose(1, 2) for t in self.kv_proj(memory).chunk(2, dim=-1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor],
+                memory_mask: Optional[torch.Tensor] = None,
+                memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """memory_kv: the output of :meth:`project_memory`, which then replaces ``memory``."""
         b, l, e = x.shape
         h = self.n_head
         q = self.q_proj(x).view(b, l, h, e // h).transpose(1, 2)  # (B, H, L, D)
-        k, v = (t.view(b, -1, h, e // h).transpose(1, 2) for t in self.kv_proj(memory).chunk(2, dim=-1))
+        k, v = memory_kv if memory_kv is not None else self.project_memory(memory)
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
         y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
@@ -158,6 +176,6 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, activation, bias=bias, dropout=dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, key_mask)
+                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, key_mask, cache)
         return x + self.mlp(self.ln_2(x))
