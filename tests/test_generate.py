@@ -153,3 +153,39 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, prompt, 2, attention_mask=mask.flip(1))
     assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
+
+
+def test_paged_cache_equals_static_and_frees_blocks():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([9, 2, 5], seed=4)
+    static = generate(model, prompt, 14, attention_mask=mask)
+    paged = generate(model, prompt, 14, attention_mask=mask, cache="paged")
+    assert torch.equal(paged, static)
+    # a stopping sequence returns its blocks, which others then reuse without corrupting anything
+    eos = int(static[1, 9 + 1])
+    with_eos = generate(model, prompt, 14, attention_mask=mask, eos_token_id=eos)
+    # 4 usable blocks: the two long sequences need their second block after the short one frees its own
+    tight = generate(model, prompt, 14, attention_mask=mask, eos_token_id=eos, cache="paged", num_cache_blocks=5)
+    assert torch.equal(tight, with_eos)
+
+
+def test_paged_cache_allocator():
+    from gptkern.generation import PagedKVCache
+
+    cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=4, block_size=4)
+    cache.allocate([5, 4])  # 2 blocks + 1 block: the pool's 3 usable blocks
+    assert cache.blocks_in_use == 3 and not cache.free_blocks
+    first = set(cache.owned[0])
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        cache.allocate([5, 5])
+    assert set(cache.owned[0]) == first  # nothing taken from the other sequence
+    cache.free(0)
+    assert cache.blocks_in_use == 1 and cache.block_table[0].tolist() == [0, 0, 0]  # scratch
+    cache.allocate([0, 8])
+    assert len(cache.owned[1]) == 2 and 0 not in cache.owned[1]
+
+
+def test_prompt_longer_than_cache_raises():
+    cache = StaticKVCache(1, 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="5.*max_seq_len 4"):
+        cache.allocate([5])

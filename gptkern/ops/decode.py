@@ -53,8 +53,8 @@ def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
                            f"got {block_table.dtype} {list(block_table.shape)}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"decode_attention: scale must be a float or None, got {type(scale).__name__}")
-    if torch.compiler.is_compiling():
-        return  # the value checks below read the tensors
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
+        return  # the value checks below read the tensors: no host sync per token on a GPU
     block_size = k_cache.shape[2]
     capacity = block_size * (block_table.shape[1] if block_table is not None else 1)
     lengths = cache_seqlens.tolist()
@@ -117,8 +117,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return triton_dtype_support(q.dtype)
 
     name = _backend.choose("decode_attention", q.device,
-                           {"triton": lambda: "decode attention (no Triton decode kernel yet)",
-                            "cpu": cpu_support, "torch": lambda: None})
+                           {"triton": cpu_support, "cpu": cpu_support, "torch": lambda: None})
+    if name == "triton":
+        from gptkern.ops.triton_decode import triton_decode_attention
+
+        table = block_table.to(torch.int32) if block_table is not None else None
+        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens.to(torch.int32), scale_value, table)
     if name == "cpu":
         k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
         table = block_table.to(torch.int32) if block_table is not None else None
