@@ -5,6 +5,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from gptkern.generation.cuda_graph import GraphedDecodeStep
 from gptkern.generation.kv_cache import PagedKVCache, StaticKVCache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
 
@@ -52,7 +53,7 @@ def make_cache(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: 
 
 
 @torch.no_grad()
-def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, do_sample, temperature, top_k, top_p,
+def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, do_sample, temperature, top_k, top_p,
                   repetition_penalty, eos, pad_token_id, stop_strings, tokenizer, generator
                   ) -> Iterator[torch.Tensor]:
     """Yields (B,) next tokens, finished sequences padded, until all stop or the budget is spent."""
@@ -65,9 +66,13 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, do_sample, t
         cache.allocate(lengths)
     done = [False] * b
     step_input, step_mask = input_ids, mask
+    graphed = GraphedDecodeStep(model, cache) if cuda_graph and cache is not None else None
     for step in range(max_new_tokens):
-        hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
-        logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
+        if graphed is not None and step > 0:
+            logits = graphed(step_input[:, 0])
+        else:
+            hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
+            logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
         token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         if eos is not None:
@@ -104,7 +109,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed: Optional[int] = None,
              stream: bool = False, use_cache: bool = True, cache: str = "static",
-             num_cache_blocks: Optional[int] = None):
+             num_cache_blocks: Optional[int] = None, cuda_graph: Optional[bool] = None):
     """Continue each prompt of ``input_ids`` (B, L) by up to ``max_new_tokens`` tokens.
 
     Prompts of different lengths are left-padded, with ``attention_mask`` (B, L) 1 on real tokens.
@@ -118,7 +123,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
     ``cache``: ``static`` (per-sequence buffers) or ``paged`` (a shared pool of 16-token blocks,
     ``num_cache_blocks`` of them; finished sequences return theirs); ``use_cache=False`` runs the
-    whole sequence at every step.
+    whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
+    decode step once and replays it for every token.
     """
     model_device = next(model.parameters()).device
     input_ids = input_ids.to(model_device)
@@ -137,7 +143,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     kv_cache = None
     if use_cache and max_new_tokens:
         kv_cache = make_cache(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
-    steps = _decode_steps(model, input_ids, mask, max_new_tokens, cache=kv_cache, do_sample=do_sample,
+    if cuda_graph is None:
+        cuda_graph = model_device.type == "cuda"
+    steps = _decode_steps(model, input_ids, mask, max_new_tokens, cache=kv_cache, cuda_graph=cuda_graph,
+                          do_sample=do_sample,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
                           stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)

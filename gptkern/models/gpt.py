@@ -21,8 +21,8 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> No
         raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"{name} must be (batch, sequence), got shape {list(idx.shape)}")
-    if idx.numel() == 0 or torch.compiler.is_compiling():
-        return
+    if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # reading the values would sync the host: not while tracing or capturing a CUDA graph
     low, high = (int(v) for v in torch.aminmax(idx))
     if high >= vocab_size or low < 0:
         bad = high if high >= vocab_size else low
