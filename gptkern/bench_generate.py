@@ -1,0 +1,163 @@
+"""Generation benchmark: gptkern's ``generate`` against transformers' on the same random weights,
+with and without the KV cache, and the decode-attention kernel against the copy bandwidth.
+
+Rows (ratios measured in one run; never asserted):
+- decode tokens/s of gptkern vs transformers ``generate`` (greedy, batch 1, a 128-token prompt);
+- gptkern with the cache vs without it, at ``--total`` tokens;
+- on CUDA: the decode-attention kernel at 8K-32K caches as a fraction of ``copy_`` bandwidth,
+  and batch-64 throughput with the paged cache.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Optional, Sequence
+
+import torch
+
+import gptkern
+from gptkern.benchmark import _save, add_common_args, device_from_args, metadata, time_fn
+from gptkern.generation import generate
+from gptkern.models import GPT, GPTConfig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_rate(run, prompt_len: int, new: int, device, repeats: int) -> dict:
+    """Decode tokens/s: (time of prompt + new tokens - time of prompt + 1 token) / (new - 1)."""
+    full = _timed(lambda: run(prompt_len, new), device, repeats)
+    prefill = _timed(lambda: run(prompt_len, 1), device, repeats)
+    per_token = max(full - prefill, 1e-9) / (new - 1)
+    return {"prefill_ms": prefill * 1e3, "total_ms": full * 1e3, "decode_tokens_per_s": 1.0 / per_token}
+
+
+def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch, repeats) -> list[dict]:
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len + new), device=device)
+    rows = []
+
+    def ours(p, n):
+        return generate(model, ids[:, :p], n)
+
+    rows.append({"case": "generate", "provider": "gptkern", **decode_rate(ours, prompt_len, new, device, repeats)})
+    try:
+        hf = model.to_hf().to(device=device, dtype=dtype).eval()
+    except ImportError as err:
+        rows.append({"case": "generate", "provider": "transformers", "error": str(err)})
+        return rows
+
+    def theirs(p, n):
+        with torch.no_grad():
+            return hf.generate(ids[:, :p], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+
+    rows.append({"case": "generate", "provider": "transformers",
+                 **decode_rate(theirs, prompt_len, new, device, repeats)})
+    if "decode_tokens_per_s" in rows[1]:
+        rows[0]["speedup"] = rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
+    return rows
+
+
+def bench_cache(cfg: GPTConfig, dtype, device, total: int, repeats: int) -> list[dict]:
+    """Generate from a 1-token prompt to ``total`` tokens, with and without the KV cache."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
+    with_cache = _timed(lambda: generate(model, ids, total - 1), device, repeats)
+    without = _timed(lambda: generate(model, ids, total - 1, use_cache=False), device, max(1, repeats // 2))
+    return [{"case": f"cache vs none, {total} tokens", "provider": "gptkern", "with_cache_s": with_cache,
+             "without_cache_s": without, "speedup": without / with_cache}]
+
+
+def bench_decode_kernel(device, dtype, lengths: Sequence[int], repeats: int) -> list[dict]:
+    """The decode-attention kernel (B=8, H=32, Hkv=8, D=128) vs ``copy_`` of a cache-sized tensor."""
+    rows = []
+    for s in lengths:
+        b, h, hkv, d = 8, 32, 8, 128
+        q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
+        k, v = (torch.randn(b, hkv, s, d, device=device, dtype=dtype) for _ in range(2))
+        seqlens = torch.full((b,), s, dtype=torch.int32, device=device)
+        t = time_fn(lambda: gptkern.ops.decode_attention(q, k, v, seqlens), device, 3, repeats)["median_ms"]
+        src = torch.empty(2 * k.numel(), device=device, dtype=dtype)
+        dst = torch.empty_like(src)
+        copy = time_fn(lambda: dst.copy_(src), device, 3, repeats)["median_ms"]
+        read = 2 * k.numel() * k.element_size()
+        rows.append({"case": f"decode kernel, cache {s}", "provider": gptkern.get_backend(), "median_ms": t,
+                     "read_gbps": read / t / 1e6, "copy_gbps": 2 * read / copy / 1e6,
+                     "fraction_of_copy": (read / t) / (2 * read / copy)})
+    return rows
+
+
+def bench_paged_batch(cfg, dtype, device, batch: int, prompt_len: int, new: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    lengths = torch.randint(prompt_len // 4, prompt_len + 1, (batch,)).tolist()
+    ids = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, prompt_len - n:] = torch.randint(1, cfg.vocab_size, (n,), device=device)
+        mask[row, prompt_len - n:] = 1
+    seconds = _timed(lambda: generate(model, ids, new, attention_mask=mask, cache="paged"), device, 2)
+    return [{"case": f"batch {batch}, paged cache", "provider": "gptkern", "total_s": seconds,
+             "tokens_per_s": batch * new / seconds}]
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"## gptkern generation benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
+             f"{meta['date_utc']}", "", f"torch {meta['torch']}, {meta['num_threads']} threads; model "
+             f"{report['model']}. Medians; speedup: ours / theirs.", "",
+             "| case | provider | numbers | speedup |", "|---|---|---|---:|"]
+    for r in report["results"]:
+        numbers = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                            if k not in ("case", "provider", "speedup"))
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        lines.append(f"| {r['case']} | {r['provider']} | {numbers} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0])
+    add_common_args(p, "gptkern,transformers", "tiny model and short runs (seconds)")
+    p.add_argument("--preset", default=None, help="model preset (default: gpt2-small, gpt2-tiny with --quick)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--new", type=int, default=None, help="tokens to generate (default 64, 8 with --quick)")
+    p.add_argument("--total", type=int, default=None, help="tokens for the cache comparison (default 1024)")
+    args = p.parse_args(argv)
+    if args.threads is None and args.device != "cuda" and not torch.cuda.is_available():
+        args.threads = 2
+    device = device_from_args(p, args)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    preset = args.preset or ("gpt2-tiny" if args.quick else "gpt2-small")
+    cfg = GPTConfig.from_name(preset)
+    prompt = min(args.prompt, 16) if args.quick else args.prompt
+    new = args.new or (8 if args.quick else 64)
+    total = args.total or (64 if args.quick else 1024)
+    repeats = args.repeats or (2 if args.quick else 3)
+    results = bench_vs_transformers(cfg, dtype, device, prompt, new, 1, repeats)
+    results += bench_cache(cfg, dtype, device, total, repeats)
+    if device.type == "cuda":
+        results += bench_decode_kernel(device, dtype, (8192,) if args.quick else (8192, 16384, 32768), repeats * 5)
+        results += bench_paged_batch(cfg, dtype, device, 64, prompt, new)
+    report = {"meta": metadata(device, list(argv or []), 1, repeats), "dtype": str(dtype).replace("torch.", ""),
+              "model": preset, "results": results}
+    print(_save(report, args, markdown))
+    return 0
