@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
+from gptkern._files import write_atomic  # noqa: F401  (re-exported: the bench modules use it)
 from gptkern import _backend
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -294,21 +295,6 @@ def markdown(report: dict) -> str:
     if report["skipped"]:
         lines += [""] + [f"Not timed: {name} ({reason})." for name, reason in report["skipped"].items()]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a synced temporary file in the same folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _save(report: dict, args: argparse.Namespace, render: Optional[Callable[[dict], str]] = None) -> str:

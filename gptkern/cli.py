@@ -1,8 +1,9 @@
 """The ``gptkern`` command (also ``python -m gptkern``).
 
-Subcommands: ``info`` (versions, device, backends), ``bench`` (kernel benchmarks, see
+Subcommands: ``info`` (versions, device, backends), ``generate`` (text from a model, see
+``gptkern.generation.cli``), ``bench`` (kernel benchmarks, see
 ``gptkern.benchmark``) and ``demo`` (the main job, see ``gptkern.demo``). ``bench`` and
-``demo`` hand every argument after their name to their module's ``main(argv) -> int``.
+``demo`` (and ``generate``) hand every argument after their name to their module's ``main(argv) -> int``.
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def bench_attention(argv: list[str]) -> int:
     return bench_attention_module.main(argv)
 
 
+def generate(argv: list[str]) -> int:
+    from gptkern.generation import cli as generate_cli
+
+    return generate_cli.main(argv)
+
+
 def demo(argv: list[str]) -> int:
     from gptkern import demo as demo_module
 
@@ -66,7 +73,7 @@ def demo(argv: list[str]) -> int:
 
 # Subcommands whose arguments go, unparsed, to another module's main.
 FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "bench-attention": bench_attention,
-                                                    "demo": demo}
+                                                    "demo": demo, "generate": generate}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-attention", add_help=False,
                    help="time attention against torch SDPA (gptkern bench-attention -h for options)")
     sub.add_parser("demo", add_help=False, help="run the main job (gptkern demo -h for options)")
+    sub.add_parser("generate", add_help=False,
+                   help="stream a model's continuation of a prompt (gptkern generate -h for options)")
     return parser
 
 

@@ -1,0 +1,127 @@
+"""Tokenizers with one interface: byte-level (no files), BPE trained locally, GPT-2's from a directory.
+
+Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
+``eos_id``, ``save(directory)`` and is restored by :func:`load_tokenizer`. The saved form is
+``gptkern_tokenizer.json`` (the kind) plus, for BPE kinds, Hugging Face's ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+from gptkern._files import write_atomic
+
+EOS = "<|endoftext|>"
+META_FILE = "gptkern_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255, then ``<|endoftext|>`` (256). Needs no files; any string and any
+    byte sequence round-trips (strings with lone surrogates too, via ``surrogatepass``)."""
+
+    kind = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="surrogatepass"))
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(data)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the byte ids (``<|endoftext|>`` dropped); invalid UTF-8 becomes U+FFFD."""
+        data = self.decode_bytes(ids)
+        try:
+            return data.decode("utf-8", errors="surrogatepass")
+        except UnicodeDecodeError:
+            return data.decode("utf-8", errors="replace")
+
+    def save(self, directory: Union[str, os.PathLike]) -> None:
+        write_atomic(str(Path(directory) / META_FILE), json.dumps({"kind": self.kind}) + "\n")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` byte-level BPE: trained here (kind ``bpe``) or GPT-2's (``gpt2``)."""
+
+    def __init__(self, tokenizer, kind: str):
+        self.tokenizer, self.kind = tokenizer, kind
+        eos = tokenizer.token_to_id(EOS)
+        if eos is None:
+            raise ValueError(f"the tokenizer has no {EOS} token")
+        self.eos_id = eos
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids if int(i) != self.eos_id], skip_special_tokens=False)
+
+    def save(self, directory: Union[str, os.PathLike]) -> None:
+        directory = Path(directory)
+        write_atomic(str(directory / "tokenizer.json"), self.tokenizer.to_str())
+        write_atomic(str(directory / META_FILE), json.dumps({"kind": self.kind}) + "\n")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE of ``vocab_size`` ids (at least 257: the 256 bytes and EOS) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOS}), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return HFTokenizer(tokenizer, "bpe")
+
+
+def gpt2_tokenizer(directory: Union[str, os.PathLike]) -> HFTokenizer:
+    """GPT-2's tokenizer from ``tokenizer.json``, or from ``vocab.json`` plus ``merges.txt``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), "gpt2")
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise FileNotFoundError(f"{directory} holds neither tokenizer.json nor vocab.json + merges.txt")
+    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return HFTokenizer(tokenizer, "gpt2")
+
+
+def load_tokenizer(directory: Union[str, os.PathLike]):
+    """The tokenizer saved in ``directory`` (``gptkern_tokenizer.json``), or GPT-2's files there."""
+    directory = Path(directory)
+    meta = directory / META_FILE
+    if not meta.is_file():
+        return gpt2_tokenizer(directory)
+    kind = json.loads(meta.read_text()).get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind in ("bpe", "gpt2"):
+        from tokenizers import Tokenizer
+
+        return HFTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), kind)
+    raise ValueError(f"{meta}: unknown tokenizer kind {kind!r}")
+
+
+def make_tokenizer(spec: str, texts: Sequence[str] = (), vocab_size: int = 8192):
+    """``byte``, ``bpe`` (trained on ``texts``) or ``gpt2-dir:DIR``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        return train_bpe(texts, vocab_size)
+    if spec.startswith("gpt2-dir:"):
+        return gpt2_tokenizer(spec.split(":", 1)[1])
+    raise ValueError(f"tokenizer must be byte, bpe or gpt2-dir:DIR, got {spec!r}")

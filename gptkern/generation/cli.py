@@ -1,0 +1,89 @@
+"""``gptkern generate``: stream a model's continuation of a prompt to stdout."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from gptkern.generation.generate import generate
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptkern generate", description=__doc__.strip("`\n "))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="a gptkern model directory (save_pretrained, train)")
+    source.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face GPT-2 directory with its tokenizer files")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 gives greedy decoding")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on CUDA")
+    p.add_argument("--bench", action="store_true", help="print prefill time, decode tokens/s and memory")
+    return p
+
+
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    if args.checkpoint:
+        from gptkern.models.io import load_pretrained
+
+        model, tokenizer = load_pretrained(args.checkpoint, device=device, dtype=dtype)
+        if tokenizer is None:
+            raise SystemExit(f"gptkern generate: {args.checkpoint} has no tokenizer files")
+        return model, tokenizer
+    from gptkern.data.tokenizer import gpt2_tokenizer
+    from gptkern.models import GPT
+
+    model = GPT.from_hf(args.hf_dir).to(device=device, dtype=dtype).eval()
+    return model, gpt2_tokenizer(args.hf_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model, tokenizer = load(args, device, dtype)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("gptkern generate: the prompt encodes to no tokens")
+    prompt = torch.tensor([ids], device=device)
+    start = time.perf_counter()
+    steps = generate(model, prompt, args.max_new_tokens, do_sample=args.temperature > 0,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     eos_token_id=tokenizer.eos_id, stream=True)
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    shown = ""
+    first_token_s = None
+    for token in steps:
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - start
+        if int(token[0]) == tokenizer.eos_id:
+            break
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    total_s = time.perf_counter() - start
+    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    if args.bench:
+        decode_s = total_s - (first_token_s or 0.0)
+        rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else float("nan")
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        memory = f"weights {params / 2**20:.1f} MiB"
+        if device.type == "cuda":
+            memory += f", peak allocated {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB"
+        print(f"prompt {len(ids)} tokens, prefill {1e3 * (first_token_s or 0):.1f} ms, {len(new)} new tokens, "
+              f"decode {rate:.1f} tokens/s, {memory}", file=sys.stderr)
+    return 0

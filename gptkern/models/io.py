@@ -1,0 +1,83 @@
+"""A GPT saved as a directory: ``config.json``, ``model.safetensors`` and the tokenizer's files.
+
+Every file is written to a temporary name, synced and renamed into place, so a reader sees the
+old file or the new one, never half of one. Loading reads tensors only (safetensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from gptkern._files import write_atomic
+from gptkern.models.config import GPTConfig
+from gptkern.models.gpt import GPT
+
+MODEL_TYPE = "gptkern-gpt"
+
+
+def save_safetensors_atomic(state: dict[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    from safetensors.torch import save_file
+
+    path = str(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict with a tied output layer stored once (under ``transformer.wte``)."""
+    state = model.state_dict()
+    if model.config.tie_weights:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_pretrained(model: GPT, directory: Union[str, os.PathLike], tokenizer=None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(model_state(model), directory / "model.safetensors")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    config = {"model_type": MODEL_TYPE, "config": model.config.to_dict()}
+    write_atomic(str(directory / "config.json"), json.dumps(config, indent=1) + "\n")  # last: marks complete
+
+
+def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                    dtype: Optional[torch.dtype] = None):
+    """(GPT, tokenizer or None) from a directory written by :func:`save_pretrained`."""
+    from safetensors.torch import load_file
+
+    from gptkern.data.tokenizer import META_FILE, load_tokenizer
+
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a gptkern model directory")
+    meta = json.loads(config_file.read_text())
+    if meta.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{config_file}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r} "
+                         f"(use GPT.from_hf for Hugging Face GPT-2 directories)")
+    config = GPTConfig.from_dict(meta["config"])
+    state = load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_weights else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{directory / 'model.safetensors'} does not match its config: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+    model.load_state_dict(state, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    tokenizer = load_tokenizer(directory) if (directory / META_FILE).is_file() else None
+    return model.eval(), tokenizer

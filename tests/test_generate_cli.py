@@ -1,0 +1,43 @@
+"""``gptkern generate`` from a gptkern checkpoint and from a Hugging Face GPT-2 directory."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptkern.data import ByteTokenizer, train_bpe
+from gptkern.generation import generate
+from gptkern.models import GPT, GPTConfig
+from gptkern.models.io import save_pretrained
+
+
+def run_cli(*args):
+    result = subprocess.run([sys.executable, "-m", "gptkern", "generate", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_generate_from_checkpoint_greedy_matches_the_api(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, vocab_size=257, init_std=0.3)).eval()
+    tokenizer = ByteTokenizer()
+    save_pretrained(model, tmp_path, tokenizer)
+    result = run_cli("--checkpoint", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "12",
+                     "--temperature", "0", "--bench")
+    ids = generate(model, torch.tensor([tokenizer.encode("Hi")]), 12, eos_token_id=tokenizer.eos_id)[0, 2:].tolist()
+    ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+    assert result.stdout == "Hi" + tokenizer.decode(ids) + "\n"
+    assert "tokens/s" in result.stderr and "weights" in result.stderr
+
+
+def test_generate_from_hf_directory_with_seed(tmp_path):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tokenizer = train_bpe(["hello world, hello there. " * 30], 300)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, vocab_size=tokenizer.vocab_size)).eval()
+    model.to_hf(tmp_path)
+    tokenizer.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    args = ("--hf-dir", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "8", "--seed", "3")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.stdout == second.stdout and first.stdout.startswith("hello")

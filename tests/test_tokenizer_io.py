@@ -1,0 +1,92 @@
+"""Tokenizers (round trips, save/load) and gptkern model directories (save/load, atomic files)."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gptkern.data import ByteTokenizer, load_tokenizer, make_tokenizer, train_bpe
+from gptkern.models import GPT, GPTConfig
+from gptkern.models.io import load_pretrained, save_pretrained
+
+CORPUS = ["the quick brown fox jumps over the lazy dog\n" * 20, "ünïcödé ✓ 𝄞 text, numbers 12345", "def f(x):\n    return x"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_byte_tokenizer_round_trips_any_text(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary())
+def test_byte_tokenizer_round_trips_raw_bytes(data):
+    tok = ByteTokenizer()
+    assert tok.decode_bytes(tok.encode_bytes(data)) == data
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(CORPUS, 320)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text())
+def test_bpe_round_trips_any_text(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bpe_learns_merges_and_saves(tmp_path, bpe):
+    assert bpe.vocab_size <= 320 and bpe.eos_id is not None
+    assert len(bpe.encode("the quick brown fox")) < len("the quick brown fox")  # merges were learned
+    bpe.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.kind == "bpe" and again.encode("the lazy dog") == bpe.encode("the lazy dog")
+    ByteTokenizer().save(tmp_path / "b")
+    assert isinstance(load_tokenizer(tmp_path / "b"), ByteTokenizer)
+    with pytest.raises(ValueError, match="257"):
+        train_bpe(CORPUS, 100)
+    with pytest.raises(ValueError, match="byte, bpe or gpt2-dir"):
+        make_tokenizer("words")
+
+
+def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path, bpe):
+    model = json.loads(bpe.tokenizer.to_str())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = make_tokenizer(f"gpt2-dir:{tmp_path}")
+    assert tok.encode("the quick brown fox") == bpe.encode("the quick brown fox")
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        make_tokenizer(f"gpt2-dir:{tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_model_directory_round_trip(tmp_path, preset):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(preset, n_layer=2, vocab_size=257)).eval()
+    save_pretrained(model, tmp_path, ByteTokenizer())
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    loaded, tokenizer = load_pretrained(tmp_path)
+    assert isinstance(tokenizer, ByteTokenizer) and loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_weights
+
+
+def test_model_directory_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(tmp_path)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2))
+    save_pretrained(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"]["n_layer"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.2"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="GPT.from_hf"):
+        load_pretrained(tmp_path)
