@@ -85,6 +85,8 @@ step bench_norms 130 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
   --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
 step bench_attention 120 "$PY" benchmarks/bench_attention.py --quick \
   --out-json "$OUT/attention.json" --out-md "$WORK/bench/attention.md"
+step bench_generate 60 "$PY" benchmarks/bench_generate.py --new 32 --total 256 --repeats 2 \
+  --out-json "$OUT/generate.json" --out-md "$WORK/bench/generate.md"
 
 # ---- summary
 {
