@@ -65,6 +65,18 @@ def generate(argv: list[str]) -> int:
     return generate_cli.main(argv)
 
 
+def train(argv: list[str]) -> int:
+    from gptkern.train import cli as train_cli
+
+    return train_cli.main(argv)
+
+
+def finetune(argv: list[str]) -> int:
+    from gptkern.train import cli as train_cli
+
+    return train_cli.finetune_main(argv)
+
+
 def demo(argv: list[str]) -> int:
     from gptkern import demo as demo_module
 
@@ -73,7 +85,8 @@ def demo(argv: list[str]) -> int:
 
 # Subcommands whose arguments go, unparsed, to another module's main.
 FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "bench-attention": bench_attention,
-                                                    "demo": demo, "generate": generate}
+                                                    "demo": demo, "generate": generate, "train": train,
+                                                    "finetune": finetune}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-attention", add_help=False,
                    help="time attention against torch SDPA (gptkern bench-attention -h for options)")
     sub.add_parser("demo", add_help=False, help="run the main job (gptkern demo -h for options)")
+    sub.add_parser("train", add_help=False, help="pretrain a GPT (gptkern train -h for options)")
+    sub.add_parser("finetune", add_help=False, help="fine-tune a classifier (gptkern finetune classify -h)")
     sub.add_parser("generate", add_help=False,
                    help="stream a model's continuation of a prompt (gptkern generate -h for options)")
     return parser

@@ -1,0 +1,114 @@
+"""Training checkpoints: one directory per step, built under a temporary name and renamed into
+place, so a crash or a full disk mid-save leaves every earlier checkpoint loadable.
+
+``OUT/checkpoints/step_00000100/`` holds ``config.json`` + ``model.safetensors`` + the tokenizer
+(a gptkern model directory: ``gptkern generate --checkpoint`` reads it), ``optimizer.pt`` (tensors
+and plain values only, loaded with ``weights_only=True``), ``rng.pt`` and ``state.json`` (step,
+data-loader position, training config).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from gptkern._files import write_atomic
+from gptkern.models.io import save_pretrained
+
+PREFIX = "step_"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` and delete all but the newest ``keep_last``. Returns its path."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_pretrained(model, staging, tokenizer)
+        _torch_save_atomic(optimizer.state_dict(), staging / "optimizer.pt")
+        _torch_save_atomic(rng_state(), staging / "rng.pt")
+        write_atomic(str(staging / "state.json"), json.dumps({**state, "step": step}, indent=1) + "\n")
+        if final.exists():  # the same step saved again: swap
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):  # from a process killed mid-save
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(out_dir: str) -> list[Path]:
+    """Complete checkpoints (renamed into place, with state.json), oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+
+
+def latest_checkpoint(out_dir: str) -> Optional[Path]:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def load_training_state(path: Path, optimizer) -> dict[str, Any]:
+    """Optimizer and RNG states into place; returns state.json's content (the model is loaded by
+    the caller, from the same directory)."""
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

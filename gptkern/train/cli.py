@@ -1,0 +1,67 @@
+"""``gptkern train``: pretrain a GPT on prepared token data.
+
+``gptkern train [--config FILE.toml|yaml|json] [--preset gpt2-tiny] [--data DIR] [--key value ...]``:
+every TrainConfig field is a flag (``--max-steps 200``, ``--lr 3e-4``, ``--resume``) and every
+GPTConfig field a model override (``--n-layer 4``). Under ``torchrun --nproc_per_node=G -m gptkern
+train ...`` each process trains one rank (DDP, or FSDP2 with ``--fsdp``).
+
+``gptkern train seq2seq --data pairs.tsv`` trains a byte-level translation model instead
+(``gptkern train seq2seq -h``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from gptkern.train.config import TrainConfig, apply_flags, read_config_file
+
+
+def parse(argv: Sequence[str]) -> TrainConfig:
+    argv = list(argv)
+    values: dict = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 == len(argv):
+            raise ValueError("--config needs a file")
+        values = read_config_file(argv[i + 1])
+        del argv[i:i + 2]
+    return TrainConfig.from_dict(apply_flags(values, argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if argv[:1] == ["seq2seq"]:
+        from gptkern.train.tasks import main_seq2seq
+
+        return main_seq2seq(argv[1:])
+    from gptkern.train.trainer import TrainingError, train
+
+    try:
+        config = parse(argv)
+    except ValueError as err:
+        print(f"gptkern train: {err}", file=sys.stderr)
+        return 2
+    try:
+        losses = train(config)
+    except TrainingError as err:
+        print(f"gptkern train: {err}", file=sys.stderr)
+        return 1
+    if losses:
+        print(f"gptkern train: {len(losses)} steps, last loss {losses[-1]:.4f}, checkpoints in "
+              f"{config.out_dir}/checkpoints", file=sys.stderr)
+    return 0
+
+
+def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``gptkern finetune classify --init CKPT --data train.csv --val val.csv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["classify"]:
+        print("usage: gptkern finetune classify --init CKPT --data train.csv --val val.csv [--steps N ...]",
+              file=sys.stderr)
+        return 2
+    from gptkern.train.tasks import main_classify
+
+    return main_classify(argv[1:])

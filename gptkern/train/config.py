@@ -1,0 +1,148 @@
+"""TrainConfig: every training setting, from a TOML/YAML file and ``--key value`` flags."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from gptkern.models.config import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. ``model`` holds GPTConfig overrides of the ``preset``."""
+    preset: str = "gpt2-tiny"
+    model: dict = field(default_factory=dict)
+    data: str = "data/corpus"
+    out_dir: str = "runs/gpt"
+    batch_size: int = 16  # sequences per micro-batch and rank
+    block_size: Optional[int] = None  # default: the model's
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_steps: int = 10
+    log_interval: int = 10
+    checkpoint_interval: int = 200
+    keep_last: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    peak_tflops: Optional[float] = None
+    max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training time
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+                     "checkpoint_interval", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        self.model_config()  # checks the preset and overrides
+
+    def model_config(self, vocab_size: Optional[int] = None) -> GPTConfig:
+        overrides = dict(self.model)
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        if self.activation_checkpointing:
+            overrides["activation_checkpointing"] = True
+        return GPTConfig.from_name(self.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    if path.endswith(".json"):
+        return json.loads(text)
+    raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
+
+
+def _convert(name: str, kind, text: str) -> Any:
+    """A flag's text as the field's type (Optional unwrapped)."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"--{name} expects true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+    return json.loads(text)
+
+
+def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
+    """``--key value`` pairs (or ``--key=value``) onto ``values``: TrainConfig fields, else GPTConfig
+    fields as model overrides. A bare ``--flag`` means true for booleans."""
+    hints = typing.get_type_hints(TrainConfig)
+    model_hints = typing.get_type_hints(GPTConfig)
+    values = {**values, "model": dict(values.get("model", {}))}
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--"):
+            raise ValueError(f"expected --key value, got {flag!r}")
+        key, _, text = flag[2:].partition("=")
+        key = key.replace("-", "_")
+        if not text:
+            is_bool = hints.get(key) is bool or model_hints.get(key) is bool
+            if is_bool and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
+                text = "true"
+            elif i + 1 < len(flags):
+                i += 1
+                text = flags[i]
+            else:
+                raise ValueError(f"--{key} needs a value")
+        if key in hints and key != "model":
+            values[key] = _convert(key, hints[key], text)
+        elif key in model_hints:
+            values["model"][key] = _convert(key, model_hints[key], text)
+        else:
+            raise ValueError(f"unknown setting --{key}; training settings: {sorted(hints)}; model settings: "
+                             f"{sorted(model_hints)}")
+        i += 1
+    return values
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields that must agree to resume: the model's shape, the data and the batch geometry."""
+    keys = ("preset", "model", "data", "batch_size", "block_size", "grad_accum", "seed")
+    return [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]

@@ -1,0 +1,317 @@
+"""The pretraining loop: AdamW, warmup + cosine schedule, clipping, accumulation, autocast,
+evaluation, metrics, atomic checkpoints with exact resume, and DDP / FSDP2 under torchrun."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from gptkern._files import write_atomic
+from gptkern.models import GPT
+from gptkern.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from gptkern.train.config import TrainConfig, config_mismatch
+from gptkern.train.metrics import MetricsLog, peak_flops, plot_losses
+
+# dense bf16 tensor-core peaks, FLOP/s
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Distributed:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) -> a process group: gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
+
+
+def pick_device(config: TrainConfig, env: Distributed) -> torch.device:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", env.local_rank)
+        return torch.device("cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """None: plain fp32. bf16 autocast is the default on CUDA."""
+    name = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices (dim >= 2) decay, norms and biases do not. Fused on CUDA, foreach elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **kind)
+
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        from gptkern.data.loader import TokenLoader, read_meta
+        from gptkern.data.tokenizer import load_tokenizer
+
+        self.config = c = config
+        probe = torch.device("cuda" if c.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        self.env = init_distributed(probe.type)
+        self.device = pick_device(c, self.env)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.autocast = autocast_dtype(c, self.device)
+        meta = read_meta(c.data)
+        self.tokenizer = load_tokenizer(c.data)
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
+        self.model_config = c.model_config(vocab_size=meta["vocab_size"])
+        self.block_size = c.block_size or self.model_config.block_size
+        if self.block_size > self.model_config.block_size and self.model_config.pos_embedding == "learned":
+            raise ValueError(f"block_size {self.block_size} is longer than the model's {self.model_config.block_size}")
+        self.loader = TokenLoader(c.data, "train", self.block_size, c.batch_size, seed=c.seed,
+                                  rank=self.env.rank, world_size=self.env.world_size, device=self.device)
+        self.raw_model = GPT(self.model_config).to(self.device)
+        self.model = self._wrap(self.raw_model)
+        self.optimizer = make_optimizer(self.raw_model, c, self.device)
+        self.step = 0
+        self.tokens_per_step = c.batch_size * self.block_size * c.grad_accum * self.env.world_size
+        self.metrics = MetricsLog(Path(c.out_dir) / "metrics.jsonl", enabled=self.env.main)
+        self.val_loader_args = (c.data, "val", self.block_size, c.batch_size)
+        if c.resume:
+            self._resume()
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.env.world_size > 1:
+            if self.config.fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                for block in model.transformer.h:
+                    fully_shard(block)
+                model = fully_shard(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                else None)
+        if self.config.compile:
+            model = torch.compile(model)
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(self.config.out_dir)
+        if path is None:
+            return
+        saved = json.loads((path / "state.json").read_text())
+        mismatch = config_mismatch(saved["config"], self.config.to_dict())
+        if mismatch:
+            raise ValueError(f"checkpoint {path} was trained with another configuration: " + "; ".join(mismatch))
+        state = load_file(str(path / "model.safetensors"), device=str(self.device))
+        if self.model_config.tie_weights:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        self._load_model_state(state)
+        saved = load_training_state(path, self.optimizer)
+        self.step = saved["step"]
+        self.loader.load_state_dict(saved["loader"][self.env.rank] if isinstance(saved["loader"], list)
+                                    else saved["loader"])
+        self.metrics.note(f"resumed from {path} at step {self.step}")
+
+    def _load_model_state(self, state) -> None:
+        if self.config.fsdp and self.env.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.raw_model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.raw_model.load_state_dict(state)
+
+    def _full_states(self):
+        """(model, optimizer) objects whose state_dict is the full, unsharded state."""
+        if not (self.config.fsdp and self.env.world_size > 1):
+            return self.raw_model, self.optimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(self.raw_model, self.optimizer, options=opts)
+        return _Frozen(self.raw_model, model_state), _Frozen(self.optimizer, optim_state)
+
+    def save(self) -> Optional[Path]:
+        loader_states = [self.loader.state_dict()]
+        if self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, loader_states[0])
+            loader_states = gathered
+        model, optimizer = self._full_states()
+        path = None
+        if self.env.main:
+            state = {"config": self.config.to_dict(), "loader": loader_states if self.env.world_size > 1
+                     else loader_states[0], "tokens": self.step * self.tokens_per_step}
+            path = save_checkpoint(self.config.out_dir, self.step, model, optimizer, self.tokenizer, state,
+                                   self.config.keep_last)
+        if self.env.world_size > 1:
+            dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def _micro_step(self, last: bool) -> torch.Tensor:
+        x, y = self.loader.next_batch()
+        sync = contextlib.nullcontext()
+        if not last and self.env.world_size > 1 and not self.config.fsdp:
+            sync = self.model.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                _, loss = self.model(x, y)
+            (loss / self.config.grad_accum).backward()
+        return loss.detach()
+
+    def train_step(self) -> float:
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(c, self.step)
+        losses = [self._micro_step(i == c.grad_accum - 1) for i in range(c.grad_accum)]
+        loss = torch.stack(losses).mean()
+        if self.env.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
+            if self.device.type != "cuda":
+                loss /= self.env.world_size
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss is {value} at step {self.step}: training stopped, no checkpoint written "
+                                f"(the last good one is {latest_checkpoint(c.out_dir)})")
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return value
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from gptkern.data.loader import TokenLoader
+
+        loader = TokenLoader(*self.val_loader_args, seed=self.config.seed, rank=self.env.rank,
+                             world_size=self.env.world_size, device=self.device)
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.config.eval_steps):
+            x, y = loader.next_batch()
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                total += self.model(x, y)[1].float()
+        self.model.train()
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+            total /= self.env.world_size
+        return total.item() / self.config.eval_steps
+
+    def fit(self) -> list[float]:
+        """Train to ``max_steps`` (or ``max_seconds``); returns the training losses of this run."""
+        c = self.config
+        self.model.train()
+        peak = peak_flops(self.device, c.peak_tflops, PEAK_FLOPS)
+        flops_per_step = self.raw_model.flops_per_token(self.block_size) * self.tokens_per_step
+        losses: list[float] = []
+        bar = self._progress()
+        started = time.perf_counter()
+        window_start, window_steps = started, 0
+        if self.env.main:
+            write_atomic(str(Path(c.out_dir) / "config.json"), json.dumps(c.to_dict(), indent=1) + "\n")
+        while self.step < c.max_steps:
+            loss = self.train_step()
+            losses.append(loss)
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % c.log_interval == 0 or self.step == c.max_steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                tokens_per_s = window_steps * self.tokens_per_step / (now - window_start)
+                mfu = flops_per_step * window_steps / (now - window_start) / peak if peak else None
+                self.metrics.log(step=self.step, loss=loss, lr=learning_rate(c, self.step - 1),
+                                 tokens_per_s=tokens_per_s, mfu=mfu)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+                window_start, window_steps = now, 0
+            if self.step % c.eval_interval == 0 or self.step == c.max_steps:
+                val = self.evaluate()
+                self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+            out_of_time = c.max_seconds is not None and time.perf_counter() - started >= c.max_seconds
+            if self.step % c.checkpoint_interval == 0 or self.step == c.max_steps or out_of_time:
+                self.save()
+            if out_of_time:
+                self.metrics.note(f"stopped at step {self.step}: max_seconds {c.max_seconds} reached")
+                break
+        if bar is not None:
+            bar.close()
+        if self.env.main:
+            plot_losses(Path(c.out_dir) / "metrics.jsonl", Path(c.out_dir) / "loss.png")
+        return losses
+
+    def _progress(self):
+        if not (self.config.progress and self.env.main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.env.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Frozen:
+    """An object whose state_dict() returns a precomputed state (FSDP's gathered full state)."""
+
+    def __init__(self, owner, state):
+        self.owner, self.state = owner, state
+        self.config = getattr(owner, "config", None)
+
+    def state_dict(self):
+        return self.state
+
+
+def train(config: TrainConfig) -> list[float]:
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
