@@ -46,7 +46,10 @@ void attention_fwd(const at::TensorBase& q, const at::TensorBase& k, const at::T
 // stride on D; cache_seqlens (B,) int32; out (B, H, Lq, D) contiguous. With num_splits > 1,
 // o_part fp32 (num_splits, B, H, Lq, D) and lse_part fp32 (num_splits, B, H, Lq) are the
 // workspace of the split-KV pass, combined into out.
+// fp16 / bf16, D in {64, 128}. A block takes up to 32 of the (H / Hkv) * Lq query rows of a KV
+// head: decode_row_chunks blocks per KV head and split.
 bool decode_head_dim_supported(int64_t d);
+int64_t decode_row_chunks(int64_t rows);
 int64_t decode_num_splits(int64_t batch_kv_heads, int64_t row_chunks, int64_t max_keys, int device);
 void decode_attention(const at::TensorBase& q, const at::TensorBase& k_cache, const at::TensorBase& v_cache,
                       const at::TensorBase& cache_seqlens, const at::TensorBase& block_table,

@@ -1,4 +1,5 @@
-"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd."""
+"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd (the CUDA
+forward, gptkern::attention_fwd, is registered in cpp_attention.py)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
+from gptkern.ops import cpp_attention
 from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -238,12 +240,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             return "a gradient for attn_mask"
         return _triton_limits(query, value, attn_mask is not None, dropout_p)
 
+    def cuda_support():  # the CUDA forward; its backward is Triton's
+        why = cpp_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if why is None and needs_grad:
+            why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
+                   else "gradients without triton (the CUDA backward is Triton's)")
+        return why
+
     name = _backend.choose("scaled_dot_product_attention", query.device,
-                           {"triton": triton_support, "torch": lambda: None})
-    if name == "triton":
+                           {"triton": triton_support, "cuda": cuda_support, "torch": lambda: None})
+    if name in ("triton", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
-                                                    float(dropout_p), draw_seed(dropout_p))
+        if name == "cuda":
+            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, None, bool(is_causal), scale_value)
+        else:
+            out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
+                                                        float(dropout_p), draw_seed(dropout_p))
         return out.reshape(out_shape)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
