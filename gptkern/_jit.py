@@ -131,5 +131,6 @@ def build(reason: str):
             with open(done, "w") as f:
                 f.write(f"{time.time()}\n")
             print(f"gptkern: built gptkern._C in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    module.jit_build_dir = build_dir
     sys.modules["gptkern._C"] = module
     return module
