@@ -12,10 +12,10 @@ here (``pip install`` builds them, see setup.py).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import time
 from typing import Iterator, Optional
@@ -59,13 +59,17 @@ def cache_dir() -> str:
 
 
 def available() -> bool:
-    """Whether a JIT build can be tried here (enabled, sources found, no earlier failure)."""
-    return enabled() and _failed is None and source_dir() is not None
+    """Whether a JIT build can be tried here (enabled, sources and a C++ compiler found, no
+    earlier failure)."""
+    return (enabled() and _failed is None and source_dir() is not None
+            and shutil.which(os.environ.get("CXX", "c++")) is not None)
 
 
 @contextlib.contextmanager
 def build_lock(path: str) -> Iterator[None]:
     """Exclusive lock on ``path`` (created if missing); says on stderr when it has to wait."""
+    import fcntl  # POSIX only: imported here so that gptkern imports everywhere
+
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
