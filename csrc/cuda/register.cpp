@@ -19,8 +19,8 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "gptkern::", op, ": ", name, " is on ", t.device(), " but the first input is on ",
-              ref.device());
+  TORCH_CHECK(t.device() == ref.device(), "gptkern::", op, ": ", name, " is on ", t.device(),
+              " but the first input is on ", ref.device());
 }
 
 bool kernel_dtype(at::ScalarType t) {
@@ -93,9 +93,9 @@ at::Tensor as_floats(const std::optional<at::Tensor>& t, const at::Tensor& x, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd_op(const at::Tensor& x, int64_t k,
-                                                        const std::optional<at::Tensor>& weight,
-                                                        const std::optional<at::Tensor>& bias, double eps,
-                                                        bool is_rms) {
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias, double eps,
+                                                           bool is_rms) {
   check_cuda(x, "norm_fwd", "x");
   check_kernel_dtype(x.scalar_type(), "norm_fwd", "x");
   TORCH_CHECK(k >= 1 && k <= x.dim(), "gptkern::norm_fwd: k must be in [1, x.dim()], got ", k);
@@ -121,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd_op(const at::Tensor& x, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_op(const at::Tensor& grad_out, const at::Tensor& x,
-                                                        int64_t k, const std::optional<at::Tensor>& weight,
-                                                        const std::optional<at::Tensor>& bias,
-                                                        const at::Tensor& mean, const at::Tensor& rstd,
-                                                        bool is_rms, bool need_dw, bool need_db) {
+                                                           int64_t k, const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                           bool is_rms, bool need_dw, bool need_db) {
   check_cuda(x, "norm_bwd", "x");
   check_kernel_dtype(x.scalar_type(), "norm_bwd", "x");
   check_same_device(grad_out, x, "norm_bwd", "grad_out");
@@ -183,8 +183,8 @@ void check_head_dims(int64_t d, int64_t dv, bool supported, const char* op) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& mask, bool causal,
-                                                 double scale) {
+                                                    const std::optional<at::Tensor>& mask, bool causal,
+                                                    double scale) {
   const char* op = "attention_fwd";
   check_cuda(q, op, "q");
   check_same_device(k, q, op, "k");
@@ -216,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
 }
 
 at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& cache_seqlens, double scale,
-                            const std::optional<at::Tensor>& block_table) {
+                               const at::Tensor& cache_seqlens, double scale,
+                               const std::optional<at::Tensor>& block_table) {
   const char* op = "decode_attention";
   check_cuda(q, op, "q");
   check_same_device(k_cache, q, op, "k_cache");

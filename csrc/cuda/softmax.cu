@@ -292,7 +292,8 @@ void launch_fwd_rows(const in_t* x, out_t* y, int64_t rows, int n, bool log) {
           <<<ceil_div(rows, kWarpRows), dim3(32, kWarpRows), 0, stream()>>>(x, y, rows, n, log);
     });
   } else {
-    softmax_fwd_block_kernel<in_t, out_t, kVec><<<static_cast<unsigned>(rows), block_threads(n, kVec), 0, stream()>>>(x, y, n, log);
+    const unsigned grid = static_cast<unsigned>(rows);
+    softmax_fwd_block_kernel<in_t, out_t, kVec><<<grid, block_threads(n, kVec), 0, stream()>>>(x, y, n, log);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -305,7 +306,8 @@ void launch_bwd_rows(const T* dy, const T* y, T* dx, int64_t rows, int n, bool l
           <<<ceil_div(rows, kWarpRows), dim3(32, kWarpRows), 0, stream()>>>(dy, y, dx, rows, n, log);
     });
   } else {
-    softmax_bwd_block_kernel<T, kVec><<<static_cast<unsigned>(rows), block_threads(n, kVec), 0, stream()>>>(dy, y, dx, n, log);
+    const unsigned grid = static_cast<unsigned>(rows);
+    softmax_bwd_block_kernel<T, kVec><<<grid, block_threads(n, kVec), 0, stream()>>>(dy, y, dx, n, log);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
