@@ -139,6 +139,7 @@ def demangle(name: str) -> str:
 
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores without the cache, seconds with it
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,8 @@ def ptxas_reports():
 def test_cu_compiles_without_spills(ptxas_reports, name, arch):
     rc, text = ptxas_reports[(name, arch)]
     assert rc == 0, f"nvcc failed on {name} for sm_{arch}:\n{text[-6000:]}"
-    errors = [line for line in text.splitlines() if re.search(r"\berror\b|warning #\d+-D: .*(instantiation|stub)", line)]
+    errors = [line for line in text.splitlines()
+              if re.search(r"\berror\b|warning #\d+-D: .*(instantiation|stub)", line)]
     assert not errors, "\n".join(errors)
     funcs = parse_ptxas(text)
     assert any(f["entry"] for f in funcs.values()), f"no kernel found in {name}"
