@@ -14,12 +14,22 @@ TORCH_LIBRARY(gptkern, m) {
   // (dx, dw, db); dw / db are empty (0,) tensors when not asked for.
   m.def("norm_bwd(Tensor grad_out, Tensor x, int k, Tensor? weight, Tensor? bias, Tensor mean,"
         " Tensor rstd, bool is_rms, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
-  // q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or bool / additive float
-  // (B, H, L, S) (a broadcast view); causal: key j visible to query i iff j <= i.
-  // (out (B, H, L, Dv) in q's dtype, LSE (B, H, L) fp32 in the log2 domain).
+  // Attention: q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask None or (B, H, L, S)
+  // bool (True = attend) or additive float, read through its strides. Returns out (B, H, L, Dv)
+  // and the log2-domain LSE (B, H, L) fp32; a row that sees no key gives 0 and LSE -inf.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)");
-  // q (B, H, Lq, D); caches (B, Hkv, S_max, D), or paged (num_blocks, Hkv, block_size, D) with
-  // block_table (B, max_blocks) int32; cache_seqlens (B,) int32 counts the Lq new tokens; query i
-  // sees keys j <= cache_seqlens[b] - Lq + i. Returns (B, H, Lq, Dv) in q's dtype.
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, Tensor? block_table) -> Tensor");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // Packed q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), int32 offsets; causal and
+  // windows bottom-right aligned (flash-attn), window sides -1 = unbounded. LSE (H, total_q).
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+        "int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+  // q (B, H, Lq, D) against a KV cache (B, Hkv, S_max, D) or, with block_table (B, max_blocks),
+  // a paged one (num_blocks, Hkv, block_size, D); cache_seqlens (B,) int32. Returns (B, H, Lq, Dv).
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
+        "Tensor? block_table) -> Tensor");
 }

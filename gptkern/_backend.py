@@ -156,6 +156,11 @@ def available_backends() -> list[str]:
 # layer_norm (0.4-0.57x), faster only for rms_norm forward+backward, so ``auto`` keeps CPU
 # tensors on ``torch`` until they win; ``gptkern.backend("cpu")`` selects them.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+# Per-op exceptions to _AUTO_ORDER, (op, device type) -> order: the C++ attention kernels beat
+# PyTorch's SDPA on CPU (benchmarks/bench_cpu.py, 2 threads, fp32: attention fwd and fwd+bwd,
+# decode), so ``auto`` uses them there.
+_AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
+                     for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention")}
 
 # A check returns None when the backend can serve the call, else a reason.
 Support = Callable[[], Optional[str]]
@@ -200,7 +205,8 @@ def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
         if name in ("cpu", "cuda"):
             _extension(jit=True)  # the first use of the cpu backend may build gptkern._C
         return name
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+    order = _AUTO_ORDER_BY_OP.get((op, device_type)) or _AUTO_ORDER.get(device_type, ("torch",))
+    for name in order:
         if name not in supports or not _backend_runs_on(name, device_type):
             continue
         reason = supports[name]()

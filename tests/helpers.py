@@ -23,8 +23,8 @@ GRAD_TOLERANCES = {
 }
 
 
-# Backends that implement attention (the C++ attention kernels are not built yet).
-ATTENTION_BACKENDS = ("triton", "torch")
+# Backends that implement attention.
+ATTENTION_BACKENDS = ("triton", "cpu", "torch")
 
 
 def backends_here(device: torch.device, attention: bool = False) -> list[str]:

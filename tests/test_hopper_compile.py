@@ -186,6 +186,35 @@ def attention_configs():
                                           BLOCK_DV=attention.head_block(d)), 4, True, 3)
 
 
+def decode_variants():
+    """(head dim, dtype, page size (0: static cache), GQA group size, new query tokens)."""
+    for d, dtype, page, shape in itertools.product((64, 80, 128, 256), ("fp16", "fp32"), (0, 16, 64),
+                                                   ((1, 1), (16, 4))):  # BLOCK_M 16 and 64
+        yield (d, dtype, page, *shape)
+    for page, shape in itertools.product((0, 16), ((1, 1), (8, 1), (4, 4))):
+        yield (128, "bf16", page, *shape)
+
+
+def decode_configs():
+    from gptkern.kernels import decode
+
+    for d, dtype, page, g, lq in decode_variants():
+        cfg = decode.launch_config(g, lq, d, d, page, dtype == "fp32")
+        split = decode._decode_split_kernel
+        types = {n: "i32" for n in split.arg_names}
+        types.update(Q="*" + dtype, K="*" + dtype, V="*" + dtype, SEQLENS="*i32", TABLE="*i32",
+                     O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32")
+        m_pad = -(-g * lq // cfg.block_m) * cfg.block_m
+        yield split, types, dict(G=g, LQ=lq, D=d, DV=d, PAGE=page, SPLITS=8, M_PAD=m_pad,
+                                 PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.constexprs()), \
+            cfg.num_warps, True, cfg.num_stages
+        combine = decode._decode_combine_kernel
+        types = {n: "i32" for n in combine.arg_names}
+        types.update(O_PART="*fp32", LSE_PART="*fp32", OUT="*" + dtype)
+        yield combine, types, dict(G=g, LQ=lq, DV=d, SPLITS=8, BLOCK_S=8, M_PAD=m_pad,
+                                   BLOCK_DV=cfg.block_dv), 1, True, 3
+
+
 def spill_probe():
     from gptkern.kernels import softmax
 
@@ -236,6 +265,13 @@ def test_attention_kernels_compile_for_hopper_without_spills():
     assert_no_spills(results)
 
 
+@pytest.mark.slow
+def test_decode_kernels_compile_for_hopper_without_spills():
+    results = run_compiles("decode")
+    assert {r["kernel"] for r in results} == {"_decode_split_kernel", "_decode_combine_kernel"}
+    assert_no_spills(results)
+
+
 def test_resource_usage_reports_spills():
     """The check sees a spill: a 32K block kept live by one warp."""
     (result,) = run_compiles("spill-probe")
@@ -258,7 +294,7 @@ def _main(which: str) -> None:
     import multiprocessing
 
     _CONFIGS.extend({"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
-                     "spill-probe": spill_probe}[which]())
+                     "decode": decode_configs, "spill-probe": spill_probe}[which]())
     # Processes (forked: they inherit the configurations): compiling holds the GIL much of the time.
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 2) as pool:
         for result in pool.imap(_compile_one, range(len(_CONFIGS)), chunksize=4):

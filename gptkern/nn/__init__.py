@@ -1,6 +1,10 @@
-"""Modules over gptkern.ops with torch.nn's constructors, forward signatures and state_dict keys."""
+"""Modules over gptkern.ops: drop-ins for torch.nn (same constructors, forward signatures and
+state_dict keys), Transformer building blocks, and ``patch`` to swap them into any model."""
 from gptkern.nn.activation import Softmax
 from gptkern.nn.attention import MultiheadAttention
 from gptkern.nn.normalization import LayerNorm, RMSNorm
+from gptkern.nn.patch import patch
+from gptkern.nn.transformer import MLP, Block, CausalSelfAttention, CrossAttention
 
-__all__ = ["Softmax", "LayerNorm", "RMSNorm", "MultiheadAttention"]
+__all__ = ["Softmax", "LayerNorm", "RMSNorm", "MultiheadAttention", "patch", "CausalSelfAttention",
+           "CrossAttention", "MLP", "Block"]

@@ -1,5 +1,5 @@
-"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd (the CUDA
-forward, gptkern::attention_fwd, is registered in cpp_attention.py)."""
+"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd (the C++ ops
+of gptkern._C: cpu_attention.py, cuda_attention.py)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import cpp_attention
+from gptkern.ops import cuda_attention
 from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -104,6 +104,13 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
 
     weight = attention.DROPOUT if dropout_p > 0 else attention.MASKED if masked else attention.PLAIN
     return attention.unsupported(q.shape[-1], v.shape[-1], q.dtype == torch.float32, weight)
+
+
+def _cpu_limits(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+    """Why the C++ CPU attention kernels cannot take these inputs, or None."""
+    if dropout_p > 0:
+        return "dropout (dropout_p > 0)"
+    return triton_dtype_support(q.dtype)  # fp16, bf16, fp32 as the Triton kernels
 
 
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
@@ -233,15 +240,21 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
-    def triton_support():
+    def mask_support():  # what neither kernel takes (torch's SDPA decides, or raises)
         if attn_mask is not None and is_causal:
             return "attn_mask together with is_causal"
         if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
             return "a gradient for attn_mask"
-        return _triton_limits(query, value, attn_mask is not None, dropout_p)
+        return None
+
+    def triton_support():
+        return mask_support() or _triton_limits(query, value, attn_mask is not None, dropout_p)
+
+    def cpu_support():
+        return mask_support() or _cpu_limits(query, dropout_p)
 
     def cuda_support():  # the CUDA forward; its backward is Triton's
-        why = cpp_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
+        why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if why is None and needs_grad:
             why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
@@ -249,11 +262,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return why
 
     name = _backend.choose("scaled_dot_product_attention", query.device,
-                           {"triton": triton_support, "cuda": cuda_support, "torch": lambda: None})
-    if name in ("triton", "cuda"):
+                           {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support,
+                            "torch": lambda: None})
+    if name != "torch":
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        if name == "cuda":
-            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, None, bool(is_causal), scale_value)
+        if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None)
+            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value)
         else:
             out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
                                                         float(dropout_p), draw_seed(dropout_p))
@@ -447,13 +461,15 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     name = _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p), "torch": lambda: None})
-    if name == "triton":
-        out, _ = torch.ops.gptkern.triton_attention_varlen(
-            q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
-            int(max_seqlen_k), bool(causal), scale_value, *window, float(dropout_p), draw_seed(dropout_p))
-        return out
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p),
+                            "cpu": lambda: _cpu_limits(q, dropout_p), "torch": lambda: None})
+    if name != "torch":
+        args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+                int(max_seqlen_k), bool(causal), scale_value, *window)
+        if name == "cpu":
+            return torch.ops.gptkern.attention_varlen_fwd(*args)[0]
+        return torch.ops.gptkern.triton_attention_varlen(*args, float(dropout_p), draw_seed(dropout_p))[0]
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
-                                  "be traced by torch.compile; use the triton backend")
+                                  "be traced by torch.compile; use the triton or cpu backend")
     return _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)

@@ -64,3 +64,52 @@ def rms_norm_ref(x: torch.Tensor, normalized_shape: Sequence[int],
     if weight is not None:
         y = y * _prepare(weight, upcast)
     return y if upcast else y.to(x.dtype)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                  causal: bool = False, scale: Optional[float] = None, upcast: bool = True) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v for q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv).
+
+    Query head h uses KV head h // (H / Hkv); ``mask`` is bool (True = attend) or additive and
+    broadcasts to (B, H, L, S); ``causal`` is top-left aligned (key j visible to query i iff
+    j <= i). A row that sees no key gives 0, as torch's SDPA.
+    """
+    out_dtype = q.dtype
+    q, k, v = (_prepare(t, upcast) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, L, S)
+    visible = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device)
+    if causal:
+        visible = visible.tril()
+    if mask is not None and mask.dtype == torch.bool:
+        visible = visible & mask
+    elif mask is not None:
+        s = s + _prepare(mask, upcast)
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows of -inf only: 0
+    out = p @ v
+    return out if upcast else out.to(out_dtype)
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: torch.Tensor, scale: Optional[float] = None,
+                         block_table: Optional[torch.Tensor] = None, upcast: bool = True) -> torch.Tensor:
+    """One sequence at a time: query i of the Lq new ones sees cache keys j <= seqlen - Lq + i."""
+    outs = []
+    lq = q.shape[2]
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            k, v = k_cache[b, :, :n], v_cache[b, :, :n]  # (Hkv, n, D)
+        else:
+            bs = k_cache.shape[2]
+            ids = block_table[b, : -(-n // bs)].long()
+            k = k_cache[ids].transpose(0, 1).reshape(k_cache.shape[1], -1, k_cache.shape[-1])[:, :n]
+            v = v_cache[ids].transpose(0, 1).reshape(v_cache.shape[1], -1, v_cache.shape[-1])[:, :n]
+        if n == 0:  # nothing to attend: zeros
+            outs.append(torch.zeros(q.shape[1], lq, v_cache.shape[-1], dtype=torch.float64 if upcast else q.dtype,
+                                    device=q.device))
+            continue
+        visible = torch.arange(n, device=q.device) <= (n - lq + torch.arange(lq, device=q.device))[:, None]
+        outs.append(attention_ref(q[b:b + 1], k[None], v[None], mask=visible, scale=scale, upcast=upcast)[0])
+    return torch.stack(outs)

@@ -1,0 +1,304 @@
+// Decode attention on CPU (flash-decoding): a few new queries per sequence against a KV cache.
+//
+// q (B, H, Lq, D); k_cache / v_cache (B, Hkv, S_max, D / Dv), or paged (num_blocks, Hkv,
+// block_size, D / Dv) with block_table (B, max_blocks) int32; cache_seqlens (B,) int32 counts
+// the valid cache tokens of each sequence, the Lq new ones included: query i sits at position
+// seqlen - Lq + i and sees keys j <= seqlen - Lq + i. A query that sees no key (seqlen 0, or
+// seqlen < Lq for the first queries) gives zeros.
+//
+// Tasks are (batch, KV head, split of the cache): each reads its keys and values once for the
+// whole GQA group of query heads (rows = group x Lq), keeps a partial (max, sum, acc) per row;
+// a combine step merges the splits.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "attention_common.h"
+
+#ifdef CPU_CAPABILITY_AVX2
+#include <immintrin.h>
+#endif
+
+namespace gptkern::cpu::attn {
+namespace {
+
+constexpr int64_t kKeys = 8;    // keys scored together (one vector of scores)
+constexpr int64_t kChunk = 64;  // keys per online-softmax step
+constexpr int64_t kMinSplit = 256;
+
+// out[c] = sum of the lanes of a[c], c < kKeys.
+inline void sum_lanes(const Vec* a, float* out) {
+#ifdef CPU_CAPABILITY_AVX2
+  static_assert(kW == 8 && kKeys == 8);
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  for (int64_t c = 0; c < kKeys; ++c)
+    out[c] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[c]);
+#endif
+}
+
+// Prefetch n rows of `width` elements, `stride` apart (one range when they are contiguous).
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t n, int64_t stride, int64_t width) {
+  const char* p = reinterpret_cast<const char*>(first);
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
+  if (stride == width) {
+    for (int64_t off = 0; off < n * row_bytes; off += 64) __builtin_prefetch(p + off);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + r * stride * sizeof(T) + off);
+}
+
+struct Cache {  // key / value rows of one cache, static or paged
+  const void* data;
+  int64_t sb, sh, sr;            // static: (B, Hkv, S_max, .); paged: (num_blocks, Hkv, block_size, .)
+  const int32_t* table = nullptr;  // (B, max_blocks), or null for a static cache
+  int64_t table_stride = 0, block_size = 0;
+
+  template <typename T>
+  const T* row(int64_t b, int64_t h, int64_t j) const {
+    const T* base = static_cast<const T*>(data);
+    if (!table) return base + b * sb + h * sh + j * sr;
+    return base + table[b * table_stride + j / block_size] * sb + h * sh + j % block_size * sr;
+  }
+  // Keys from j on that lie in j's page (a static cache is one page).
+  int64_t run(int64_t j, int64_t limit) const { return table ? std::min(limit, block_size - j % block_size) : limit; }
+};
+
+// s[c] = q . k[c] for c < n_pad (a multiple of kKeys); key rows `ks` apart, rows >= n repeat row n - 1.
+inline void score_keys(const float* q, int64_t dp, const float* k, int64_t ks, int64_t n, int64_t n_pad, float* s) {
+  for (int64_t c = 0; c < n_pad; c += kKeys) {
+    const float* kr[kKeys];
+    for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
+    Vec a[kKeys];
+    for (int64_t x = 0; x < kKeys; ++x) a[x] = Vec(0.0f);
+    for (int64_t e = 0; e < dp; e += kW) {
+      const Vec qv = Vec::loadu(q + e);
+      for (int64_t x = 0; x < kKeys; ++x) a[x] = at::vec::fmadd(qv, Vec::loadu(kr[x] + e), a[x]);
+    }
+    sum_lanes(a, s + c);
+  }
+}
+
+// acc[0 .. NV * kW) += sum over keys c < n of p[c] * v[c][0 ..], v rows `vs` apart.
+template <int NV>
+inline void add_pv_tile(float* acc, const float* p, const float* v, int64_t vs, int64_t n) {
+  Vec a[NV];
+  for (int x = 0; x < NV; ++x) a[x] = Vec::loadu(acc + x * kW);
+  for (int64_t c = 0; c < n; ++c) {
+    const Vec pc(p[c]);
+    for (int x = 0; x < NV; ++x) a[x] = at::vec::fmadd(pc, Vec::loadu(v + c * vs + x * kW), a[x]);
+  }
+  for (int x = 0; x < NV; ++x) a[x].store(acc + x * kW);
+}
+
+constexpr int64_t kPV = 8;  // vectors of acc kept in registers per pass
+
+inline void add_pv(float* acc, const float* p, const float* v, int64_t vs, int64_t n, int64_t dvp) {
+  for (int64_t e = 0; e < dvp; e += kPV * kW) {
+    switch (std::min(kPV, (dvp - e) / kW)) {
+      case 1: add_pv_tile<1>(acc + e, p, v + e, vs, n); break;
+      case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
+      case 3: add_pv_tile<3>(acc + e, p, v + e, vs, n); break;
+      case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
+      case 5: add_pv_tile<5>(acc + e, p, v + e, vs, n); break;
+      case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
+      case 7: add_pv_tile<7>(acc + e, p, v + e, vs, n); break;
+      default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
+    }
+  }
+}
+
+struct Split {
+  int64_t count, len;  // splits per sequence, keys per split
+};
+
+// Enough (batch, KV head, split) tasks to keep the threads busy, splits of at least kMinSplit
+// keys; chosen from the shape only, so the result does not depend on the thread count.
+Split choose_split(int64_t tasks, int64_t max_len) {
+  const int64_t count = std::clamp<int64_t>(ceil_div(64, std::max<int64_t>(tasks, 1)), 1,
+                                            std::max<int64_t>(1, ceil_div(max_len, kMinSplit)));
+  return {count, round_up(ceil_div(std::max<int64_t>(max_len, 1), count), kChunk)};
+}
+
+struct Scratch {
+  std::vector<float> q, s, acc, m, l, kbuf, vbuf;
+};
+
+template <typename T>
+void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t* seqlens, float scale,
+            int64_t hkv_count, int64_t dv, at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), lq = q.size(2), d = q.size(3);
+  const int64_t group = heads / hkv_count, rows = group * lq, dp = round_up(d, kW), dvp = round_up(dv, kW);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < batch; ++b) max_len = std::max<int64_t>(max_len, seqlens[b]);
+  const Split split = choose_split(batch * hkv_count, max_len);
+  // Partials per (b, hkv, split, row): m, l, then dvp accumulators.
+  const int64_t part_width = dvp + 2;
+  auto part_t = at::empty({batch * hkv_count * split.count * rows * part_width}, q.options().dtype(at::kFloat));
+  float* part = part_t.mutable_data_ptr<float>();
+  const auto qo = operand<T>(q);
+  // fp32 caches whose rows are multiples of kW are read in place; others are converted per chunk.
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool k_direct = kFloat && d % kW == 0, v_direct = kFloat && dv % kW == 0;
+  auto make = [&] {
+    return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kChunk), std::vector<float>(rows * dvp),
+                   std::vector<float>(rows), std::vector<float>(rows), std::vector<float>(kChunk * dp),
+                   std::vector<float>(kChunk * dvp)};
+  };
+  parallel_tasks<Scratch>(batch * hkv_count * split.count, make, [&](int64_t t, Scratch& w) {
+    const int64_t b = t / (hkv_count * split.count), hkv = t / split.count % hkv_count, sp = t % split.count;
+    const int64_t len = seqlens[b], first = sp * split.len, last = std::min(len, first + split.len);
+    for (int64_t r = 0; r < rows; ++r)  // row r: query head hkv * group + r / lq, query r % lq
+      load_f32(qo.row(b, hkv * group + r / lq, r % lq), qo.sc, w.q.data() + r * dp, d, dp, scale);
+    std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    std::fill(w.l.begin(), w.l.end(), 0.0f);
+    // Chunks of up to kChunk keys inside one page: their rows are kc.sr / vc.sr apart.
+    for (int64_t j0 = first, n = 0; j0 < last; j0 += n) {
+      n = kc.run(j0, std::min(kChunk, last - j0));
+      const T* k_raw = kc.row<T>(b, hkv, j0);
+      const T* v_raw = vc.row<T>(b, hkv, j0);
+      if (const int64_t j1 = j0 + n; j1 < last) {  // the next chunk's rows, while this one is computed
+        const int64_t n1 = kc.run(j1, std::min(kChunk, last - j1));
+        prefetch_rows(kc.row<T>(b, hkv, j1), n1, kc.sr, d);
+        prefetch_rows(vc.row<T>(b, hkv, j1), n1, vc.sr, dv);
+      }
+      const float* kf = reinterpret_cast<const float*>(k_raw);
+      const float* vf = reinterpret_cast<const float*>(v_raw);
+      int64_t ks = kc.sr, vs = vc.sr;
+      if (!k_direct) {
+        for (int64_t c = 0; c < n; ++c) load_f32(k_raw + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
+        kf = w.kbuf.data(), ks = dp;
+      }
+      if (!v_direct) {
+        for (int64_t c = 0; c < n; ++c) load_f32(v_raw + c * vc.sr, 1, w.vbuf.data() + c * dvp, dv, dvp);
+        vf = w.vbuf.data(), vs = dvp;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = w.s.data() + r * kChunk;
+        score_keys(w.q.data() + r * dp, dp, kf, ks, n, round_up(n, kKeys), sr);
+        // Keys past the chunk, and past the query's causal limit, are not visible.
+        const int64_t visible = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
+        std::fill(sr + visible, sr + kChunk, kNegInf);
+        // Online softmax, then acc += P V.
+        const float m_new = std::max(w.m[r], row_max(sr, kChunk));
+        const float m_ref = m_new == kNegInf ? 0.0f : m_new;
+        const float alpha = std::exp(w.m[r] - m_ref);
+        w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, kChunk, m_ref);
+        w.m[r] = m_new;
+        float* acc = w.acc.data() + r * dvp;
+        if (alpha != 1.0f) scale_row(acc, dvp, alpha);
+        add_pv(acc, sr, vf, vs, visible, dvp);
+      }
+    }
+    float* dst = part + t * rows * part_width;
+    for (int64_t r = 0; r < rows; ++r) {
+      dst[r * part_width] = w.m[r];
+      dst[r * part_width + 1] = w.l[r];
+      std::copy(w.acc.begin() + r * dvp, w.acc.begin() + (r + 1) * dvp, dst + r * part_width + 2);
+    }
+  });
+  // Combine the splits of each (b, hkv, row).
+  const auto oo = operand<T>(out);
+  at::parallel_for(0, batch * hkv_count * rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dvp);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bk = i / rows, r = i % rows;
+      const float* src = part + (bk * split.count * rows + r) * part_width;
+      float m = kNegInf;
+      for (int64_t s = 0; s < split.count; ++s) m = std::max(m, src[s * rows * part_width]);
+      const float m_ref = m == kNegInf ? 0.0f : m;
+      float l = 0.0f;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < split.count; ++s) {
+        const float* ps = src + s * rows * part_width;
+        const float f = std::exp(ps[0] - m_ref);
+        l += ps[1] * f;
+        const Vec vf(f);
+        for (int64_t e = 0; e < dvp; e += kW) at::vec::fmadd(vf, Vec::loadu(ps + 2 + e), Vec::loadu(acc.data() + e)).store(acc.data() + e);
+      }
+      const int64_t b = bk / hkv_count, h = bk % hkv_count * group + r / lq;
+      store_f32(acc.data(), oo.row(b, h, r % lq), oo.sc, dv, l > 0.0f ? 1.0f / l : 0.0f);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_seqlens, double scale, const std::optional<at::Tensor>& block_table) {
+  const char* op = "decode_attention";
+  check_float_cpu(op, q, "q");
+  check_float_cpu(op, k_cache, "k_cache");
+  check_float_cpu(op, v_cache, "v_cache");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "gptkern::decode_attention: q, k_cache and v_cache must have one dtype, got ", q.scalar_type(), ", ",
+              k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK(q.dim() == 4, "gptkern::decode_attention: q must be (B, H, Lq, D), got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "gptkern::decode_attention: k_cache and v_cache must have 4 dims, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), hkv = k_cache.size(1);
+  TORCH_CHECK(hkv > 0 && heads % hkv == 0 && v_cache.size(1) == hkv, "gptkern::decode_attention: the ", heads,
+              " heads of q must be a multiple of the heads of k_cache (", hkv, ") and v_cache (", v_cache.size(1), ")");
+  TORCH_CHECK(k_cache.size(3) == q.size(3), "gptkern::decode_attention: k_cache must have q's head dim ", q.size(3),
+              ", got ", k_cache.size(3));
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(2) == v_cache.size(2),
+              "gptkern::decode_attention: k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(),
+              " must match in every dim but the last");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "gptkern::decode_attention: k_cache and v_cache must be contiguous in the head dim");
+  check_int32_vector(op, cache_seqlens, "cache_seqlens", batch);
+  auto seqlens_c = cache_seqlens.contiguous();
+  const int32_t* seqlens = seqlens_c.const_data_ptr<int32_t>();
+  Cache kc{k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  Cache vc{v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  int64_t capacity = k_cache.size(2);
+  at::Tensor table;
+  if (block_table.has_value()) {
+    table = block_table->contiguous();
+    TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kInt && table.dim() == 2 &&
+                    table.size(0) == batch,
+                "gptkern::decode_attention: block_table must be a (B, max_blocks) int32 CPU tensor, got ",
+                table.scalar_type(), " ", table.sizes());
+    capacity = table.size(1) * k_cache.size(2);
+    const int32_t* t = table.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < ceil_div(std::max<int32_t>(seqlens[b], 0), k_cache.size(2)); ++i) {
+        const int32_t blk = t[b * table.size(1) + i];
+        TORCH_CHECK(blk >= 0 && blk < k_cache.size(0), "gptkern::decode_attention: block_table[", b, ", ", i,
+                    "] = ", blk, " is not a block of k_cache (", k_cache.size(0), " blocks)");
+      }
+    }
+    for (Cache* c : {&kc, &vc}) {
+      c->table = t;
+      c->table_stride = table.size(1);
+      c->block_size = k_cache.size(2);
+    }
+  } else {
+    TORCH_CHECK(k_cache.size(0) == batch, "gptkern::decode_attention: k_cache must have q's batch size ", batch,
+                ", got ", k_cache.size(0));
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] <= capacity, "gptkern::decode_attention: cache_seqlens[", b, "] = ",
+                seqlens[b], " is outside [0, ", capacity, "]");
+  }
+  const int64_t dv = v_cache.size(3);
+  auto out = at::empty({batch, heads, q.size(2), dv}, q.options());
+  if (out.numel() == 0) return out;
+  GPTKERN_DISPATCH(q.scalar_type(), "gptkern_decode_attention", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      decode<scalar_t>(q, kc, vc, seqlens, static_cast<float>(scale), hkv, dv, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gptkern, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
+}  // namespace gptkern::cpu::attn

@@ -1,0 +1,6 @@
+"""Generation: KV caches, next-token sampling and ``generate``."""
+from gptkern.generation.generate import generate
+from gptkern.generation.kv_cache import PagedKVCache, StaticKVCache
+from gptkern.generation.seq2seq import generate_seq2seq
+
+__all__ = ["generate", "generate_seq2seq", "StaticKVCache", "PagedKVCache"]

@@ -1,0 +1,163 @@
+"""generate(): prefill the prompt into a KV cache, then decode one token at a time."""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from gptkern.generation.cuda_graph import GraphedDecodeStep
+from gptkern.generation.kv_cache import PagedKVCache, StaticKVCache
+from gptkern.generation.sampling import check_sampling_args, next_tokens
+
+
+def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  max_new_tokens: int) -> torch.Tensor:
+    """The (B, L) 0/1 mask of the left-padded prompt, after the argument checks."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, prompt_len), got shape {list(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"the prompt is empty: input_ids has shape {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got "
+                         f"{list(attention_mask.shape)}")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded: attention_mask has padding at the last position")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("a prompt in the batch is empty (its attention_mask is all zeros)")
+    c = model.config
+    total = input_ids.shape[1] + max_new_tokens
+    if c.pos_embedding == "learned" and total > c.block_size:
+        raise ValueError(f"prompt length {input_ids.shape[1]} plus max_new_tokens {max_new_tokens} is longer than "
+                         f"the model's context (block_size {c.block_size})")
+    return mask
+
+
+def _stop_ids(eos_token_id: Union[int, Sequence[int], None], device) -> Optional[torch.Tensor]:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def make_cache(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int] = None):
+    if kind == "static":
+        return StaticKVCache.for_model(model, batch_size, max_seq_len)
+    if kind == "paged":
+        return PagedKVCache.for_model(model, batch_size, max_seq_len, num_blocks=num_blocks)
+    raise ValueError(f"cache must be 'static' or 'paged', got {kind!r}")
+
+
+@torch.no_grad()
+def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, do_sample, temperature, top_k, top_p,
+                  repetition_penalty, eos, pad_token_id, stop_strings, tokenizer, generator
+                  ) -> Iterator[torch.Tensor]:
+    """Yields (B,) next tokens, finished sequences padded, until all stop or the budget is spent."""
+    b = input_ids.shape[0]
+    seen = input_ids
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    texts = [""] * b
+    if cache is not None:
+        lengths = mask.sum(-1).tolist()
+        cache.allocate(lengths)
+    done = [False] * b
+    step_input, step_mask = input_ids, mask
+    graphed = GraphedDecodeStep(model, cache) if cuda_graph and cache is not None else None
+    for step in range(max_new_tokens):
+        if graphed is not None and step > 0:
+            logits = graphed(step_input[:, 0])
+        else:
+            hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
+            logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
+        token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        if eos is not None:
+            finished |= torch.isin(token, eos)
+        if stop_strings:
+            for i, t in enumerate(token.tolist()):
+                texts[i] += tokenizer.decode([t])
+                if any(s in texts[i] for s in stop_strings):
+                    finished[i] = True
+        seen = torch.cat([seen, token[:, None]], 1)
+        yield token
+        if step == max_new_tokens - 1:
+            return
+        if eos is not None or stop_strings:
+            done = finished.tolist()  # the one host sync per step
+            if all(done):
+                return
+        if cache is not None:
+            for row in range(b):
+                if done[row] and lengths[row] >= 0:
+                    cache.free(row)
+                    lengths[row] = -1  # freed: its writes go to scratch
+                elif not done[row]:
+                    lengths[row] += 1
+            cache.allocate([max(n, 0) for n in lengths])
+            step_input, step_mask = token[:, None], None
+        else:
+            step_input, step_mask = seen, torch.cat([step_mask, torch.ones_like(token)[:, None]], 1)
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+             *, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed: Optional[int] = None,
+             stream: bool = False, use_cache: bool = True, cache: str = "static",
+             num_cache_blocks: Optional[int] = None, cuda_graph: Optional[bool] = None):
+    """Continue each prompt of ``input_ids`` (B, L) by up to ``max_new_tokens`` tokens.
+
+    Prompts of different lengths are left-padded, with ``attention_mask`` (B, L) 1 on real tokens.
+    Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (after a
+    ``repetition_penalty``), reproducibly with ``seed``. A sequence stops on its own at
+    ``eos_token_id`` (one id or several) or at one of ``stop_strings`` (decoded with
+    ``tokenizer``); later positions hold ``pad_token_id`` (default: the first EOS id, else 0), and
+    generation ends early once every sequence has stopped.
+
+    Returns a LongTensor (B, L + new): the prompt followed by the new tokens, as transformers
+    returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
+    ``cache``: ``static`` (per-sequence buffers) or ``paged`` (a shared pool of 16-token blocks,
+    ``num_cache_blocks`` of them; finished sequences return theirs); ``use_cache=False`` runs the
+    whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
+    decode step once and replays it for every token.
+    """
+    model_device = next(model.parameters()).device
+    input_ids = input_ids.to(model_device)
+    mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs a tokenizer to decode the generated tokens")
+    eos = _stop_ids(eos_token_id, model_device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=model_device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    kv_cache = None
+    if use_cache and max_new_tokens:
+        kv_cache = make_cache(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
+    if cuda_graph is None:
+        cuda_graph = model_device.type == "cuda"
+    steps = _decode_steps(model, input_ids, mask, max_new_tokens, cache=kv_cache, cuda_graph=cuda_graph,
+                          do_sample=do_sample,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
+                          stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
+
+    def restoring(it):
+        try:
+            yield from it
+        finally:
+            model.train(was_training)
+
+    if stream:
+        return restoring(steps)
+    new = list(restoring(steps))
+    return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()

@@ -1,0 +1,213 @@
+"""Key/value caches for decoding: static (preallocated per sequence) and paged (a shared block pool).
+
+Each sequence's tokens sit at cache positions 0 .. seqlens[b] - 1 with no padding in between:
+a left-padded prompt is compacted when it is written, so decode attention needs no mask and
+reads exactly ``seqlens[b]`` keys per sequence.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gptkern import ops
+
+
+class StaticKVCache:
+    """Per-layer buffers ``(B, n_kv_head, max_seq_len, head_dim)`` in the model's dtype.
+
+    Memory is exactly 2 * n_layer * B * n_kv_head * max_seq_len * head_dim * element size
+    (:attr:`nbytes`). ``seqlens`` (B,) int32 counts the tokens cached per sequence.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
+        if min(n_layer, batch_size, n_kv_head, max_seq_len, head_dim) < 1:
+            raise ValueError(f"cache dimensions must be positive, got n_layer={n_layer}, batch_size={batch_size}, "
+                             f"n_kv_head={n_kv_head}, max_seq_len={max_seq_len}, head_dim={head_dim}")
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.max_seq_len = max_seq_len
+        self.filled = False  # False until the prompt is written (prefill)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int,
+                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> "StaticKVCache":
+        c = model.config
+        weight = next(model.parameters())
+        return cls(c.n_layer, batch_size, c.n_kv_head, max_seq_len, c.head_dim, dtype or weight.dtype,
+                   device or weight.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        """k, v (B, Hkv, L, D) of a left-padded prompt whose sequence b has lengths[b] real tokens
+        at the end: they are stored at positions 0 .. lengths[b] - 1."""
+        b, _, l, _ = k.shape
+        if l > self.max_seq_len:
+            raise ValueError(f"prompt length {l} is longer than the cache's max_seq_len {self.max_seq_len}")
+        start = (l - lengths).to(torch.long)  # (B,) left padding
+        index = (start[:, None] + torch.arange(l, device=k.device)).clamp(max=l - 1)  # (B, L)
+        index = index[:, None, :, None].expand_as(k)
+        self.k[layer][:, :, :l] = k.gather(2, index)
+        self.v[layer][:, :, :l] = v.gather(2, index)
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: Optional[float] = None) -> torch.Tensor:
+        """Appends k, v (B, Hkv, Lq, D) after each sequence's cached tokens and returns the
+        attention of q (B, H, Lq, D) over the cache (causal among the Lq new tokens)."""
+        b, _, lq, _ = k.shape
+        rows = torch.arange(b, device=k.device)[:, None]  # (B, 1)
+        cols = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
+        self.k[layer][rows, :, cols] = k.transpose(1, 2)  # indexed as (B, Lq, Hkv, D)
+        self.v[layer][rows, :, cols] = v.transpose(1, 2)
+        return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, scale=scale)
+
+    def allocate(self, lengths: list[int]) -> None:
+        """Checks that sequence b fits ``lengths[b]`` tokens (the paged cache takes blocks here)."""
+        if max(lengths, default=0) > self.max_seq_len:
+            raise ValueError(f"a sequence needs {max(lengths)} cache positions, more than max_seq_len "
+                             f"{self.max_seq_len}")
+
+    def free(self, row: int) -> None:
+        """A finished sequence: nothing to return in a static cache."""
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep cache row ``rows[i]`` as row i (beam search)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.seqlens = self.seqlens.index_select(0, rows)
+
+    def layer(self, index: int, prompt_lengths: Optional[torch.Tensor] = None) -> "LayerCache":
+        return LayerCache(self, index, prompt_lengths)
+
+    def advance(self, n: int) -> None:
+        """After every layer has seen ``n`` new tokens per sequence."""
+        self.seqlens += n
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+        self.filled = False
+
+
+class PagedKVCache(StaticKVCache):
+    """Per-layer pools of fixed-size blocks ``(num_blocks, n_kv_head, block_size, head_dim)`` shared
+    by all sequences, with a block table ``(B, max_blocks_per_seq)`` int32 per sequence.
+
+    Blocks are taken from a free list as a sequence grows (so at most one partly filled block
+    per sequence) and returned by :meth:`free`. Block 0 is a scratch block that is never handed
+    out: the table rows of freed sequences point at it, so their writes land nowhere that
+    matters. Running out of blocks raises RuntimeError; no sequence writes into another's blocks.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, num_blocks: int,
+                 block_size: int = 16, max_seq_len: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None):
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 2 (one is scratch) and block_size >= 1, got {num_blocks}, "
+                             f"{block_size}")
+        max_seq_len = max_seq_len or (num_blocks - 1) * block_size
+        shape = (num_blocks, n_kv_head, block_size, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.max_seq_len, self.block_size = max_seq_len, block_size
+        self.block_table = torch.zeros(batch_size, -(-max_seq_len // block_size), dtype=torch.int32, device=device)
+        self.free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is scratch
+        self.owned: list[list[int]] = [[] for _ in range(batch_size)]
+        self.filled = False
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int, num_blocks: Optional[int] = None,
+                  block_size: int = 16, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> "PagedKVCache":
+        c = model.config
+        weight = next(model.parameters())
+        num_blocks = num_blocks or batch_size * -(-max_seq_len // block_size) + 1
+        return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, num_blocks, block_size, max_seq_len,
+                   dtype or weight.dtype, device or weight.device)
+
+    def allocate(self, lengths: list[int]) -> None:
+        """Make room for ``lengths[b]`` tokens in sequence b (host-side, before they are written)."""
+        changed = False
+        for row, n in enumerate(lengths):
+            if n > self.max_seq_len:
+                raise ValueError(f"sequence {row} needs {n} cache positions, more than max_seq_len {self.max_seq_len}")
+            need = -(-n // self.block_size)
+            while len(self.owned[row]) < need:
+                if not self.free_blocks:
+                    raise RuntimeError(f"the paged KV cache is out of blocks ({self.k[0].shape[0] - 1} blocks of "
+                                       f"{self.block_size} tokens): free finished sequences or allocate more")
+                self.owned[row].append(self.free_blocks.pop())
+                changed = True
+        if changed:
+            self._sync_table()
+
+    def free(self, row: int) -> None:
+        """Return sequence ``row``'s blocks to the pool; its table row points at the scratch block."""
+        self.free_blocks.extend(reversed(self.owned[row]))
+        self.owned[row] = []
+        self._sync_table()
+
+    @property
+    def blocks_in_use(self) -> int:
+        return sum(len(blocks) for blocks in self.owned)
+
+    def _sync_table(self) -> None:
+        table = torch.zeros(self.block_table.shape, dtype=torch.int32)
+        for row, blocks in enumerate(self.owned):
+            table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_table.copy_(table)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError("beam search reorders rows of a static cache; the paged cache does not")
+
+    def _slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> (block ids, offsets in the block), each (B, T)."""
+        blocks = self.block_table.gather(1, (positions // self.block_size).clamp(max=self.block_table.shape[1] - 1))
+        return blocks.long(), positions % self.block_size
+
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        b, _, l, _ = k.shape
+        start = (l - lengths).to(torch.long)[:, None]  # (B, 1) left padding
+        positions = torch.arange(l, device=k.device)[None, :].expand(b, l)  # (B, L) cache positions
+        source = (start + positions).clamp(max=l - 1)
+        blocks, offsets = self._slots(positions)
+        blocks = torch.where(positions < lengths[:, None], blocks, 0)  # padding slots go to scratch
+        index = source[:, None, :, None].expand_as(k)
+        self.k[layer][blocks, :, offsets] = k.gather(2, index).transpose(1, 2)  # (B, L, Hkv, D)
+        self.v[layer][blocks, :, offsets] = v.gather(2, index).transpose(1, 2)
+
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: Optional[float] = None) -> torch.Tensor:
+        lq = k.shape[2]
+        positions = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
+        blocks, offsets = self._slots(positions)
+        self.k[layer][blocks, :, offsets] = k.transpose(1, 2)
+        self.v[layer][blocks, :, offsets] = v.transpose(1, 2)
+        return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, scale=scale,
+                                    block_table=self.block_table)
+
+
+class LayerCache:
+    """One layer's view of a cache, handed to its attention module for one forward."""
+
+    def __init__(self, cache: StaticKVCache, index: int, prompt_lengths: Optional[torch.Tensor]):
+        self.cache, self.index, self.prompt_lengths = cache, index, prompt_lengths
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache.filled
+
+    def write_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        lengths = self.prompt_lengths
+        if lengths is None:
+            lengths = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+        self.cache.write_prompt(self.index, k, v, lengths)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.cache.decode(self.index, q, k, v)

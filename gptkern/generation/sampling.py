@@ -1,0 +1,55 @@
+"""Next-token choice from logits: repetition penalty, temperature, top-k, top-p, greedy."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
+                        repetition_penalty: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, T) ids already in each sequence: their logits are divided by the
+    penalty when positive and multiplied when negative (the CTRL rule, as transformers does)."""
+    scores = logits.gather(1, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(1, seen, scores)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """logits (B, V) with the tokens outside the top k, or outside the smallest set whose
+    probability reaches top_p, set to -inf (the most likely token always stays)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, do_sample: bool, temperature: float,
+                top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) of the last position -> (B,) chosen ids."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

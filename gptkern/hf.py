@@ -1,0 +1,55 @@
+"""Hugging Face attention interface: ``attn_implementation="gptkern"`` for transformers models.
+
+Importing this module (or calling :func:`register`) registers ``"gptkern"`` with transformers'
+``AttentionInterface`` and its mask interface, so GPT-2, Llama, Mistral, Qwen2 and other models
+that dispatch attention through ``ALL_ATTENTION_FUNCTIONS`` run it on
+``gptkern.ops.scaled_dot_product_attention``. transformers stays optional: without it, import
+works and ``register`` raises ImportError.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gptkern import ops
+
+NAME = "gptkern"
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                      scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs
+                      ) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query (B, H, L, D), key/value (B, Hkv, S, D), mask a bool
+    (True = attend) or additive (B or 1, 1 or H, L, S) tensor or None. Returns (B, L, H, Dv), None."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("gptkern attention supports neither softcap, position_bias nor sinks; "
+                                  "use attn_implementation='eager'")
+    l = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # the causal hint only holds for a prompt (L > 1) with no explicit mask, as in transformers' sdpa
+    causal = bool(causal and attention_mask is None and l > 1)
+    if causal and key.shape[2] > l:  # an empty static cache: the keys past the prompt are unused
+        key, value = key[:, :, :l], value[:, :, :l]
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.to(query.dtype)
+    out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                           is_causal=causal, scale=scaling,
+                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"gptkern"`` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks as "sdpa"
+
+
+try:
+    register()
+except ImportError:  # transformers is optional
+    pass

@@ -1,0 +1,188 @@
+"""Decode attention in Triton: a few new query tokens against a long KV cache (flash-decoding).
+
+The cache is split along its length; one program handles one (batch, kv head, split) and
+the query heads of that kv head's GQA group together, so each key/value block is loaded once
+per group (once per row block when a group has more rows than a tile). Its rows are (group
+head g, query i) pairs: M = G * Lq, padded to a tensor-core tile. Each split writes a partial output normalised by its own sum plus its log-sum-exp
+(log2 domain); a combine kernel merges the splits.
+
+Layouts: Q (B, H, Lq, D); a static cache K (B, Hkv, S_max, D), V (B, Hkv, S_max, Dv); a paged
+cache K (num_blocks, Hkv, PAGE, D) with a block table (B, max_blocks) int32. SEQLENS (B,) int32
+counts the valid cache tokens of each sequence, the Lq new ones included: query i sees keys
+j <= seqlen - Lq + i. A sequence with seqlen 0 gets zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gptkern.kernels.attention import LOG2E, _precision, head_block
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, SEQLENS, TABLE, O_PART, LSE_PART,
+    sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd, stb, stn,
+    keys_per_split, qk_scale, HKV,
+    G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr,
+    SPLITS: tl.constexpr, M_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    row_block = tl.program_id(2)
+    b = bh // HKV
+    hk = bh % HKV
+    seqlen = tl.load(SEQLENS + b)
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = offs_m // LQ
+    i = offs_m % LQ
+    row_ok = offs_m < G * LQ
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    head = hk * G + g
+    q = tl.load(Q + b * sqb + head[:, None] * sqh + i[:, None] * sql + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    last_visible = seqlen - LQ + i  # (BLOCK_M,) the last key each row sees
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, seqlen)
+    if PAGE == 0:  # this sequence's cache: 32-bit offsets from here
+        K += b.to(tl.int64) * skb
+        V += b.to(tl.int64) * svb
+    K += hk * skh
+    V += hk * svh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        if PAGE > 0:
+            block = tl.load(TABLE + b * stb + (offs_n // PAGE) * stn, mask=in_range, other=0).to(tl.int64)
+            k_rows = block * skb + (offs_n % PAGE) * sks
+            v_rows = block * svb + (offs_n % PAGE) * svs
+        else:
+            k_rows = offs_n * sks
+            v_rows = offs_n * svs
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :] * skd,
+                    mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        visible = in_range[None, :] & (offs_n[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * svd,
+                    mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -float("inf"))
+    part = (bh * SPLITS + split) * M_PAD  # partials: (B * Hkv, SPLITS, M_PAD[, BLOCK_DV])
+    tl.store(O_PART + (part + offs_m)[:, None] * BLOCK_DV + offs_dv[None, :], out)
+    tl.store(LSE_PART + part + offs_m, lse)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, LSE_PART, OUT, sob, soh, sol, sod, HKV,
+    G: tl.constexpr, LQ: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One program per (batch, kv head, row): the splits' outputs weighted by exp2(lse)."""
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (bh * SPLITS + offs_s) * M_PAD + m  # (BLOCK_S,)
+    lse = tl.load(LSE_PART + rows, mask=offs_s < SPLITS, other=-float("inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == -float("inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # 0 for empty splits
+    parts = tl.load(O_PART + rows[:, None] * BLOCK_DV + offs_dv[None, :], mask=(offs_s < SPLITS)[:, None],
+                    other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    g = m // LQ
+    i = m % LQ
+    tl.store(OUT + b * sob + (hk * G + g) * soh + i * sol + offs_dv * sod, out.to(OUT.dtype.element_ty),
+             mask=offs_dv < DV)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d, BLOCK_DV=self.block_dv)
+
+
+def launch_config(g: int, lq: int, d: int, dv: int, page: int, fp32: bool) -> DecodeConfig:
+    """Rows: the GQA group's (head, query) pairs, padded to a tensor-core tile of 16 to 64 (16 for
+    fp32, whose dot runs on FMA units, 32 at head dim 256); a larger group takes several row
+    blocks. Keys per step: as many as keep a K tile (and its per-element addresses, gathered row
+    by row for a paged cache) near 32 elements a thread, 16 to 64. ``page`` does not change the
+    tiles: block ids are looked up per key row."""
+    block_d, block_dv = head_block(d), head_block(dv)
+    cap = 16 if fp32 else 32 if max(block_d, block_dv) >= 256 else 64
+    block_m = min(cap, max(16, triton.next_power_of_2(g * lq)))
+    num_warps = 8 if block_m >= 64 or max(block_d, block_dv) >= 256 else 4
+    budget = 32 * 32 * num_warps // (2 if fp32 else 1)  # tile elements
+    block_n = max(16, min(64, budget // max(block_d, block_dv)))
+    return DecodeConfig(block_m, block_n, block_d, block_dv, num_warps=num_warps, num_stages=1)
+
+
+def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU about twice, no more splits than key blocks."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the interpreter: few programs
+    return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(capacity, block_n), 64))
+
+
+def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               scale: float, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, Lq, Dv) attention of q over the cache; see the module docstring for layouts."""
+    b, h, lq, d = q.shape
+    hkv, dv = k_cache.shape[1], v_cache.shape[-1]
+    out = torch.empty((b, h, lq, dv), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    g = h // hkv
+    page = k_cache.shape[2] if block_table is not None else 0
+    capacity = block_table.shape[1] * page if block_table is not None else k_cache.shape[2]
+    cfg = launch_config(g, lq, d, dv, page, q.dtype == torch.float32)
+    splits = _num_splits(b * hkv, max(capacity, 1), cfg.block_n, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(max(capacity, 1), splits), cfg.block_n) * cfg.block_n
+    row_blocks = triton.cdiv(g * lq, cfg.block_m)
+    m_pad = row_blocks * cfg.block_m
+    o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
+    table = block_table if block_table is not None else cache_seqlens
+    table_strides = block_table.stride() if block_table is not None else (0, 0)
+    _decode_split_kernel[(b * hkv, splits, row_blocks)](
+        q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv,
+        G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _decode_combine_kernel[(b * hkv, g * lq)](
+        o_part, lse_part, out, *out.stride(), hkv, G=g, LQ=lq, DV=dv, SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits), M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=1)
+    return out

@@ -1,0 +1,187 @@
+"""GPT: a decoder-only Transformer on gptkern's kernels (GPT-2 and Llama-style presets)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gptkern.models.config import GPTConfig
+from gptkern.nn.rotary import rope_cos_sin
+from gptkern.nn.transformer import Block, make_norm
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> None:
+    """(B, L) integer ids in [0, vocab_size), else IndexError naming the id (one host sync; skipped
+    while torch.compile traces)."""
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name} must be (batch, sequence), got shape {list(idx.shape)}")
+    if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # reading the values would sync the host: not while tracing or capturing a CUDA graph
+    low, high = (int(v) for v in torch.aminmax(idx))
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise IndexError(f"token id {bad} in {name} is out of range for vocab_size {vocab_size}")
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 1/0 mask -> (B, L) positions counted over real tokens (left padding starts at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def gpt2_init_(model: nn.Module, n_layer: int, std: float) -> None:
+    """GPT-2 initialisation: N(0, std) weights, zero biases, unit norms, and residual output
+    projections (``c_proj``) scaled by 1 / sqrt(2 * n_layer)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            scale = 1 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 1.0
+            nn.init.normal_(module.weight, 0.0, std * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.reset_parameters()
+
+
+class GPTBody(nn.Module):
+    """Embeddings, ``n_layer`` pre-norm blocks and the final norm: ids (B, L) -> hidden (B, L, n_embd).
+
+    Submodules ``wte``, ``wpe`` (learned positions only), ``drop``, ``h`` and ``ln_f``, as in GPT-2.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        if c.pos_embedding == "learned":
+            self.wpe = nn.Embedding(c.block_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.n_kv_head, bias=c.bias, dropout=c.dropout, norm=c.norm,
+                  norm_eps=c.norm_eps, activation=c.activation, mlp_hidden=c.mlp_hidden, window=c.window)
+            for _ in range(c.n_layer))
+        self.ln_f = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        """cache: a gptkern.generation KV cache, or None. The first call with a cache is the prompt
+        (left-padded with ``attention_mask``); later calls decode new tokens after the cached ones."""
+        c = self.config
+        check_token_ids(idx, c.vocab_size)
+        if attention_mask is not None and attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "
+                             f"{list(attention_mask.shape)}")
+        decoding = cache is not None and cache.filled
+        if decoding:  # new tokens follow each sequence's cached ones; no padding in the cache
+            attention_mask = None
+            position_ids = cache.seqlens.long()[:, None] + torch.arange(idx.shape[1], device=idx.device)
+        elif position_ids is None:
+            position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
+                            else torch.arange(idx.shape[1], device=idx.device))
+        x = self.wte(idx)
+        rope = None
+        if c.pos_embedding == "learned":
+            if idx.shape[1] > c.block_size:
+                raise ValueError(f"sequence length {idx.shape[1]} is longer than block_size {c.block_size}")
+            x = x + self.wpe(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, c.head_dim, c.rope_base)
+        x = self.drop(x)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        lengths = None if attention_mask is None else attention_mask.sum(-1, dtype=torch.int32)
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else cache.layer(i, lengths)
+            if c.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, key_mask, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, key_mask, layer_cache)
+        if cache is not None:
+            if decoding:
+                cache.advance(idx.shape[1])
+            else:
+                cache.seqlens.copy_(lengths if lengths is not None else idx.shape[1])
+                cache.filled = True
+        return self.ln_f(x)
+
+
+class GPT(nn.Module):
+    """A decoder-only language model: :class:`GPTBody` plus a (by default tied) output layer.
+
+    Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ...).
+    Build on the meta device (``with torch.device("meta"): GPT(cfg)``) and load with
+    ``load_state_dict(sd, assign=True)`` for a fast start-up; a tied head is re-tied on load.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPTBody(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._tie()
+        self.register_load_state_dict_pre_hook(self._fill_tied_head)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        gpt2_init_(self, self.config.n_layer, self.config.init_std)
+
+    def _tie(self) -> None:
+        if self.config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def _fill_tied_head(self, module, state_dict, prefix, *args) -> None:
+        # a checkpoint of a tied model may store the shared matrix once, under wte
+        head, wte = prefix + "lm_head.weight", prefix + "transformer.wte.weight"
+        if self.config.tie_weights and head not in state_dict and wte in state_dict:
+            state_dict[head] = state_dict[wte]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, shared tensors once; ``non_embedding`` leaves out the position table
+        (the token table stays: it is also the tied output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and hasattr(self.transformer, "wpe"):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs (forward + backward) per token at ``seq_len`` (default block_size):
+        6 per weight of every matmul, plus 12 * n_layer * n_head * head_dim * seq_len for the
+        attention scores and weighted sum (the PaLM count, without the causal halving)."""
+        c = self.config
+        seq_len = c.block_size if seq_len is None else seq_len
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """idx (B, L) token ids; targets (B, L) ids or -100 (ignored), optional.
+
+        attention_mask (B, L), 1 for real tokens and 0 for padding (left or right): padding is never
+        attended to, and positions count real tokens only unless position_ids (B, L) are given.
+        Returns (logits (B, L, vocab_size), loss or None).
+        """
+        logits = self.lm_head(self.transformer(idx, attention_mask, position_ids))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @classmethod
+    def from_hf(cls, model_or_dir) -> "GPT":
+        """A GPT from a transformers ``GPT2LMHeadModel`` or a local Hugging Face directory."""
+        from gptkern.models.hf import gpt_from_hf
+
+        return gpt_from_hf(model_or_dir)
+
+    def to_hf(self, save_directory=None):
+        """This model as a transformers ``GPT2LMHeadModel``; with ``save_directory``, also saved there."""
+        from gptkern.models.hf import gpt_to_hf
+
+        return gpt_to_hf(self, save_directory)

@@ -1,0 +1,145 @@
+"""Hugging Face GPT-2 import and export for gptkern's GPT (transformers is optional)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from gptkern.models.config import GPTConfig
+from gptkern.models.gpt import GPT
+
+# transformers' GPT-2 uses Conv1D, whose weight is (in, out): these are transposed both ways.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# causal-mask buffers that older GPT-2 checkpoints carry: not weights, dropped on import
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+_ACTIVATIONS_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """A GPTConfig from a GPT-2 ``config.json`` dictionary; unsupported options raise ValueError."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"only GPT-2 checkpoints can be imported, got model_type {hf.get('model_type')!r}")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS_FROM_HF:
+        raise ValueError(f"unsupported GPT-2 activation_function {activation!r}; supported: "
+                         f"{sorted(_ACTIVATIONS_FROM_HF)}")
+    for flag, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                            ("add_cross_attention", False)):
+        if hf.get(flag, supported) != supported:
+            raise ValueError(f"GPT-2 option {flag}={hf[flag]} is not supported")
+    n_embd = hf.get("n_embd", 768)
+    return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+                     mlp_hidden=hf.get("n_inner") or 4 * n_embd, activation=_ACTIVATIONS_FROM_HF[activation],
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.0),
+                     tie_weights=hf.get("tie_word_embeddings", True))
+
+
+def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights from model.safetensors (single or sharded) or pytorch_model.bin (weights only)."""
+    index = directory / "model.safetensors.index.json"
+    files = ([directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+             if index.is_file() else [directory / "model.safetensors"])
+    if all(f.is_file() for f in files):
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bin_file = directory / "pytorch_model.bin"
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def _state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(key.startswith("transformer.") for key in state):  # a GPT2Model checkpoint: no prefix
+        state = {f"transformer.{key}": value for key, value in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key.endswith(_HF_BUFFERS):
+            continue
+        out[key] = value.t().contiguous() if key.endswith(_CONV1D) else value
+    return out
+
+
+def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(assign=True), raising one error that lists every missing and unexpected key."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if getattr(model, "config", None) is not None and getattr(model.config, "tie_weights", False):
+        missing = [k for k in missing if k != "lm_head.weight"]  # filled from the tied token table
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing keys {missing}, unexpected keys "
+                         f"{unexpected}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        directory = Path(model_or_dir)
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
+        config = config_from_hf(json.loads(config_file.read_text()))
+        state, source = _read_state_dict(directory), str(directory)
+    elif isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
+        config = config_from_hf(model_or_dir.config.to_dict())
+        state, source = model_or_dir.state_dict(), type(model_or_dir).__name__
+    else:
+        raise TypeError(f"GPT.from_hf expects a GPT2LMHeadModel or a directory, got {type(model_or_dir).__name__}")
+    with torch.device("meta"):
+        model = GPT(config)
+    _load_exact(model, _state_from_hf(state), source)
+    return model
+
+
+def config_to_hf(config: GPTConfig):
+    from transformers import GPT2Config
+
+    unsupported = [f"{name}={getattr(config, name)!r}" for name, ok in (
+        ("pos_embedding", config.pos_embedding == "learned"), ("norm", config.norm == "layernorm"),
+        ("bias", config.bias), ("n_kv_head", config.n_kv_head == config.n_head),
+        ("activation", config.activation in _ACTIVATIONS_TO_HF), ("window", config.window is None)) if not ok]
+    if unsupported:
+        raise ValueError(f"this GPT has no GPT-2 equivalent: {', '.join(unsupported)}")
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
+                      activation_function=_ACTIVATIONS_TO_HF[config.activation], resid_pdrop=config.dropout,
+                      embd_pdrop=config.dropout, attn_pdrop=config.dropout, layer_norm_epsilon=config.norm_eps,
+                      tie_word_embeddings=config.tie_weights)
+
+
+def gpt_to_hf(model: GPT, save_directory: Optional[Union[str, os.PathLike]] = None):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(config_to_hf(model.config))
+    state = {key: (value.t() if key.endswith(_CONV1D) else value).detach().clone()
+             for key, value in model.state_dict().items()}
+    _load_exact(hf, state, "the gptkern GPT")
+    hf.tie_weights()
+    hf.eval()
+    if save_directory is not None:
+        save_pretrained_atomic(hf, save_directory)
+    return hf
+
+
+def save_pretrained_atomic(hf_model, save_directory: Union[str, os.PathLike]) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then each file renamed into place."""
+    target = Path(save_directory)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gptkern-save-", dir=target.parent))
+    try:
+        hf_model.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, target / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""Transformer building blocks over gptkern.ops: self- and cross-attention, MLP, pre-norm Block."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptkern import ops
+from gptkern.nn.normalization import LayerNorm, RMSNorm
+from gptkern.nn.rotary import apply_rotary
+from gptkern.ops.attention import varlen_visibility
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def self_attention_mask(l: int, s: int, causal: bool, window: Optional[int],
+                        key_mask: Optional[torch.Tensor], device: torch.device
+                        ) -> tuple[Optional[torch.Tensor], bool]:
+    """The (mask, is_causal) pair for SDPA. Queries are the last ``l`` of ``s`` positions.
+
+    window: each query sees at most this many keys, itself included (None: unbounded).
+    key_mask: (B, S) bool, True for real tokens; a query always sees itself, so no row is empty.
+    Returns a bool mask (True = attend) broadcastable to (B, 1, L, S), or None with is_causal.
+    """
+    if key_mask is None and window is None and (l == s or not causal):
+        return None, causal
+    reach = window - 1 if window else -1  # keys visible on each side of the query
+    visible = varlen_visibility(l, s, causal, (reach, -1 if causal else reach), device)
+    mask = visible if visible is not None else torch.ones(l, s, dtype=torch.bool, device=device)  # (L, S)
+    if key_mask is not None:
+        itself = torch.arange(l, device=device)[:, None] + (s - l) == torch.arange(s, device=device)
+        mask = mask & (key_mask[:, None, None, :] | itself)  # (B, 1, L, S)
+    return mask, False
+
+
+class CausalSelfAttention(nn.Module):
+    """Self-attention with one fused QKV projection.
+
+    Args:
+        n_embd: model width; n_head: query heads; n_kv_head: key/value heads (GQA, default n_head).
+        head_dim: per-head width (default n_embd // n_head).
+        bias: biases on the projections. dropout: on the attention weights and the output.
+        causal: False gives bidirectional attention (an encoder).
+        window: sliding-window size, each query seeing at most this many keys (None: all).
+    Forward: x (B, L, n_embd), rope (cos, sin) each (L, head_dim) or (B, L, head_dim) or None,
+    key_mask (B, L) bool (True = real token) or None -> (B, L, n_embd).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, head_dim: Optional[int] = None,
+                 bias: bool = True, dropout: float = 0.0, causal: bool = True, window: Optional[int] = None):
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        head_dim = head_dim or n_embd // n_head
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_head ({n_kv_head})")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.dropout, self.causal, self.window = dropout, causal, window
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
+        self.c_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        """cache: a ``LayerCache`` (gptkern.generation) or None. While decoding, attention runs over
+        the cached keys; on the prompt, the keys and values are also written to the cache."""
+        b, l, _ = x.shape
+        h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split((h * d, hkv * d, hkv * d), dim=-1)
+        q = q.view(b, l, h, d).transpose(1, 2)  # (B, H, L, D)
+        k = k.view(b, l, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
+        v = v.view(b, l, hkv, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None and cache.decoding:
+            if self.window is not None:
+                raise NotImplementedError("decoding with a KV cache does not support sliding windows yet")
+            y = cache.decode(q, k, v)
+        else:
+            mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
+            y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                 dropout_p=self.dropout if self.training else 0.0,
+                                                 enable_gqa=hkv != h)
+            if cache is not None:
+                cache.write_prompt(k, v)
+        y = y.transpose(1, 2).reshape(b, l, h * d)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Attention of x (B, L, n_embd) over memory (B, S, n_embd), e.g. a decoder over its encoder.
+
+    memory_mask: (B, S) bool, True for real source tokens, or None.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head, self.dropout = n_head, dropout
+        self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.kv_proj = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, n_embd) -> keys and values (B, H, S, D): computed once when decoding."""
+        b, _, e = memory.shape
+        h = self.n_head
+        k, v = (t.view(b, -1, h, e // h).transpose(1, 2) for t in self.kv_proj(memory).chunk(2, dim=-1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor],
+                memory_mask: Optional[torch.Tensor] = None,
+                memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """memory_kv: the output of :meth:`project_memory`, which then replaces ``memory``."""
+        b, l, e = x.shape
+        h = self.n_head
+        q = self.q_proj(x).view(b, l, h, e // h).transpose(1, 2)  # (B, H, L, D)
+        k, v = memory_kv if memory_kv is not None else self.project_memory(memory)
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, l, e)))
+
+
+class MLP(nn.Module):
+    """Feed-forward: c_fc -> activation -> c_proj. ``swiglu`` fuses gate and up into c_fc."""
+
+    def __init__(self, n_embd: int, hidden: int, activation: str = "gelu_tanh", bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.c_fc = nn.Linear(n_embd, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, bias: bool = True,
+                 dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 activation: str = "gelu_tanh", mlp_hidden: Optional[int] = None, causal: bool = True,
+                 window: Optional[int] = None):
+        super().__init__()
+        self.ln_1 = make_norm(norm, n_embd, norm_eps, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, causal=causal,
+                                        window=window)
+        self.ln_2 = make_norm(norm, n_embd, norm_eps, bias)
+        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, activation, bias=bias, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, key_mask, cache)
+        return x + self.mlp(self.ln_2(x))

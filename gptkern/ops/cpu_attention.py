@@ -1,0 +1,70 @@
+"""Fake and autograd registrations of the C++ attention ops of gptkern._C.
+
+The schemas live in csrc/ops.cpp and the CPU kernels in csrc/cpu/attention.cpp and decode.cpp:
+``attention_fwd`` / ``attention_bwd`` (dense), ``attention_varlen_fwd`` / ``attention_varlen_bwd``
+(packed sequences) and ``decode_attention`` (inference only: no autograd). The registrations
+here depend on no device, so a CUDA implementation of the same schemas shares them.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _fake_fwd(q, k, v, mask, causal, scale):
+    b, h, l, _ = q.shape  # q (B, H, L, D), v (B, Hkv, S, Dv)
+    return q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32)
+
+
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                     window_left, window_right):
+    total, h, _ = q.shape  # q (total_q, H, D), v (total_k, Hkv, Dv)
+    return q.new_empty((total, h, v.shape[-1])), q.new_empty((h, total), dtype=torch.float32)
+
+
+def _like_qkv(q, k, v):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _fake_decode(q, k_cache, v_cache, cache_seqlens, scale, block_table):
+    b, h, lq, _ = q.shape  # q (B, H, Lq, D), v_cache (., Hkv, ., Dv)
+    return q.new_empty((b, h, lq, v_cache.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
+
+
+def register_cpu_ops() -> None:
+    """Register the fakes (torch.compile, meta tensors) and the autograd formulas."""
+    torch.library.register_fake("gptkern::attention_fwd")(_fake_fwd)
+    torch.library.register_fake("gptkern::attention_bwd")(
+        lambda grad_out, q, k, v, out, lse, mask, causal, scale: _like_qkv(q, k, v))
+    torch.library.register_fake("gptkern::attention_varlen_fwd")(_fake_varlen_fwd)
+    torch.library.register_fake("gptkern::attention_varlen_bwd")(
+        lambda grad_out, q, k, v, out, lse, *args: _like_qkv(q, k, v))
+    torch.library.register_fake("gptkern::decode_attention")(_fake_decode)
+    torch.library.register_autograd("gptkern::attention_fwd", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("gptkern::attention_varlen_fwd", _varlen_backward,
+                                    setup_context=_varlen_setup_context)

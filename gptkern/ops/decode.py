@@ -1,0 +1,134 @@
+"""decode_attention: a few new queries per sequence against a static or paged KV cache."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gptkern import _backend
+from gptkern.ops import cuda_attention
+from gptkern.ops._checks import check_tensor, triton_dtype_support
+
+
+def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        check_tensor(t, name)
+        if t.device != q.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{q.device} (q) and {t.device} ({name})")
+    if block_table is not None:
+        check_tensor(block_table, "block_table")
+        if block_table.device != q.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{q.device} (q) and {block_table.device} (block_table)")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise RuntimeError(f"decode_attention: {name} must have 4 dims, got shape {list(t.shape)}")
+    if not q.is_floating_point() or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise RuntimeError(f"decode_attention: q, k_cache and v_cache must share one floating-point dtype, got "
+                           f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    batch, heads, _, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if k_cache.shape[-1] != dim:
+        raise RuntimeError(f"decode_attention: k_cache must have q's head dim {dim}, got shape "
+                           f"{list(k_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise RuntimeError(f"decode_attention: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} "
+                           f"must match in every dim but the last")
+    if kv_heads == 0 or heads % kv_heads:
+        raise RuntimeError(f"decode_attention: the {heads} heads of q must be a multiple of the {kv_heads} heads "
+                           f"of k_cache")
+    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != batch or cache_seqlens.dtype not in (torch.int32,
+                                                                                                   torch.int64):
+        raise RuntimeError(f"decode_attention: cache_seqlens must be a (B,) = ({batch},) int32 tensor, got "
+                           f"{cache_seqlens.dtype} {list(cache_seqlens.shape)}")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise RuntimeError(f"decode_attention: k_cache must have q's batch size {batch}, got shape "
+                               f"{list(k_cache.shape)} (a paged cache needs block_table)")
+    elif block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype not in (torch.int32,
+                                                                                              torch.int64):
+        raise RuntimeError(f"decode_attention: block_table must be a (B, max_blocks) int32 tensor with B = {batch}, "
+                           f"got {block_table.dtype} {list(block_table.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"decode_attention: scale must be a float or None, got {type(scale).__name__}")
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
+        return  # the value checks below read the tensors: no host sync per token on a GPU
+    block_size = k_cache.shape[2]
+    capacity = block_size * (block_table.shape[1] if block_table is not None else 1)
+    lengths = cache_seqlens.tolist()
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= capacity:
+            raise RuntimeError(f"decode_attention: cache_seqlens[{b}] = {n} is outside [0, {capacity}], the "
+                               f"cache's capacity")
+    if block_table is not None:
+        for b, n in enumerate(lengths):
+            used = block_table[b, : -(-n // block_size)]
+            if used.numel() and (used.min() < 0 or used.max() >= k_cache.shape[0]):
+                raise IndexError(f"decode_attention: block_table[{b}] = {used.tolist()} refers to blocks outside "
+                                 f"[0, {k_cache.shape[0]}) of k_cache")
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens: torch.Tensor, scale: float,
+                           block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The pure-PyTorch composition (the ``torch`` backend): gather the cache, mask, SDPA."""
+    batch, _, lq, _ = q.shape
+    if block_table is not None:  # (num_blocks, Hkv, bs, D) -> (B, Hkv, max_blocks * bs, D)
+        blocks = block_table.long().clamp(0, k_cache.shape[0] - 1)  # unused entries may hold anything
+
+        def gather(cache):
+            g = cache[blocks]  # (B, max_blocks, Hkv, bs, D)
+            return g.transpose(1, 2).reshape(batch, cache.shape[1], -1, cache.shape[-1])
+
+        k_cache, v_cache = gather(k_cache), gather(v_cache)
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    # query i sits at position seqlen - Lq + i and sees keys up to it
+    last = cache_seqlens.long()[:, None] - lq + torch.arange(lq, device=q.device)  # (B, Lq)
+    visible = positions <= last[:, :, None]  # (B, Lq, S)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible[:, None], scale=scale,
+                                         enable_gqa=q.shape[1] != k_cache.shape[1])
+    return out.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)  # rows that see nothing: 0
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the newest queries of each sequence over its KV cache.
+
+    Args:
+        q: (B, H, Lq, D), the Lq newest tokens of each sequence (Lq small: 1 for plain decoding).
+        k_cache, v_cache: (B, Hkv, S_max, D) and (B, Hkv, S_max, Dv), or, with ``block_table``,
+            paged: (num_blocks, Hkv, block_size, D / Dv). H must be a multiple of Hkv (GQA).
+        cache_seqlens: (B,) int32, the valid tokens in each sequence's cache, the Lq new ones
+            included. Query i sits at position cache_seqlens[b] - Lq + i and sees the keys up to
+            it (causal). A query that sees no key (cache_seqlens 0) gives zeros.
+        scale: defaults to 1 / sqrt(D).
+        block_table: (B, max_blocks) int32: block i of sequence b is k_cache[block_table[b, i]].
+    Returns:
+        (B, H, Lq, Dv), in q's dtype.
+    """
+    _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    def cpu_support():
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+            return "gradients (the decode kernel has no backward)"
+        return triton_dtype_support(q.dtype)
+
+    def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
+        return cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
+
+    name = _backend.choose("decode_attention", q.device,
+                           {"triton": cpu_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None})
+    if name == "triton":
+        from gptkern.ops.triton_decode import triton_decode_attention
+
+        table = block_table.to(torch.int32) if block_table is not None else None
+        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens.to(torch.int32), scale_value, table)
+    if name in ("cpu", "cuda"):
+        k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
+        table = block_table.to(torch.int32) if block_table is not None else None
+        return torch.ops.gptkern.decode_attention(q, k_c, v_c, cache_seqlens.to(torch.int32), scale_value, table)
+    return decode_attention_torch(q, k_cache, v_cache, cache_seqlens, scale_value, block_table)

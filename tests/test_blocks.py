@@ -1,0 +1,161 @@
+"""Transformer building blocks (gptkern.nn): attention modules against a float64 reference, MLP, Block."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from gptkern.nn import MLP, Block, CausalSelfAttention, CrossAttention
+from gptkern.nn.rotary import apply_rotary, rope_cos_sin
+from gptkern.nn.transformer import self_attention_mask
+from helpers import assert_close, backends_here
+
+
+def reference_attention(q, k, v, visible):
+    """float64 softmax(q k^T / sqrt(d)) v with ``visible`` (.., L, S) bool; GQA by repetition."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def reference_self_attention(module, x, rope=None, key_mask=None):
+    b, l, _ = x.shape
+    h, hkv, d = module.n_head, module.n_kv_head, module.head_dim
+    w, bias = module.c_attn.weight.double(), module.c_attn.bias.double()
+    q, k, v = F.linear(x.double(), w, bias).split((h * d, hkv * d, hkv * d), -1)
+    q, k, v = (t.reshape(b, l, -1, d).transpose(1, 2) for t in (q, k, v))
+    if rope is not None:
+        q, k = apply_rotary(q, *(r.double() for r in rope)), apply_rotary(k, *(r.double() for r in rope))
+    i, j = torch.arange(l)[:, None], torch.arange(l)[None, :]
+    visible = torch.ones(l, l, dtype=torch.bool)
+    if module.causal:
+        visible &= j <= i
+    if module.window is not None:
+        visible &= (i - j).abs() < module.window
+    if key_mask is not None:
+        visible = visible & (key_mask[:, None, None, :] | (i == j))
+    y = reference_attention(q, k, v, visible).transpose(1, 2).reshape(b, l, h * d)
+    return F.linear(y, module.c_proj.weight.double(), module.c_proj.bias.double())
+
+
+ATTENTION_CASES = [
+    dict(n_head=4, n_kv_head=None, causal=True, window=None, rope=False, key_mask=False),
+    dict(n_head=4, n_kv_head=2, causal=True, window=None, rope=True, key_mask=False),
+    dict(n_head=4, n_kv_head=1, causal=True, window=5, rope=True, key_mask=False),
+    dict(n_head=4, n_kv_head=4, causal=False, window=None, rope=False, key_mask=True),
+    dict(n_head=2, n_kv_head=2, causal=True, window=None, rope=False, key_mask=True),
+    dict(n_head=4, n_kv_head=2, causal=False, window=4, rope=False, key_mask=False),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_self_attention_matches_reference(case, device):
+    torch.manual_seed(0)
+    n_embd, b, l = 64, 2, 13
+    module = CausalSelfAttention(n_embd, case["n_head"], case["n_kv_head"], causal=case["causal"],
+                                 window=case["window"]).to(device)
+    x = torch.randn(b, l, n_embd, device=device, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(l, device=device), module.head_dim) if case["rope"] else None
+    key_mask = None
+    if case["key_mask"]:
+        key_mask = torch.rand(b, l, device=device) > 0.3
+    expected = reference_self_attention(module, x, rope, key_mask)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    expected_grad = x.grad.clone()
+    for name in backends_here(device, attention=True):
+        x.grad = None
+        with gptkern.backend(name):
+            out = module(x, rope, key_mask)
+        out.backward(grad.to(out.dtype))
+        assert_close(out, expected, torch.float32, msg=name)
+        assert_close(x.grad, expected_grad, torch.float32, grad=True, msg=f"{name} grad")
+
+
+def test_self_attention_mask_shapes():
+    mask, causal = self_attention_mask(6, 6, True, None, None, torch.device("cpu"))
+    assert mask is None and causal
+    mask, causal = self_attention_mask(6, 6, True, 2, None, torch.device("cpu"))
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    assert not causal and torch.equal(mask, (j <= i) & (j > i - 2))
+    key_mask = torch.tensor([[False, True, True, True, True, True]])
+    mask, _ = self_attention_mask(6, 6, False, None, key_mask, torch.device("cpu"))
+    assert mask.shape == (1, 1, 6, 6)
+    assert mask[0, 0, 0, 0] and not mask[0, 0, 1, 0]  # padding sees itself, nobody else sees it
+    with pytest.raises(ValueError, match="window"):
+        CausalSelfAttention(32, 4, window=0)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        CausalSelfAttention(32, 4, n_kv_head=3)
+
+
+def test_rotary_is_a_rotation_of_relative_position():
+    torch.manual_seed(0)
+    d = 16
+    q, k = torch.randn(1, 1, 1, d, dtype=torch.float64), torch.randn(1, 1, 1, d, dtype=torch.float64)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([pq]), d, dtype=torch.float64)
+        ck, sk = rope_cos_sin(torch.tensor([pk]), d, dtype=torch.float64)
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
+
+    assert torch.allclose(score(7, 3), score(14, 10))  # depends on pq - pk only
+    assert not torch.allclose(score(7, 3), score(7, 4))
+    cos, sin = rope_cos_sin(torch.arange(5), d)
+    assert torch.allclose(apply_rotary(q.float(), cos[:1], sin[:1]), q.float())  # position 0: identity
+    with pytest.raises(ValueError, match="even"):
+        rope_cos_sin(torch.arange(3), 7)
+
+
+def test_cross_attention_ignores_padded_memory(device):
+    torch.manual_seed(0)
+    module = CrossAttention(32, 4).to(device)
+    x, memory = torch.randn(2, 5, 32, device=device), torch.randn(2, 9, 32, device=device)
+    keep = torch.ones(2, 9, dtype=torch.bool, device=device)
+    keep[0, 6:] = False
+    out = module(x, memory, keep)
+    memory2 = memory.clone()
+    memory2[0, 6:] = torch.randn(3, 32, device=device)
+    assert_close(module(x, memory2, keep), out, torch.float32)
+    # against the reference on the unpadded part
+    q = F.linear(x.double(), module.q_proj.weight.double(), module.q_proj.bias.double())
+    k, v = F.linear(memory.double(), module.kv_proj.weight.double(), module.kv_proj.bias.double()).chunk(2, -1)
+    q, k, v = (t.reshape(2, -1, 4, 8).transpose(1, 2) for t in (q, k, v))
+    y = reference_attention(q, k, v, keep[:, None, None, :]).transpose(1, 2).reshape(2, 5, 32)
+    expected = F.linear(y, module.c_proj.weight.double(), module.c_proj.bias.double())
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "swiglu"])
+def test_mlp_activations(activation):
+    torch.manual_seed(0)
+    mlp = MLP(16, 24, activation).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    h = mlp.c_fc(x)
+    if activation == "swiglu":
+        assert mlp.c_fc.out_features == 48
+        gate, up = h.chunk(2, -1)
+        h = gate * torch.sigmoid(gate) * up
+    elif activation == "relu":
+        h = h.clamp(min=0)
+    elif activation == "gelu":
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    else:
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    torch.testing.assert_close(mlp(x), mlp.c_proj(h))
+    with pytest.raises(ValueError, match="activation"):
+        MLP(16, 24, "tanh")
+
+
+def test_block_is_pre_norm_residual():
+    torch.manual_seed(0)
+    block = Block(32, 4, norm="rmsnorm", activation="swiglu", bias=False)
+    x = torch.randn(2, 7, 32)
+    h = x + block.attn(block.ln_1(x))
+    torch.testing.assert_close(block(x), h + block.mlp(block.ln_2(h)))
+    assert isinstance(block.ln_1, gptkern.nn.RMSNorm)
+    with pytest.raises(ValueError, match="norm"):
+        Block(32, 4, norm="batchnorm")

@@ -1,0 +1,191 @@
+"""generate(): parity with transformers' greedy search, cache equivalence, sampling, stopping, streaming."""
+import pytest
+import torch
+
+import gptkern
+from gptkern.generation import StaticKVCache, generate
+from gptkern.generation.sampling import filter_top_k_top_p
+from gptkern.models import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_and_gpt(initializer_range=0.3):
+    """A random tiny GPT-2 with large weights (varied greedy output) and gptkern's copy of it."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0, initializer_range=initializer_range)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    return hf, GPT.from_hf(hf).eval()
+
+
+def left_padded(lengths, vocab=99, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_matches_transformers_single_prompt(use_cache):
+    hf, model = hf_and_gpt()
+    prompt, _ = left_padded([7])
+    expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = generate(model, prompt, 16, use_cache=use_cache)
+    assert got.dtype == torch.long and got.shape == (1, 23)
+    assert len(set(got[0, 7:].tolist())) > 3  # varied output: the comparison means something
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_matches_transformers_left_padded_batch(use_cache):
+    hf, model = hf_and_gpt()
+    prompt, mask = left_padded([9, 4, 6, 1])
+    expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)
+    got = generate(model, prompt, 12, attention_mask=mask, use_cache=use_cache)
+    assert torch.equal(got, expected)
+
+
+def test_cached_equals_uncached_on_every_attention_backend(device):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("llama-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=61,
+                                    mlp_hidden=96, init_std=0.2)).to(device).eval()
+    prompt, mask = left_padded([5, 3], vocab=61)
+    prompt, mask = prompt.to(device), mask.to(device)
+    expected = generate(model, prompt, 10, attention_mask=mask, use_cache=False)
+    for backend in ("torch", "auto"):
+        with gptkern.backend(backend):
+            assert torch.equal(generate(model, prompt, 10, attention_mask=mask), expected), backend
+
+
+def test_static_cache_memory_is_exact():
+    cache = StaticKVCache(n_layer=3, batch_size=2, n_kv_head=4, max_seq_len=50, head_dim=16, dtype=torch.bfloat16)
+    assert cache.nbytes == 2 * 3 * 2 * 4 * 50 * 16 * 2
+    with pytest.raises(ValueError, match="positive"):
+        StaticKVCache(0, 1, 1, 1, 1)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([6, 3], seed=2)
+    a = generate(model, prompt, 12, attention_mask=mask, do_sample=True, temperature=1.3, top_p=0.9, seed=5)
+    b = generate(model, prompt, 12, attention_mask=mask, do_sample=True, temperature=1.3, top_p=0.9, seed=5)
+    c = generate(model, prompt, 12, attention_mask=mask, do_sample=True, temperature=1.3, top_p=0.9, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = generate(model, prompt, 12, attention_mask=mask)
+    assert torch.equal(generate(model, prompt, 12, attention_mask=mask, do_sample=True, top_k=1, seed=1), greedy)
+
+
+def test_top_k_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda out: torch.isfinite(out)[0].tolist()  # noqa: E731
+    assert kept(filter_top_k_top_p(logits, 2, None)) == [True, True, False, False]
+    assert kept(filter_top_k_top_p(logits, None, 0.7)) == [True, True, False, False]
+    assert kept(filter_top_k_top_p(logits, None, 0.5)) == [True, False, False, False]
+    assert kept(filter_top_k_top_p(logits, None, 0.81)) == [True, True, True, False]
+    assert kept(filter_top_k_top_p(logits, None, 1.0)) == [True] * 4
+
+
+def test_repetition_penalty_matches_transformers():
+    hf, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    expected = hf.generate(prompt, max_new_tokens=10, do_sample=False, repetition_penalty=1.8, pad_token_id=0,
+                           eos_token_id=None)
+    assert torch.equal(generate(model, prompt, 10, repetition_penalty=1.8), expected)
+
+
+def test_eos_stops_each_sequence_and_pads():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([6, 2, 4], seed=3)
+    free = generate(model, prompt, 10, attention_mask=mask)
+    eos = int(free[0, 6 + 2])  # the third token the first sequence generates
+    out = generate(model, prompt, 10, attention_mask=mask, eos_token_id=[eos, 98], pad_token_id=0)
+    for row in range(3):
+        new, ref = out[row, 6:].tolist(), free[row, 6:].tolist()
+        stop = next((i for i, t in enumerate(ref) if t in (eos, 98)), None)
+        if stop is None:
+            assert new == ref[:len(new)]
+        else:
+            assert new[:stop + 1] == ref[:stop + 1] and all(t == 0 for t in new[stop + 1:])
+    if all(any(t in (eos, 98) for t in free[r, 6:].tolist()) for r in range(3)):
+        assert out.shape[1] < free.shape[1]  # everyone stopped: generation ended early
+
+
+class CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings_and_streaming():
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    full = generate(model, prompt, 12)
+    text = CharTokenizer().decode(full[0, 5:].tolist())
+    stop = text[3:5]
+    out = generate(model, prompt, 12, stop_strings=[stop], tokenizer=CharTokenizer())
+    assert CharTokenizer().decode(out[0, 5:].tolist()).endswith(stop)
+    assert out.shape[1] == 5 + text.index(stop) + len(stop)
+    streamed = list(generate(model, prompt, 12, stream=True))
+    assert all(t.shape == (1,) for t in streamed)
+    assert torch.equal(torch.stack(streamed, 1), full[:, 5:])
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, prompt, 3, stop_strings=["x"])
+
+
+def test_bad_arguments():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([3, 2])
+    for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
+                          (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")):
+        args = dict(max_new_tokens=2, do_sample=True)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt, attention_mask=mask, **args)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):
+        generate(model, torch.ones(1, 60, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, prompt, 2, attention_mask=mask.flip(1))
+    assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
+
+
+def test_paged_cache_equals_static_and_frees_blocks():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([9, 2, 5], seed=4)
+    static = generate(model, prompt, 14, attention_mask=mask)
+    paged = generate(model, prompt, 14, attention_mask=mask, cache="paged")
+    assert torch.equal(paged, static)
+    # a stopping sequence returns its blocks, which others then reuse without corrupting anything
+    eos = int(static[1, 9 + 1])
+    with_eos = generate(model, prompt, 14, attention_mask=mask, eos_token_id=eos)
+    # 4 usable blocks: the two long sequences need their second block after the short one frees its own
+    tight = generate(model, prompt, 14, attention_mask=mask, eos_token_id=eos, cache="paged", num_cache_blocks=5)
+    assert torch.equal(tight, with_eos)
+
+
+def test_paged_cache_allocator():
+    from gptkern.generation import PagedKVCache
+
+    cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=4, block_size=4)
+    cache.allocate([5, 4])  # 2 blocks + 1 block: the pool's 3 usable blocks
+    assert cache.blocks_in_use == 3 and not cache.free_blocks
+    first = set(cache.owned[0])
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        cache.allocate([5, 5])
+    assert set(cache.owned[0]) == first  # nothing taken from the other sequence
+    cache.free(0)
+    assert cache.blocks_in_use == 1 and cache.block_table[0].tolist() == [0, 0, 0]  # scratch
+    cache.allocate([0, 8])
+    assert len(cache.owned[1]) == 2 and 0 not in cache.owned[1]
+
+
+def test_prompt_longer_than_cache_raises():
+    cache = StaticKVCache(1, 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="5.*max_seq_len 4"):
+        cache.allocate([5])

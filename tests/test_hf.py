@@ -1,0 +1,155 @@
+"""Hugging Face interop: GPT-2 import/export parity and the "gptkern" attention implementation."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptkern
+from gptkern.models import GPT, GPTConfig
+from helpers import assert_close, backends_here
+
+transformers = pytest.importorskip("transformers")
+import gptkern.hf  # noqa: E402  (registers "gptkern" with transformers)
+
+SMALL = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def hf_gpt2(**overrides):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**{**dict(vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                               bos_token_id=0, eos_token_id=0), **overrides})
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def ids(b=2, l=17, vocab=99):
+    return torch.randint(0, vocab, (b, l), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(activation_function="gelu", n_inner=48, layer_norm_epsilon=1e-6),
+                                       dict(tie_word_embeddings=False)])
+def test_logits_match_transformers(overrides):
+    hf = hf_gpt2(**overrides)
+    model = GPT.from_hf(hf).eval()
+    idx = ids()
+    torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+    assert model.config.tie_weights == hf.config.tie_word_embeddings
+    assert (model.lm_head.weight is model.transformer.wte.weight) == model.config.tie_weights
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_from_directory(tmp_path, safe):
+    hf = hf_gpt2()
+    if safe:
+        hf.save_pretrained(tmp_path)
+    else:  # the legacy pickle format (transformers 5 writes safetensors only)
+        hf.config.save_pretrained(tmp_path)
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    assert (tmp_path / ("model.safetensors" if safe else "pytorch_model.bin")).is_file()
+    model = GPT.from_hf(tmp_path).eval()
+    idx = ids()
+    torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_headless_gpt2model_checkpoint(tmp_path):
+    # GPT-2's original checkpoints are GPT2Model's: no "transformer." prefix and no lm_head
+    hf = hf_gpt2()
+    hf.transformer.save_pretrained(tmp_path)
+    model = GPT.from_hf(tmp_path).eval()
+    idx = ids()
+    torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, n_embd=64, vocab_size=101, block_size=40)).eval()
+    hf = model.to_hf(tmp_path / "export")
+    assert isinstance(hf, transformers.GPT2LMHeadModel)
+    for source in (hf, tmp_path / "export"):
+        back = GPT.from_hf(source)
+        assert back.config == model.config
+        state, expected = back.state_dict(), model.state_dict()
+        assert state.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(state[key], expected[key]), key
+    idx = ids(vocab=101)
+    torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+    assert not any(p.name.startswith(".gptkern-save") for p in tmp_path.iterdir())  # staging removed
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_gpt2().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    state["transformer.h.0.attn.rotary.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\].*unexpected keys "
+                                         r"\['transformer.h.0.attn.rotary.weight'\]"):
+        GPT.from_hf(tmp_path)
+
+
+def test_unsupported_models_and_configs(tmp_path):
+    with pytest.raises(ValueError, match="pos_embedding='rope'"):
+        GPT(GPTConfig.from_name("llama-tiny")).to_hf()
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_hf(hf_gpt2(scale_attn_by_inverse_layer_idx=True))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        GPT.from_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_hf(tmp_path / "missing")
+    with pytest.raises(TypeError, match="GPT2LMHeadModel or a directory"):
+        GPT.from_hf(42)
+
+
+FAMILIES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=99, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=5)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attention_interface_matches_eager(family, device):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(device).eval()
+    idx = ids(l=12).to(device)
+    mask = torch.ones_like(idx)
+    mask[1, :4] = 0  # left padding
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = [model(idx).logits, model(idx, attention_mask=mask).logits]
+    model.set_attn_implementation("gptkern")
+    for backend in backends_here(device, attention=True):
+        with torch.no_grad(), gptkern.backend(backend):
+            got = [model(idx).logits, model(idx, attention_mask=mask).logits]
+        assert_close(got[0], expected[0], torch.float32, msg=f"{backend} {family}", atol_scale=5)
+        real = mask.bool()  # padded positions' outputs are unspecified
+        assert_close(got[1][real], expected[1][real], torch.float32, msg=f"{backend} {family} padded", atol_scale=5)
+
+
+def test_attention_interface_runs_gptkern(monkeypatch):
+    calls = []
+    sdpa = gptkern.ops.scaled_dot_product_attention
+    monkeypatch.setattr(gptkern.hf.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k["is_causal"]) or sdpa(*a, **k))
+    model = FAMILIES["llama"]().eval()
+    model.set_attn_implementation("gptkern")
+    with torch.no_grad():
+        model(ids(l=6))
+    assert calls == [True, True]  # one call per layer, the causal hint instead of a mask
+
+
+def test_gptkern_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import gptkern, gptkern.models, gptkern.hf\n"
+            "try:\n    gptkern.hf.register()\nexcept ImportError:\n    print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

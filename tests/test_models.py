@@ -1,0 +1,188 @@
+"""GPTConfig and GPT: presets, checks, initialisation, loss, tying, meta loading, backends, compile."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from gptkern.models import GPT, PRESETS, GPTConfig
+from helpers import assert_close, backends_here
+
+
+def tiny(name="gpt2-tiny", **overrides):
+    base = dict(n_layer=2, n_embd=64, n_head=4, block_size=32, vocab_size=97)
+    if name.startswith("llama"):
+        base.update(n_kv_head=2, mlp_hidden=96)
+    return GPTConfig.from_name(name, **{**base, **overrides})
+
+
+def random_ids(cfg, b=2, l=13, seed=1):
+    return torch.randint(0, cfg.vocab_size, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+def test_presets_and_parameter_counts():
+    assert {"gpt2-tiny", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(PRESETS)
+    llama = GPTConfig.from_name("llama-small")
+    assert (llama.pos_embedding, llama.norm, llama.activation, llama.bias) == ("rope", "rmsnorm", "swiglu", False)
+    assert llama.n_kv_head < llama.n_head
+    expected = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168}  # GPT-2's published shapes
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = GPT(GPTConfig.from_name(name))
+        assert model.num_params(non_embedding=False) == count
+        assert model.num_params() == count - model.config.block_size * model.config.n_embd
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_name("gpt5")
+
+
+def test_config_checks_and_round_trip():
+    with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(12\)"):
+        GPTConfig(n_embd=100, n_head=12)
+    with pytest.raises(ValueError, match=r"n_head \(12\) must be divisible by n_kv_head \(5\)"):
+        GPTConfig(n_kv_head=5)
+    for bad in (dict(n_layer=0), dict(vocab_size=-3), dict(dropout=1.0), dict(norm="batchnorm"),
+                dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0)):
+        with pytest.raises(ValueError):
+            GPTConfig(**bad)
+    cfg = tiny("llama-tiny", window=8)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+
+
+def test_bad_inputs():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="33.*32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(IndexError, match="token id 97.*vocab_size 97"):
+        model(torch.tensor([[1, 97, 2]]))
+    with pytest.raises(IndexError, match="token id -1"):
+        model(torch.tensor([[1, -1, 2]]))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 3))
+    # rope has no table of positions: longer sequences run
+    rope = GPT(tiny("llama-tiny"))
+    assert rope(torch.zeros(1, 40, dtype=torch.long))[0].shape == (1, 40, 97)
+
+
+def test_loss_ignores_minus_100():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = random_ids(model.config)
+    targets = random_ids(model.config, seed=2)
+    targets[0, :5] = -100
+    logits, loss = model(idx, targets)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep].double(), targets[keep])
+    assert logits.shape == (2, 13, 97)
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+    assert model(idx)[1] is None
+
+
+def test_initialisation_and_tying():
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_name("gpt2-tiny", n_layer=8, n_embd=256)
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    block = model.transformer.h[0]
+    assert abs(block.attn.c_attn.weight.std().item() - 0.02) < 0.002
+    for proj in (block.attn.c_proj, block.mlp.c_proj):  # residual projections: 0.02 / sqrt(2 * n_layer)
+        assert abs(proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.0005
+        assert torch.count_nonzero(proj.bias) == 0
+    assert torch.equal(block.ln_1.weight, torch.ones(256))
+    untied = GPT(tiny("llama-tiny"))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.transformer.h[0].attn.c_attn.bias is None
+
+
+def test_flops_per_token():
+    model = GPT(tiny())
+    c = model.config
+    per_layer = 4 * c.n_embd ** 2 + 2 * c.n_embd * c.mlp_hidden  # qkv + proj + mlp weights
+    matmul = c.n_layer * per_layer + c.vocab_size * c.n_embd
+    assert model.flops_per_token() == 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
+    assert model.flops_per_token(8) < model.flops_per_token()
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_meta_build_and_assign_load(name):
+    torch.manual_seed(0)
+    model = GPT(tiny(name)).eval()
+    idx = random_ids(model.config)
+    expected = model(idx)[0]
+    state = model.state_dict()
+    if model.config.tie_weights:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # stored once, as safetensors does
+    with torch.device("meta"):
+        fresh = GPT(model.config)
+    assert fresh.transformer.wte.weight.is_meta
+    fresh.load_state_dict(state, assign=True)
+    fresh.eval()
+    assert not any(p.is_meta for p in fresh.parameters())
+    assert (fresh.lm_head.weight is fresh.transformer.wte.weight) == model.config.tie_weights
+    torch.testing.assert_close(fresh(idx)[0], expected, rtol=0, atol=0)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = GPT(tiny())
+    ckpt = copy.deepcopy(plain)
+    ckpt.config = GPTConfig(**{**plain.config.to_dict(), "activation_checkpointing": True})
+    ckpt.transformer.config = ckpt.config
+    idx = random_ids(plain.config)
+    for model in (plain, ckpt):
+        model(idx, idx)[1].backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.2))
+    idx = random_ids(model.config)
+    a, b = model(idx)[0], model(idx)[0]
+    assert not torch.equal(a, b)
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
+def test_left_padding_with_attention_mask_matches_unpadded():
+    torch.manual_seed(0)
+    for name in ("gpt2-tiny", "llama-tiny"):
+        model = GPT(tiny(name)).eval()
+        short = random_ids(model.config, b=1, l=6)
+        padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)
+        mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+        expected = model(short)[0]
+        got = model(padded, attention_mask=mask)[0][:, 4:]
+        assert_close(got, expected, torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("name,extra", [("gpt2-tiny", {}), ("llama-tiny", {}), ("llama-tiny", {"window": 4})])
+def test_backends_agree(name, extra, device):
+    torch.manual_seed(0)
+    model = GPT(tiny(name, **extra)).to(device)
+    idx = random_ids(model.config).to(device)
+    with gptkern.backend("torch"):
+        logits, loss = model(idx, idx)
+        loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for backend in backends_here(device, attention=True):
+        model.zero_grad(set_to_none=True)
+        with gptkern.backend(backend):
+            got, got_loss = model(idx, idx)
+            got_loss.backward()
+        assert_close(got, logits, torch.float32, msg=backend, atol_scale=4)
+        for n, p in model.named_parameters():
+            assert_close(p.grad, expected[n], torch.float32, grad=True, msg=f"{backend} {n}", atol_scale=4)
+
+
+def test_compile_fullgraph_forward():
+    torch.manual_seed(0)
+    model = GPT(tiny("llama-tiny")).eval()
+    idx = random_ids(model.config)
+    expected = model(idx)[0]
+    compiled = torch.compile(model.forward, fullgraph=True)
+    assert_close(compiled(idx)[0], expected, torch.float32)

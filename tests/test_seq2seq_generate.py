@@ -1,0 +1,111 @@
+"""Seq2SeqTransformer decoding: greedy with the cache equals the uncached model; beam search
+finds the exhaustive best on a tiny vocabulary."""
+import itertools
+
+import pytest
+import torch
+
+from gptkern.generation import generate_seq2seq
+from gptkern.models import Seq2SeqConfig, Seq2SeqTransformer
+
+BOS, EOS = 0, 1
+
+
+def model_with(vocab, seed=0, std=0.5):
+    torch.manual_seed(seed)
+    model = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=vocab, n_embd=32, n_head=4, n_encoder_layer=2,
+                                             n_decoder_layer=2, max_len=16, init_std=std))
+    return model.eval()
+
+
+def sources(b=3, s=7, vocab=12, seed=1):
+    src = torch.randint(2, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
+    pad = torch.zeros(b, s, dtype=torch.bool)
+    pad[1, 4:] = True
+    return src, pad
+
+
+def test_greedy_equals_uncached_argmax():
+    model = model_with(12)
+    src, pad = sources()
+    out = generate_seq2seq(model, src, 8, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, pad_token_id=11)
+    tokens = torch.full((3, 1), BOS)
+    with torch.no_grad():
+        for _ in range(8):
+            tokens = torch.cat([tokens, model(src, tokens, pad)[:, -1].argmax(-1, keepdim=True)], 1)
+    for row in range(3):
+        ref = tokens[row].tolist()
+        got = out[row].tolist()
+        stop = ref.index(EOS, 1) + 1 if EOS in ref[1:] else len(ref)
+        assert got[:stop] == ref[:stop]
+        assert all(t == 11 for t in got[stop:])
+
+
+def sequence_logprob(model, src, pad, seq):
+    tokens = torch.tensor([[BOS] + seq[:-1]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(src, tokens, pad).double(), -1)[0]
+    return sum(logprobs[i, t].item() for i, t in enumerate(seq))
+
+
+def exhaustive_best(model, src, pad, vocab, max_new, length_penalty):
+    """Every target of 1..max_new tokens that ends at EOS, or runs to max_new without one."""
+    best, best_seq = -float("inf"), None
+    for n in range(1, max_new + 1):
+        for body in itertools.product([t for t in range(vocab) if t != EOS], repeat=n - 1):
+            for last in range(vocab):
+                if last != EOS and n < max_new:
+                    continue  # unfinished sequences only at the length limit
+                seq = list(body) + [last]
+                score = sequence_logprob(model, src, pad, seq) / n ** length_penalty
+                if score > best:
+                    best, best_seq = score, seq
+    return best_seq
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_search_is_exhaustive_with_enough_beams(length_penalty):
+    vocab, max_new = 4, 3
+    model = model_with(vocab, seed=3, std=1.0)
+    src = torch.tensor([[2, 3, 3, 2, 3]])
+    out = generate_seq2seq(model, src, max_new, bos_token_id=BOS, eos_token_id=EOS, num_beams=vocab ** 2,
+                           length_penalty=length_penalty, early_stopping="never")
+    seq = out[0, 1:].tolist()
+    if EOS in seq:
+        seq = seq[:seq.index(EOS) + 1]
+    assert seq == exhaustive_best(model, src, None, vocab, max_new, length_penalty)
+
+
+def test_beam_search_batch_rows_are_independent_and_beat_greedy():
+    model = model_with(12, seed=5)
+    src, pad = sources(seed=7)
+    beams = generate_seq2seq(model, src, 6, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, num_beams=4,
+                             early_stopping=True)
+    for row in range(3):
+        alone = generate_seq2seq(model, src[row:row + 1], 6, bos_token_id=BOS, eos_token_id=EOS,
+                                 src_pad_mask=pad[row:row + 1], num_beams=4, early_stopping=True)
+        width = alone.shape[1]
+        assert beams[row, :width].tolist() == alone[0].tolist()
+        assert all(t == EOS for t in beams[row, width:].tolist())
+    greedy = generate_seq2seq(model, src, 6, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad)
+
+    def score(seq_row, row):
+        seq = seq_row[1:].tolist()
+        seq = seq[:seq.index(EOS) + 1] if EOS in seq else seq
+        return sequence_logprob(model, src[row:row + 1], pad[row:row + 1], seq) / len(seq)
+
+    for row in range(3):
+        assert score(beams[row], row) >= score(greedy[row], row) - 1e-9
+
+
+def test_bad_arguments():
+    model = model_with(12)
+    src, _ = sources()
+    with pytest.raises(ValueError, match="num_beams"):
+        generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=0)
+    with pytest.raises(ValueError, match="max_len 16"):
+        generate_seq2seq(model, src, 16, bos_token_id=BOS, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_seq2seq(model, src, -1, bos_token_id=BOS, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_seq2seq(model, src[:, :0], 3, bos_token_id=BOS, eos_token_id=EOS)

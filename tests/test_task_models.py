@@ -1,0 +1,162 @@
+"""GPTForSequenceClassification and Seq2SeqTransformer, plus a short training run on gptkern's kernels."""
+import pytest
+import torch
+
+import gptkern
+from gptkern.models import GPT, GPTConfig, GPTForSequenceClassification, Seq2SeqConfig, Seq2SeqTransformer
+from helpers import assert_close, backends_here
+
+
+def tiny_config(**overrides):
+    return GPTConfig.from_name("gpt2-tiny", **{**dict(n_layer=2, n_embd=64, block_size=32, vocab_size=50),
+                                                **overrides})
+
+
+def ids(shape, vocab, seed=0, low=0):
+    return torch.randint(low, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_classifier_pools_last_real_token():
+    torch.manual_seed(0)
+    model = GPTForSequenceClassification(tiny_config(), num_labels=3, pad_token_id=0).eval()
+    a, b = ids((1, 7), 50, seed=1, low=1), ids((1, 4), 50, seed=2, low=1)
+    expected = torch.cat([model(a)[0], model(b)[0]])
+    right = torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)])  # pad id 0 on the right
+    assert_close(model(right)[0], expected, torch.float32)
+    left = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = (left != 0).long()
+    assert_close(model(left, attention_mask=mask)[0], expected, torch.float32)
+    assert model(right)[0].shape == (2, 3)
+
+
+def test_classifier_losses_and_checks():
+    torch.manual_seed(0)
+    x = ids((3, 6), 50, low=1)
+    model = GPTForSequenceClassification(tiny_config(), num_labels=4)
+    logits, loss = model(x, torch.tensor([0, 3, 1]))
+    assert torch.isclose(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 1])))
+    regression = GPTForSequenceClassification(tiny_config(), num_labels=1)
+    logits, loss = regression(x, torch.tensor([0.5, -1.0, 2.0]))
+    assert torch.isclose(loss, ((logits.squeeze(-1) - torch.tensor([0.5, -1.0, 2.0])) ** 2).mean())
+    with pytest.raises(ValueError, match="num_labels"):
+        GPTForSequenceClassification(tiny_config(), num_labels=0)
+
+
+def test_classifier_loads_pretrained_gpt():
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config())
+    model = GPTForSequenceClassification.from_gpt(gpt, num_labels=2)
+    for key, value in gpt.transformer.state_dict().items():
+        assert torch.equal(model.transformer.state_dict()[key], value), key
+    x = ids((2, 5), 50)
+    torch.testing.assert_close(model.transformer(x), gpt.transformer(x))
+    bad = {k: v for k, v in gpt.state_dict().items() if "h.1.ln_2" not in k}
+    with pytest.raises(ValueError, match=r"missing keys \['h.1.ln_2.bias', 'h.1.ln_2.weight'\]"):
+        model.load_gpt_state_dict(bad)
+
+
+def small_seq2seq(**overrides):
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(Seq2SeqConfig(**{**dict(src_vocab_size=40, n_embd=32, n_head=4, n_encoder_layer=2,
+                                                      n_decoder_layer=2, max_len=24), **overrides}))
+
+
+def test_seq2seq_attention_pattern():
+    model = small_seq2seq(tgt_vocab_size=30).eval()
+    src, tgt = ids((2, 9), 40, seed=1), ids((2, 6), 30, seed=2)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    logits = model(src, tgt, pad)
+    assert logits.shape == (2, 6, 30)
+    # padded source tokens are invisible
+    src2 = src.clone()
+    src2[1, 6:] = (src2[1, 6:] + 1) % 40
+    assert_close(model(src2, tgt, pad), logits, torch.float32)
+    # the decoder is causal: a later target token changes nothing before it
+    tgt2 = tgt.clone()
+    tgt2[:, 4] = (tgt2[:, 4] + 1) % 30
+    out2 = model(src, tgt2, pad)
+    assert_close(out2[:, :4], logits[:, :4], torch.float32)
+    assert not torch.allclose(out2[:, 4:], logits[:, 4:])
+    # the encoder is bidirectional: the last source token changes the first memory position
+    src3 = src.clone()
+    src3[0, 8] = (src3[0, 8] + 1) % 40
+    assert not torch.allclose(model.encode(src3)[0, 0], model.encode(src)[0, 0])
+
+
+def test_seq2seq_vocabularies_and_checks():
+    shared = small_seq2seq()
+    assert shared.tgt_emb is shared.src_emb and shared.lm_head.weight is shared.src_emb.weight
+    separate = small_seq2seq(tgt_vocab_size=17)
+    assert separate.tgt_emb is not separate.src_emb and separate.lm_head.out_features == 17
+    with pytest.raises(IndexError, match="token id 17 in tgt_in.*vocab_size 17"):
+        separate(ids((1, 4), 40), torch.tensor([[1, 17]]))
+    with pytest.raises(ValueError, match="src length 30 is longer than max_len 24"):
+        separate(ids((1, 30), 40), torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="src_pad_mask"):
+        separate(ids((1, 4), 40), torch.tensor([[1, 2]]), torch.zeros(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        Seq2SeqConfig(n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("which", ["classifier", "seq2seq"])
+def test_task_models_agree_across_backends(which, device):
+    torch.manual_seed(0)
+    if which == "classifier":
+        model = GPTForSequenceClassification(tiny_config(n_kv_head=2), num_labels=3).to(device)
+        x = ids((2, 9), 50).to(device)
+        mask = torch.ones_like(x)
+        mask[0, :3] = 0
+
+        def run():
+            return model(x, torch.tensor([1, 2], device=device), attention_mask=mask)
+    else:
+        model = small_seq2seq(tgt_vocab_size=30).to(device)
+        src, tgt = ids((2, 9), 40).to(device), ids((2, 6), 30).to(device)
+        pad = torch.zeros(2, 9, dtype=torch.bool, device=device)
+        pad[0, 7:] = True
+
+        def run():
+            logits = model(src, tgt, pad)
+            return logits, logits.float().logsumexp(-1).mean()
+    with gptkern.backend("torch"):
+        expected, loss = run()
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for backend in backends_here(device, attention=True):
+        model.zero_grad(set_to_none=True)
+        with gptkern.backend(backend):
+            out, loss = run()
+            loss.backward()
+        assert_close(out, expected, torch.float32, msg=backend, atol_scale=4)
+        for n, p in model.named_parameters():
+            assert_close(p.grad, grads[n], torch.float32, grad=True, msg=f"{backend} {n}", atol_scale=4)
+
+
+def _train(backend: str, steps: int, device) -> list[float]:
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_name("gpt2-tiny", n_layer=2, n_embd=32, n_head=2, block_size=16, vocab_size=16)
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.arange(4 * 17, device=device).view(4, 17) % 16  # a counting task: learnable
+    losses = []
+    with gptkern.backend(backend):
+        for _ in range(steps):
+            _, loss = model(data[:, :-1], data[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
+def test_training_tracks_the_torch_backend(device):
+    """A tiny GPT trained 50 steps on gptkern's kernels follows the torch backend's loss curve."""
+    expected = _train("torch", 50, device)
+    assert expected[-1] < 0.25 * expected[0]
+    for backend in backends_here(device, attention=True):
+        if backend in ("torch", "auto"):
+            continue
+        losses = _train(backend, 50, device)
+        worst = max(abs(a - b) / b for a, b in zip(losses, expected))
+        assert worst < 0.02, (backend, worst, losses[-5:], expected[-5:])
