@@ -2,8 +2,8 @@
 against the torch backend (error at most twice torch's own, plus the dtype's tolerance), fp32 /
 fp16 / bf16, odd shapes, both kernel paths (warp and block per row, vector and scalar loads),
 reductions over inner dims, non-contiguous inputs; attention (causal or not, GQA, L != S) with
-its LSE against the Triton kernel's; decode with ragged cache_seqlens (0 and 1 included), paged
-against static caches, one split and many. Skipped (and reported) without a CUDA device."""
+its LSE against the Triton kernel's, gradients through attention_bwd (Triton on CUDA); decode
+with ragged cache_seqlens (0 and 1 included), paged against static caches, one split and many. Skipped (and reported) without a CUDA device."""
 import math
 
 import pytest
@@ -315,6 +315,8 @@ def test_decode_static_and_paged(dtype, d, b, h, hkv, lq, s_max):
     assert out.shape == (b, h, lq, d) and out.dtype == dtype
     assert_close(out, ref, dtype, msg="static")
     assert torch.all(out[0] == 0)
+    with gptkern.backend("cuda"):  # the public API routes to the same kernel
+        torch.testing.assert_close(gptkern.ops.decode_attention(q, k, v, seqlens), out, atol=0, rtol=0)
     for block_size in (16, 256):
         kp, vp, table = paged(k, v, block_size)
         out_p = torch.ops.gptkern.decode_attention(q, kp, vp, seqlens, scale, table)
