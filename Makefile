@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gptkern-installed
 
 setup: $(STAMP)
 
-CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+CSRC := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py tools/bootstrap.sh $(CSRC)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh

@@ -1,11 +1,39 @@
-// gptkern._C: loading it registers the CPU kernels (TORCH_LIBRARY / TORCH_LIBRARY_IMPL);
-// the module itself only reports how it was built.
+// gptkern._C: loading it registers the kernels (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); the module
+// itself only reports how it was built.
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <string>
+
+#ifdef GPTKERN_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+#endif
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define GPTKERN_STRINGIFY(...) #__VA_ARGS__
+#define GPTKERN_STR(...) GPTKERN_STRINGIFY(__VA_ARGS__)
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef GPTKERN_WITH_CUDA
+  m.attr("devices") = py::make_tuple("cpu", "cuda");
+  m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  py::list archs;  // GPTKERN_CUDA_ARCHS: the -gencode targets, e.g. sm_80,sm_90
+  std::string names = GPTKERN_STR(GPTKERN_CUDA_ARCHS);
+  for (size_t start = 0; start <= names.size();) {
+    const size_t end = std::min(names.find(',', start), names.size());
+    if (end > start) archs.append(names.substr(start, end - start));
+    start = end + 1;
+  }
+  m.attr("cuda_archs") = py::tuple(archs);
+#else
   m.attr("devices") = py::make_tuple("cpu");
+  m.attr("cuda_version") = py::none();
+  m.attr("cuda_archs") = py::tuple();
+#endif
 #ifdef __VERSION__
   m.attr("compiler") = __VERSION__;
 #else

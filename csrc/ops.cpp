@@ -1,6 +1,6 @@
 // The dispatcher boundary: one schema per op. Implementations register per device in
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gptkern, CPU, m)); the Python side adds the fake
-// (meta) and autograd registrations (gptkern/ops/cpu_ops.py).
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gptkern, CPU, m)) and csrc/cuda/register.cpp (CUDA); the
+// Python side adds the fake (meta) and autograd registrations (gptkern/ops/).
 #include <torch/library.h>
 
 TORCH_LIBRARY(gptkern, m) {

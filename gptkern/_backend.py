@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -71,20 +72,65 @@ def _has_triton() -> bool:
     return _HAS_TRITON
 
 
-def _extension():
-    """``gptkern._C`` if it is built, else None (looked up once)."""
-    global _EXT
+def _extension(jit: bool = False):
+    """``gptkern._C`` if it is built (looked up once), else None.
+
+    With ``jit``, a missing extension is built now (gptkern._jit: the first use of the ``cpu``
+    backend); a failed build raises gptkern._jit.JITBuildError with the compiler's message.
+    Functions given to :func:`on_extension_load` run once the module is loaded.
+    """
+    global _EXT, _EXT_MISSING
     if _EXT is _UNSET:
         try:
             from gptkern import _C  # type: ignore[attr-defined]
-        except ImportError:
+        except ImportError as err:
             _C = None
+            _EXT_MISSING = ("gptkern._C is not built" if getattr(err, "name", None) == "gptkern._C"
+                            else f"gptkern._C does not import ({err})")
         _EXT = _C
+        if _C is not None:
+            _run_load_hooks()
+    if _EXT is None and jit:
+        from gptkern import _jit
+
+        _EXT = _jit.build(_EXT_MISSING)
+        _run_load_hooks()
     return _EXT
 
 
 _UNSET = object()
 _EXT = _UNSET
+_EXT_MISSING = ""
+_LOAD_HOOKS: list[Callable[[], None]] = []
+_HOOKS_RUN = 0
+
+
+def on_extension_load(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (fake / autograd registrations of the C++ ops) once gptkern._C is loaded."""
+    _LOAD_HOOKS.append(fn)
+    if _EXT is not _UNSET and _EXT is not None:
+        _run_load_hooks()
+
+
+def _run_load_hooks() -> None:
+    global _HOOKS_RUN
+    while _HOOKS_RUN < len(_LOAD_HOOKS):
+        _HOOKS_RUN += 1
+        _LOAD_HOOKS[_HOOKS_RUN - 1]()
+
+
+def _ext_serves(name: str, device_type: str) -> bool:
+    """Whether gptkern._C, as built or as the JIT fallback would build it, serves ``name``."""
+    if device_type != name:
+        return False
+    ext = _extension()
+    if ext is not None:
+        return name in getattr(ext, "devices", ()) and (name != "cuda" or torch.cuda.is_available())
+    if name == "cpu":
+        from gptkern import _jit
+
+        return _jit.available()
+    return False  # the JIT fallback builds the CPU kernels only
 
 
 def _backend_runs_on(name: str, device_type: str) -> bool:
@@ -95,8 +141,7 @@ def _backend_runs_on(name: str, device_type: str) -> bool:
             return False
         return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
     if name in ("cpu", "cuda"):
-        ext = _extension()
-        return ext is not None and device_type == name and name in getattr(ext, "devices", ())
+        return _ext_serves(name, device_type)
     return False
 
 
@@ -157,13 +202,34 @@ def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
             raise NotImplementedError(
                 f"gptkern.{op}: the {name!r} backend does not support {reason}; "
                 f"the 'torch' backend can serve this call")
+        if name in ("cpu", "cuda"):
+            _extension(jit=True)  # the first use of the cpu backend may build gptkern._C
         return name
     order = _AUTO_ORDER_BY_OP.get((op, device_type)) or _AUTO_ORDER.get(device_type, ("torch",))
     for name in order:
         if name not in supports or not _backend_runs_on(name, device_type):
             continue
         reason = supports[name]()
+        if reason is None and name in ("cpu", "cuda"):
+            reason = _load_for_auto()
         if reason is None:
             return name
         _log_fallback_once(op, name, reason)
     return "torch"
+
+
+def _load_for_auto() -> Optional[str]:
+    """Load (or build) gptkern._C for auto; a failed build is warned about once and skipped."""
+    from gptkern import _jit
+
+    try:
+        _extension(jit=True)
+        return None
+    except _jit.JITBuildError as err:
+        if "jit" not in _warned:
+            _warned.add("jit")
+            warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+        return "gptkern._C failed to build"
+
+
+_warned: set[str] = set()

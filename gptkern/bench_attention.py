@@ -175,6 +175,9 @@ def _loop_varlen(batch: VarlenBatch, causal: bool):
     return forward, [batch.q, batch.k, batch.v]
 
 
+VARLEN_BACKENDS = ("triton",)  # gptkern backends with flash_attn_varlen kernels
+
+
 def providers(device: torch.device) -> tuple[dict, dict, dict[str, str]]:
     """(dense providers, varlen providers, skipped: name -> reason)."""
     _, skipped = benchmark.providers(device)  # which gptkern backends run natively here
@@ -188,7 +191,11 @@ def providers(device: torch.device) -> tuple[dict, dict, dict[str, str]]:
         if name == "torch":
             skipped[key] = f"forwards to F.scaled_dot_product_attention, timed as {DENSE_BASELINE}"
             continue
-        dense[key], varlen[key] = _gptkern_dense(name), _gptkern_varlen(name)
+        dense[key] = _gptkern_dense(name)
+        if name in VARLEN_BACKENDS:
+            varlen[key] = _gptkern_varlen(name)
+        else:
+            skipped[f"{key} (varlen)"] = "no varlen kernels (flash_attn_varlen: triton or torch)"
     if "gptkern:triton" not in dense and "gptkern:triton" not in skipped:
         skipped["gptkern:triton"] = ("runs only in the Triton interpreter on CPU" if device.type == "cpu"
                                      and benchmark.package_version("triton") else "not available here")

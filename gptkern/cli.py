@@ -37,14 +37,29 @@ def info() -> int:
         ("available backends", ", ".join(gptkern.available_backends())),
         ("current backend", f"{gptkern.get_backend()} (GPTKERN_BACKEND="
                             f"{os.environ.get('GPTKERN_BACKEND', 'unset')})"),
-        ("C++ extension", "built, devices: " + ", ".join(getattr(ext, "devices", ()))
-         if ext is not None else "not built"),
+        ("C++ extension", _extension_info(ext)),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _extension_info(ext) -> str:
+    """How gptkern._C was built (devices, CUDA version and targets), or why there is none."""
+    if ext is None:
+        from gptkern import _backend, _jit
+
+        why = _backend._EXT_MISSING or "gptkern._C is not built"
+        then = ("the cpu backend builds it at its first use" if _jit.available()
+                else "no JIT build (GPTKERN_JIT=0, no sources, or a failed build)")
+        return f"not loaded: {why}; {then}"
+    text = "built, devices: " + ", ".join(getattr(ext, "devices", ()))
+    if getattr(ext, "cuda_version", None):
+        text += f"; CUDA {ext.cuda_version} kernels for {', '.join(ext.cuda_archs)}"
+    jit_dir = getattr(ext, "jit_build_dir", None)
+    return text + (f" (JIT build in {jit_dir})" if jit_dir else "")
 
 
 def bench(argv: list[str]) -> int:

@@ -14,8 +14,20 @@ pytestmark = pytest.mark.skipif("cpu" not in gptkern.available_backends(), reaso
 
 def test_build_info():
     ext = _backend._extension()
-    assert ext.devices == ("cpu",)
+    assert ext.devices in (("cpu",), ("cpu", "cuda"))
     assert isinstance(ext.compiler, str) and isinstance(ext.openmp, bool) and isinstance(ext.simd, list)
+    if "cuda" in ext.devices:  # a CUDA build names its CUDA version and targets
+        assert ext.cuda_version.count(".") == 1 and all(a.startswith(("sm_", "compute_")) for a in ext.cuda_archs)
+    else:
+        assert ext.cuda_version is None and ext.cuda_archs == ()
+
+
+def test_info_reports_the_build(capsys):
+    from gptkern import cli
+
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("C++ extension"))
+    assert "built, devices: cpu" in line
 
 
 @pytest.mark.parametrize("log", [False, True])

@@ -1,4 +1,5 @@
-"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd."""
+"""scaled_dot_product_attention: the functional API, its Triton custom ops and autograd (the C++ ops
+of gptkern._C: cpu_attention.py, cuda_attention.py)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
+from gptkern.ops import cuda_attention
 from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -251,11 +253,20 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     def cpu_support():
         return mask_support() or _cpu_limits(query, dropout_p)
 
+    def cuda_support():  # the CUDA forward; its backward is Triton's
+        why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        if why is None and needs_grad:
+            why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
+                   else "gradients without triton (the CUDA backward is Triton's)")
+        return why
+
     name = _backend.choose("scaled_dot_product_attention", query.device,
-                           {"triton": triton_support, "cpu": cpu_support, "torch": lambda: None})
+                           {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support,
+                            "torch": lambda: None})
     if name != "torch":
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        if name == "cpu":  # (B, H, L, Dv), with the LSE
+        if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None)
             out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value)
         else:
             out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,

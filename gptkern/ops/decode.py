@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
+from gptkern.ops import cuda_attention
 from gptkern.ops._checks import check_tensor, triton_dtype_support
 
 
@@ -116,14 +117,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             return "gradients (the decode kernel has no backward)"
         return triton_dtype_support(q.dtype)
 
+    def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
+        return cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
+
     name = _backend.choose("decode_attention", q.device,
-                           {"triton": cpu_support, "cpu": cpu_support, "torch": lambda: None})
+                           {"triton": cpu_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None})
     if name == "triton":
         from gptkern.ops.triton_decode import triton_decode_attention
 
         table = block_table.to(torch.int32) if block_table is not None else None
         return triton_decode_attention(q, k_cache, v_cache, cache_seqlens.to(torch.int32), scale_value, table)
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
         table = block_table.to(torch.int32) if block_table is not None else None
         return torch.ops.gptkern.decode_attention(q, k_c, v_c, cache_seqlens.to(torch.int32), scale_value, table)

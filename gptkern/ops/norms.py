@@ -112,7 +112,8 @@ triton_norm.register_autograd(_make_backward(lambda *args: torch.ops.gptkern.tri
 
 
 def register_cpu_ops() -> None:
-    """Fake and autograd registrations of the C++ ops (gptkern._C's norm_fwd / norm_bwd)."""
+    """Fake and autograd registrations of the C++ ops (gptkern._C's norm_fwd / norm_bwd, CPU and
+    CUDA kernels)."""
     def fake_fwd(x, k, weight, bias, eps, is_rms):
         stats = x.new_empty(_stats_shape(x, k), dtype=torch.float32)
         return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
@@ -127,11 +128,11 @@ def register_cpu_ops() -> None:
 
 
 def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor]) -> str:
-    def kernel_support():  # the Triton and C++ kernels take the same dtypes
+    def kernel_support():  # the Triton, C++ and CUDA kernels take the same dtypes
         return triton_dtype_support(input.dtype, *(p.dtype for p in params if p is not None))
 
     return _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "torch": lambda: None})
+                                              "cuda": kernel_support, "torch": lambda: None})
 
 
 def _norm_op(backend: str):

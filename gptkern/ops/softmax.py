@@ -64,7 +64,8 @@ triton_softmax.register_autograd(
 
 
 def register_cpu_ops() -> None:
-    """Fake and autograd registrations of the C++ ops (gptkern._C's softmax_fwd / softmax_bwd)."""
+    """Fake and autograd registrations of the C++ ops (gptkern._C's softmax_fwd / softmax_bwd,
+    CPU and CUDA kernels)."""
     torch.library.register_fake("gptkern::softmax_fwd")(
         lambda x, dim, log, out_dtype: torch.empty(x.shape, dtype=out_dtype, device=x.device))
     torch.library.register_fake("gptkern::softmax_bwd")(
@@ -87,11 +88,11 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     cast_first = dtype is not None and dtype != input.dtype and not upcast_in_kernel
     kernel_in_dtype = out_dtype if cast_first else input.dtype
 
-    def kernel_support():  # the Triton and C++ kernels take the same dtypes
+    def kernel_support():  # the Triton, C++ and CUDA kernels take the same dtypes
         return triton_dtype_support(kernel_in_dtype, out_dtype)
 
     name = _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "torch": lambda: None})
+                                              "cuda": kernel_support, "torch": lambda: None})
     if name != "torch":
         x = input.to(out_dtype) if cast_first else input
         fwd = torch.ops.gptkern.triton_softmax if name == "triton" else torch.ops.gptkern.softmax_fwd

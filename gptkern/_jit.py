@@ -1,0 +1,140 @@
+"""JIT fallback: builds the C++ extension at the first use of the ``cpu`` backend when the
+installed package has none (installed with GPTKERN_BUILD_EXT=0, or ``gptkern._C`` fails to import).
+
+``torch.utils.cpp_extension.load`` compiles the CPU kernels (csrc/: ops.cpp, bindings.cpp,
+cpu/*.cpp) into ``$GPTKERN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/gptkern`` or
+``~/.cache/gptkern``), one directory per hash of the sources, flags, torch and Python, and says
+so on stderr. An ``fcntl.flock`` on ``<cache>/build.lock`` keeps two processes from building at
+once: the second waits and then loads the first one's build. ``GPTKERN_JIT=0`` disables the
+fallback; ``GPTKERN_SOURCE_DIR`` names another csrc/ directory. The CUDA kernels are not built
+here (``pip install`` builds them, see setup.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import shutil
+import sys
+import time
+from typing import Iterator, Optional
+
+from gptkern import _build
+
+DISABLE_HINT = ("to run without the C++ kernels, use the torch backend (GPTKERN_BACKEND=torch or "
+                "gptkern.set_backend('torch')); GPTKERN_JIT=0 turns this build off")
+
+
+class JITBuildError(RuntimeError):
+    """Building gptkern._C at run time failed; the message holds the compiler's output."""
+
+
+_failed: Optional[str] = None  # the first failure's message: a process does not retry
+
+
+def enabled() -> bool:
+    return os.environ.get("GPTKERN_JIT", "1").strip() != "0"
+
+
+def source_dir() -> Optional[str]:
+    """The csrc/ directory to build from: $GPTKERN_SOURCE_DIR, the installed copy
+    (gptkern/_csrc) or the repository's (an editable install); None without one."""
+    env = os.environ.get("GPTKERN_SOURCE_DIR")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if os.path.isfile(os.path.join(candidate, "ops.cpp")):
+            return candidate
+    return None
+
+
+def cache_dir() -> str:
+    env = os.environ.get("GPTKERN_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gptkern")
+
+
+def available() -> bool:
+    """Whether a JIT build can be tried here (enabled, sources and a C++ compiler found, no
+    earlier failure)."""
+    return (enabled() and _failed is None and source_dir() is not None
+            and shutil.which(os.environ.get("CXX", "c++")) is not None)
+
+
+@contextlib.contextmanager
+def build_lock(path: str) -> Iterator[None]:
+    """Exclusive lock on ``path`` (created if missing); says on stderr when it has to wait."""
+    import fcntl  # POSIX only: imported here so that gptkern imports everywhere
+
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"gptkern: waiting for another process to finish building the C++ extension "
+                  f"(lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _digest(sources: list[str], headers: list[str], flags: list[str]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for path in sorted(sources) + sorted(headers):
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(" ".join(flags).encode())
+    h.update(f"{torch.__version__} {sys.version}".encode())
+    return h.hexdigest()[:16]
+
+
+def build(reason: str):
+    """Build (or load the cached build of) the CPU extension and return the module.
+
+    Raises JITBuildError with the compiler's message (and how to do without) on failure.
+    """
+    global _failed
+    if _failed is not None:
+        raise JITBuildError(_failed)
+    src = source_dir()
+    if src is None:
+        _failed = f"gptkern: cannot build gptkern._C: its C++ sources (csrc/) were not found; {DISABLE_HINT}"
+        raise JITBuildError(_failed)
+    sources = _build.cpu_sources(src)
+    headers = glob.glob(os.path.join(src, "*.h")) + glob.glob(os.path.join(src, "cpu", "*.h"))
+    flags = _build.cxx_flags()
+    root = cache_dir()
+    os.makedirs(root, exist_ok=True)
+    build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")
+    os.makedirs(build_dir, exist_ok=True)
+    done = os.path.join(build_dir, "built")
+    with build_lock(os.path.join(root, "build.lock")):
+        fresh = not os.path.exists(done)
+        if fresh:
+            print(f"gptkern: {reason}; building the C++ CPU kernels from {src} into {build_dir} "
+                  f"(once per source version, about a minute)", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        try:
+            from torch.utils.cpp_extension import load
+
+            module = load(name="_C", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                          extra_include_paths=[src], build_directory=build_dir, with_cuda=False, verbose=False)
+        except Exception as err:  # the compiler's output is in the message
+            _failed = (f"gptkern: building the C++ extension gptkern._C from {src} failed:\n{err}\n"
+                       f"gptkern: {DISABLE_HINT}")
+            raise JITBuildError(_failed) from None
+        if fresh:
+            with open(done, "w") as f:
+                f.write(f"{time.time()}\n")
+            print(f"gptkern: built gptkern._C in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    module.jit_build_dir = build_dir
+    sys.modules["gptkern._C"] = module
+    return module

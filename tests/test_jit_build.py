@@ -1,0 +1,123 @@
+"""The JIT fallback (gptkern._jit): a copy of the package without gptkern._C, in a subprocess with
+a temporary cache directory, builds the extension at the first use of the cpu backend (never at
+import), reuses the build, holds a file lock while building, and reports a failed build with the
+compiler's message and how to do without it."""
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USE_CPU = """
+import sys, torch, gptkern
+from gptkern import _backend
+x = torch.randn(3, 37)
+try:
+    with gptkern.backend("cpu"):
+        y = gptkern.ops.softmax(x, -1)
+except Exception as err:
+    print("ERROR", type(err).__name__, err)
+    sys.exit(3)
+torch.testing.assert_close(y, torch.softmax(x, -1))
+print("OK", type(_backend._extension()).__name__, "cpu" in _backend._extension().devices)
+"""
+
+
+@pytest.fixture
+def bare_package(tmp_path):
+    """(environment, cache dir): PYTHONPATH at a copy of gptkern without any built _C."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "gptkern"), pkg / "gptkern",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__", "_csrc"))
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPTKERN_", "TRITON_INTERPRET"))}
+    env.update(PYTHONPATH=str(pkg), GPTKERN_CACHE_DIR=str(cache), GPTKERN_SOURCE_DIR=os.path.join(ROOT, "csrc"))
+    os.chdir(tmp_path)  # the subprocesses must not find the repository's gptkern in their cwd
+    return env, cache
+
+
+@pytest.fixture
+def broken_sources(tmp_path):
+    src = tmp_path / "broken"
+    (src / "cpu").mkdir(parents=True)
+    for name in ("ops.cpp", "bindings.cpp"):
+        (src / name).write_text("#error gptkern test: broken on purpose\n")
+    return str(src)
+
+
+# The subprocesses import the copy: the editable install's finder (which would find the
+# repository's gptkern._C) is removed first.
+PRELUDE = ("import sys; sys.meta_path = [f for f in sys.meta_path "
+           "if not getattr(f, '__module__', '').startswith('__editable__')]\n")
+
+
+def command(script):
+    return [sys.executable, "-c", PRELUDE + script]
+
+
+def run(env, script, timeout=300):
+    return subprocess.run(command(script), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_import_never_builds(bare_package, broken_sources):
+    env, cache = bare_package
+    env["GPTKERN_SOURCE_DIR"] = broken_sources  # a build attempt would fail loudly
+    out = run(env, "import gptkern; print(gptkern.available_backends()); "
+                   "from gptkern import _backend; print(_backend._EXT)")
+    assert out.returncode == 0, out.stderr
+    assert "'cpu'" in out.stdout and "None" in out.stdout  # available through the fallback, not built
+    assert "building" not in out.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_disabled_with_gptkern_jit_0(bare_package):
+    env, _ = bare_package
+    env["GPTKERN_JIT"] = "0"
+    out = run(env, USE_CPU)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "NotImplementedError" in out.stdout and "cannot run on cpu tensors" in out.stdout
+
+
+def test_lock_wait_and_failure_message(bare_package, broken_sources):
+    """A second builder waits for the lock; a failed build shows the compiler and the way out."""
+    import fcntl
+
+    env, cache = bare_package
+    env["GPTKERN_SOURCE_DIR"] = broken_sources
+    cache.mkdir()
+    with open(cache / "build.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen(command(USE_CPU), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+        seen = []
+        try:
+            while not any("waiting for another process" in line for line in seen):
+                seen.append(lines.get(timeout=120))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    stdout = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 3, stdout + "".join(seen)
+    assert "JITBuildError" in stdout
+    assert "broken on purpose" in stdout  # the compiler's message
+    assert "GPTKERN_BACKEND=torch" in stdout and "GPTKERN_JIT=0" in stdout
+
+
+@pytest.mark.slow
+def test_first_cpu_use_builds_then_reuses(bare_package):
+    env, cache = bare_package
+    env.setdefault("MAX_JOBS", "2")
+    first = run(env, USE_CPU, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr[-4000:]
+    assert "OK module True" in first.stdout
+    assert "building the C++ CPU kernels" in first.stderr and "built gptkern._C" in first.stderr
+    again = run(env, USE_CPU, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr[-4000:]
+    assert "OK module True" in again.stdout
+    assert "building" not in again.stderr  # loaded from the cache
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 1
