@@ -1,9 +1,10 @@
 """The ``gptkern`` command (also ``python -m gptkern``).
 
-Subcommands: ``info`` (versions, device, backends), ``generate`` (text from a model, see
+Subcommands: ``info`` (versions, device, backends), ``prepare`` (text to token shards, see
+``gptkern.data.prepare``), ``generate`` (text from a model, see
 ``gptkern.generation.cli``), ``bench`` (kernel benchmarks, see
 ``gptkern.benchmark``) and ``demo`` (the main job, see ``gptkern.demo``). ``bench`` and
-``demo`` (and ``generate``) hand every argument after their name to their module's ``main(argv) -> int``.
+``demo`` (and ``prepare``, ``generate``) hand every argument after their name to their module's ``main(argv) -> int``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,12 @@ def finetune(argv: list[str]) -> int:
     return train_cli.finetune_main(argv)
 
 
+def prepare(argv: list[str]) -> int:
+    from gptkern.data.prepare import main as prepare_main
+
+    return prepare_main(argv)
+
+
 def demo(argv: list[str]) -> int:
     from gptkern import demo as demo_module
 
@@ -101,7 +108,7 @@ def demo(argv: list[str]) -> int:
 # Subcommands whose arguments go, unparsed, to another module's main.
 FORWARDED: dict[str, Callable[[list[str]], int]] = {"bench": bench, "bench-attention": bench_attention,
                                                     "demo": demo, "generate": generate, "train": train,
-                                                    "finetune": finetune}
+                                                    "finetune": finetune, "prepare": prepare}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", add_help=False, help="run the main job (gptkern demo -h for options)")
     sub.add_parser("train", add_help=False, help="pretrain a GPT (gptkern train -h for options)")
     sub.add_parser("finetune", add_help=False, help="fine-tune a classifier (gptkern finetune classify -h)")
+    sub.add_parser("prepare", add_help=False,
+                   help="tokenize text into train/val shards (gptkern prepare -h for options)")
     sub.add_parser("generate", add_help=False,
                    help="stream a model's continuation of a prompt (gptkern generate -h for options)")
     return parser

@@ -1,0 +1,377 @@
+"""The data pipeline: the embedded corpus, ``gptkern prepare`` (token shards, meta.json, errors),
+``TokenLoader`` (windows, determinism, resume, ranks) and ``document_bounds``."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gptkern
+from gptkern.data import ByteTokenizer, TokenLoader, document_bounds, load_tokenizer, read_meta, train_bpe
+from gptkern.data import corpus
+from gptkern.data.prepare import prepare, progress_bar, split_documents, split_text, token_dtype, write_meta
+
+JSONL_DOCS = [f"document number {i} about topic {'abcdefghij'[i]} with some words" for i in range(10)]
+DOCS = [  # the documents of the tree below, in sorted path order
+    "hello world\n" * 30,
+    "# Notes\n\nsome markdown text with ünïcödé ✓ and tabs\there\n",
+    "def f(x):\n    return x  # comment\n",
+    "first json doc",
+    "third 𝄞 doc\nwith a newline",
+    *JSONL_DOCS,
+]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    (root / "sub").mkdir()
+    (root / "a.txt").write_text(DOCS[0])
+    (root / "b_notes.md").write_text(DOCS[1])
+    (root / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "sub" / "c.py").write_text(DOCS[2])
+    lines = [json.dumps({"text": DOCS[3]}), "", json.dumps({"text": ""}), json.dumps({"text": DOCS[4], "id": 3})]
+    (root / "sub" / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "sub" / "empty.txt").write_text("")
+    (root / "sub" / "many.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in JSONL_DOCS))
+    return root
+
+
+def split_docs(out, split, tokenizer):
+    """The documents of a shard, decoded, checking that each one ends with EOS."""
+    meta = read_meta(out)
+    tokens = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+    assert len(tokens) == meta["splits"][split]["tokens"]
+    if len(tokens):
+        assert tokens[-1] == tokenizer.eos_id
+    ends = np.flatnonzero(tokens == tokenizer.eos_id)
+    return [tokenizer.decode(part.tolist()) for part in np.split(tokens, ends + 1)[:-1]]
+
+
+def expected_split(docs, fraction, seed):
+    mask = split_documents(len(docs), fraction, seed)
+    assert mask.any() and not mask.all()
+    return [d for d, v in zip(docs, mask) if not v], [d for d, v in zip(docs, mask) if v]
+
+
+# ---------------------------------------------------------------- corpus
+
+def test_stdlib_corpus_is_deterministic_and_capped():
+    corpus._documents.cache_clear()
+    first = corpus.stdlib_corpus(max_chars=400_000)
+    corpus._documents.cache_clear()
+    assert corpus.stdlib_corpus(max_chars=400_000) == first
+    assert sum(map(len, first)) == 400_000 and len(first) > 10  # the library has at least that much text
+    assert all(d.startswith("Module ") for d in first)
+    assert all(not d.startswith(("Module test.", "Module idlelib.idle_test")) for d in first)
+    assert corpus.stdlib_corpus(max_chars=1000) == [first[0][:1000]]
+
+
+def test_corpus_reads_docstrings_and_comments_and_skips_tests(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "b.py").write_text('#!/usr/bin/env python\n"""Module doc."""\n# first comment\n# goes on\n'
+                                   'x = "# not a comment"\n\ndef f():\n    """F doc."""\n    # ----\n    return 1\n')
+    (tmp_path / "pkg" / "__init__.py").write_text('"""Package doc."""\n')
+    (tmp_path / "a_bad.py").write_text("def (:\n")
+    (tmp_path / "test" / "t.py").write_text('"""Test doc."""\n')
+    (tmp_path / "site-packages" / "s.py").write_text('"""Installed."""\n')
+    assert corpus.stdlib_files(str(tmp_path)) == ["a_bad.py", "b.py", "pkg/__init__.py"]
+    assert corpus.stdlib_corpus(root=str(tmp_path)) == [
+        "Module b\n\nModule doc.\n\nfirst comment\ngoes on\n\nF doc.\n", "Module pkg\n\nPackage doc.\n"]
+
+
+# ---------------------------------------------------------------- prepare
+
+def test_token_dtype_fits_every_id():
+    assert token_dtype(257) == np.uint16 and token_dtype(50257) == np.uint16
+    assert token_dtype(65536) == np.uint16  # ids 0..65535
+    assert token_dtype(65537) == np.uint32 and token_dtype(128256) == np.uint32
+    with pytest.raises(ValueError):
+        token_dtype(0)
+
+
+def test_split_documents_is_seeded():
+    a = split_documents(100, 0.25, seed=1)
+    assert a.sum() == 25 and np.array_equal(a, split_documents(100, 0.25, seed=1))
+    assert not np.array_equal(a, split_documents(100, 0.25, seed=2))
+    assert split_documents(3, 0.01, 0).sum() == 1 and split_documents(1, 0.5, 0).sum() == 0
+    assert split_documents(5, 0.0, 0).sum() == 0
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_documents(5, 1.0, 0)
+
+
+def test_prepare_byte_keeps_documents_in_order(tree, tmp_path):
+    notes = []
+    meta = prepare([tree], tmp_path, "byte", val_fraction=0.3, workers=2, seed=3, progress=False, log=notes.append)
+    train, val = expected_split(DOCS, 0.3, 3)
+    tok = ByteTokenizer()
+    assert split_docs(tmp_path, "train", tok) == train and split_docs(tmp_path, "val", tok) == val
+    for name, docs in (("train", train), ("val", val)):
+        assert meta["splits"][name] == {"file": f"{name}.bin", "documents": len(docs),
+                                        "tokens": sum(len(d.encode()) + 1 for d in docs)}
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eos_id"], meta["dtype"]) == ("byte", 257, 256, "uint16")
+    assert read_meta(tmp_path) == meta == json.loads((tmp_path / "meta.json").read_text())
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    text = "\n".join(notes)
+    assert "empty.txt" in text and "blob.bin" in text and "data.jsonl: skipped 1 line" in text
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_prepare_bpe_is_independent_of_workers_and_pieces(tree, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    meta = prepare([tree], one, "bpe", vocab_size=300, val_fraction=0.3, workers=1, seed=3, progress=False)
+    # Pieces of <= 32 characters cut at whitespace: the same BPE training and the same tokens.
+    prepare([tree], two, "bpe", vocab_size=300, val_fraction=0.3, workers=2, seed=3, progress=False, piece_chars=32)
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    tok = load_tokenizer(one)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eos_id"]) == ("bpe", tok.vocab_size, tok.eos_id)
+    assert meta["vocab_size"] <= 300 and meta["dtype"] == "uint16"
+    train, val = expected_split(DOCS, 0.3, 3)
+    assert split_docs(one, "train", tok) == train and split_docs(one, "val", tok) == val
+    assert meta["splits"]["train"]["tokens"] < sum(len(d.encode()) for d in train)  # merges were used
+
+
+def test_split_text_cuts_at_pretoken_boundaries():
+    words = ["alpha", "be", "  gamma", "\n\ndelta", "12345", "e's", "\tzeta", "...", "ünï", "  \n x"]
+    text = "".join(words[(i * 7) % len(words)] for i in range(400))
+    pieces = split_text(text, 64)  # the longest run without whitespace (26) fits in half a window
+    assert "".join(pieces) == text and all(len(p) <= 64 for p in pieces) and len(pieces) > 30
+    tok = train_bpe([text], 300)
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
+    assert split_text("x" * 100, 30) == ["x" * 30] * 3 + ["x" * 10]  # no whitespace: hard cuts
+
+
+def test_prepare_huge_single_line_files(tmp_path):
+    rng = np.random.default_rng(0)
+    words = rng.choice(["lorem", "ipsum", "dolor", "sit", "amet,", "ünï"], size=600_000)
+    spaced, solid = " ".join(words), "x" * 2_500_000  # ~3.5 MB and 2.5 MB, no newline
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(spaced)
+    (tmp_path / "in" / "b.txt").write_text(solid)
+    meta = prepare([tmp_path / "in"], tmp_path / "out", "byte", val_fraction=0, workers=2, progress=False)
+    assert meta["splits"]["train"]["tokens"] == len(spaced.encode()) + len(solid) + 2
+    assert split_docs(tmp_path / "out", "train", ByteTokenizer()) == [spaced, solid]
+
+
+def test_prepare_embedded_corpus(tmp_path):
+    meta = prepare([], tmp_path, "byte", val_fraction=0.1, workers=1, max_chars=50_000, progress=False)
+    docs = corpus.stdlib_corpus(max_chars=50_000)
+    assert "embedded corpus" in meta["source"]
+    assert sum(s["documents"] for s in meta["splits"].values()) == len(docs)
+    assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(d.encode()) + 1 for d in docs)
+
+
+def test_prepare_bad_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not a valid JSON line"):
+        prepare([bad], tmp_path / "o", progress=False)
+    bad.write_text('{"text": "ok"}\n{"txt": "wrong field"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected a JSON object with a string field 'text'"):
+        prepare([bad], tmp_path / "o", progress=False)
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        prepare([bad], tmp_path / "o", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"input .*nope\.txt does not exist"):
+        prepare([tmp_path / "nope.txt"], tmp_path / "o", progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.md").write_text("  \n\n")
+    with pytest.raises(ValueError, match="no text to tokenize"):
+        prepare([tmp_path / "empty"], tmp_path / "o", progress=False, log=lambda m: None)
+    (tmp_path / "x.bin").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match=r"x\.bin is not a UTF-8 text file"):
+        prepare([tmp_path / "x.bin"], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_meta_round_trip_and_checks(tmp_path):
+    meta = {"format": "gptkern-tokens", "version": 1, "tokenizer": "bpe", "vocab_size": 70000, "eos_id": 0,
+            "dtype": "uint32", "splits": {"train": {"file": "train.bin", "tokens": 5, "documents": 1}},
+            "source": "x", "val_fraction": 0.0, "seed": 0}
+    write_meta(tmp_path, meta)
+    assert read_meta(tmp_path) == meta
+    write_meta(tmp_path, {**meta, "dtype": "uint16"})
+    with pytest.raises(ValueError, match="dtype 'uint16' does not match vocab_size 70000"):
+        read_meta(tmp_path)
+    write_meta(tmp_path, {k: v for k, v in meta.items() if k != "eos_id"})
+    with pytest.raises(ValueError, match=r"meta\.json: missing field 'eos_id'"):
+        read_meta(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"meta\.json not found"):
+        read_meta(tmp_path / "nothing")
+
+
+def test_text_progress_bar():
+    stream = io.StringIO()
+    bar = progress_bar(10, "train", use_tqdm=False, stream=stream)
+    bar.update(5)
+    bar.update(5)
+    bar.close()
+    assert "train [" + "#" * 15 + "." * 15 + "]  50%" in stream.getvalue() and "#" * 30 + "] 100%" in stream.getvalue()
+
+
+def test_cli_prepare_end_to_end(tmp_path):
+    (tmp_path / "in.txt").write_text("tiny text for the command line\n")
+    cmd = [sys.executable, "-m", "gptkern", "prepare", "--out", str(tmp_path / "out"), "--workers", "1"]
+    ok = subprocess.run(cmd + ["--input", str(tmp_path / "in.txt"), "--val-fraction", "0"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "train 32 tokens (1 documents)" in ok.stdout
+    assert read_meta(tmp_path / "out")["splits"]["train"]["tokens"] == 32
+    bad = subprocess.run(cmd + ["--input", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "missing.txt does not exist" in bad.stderr
+
+
+# ---------------------------------------------------------------- loader
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        words = rng.choice(["red", "green", "blue", "cyan", "magenta", "7", "42", "."], size=int(rng.integers(5, 200)))
+        (root / f"doc{i:02d}.txt").write_text(f"doc {i}: " + " ".join(words))
+    out = root / "out"
+    prepare([root], out, "byte", val_fraction=0.25, workers=1, progress=False)
+    return out
+
+
+def batches(loader, n, **kw):
+    return [loader.next_batch(**kw) for _ in range(n)]
+
+
+def test_loader_windows_come_from_the_shard(data_dir):
+    loader = TokenLoader(data_dir, "train", block_size=16, batch_size=5)
+    meta = read_meta(data_dir)
+    assert (loader.vocab_size, loader.eos_id, loader.num_tokens) == (257, 256, meta["splits"]["train"]["tokens"])
+    data = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    windows = np.lib.stride_tricks.sliding_window_view(data, 17)
+    for x, y in batches(loader, 3):
+        assert x.shape == y.shape == (5, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row in torch.cat([x, y[:, -1:]], dim=1).numpy():
+            assert (windows == row).all(axis=1).any()
+
+
+def test_loader_resumes_exactly(data_dir):
+    straight = batches(TokenLoader(data_dir, "train", 8, 4, seed=7), 6)
+    first = TokenLoader(data_dir, "train", 8, 4, seed=7)
+    part = batches(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    fresh = TokenLoader(data_dir, "train", 8, 4, seed=7)
+    fresh.load_state_dict(state)
+    for a, b in zip(straight, part + batches(fresh, 3)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(straight[0][0], straight[1][0])
+    other = TokenLoader(data_dir, "train", 8, 4, seed=8).next_batch()
+    assert not torch.equal(other[0], straight[0][0])
+    with pytest.raises(ValueError, match="batch_size: saved 4, this loader 2"):
+        TokenLoader(data_dir, "train", 8, 2, seed=7).load_state_dict(state)
+
+
+def test_loader_ranks_read_disjoint_slices_of_one_global_batch(data_dir):
+    whole = TokenLoader(data_dir, "train", 8, 6, seed=1)
+    ranks = [TokenLoader(data_dir, "train", 8, 3, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(3):
+        starts = [set(r._starts(step).tolist()) for r in ranks]
+        assert len(starts[0]) == len(starts[1]) == 3 and not starts[0] & starts[1]
+        x, _ = whole.next_batch()
+        parts = [r.next_batch()[0] for r in ranks]
+        assert torch.equal(torch.cat(parts), x) and not torch.equal(parts[0], parts[1])
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    # As many windows as rows in the global batch: the ranks share them out, each exactly once.
+    block = read_meta(data_dir)["splits"]["val"]["tokens"] - 6
+    tight = [TokenLoader(data_dir, "val", block, 3, rank=r, world_size=2)._starts(0).tolist() for r in (0, 1)]
+    assert sorted(tight[0] + tight[1]) == list(range(6))
+    with pytest.raises(ValueError, match="rank must be in"):
+        TokenLoader(data_dir, "train", 8, 3, rank=2, world_size=2)
+
+
+def test_loader_document_bounds_and_uint32(data_dir, tmp_path):
+    x, y, cu, max_len = TokenLoader(data_dir, "val", 64, 3, seed=2).next_batch(with_doc_ids=True)
+    assert torch.equal(x, TokenLoader(data_dir, "val", 64, 3, seed=2).next_batch()[0])
+    want_cu, want_len = document_bounds(x, 256)
+    assert torch.equal(cu, want_cu) and max_len == want_len and cu.dtype == torch.int32
+    # A uint32 shard holds ids above 65535.
+    tokens = np.arange(70_000, 70_040, dtype=np.uint32)
+    tokens.tofile(tmp_path / "train.bin")
+    write_meta(tmp_path, {"format": "gptkern-tokens", "tokenizer": "bpe", "vocab_size": 70_100, "eos_id": 70_099,
+                          "dtype": "uint32", "splits": {"train": {"file": "train.bin", "tokens": 40, "documents": 1}}})
+    x, y = TokenLoader(tmp_path, "train", 39, 1).next_batch()
+    assert x[0].tolist() == tokens[:39].tolist() and y[0].tolist() == tokens[1:].tolist()
+
+
+def test_loader_bad_input(data_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    val_tokens = read_meta(copy)["splits"]["val"]["tokens"]
+    with pytest.raises(ValueError, match=rf"val\.bin: split 'val' has {val_tokens} tokens, fewer than "
+                                         rf"block_size \+ 1 = {val_tokens + 1}"):
+        TokenLoader(copy, "val", val_tokens, 1)
+    TokenLoader(copy, "val", val_tokens - 1, 1).next_batch()  # one window: fits
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        TokenLoader(copy, "test", 8, 1)
+    with open(copy / "val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match=rf"val\.bin holds 10 bytes, but meta\.json says {val_tokens} uint16"):
+        TokenLoader(copy, "val", 4, 1)
+    (copy / "val.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"val\.bin not found"):
+        TokenLoader(copy, "val", 4, 1)
+    (copy / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"meta\.json not found"):
+        TokenLoader(copy, "train", 4, 1)
+
+
+@pytest.mark.gpu
+def test_loader_on_cuda_matches_cpu(data_dir):
+    gpu = TokenLoader(data_dir, "train", 32, 4, device="cuda").next_batch(with_doc_ids=True)
+    cpu = TokenLoader(data_dir, "train", 32, 4).next_batch(with_doc_ids=True)
+    assert gpu[0].is_cuda and gpu[2].is_cuda
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(gpu[:3], cpu[:3])) and gpu[3] == cpu[3]
+
+
+# ---------------------------------------------------------------- document_bounds
+
+def reference_bounds(x, eos):
+    cu = [0]
+    for r, row in enumerate(x.tolist()):
+        for t, tok in enumerate(row):
+            end = r * len(row) + t + 1
+            if (tok == eos or t == len(row) - 1) and end != cu[-1]:
+                cu.append(end)
+    return cu
+
+
+def test_document_bounds():
+    x = torch.tensor([[1, 9, 2, 3], [9, 4, 5, 9]])
+    cu, max_len = document_bounds(x, 9)
+    assert cu.tolist() == [0, 2, 4, 5, 8] and cu.dtype == torch.int32 and max_len == 3
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        b, t = torch.randint(1, 5, (2,), generator=gen).tolist()
+        x = torch.randint(0, 3, (b, t), generator=gen)
+        cu, max_len = document_bounds(x, 0)
+        assert cu.tolist() == reference_bounds(x, 0)
+        assert max_len == int((cu[1:] - cu[:-1]).max())
+    with pytest.raises(ValueError, match="non-empty"):
+        document_bounds(torch.zeros(4, dtype=torch.long), 0)
+
+
+def test_document_bounds_drive_varlen_attention():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor([[5, 1, 0, 7, 3, 0, 2, 2], [4, 0, 0, 6, 6, 6, 1, 3]])
+    cu, max_len = document_bounds(x, eos_id=0)
+    q, k, v = (torch.randn(x.numel(), 2, 8, generator=gen) for _ in range(3))
+    out = gptkern.ops.flash_attn_varlen(q, k, v, cu, cu, max_len, max_len, causal=True)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
+                                                               is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(out[s:e], ref, atol=2e-5, rtol=2e-5)
