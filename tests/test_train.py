@@ -151,4 +151,32 @@ def test_cli_flags_and_config_files(tmp_path):
     with pytest.raises(ValueError, match="--max_steps expects int"):
         parse(["--max-steps", "many"])
     with pytest.raises(ValueError, match="n_embd .* divisible"):
-        parse(["--n-embd", "100"])
+        parse(["--n-embd", "130"])
+
+
+def _flags(data_dir, out_dir, batch_size):
+    return ["--preset", "gpt2-tiny", "--n-layer", "2", "--n-embd", "64", "--block-size", "32", "--data",
+            str(data_dir), "--out-dir", str(out_dir), "--batch-size", str(batch_size), "--max-steps", "4",
+            "--log-interval", "1", "--eval-interval", "4", "--eval-steps", "1", "--checkpoint-interval", "4",
+            "--progress", "false", "--seed", "5", "--lr", "3e-3"]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(data_dir, tmp_path):
+    """torchrun with 2 gloo ranks of batch 2 gives the losses of one process with batch 4."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "gptkern", "train", *_flags(data_dir, tmp_path / "one", 4)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gptkern", "train", *_flags(data_dir, tmp_path / "two", 2)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
+    assert one[0] != one[-1]  # the steps changed the weights
+    assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / "two"))] == ["step_00000004"]  # rank 0 only
