@@ -1,6 +1,13 @@
-"""The main job (``make demo``, ``gptkern demo``): a correctness summary of every op
-(softmax, log_softmax, layer_norm, rms_norm, attention) on every backend that runs here,
-then the kernel benchmark table for this device.
+"""The main job (``make demo``, ``gptkern demo``): pretrain a small GPT on the embedded corpus
+and sample from it, then check and time the kernels.
+
+1. data: the embedded corpus (docstrings and comments of Python's standard library) is
+   tokenized into OUT/data (once; reused afterwards);
+2. training: ``gpt2-tiny`` for about 3 minutes on a CPU (``gpt2-small`` in bf16 on a GPU) with a
+   progress bar, checkpoints in OUT/train;
+3. sampling: text from the checkpoint through the KV cache, with its tokens/s;
+4. kernels: a correctness summary of every op (softmax, log_softmax, layer_norm, rms_norm,
+   attention) on every backend that runs here, then the kernel benchmark tables.
 
 On a machine without CUDA the Triton kernels run in the Triton interpreter, so the
 summary covers them too (at small sizes); they are not timed there.
@@ -8,7 +15,9 @@ summary covers them too (at small sizes); they are not timed there.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -145,9 +154,60 @@ def _row(op: str, shape: str, backend: str, dtype: torch.dtype, measure: Callabl
     return passed
 
 
+def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], device: torch.device) -> None:
+    """Steps 1-3: data, training, sampling."""
+    import time
+    from pathlib import Path
+
+    from gptkern.data.prepare import prepare
+    from gptkern.generation import generate
+    from gptkern.models.io import load_pretrained
+    from gptkern.train import TrainConfig, train
+    from gptkern.train.checkpoint import latest_checkpoint
+
+    data = Path(out) / "data"
+    print(f"== 1/4 data: the embedded corpus -> {data}")
+    if not (data / "meta.json").is_file():
+        prepare([], data, "byte", max_chars=corpus_chars, progress=False)
+    meta = json.loads((data / "meta.json").read_text())
+    print(f"   {meta['splits']['train']['tokens']:,} training tokens, {meta['splits']['val']['tokens']:,} "
+          f"validation tokens ({meta['source']})")
+    gpu = device.type == "cuda"
+    config = TrainConfig(preset="gpt2-small" if gpu else "gpt2-tiny", data=str(data), out_dir=str(Path(out) / "train"),
+                         batch_size=16 if gpu else 12, block_size=512 if gpu else 128, max_steps=5000 if gpu else 1500,
+                         lr=6e-4 if gpu else 2e-3, min_lr=6e-5 if gpu else 2e-4, warmup_steps=50,
+                         eval_interval=250, eval_steps=10, log_interval=10, checkpoint_interval=500,
+                         max_seconds=60 * minutes, seed=1337)
+    print(f"\n== 2/4 training {config.preset} for up to {minutes:g} min on {device.type} "
+          f"(loss, tokens/s{', MFU' if gpu else ''} in the bar)")
+    shutil.rmtree(config.out_dir, ignore_errors=True)  # a fresh run each time
+    losses = train(config)
+    print(f"   {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    path = latest_checkpoint(config.out_dir)
+    print(f"\n== 3/4 sampling from {path} with the KV cache")
+    model, tokenizer = load_pretrained(path, device=device)
+    prompt = torch.tensor([tokenizer.encode("def ")], device=device)
+    start = time.perf_counter()
+    ids = generate(model, prompt, 1, do_sample=True, temperature=0.8, top_k=40, seed=0)
+    prefill = time.perf_counter() - start
+    new = model.config.block_size - prompt.shape[1]  # learned positions: the context is the limit
+    start = time.perf_counter()
+    ids = generate(model, prompt, new, do_sample=True, temperature=0.8, top_k=40, seed=0)
+    seconds = time.perf_counter() - start
+    print("-" * 72)
+    print(tokenizer.decode(ids[0].tolist()))
+    print("-" * 72)
+    print(f"   {new} tokens in {seconds:.2f} s: {(new - 1) / max(seconds - prefill, 1e-9):.0f} tokens/s decode "
+          f"(batch 1, {device.type})\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gptkern demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-bench", action="store_true", help="only the correctness summary")
+    parser.add_argument("--minutes", type=float, default=3.0, help="training time (default 3)")
+    parser.add_argument("--out", default="runs/demo", help="data, checkpoints and metrics (default runs/demo)")
+    parser.add_argument("--corpus-chars", type=int, default=None, help="cap the embedded corpus (characters)")
+    parser.add_argument("--skip-train", action="store_true", help="no data, training or sampling")
+    parser.add_argument("--skip-bench", action="store_true", help="no kernel benchmarks")
     args = parser.parse_args(argv)
     _enable_interpreter_without_cuda()
     import gptkern
@@ -156,6 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"gptkern {gptkern.__version__} on {benchmark.device_name(device)}; "
           f"backends here: {', '.join(gptkern.available_backends())}")
+    if not args.skip_train:
+        pretrain_and_sample(args.out, args.minutes, args.corpus_chars, device)
+    print("== 4/4 kernels: correctness on every backend, then the benchmarks")
     if device.type == "cpu" and _backend.triton_interpret():
         print("(no CUDA device: the demo runs the Triton kernels in the Triton interpreter, "
               "TRITON_INTERPRET=1, for the correctness table; they are not timed)")

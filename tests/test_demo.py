@@ -1,13 +1,24 @@
-"""The main job runs and reports every op as correct."""
+"""The main job runs end to end: data, a short training run, sampling, and every op reported correct."""
 import subprocess
 import sys
 
 
 def test_demo_correctness_summary():
-    out = subprocess.run([sys.executable, "-m", "gptkern", "demo", "--skip-bench"],
+    out = subprocess.run([sys.executable, "-m", "gptkern", "demo", "--skip-train", "--skip-bench"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "correctness: all ok" in out.stdout
     for op in ("softmax", "log_softmax", "layer_norm", "rms_norm", "sdpa causal"):
         assert f"| {op} |" in out.stdout
     assert "| triton |" in out.stdout or "triton" not in out.stdout.split("backends here:")[1].split("\n")[0]
+
+
+def test_demo_trains_and_samples(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gptkern", "demo", "--minutes", "0.15", "--corpus-chars", "300000",
+                          "--out", str(tmp_path), "--skip-bench"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for step in ("1/4 data", "2/4 training", "3/4 sampling", "4/4 kernels"):
+        assert step in out.stdout
+    assert "tokens/s decode" in out.stdout and "correctness: all ok" in out.stdout
+    assert (tmp_path / "train" / "loss.png").is_file()
+    assert list((tmp_path / "train" / "checkpoints").glob("step_*"))

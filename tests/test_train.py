@@ -69,6 +69,8 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 def test_resume_with_another_config_lists_fields(data_dir, tmp_path):
     train(config(data_dir, tmp_path, max_steps=4))
+    with pytest.raises(ValueError, match="already holds checkpoints .* --resume"):
+        Trainer(config(data_dir, tmp_path, max_steps=8))
     with pytest.raises(ValueError, match=r"model: checkpoint .* != now .*; batch_size: checkpoint 4 != now 8"):
         Trainer(config(data_dir, tmp_path, max_steps=8, resume=True, batch_size=8,
                        model=dict(n_layer=3, n_embd=64, n_head=4, block_size=32)))

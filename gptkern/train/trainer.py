@@ -114,6 +114,9 @@ class Trainer:
         self.val_loader_args = (c.data, "val", self.block_size, c.batch_size)
         if c.resume:
             self._resume()
+        elif latest_checkpoint(c.out_dir) is not None:
+            raise ValueError(f"{c.out_dir} already holds checkpoints ({latest_checkpoint(c.out_dir).name}): pass "
+                             f"--resume to continue them, or choose another --out-dir")
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.env.world_size > 1:
