@@ -92,6 +92,8 @@ step bench_norms 80 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
   --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
 step bench_attention 80 "$PY" benchmarks/bench_attention.py --quick \
   --out-json "$OUT/attention.json" --out-md "$WORK/bench/attention.md"
+step bench_train 90 "$PY" benchmarks/bench_train.py --repeats 20 --providers gptkern,torch+compile \
+  --out-json "$OUT/train.json" --out-md "$WORK/bench/train.md"
 step bench_generate 60 "$PY" benchmarks/bench_generate.py --new 32 --total 256 --repeats 2 \
   --out-json "$OUT/generate.json" --out-md "$WORK/bench/generate.md"
 
