@@ -51,7 +51,7 @@ def markdown(report: dict) -> str:
     lines = [f"## gptkern training-step benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
              f"{meta['date_utc']}", "", f"torch {meta['torch']}, {meta['num_threads']} threads; {report['model']}, "
              f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps. "
-             f"speedup: tokens/s / torch eager's.", "",
+             f"speedup: tokens/s / {report['reference']}'s.", "",
              "| provider | step ms | tokens/s | MFU | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
@@ -98,11 +98,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tokens = batch * block / seconds
         results.append({"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
                         "mfu": flops * tokens / peak if peak else None})
-    base = next((r["tokens_per_s"] for r in results if r["provider"] == "torch" and "tokens_per_s" in r), None)
+    timed = {r["provider"]: r["tokens_per_s"] for r in results if "tokens_per_s" in r}
+    reference = next((name for name in ("torch+compile", "torch") if name in timed), None)
     for r in results:
-        if base and "tokens_per_s" in r:
-            r["speedup"] = r["tokens_per_s"] / base
+        if reference and "tokens_per_s" in r:
+            r["speedup"] = r["tokens_per_s"] / timed[reference]
     report = {"meta": metadata(device, list(argv or []), warmup, repeats), "model": preset, "batch": batch,
+              "reference": reference,
               "block": block, "dtype": str(dtype).replace("torch.", "") if dtype else "float32", "results": results}
     print(_save(report, args, markdown))
     return 0
