@@ -62,11 +62,14 @@ def test_ragged_lengths(backend, dtype, lq, heads):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dims", [(48, 48), (80, 96), (20, 12)])
-def test_head_dims_and_scale(backend, dims):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [(48, 48), (80, 96), (40, 24), (20, 12)])
+def test_head_dims_and_scale(backend, dtype, dims):
+    """Rows read in place (fp32: D % 8 == 0, 16-bit: D % 16 == 0) and through fp32 buffers."""
     d, dv = dims
-    k_cache, v_cache = caches(2, 2, 70, d, dv)
-    check(backend, rand(2, 4, 2, d), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32), scale=0.3)
+    k_cache, v_cache = caches(2, 2, 70, d, dv, dtype)
+    check(backend, rand(2, 4, 2, d, dtype=dtype), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32),
+          scale=0.3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
