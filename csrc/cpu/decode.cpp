@@ -85,11 +85,13 @@ inline void load_step(const T* p, Vec* out) {
 }
 
 // s[c] = q . k[c] for c < n_pad (a multiple of kKeys); key rows of `width` (a multiple of
-// kStep<T>) `ks` apart; rows >= n repeat row n - 1.
-template <typename T>
-inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, int64_t n_pad, float* s) {
+// kStep<T>) `ks` apart; rows >= n repeat row n - 1. prefetch(c) runs before keys c .. c + kKeys.
+template <typename T, typename Prefetch>
+inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, int64_t n_pad, float* s,
+                       const Prefetch& prefetch) {
   constexpr int64_t kV = kStep<T> / kW;
   for (int64_t c = 0; c < n_pad; c += kKeys) {
+    prefetch(c);
     const T* kr[kKeys];
     for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
     Vec a[kKeys];
@@ -204,11 +206,19 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
       n = kc.run(j0, std::min(kChunk, last - j0));
       const T* k_raw = kc.row<T>(b, hkv, j0);
       const T* v_raw = vc.row<T>(b, hkv, j0);
-      if (const int64_t j1 = j0 + n; j1 < last) {  // the next chunk's rows, while this one is computed
-        const int64_t n1 = kc.run(j1, std::min(kChunk, last - j1));
-        prefetch_rows(kc.row<T>(b, hkv, j1), n1, kc.sr, d);
-        prefetch_rows(vc.row<T>(b, hkv, j1), n1, vc.sr, dv);
-      }
+      // The next chunk's rows are prefetched while this chunk is scored, kKeys rows at a time.
+      const int64_t j1 = j0 + n, n1 = j1 < last ? kc.run(j1, std::min(kChunk, last - j1)) : 0;
+      const T* k_next = n1 ? kc.row<T>(b, hkv, j1) : nullptr;
+      const T* v_next = n1 ? vc.row<T>(b, hkv, j1) : nullptr;
+      auto prefetch = [&](int64_t c) {
+        if (c >= n1) return;
+        prefetch_rows(k_next + c * kc.sr, std::min(kKeys, n1 - c), kc.sr, d);
+        prefetch_rows(v_next + c * vc.sr, std::min(kKeys, n1 - c), vc.sr, dv);
+      };
+      auto no_prefetch = [](int64_t) {};
+      const bool buffered = !k_direct || !v_direct;  // then all at once, before the copies
+      if (buffered)
+        for (int64_t c = 0; c < n1; c += kKeys) prefetch(c);
       if (!k_direct)
         for (int64_t c = 0; c < n; ++c) load_f32(k_raw + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
       if (!v_direct)
@@ -216,8 +226,9 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = w.s.data() + r * kChunk;
         const float* qr = w.q.data() + r * dp;
-        if (k_direct) score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr);
-        else score_keys(qr, dp, w.kbuf.data(), dp, n, round_up(n, kKeys), sr);
+        if (!k_direct) score_keys(qr, dp, w.kbuf.data(), dp, n, round_up(n, kKeys), sr, no_prefetch);
+        else if (r == 0 && !buffered) score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, prefetch);
+        else score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, no_prefetch);
         // Keys past the chunk, and past the query's causal limit, are not visible.
         const int64_t visible = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
         std::fill(sr + visible, sr + kChunk, kNegInf);
