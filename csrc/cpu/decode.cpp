@@ -69,46 +69,89 @@ struct Cache {  // key / value rows of one cache, static or paged
   int64_t run(int64_t j, int64_t limit) const { return table ? std::min(limit, block_size - j % block_size) : limit; }
 };
 
-// s[c] = q . k[c] for c < n_pad (a multiple of kKeys); key rows `ks` apart, rows >= n repeat row n - 1.
-inline void score_keys(const float* q, int64_t dp, const float* k, int64_t ks, int64_t n, int64_t n_pad, float* s) {
+// Elements per load of a cache row: one vector of fp32, or 2 * kW 16-bit values converted to two.
+template <typename T>
+constexpr int64_t kStep = std::is_same_v<T, float> ? kW : 2 * kW;
+
+template <typename T>
+inline void load_step(const T* p, Vec* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    out[0] = Vec::loadu(p);
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    out[0] = lo;
+    out[1] = hi;
+  }
+}
+
+// s[c] = q . k[c] for c < n_pad (a multiple of kKeys); key rows of `width` (a multiple of
+// kStep<T>) `ks` apart; rows >= n repeat row n - 1. prefetch(c) runs before keys c .. c + kKeys.
+template <typename T, typename Prefetch>
+inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, int64_t n_pad, float* s,
+                       const Prefetch& prefetch) {
+  constexpr int64_t kV = kStep<T> / kW;
   for (int64_t c = 0; c < n_pad; c += kKeys) {
-    const float* kr[kKeys];
+    prefetch(c);
+    const T* kr[kKeys];
     for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
     Vec a[kKeys];
     for (int64_t x = 0; x < kKeys; ++x) a[x] = Vec(0.0f);
-    for (int64_t e = 0; e < dp; e += kW) {
-      const Vec qv = Vec::loadu(q + e);
-      for (int64_t x = 0; x < kKeys; ++x) a[x] = at::vec::fmadd(qv, Vec::loadu(kr[x] + e), a[x]);
+    for (int64_t e = 0; e < width; e += kStep<T>) {
+      Vec qv[kV];
+      for (int64_t y = 0; y < kV; ++y) qv[y] = Vec::loadu(q + e + y * kW);
+      for (int64_t x = 0; x < kKeys; ++x) {
+        Vec kv[kV];
+        load_step(kr[x] + e, kv);
+        for (int64_t y = 0; y < kV; ++y) a[x] = at::vec::fmadd(qv[y], kv[y], a[x]);
+      }
     }
     sum_lanes(a, s + c);
   }
 }
 
 // acc[0 .. NV * kW) += sum over keys c < n of p[c] * v[c][0 ..], v rows `vs` apart.
-template <int NV>
-inline void add_pv_tile(float* acc, const float* p, const float* v, int64_t vs, int64_t n) {
+template <int NV, typename T>
+inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int64_t n) {
+  constexpr int kV = kStep<T> / kW;
+  static_assert(NV % kV == 0);
   Vec a[NV];
   for (int x = 0; x < NV; ++x) a[x] = Vec::loadu(acc + x * kW);
   for (int64_t c = 0; c < n; ++c) {
     const Vec pc(p[c]);
-    for (int x = 0; x < NV; ++x) a[x] = at::vec::fmadd(pc, Vec::loadu(v + c * vs + x * kW), a[x]);
+    for (int x = 0; x < NV; x += kV) {
+      Vec vv[kV];
+      load_step(v + c * vs + x * kW, vv);
+      for (int y = 0; y < kV; ++y) a[x + y] = at::vec::fmadd(pc, vv[y], a[x + y]);
+    }
   }
   for (int x = 0; x < NV; ++x) a[x].store(acc + x * kW);
 }
 
 constexpr int64_t kPV = 8;  // vectors of acc kept in registers per pass
 
-inline void add_pv(float* acc, const float* p, const float* v, int64_t vs, int64_t n, int64_t dvp) {
-  for (int64_t e = 0; e < dvp; e += kPV * kW) {
-    switch (std::min(kPV, (dvp - e) / kW)) {
-      case 1: add_pv_tile<1>(acc + e, p, v + e, vs, n); break;
-      case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
-      case 3: add_pv_tile<3>(acc + e, p, v + e, vs, n); break;
-      case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
-      case 5: add_pv_tile<5>(acc + e, p, v + e, vs, n); break;
-      case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
-      case 7: add_pv_tile<7>(acc + e, p, v + e, vs, n); break;
-      default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
+// acc[0 .. width) += P v over n keys; width a multiple of kStep<T>.
+template <typename T>
+inline void add_pv(float* acc, const float* p, const T* v, int64_t vs, int64_t n, int64_t width) {
+  for (int64_t e = 0; e < width; e += kPV * kW) {
+    const int64_t nv = std::min(kPV, (width - e) / kW);
+    if constexpr (std::is_same_v<T, float>) {
+      switch (nv) {
+        case 1: add_pv_tile<1>(acc + e, p, v + e, vs, n); break;
+        case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
+        case 3: add_pv_tile<3>(acc + e, p, v + e, vs, n); break;
+        case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
+        case 5: add_pv_tile<5>(acc + e, p, v + e, vs, n); break;
+        case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
+        case 7: add_pv_tile<7>(acc + e, p, v + e, vs, n); break;
+        default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
+      }
+    } else {  // nv is even
+      switch (nv) {
+        case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
+        case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
+        case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
+        default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
+      }
     }
   }
 }
@@ -142,9 +185,9 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   auto part_t = at::empty({batch * hkv_count * split.count * rows * part_width}, q.options().dtype(at::kFloat));
   float* part = part_t.mutable_data_ptr<float>();
   const auto qo = operand<T>(q);
-  // fp32 caches whose rows are multiples of kW are read in place; others are converted per chunk.
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  const bool k_direct = kFloat && d % kW == 0, v_direct = kFloat && dv % kW == 0;
+  // Cache rows whose width is a multiple of kStep<T> are read in place (16-bit values converted
+  // in registers); others are copied into fp32 buffers per chunk.
+  const bool k_direct = d % kStep<T> == 0, v_direct = dv % kStep<T> == 0;
   auto make = [&] {
     return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kChunk), std::vector<float>(rows * dvp),
                    std::vector<float>(rows), std::vector<float>(rows), std::vector<float>(kChunk * dp),
@@ -163,25 +206,29 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
       n = kc.run(j0, std::min(kChunk, last - j0));
       const T* k_raw = kc.row<T>(b, hkv, j0);
       const T* v_raw = vc.row<T>(b, hkv, j0);
-      if (const int64_t j1 = j0 + n; j1 < last) {  // the next chunk's rows, while this one is computed
-        const int64_t n1 = kc.run(j1, std::min(kChunk, last - j1));
-        prefetch_rows(kc.row<T>(b, hkv, j1), n1, kc.sr, d);
-        prefetch_rows(vc.row<T>(b, hkv, j1), n1, vc.sr, dv);
-      }
-      const float* kf = reinterpret_cast<const float*>(k_raw);
-      const float* vf = reinterpret_cast<const float*>(v_raw);
-      int64_t ks = kc.sr, vs = vc.sr;
-      if (!k_direct) {
+      // The next chunk's rows are prefetched while this chunk is scored, kKeys rows at a time.
+      const int64_t j1 = j0 + n, n1 = j1 < last ? kc.run(j1, std::min(kChunk, last - j1)) : 0;
+      const T* k_next = n1 ? kc.row<T>(b, hkv, j1) : nullptr;
+      const T* v_next = n1 ? vc.row<T>(b, hkv, j1) : nullptr;
+      auto prefetch = [&](int64_t c) {
+        if (c >= n1) return;
+        prefetch_rows(k_next + c * kc.sr, std::min(kKeys, n1 - c), kc.sr, d);
+        prefetch_rows(v_next + c * vc.sr, std::min(kKeys, n1 - c), vc.sr, dv);
+      };
+      auto no_prefetch = [](int64_t) {};
+      const bool buffered = !k_direct || !v_direct;  // then all at once, before the copies
+      if (buffered)
+        for (int64_t c = 0; c < n1; c += kKeys) prefetch(c);
+      if (!k_direct)
         for (int64_t c = 0; c < n; ++c) load_f32(k_raw + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
-        kf = w.kbuf.data(), ks = dp;
-      }
-      if (!v_direct) {
+      if (!v_direct)
         for (int64_t c = 0; c < n; ++c) load_f32(v_raw + c * vc.sr, 1, w.vbuf.data() + c * dvp, dv, dvp);
-        vf = w.vbuf.data(), vs = dvp;
-      }
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = w.s.data() + r * kChunk;
-        score_keys(w.q.data() + r * dp, dp, kf, ks, n, round_up(n, kKeys), sr);
+        const float* qr = w.q.data() + r * dp;
+        if (!k_direct) score_keys(qr, dp, w.kbuf.data(), dp, n, round_up(n, kKeys), sr, no_prefetch);
+        else if (r == 0 && !buffered) score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, prefetch);
+        else score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, no_prefetch);
         // Keys past the chunk, and past the query's causal limit, are not visible.
         const int64_t visible = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
         std::fill(sr + visible, sr + kChunk, kNegInf);
@@ -193,7 +240,8 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
         w.m[r] = m_new;
         float* acc = w.acc.data() + r * dvp;
         if (alpha != 1.0f) scale_row(acc, dvp, alpha);
-        add_pv(acc, sr, vf, vs, visible, dvp);
+        if (v_direct) add_pv(acc, sr, v_raw, vc.sr, visible, dv);
+        else add_pv(acc, sr, w.vbuf.data(), dvp, visible, dvp);
       }
     }
     float* dst = part + t * rows * part_width;

@@ -87,7 +87,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     elif mask is not None:
         s = s + _prepare(mask, upcast)
     s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows of -inf only: 0
+    seen = (s > float("-inf")).any(-1, keepdim=True)  # rows of -inf only give 0 (and zero gradients)
+    p = torch.softmax(s.masked_fill(~seen, 0.0), -1).masked_fill(~seen, 0.0)
     out = p @ v
     return out if upcast else out.to(out_dtype)
 

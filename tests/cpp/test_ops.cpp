@@ -2,7 +2,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <cstdio>
+#include <optional>
+#include <tuple>
 #include <string>
 
 namespace {
@@ -62,12 +65,33 @@ void test_norms() {
   }
 }
 
+void test_attention() {
+  using Fwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&, bool, double);
+  auto fwd = op("gptkern::attention_fwd").typed<Fwd>();
+  using Decode = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                            const std::optional<at::Tensor>&);
+  auto decode = op("gptkern::decode_attention").typed<Decode>();
+  for (bool causal : {false, true}) {
+    auto q = at::randn({2, 4, 70, 48}), k = at::randn({2, 4, 90, 48}), v = at::randn({2, 4, 90, 40});
+    auto want = at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), {}, 0.0,
+                                                 causal);
+    expect_close(std::get<0>(fwd.call(q, k, v, std::nullopt, causal, 1.0 / std::sqrt(48.0))), want, 2e-5,
+                 std::string("attention_fwd causal=") + (causal ? "1" : "0"));
+  }
+  auto q = at::randn({3, 4, 1, 64}), k = at::randn({3, 4, 300, 64}), v = at::randn({3, 4, 300, 64});
+  auto want = at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble));
+  auto lengths = at::full({3}, 300, at::kInt);
+  expect_close(decode.call(q, k, v, lengths, 0.125, std::nullopt), want, 2e-5, "decode_attention");
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
   test_softmax();
   test_norms();
+  test_attention();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }

@@ -1,0 +1,190 @@
+"""The C++ CPU kernels (backend ``cpu``) against PyTorch's own, on this machine's CPU.
+
+Rows: softmax / layer_norm / rms_norm (fwd, fwd+bwd), causal attention (fwd, fwd+bwd) against
+F.scaled_dot_product_attention, and decode attention (one query over a KV cache) against SDPA,
+with the decode's read bandwidth as a fraction of a read bandwidth measured in the same run
+(``sum`` of a large fp32 tensor). The two providers of a row are timed in alternating rounds,
+so load from other processes hits both alike; ratio = torch time / cpu time (> 1: gptkern wins).
+Report only: nothing is asserted.
+
+Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--repeats 7] [--quick]
+[--tiny] [--json PATH]`` (gptkern importable, e.g. installed with ``make setup``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from gptkern.benchmark import metadata, write_atomic
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rows: int = 8192            # norms / softmax: (rows, cols)
+    cols: int = 4096
+    attn: tuple = (4, 8, 1024, 64)          # B, H, L = S, D (causal)
+    decode: tuple = (8, 16, 4096, 64)       # B, H (= Hkv), cache length, D; one query
+    read_bytes: int = 512 * 2**20           # the bandwidth probe's tensor
+
+
+TINY = Sizes(rows=64, cols=256, attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), read_bytes=2**22)
+
+
+def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Median / p20 / p80 ms of each function, timed in alternating rounds."""
+    for fn in fns.values():
+        for _ in range(warmup + 1):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10, method="inclusive")
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7]}
+    return out
+
+
+def with_backend(name: str, fn: Callable):
+    def run(*args):
+        with gptkern.backend(name):
+            return fn(*args)
+    return run
+
+
+def grad_step(forward: Callable, inputs: list, grad_out: Optional[torch.Tensor]) -> Callable[[], object]:
+    if grad_out is None:
+        return lambda: forward(*inputs)
+    return lambda: torch.autograd.grad(forward(*inputs), inputs, grad_out)
+
+
+def row_cases(sizes: Sizes, dtype: torch.dtype):
+    """(name, mode, cpu step, torch step, extra) for every row but decode."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for mode in ("fwd", "fwd+bwd"):
+        grad = mode == "fwd+bwd"
+        x = torch.randn(sizes.rows, sizes.cols, dtype=dtype, generator=gen).requires_grad_(grad)
+        w = (1 + 0.1 * torch.randn(sizes.cols, dtype=dtype, generator=gen)).requires_grad_(grad)
+        b = (0.1 * torch.randn(sizes.cols, dtype=dtype, generator=gen)).requires_grad_(grad)
+        g = torch.randn(sizes.rows, sizes.cols, dtype=dtype, generator=gen) if grad else None
+        shape = (sizes.cols,)
+        ops = {
+            "softmax": (lambda x: gptkern.ops.softmax(x, -1), lambda x: torch.softmax(x, -1), [x]),
+            "layer_norm": (lambda x, w, b: gptkern.ops.layer_norm(x, shape, w, b),
+                           lambda x, w, b: F.layer_norm(x, shape, w, b), [x, w, b]),
+            "rms_norm": (lambda x, w: gptkern.ops.rms_norm(x, shape, w), lambda x, w: F.rms_norm(x, shape, w), [x, w]),
+        }
+        for name, (ours, theirs, inputs) in ops.items():
+            cases.append((f"{name} {sizes.rows}x{sizes.cols}", mode, grad_step(with_backend("cpu", ours), inputs, g),
+                          grad_step(theirs, inputs, g), None))
+    bsz, heads, seq, dim = sizes.attn
+    for mode in ("fwd", "fwd+bwd"):
+        grad = mode == "fwd+bwd"
+        q, k, v = (torch.randn(bsz, heads, seq, dim, dtype=dtype, generator=gen).requires_grad_(grad)
+                   for _ in range(3))
+        g = torch.randn(bsz, heads, seq, dim, dtype=dtype, generator=gen) if grad else None
+        ours = with_backend("cpu", lambda q, k, v: gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True))
+        theirs = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        flops = 4 * bsz * heads * seq * seq * dim * 0.5 * (3.5 if grad else 1.0)  # causal; bwd 2.5x fwd
+        cases.append((f"attention causal B={bsz} H={heads} L=S={seq} D={dim}", mode,
+                      grad_step(ours, [q, k, v], g), grad_step(theirs, [q, k, v], g), {"flop": flops}))
+    return cases
+
+
+def read_bandwidth(nbytes: int, warmup: int, repeats: int) -> float:
+    """GB/s of ``sum`` over an fp32 tensor of ``nbytes``: the read roof of this run."""
+    x = torch.randn(nbytes // 4)
+    t = timed_pair({"sum": lambda: x.sum()}, warmup, repeats)["sum"]["median_ms"]
+    return nbytes / t / 1e6
+
+
+def decode_case(sizes: Sizes, dtype: torch.dtype):
+    bsz, heads, seq, dim = sizes.decode
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(bsz, heads, 1, dim, dtype=dtype, generator=gen)
+    k, v = (torch.randn(bsz, heads, seq, dim, dtype=dtype, generator=gen) for _ in range(2))
+    seqlens = torch.full((bsz,), seq, dtype=torch.int32)
+    ours = with_backend("cpu", lambda: gptkern.ops.decode_attention(q, k, v, seqlens))
+    theirs = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    nbytes = 2 * k.numel() * k.element_size()  # K and V, each read once
+    return (f"decode B={bsz} H={heads} cache={seq} D={dim}", "fwd", ours, theirs, {"bytes": nbytes})
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    sizes = TINY if args.tiny else Sizes()
+    warmup, repeats = (1, 5) if args.quick else (2, args.repeats)
+    rows = []
+    roof = read_bandwidth(sizes.read_bytes, warmup, repeats)
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        for name, mode, ours, theirs, extra in [*row_cases(sizes, dtype), decode_case(sizes, dtype)]:
+            print(f"[bench_cpu] {name} {mode} {dtype_name}", file=sys.stderr, flush=True)
+            t = timed_pair({"cpu": ours, "torch": theirs}, warmup, repeats)
+            row = {"case": name, "mode": mode, "dtype": dtype_name, "cpu": t["cpu"], "torch": t["torch"],
+                   "ratio": t["torch"]["median_ms"] / t["cpu"]["median_ms"]}
+            if extra and "bytes" in extra:
+                row["gbps"] = extra["bytes"] / t["cpu"]["median_ms"] / 1e6
+                row["read_fraction"] = row["gbps"] / roof
+            if extra and "flop" in extra:
+                row["gflops"] = extra["flop"] / t["cpu"]["median_ms"] / 1e6
+            rows.append(row)
+    meta = metadata(torch.device("cpu"), sys.argv[1:], warmup, repeats)
+    meta.update(threads=args.threads, simd=getattr(gptkern._backend._extension(), "simd", None))
+    return {"meta": meta, "read_gbps": roof, "rows": rows}
+
+
+def table(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"gptkern cpu vs torch: {meta['device_name']}, {meta['threads']} threads, simd {meta['simd']}, "
+             f"torch {meta['torch']}, median of {meta['repeats']} alternating rounds; ratio = torch ms / cpu ms; "
+             f"read roof (fp32 sum) {report['read_gbps']:.1f} GB/s", "",
+             "| case | mode | dtype | cpu ms | torch ms | ratio | notes |", "|---|---|---|---:|---:|---:|---|"]
+    for r in report["rows"]:
+        notes = []
+        if "gflops" in r:
+            notes.append(f"{r['gflops']:.0f} GFLOP/s")
+        if "gbps" in r:
+            notes.append(f"{r['gbps']:.1f} GB/s = {100 * r['read_fraction']:.0f}% of read roof")
+        lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['cpu']['median_ms']:.2f} | "
+                     f"{r['torch']['median_ms']:.2f} | {r['ratio']:.2f}x | {', '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", type=lambda s: [d for d in s.split(",") if d], default=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (at least 5)")
+    parser.add_argument("--quick", action="store_true", help="1 warmup, 5 rounds (< 60 s)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
+    parser.add_argument("--json", help="write the report as JSON here (atomically)")
+    args = parser.parse_args(argv)
+    if "cpu" not in gptkern.available_backends():
+        parser.error("the cpu backend is not available: gptkern._C is not built")
+    if args.repeats < 5 or any(d not in DTYPES for d in args.dtype):
+        parser.error(f"--repeats must be >= 5 and --dtype a subset of {list(DTYPES)}")
+    report = run(args)
+    print(table(report))
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

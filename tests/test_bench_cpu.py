@@ -1,0 +1,32 @@
+"""benchmarks/bench_cpu.py runs end to end in --quick mode at tiny sizes and writes its JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gptkern
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_bench_cpu_quick_tiny(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick", "--tiny",
+                          "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["threads"] == 1 and report["read_gbps"] > 0
+    rows = report["rows"]
+    assert {(r["case"].split()[0], r["mode"], r["dtype"]) for r in rows} == {
+        (case, mode, dtype) for dtype in ("fp32", "bf16")
+        for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention") for m in ("fwd", "fwd+bwd")]
+        + [("decode", "fwd")]}
+    for r in rows:
+        assert r["ratio"] > 0 and r["cpu"]["p20_ms"] <= r["cpu"]["median_ms"] <= r["cpu"]["p80_ms"]
+    decode = [r for r in rows if r["case"].startswith("decode")]
+    assert all(r["gbps"] > 0 and r["read_fraction"] > 0 for r in decode)
+    assert "| case | mode | dtype | cpu ms | torch ms | ratio |" in run.stdout
+    assert not [p.name for p in tmp_path.rglob("*.tmp*")]

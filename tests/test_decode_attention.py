@@ -1,0 +1,205 @@
+"""decode_attention on every backend that serves it (torch, cpu) against the float64 reference:
+ragged cache lengths (0 and 1 included), several new queries, GQA, static and paged caches,
+layouts, opcheck, torch.compile, bad input."""
+import pytest
+import torch
+
+import gptkern
+from gptkern.ops.reference import decode_attention_ref
+from helpers import assert_close, poisoned_allocations
+
+decode = gptkern.ops.decode_attention
+HAS_CPU = "cpu" in gptkern.available_backends()
+BACKENDS = ["torch", "auto"] + (["cpu"] if HAS_CPU else [])
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="gptkern._C is not built")
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def caches(b, hk, s, d, dv, dtype=torch.float32):
+    return rand(b, hk, s, d, dtype=dtype), rand(b, hk, s, dv, dtype=dtype)
+
+
+def paged(k_cache, v_cache, block_size):
+    """The same caches as (num_blocks, Hkv, block_size, D) blocks in shuffled order + block_table;
+    the spare blocks hold garbage."""
+    b, hk, s, _ = k_cache.shape
+    per_seq = -(-s // block_size)
+    perm = torch.randperm(b * per_seq + 3)  # 3 spare blocks
+    table = perm[: b * per_seq].view(b, per_seq).to(torch.int32)
+
+    def blocks(cache):
+        pad = torch.randn(b, hk, per_seq * block_size - s, cache.shape[-1], dtype=cache.dtype)
+        full = torch.cat([cache, pad], 2).view(b, hk, per_seq, block_size, -1).transpose(1, 2)
+        out = torch.randn(b * per_seq + 3, hk, block_size, cache.shape[-1], dtype=cache.dtype)
+        out[table.long().flatten()] = full.reshape(b * per_seq, hk, block_size, -1)
+        return out
+
+    return blocks(k_cache), blocks(v_cache), table
+
+
+def check(backend, q, k_cache, v_cache, seqlens, block_table=None, scale=None):
+    with gptkern.backend(backend), poisoned_allocations():
+        out = decode(q, k_cache, v_cache, seqlens, scale=scale, block_table=block_table)
+    ref = decode_attention_ref(q, k_cache, v_cache, seqlens, scale=scale, block_table=block_table)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert_close(out, ref, q.dtype, msg=backend)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq", [1, 3])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+def test_ragged_lengths(backend, dtype, lq, heads):
+    h, hk = heads
+    k_cache, v_cache = caches(5, hk, 300, 64, 64, dtype)
+    seqlens = torch.tensor([0, 1, 2, 300, 77], dtype=torch.int32)  # 1 and 2 < lq: the first queries see nothing
+    out = check(backend, rand(5, h, lq, 64, dtype=dtype), k_cache, v_cache, seqlens)
+    assert out[0].abs().max() == 0  # an empty cache gives zeros
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [(48, 48), (80, 96), (40, 24), (20, 12)])
+def test_head_dims_and_scale(backend, dtype, dims):
+    """Rows read in place (fp32: D % 8 == 0, 16-bit: D % 16 == 0) and through fp32 buffers."""
+    d, dv = dims
+    k_cache, v_cache = caches(2, 2, 70, d, dv, dtype)
+    check(backend, rand(2, 4, 2, d, dtype=dtype), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32),
+          scale=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", [16, 5, 64])
+def test_paged_equals_static(backend, block_size):
+    k_cache, v_cache = caches(3, 2, 150, 32, 32)
+    q = rand(3, 4, 2, 32)
+    seqlens = torch.tensor([150, 1, 64], dtype=torch.int32)
+    k_pages, v_pages, table = paged(k_cache, v_cache, block_size)
+    static = check(backend, q, k_cache, v_cache, seqlens)
+    pages = check(backend, q, k_pages, v_pages, seqlens, block_table=table)
+    torch.testing.assert_close(pages, static, atol=1e-6, rtol=1e-6)
+
+
+@needs_cpu
+def test_long_cache_splits():
+    """One sequence and one KV head: the cache is split across tasks and the splits combined."""
+    k_cache, v_cache = caches(1, 1, 2000, 64, 64)
+    for n in (2000, 700, 257, 3):
+        check("cpu", rand(1, 2, 1, 64), k_cache, v_cache, torch.tensor([n], dtype=torch.int32))
+        check("cpu", rand(1, 2, 1, 64, dtype=torch.bfloat16), k_cache.bfloat16(), v_cache.bfloat16(),
+              torch.tensor([n], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts(backend):
+    """q stored (B, Lq, H, D); caches stored (B, S, Hkv, D) (rows not adjacent); a cache that is
+    not contiguous in D."""
+    q = rand(2, 3, 4, 32).transpose(1, 2)
+    k_cache, v_cache = rand(2, 50, 2, 32).transpose(1, 2), rand(2, 50, 2, 32).transpose(1, 2)
+    seqlens = torch.tensor([50, 9], dtype=torch.int32)
+    check(backend, q, k_cache, v_cache, seqlens)
+    check(backend, q, k_cache.transpose(2, 3).contiguous().transpose(2, 3), v_cache, seqlens.long())
+
+
+@needs_cpu
+def test_cpu_matches_torch_backend():
+    k_cache, v_cache = caches(4, 2, 128, 64, 64)
+    q, seqlens = rand(4, 8, 1, 64), torch.tensor([128, 100, 1, 65], dtype=torch.int32)
+    with gptkern.backend("cpu"):
+        got = decode(q, k_cache, v_cache, seqlens)
+    with gptkern.backend("torch"):
+        want = decode(q, k_cache, v_cache, seqlens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu
+def test_auto_prefers_cpu_and_gradients_move_to_torch():
+    k_cache, v_cache = caches(1, 1, 10, 16, 16)
+    q, seqlens = rand(1, 1, 1, 16).requires_grad_(), torch.tensor([10], dtype=torch.int32)
+    with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="gradients"):
+        decode(q, k_cache, v_cache, seqlens)
+    out = decode(q, k_cache, v_cache, seqlens)  # auto: torch serves the differentiable call
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert grad.shape == q.shape
+    with torch.no_grad():
+        assert gptkern._backend.choose("decode_attention", q.device, {"cpu": lambda: None,
+                                                                      "torch": lambda: None}) == "cpu"
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_triton_has_no_decode_kernel_yet():
+    k_cache, v_cache = caches(1, 1, 10, 16, 16)
+    with gptkern.backend("triton"), pytest.raises(NotImplementedError, match="decode"):
+        decode(rand(1, 1, 1, 16), k_cache, v_cache, torch.tensor([10], dtype=torch.int32))
+
+
+@needs_cpu
+def test_opcheck():
+    k_cache, v_cache = caches(2, 2, 40, 16, 16)
+    q, seqlens = rand(2, 4, 2, 16), torch.tensor([40, 7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.gptkern.decode_attention.default, (q, k_cache, v_cache, seqlens, 0.25, None))
+    k_pages, v_pages, table = paged(k_cache, v_cache, 8)
+    torch.library.opcheck(torch.ops.gptkern.decode_attention.default, (q, k_pages, v_pages, seqlens, 0.25, table))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_compile_fullgraph(backend):
+    k_cache, v_cache = caches(2, 2, 40, 16, 16)
+    q, seqlens = rand(2, 4, 1, 16), torch.tensor([40, 7], dtype=torch.int32)
+    k_pages, v_pages, table = paged(k_cache, v_cache, 8)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, n, t: decode(q, k, v, n, block_table=t), fullgraph=True)
+    with gptkern.backend(backend):
+        got = f(q, k_pages, v_pages, seqlens, table)
+    assert_close(got, decode_attention_ref(q, k_cache, v_cache, seqlens), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    q, (k, v) = rand(2, 4, 1, 8), caches(2, 2, 10, 8, 8)
+    n = torch.tensor([10, 3], dtype=torch.int32)
+    _, _, table = paged(k, v, 4)
+    cases = [
+        (TypeError, "k_cache", dict(k_cache=[1.0])),
+        (RuntimeError, "q must have 4 dims", dict(q=rand(2, 4, 8))),
+        (RuntimeError, "dtype", dict(k_cache=k.double())),
+        (RuntimeError, "head dim", dict(k_cache=rand(2, 2, 10, 4))),
+        (RuntimeError, "heads", dict(k_cache=rand(2, 3, 10, 8), v_cache=rand(2, 3, 10, 8))),
+        (RuntimeError, "k_cache .* and v_cache", dict(v_cache=rand(2, 2, 9, 8))),
+        (RuntimeError, "cache_seqlens", dict(cache_seqlens=n.float())),
+        (RuntimeError, "cache_seqlens", dict(cache_seqlens=n[:1])),
+        (RuntimeError, r"cache_seqlens\[0\] = 11", dict(cache_seqlens=torch.tensor([11, 3], dtype=torch.int32))),
+        (RuntimeError, r"cache_seqlens\[1\] = -1", dict(cache_seqlens=torch.tensor([1, -1], dtype=torch.int32))),
+        (RuntimeError, "batch size", dict(k_cache=rand(3, 2, 10, 8), v_cache=rand(3, 2, 10, 8))),
+        (RuntimeError, "block_table", dict(block_table=table[:1])),
+        (IndexError, "block_table", dict(block_table=table + 100)),
+        (TypeError, "scale", dict(scale="0.1")),
+        (RuntimeError, "device", dict(cache_seqlens=n.to("meta"))),
+    ]
+    for exc, match, override in cases:
+        args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=n)
+        args.update(override)
+        with gptkern.backend(backend), pytest.raises(exc, match=match):
+            decode(**args)
+
+
+@needs_cpu
+def test_bad_input_to_the_op_names_the_argument():
+    q, (k, v) = rand(2, 4, 1, 8), caches(2, 2, 10, 8, 8)
+    n = torch.tensor([10, 3], dtype=torch.int32)
+    op = torch.ops.gptkern.decode_attention
+    cases = [
+        ("k_cache", lambda: op(q, k.double(), v, n, 1.0, None)),
+        ("cache_seqlens", lambda: op(q, k, v, n.long(), 1.0, None)),
+        (r"cache_seqlens\[0\]", lambda: op(q, k, v, n + 1, 1.0, None)),
+        ("contiguous in the head dim", lambda: op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, n, 1.0, None)),
+        ("block_table", lambda: op(q, k, v, n, 1.0, torch.zeros(2, 3, dtype=torch.int64))),
+        (r"block_table\[0, 1\]", lambda: op(q, k, v, n + 1, 1.0, torch.tensor([[0, 5, 0], [1, 1, 1]], dtype=torch.int32))),
+    ]
+    for match, fn in cases:
+        with pytest.raises(RuntimeError, match=match):
+            fn()
