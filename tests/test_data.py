@@ -37,6 +37,9 @@ def tree(tmp_path_factory):
     lines = [json.dumps({"text": DOCS[3]}), "", json.dumps({"text": ""}), json.dumps({"text": DOCS[4], "id": 3})]
     (root / "sub" / "data.jsonl").write_text("\n".join(lines) + "\n")
     (root / "sub" / "empty.txt").write_text("")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "sub" / ".hidden.txt").write_text("not read")
     (root / "sub" / "many.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in JSONL_DOCS))
     return root
 
@@ -175,7 +178,7 @@ def test_prepare_bad_input(tmp_path):
         prepare([bad], tmp_path / "o", progress=False)
     bad.write_text('{"text": "ok"}\n{"txt": "wrong field"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected a JSON object with a string field 'text'"):
-        prepare([bad], tmp_path / "o", progress=False)
+        prepare(str(bad), tmp_path / "o", progress=False)  # one path, not in a list
     bad.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         prepare([bad], tmp_path / "o", progress=False)

@@ -14,6 +14,7 @@ import io
 import os
 import sysconfig
 import tokenize
+import warnings
 from typing import Iterator, Optional
 
 # Folders never entered: third-party packages, tests (their files are fixtures, not prose).
@@ -65,7 +66,9 @@ def _comment_blocks(source: bytes) -> Iterator[tuple[int, str]]:
 
 def module_text(source: bytes) -> str:
     """A module's docstrings and comment blocks in source order, separated by blank lines."""
-    tree = ast.parse(source)
+    with warnings.catch_warnings():  # invalid escapes in old sources: not our concern here
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
     parts = sorted([*_docstrings(tree), *_comment_blocks(source)], key=lambda p: p[0])
     return "\n\n".join(text for _, text in parts)
 

@@ -1,6 +1,6 @@
 """``gptkern prepare``: text → token shards that :class:`gptkern.data.loader.TokenLoader` reads.
 
-Reads text files, folders (recursively, in sorted order, binaries skipped) and JSONL files (one
+Reads text files, folders (recursively, in sorted order, binaries and hidden files skipped) and JSONL files (one
 ``{"text": ...}`` object per line), or the embedded corpus when no input is given; tokenizes the
 documents in a process pool (output order does not depend on ``workers``); splits them into
 train/val by a seeded draw; and writes, each file atomically (``meta.json`` last):
@@ -96,13 +96,16 @@ def _file_documents(path: Path, named: bool, log: Log) -> list[str]:
 
 
 def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr) -> tuple[list[str], str]:
-    """The documents of ``inputs`` (files and folders) in order, and a description of the source."""
+    """The documents of ``inputs`` (files and folders) in order, and a description of the source.
+    Hidden files and folders (``.git``) inside an input folder are not read."""
     docs: list[str] = []
     files = 0
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+            found = sorted((p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                           key=lambda p: p.relative_to(path).as_posix())
             for p in found:
                 docs += _file_documents(p, False, log)
             files += len(found)
@@ -318,6 +321,8 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
             piece_chars: int = PIECE_CHARS, log: Log = _stderr) -> dict:
     """Tokenize ``inputs`` (the embedded corpus when empty, capped at ``max_chars``) into ``out_dir``;
     returns the meta written to ``meta.json``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     if inputs:
         if max_chars is not None:
             raise ValueError("max_chars caps the embedded corpus; it cannot be used with inputs")
