@@ -131,10 +131,13 @@ def test_auto_prefers_cpu_and_gradients_move_to_torch():
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
-def test_triton_has_no_decode_kernel_yet():
+def test_decode_kernels_have_no_backward():
+    """The Triton and C++ decode kernels are inference-only: asked for gradients, they refuse."""
     k_cache, v_cache = caches(1, 1, 10, 16, 16)
-    with gptkern.backend("triton"), pytest.raises(NotImplementedError, match="decode"):
-        decode(rand(1, 1, 1, 16), k_cache, v_cache, torch.tensor([10], dtype=torch.int32))
+    q = rand(1, 1, 1, 16).requires_grad_()
+    for name in ["triton"] + (["cpu"] if HAS_CPU else []):
+        with gptkern.backend(name), pytest.raises(NotImplementedError, match="gradients"):
+            decode(q, k_cache, v_cache, torch.tensor([10], dtype=torch.int32))
 
 
 @needs_cpu
