@@ -182,3 +182,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(data_dir, tmp_path):
     assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
     assert one[0] != one[-1]  # the steps changed the weights
     assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / "two"))] == ["step_00000004"]  # rank 0 only
+
+
+def test_document_masked_training(data_dir, tmp_path):
+    losses = train(config(data_dir, tmp_path, max_steps=6, doc_mask=True, checkpoint_interval=6))
+    assert len(losses) == 6 and all(loss == loss for loss in losses) and losses[-1] < losses[0]

@@ -29,6 +29,13 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> No
         raise IndexError(f"token id {bad} in {name} is out of range for vocab_size {vocab_size}")
 
 
+def positions_in_documents(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B, L) position of each token within its document (cu_seqlens over the flattened tokens)."""
+    flat = torch.arange(shape[0] * shape[1], device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1
+    return (flat - cu_seqlens.long()[doc]).view(shape)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) 1/0 mask -> (B, L) positions counted over real tokens (left padding starts at 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -69,18 +76,22 @@ class GPTBody(nn.Module):
         self.ln_f = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, cache=None,
+                doc_bounds: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
         """cache: a gptkern.generation KV cache, or None. The first call with a cache is the prompt
         (left-padded with ``attention_mask``); later calls decode new tokens after the cached ones."""
         c = self.config
-        check_token_ids(idx, c.vocab_size)
+        decoding = cache is not None and cache.filled
+        if not decoding:  # decoded tokens come from the model's own logits: no check (and no host sync)
+            check_token_ids(idx, c.vocab_size)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "
                              f"{list(attention_mask.shape)}")
-        decoding = cache is not None and cache.filled
         if decoding:  # new tokens follow each sequence's cached ones; no padding in the cache
             attention_mask = None
             position_ids = cache.seqlens.long()[:, None] + torch.arange(idx.shape[1], device=idx.device)
+        elif position_ids is None and doc_bounds is not None:
+            position_ids = positions_in_documents(doc_bounds[0], idx.shape)
         elif position_ids is None:
             position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
                             else torch.arange(idx.shape[1], device=idx.device))
@@ -98,9 +109,9 @@ class GPTBody(nn.Module):
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else cache.layer(i, lengths)
             if c.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, key_mask, layer_cache, use_reentrant=False)
+                x = checkpoint(block, x, rope, key_mask, layer_cache, doc_bounds, use_reentrant=False)
             else:
-                x = block(x, rope, key_mask, layer_cache)
+                x = block(x, rope, key_mask, layer_cache, doc_bounds)
         if cache is not None:
             if decoding:
                 cache.advance(idx.shape[1])
@@ -159,15 +170,19 @@ class GPT(nn.Module):
         return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                doc_bounds: Optional[tuple[torch.Tensor, int]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx (B, L) token ids; targets (B, L) ids or -100 (ignored), optional.
 
         attention_mask (B, L), 1 for real tokens and 0 for padding (left or right): padding is never
         attended to, and positions count real tokens only unless position_ids (B, L) are given.
+        doc_bounds (cu_seqlens, max_seqlen) over the flattened B * L tokens (see
+        ``gptkern.data.loader.document_bounds``): document masking, each document attending only
+        to itself with positions restarting at 0, through varlen flash attention.
         Returns (logits (B, L, vocab_size), loss or None).
         """
-        logits = self.lm_head(self.transformer(idx, attention_mask, position_ids))
+        logits = self.lm_head(self.transformer(idx, attention_mask, position_ids, doc_bounds=doc_bounds))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -73,9 +73,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, cache=None,
+                doc_bounds: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
         """cache: a ``LayerCache`` (gptkern.generation) or None. While decoding, attention runs over
-        the cached keys; on the prompt, the keys and values are also written to the cache."""
+        the cached keys; on the prompt, the keys and values are also written to the cache.
+        doc_bounds: (cu_seqlens int32 over the B * L flattened tokens, max_seqlen): attention stays
+        inside each document (``gptkern.ops.flash_attn_varlen``)."""
         b, l, _ = x.shape
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split((h * d, hkv * d, hkv * d), dim=-1)
@@ -84,7 +87,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, l, hkv, d).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None and cache.decoding:
+        if doc_bounds is not None:
+            y = self._attend_documents(q, k, v, *doc_bounds)
+        elif cache is not None and cache.decoding:
             if self.window is not None:
                 raise NotImplementedError("decoding with a KV cache does not support sliding windows yet")
             y = cache.decode(q, k, v)
@@ -97,6 +102,15 @@ class CausalSelfAttention(nn.Module):
                 cache.write_prompt(k, v)
         y = y.transpose(1, 2).reshape(b, l, h * d)
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend_documents(self, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        b, h, l, d = q.shape
+        q, k, v = (t.transpose(1, 2).reshape(b * l, t.shape[1], d) for t in (q, k, v))  # (B*L, heads, D)
+        reach = self.window - 1 if self.window else -1
+        y = ops.flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p=self.dropout if self.training else 0.0, causal=self.causal,
+                                  window_size=(reach, -1 if self.causal else reach))
+        return y.view(b, l, h, d).transpose(1, 2)  # (B, H, L, D)
 
 
 class CrossAttention(nn.Module):
@@ -176,6 +190,7 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, activation, bias=bias, dropout=dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                key_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, key_mask, cache)
+                key_mask: Optional[torch.Tensor] = None, cache=None,
+                doc_bounds: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, key_mask, cache, doc_bounds)
         return x + self.mlp(self.ln_2(x))

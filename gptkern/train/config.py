@@ -39,6 +39,7 @@ class TrainConfig:
     dtype: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    doc_mask: bool = False  # attention stays inside each document (EOS-separated), via varlen attention
     fsdp: bool = False
     peak_tflops: Optional[float] = None
     max_seconds: Optional[float] = None  # stop (and checkpoint) after this much training time

@@ -195,13 +195,18 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _micro_step(self, last: bool) -> torch.Tensor:
-        x, y = self.loader.next_batch()
+        extra = {}
+        if self.config.doc_mask:
+            x, y, cu_seqlens, max_seqlen = self.loader.next_batch(with_doc_ids=True)
+            extra["doc_bounds"] = (cu_seqlens, max_seqlen)
+        else:
+            x, y = self.loader.next_batch()
         sync = contextlib.nullcontext()
         if not last and self.env.world_size > 1 and not self.config.fsdp:
             sync = self.model.no_sync()
         with sync:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, **extra)
             (loss / self.config.grad_accum).backward()
         return loss.detach()
 
