@@ -163,25 +163,27 @@ def _flags(data_dir, out_dir, batch_size):
             "--progress", "false", "--seed", "5", "--lr", "3e-3"]
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(data_dir, tmp_path):
-    """torchrun with 2 gloo ranks of batch 2 gives the losses of one process with batch 4."""
+def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path):
+    """torchrun with 2 gloo ranks of batch 2 (DDP, then FSDP2) gives the losses of one process with batch 4."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "gptkern", "train", *_flags(data_dir, tmp_path / "one", 4)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "gptkern", "train", *_flags(data_dir, tmp_path / "two", 2)],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
 
     def losses(out):
         return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
-    assert one[0] != one[-1]  # the steps changed the weights
-    assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / "two"))] == ["step_00000004"]  # rank 0 only
+    one = losses(tmp_path / "one")
+    assert len(one) == 4 and one[0] != one[-1]  # the steps changed the weights
+    for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "gptkern", "train", *_flags(data_dir, tmp_path / mode, 2), *extra],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert losses(tmp_path / mode) == pytest.approx(one, rel=1e-5, abs=1e-6), mode
+        assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / mode))] == ["step_00000004"]  # rank 0 only
+        model, _ = load_pretrained(ckpt.latest_checkpoint(str(tmp_path / mode)))  # the full, unsharded weights
+        assert model.transformer.h[1].mlp.c_fc.weight.shape == (256, 64)
 
 
 def test_document_masked_training(data_dir, tmp_path):

@@ -10,6 +10,7 @@ train ...`` each process trains one rank (DDP, or FSDP2 with ``--fsdp``).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -49,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingError as err:
         print(f"gptkern train: {err}", file=sys.stderr)
         return 1
-    if losses:
+    if losses and os.environ.get("RANK", "0") == "0":
         print(f"gptkern train: {len(losses)} steps, last loss {losses[-1]:.4f}, checkpoints in "
               f"{config.out_dir}/checkpoints", file=sys.stderr)
     return 0

@@ -112,6 +112,7 @@ class Trainer:
         self.tokens_per_step = c.batch_size * self.block_size * c.grad_accum * self.env.world_size
         self.metrics = MetricsLog(Path(c.out_dir) / "metrics.jsonl", enabled=self.env.main)
         self.val_loader_args = (c.data, "val", self.block_size, c.batch_size)
+        TokenLoader(*self.val_loader_args, seed=c.seed)  # fail now, not at the first evaluation
         if c.resume:
             self._resume()
         elif latest_checkpoint(c.out_dir) is not None:
