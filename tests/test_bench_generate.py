@@ -16,9 +16,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     assert report["model"] == "gpt2-tiny" and report["dtype"] == "float32"
     providers = [(r["case"], r["provider"]) for r in report["results"]]
-    assert providers == [("generate", "gptkern"), ("generate", "transformers"), ("cache vs none, 6 tokens", "gptkern")]
+    assert providers == [("generate", "gptkern"), ("generate", "transformers"),
+                         ("cache vs none, 6-token context", "gptkern")]
     ours, theirs, cache = report["results"]
     assert ours["decode_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0 and ours["speedup"] > 0
-    assert cache["with_cache_s"] > 0 and cache["without_cache_s"] > 0
+    assert cache["with_cache_tokens_per_s"] > 0 and cache["without_cache_tokens_per_s"] > 0
     assert "| generate | gptkern |" in out_md.read_text()
     assert "decode_tokens_per_s" in capsys.readouterr().out

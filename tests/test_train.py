@@ -59,7 +59,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     cfg = dict(model=dict(n_layer=2, n_embd=64, n_head=4, block_size=32, dropout=0.1), checkpoint_interval=100)
     straight = train(config(data_dir, tmp_path / "straight", max_steps=8, **cfg))
     first = Trainer(config(data_dir, tmp_path / "split", max_steps=8, **cfg))
-    losses = [first.train_step() for _ in range(4)]
+    losses = [float(first.train_step()) for _ in range(4)]
     first.save()
     del first
     torch.manual_seed(12345)  # the resume restores every RNG: this must not matter
@@ -184,6 +184,14 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path)
         assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / mode))] == ["step_00000004"]  # rank 0 only
         model, _ = load_pretrained(ckpt.latest_checkpoint(str(tmp_path / mode)))  # the full, unsharded weights
         assert model.transformer.h[1].mlp.c_fc.weight.shape == (256, 64)
+    # FSDP resumes from the full checkpoint (model and optimizer sharded again)
+    flags = _flags(data_dir, tmp_path / "fsdp", 2)
+    flags[flags.index("--max-steps") + 1] = "6"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "gptkern", "train", *flags, "--fsdp", "--resume"], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_document_masked_training(data_dir, tmp_path):

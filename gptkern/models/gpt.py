@@ -82,7 +82,9 @@ class GPTBody(nn.Module):
         (left-padded with ``attention_mask``); later calls decode new tokens after the cached ones."""
         c = self.config
         decoding = cache is not None and cache.filled
-        if not decoding:  # decoded tokens come from the model's own logits: no check (and no host sync)
+        if not decoding and not (self.training and idx.is_cuda):
+            # decoded tokens come from the model's own logits, and a GPU training step must not wait
+            # for the host: neither is checked (the check reads the ids)
             check_token_ids(idx, c.vocab_size)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "

@@ -78,10 +78,22 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state:
         raise
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".tmp-*"):  # from a process killed mid-save
+    _clean_leftovers(root)
+    return final
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Staging directories of a process killed mid-save are dropped; a checkpoint moved aside
+    for a same-step swap that never finished is put back."""
+    for leftover in root.glob(".tmp-*"):
         if not leftover.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(leftover, ignore_errors=True)
-    return final
+    for old in root.glob(".old-*"):
+        name = old.name[len(".old-"):].rsplit("-", 1)[0]
+        if (root / name).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, root / name)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,9 +118,10 @@ def latest_checkpoint(out_dir: str) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_training_state(path: Path, optimizer) -> dict[str, Any]:
-    """Optimizer and RNG states into place; returns state.json's content (the model is loaded by
+def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
+    """The optimizer state (handed to ``load_optimizer``, which knows how the optimizer is
+    sharded) and the RNG states into place; returns state.json's content (the model is loaded by
     the caller, from the same directory)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    load_optimizer(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())

@@ -47,10 +47,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
                      "checkpoint_interval", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"need warmup_steps >= 0, lr > 0 and min_lr >= 0, got {self.warmup_steps}, {self.lr}, "
+                             f"{self.min_lr}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         self.model_config()  # checks the preset and overrides

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from gptkern._files import write_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per call to ``path`` (only where ``enabled``: rank 0)."""
@@ -37,6 +39,13 @@ class MetricsLog:
                 if key not in ("step", "time"):
                     self.tensorboard.add_scalar(key, value, step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a resume repeats them), atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        write_atomic(str(self.path), "".join(line + "\n" for line in kept))
+
     def note(self, message: str) -> None:
         if self.enabled:
             print(f"gptkern train: {message}", file=sys.stderr)
@@ -55,7 +64,13 @@ def peak_flops(device: torch.device, peak_tflops: Optional[float], table: dict[s
 def read_metrics(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return records
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Optional[Path]:

@@ -152,10 +152,11 @@ class Trainer:
         if self.model_config.tie_weights:
             state["lm_head.weight"] = state["transformer.wte.weight"]
         self._load_model_state(state)
-        saved = load_training_state(path, self.optimizer)
+        saved = load_training_state(path, self._load_optimizer_state)
         self.step = saved["step"]
         self.loader.load_state_dict(saved["loader"][self.env.rank] if isinstance(saved["loader"], list)
                                     else saved["loader"])
+        self.metrics.truncate_after(self.step)
         self.metrics.note(f"resumed from {path} at step {self.step}")
 
     def _load_model_state(self, state) -> None:
@@ -165,6 +166,15 @@ class Trainer:
             set_model_state_dict(self.raw_model, state, options=StateDictOptions(full_state_dict=True))
         else:
             self.raw_model.load_state_dict(state)
+
+    def _load_optimizer_state(self, state) -> None:
+        if self.config.fsdp and self.env.world_size > 1:  # the saved state is the full one: shard it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
 
     def _full_states(self):
         """(model, optimizer) objects whose state_dict is the full, unsharded state."""
@@ -211,25 +221,29 @@ class Trainer:
             (loss / self.config.grad_accum).backward()
         return loss.detach()
 
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns the mean loss as a 0-d tensor (no host sync: see ``_checked``)."""
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(c, self.step)
         losses = [self._micro_step(i == c.grad_accum - 1) for i in range(c.grad_accum)]
         loss = torch.stack(losses).mean()
         if self.env.world_size > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.device.type != "cuda":
-                loss /= self.env.world_size
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(f"the loss is {value} at step {self.step}: training stopped, no checkpoint written "
-                                f"(the last good one is {latest_checkpoint(c.out_dir)})")
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= self.env.world_size
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        return loss
+
+    def _checked(self, loss: torch.Tensor) -> float:
+        """The loss as a float; a NaN or inf stops training before anything is saved."""
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss is {value} at step {self.step - 1}: training stopped, no checkpoint "
+                                f"written (the last good one is {latest_checkpoint(self.config.out_dir)})")
         return value
 
     @torch.no_grad()
@@ -241,9 +255,14 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for _ in range(self.config.eval_steps):
-            x, y = loader.next_batch()
+            extra = {}
+            if self.config.doc_mask:
+                x, y, cu_seqlens, max_seqlen = loader.next_batch(with_doc_ids=True)
+                extra["doc_bounds"] = (cu_seqlens, max_seqlen)
+            else:
+                x, y = loader.next_batch()
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                total += self.model(x, y)[1].float()
+                total += self.model(x, y, **extra)[1].float()
         self.model.train()
         if self.env.world_size > 1:
             dist.all_reduce(total)
@@ -263,12 +282,15 @@ class Trainer:
         if self.env.main:
             write_atomic(str(Path(c.out_dir) / "config.json"), json.dumps(c.to_dict(), indent=1) + "\n")
         while self.step < c.max_steps:
-            loss = self.train_step()
-            losses.append(loss)
+            loss_tensor = self.train_step()
+            losses.append(loss_tensor)
             window_steps += 1
             if bar is not None:
                 bar.update(1)
-            if self.step % c.log_interval == 0 or self.step == c.max_steps:
+            logging = self.step % c.log_interval == 0 or self.step == c.max_steps
+            if self.device.type != "cuda" or logging:  # on a GPU, read the loss at log steps only
+                loss = self._checked(loss_tensor)
+            if logging:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
@@ -283,8 +305,11 @@ class Trainer:
             if self.step % c.eval_interval == 0 or self.step == c.max_steps:
                 val = self.evaluate()
                 self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-            out_of_time = c.max_seconds is not None and time.perf_counter() - started >= c.max_seconds
+            out_of_time = False
+            if c.max_seconds is not None and (logging or self.env.world_size == 1):  # same steps on every rank
+                out_of_time = self._agree(time.perf_counter() - started >= c.max_seconds)
             if self.step % c.checkpoint_interval == 0 or self.step == c.max_steps or out_of_time:
+                self._checked(loss_tensor)  # never save weights a NaN went through
                 self.save()
             if out_of_time:
                 self.metrics.note(f"stopped at step {self.step}: max_seconds {c.max_seconds} reached")
@@ -293,7 +318,15 @@ class Trainer:
             bar.close()
         if self.env.main:
             plot_losses(Path(c.out_dir) / "metrics.jsonl", Path(c.out_dir) / "loss.png")
-        return losses
+        return [float(loss) for loss in losses]
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (ranks' clocks differ: they must stop together)."""
+        if self.env.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _progress(self):
         if not (self.config.progress and self.env.main):
