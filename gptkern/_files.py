@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -17,3 +19,17 @@ def write_atomic(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_directory(staging, target) -> None:
+    """Move the finished directory ``staging`` to ``target``, replacing what is there: ``target``
+    is renamed aside first, so at every moment it is either the old directory or the new one."""
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(target, aside)
+    os.rename(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -153,3 +153,18 @@ def test_gptkern_imports_without_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_from_hf_copies_and_to_hf_replaces_the_directory(tmp_path):
+    hf = hf_gpt2()
+    model = GPT.from_hf(hf)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.add_(1.0)
+    assert not torch.equal(model.transformer.ln_f.weight, hf.transformer.ln_f.weight)  # no shared storage
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors.index.json").write_text('{"weight_map": {}}')  # a stale index
+    model.to_hf(tmp_path / "export")
+    assert not (tmp_path / "export" / "model.safetensors.index.json").exists()
+    idx = ids()
+    torch.testing.assert_close(GPT.from_hf(tmp_path / "export")(idx)[0], model(idx)[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left

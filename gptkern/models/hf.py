@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 
+from gptkern._files import replace_directory
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -93,7 +94,9 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
         state, source = _read_state_dict(directory), str(directory)
     elif isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         config = config_from_hf(model_or_dir.config.to_dict())
-        state, source = model_or_dir.state_dict(), type(model_or_dir).__name__
+        # copies: the GPT must not share storage with the model it came from
+        state = {k: v.detach().clone() for k, v in model_or_dir.state_dict().items()}
+        source = type(model_or_dir).__name__
     else:
         raise TypeError(f"GPT.from_hf expects a GPT2LMHeadModel or a directory, got {type(model_or_dir).__name__}")
     with torch.device("meta"):
@@ -133,13 +136,13 @@ def gpt_to_hf(model: GPT, save_directory: Optional[Union[str, os.PathLike]] = No
 
 
 def save_pretrained_atomic(hf_model, save_directory: Union[str, os.PathLike]) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then each file renamed into place."""
+    """``save_pretrained`` into a temporary sibling directory that then replaces ``save_directory``
+    whole (a reader never sees new weights beside an old config, or a stale shard index)."""
     target = Path(save_directory)
-    target.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gptkern-save-", dir=target.parent))
     try:
         hf_model.save_pretrained(staging)
-        for item in staging.iterdir():
-            os.replace(item, target / item.name)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

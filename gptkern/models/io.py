@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from gptkern._files import write_atomic
+from gptkern._files import replace_directory, write_atomic
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -43,13 +45,25 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: GPT, directory: Union[str, os.PathLike], tokenizer=None) -> None:
+    """Write the model (and tokenizer) to ``directory``, built in a temporary sibling directory that
+    then replaces it whole: a reader sees the old directory or the new one."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write_model_files(model, staging, tokenizer)
+        replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_model_files(model: GPT, directory: Path, tokenizer=None) -> None:
+    """The files of a model directory, each written atomically, config.json last."""
     save_safetensors_atomic(model_state(model), directory / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save(directory)
     config = {"model_type": MODEL_TYPE, "config": model.config.to_dict()}
-    write_atomic(str(directory / "config.json"), json.dumps(config, indent=1) + "\n")  # last: marks complete
+    write_atomic(str(directory / "config.json"), json.dumps(config, indent=1) + "\n")
 
 
 def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,

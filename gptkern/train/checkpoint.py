@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gptkern._files import write_atomic
-from gptkern.models.io import save_pretrained
+from gptkern.models.io import write_model_files
 
 PREFIX = "step_"
 
@@ -60,8 +60,9 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state:
     final = root / f"{PREFIX}{step:08d}"
     staging = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
-        save_pretrained(model, staging, tokenizer)
+        write_model_files(model, staging, tokenizer)
         _torch_save_atomic(optimizer.state_dict(), staging / "optimizer.pt")
         _torch_save_atomic(rng_state(), staging / "rng.pt")
         write_atomic(str(staging / "state.json"), json.dumps({**state, "step": step}, indent=1) + "\n")
