@@ -166,5 +166,5 @@ def test_from_hf_copies_and_to_hf_replaces_the_directory(tmp_path):
     model.to_hf(tmp_path / "export")
     assert not (tmp_path / "export" / "model.safetensors.index.json").exists()
     idx = ids()
-    torch.testing.assert_close(GPT.from_hf(tmp_path / "export")(idx)[0], model(idx)[0])
+    torch.testing.assert_close(GPT.from_hf(tmp_path / "export").eval()(idx)[0], model.eval()(idx)[0])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left
