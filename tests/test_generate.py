@@ -189,3 +189,32 @@ def test_prompt_longer_than_cache_raises():
     cache = StaticKVCache(1, 1, 1, 4, 4)
     with pytest.raises(ValueError, match="5.*max_seq_len 4"):
         cache.allocate([5])
+
+
+def test_sliding_window_model_decodes_with_the_cache():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("llama-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=61,
+                                    mlp_hidden=96, window=4, init_std=0.2)).eval()
+    prompt, mask = left_padded([7, 3], vocab=61)
+    expected = generate(model, prompt, 12, attention_mask=mask, use_cache=False)
+    assert torch.equal(generate(model, prompt, 12, attention_mask=mask), expected)
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(model, prompt, 2, attention_mask=mask, cache="paged")
+
+
+def test_stop_string_spanning_tokens():
+    """A multi-byte character arrives in two tokens (the 4th and 5th generated): the stop string
+    still matches, because the generated ids are decoded together."""
+    from gptkern.data import ByteTokenizer
+
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([4])
+    target = "é".encode()
+
+    class Positional(ByteTokenizer):  # decodes the 4th and 5th ids of a sequence to the bytes of "é"
+        def decode(self, ids):
+            data = bytes(target[i - 3] if i in (3, 4) else ord("a") for i in range(len(list(ids))))
+            return data.decode("utf-8", errors="replace")
+
+    out = generate(model, prompt, 10, stop_strings=["é"], tokenizer=Positional())
+    assert out.shape[1] == 4 + 5

@@ -109,3 +109,18 @@ def test_bad_arguments():
         generate_seq2seq(model, src, -1, bos_token_id=BOS, eos_token_id=EOS)
     with pytest.raises(ValueError, match="non-empty"):
         generate_seq2seq(model, src[:, :0], 3, bos_token_id=BOS, eos_token_id=EOS)
+
+
+def test_zero_new_tokens_and_padding():
+    model = model_with(12)
+    src, pad = sources()
+    for beams in (1, 3):
+        out = generate_seq2seq(model, src, 0, bos_token_id=BOS, eos_token_id=EOS, num_beams=beams)
+        assert out.tolist() == [[BOS]] * 3
+    out = generate_seq2seq(model, src, 5, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, num_beams=3,
+                           pad_token_id=11)
+    for row in out.tolist():  # after a row's EOS only padding; a row without EOS ran the full length
+        if EOS in row[1:]:
+            assert all(t == 11 for t in row[row.index(EOS, 1) + 1:])
+        else:
+            assert len(row) == 6

@@ -60,7 +60,8 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, 
     b = input_ids.shape[0]
     seen = input_ids
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    texts = [""] * b
+    generated: list[list[int]] = [[] for _ in range(b)]
+    tail = max((len(s) for s in stop_strings or ()), default=0) + 16  # characters a new token can complete
     if cache is not None:
         lengths = mask.sum(-1).tolist()
         cache.allocate(lengths)
@@ -79,8 +80,11 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, 
             finished |= torch.isin(token, eos)
         if stop_strings:
             for i, t in enumerate(token.tolist()):
-                texts[i] += tokenizer.decode([t])
-                if any(s in texts[i] for s in stop_strings):
+                if done[i]:
+                    continue
+                generated[i].append(t)
+                text = tokenizer.decode(generated[i])  # whole: a character may span tokens
+                if any(s in text[-tail:] for s in stop_strings):
                     finished[i] = True
         seen = torch.cat([seen, token[:, None]], 1)
         yield token
@@ -130,6 +134,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     input_ids = input_ids.to(model_device)
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if cache == "paged" and getattr(model.config, "window", None) is not None:
+        raise ValueError("a sliding-window model decodes with cache='static' (the paged cache has no windows)")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer to decode the generated tokens")
     eos = _stop_ids(eos_token_id, model_device)

@@ -57,15 +57,21 @@ class StaticKVCache:
         self.v[layer][:, :, :l] = v.gather(2, index)
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: Optional[float] = None) -> torch.Tensor:
+               window: Optional[int] = None) -> torch.Tensor:
         """Appends k, v (B, Hkv, Lq, D) after each sequence's cached tokens and returns the
-        attention of q (B, H, Lq, D) over the cache (causal among the Lq new tokens)."""
+        attention of q (B, H, Lq, D) over the cache (causal among the Lq new tokens; with
+        ``window``, each query sees only the last ``window`` positions, itself included)."""
         b, _, lq, _ = k.shape
         rows = torch.arange(b, device=k.device)[:, None]  # (B, 1)
         cols = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
         self.k[layer][rows, :, cols] = k.transpose(1, 2)  # indexed as (B, Lq, Hkv, D)
         self.v[layer][rows, :, cols] = v.transpose(1, 2)
-        return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, scale=scale)
+        if window is None:
+            return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq)
+        keys = torch.arange(self.k[layer].shape[2], device=k.device)
+        visible = (keys <= cols[..., None]) & (keys > cols[..., None] - window)  # (B, Lq, S_max)
+        return ops.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=visible[:, None],
+                                                enable_gqa=q.shape[1] != k.shape[1])
 
     def allocate(self, lengths: list[int]) -> None:
         """Checks that sequence b fits ``lengths[b]`` tokens (the paged cache takes blocks here)."""
@@ -183,14 +189,15 @@ class PagedKVCache(StaticKVCache):
         self.v[layer][blocks, :, offsets] = v.gather(2, index).transpose(1, 2)
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: Optional[float] = None) -> torch.Tensor:
+               window: Optional[int] = None) -> torch.Tensor:
+        if window is not None:
+            raise NotImplementedError("sliding-window attention over a paged cache; use the static cache")
         lq = k.shape[2]
         positions = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
         blocks, offsets = self._slots(positions)
         self.k[layer][blocks, :, offsets] = k.transpose(1, 2)
         self.v[layer][blocks, :, offsets] = v.transpose(1, 2)
-        return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, scale=scale,
-                                    block_table=self.block_table)
+        return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, block_table=self.block_table)
 
 
 class LayerCache:
@@ -209,5 +216,5 @@ class LayerCache:
             lengths = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
         self.cache.write_prompt(self.index, k, v, lengths)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.cache.decode(self.index, q, k, v)
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+        return self.cache.decode(self.index, q, k, v, window)

@@ -48,6 +48,9 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     ``"never"`` runs to ``max_new_tokens``.
     """
     _check(model, src, max_new_tokens, num_beams)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    if max_new_tokens == 0:
+        return torch.full((src.shape[0], 1), bos_token_id, dtype=torch.long, device=src.device)
     was_training = model.training
     model.eval()
     try:
@@ -55,10 +58,9 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
             out = _greedy(model, src, src_pad_mask, max_new_tokens, bos_token_id, eos_token_id)
         else:
             out = _beam_search(model, src, src_pad_mask, max_new_tokens, bos_token_id, eos_token_id, num_beams,
-                               length_penalty, early_stopping)
+                               length_penalty, early_stopping, pad)
     finally:
         model.train(was_training)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
     return _pad_after_eos(out, eos_token_id, pad)
 
 
@@ -85,7 +87,7 @@ def _greedy(model, src, src_pad_mask, max_new_tokens, bos, eos) -> torch.Tensor:
     return tokens
 
 
-def _beam_search(model, src, src_pad_mask, max_new_tokens, bos, eos, k, length_penalty, early_stopping):
+def _beam_search(model, src, src_pad_mask, max_new_tokens, bos, eos, k, length_penalty, early_stopping, pad):
     b = src.shape[0]
     device = src.device
     memory_kv, mask, cache = _setup(model, src, src_pad_mask, k, max_new_tokens)
@@ -143,7 +145,7 @@ def _beam_search(model, src, src_pad_mask, max_new_tokens, bos, eos, k, length_p
                                     tokens[s * k + beam, 1:].tolist()))
     best = [max(h, key=lambda item: item[0])[1] if h else [] for h in hyps]
     width = 1 + max((len(seq) for seq in best), default=0)
-    out = torch.full((b, width), eos, dtype=torch.long, device=device)
+    out = torch.full((b, width), pad, dtype=torch.long, device=device)  # a shorter hypothesis: padded
     out[:, 0] = bos
     for s, seq in enumerate(best):
         out[s, 1:1 + len(seq)] = torch.tensor(seq, dtype=torch.long)

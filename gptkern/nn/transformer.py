@@ -90,9 +90,7 @@ class CausalSelfAttention(nn.Module):
         if doc_bounds is not None:
             y = self._attend_documents(q, k, v, *doc_bounds)
         elif cache is not None and cache.decoding:
-            if self.window is not None:
-                raise NotImplementedError("decoding with a KV cache does not support sliding windows yet")
-            y = cache.decode(q, k, v)
+            y = cache.decode(q, k, v, self.window)
         else:
             mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
             y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,

@@ -132,8 +132,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _byte_batch(texts: list[str], prefix: list[int], suffix: list[int], device):
-    rows = [prefix + list(t.encode("utf-8")) + suffix for t in texts]
+def _byte_batch(texts: list[str], prefix: list[int], suffix: list[int], device, max_len: int):
+    """Byte ids with ``prefix``/``suffix``, each text cut to fit ``max_len`` in all, right-padded."""
+    room = max_len - len(prefix) - len(suffix)
+    rows = [prefix + list(t.encode("utf-8"))[:room] + suffix for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -162,8 +164,8 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
         for group in optimizer.param_groups:
             group["lr"] = _schedule(step, c)
         batch = [train_pairs[order.randrange(len(train_pairs))] for _ in range(c.batch_size)]
-        src = _byte_batch([s for s, _ in batch], [], [], c.device)
-        tgt = _byte_batch([t for _, t in batch], [BOS], [EOS], c.device)
+        src = _byte_batch([s for s, _ in batch], [], [], c.device, c.max_len)
+        tgt = _byte_batch([t for _, t in batch], [BOS], [EOS], c.device, c.max_len)
         logits = model(src, tgt[:, :-1], src == PAD)
         target = tgt[:, 1:].masked_fill(tgt[:, 1:] == PAD, -100)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
@@ -192,7 +194,7 @@ def translate(model, sources: list[str], c: TaskConfig) -> list[str]:
     out = []
     for start in range(0, len(sources), c.batch_size):
         chunk = sources[start:start + c.batch_size]
-        src = _byte_batch(chunk, [], [], c.device)
+        src = _byte_batch(chunk, [], [], c.device, c.max_len)
         ids = generate_seq2seq(model, src, c.max_len - 2, bos_token_id=BOS, eos_token_id=EOS,
                                src_pad_mask=src == PAD, num_beams=c.num_beams, early_stopping=True, pad_token_id=PAD)
         for row in ids[:, 1:].tolist():
@@ -238,7 +240,10 @@ def _task_args(p) -> None:
     p.add_argument("--lr", type=float, default=TaskConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-len", type=int, default=TaskConfig.max_len,
+                   help="tokens per sequence; longer texts are cut (default 64)")
 
 
 def _task_config(args) -> TaskConfig:
-    return TaskConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    return TaskConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                      max_len=args.max_len)
