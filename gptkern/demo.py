@@ -187,12 +187,17 @@ def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], d
     print(f"\n== 3/4 sampling from {path} with the KV cache")
     model, tokenizer = load_pretrained(path, device=device)
     prompt = torch.tensor([tokenizer.encode("def ")], device=device)
+    new = config.block_size - prompt.shape[1]  # the positions the model was trained on
+
+    def sample(n):
+        return generate(model, prompt, n, do_sample=True, temperature=0.8, top_k=40, seed=0)
+
+    sample(8)  # warm-up: compiles and caches every kernel
     start = time.perf_counter()
-    ids = generate(model, prompt, 1, do_sample=True, temperature=0.8, top_k=40, seed=0)
+    sample(1)
     prefill = time.perf_counter() - start
-    new = model.config.block_size - prompt.shape[1]  # learned positions: the context is the limit
     start = time.perf_counter()
-    ids = generate(model, prompt, new, do_sample=True, temperature=0.8, top_k=40, seed=0)
+    ids = sample(new)
     seconds = time.perf_counter() - start
     print("-" * 72)
     print(tokenizer.decode(ids[0].tolist()))
