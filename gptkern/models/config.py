@@ -93,8 +93,13 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {unknown}")
-        return cls(**values)
+        return build_dataclass(cls, values, "GPTConfig fields")
+
+
+def build_dataclass(cls, values: dict[str, Any], what: str):
+    """``cls(**values)``, naming the unknown keys (and the known ones) instead of a TypeError."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return cls(**values)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from gptkern.models.config import GPTConfig
+from gptkern.models.config import GPTConfig, build_dataclass
 
 
 @dataclass
@@ -71,11 +71,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return build_dataclass(cls, values, "training settings")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
