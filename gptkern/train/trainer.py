@@ -288,6 +288,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             logging = self.step % c.log_interval == 0 or self.step == c.max_steps
+            out_of_time = False
+            if c.max_seconds is not None and (logging or self.env.world_size == 1):  # same steps on every rank
+                out_of_time = self._agree(time.perf_counter() - started >= c.max_seconds)
+            logging = logging or out_of_time  # the last step is always logged
             if self.device.type != "cuda" or logging:  # on a GPU, read the loss at log steps only
                 loss = self._checked(loss_tensor)
             if logging:
@@ -302,12 +306,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
                 window_start, window_steps = now, 0
-            if self.step % c.eval_interval == 0 or self.step == c.max_steps:
+            if self.step % c.eval_interval == 0 or self.step == c.max_steps or out_of_time:
                 val = self.evaluate()
                 self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-            out_of_time = False
-            if c.max_seconds is not None and (logging or self.env.world_size == 1):  # same steps on every rank
-                out_of_time = self._agree(time.perf_counter() - started >= c.max_seconds)
             if self.step % c.checkpoint_interval == 0 or self.step == c.max_steps or out_of_time:
                 self._checked(loss_tensor)  # never save weights a NaN went through
                 self.save()
