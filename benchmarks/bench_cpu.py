@@ -8,7 +8,7 @@ so load from other processes hits both alike; ratio = torch time / cpu time (> 1
 Report only: nothing is asserted.
 
 Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--repeats 7] [--quick]
-[--tiny] [--json PATH]`` (gptkern importable, e.g. installed with ``make setup``).
+[--tiny] [--cases attention,decode] [--json PATH]`` (gptkern importable, e.g. installed with ``make setup``).
 """
 from __future__ import annotations
 
@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         for name, mode, ours, theirs, extra in [*row_cases(sizes, dtype), decode_case(sizes, dtype)]:
+            if args.cases and name.split()[0] not in args.cases:
+                continue
             print(f"[bench_cpu] {name} {mode} {dtype_name}", file=sys.stderr, flush=True)
             t = timed_pair({"cpu": ours, "torch": theirs}, warmup, repeats)
             row = {"case": name, "mode": mode, "dtype": dtype_name, "cpu": t["cpu"], "torch": t["torch"],
@@ -173,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (at least 5)")
     parser.add_argument("--quick", action="store_true", help="1 warmup, 5 rounds (< 60 s)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
+    parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=None,
+                        help="only these rows: softmax,layer_norm,rms_norm,attention,decode")
     parser.add_argument("--json", help="write the report as JSON here (atomically)")
     args = parser.parse_args(argv)
     if "cpu" not in gptkern.available_backends():

@@ -314,3 +314,27 @@ def test_bad_input_to_the_ops_names_the_argument():
     for match, fn in cases:
         with pytest.raises(RuntimeError, match=match):
             fn()
+
+
+def test_double_backward():
+    """create_graph=True: the gradients are differentiable (through torch's SDPA)."""
+    q, k, v = rand(1, 4, 9, 8), rand(1, 2, 11, 8), rand(1, 2, 11, 8)
+    mask = torch.rand(1, 1, 9, 11) > 0.3
+    for kw in (dict(is_causal=True), dict(attn_mask=mask)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with gptkern.backend("cpu"):
+            out = sdpa(*leaves, enable_gqa=True, **kw)
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = attention_ref(*ref_leaves, mask=kw.get("attn_mask"), causal=kw.get("is_causal", False))
+        ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves, create_graph=True)
+        ref_second = torch.autograd.grad(sum(g.square().sum() for g in ref_grads), ref_leaves)
+        for got, want in zip((*grads, *second), (*ref_grads, *ref_second)):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    qv, kv, vv = (rand(12, 2, 8).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with gptkern.backend("cpu"):
+        out = varlen(qv, kv, vv, cu, cu, 7, 7)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), (qv, kv, vv), create_graph=True)

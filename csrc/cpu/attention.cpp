@@ -1,7 +1,10 @@
 // Flash attention on CPU, dense (B, H, L, D) and varlen (packed (total, H, D)), forward and
 // backward. Tiled with an online softmax: per thread a (BM x BN) score tile, never an L x S
-// matrix. Work is cut into (batch, head, query block) tasks, scheduled dynamically; K and V are
-// first packed into fp32 blocks (K transposed, so a score tile is one GEMM of register tiles).
+// matrix. K and V are first packed into fp32 blocks (K transposed, so a score tile is one GEMM
+// of register tiles). Forward tasks: (batch, head, query block), scheduled dynamically. Backward
+// tasks: (batch, KV head, chunk of query blocks), recomputing P from the LSE; dQ is written per
+// query block, dK / dV go to the task's own fp32 partial (summed over the GQA group), and a last
+// pass adds the partials in a fixed order: no races, no dependence on the thread count.
 //
 // Visibility of key j to query i of a sequence (L queries, S keys): j < S, causal: j <= i + diag,
 // window (left, right), -1 unbounded: i + diag - left <= j <= i + diag + right; diag = 0 dense

@@ -264,7 +264,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     name = _backend.choose("scaled_dot_product_attention", query.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support,
                             "torch": lambda: None})
-    if name != "torch":
+    if name in ("triton", "cpu", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
         if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None)
             out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value)
@@ -463,7 +463,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     name = _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p),
                             "cpu": lambda: _cpu_limits(q, dropout_p), "torch": lambda: None})
-    if name != "torch":
+    if name in ("triton", "cpu"):
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
         if name == "cpu":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from gptkern.ops.reference import attention_ref
+
 
 def _fake_fwd(q, k, v, mask, causal, scale):
     b, h, l, _ = q.shape  # q (B, H, L, D), v (B, Hkv, S, Dv)
@@ -37,9 +39,20 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale = causal, scale
 
 
+def _double_backward_able(ctx, grad_out, q, k, v, mask):
+    """Gradients as a differentiable graph (create_graph=True): through the explicit composition
+    (torch's own CPU SDPA has no double backward)."""
+    with torch.enable_grad():
+        out = attention_ref(q, k, v, mask=mask, causal=ctx.causal, scale=ctx.scale, upcast=False)
+    return torch.autograd.grad(out, (q, k, v), grad_out, create_graph=True)
+
+
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
+    if torch.is_grad_enabled():
+        dq, dk, dv = _double_backward_able(ctx, grad_out, q, k, v, mask)
+    else:
+        dq, dk, dv = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
@@ -52,6 +65,9 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        raise NotImplementedError("flash_attn_varlen on the cpu backend: gradients with create_graph=True "
+                                  "(double backward) are not supported; use the torch backend")
     dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
 
