@@ -1,9 +1,10 @@
 """The C++ CPU kernels (backend ``cpu``) against PyTorch's own, on this machine's CPU.
 
 Rows: softmax / layer_norm / rms_norm (fwd, fwd+bwd), causal attention (fwd, fwd+bwd) against
-F.scaled_dot_product_attention, and decode attention (one query over a KV cache) against SDPA,
-with the decode's read bandwidth as a fraction of a read bandwidth measured in the same run
-(``sum`` of a large fp32 tensor). The two providers of a row are timed in alternating rounds,
+F.scaled_dot_product_attention, decode attention (one query over a KV cache) against SDPA, and
+the decode GEMVs (gptkern.ops.linear, one row, no grad) against F.linear: the gpt2-small output
+layer and its 12 layers' weights in turn. Decode and GEMV rows give their read bandwidth as a
+fraction of a read bandwidth measured in the same run (``sum`` of a large fp32 tensor). The two providers of a row are timed in alternating rounds,
 so load from other processes hits both alike; ratio = torch time / cpu time (> 1: gptkern wins).
 Report only: nothing is asserted.
 
@@ -36,9 +37,13 @@ class Sizes:
     attn: tuple = (4, 8, 1024, 64)          # B, H, L = S, D (causal)
     decode: tuple = (8, 16, 4096, 64)       # B, H (= Hkv), cache length, D; one query
     read_bytes: int = 512 * 2**20           # the bandwidth probe's tensor
+    vocab: int = 50257                      # GEMV rows: gpt2-small's output layer and layers
+    n_embd: int = 768
+    n_layer: int = 12
 
 
-TINY = Sizes(rows=64, cols=256, attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), read_bytes=2**22)
+TINY = Sizes(rows=64, cols=256, attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), read_bytes=2**22, vocab=1000,
+             n_embd=64, n_layer=2)
 
 
 def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
@@ -125,6 +130,32 @@ def decode_case(sizes: Sizes, dtype: torch.dtype):
     return (f"decode B={bsz} H={heads} cache={seq} D={dim}", "fwd", ours, theirs, {"bytes": nbytes})
 
 
+def gemv_cases(sizes: Sizes, dtype: torch.dtype):
+    """One-row linear layers without grad (batch-1 decoding): the output layer, then every
+    layer's c_attn, attn c_proj, c_fc, mlp c_proj in turn (weights far larger than the caches)."""
+    gen = torch.Generator().manual_seed(2)
+    c = sizes.n_embd
+    layer = [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c)]
+    sets = {f"linear M=1 lm_head {sizes.vocab}x{c}": [(sizes.vocab, c)],
+            f"linear M=1 gpt2 layers {sizes.n_layer}x[c_attn, c_proj, c_fc, c_proj]": layer * sizes.n_layer}
+    cases = []
+    for name, shapes in sets.items():
+        ws = [torch.randn(n, k, dtype=dtype, generator=gen) / k ** 0.5 for n, k in shapes]
+        bs = [torch.zeros(n, dtype=dtype) if n != sizes.vocab else None for n, _ in shapes]
+        xs = {k: torch.randn(1, k, dtype=dtype, generator=gen) for _, k in shapes}
+
+        def ours(ws=ws, bs=bs, xs=xs):
+            with torch.no_grad(), gptkern.backend("cpu"):
+                return [gptkern.ops.linear(xs[w.shape[1]], w, b) for w, b in zip(ws, bs)]
+
+        def theirs(ws=ws, bs=bs, xs=xs):
+            with torch.no_grad():
+                return [F.linear(xs[w.shape[1]], w, b) for w, b in zip(ws, bs)]
+
+        cases.append((name, "fwd", ours, theirs, {"bytes": sum(w.numel() * w.element_size() for w in ws)}))
+    return cases
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     sizes = TINY if args.tiny else Sizes()
@@ -133,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     roof = read_bandwidth(sizes.read_bytes, warmup, repeats)
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
-        for name, mode, ours, theirs, extra in [*row_cases(sizes, dtype), decode_case(sizes, dtype)]:
+        for name, mode, ours, theirs, extra in [*row_cases(sizes, dtype), decode_case(sizes, dtype),
+                                                    *gemv_cases(sizes, dtype)]:
             if args.cases and name.split()[0] not in args.cases:
                 continue
             print(f"[bench_cpu] {name} {mode} {dtype_name}", file=sys.stderr, flush=True)

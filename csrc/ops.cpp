@@ -32,4 +32,6 @@ TORCH_LIBRARY(gptkern, m) {
   // a paged one (num_blocks, Hkv, block_size, D); cache_seqlens (B,) int32. Returns (B, H, Lq, Dv).
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
         "Tensor? block_table) -> Tensor");
+  // y (M, N) = x (M, K) @ weight (N, K)^T + bias, for small M (decode GEMVs); fp32 or bf16, fp32 sums.
+  m.def("linear_small_m(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -159,8 +159,10 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order: the C++ attention kernels beat
 # PyTorch's SDPA on CPU (benchmarks/bench_cpu.py, 2 threads, fp32: attention fwd and fwd+bwd,
 # decode), so ``auto`` uses them there.
+# ``linear`` (no grad, at most 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one
+# (gpt2-small output layer 2.1-2.3x F.linear, decode tokens/s in benchmarks/bench_generate.py).
 _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
-                     for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention")}
+                     for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention", "linear")}
 
 # A check returns None when the backend can serve the call, else a reason.
 Support = Callable[[], Optional[str]]

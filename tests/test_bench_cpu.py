@@ -23,10 +23,10 @@ def test_bench_cpu_quick_tiny(tmp_path):
     assert {(r["case"].split()[0], r["mode"], r["dtype"]) for r in rows} == {
         (case, mode, dtype) for dtype in ("fp32", "bf16")
         for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention") for m in ("fwd", "fwd+bwd")]
-        + [("decode", "fwd")]}
+        + [("decode", "fwd"), ("linear", "fwd")]}
     for r in rows:
         assert r["ratio"] > 0 and r["cpu"]["p20_ms"] <= r["cpu"]["median_ms"] <= r["cpu"]["p80_ms"]
-    decode = [r for r in rows if r["case"].startswith("decode")]
+    decode = [r for r in rows if r["case"].startswith(("decode", "linear"))]
     assert all(r["gbps"] > 0 and r["read_fraction"] > 0 for r in decode)
     assert "| case | mode | dtype | cpu ms | torch ms | ratio |" in run.stdout
     assert not [p.name for p in tmp_path.rglob("*.tmp*")]

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gptkern.models.config import GPTConfig
+from gptkern.nn.linear import Linear
 from gptkern.nn.rotary import rope_cos_sin
 from gptkern.nn.transformer import Block, make_norm
 
@@ -135,7 +136,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPTBody(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self._tie()
         self.register_load_state_dict_pre_hook(self._fill_tied_head)
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkern import ops
+from gptkern.nn.linear import Linear
 from gptkern.nn.normalization import LayerNorm, RMSNorm
 from gptkern.nn.rotary import apply_rotary
 from gptkern.ops.attention import varlen_visibility
@@ -68,8 +69,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"window must be a positive number of tokens or None, got {window}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.dropout, self.causal, self.window = dropout, causal, window
-        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
-        self.c_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
+        self.c_attn = Linear(n_embd, (n_head + 2 * n_kv_head) * head_dim, bias=bias)
+        self.c_proj = Linear(n_head * head_dim, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -122,9 +123,9 @@ class CrossAttention(nn.Module):
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head, self.dropout = n_head, dropout
-        self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.kv_proj = nn.Linear(n_embd, 2 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.q_proj = Linear(n_embd, n_embd, bias=bias)
+        self.kv_proj = Linear(n_embd, 2 * n_embd, bias=bias)
+        self.c_proj = Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,8 +158,8 @@ class MLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        self.c_fc = nn.Linear(n_embd, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
-        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.c_fc = Linear(n_embd, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
+        self.c_proj = Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
