@@ -8,7 +8,7 @@
 //
 // Tasks are (batch, KV head, split of the cache): each reads its keys and values once for the
 // whole GQA group of query heads (rows = group x Lq), keeps a partial (max, sum, acc) per row;
-// a combine step merges the splits.
+// a combine step merges the splits (with one split per sequence, each task writes its output).
 #include <torch/library.h>
 
 #include <vector>
