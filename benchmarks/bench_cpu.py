@@ -47,7 +47,8 @@ TINY = Sizes(rows=64, cols=256, attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), rea
 
 
 def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
-    """Median / p20 / p80 ms of each function, timed in alternating rounds."""
+    """Median / p20 / p80 ms of each function, timed in alternating rounds after warmup + 1
+    untimed calls each."""
     for fn in fns.values():
         for _ in range(warmup + 1):
             fn()
@@ -159,7 +160,7 @@ def gemv_cases(sizes: Sizes, dtype: torch.dtype):
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     sizes = TINY if args.tiny else Sizes()
-    warmup, repeats = (1, 5) if args.quick else (2, args.repeats)
+    warmup, repeats = (0, 5) if args.quick else (2, args.repeats)
     rows = []
     roof = read_bandwidth(sizes.read_bytes, warmup, repeats)
     for dtype_name in args.dtype:
@@ -205,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", type=lambda s: [d for d in s.split(",") if d], default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (at least 5)")
-    parser.add_argument("--quick", action="store_true", help="1 warmup, 5 rounds (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="one untimed call, 5 rounds (< 60 s)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
     parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=None,
                         help="only these rows: softmax,layer_norm,rms_norm,attention,decode")

@@ -183,18 +183,25 @@ Packed pack(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool bac
   // One task per (b, hkv, key block).
   const int64_t blocks = ceil_div(p.max_s, kBN);
   at::parallel_for(0, p.batch * p.kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(std::max(p.dp, p.dvp));
+    const int64_t wp = std::max(p.dp, p.dvp);
+    std::vector<float> stage(kBN * wp);  // the block's rows in fp32, (kBN x wp)
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.kv_heads * blocks), h = t / blocks % p.kv_heads, n0 = t % blocks * kBN;
       const int64_t len = p.len_k(b);
       if (n0 >= len) continue;
       const int64_t n = std::min(kBN, len - n0), base = pk.region(p, b, h) + n0, ks = p.k_start(b) + n0;
       auto transpose_into = [&](const Operand<T>& src, int64_t width, float* dst) {  // (width x kBN)
+        float* st = stage.data();
         for (int64_t j = 0; j < kBN; ++j) {
-          if (j < n) load_f32(src.row(b, h, ks + j), src.sc, row.data(), width, width);
-          else std::fill(row.begin(), row.begin() + width, 0.0f);
-          for (int64_t c = 0; c < width; ++c) dst[c * kBN + j] = row[c];
+          if (j < n) load_f32(src.row(b, h, ks + j), src.sc, st + j * wp, width, width);
+          else std::fill(st + j * wp, st + j * wp + width, 0.0f);
         }
+        int64_t c0 = 0;
+        for (; c0 + 8 <= width; c0 += 8)
+          for (int64_t j0 = 0; j0 < kBN; j0 += 8)
+            at::vec::transpose_mxn<float, 8, 8>(st + j0 * wp + c0, wp, dst + c0 * kBN + j0, kBN);
+        for (int64_t c = c0; c < width; ++c)
+          for (int64_t j = 0; j < kBN; ++j) dst[c * kBN + j] = st[j * wp + c];
       };
       transpose_into(ko, p.d, pk.kt.mutable_data_ptr<float>() + base * p.d);
       if (backward) transpose_into(vo, p.dv, pk.vt.mutable_data_ptr<float>() + base * p.dv);

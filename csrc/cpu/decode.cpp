@@ -8,7 +8,7 @@
 //
 // Tasks are (batch, KV head, split of the cache): each reads its keys and values once for the
 // whole GQA group of query heads (rows = group x Lq), keeps a partial (max, sum, acc) per row;
-// a combine step merges the splits.
+// a combine step merges the splits (with one split per sequence, each task writes its output).
 #include <torch/library.h>
 
 #include <vector>
@@ -182,9 +182,11 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   const Split split = choose_split(batch * hkv_count, max_len);
   // Partials per (b, hkv, split, row): m, l, then dvp accumulators.
   const int64_t part_width = dvp + 2;
-  auto part_t = at::empty({batch * hkv_count * split.count * rows * part_width}, q.options().dtype(at::kFloat));
+  auto part_t = at::empty({split.count > 1 ? batch * hkv_count * split.count * rows * part_width : 0},
+                          q.options().dtype(at::kFloat));
   float* part = part_t.mutable_data_ptr<float>();
   const auto qo = operand<T>(q);
+  const auto oo = operand<T>(out);
   // Cache rows whose width is a multiple of kStep<T> are read in place (16-bit values converted
   // in registers); others are copied into fp32 buffers per chunk.
   const bool k_direct = d % kStep<T> == 0, v_direct = dv % kStep<T> == 0;
@@ -244,6 +246,13 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
         else add_pv(acc, sr, w.vbuf.data(), dvp, visible, dvp);
       }
     }
+    if (split.count == 1) {  // the whole cache: normalize and write the output
+      for (int64_t r = 0; r < rows; ++r) {
+        store_f32(w.acc.data() + r * dvp, oo.row(b, hkv * group + r / lq, r % lq), oo.sc, dv,
+                  w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f);
+      }
+      return;
+    }
     float* dst = part + t * rows * part_width;
     for (int64_t r = 0; r < rows; ++r) {
       dst[r * part_width] = w.m[r];
@@ -251,9 +260,10 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
       std::copy(w.acc.begin() + r * dvp, w.acc.begin() + (r + 1) * dvp, dst + r * part_width + 2);
     }
   });
-  // Combine the splits of each (b, hkv, row).
-  const auto oo = operand<T>(out);
-  at::parallel_for(0, batch * hkv_count * rows, 16, [&](int64_t begin, int64_t end) {
+  if (split.count == 1) return;
+  // Combine the splits of each (b, hkv, row); small problems inline (no second parallel region).
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (split.count * part_width));
+  at::parallel_for(0, batch * hkv_count * rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(dvp);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bk = i / rows, r = i % rows;
