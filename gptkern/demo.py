@@ -174,7 +174,7 @@ def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], d
           f"validation tokens ({meta['source']})")
     gpu = device.type == "cuda"
     config = TrainConfig(preset="gpt2-small" if gpu else "gpt2-tiny", data=str(data), out_dir=str(Path(out) / "train"),
-                         batch_size=16 if gpu else 12, block_size=512 if gpu else 128, max_steps=5000 if gpu else 1500,
+                         batch_size=16 if gpu else 12, block_size=512 if gpu else 128, max_steps=5000 if gpu else 2000,
                          lr=6e-4 if gpu else 2e-3, min_lr=6e-5 if gpu else 2e-4, warmup_steps=50,
                          eval_interval=250, eval_steps=10, log_interval=10, checkpoint_interval=500,
                          max_seconds=60 * minutes, seed=1337)
