@@ -25,6 +25,7 @@ namespace {
 constexpr int64_t kKeys = 8;     // keys scored together (one vector of scores)
 constexpr int64_t kChunk = 512;  // keys per online-softmax step (long runs of each stream)
 constexpr int64_t kSub = 64;     // keys per pass over the rows: their K / V rows stay in L1
+constexpr int64_t kSRow = kChunk + kKeys;  // score row stride (a run's scores may spill kKeys - 1)
 constexpr int64_t kMinSplit = 512;
 
 // out[c] = sum of the lanes of a[c], c < kKeys.
@@ -191,9 +192,9 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   // in registers); others are copied into fp32 buffers per chunk.
   const bool k_direct = d % kStep<T> == 0, v_direct = dv % kStep<T> == 0;
   auto make = [&] {
-    return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kChunk), std::vector<float>(rows * dvp),
+    return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kSRow), std::vector<float>(rows * dvp),
                    std::vector<float>(rows), std::vector<float>(rows),
-                   std::vector<float>(k_direct ? 0 : kChunk * dp), std::vector<float>(v_direct ? 0 : kChunk * dvp),
+                   std::vector<float>(k_direct ? 0 : kSub * dp), std::vector<float>(v_direct ? 0 : kChunk * dvp),
                    std::vector<int64_t>(rows)};
   };
   parallel_tasks<Scratch>(batch * hkv_count * split.count, make, [&](int64_t t, Scratch& w) {
@@ -204,33 +205,37 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
     std::fill(w.acc.begin(), w.acc.end(), 0.0f);
     std::fill(w.m.begin(), w.m.end(), kNegInf);
     std::fill(w.l.begin(), w.l.end(), 0.0f);
-    // Chunks of up to kChunk keys inside one page: their rows are kc.sr / vc.sr apart.
+    // Chunks of up to kChunk keys, walked in runs of up to kSub keys inside one page (rows
+    // kc.sr / vc.sr apart); fn(c0, m, k rows, v rows) for the run of keys j0 + c0 .. + m.
+    auto for_runs = [&](int64_t j0, int64_t n, const auto& fn) {
+      for (int64_t c0 = 0, m = 0; c0 < n; c0 += m) {
+        m = kc.run(j0 + c0, std::min(kSub, n - c0));
+        fn(c0, m, kc.row<T>(b, hkv, j0 + c0), vc.row<T>(b, hkv, j0 + c0));
+      }
+    };
     for (int64_t j0 = first, n = 0; j0 < last; j0 += n) {
-      n = kc.run(j0, std::min(kChunk, last - j0));
+      n = std::min(kChunk, last - j0);
       const int64_t n_pad = round_up(n, kW);
-      if (kc.table && j0 + n < last) {  // a paged cache: the next page's first rows
-        const int64_t n1 = std::min(kSub, kc.run(j0 + n, last - j0 - n));
-        prefetch_rows(kc.row<T>(b, hkv, j0 + n), n1, kc.sr, d);
-        prefetch_rows(vc.row<T>(b, hkv, j0 + n), n1, vc.sr, dv);
-      }
-      const T* k_raw = kc.row<T>(b, hkv, j0);
-      const T* v_raw = vc.row<T>(b, hkv, j0);
-      if (!k_direct)
-        for (int64_t c = 0; c < n; ++c) load_f32(k_raw + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
-      if (!v_direct)
-        for (int64_t c = 0; c < n; ++c) load_f32(v_raw + c * vc.sr, 1, w.vbuf.data() + c * dvp, dv, dvp);
-      // Scores (rows x n), kSub keys for every row at a time.
-      for (int64_t c0 = 0; c0 < n; c0 += kSub) {
-        const int64_t m = std::min(kSub, n - c0);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* sr = w.s.data() + r * kChunk + c0;
-          if (k_direct) score_keys(w.q.data() + r * dp, d, k_raw + c0 * kc.sr, kc.sr, m, sr);
-          else score_keys(w.q.data() + r * dp, dp, w.kbuf.data() + c0 * dp, dp, m, sr);
+      // Scores (rows x n), a run of keys for every row at a time.
+      for_runs(j0, n, [&](int64_t c0, int64_t m, const T* k, const T* v) {
+        if (kc.table && j0 + c0 + m < last) {  // a paged cache: the next run starts a new page
+          const int64_t m1 = kc.run(j0 + c0 + m, std::min(kSub, last - j0 - c0 - m));
+          prefetch_rows(kc.row<T>(b, hkv, j0 + c0 + m), m1, kc.sr, d);
+          prefetch_rows(vc.row<T>(b, hkv, j0 + c0 + m), m1, vc.sr, dv);
         }
-      }
+        if (!k_direct)
+          for (int64_t c = 0; c < m; ++c) load_f32(k + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
+        if (!v_direct)
+          for (int64_t c = 0; c < m; ++c) load_f32(v + c * vc.sr, 1, w.vbuf.data() + (c0 + c) * dvp, dv, dvp);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = w.s.data() + r * kSRow + c0;  // writes up to round_up(m, kKeys) scores
+          if (k_direct) score_keys(w.q.data() + r * dp, d, k, kc.sr, m, sr);
+          else score_keys(w.q.data() + r * dp, dp, w.kbuf.data(), dp, m, sr);
+        }
+      });
       // Online softmax per row; keys past the chunk or the query's causal limit are not visible.
       for (int64_t r = 0; r < rows; ++r) {
-        float* sr = w.s.data() + r * kChunk;
+        float* sr = w.s.data() + r * kSRow;
         w.visible[r] = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
         std::fill(sr + w.visible[r], sr + n_pad, kNegInf);
         const float m_new = std::max(w.m[r], row_max(sr, n_pad));
@@ -240,16 +245,16 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
         w.m[r] = m_new;
         if (alpha != 1.0f) scale_row(w.acc.data() + r * dvp, dvp, alpha);
       }
-      // acc += P V, kSub keys for every row at a time.
-      for (int64_t c0 = 0; c0 < n; c0 += kSub) {
+      // acc += P V, a run of keys for every row at a time.
+      for_runs(j0, n, [&](int64_t c0, int64_t m, const T*, const T* v) {
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t m = std::clamp<int64_t>(w.visible[r] - c0, 0, std::min(kSub, n - c0));
-          const float* pr = w.s.data() + r * kChunk + c0;
+          const int64_t seen = std::clamp<int64_t>(w.visible[r] - c0, 0, m);
+          const float* pr = w.s.data() + r * kSRow + c0;
           float* acc = w.acc.data() + r * dvp;
-          if (v_direct) add_pv(acc, pr, v_raw + c0 * vc.sr, vc.sr, m, dv);
-          else add_pv(acc, pr, w.vbuf.data() + c0 * dvp, dvp, m, dvp);
+          if (v_direct) add_pv(acc, pr, v, vc.sr, seen, dv);
+          else add_pv(acc, pr, w.vbuf.data() + c0 * dvp, dvp, seen, dvp);
         }
-      }
+      });
     }
     if (split.count == 1) {  // the whole cache: normalize and write the output
       for (int64_t r = 0; r < rows; ++r) {
