@@ -22,9 +22,11 @@
 namespace gptkern::cpu::attn {
 namespace {
 
-constexpr int64_t kKeys = 8;    // keys scored together (one vector of scores)
-constexpr int64_t kChunk = 64;  // keys per online-softmax step
-constexpr int64_t kMinSplit = 256;
+constexpr int64_t kKeys = 8;     // keys scored together (one vector of scores)
+constexpr int64_t kChunk = 512;  // keys per online-softmax step (long runs of each stream)
+constexpr int64_t kSub = 64;     // keys per pass over the rows: their K / V rows stay in L1
+constexpr int64_t kSRow = kChunk + kKeys;  // score row stride (a run's scores may spill kKeys - 1)
+constexpr int64_t kMinSplit = 512;
 
 // out[c] = sum of the lanes of a[c], c < kKeys.
 inline void sum_lanes(const Vec* a, float* out) {
@@ -84,14 +86,12 @@ inline void load_step(const T* p, Vec* out) {
   }
 }
 
-// s[c] = q . k[c] for c < n_pad (a multiple of kKeys); key rows of `width` (a multiple of
-// kStep<T>) `ks` apart; rows >= n repeat row n - 1. prefetch(c) runs before keys c .. c + kKeys.
-template <typename T, typename Prefetch>
-inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, int64_t n_pad, float* s,
-                       const Prefetch& prefetch) {
+// s[c] = q . k[c] for c < round_up(n, kKeys); key rows of `width` (a multiple of kStep<T>)
+// `ks` apart; rows >= n repeat row n - 1.
+template <typename T>
+inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, float* s) {
   constexpr int64_t kV = kStep<T> / kW;
-  for (int64_t c = 0; c < n_pad; c += kKeys) {
-    prefetch(c);
+  for (int64_t c = 0; c < n; c += kKeys) {
     const T* kr[kKeys];
     for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
     Vec a[kKeys];
@@ -170,6 +170,7 @@ Split choose_split(int64_t tasks, int64_t max_len) {
 
 struct Scratch {
   std::vector<float> q, s, acc, m, l, kbuf, vbuf;
+  std::vector<int64_t> visible;
 };
 
 template <typename T>
@@ -191,9 +192,10 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   // in registers); others are copied into fp32 buffers per chunk.
   const bool k_direct = d % kStep<T> == 0, v_direct = dv % kStep<T> == 0;
   auto make = [&] {
-    return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kChunk), std::vector<float>(rows * dvp),
-                   std::vector<float>(rows), std::vector<float>(rows), std::vector<float>(kChunk * dp),
-                   std::vector<float>(kChunk * dvp)};
+    return Scratch{std::vector<float>(rows * dp), std::vector<float>(rows * kSRow), std::vector<float>(rows * dvp),
+                   std::vector<float>(rows), std::vector<float>(rows),
+                   std::vector<float>(k_direct ? 0 : kSub * dp), std::vector<float>(v_direct ? 0 : kChunk * dvp),
+                   std::vector<int64_t>(rows)};
   };
   parallel_tasks<Scratch>(batch * hkv_count * split.count, make, [&](int64_t t, Scratch& w) {
     const int64_t b = t / (hkv_count * split.count), hkv = t / split.count % hkv_count, sp = t % split.count;
@@ -203,48 +205,56 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
     std::fill(w.acc.begin(), w.acc.end(), 0.0f);
     std::fill(w.m.begin(), w.m.end(), kNegInf);
     std::fill(w.l.begin(), w.l.end(), 0.0f);
-    // Chunks of up to kChunk keys inside one page: their rows are kc.sr / vc.sr apart.
+    // Chunks of up to kChunk keys, walked in runs of up to kSub keys inside one page (rows
+    // kc.sr / vc.sr apart); fn(c0, m, k rows, v rows) for the run of keys j0 + c0 .. + m.
+    auto for_runs = [&](int64_t j0, int64_t n, const auto& fn) {
+      for (int64_t c0 = 0, m = 0; c0 < n; c0 += m) {
+        m = kc.run(j0 + c0, std::min(kSub, n - c0));
+        fn(c0, m, kc.row<T>(b, hkv, j0 + c0), vc.row<T>(b, hkv, j0 + c0));
+      }
+    };
     for (int64_t j0 = first, n = 0; j0 < last; j0 += n) {
-      n = kc.run(j0, std::min(kChunk, last - j0));
-      const T* k_raw = kc.row<T>(b, hkv, j0);
-      const T* v_raw = vc.row<T>(b, hkv, j0);
-      // The next chunk's rows are prefetched while this chunk is scored, kKeys rows at a time.
-      const int64_t j1 = j0 + n, n1 = j1 < last ? kc.run(j1, std::min(kChunk, last - j1)) : 0;
-      const T* k_next = n1 ? kc.row<T>(b, hkv, j1) : nullptr;
-      const T* v_next = n1 ? vc.row<T>(b, hkv, j1) : nullptr;
-      auto prefetch = [&](int64_t c) {
-        if (c >= n1) return;
-        prefetch_rows(k_next + c * kc.sr, std::min(kKeys, n1 - c), kc.sr, d);
-        prefetch_rows(v_next + c * vc.sr, std::min(kKeys, n1 - c), vc.sr, dv);
-      };
-      auto no_prefetch = [](int64_t) {};
-      const bool buffered = !k_direct || !v_direct;  // then all at once, before the copies
-      if (buffered)
-        for (int64_t c = 0; c < n1; c += kKeys) prefetch(c);
-      if (!k_direct)
-        for (int64_t c = 0; c < n; ++c) load_f32(k_raw + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
-      if (!v_direct)
-        for (int64_t c = 0; c < n; ++c) load_f32(v_raw + c * vc.sr, 1, w.vbuf.data() + c * dvp, dv, dvp);
+      n = std::min(kChunk, last - j0);
+      const int64_t n_pad = round_up(n, kW);
+      // Scores (rows x n), a run of keys for every row at a time.
+      for_runs(j0, n, [&](int64_t c0, int64_t m, const T* k, const T* v) {
+        if (kc.table && j0 + c0 + m < last) {  // a paged cache: the next run starts a new page
+          const int64_t m1 = kc.run(j0 + c0 + m, std::min(kSub, last - j0 - c0 - m));
+          prefetch_rows(kc.row<T>(b, hkv, j0 + c0 + m), m1, kc.sr, d);
+          prefetch_rows(vc.row<T>(b, hkv, j0 + c0 + m), m1, vc.sr, dv);
+        }
+        if (!k_direct)
+          for (int64_t c = 0; c < m; ++c) load_f32(k + c * kc.sr, 1, w.kbuf.data() + c * dp, d, dp);
+        if (!v_direct)
+          for (int64_t c = 0; c < m; ++c) load_f32(v + c * vc.sr, 1, w.vbuf.data() + (c0 + c) * dvp, dv, dvp);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = w.s.data() + r * kSRow + c0;  // writes up to round_up(m, kKeys) scores
+          if (k_direct) score_keys(w.q.data() + r * dp, d, k, kc.sr, m, sr);
+          else score_keys(w.q.data() + r * dp, dp, w.kbuf.data(), dp, m, sr);
+        }
+      });
+      // Online softmax per row; keys past the chunk or the query's causal limit are not visible.
       for (int64_t r = 0; r < rows; ++r) {
-        float* sr = w.s.data() + r * kChunk;
-        const float* qr = w.q.data() + r * dp;
-        if (!k_direct) score_keys(qr, dp, w.kbuf.data(), dp, n, round_up(n, kKeys), sr, no_prefetch);
-        else if (r == 0 && !buffered) score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, prefetch);
-        else score_keys(qr, d, k_raw, kc.sr, n, round_up(n, kKeys), sr, no_prefetch);
-        // Keys past the chunk, and past the query's causal limit, are not visible.
-        const int64_t visible = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
-        std::fill(sr + visible, sr + kChunk, kNegInf);
-        // Online softmax, then acc += P V.
-        const float m_new = std::max(w.m[r], row_max(sr, kChunk));
+        float* sr = w.s.data() + r * kSRow;
+        w.visible[r] = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
+        std::fill(sr + w.visible[r], sr + n_pad, kNegInf);
+        const float m_new = std::max(w.m[r], row_max(sr, n_pad));
         const float m_ref = m_new == kNegInf ? 0.0f : m_new;
         const float alpha = std::exp(w.m[r] - m_ref);
-        w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, kChunk, m_ref);
+        w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, n_pad, m_ref);
         w.m[r] = m_new;
-        float* acc = w.acc.data() + r * dvp;
-        if (alpha != 1.0f) scale_row(acc, dvp, alpha);
-        if (v_direct) add_pv(acc, sr, v_raw, vc.sr, visible, dv);
-        else add_pv(acc, sr, w.vbuf.data(), dvp, visible, dvp);
+        if (alpha != 1.0f) scale_row(w.acc.data() + r * dvp, dvp, alpha);
       }
+      // acc += P V, a run of keys for every row at a time.
+      for_runs(j0, n, [&](int64_t c0, int64_t m, const T*, const T* v) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t seen = std::clamp<int64_t>(w.visible[r] - c0, 0, m);
+          const float* pr = w.s.data() + r * kSRow + c0;
+          float* acc = w.acc.data() + r * dvp;
+          if (v_direct) add_pv(acc, pr, v, vc.sr, seen, dv);
+          else add_pv(acc, pr, w.vbuf.data() + c0 * dvp, dvp, seen, dvp);
+        }
+      });
     }
     if (split.count == 1) {  // the whole cache: normalize and write the output
       for (int64_t r = 0; r < rows; ++r) {
