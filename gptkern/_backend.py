@@ -157,8 +157,8 @@ def available_backends() -> list[str]:
 # tensors on ``torch`` until they win; ``gptkern.backend("cpu")`` selects them.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order: the C++ attention kernels beat
-# PyTorch's SDPA on CPU (benchmarks/bench_cpu.py, 2 threads, fp32: attention fwd and fwd+bwd,
-# decode), so ``auto`` uses them there.
+# PyTorch's CPU SDPA (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX2: causal attention fwd
+# 1.35x fp32 / 1.4x bf16, fwd+bwd 1.5x / 1.15x, decode 1.25x / 6x), so ``auto`` uses them there.
 # ``linear`` (no grad, at most 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one
 # (gpt2-small output layer 2.1-2.3x F.linear, decode tokens/s in benchmarks/bench_generate.py).
 _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")

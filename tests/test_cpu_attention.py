@@ -338,3 +338,22 @@ def test_double_backward():
         out = varlen(qv, kv, vv, cu, cu, 7, 7)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(out.sum(), (qv, kv, vv), create_graph=True)
+
+
+def test_schemas_are_the_shared_contract():
+    """The CUDA kernels implement these same schemas: the strings must not drift."""
+    want = [
+        "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)",
+        "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+        "bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+        "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right) -> (Tensor, Tensor)",
+        "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+        "int window_left, int window_right) -> (Tensor, Tensor, Tensor)",
+        "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
+        "Tensor? block_table) -> Tensor",
+    ]
+    for schema in want:
+        op = getattr(torch.ops.gptkern, schema.split("(")[0]).default
+        assert str(op._schema) == "gptkern::" + schema
