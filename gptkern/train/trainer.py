@@ -337,8 +337,15 @@ class Trainer:
         return tqdm(total=self.config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def close(self) -> None:
+        """Destroy the process group, then let gloo's worker threads finish while Python is fully alive.
+
+        DDP and FSDP keep the backend alive after ``destroy_process_group`` (torch frees it at exit), and a worker
+        may still be dropping the last collective's tensors, which takes the GIL. Taking it during interpreter
+        shutdown aborts the process ("terminate called without an active exception"), so release it here.
+        """
         if self.env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+            time.sleep(0.2)  # releases the GIL: a waiting worker finishes now
 
 
 class _Frozen:
