@@ -51,5 +51,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
   simd.append("avx512f");
 #endif
-  m.attr("simd") = simd;  // compile-time flags; at::vec also dispatches at run time
+  m.attr("simd") = simd;  // compile-time flags: at::vec is compiled for one capability
+#if defined(CPU_CAPABILITY_AVX512)
+  m.attr("cpu_capability") = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  m.attr("cpu_capability") = "avx2";
+#else
+  m.attr("cpu_capability") = "default";
+#endif
 }

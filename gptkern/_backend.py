@@ -87,6 +87,10 @@ def _extension(jit: bool = False):
             _C = None
             _EXT_MISSING = ("gptkern._C is not built" if getattr(err, "name", None) == "gptkern._C"
                             else f"gptkern._C does not import ({err})")
+        if _C is not None:
+            _EXT_MISSING = _capability_problem(_C)
+            if _EXT_MISSING:
+                _C = None
         _EXT = _C
         if _C is not None:
             _run_load_hooks()
@@ -96,6 +100,20 @@ def _extension(jit: bool = False):
         _EXT = _jit.build(_EXT_MISSING)
         _run_load_hooks()
     return _EXT
+
+
+def _capability_problem(module) -> str:
+    """Why a build cannot run on this CPU (built elsewhere for SIMD this CPU lacks), else ""."""
+    from gptkern import _build, _jit
+
+    capability = getattr(module, "cpu_capability", "default")
+    missing = _build.missing_cpu_flags(capability)
+    if not missing:
+        return ""
+    problem = (f"gptkern._C was built for {capability} but this CPU lacks {', '.join(sorted(missing))}: rebuild it "
+               f"here (pip install --no-build-isolation -e .), or set GPTKERN_BACKEND=torch")
+    _jit.refuse(problem)  # a second _C would register the same ops again
+    return problem
 
 
 _UNSET = object()

@@ -4,8 +4,8 @@ gptkern is importable.
 
 Switches (environment): ``GPTKERN_BUILD_CUDA`` (unset: CUDA kernels when torch has CUDA and
 nvcc is found; ``0`` never; ``1`` always, an error without them), ``GPTKERN_CUDA_ARCHS``
-(default ``8.0;9.0``, ``+PTX`` after one also embeds its PTX), ``GPTKERN_CPU_CAPABILITY=default``
-(no AVX2 flags).
+(default ``8.0;9.0``, ``+PTX`` after one also embeds its PTX), ``GPTKERN_CPU_CAPABILITY``
+(``default``: no SIMD flags, ``avx2``, ``avx512``; unset: the best the building CPU has).
 """
 from __future__ import annotations
 
@@ -29,19 +29,47 @@ def cuda_sources(csrc: str) -> list[str]:
             *sorted(glob.glob(os.path.join(csrc, "cuda", "*.cpp")))]
 
 
-def cpu_capability_flags() -> list[str]:
-    """AVX2 + FMA + F16C (ATen's 256-bit at::vec, with Sleef's exp) when the building CPU has them: the
-    extension is built on the machine that runs it. GPTKERN_CPU_CAPABILITY=default turns it off."""
-    if os.environ.get("GPTKERN_CPU_CAPABILITY", "").lower() == "default":
-        return []
+# ATen's at::vec picks its 256- or 512-bit Vectorized<float> from these macros; the flags match
+# the ones ATen compiles its own AVX2 / AVX512 kernels with.
+CPU_CAPABILITIES = {
+    "avx512": ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512"]),
+    "avx2": ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]),
+}
+
+
+def host_cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return []
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
-    return []
+        return set()
+
+
+def cpu_capability() -> str:
+    """The SIMD level the CPU kernels are compiled for: ``GPTKERN_CPU_CAPABILITY`` (default, avx2,
+    avx512), else the best this CPU has. The extension is built on the machine that runs it; at import,
+    gptkern checks that the running CPU has what the build used."""
+    wanted = os.environ.get("GPTKERN_CPU_CAPABILITY", "").lower()
+    if wanted and wanted != "default" and wanted not in CPU_CAPABILITIES:
+        raise ValueError(f"GPTKERN_CPU_CAPABILITY={wanted!r}: expected default, avx2 or avx512")
+    if wanted:
+        return wanted
+    flags = host_cpu_flags()
+    return next((name for name, (needs, _) in CPU_CAPABILITIES.items() if needs <= flags), "default")
+
+
+def missing_cpu_flags(capability: str) -> set[str]:
+    """The CPU features a build for ``capability`` uses that this CPU lacks (empty: it runs here)."""
+    needs = CPU_CAPABILITIES.get(capability, (set(), []))[0]
+    flags = host_cpu_flags()
+    return needs - flags if flags else set()  # no /proc/cpuinfo: nothing to check against
+
+
+def cpu_capability_flags() -> list[str]:
+    name = cpu_capability()
+    return [] if name == "default" else list(CPU_CAPABILITIES[name][1])
 
 
 def cxx_flags() -> list[str]:

@@ -96,6 +96,12 @@ def _digest(sources: list[str], headers: list[str], flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def refuse(reason: str) -> None:
+    """Make every later :func:`build` raise JITBuildError(reason)."""
+    global _failed
+    _failed = reason
+
+
 def build(reason: str):
     """Build (or load the cached build of) the CPU extension and return the module.
 

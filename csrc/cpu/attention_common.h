@@ -146,7 +146,7 @@ inline void store_f32(const float* src, T* dst, int64_t stride, int64_t n, float
 // ---------------------------------------------------------------------------- GEMM micro-kernel
 
 // Rows of C per register tile: R rows x 2 vectors of accumulators, plus 2 B vectors and one
-// broadcast A value, fit the 16 AVX2 registers.
+// broadcast A value, fit the 16 AVX2 registers (AVX-512 has 32: room for a taller tile).
 constexpr int kTileRows = 6;
 
 template <int R, int NV, bool kAcc>

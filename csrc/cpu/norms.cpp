@@ -27,20 +27,53 @@ template <typename scalar_t>
 void norm_fwd_rows(const scalar_t* x, scalar_t* y, float* mean, float* rstd, const float* w,
                    const float* b, int64_t rows, int64_t n, float eps, bool is_rms) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(n);
-    float* v = buf.data();
+    // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 2 * n);
     for (int64_t r = begin; r < end; ++r) {
-      load_row(x + r * n, v, n);
-      const float mu = is_rms ? 0.0f : vec_sum(v, n) / n;
+      const float* v = float_row(x + r * n, buf.data(), n);
+      float* out = float_out(y + r * n, buf.data() + (buf.empty() ? 0 : n));
+      const float mu = is_rms ? 0.0f : vec_sum(v, n) / n;  // two passes: the row stays in cache
       const float var = at::vec::map_reduce_all<float>(
           [mu](Vec a) { return (a - Vec(mu)) * (a - Vec(mu)); }, [](Vec a, Vec c) { return a + c; }, v, n) / n;
       const float rs = 1.0f / std::sqrt(var + eps);
-      at::vec::map3([mu, rs](Vec a, Vec wv, Vec bv) { return (a - Vec(mu)) * Vec(rs) * wv + bv; }, v, v, w, b, n);
-      store_row(v, y + r * n, n);
+      at::vec::map3([mu, rs](Vec a, Vec wv, Vec bv) { return (a - Vec(mu)) * Vec(rs) * wv + bv; }, out, v, w, b, n);
+      finish_row(out, y + r * n, n);
       mean[r] = mu;
       rstd[r] = rs;
     }
   });
+}
+
+// One row of the backward, in two passes over cache-resident rows (xhat and w * dy are recomputed
+// rather than stored):
+//   1. c1 = mean(xhat * w * dy), c2 = mean(w * dy); dw += dy * xhat and db += dy;
+//   2. dx = (w * dy - (xhat * c1 + c2)) * rstd, with xhat = (x - mean) * rstd.
+inline void norm_bwd_row(const float* x, const float* g, float* dx, const float* w, float mu, float rs,
+                         float* dw, float* db, int64_t n, bool is_rms) {
+  constexpr int64_t kW = Vec::size();
+  const Vec vmu(mu), vrs(rs);
+  Vec acc1(0.0f), acc2(0.0f);
+  auto step1 = [&](int64_t i, int64_t count) {
+    const Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
+    const Vec gv = Vec::loadu(g + i, count);
+    const Vec wgv = gv * Vec::loadu(w + i, count);
+    acc1 = at::vec::fmadd(h, wgv, acc1);  // the lanes past count are zero in every load
+    acc2 = acc2 + wgv;
+    if (dw) at::vec::fmadd(gv, h, Vec::loadu(dw + i, count)).store(dw + i, count);
+    if (db) (Vec::loadu(db + i, count) + gv).store(db + i, count);
+  };
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) step1(i, kW);
+  if (i < n) step1(i, n - i);
+  const Vec c1(lane_sum(acc1) / n);
+  const Vec c2(is_rms ? 0.0f : lane_sum(acc2) / n);
+  auto step2 = [&](int64_t i, int64_t count) {
+    const Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
+    const Vec wgv = Vec::loadu(g + i, count) * Vec::loadu(w + i, count);
+    ((wgv - at::vec::fmadd(h, c1, c2)) * vrs).store(dx + i, count);
+  };
+  for (i = 0; i + kW <= n; i += kW) step2(i, kW);
+  if (i < n) step2(i, n - i);
 }
 
 template <typename scalar_t>
@@ -49,27 +82,17 @@ void norm_bwd_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const fl
   const int64_t groups = std::min(rows, kGroups);
   const int64_t per_group = (rows + groups - 1) / groups;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-    std::vector<float> buf(3 * n);
-    float* xh = buf.data();
-    float* g = buf.data() + n;
-    float* wg = buf.data() + 2 * n;
+    // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 3 * n);
     for (int64_t grp = g_begin; grp < g_end; ++grp) {
       float* dw = dw_part ? dw_part + grp * n : nullptr;
       float* db = db_part ? db_part + grp * n : nullptr;
       for (int64_t r = grp * per_group; r < std::min(rows, (grp + 1) * per_group); ++r) {
-        load_row(x + r * n, xh, n);
-        load_row(dy + r * n, g, n);
-        const float mu = mean[r], rs = rstd[r];
-        at::vec::map([mu, rs](Vec a) { return (a - Vec(mu)) * Vec(rs); }, xh, xh, n);  // xhat
-        at::vec::map2([](Vec gv, Vec wv) { return gv * wv; }, wg, g, w, n);             // w * dy
-        const float c1 = at::vec::map2_reduce_all<float>(
-            [](Vec a, Vec c) { return a * c; }, [](Vec a, Vec c) { return a + c; }, xh, wg, n) / n;
-        const float c2 = is_rms ? 0.0f : vec_sum(wg, n) / n;
-        if (dw) at::vec::map3([](Vec acc, Vec gv, Vec h) { return acc + gv * h; }, dw, dw, g, xh, n);
-        if (db) at::vec::map2([](Vec acc, Vec gv) { return acc + gv; }, db, db, g, n);
-        at::vec::map2([c1, c2, rs](Vec wv, Vec h) { return (wv - (h * Vec(c1) + Vec(c2))) * Vec(rs); },
-                      wg, wg, xh, n);
-        store_row(wg, dx + r * n, n);
+        const float* xr = float_row(x + r * n, buf.data(), n);
+        const float* gr = float_row(dy + r * n, buf.data() + n, n);
+        float* out = float_out(dx + r * n, buf.data() + 2 * n);
+        norm_bwd_row(xr, gr, out, w, mean[r], rstd[r], dw, db, n, is_rms);
+        finish_row(out, dx + r * n, n);
       }
     }
   });

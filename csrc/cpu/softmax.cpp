@@ -13,24 +13,22 @@ namespace {
 template <typename in_t, typename out_t>
 void softmax_rows(const in_t* x, out_t* y, int64_t rows, int64_t n, bool log) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * n);
-    float* z = buf.data();            // the row in fp32 when it is not fp32 already
-    float* scratch = buf.data() + n;  // log-softmax's exp values
+    // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
+    std::vector<float> buf((std::is_same_v<in_t, float> ? 0 : n) + (std::is_same_v<out_t, float> ? 0 : n));
+    float* in_buf = buf.data();
+    float* out_buf = buf.data() + (std::is_same_v<in_t, float> ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
-      // fp32 rows are read in place; other dtypes go through the float buffer.
-      const float* row = std::is_same_v<in_t, float> ? reinterpret_cast<const float*>(x + r * n) : z;
-      float* dst = std::is_same_v<out_t, float> ? reinterpret_cast<float*>(y + r * n) : z;
-      if constexpr (!std::is_same_v<in_t, float>) load_row(x + r * n, z, n);
+      const float* row = float_row(x + r * n, in_buf, n);
+      float* dst = float_out(y + r * n, out_buf);
       const float m = vec_max(row, n);  // a row of -inf gives NaN, as torch
       if (log) {
-        const float s = exp_shifted_sum(row, scratch, n, m);
-        const float shift = m + std::log(s);
+        const float shift = m + std::log(exp_shifted_sum(row, nullptr, n, m));
         at::vec::map([shift](Vec v) { return v - Vec(shift); }, dst, row, n);
       } else {
         const float inv = 1.0f / exp_shifted_sum(row, dst, n, m);
         at::vec::map([inv](Vec v) { return v * Vec(inv); }, dst, dst, n);
       }
-      if constexpr (!std::is_same_v<out_t, float>) store_row(dst, y + r * n, n);
+      finish_row(dst, y + r * n, n);
     }
   });
 }
@@ -39,21 +37,20 @@ template <typename scalar_t>
 void softmax_bwd_rows(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t rows, int64_t n,
                       bool log) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * n);
-    float* g = buf.data();
-    float* o = buf.data() + n;
+    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 3 * n);
     for (int64_t r = begin; r < end; ++r) {
-      load_row(dy + r * n, g, n);
-      load_row(y + r * n, o, n);
+      const float* g = float_row(dy + r * n, buf.data(), n);
+      const float* o = float_row(y + r * n, buf.data() + n, n);
+      float* d = float_out(dx + r * n, buf.data() + 2 * n);
       if (log) {  // dx = dy - exp(y) * sum(dy)
         const float total = vec_sum(g, n);
-        at::vec::map2([total](Vec gv, Vec ov) { return gv - ov.exp() * Vec(total); }, g, g, o, n);
+        at::vec::map2([total](Vec gv, Vec ov) { return gv - ov.exp() * Vec(total); }, d, g, o, n);
       } else {  // dx = y * (dy - sum(dy * y))
         const float total = at::vec::map2_reduce_all<float>(
             [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g, o, n);
-        at::vec::map2([total](Vec gv, Vec ov) { return ov * (gv - Vec(total)); }, g, g, o, n);
+        at::vec::map2([total](Vec gv, Vec ov) { return ov * (gv - Vec(total)); }, d, g, o, n);
       }
-      store_row(g, dx + r * n, n);
+      finish_row(d, dx + r * n, n);
     }
   });
 }
