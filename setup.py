@@ -5,7 +5,8 @@ The extension needs torch at build time: install with ``pip install --no-build-i
 after torch (the Makefile does). Without torch, or with GPTKERN_BUILD_EXT=0, the package is
 pure Python: the ``cpu`` backend then builds the extension at its first use (gptkern._jit).
 Switches: GPTKERN_BUILD_CUDA=0/1 (force the CUDA kernels off / on), GPTKERN_CUDA_ARCHS (default
-"8.0;9.0"), GPTKERN_CPU_CAPABILITY=default (no AVX2); MAX_JOBS is honoured by ninja.
+"8.0;9.0"), GPTKERN_CPU_CAPABILITY=default/avx2/avx512 (unset: the best of this CPU); MAX_JOBS
+is honoured by ninja.
 A regular (non-editable) install also ships csrc/ as gptkern/_csrc, for that JIT build.
 """
 import importlib.util

@@ -169,18 +169,20 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS[1:] if any(_backend_runs_on(b, d) for d in devices)]
 
 
-# Order tried by ``auto``, per device type. The C++ CPU kernels are not in it yet: measured
-# on one thread with AVX2 they are slower than PyTorch's own for softmax (0.65x) and
-# layer_norm (0.4-0.57x), faster only for rms_norm forward+backward, so ``auto`` keeps CPU
-# tensors on ``torch`` until they win; ``gptkern.backend("cpu")`` selects them.
+# Order tried by ``auto``, per device type. CPU tensors stay on ``torch`` for softmax and
+# layer_norm: the C++ kernels only match PyTorch's there (AVX-512 build, 2 threads: 1.0-1.04x at
+# 8192x4096 fp32, 0.6-1.6x across smaller shapes and bf16, 0.2-0.4x on 64x64 where the custom-op
+# call costs more than the math).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
-# Per-op exceptions to _AUTO_ORDER, (op, device type) -> order: the C++ attention kernels beat
-# PyTorch's CPU SDPA (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX2: causal attention fwd
-# 1.35x fp32 / 1.4x bf16, fwd+bwd 1.5x / 1.15x, decode 1.25x / 6x), so ``auto`` uses them there.
-# ``linear`` (no grad, at most 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one
-# (gpt2-small output layer 2.1-2.3x F.linear, decode tokens/s in benchmarks/bench_generate.py).
+# Per-op exceptions to _AUTO_ORDER, (op, device type) -> order, where the C++ kernels win
+# (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX-512): causal attention fwd 2.0x, fwd+bwd 2.4x
+# (fp32) of PyTorch's CPU SDPA, decode 1.26x / 6x; rms_norm 2-3x forward and 5-10x forward+backward
+# (PyTorch's is a composition of ops; 0.7x only on tiny 64x64 inputs); ``linear`` (no grad, at most
+# 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one (gpt2-small output layer
+# 2.1-2.4x F.linear).
 _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
-                     for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention", "linear")}
+                     for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention", "linear",
+                                "rms_norm")}
 
 # A check returns None when the backend can serve the call, else a reason.
 Support = Callable[[], Optional[str]]

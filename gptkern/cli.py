@@ -57,6 +57,8 @@ def _extension_info(ext) -> str:
                 else "no JIT build (GPTKERN_JIT=0, no sources, or a failed build)")
         return f"not loaded: {why}; {then}"
     text = "built, devices: " + ", ".join(getattr(ext, "devices", ()))
+    text += f"; CPU kernels for {getattr(ext, 'cpu_capability', 'default')}" + (
+        " with OpenMP" if getattr(ext, "openmp", False) else "")
     if getattr(ext, "cuda_version", None):
         text += f"; CUDA {ext.cuda_version} kernels for {', '.join(ext.cuda_archs)}"
     jit_dir = getattr(ext, "jit_build_dir", None)

@@ -62,9 +62,19 @@ def test_environment_variable_invalid():
 
 def test_auto_on_cpu_uses_torch():
     """auto serves CPU tensors with torch: never the Triton interpreter, and not the C++ kernels
-    until they beat PyTorch's own (see _backend._AUTO_ORDER)."""
+    where they do not beat PyTorch's own (see _backend._AUTO_ORDER)."""
     supports = {"triton": lambda: None, "cpu": lambda: None, "torch": lambda: None}
     assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
+    assert _backend.choose("layer_norm", torch.device("cpu"), supports) == "torch"
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_auto_on_cpu_uses_the_cpp_kernels_where_they_win():
+    supports = {"triton": lambda: None, "cpu": lambda: None, "torch": lambda: None}
+    for op in ("rms_norm", "scaled_dot_product_attention", "decode_attention"):
+        assert _backend.choose(op, torch.device("cpu"), supports) == "cpu", op
+    supports["cpu"] = lambda: "float64"
+    assert _backend.choose("rms_norm", torch.device("cpu"), supports) == "torch"
 
 
 def test_auto_on_cuda_prefers_triton_and_falls_back(monkeypatch, caplog):

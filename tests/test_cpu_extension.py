@@ -22,12 +22,51 @@ def test_build_info():
         assert ext.cuda_version is None and ext.cuda_archs == ()
 
 
+def test_build_names_its_cpu_capability(monkeypatch):
+    from gptkern import _build
+
+    ext = _backend._extension()
+    assert ext.cpu_capability in ("default", "avx2", "avx512")
+    assert ("avx512f" in ext.simd) == (ext.cpu_capability == "avx512")
+    assert not _build.missing_cpu_flags(ext.cpu_capability)  # it runs here
+    monkeypatch.setenv("GPTKERN_CPU_CAPABILITY", "avx2")
+    assert "-mavx2" in _build.cxx_flags() and "-DCPU_CAPABILITY_AVX2" in _build.cxx_flags()
+    monkeypatch.setenv("GPTKERN_CPU_CAPABILITY", "default")
+    assert not any(f.startswith(("-mavx", "-DCPU_CAPABILITY")) for f in _build.cxx_flags())
+    monkeypatch.setenv("GPTKERN_CPU_CAPABILITY", "sse9")
+    with pytest.raises(ValueError, match="GPTKERN_CPU_CAPABILITY='sse9'"):
+        _build.cxx_flags()
+
+
+def test_a_build_for_missing_simd_is_refused(monkeypatch):
+    """An AVX-512 build loaded on a CPU without AVX-512 is not used (it would die of SIGILL), and no
+    JIT build loads a second copy of the ops."""
+    from gptkern import _build, _jit
+
+    monkeypatch.setattr(_build, "host_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
+    monkeypatch.setattr(_jit, "_failed", None)
+
+    class AVX512Build:
+        cpu_capability = "avx512"
+
+    problem = _backend._capability_problem(AVX512Build())
+    assert "built for avx512" in problem and "avx512bw" in problem and "GPTKERN_BACKEND=torch" in problem
+    with pytest.raises(_jit.JITBuildError, match="built for avx512"):
+        _jit.build("gptkern._C is not usable")
+    monkeypatch.setattr(_jit, "_failed", None)
+
+    class AVX2Build:
+        cpu_capability = "avx2"
+
+    assert _backend._capability_problem(AVX2Build()) == ""
+
+
 def test_info_reports_the_build(capsys):
     from gptkern import cli
 
     assert cli.main(["info"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("C++ extension"))
-    assert "built, devices: cpu" in line
+    assert "built, devices: cpu" in line and f"CPU kernels for {_backend._extension().cpu_capability}" in line
 
 
 @pytest.mark.parametrize("log", [False, True])
