@@ -15,7 +15,7 @@
 
 #include "attention_common.h"
 
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -28,14 +28,31 @@ constexpr int64_t kSub = 64;     // keys per pass over the rows: their K / V row
 constexpr int64_t kSRow = kChunk + kKeys;  // score row stride (a run's scores may spill kKeys - 1)
 constexpr int64_t kMinSplit = 512;
 
-// out[c] = sum of the lanes of a[c], c < kKeys.
-inline void sum_lanes(const Vec* a, float* out) {
-#ifdef CPU_CAPABILITY_AVX2
-  static_assert(kW == 8 && kKeys == 8);
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// out[c] = sum of the 8 lanes of v[c], c < 8: horizontal adds, then one cross-half add.
+inline void sum_8x8(const __m256* v, float* out) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+#endif
+
+// out[c] = sum of the lanes of a[c], c < kKeys.
+inline void sum_lanes(const Vec* a, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kW == 16 && kKeys == 8);
+  __m256 v[kKeys];  // fold each 16-lane vector to 8 lanes
+  for (int64_t c = 0; c < kKeys; ++c) {
+    const __m512 x = a[c];
+    v[c] = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  }
+  sum_8x8(v, out);
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(kW == 8 && kKeys == 8);
+  __m256 v[kKeys];
+  for (int64_t c = 0; c < kKeys; ++c) v[c] = a[c];
+  sum_8x8(v, out);
 #else
   for (int64_t c = 0; c < kKeys; ++c)
     out[c] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a[c]);
@@ -114,17 +131,35 @@ template <int NV, typename T>
 inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int64_t n) {
   constexpr int kV = kStep<T> / kW;
   static_assert(NV % kV == 0);
-  Vec a[NV];
-  for (int x = 0; x < NV; ++x) a[x] = Vec::loadu(acc + x * kW);
-  for (int64_t c = 0; c < n; ++c) {
-    const Vec pc(p[c]);
+  // Two sets of accumulators (even and odd keys): with few vectors per row (AVX-512) one set
+  // would leave the FMA units waiting on the latency of each accumulator's chain.
+  Vec a[NV], b[NV];
+  for (int x = 0; x < NV; ++x) {
+    a[x] = Vec::loadu(acc + x * kW);
+    b[x] = Vec(0.0f);
+  }
+  int64_t c = 0;
+  for (; c + 2 <= n; c += 2) {
+    const Vec p0(p[c]), p1(p[c + 1]);
     for (int x = 0; x < NV; x += kV) {
-      Vec vv[kV];
-      load_step(v + c * vs + x * kW, vv);
-      for (int y = 0; y < kV; ++y) a[x + y] = at::vec::fmadd(pc, vv[y], a[x + y]);
+      Vec v0[kV], v1[kV];
+      load_step(v + c * vs + x * kW, v0);
+      load_step(v + (c + 1) * vs + x * kW, v1);
+      for (int y = 0; y < kV; ++y) {
+        a[x + y] = at::vec::fmadd(p0, v0[y], a[x + y]);
+        b[x + y] = at::vec::fmadd(p1, v1[y], b[x + y]);
+      }
     }
   }
-  for (int x = 0; x < NV; ++x) a[x].store(acc + x * kW);
+  if (c < n) {
+    const Vec p0(p[c]);
+    for (int x = 0; x < NV; x += kV) {
+      Vec v0[kV];
+      load_step(v + c * vs + x * kW, v0);
+      for (int y = 0; y < kV; ++y) a[x + y] = at::vec::fmadd(p0, v0[y], a[x + y]);
+    }
+  }
+  for (int x = 0; x < NV; ++x) (a[x] + b[x]).store(acc + x * kW);
 }
 
 constexpr int64_t kPV = 8;  // vectors of acc kept in registers per pass
