@@ -61,3 +61,18 @@ def test_dropout_rate_cuda():
         weights = gptkern.ops.scaled_dot_product_attention(q, k, eye, dropout_p=0.25)
     dropped = (weights == 0).double().mean().item()
     assert abs(dropped - 0.25) < 0.02
+
+
+def test_varlen_does_not_sync_the_host():
+    """On a GPU the offsets' values are not read (no host sync per call), as in flash-attn."""
+    q, k, v = (torch.randn(300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+    with gptkern.backend("triton"):
+        gptkern.ops.flash_attn_varlen(q, k, v, cu, cu, 200, 200, causal=True)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = gptkern.ops.flash_attn_varlen(q, k, v, cu, cu, 200, 200, causal=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert out.shape == q.shape

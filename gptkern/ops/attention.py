@@ -385,8 +385,7 @@ def _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)
     return torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[-1])
 
 
-def _check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int, tensor_name: str,
-                      device: torch.device) -> list[tuple[int, int]]:
+def _check_offsets_tensor(cu: torch.Tensor, name: str, device: torch.device) -> None:
     check_tensor(cu, name)
     if cu.dim() != 1 or cu.numel() < 1 or cu.dtype not in (torch.int32, torch.int64):
         raise RuntimeError(f"{name} must be a 1-D int32 tensor of batch + 1 offsets, got {cu.dtype} "
@@ -394,6 +393,11 @@ def _check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int, 
     if cu.device != device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                            f"{device} (q) and {cu.device} ({name})")
+
+
+def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, tensor_name: str) -> list[tuple[int, int]]:
+    """The (start, end) rows of each sequence, after checking the offsets' values (reads them: a host sync
+    for a GPU tensor)."""
     values = cu.tolist()
     if values[0] != 0:
         raise RuntimeError(f"{name} must start at 0, got {values[0]}")
@@ -416,6 +420,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     Args:
         q: (total_q, H, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv), H a multiple of Hkv.
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of each sequence, starting at 0.
+            Their values are checked for CPU tensors; on a GPU the kernels trust them, as
+            flash-attn's do (reading them would sync the host on every call).
         max_seqlen_q, max_seqlen_k: the longest sequence of each.
         dropout_p: dropout on the attention weights (in the kernel, as in
             :func:`scaled_dot_product_attention`).
@@ -454,10 +460,17 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise RuntimeError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    _check_offsets_tensor(cu_seqlens_q, "cu_seqlens_q", q.device)
+    _check_offsets_tensor(cu_seqlens_k, "cu_seqlens_k", q.device)
     compiling = torch.compiler.is_compiling()
-    if not compiling:  # reading the offsets needs their values: skipped while tracing
-        bounds_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "q", q.device)
-        bounds_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "k", q.device)
+
+    def bounds():  # the offsets' values, checked: read on CPU, and by the torch backend (which needs them)
+        return (_offset_bounds(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "q"),
+                _offset_bounds(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "k"))
+
+    # On a GPU the kernels trust the offsets' values, as flash-attn's do: checking them would cost a
+    # host sync per call.
+    checked = bounds() if not compiling and q.device.type == "cpu" else None
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     name = _backend.choose("flash_attn_varlen", q.device,
@@ -472,4 +485,5 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
                                   "be traced by torch.compile; use the triton or cpu backend")
+    bounds_q, bounds_k = checked or bounds()
     return _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)
