@@ -17,6 +17,19 @@
 
 namespace py = pybind11;
 
+#if defined(CPU_CAPABILITY_AVX512)
+#define GPTKERN_CPU_CAPABILITY_NAME "avx512"
+#elif defined(CPU_CAPABILITY_AVX2)
+#define GPTKERN_CPU_CAPABILITY_NAME "avx2"
+#else
+#define GPTKERN_CPU_CAPABILITY_NAME "default"
+#endif
+
+// Read from the file before it is loaded (gptkern._build.built_capability): loading a build for SIMD
+// the CPU lacks would die of SIGILL in its static initializers.
+extern "C" __attribute__((used, visibility("default"))) const char gptkern_cpu_capability_tag[] =
+    "gptkern-cpu-capability=" GPTKERN_CPU_CAPABILITY_NAME;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef GPTKERN_WITH_CUDA
   m.attr("devices") = py::make_tuple("cpu", "cuda");
@@ -52,11 +65,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   simd.append("avx512f");
 #endif
   m.attr("simd") = simd;  // compile-time flags: at::vec is compiled for one capability
-#if defined(CPU_CAPABILITY_AVX512)
-  m.attr("cpu_capability") = "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  m.attr("cpu_capability") = "avx2";
-#else
-  m.attr("cpu_capability") = "default";
-#endif
+  m.attr("cpu_capability") = GPTKERN_CPU_CAPABILITY_NAME;
 }

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from typing import Callable, Iterator, Optional
 
@@ -81,16 +82,14 @@ def _extension(jit: bool = False):
     """
     global _EXT, _EXT_MISSING
     if _EXT is _UNSET:
-        try:
-            from gptkern import _C  # type: ignore[attr-defined]
-        except ImportError as err:
-            _C = None
-            _EXT_MISSING = ("gptkern._C is not built" if getattr(err, "name", None) == "gptkern._C"
-                            else f"gptkern._C does not import ({err})")
-        if _C is not None:
-            _EXT_MISSING = _capability_problem(_C)
-            if _EXT_MISSING:
-                _C = None
+        _C = None
+        _EXT_MISSING = _capability_problem()  # checked on the file: loading it could die of SIGILL
+        if not _EXT_MISSING:
+            try:
+                from gptkern import _C  # type: ignore[attr-defined]
+            except ImportError as err:
+                _EXT_MISSING = ("gptkern._C is not built" if getattr(err, "name", None) == "gptkern._C"
+                                else f"gptkern._C does not import ({err})")
         _EXT = _C
         if _C is not None:
             _run_load_hooks()
@@ -102,12 +101,18 @@ def _extension(jit: bool = False):
     return _EXT
 
 
-def _capability_problem(module) -> str:
-    """Why a build cannot run on this CPU (built elsewhere for SIMD this CPU lacks), else ""."""
+def _capability_problem() -> str:
+    """Why the built gptkern._C cannot run on this CPU (built elsewhere, for SIMD this CPU lacks), else ""."""
     from gptkern import _build, _jit
 
-    capability = getattr(module, "cpu_capability", "default")
-    missing = _build.missing_cpu_flags(capability)
+    if "gptkern._C" in sys.modules:
+        return ""
+    try:
+        spec = importlib.util.find_spec("gptkern._C")
+    except (ImportError, ValueError):
+        spec = None
+    capability = _build.built_capability(spec.origin) if spec is not None and spec.origin else None
+    missing = _build.missing_cpu_flags(capability) if capability else set()
     if not missing:
         return ""
     problem = (f"gptkern._C was built for {capability} but this CPU lacks {', '.join(sorted(missing))}: rebuild it "

@@ -60,6 +60,17 @@ def cpu_capability() -> str:
     return next((name for name, (needs, _) in CPU_CAPABILITIES.items() if needs <= flags), "default")
 
 
+def built_capability(path: str) -> Optional[str]:
+    """The SIMD level a built extension file was compiled for (its gptkern_cpu_capability_tag), read
+    without loading it; None when the file has no tag."""
+    try:
+        with open(path, "rb") as f:
+            found = re.search(rb"gptkern-cpu-capability=([a-z0-9]+)", f.read())
+    except OSError:
+        return None
+    return found.group(1).decode() if found else None
+
+
 def missing_cpu_flags(capability: str) -> set[str]:
     """The CPU features a build for ``capability`` uses that this CPU lacks (empty: it runs here)."""
     needs = CPU_CAPABILITIES.get(capability, (set(), []))[0]

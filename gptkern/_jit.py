@@ -116,7 +116,11 @@ def build(reason: str):
         raise JITBuildError(_failed)
     sources = _build.cpu_sources(src)
     headers = glob.glob(os.path.join(src, "*.h")) + glob.glob(os.path.join(src, "cpu", "*.h"))
-    flags = _build.cxx_flags()
+    try:
+        flags = _build.cxx_flags()
+    except ValueError as err:  # a bad GPTKERN_CPU_CAPABILITY
+        _failed = f"gptkern: cannot build gptkern._C: {err}; {DISABLE_HINT}"
+        raise JITBuildError(_failed) from None
     root = cache_dir()
     os.makedirs(root, exist_ok=True)
     build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")

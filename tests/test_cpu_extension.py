@@ -39,26 +39,37 @@ def test_build_names_its_cpu_capability(monkeypatch):
 
 
 def test_a_build_for_missing_simd_is_refused(monkeypatch):
-    """An AVX-512 build loaded on a CPU without AVX-512 is not used (it would die of SIGILL), and no
-    JIT build loads a second copy of the ops."""
+    """An AVX-512 build on a CPU without AVX-512 is not loaded (its initializers would die of SIGILL):
+    the level is read from the file first, and no JIT build loads a second copy of the ops."""
+    import sys
+
     from gptkern import _build, _jit
 
+    ext = _backend._extension()
+    assert _build.built_capability(ext.__file__) == ext.cpu_capability  # the tag in the file
+    monkeypatch.delitem(sys.modules, "gptkern._C")  # as in a fresh process
+    monkeypatch.setattr(_build, "built_capability", lambda path: "avx512")
     monkeypatch.setattr(_build, "host_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
     monkeypatch.setattr(_jit, "_failed", None)
-
-    class AVX512Build:
-        cpu_capability = "avx512"
-
-    problem = _backend._capability_problem(AVX512Build())
-    assert "built for avx512" in problem and "avx512bw" in problem and "GPTKERN_BACKEND=torch" in problem
+    monkeypatch.setattr(_backend, "_EXT", _backend._UNSET)
+    assert _backend._extension() is None
+    assert "built for avx512" in _backend._EXT_MISSING and "avx512bw" in _backend._EXT_MISSING
+    assert "GPTKERN_BACKEND=torch" in _backend._EXT_MISSING
+    assert "cpu" not in gptkern.available_backends()
     with pytest.raises(_jit.JITBuildError, match="built for avx512"):
-        _jit.build("gptkern._C is not usable")
+        _backend._extension(jit=True)
+    monkeypatch.setattr(_build, "built_capability", lambda path: "avx2")
+    monkeypatch.setattr(_backend, "_EXT", _backend._UNSET)
+    assert _backend._capability_problem() == ""
+
+
+def test_bad_capability_setting_is_a_build_error(monkeypatch):
+    from gptkern import _jit
+
     monkeypatch.setattr(_jit, "_failed", None)
-
-    class AVX2Build:
-        cpu_capability = "avx2"
-
-    assert _backend._capability_problem(AVX2Build()) == ""
+    monkeypatch.setenv("GPTKERN_CPU_CAPABILITY", "sse9")
+    with pytest.raises(_jit.JITBuildError, match="GPTKERN_CPU_CAPABILITY='sse9'"):
+        _jit.build("test")
 
 
 def test_info_reports_the_build(capsys):

@@ -29,9 +29,10 @@ void norm_fwd_rows(const scalar_t* x, scalar_t* y, float* mean, float* rstd, con
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 2 * n);
+    auto part = [&](int64_t k) { return buf.empty() ? nullptr : buf.data() + k * n; };
     for (int64_t r = begin; r < end; ++r) {
-      const float* v = float_row(x + r * n, buf.data(), n);
-      float* out = float_out(y + r * n, buf.data() + (buf.empty() ? 0 : n));
+      const float* v = float_row(x + r * n, part(0), n);
+      float* out = float_out(y + r * n, part(1));
       const float mu = is_rms ? 0.0f : vec_sum(v, n) / n;  // two passes: the row stays in cache
       const float var = at::vec::map_reduce_all<float>(
           [mu](Vec a) { return (a - Vec(mu)) * (a - Vec(mu)); }, [](Vec a, Vec c) { return a + c; }, v, n) / n;
@@ -54,10 +55,11 @@ inline void norm_bwd_row(const float* x, const float* g, float* dx, const float*
   const Vec vmu(mu), vrs(rs);
   Vec acc1(0.0f), acc2(0.0f);
   auto step1 = [&](int64_t i, int64_t count) {
-    const Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
-    const Vec gv = Vec::loadu(g + i, count);
+    Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
+    if (count < kW) h = Vec::set(Vec(0.0f), h, count);  // past count: (0 - mean) * rstd, maybe inf
+    const Vec gv = Vec::loadu(g + i, count);  // zero past count, as w * dy below
     const Vec wgv = gv * Vec::loadu(w + i, count);
-    acc1 = at::vec::fmadd(h, wgv, acc1);  // the lanes past count are zero in every load
+    acc1 = at::vec::fmadd(h, wgv, acc1);
     acc2 = acc2 + wgv;
     if (dw) at::vec::fmadd(gv, h, Vec::loadu(dw + i, count)).store(dw + i, count);
     if (db) (Vec::loadu(db + i, count) + gv).store(db + i, count);
@@ -84,13 +86,14 @@ void norm_bwd_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const fl
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
     // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 3 * n);
+    auto part = [&](int64_t k) { return buf.empty() ? nullptr : buf.data() + k * n; };
     for (int64_t grp = g_begin; grp < g_end; ++grp) {
       float* dw = dw_part ? dw_part + grp * n : nullptr;
       float* db = db_part ? db_part + grp * n : nullptr;
       for (int64_t r = grp * per_group; r < std::min(rows, (grp + 1) * per_group); ++r) {
-        const float* xr = float_row(x + r * n, buf.data(), n);
-        const float* gr = float_row(dy + r * n, buf.data() + n, n);
-        float* out = float_out(dx + r * n, buf.data() + 2 * n);
+        const float* xr = float_row(x + r * n, part(0), n);
+        const float* gr = float_row(dy + r * n, part(1), n);
+        float* out = float_out(dx + r * n, part(2));
         norm_bwd_row(xr, gr, out, w, mean[r], rstd[r], dw, db, n, is_rms);
         finish_row(out, dx + r * n, n);
       }

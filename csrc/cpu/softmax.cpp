@@ -38,10 +38,11 @@ void softmax_bwd_rows(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64
                       bool log) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 3 * n);
+    auto part = [&](int64_t k) { return buf.empty() ? nullptr : buf.data() + k * n; };
     for (int64_t r = begin; r < end; ++r) {
-      const float* g = float_row(dy + r * n, buf.data(), n);
-      const float* o = float_row(y + r * n, buf.data() + n, n);
-      float* d = float_out(dx + r * n, buf.data() + 2 * n);
+      const float* g = float_row(dy + r * n, part(0), n);
+      const float* o = float_row(y + r * n, part(1), n);
+      float* d = float_out(dx + r * n, part(2));
       if (log) {  // dx = dy - exp(y) * sum(dy)
         const float total = vec_sum(g, n);
         at::vec::map2([total](Vec gv, Vec ov) { return gv - ov.exp() * Vec(total); }, d, g, o, n);

@@ -107,7 +107,7 @@ def _norm_bwd_kernel(
         if IS_RMS:
             xhat = x * rstd
         else:
-            xhat = (x - tl.load(Mean + row)) * rstd
+            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)  # masked lanes: maybe inf
         wdy = dy * w if HAS_W else dy  # 0 on masked lanes, so they add nothing below
         if SUMS_GIVEN:
             c1 = tl.load(C1 + row)

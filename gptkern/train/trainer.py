@@ -345,7 +345,9 @@ class Trainer:
         """
         if self.env.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-            time.sleep(0.2)  # releases the GIL: a waiting worker finishes now
+            # Releases the GIL: a worker waiting for it finishes now. A margin, not a guarantee (torch offers no
+            # way to join the leaked backend's threads); 0 aborts in 40 one-core runs, against 3 in 32 without.
+            time.sleep(0.2)
 
 
 class _Frozen:
