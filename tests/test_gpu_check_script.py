@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.sh, the script a lent GPU machine runs, exercised here without a GPU: its
+step plumbing, GPU_CHECK_STEPS selection and the summary it writes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_selected_steps_only(tmp_path):
+    # the script runs `python3`: this interpreter's
+    env = {**os.environ, "GPU_CHECK_STEPS": "info", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines())
+    assert steps["info"] == "0"
+    assert steps["build"] == "not selected" and steps["bench_generate"] == "not selected"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| info | 0 |" in summary and "torch:" in summary
+    assert "======== info" in (tmp_path / "steps.log").read_text()
