@@ -10,6 +10,7 @@ nvcc is found; ``0`` never; ``1`` always, an error without them), ``GPTKERN_CUDA
 from __future__ import annotations
 
 import glob
+import mmap
 import os
 import re
 from typing import Optional
@@ -63,12 +64,15 @@ def cpu_capability() -> str:
 def built_capability(path: str) -> Optional[str]:
     """The SIMD level a built extension file was compiled for (its gptkern_cpu_capability_tag), read
     without loading it; None when the file has no tag."""
+    tag = b"gptkern-cpu-capability="
     try:
-        with open(path, "rb") as f:
-            found = re.search(rb"gptkern-cpu-capability=([a-z0-9]+)", f.read())
-    except OSError:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(tag)
+            value = data[at + len(tag):at + len(tag) + 16] if at >= 0 else None
+    except (OSError, ValueError):  # ValueError: an empty file
         return None
-    return found.group(1).decode() if found else None
+    found = re.match(rb"[a-z0-9]+", value) if value else None
+    return found.group(0).decode() if found else None
 
 
 def missing_cpu_flags(capability: str) -> set[str]:

@@ -38,6 +38,18 @@ def test_build_names_its_cpu_capability(monkeypatch):
         _build.cxx_flags()
 
 
+def test_built_capability_reads_the_tag(tmp_path):
+    from gptkern import _build
+
+    (tmp_path / "empty.so").write_bytes(b"")
+    (tmp_path / "tagged.so").write_bytes(b"\x7fELF\0...gptkern-cpu-capability=avx2\0...")
+    (tmp_path / "untagged.so").write_bytes(b"\x7fELF\0...")
+    assert _build.built_capability(str(tmp_path / "tagged.so")) == "avx2"
+    assert _build.built_capability(str(tmp_path / "empty.so")) is None
+    assert _build.built_capability(str(tmp_path / "untagged.so")) is None
+    assert _build.built_capability(str(tmp_path / "missing.so")) is None
+
+
 def test_a_build_for_missing_simd_is_refused(monkeypatch):
     """An AVX-512 build on a CPU without AVX-512 is not loaded (its initializers would die of SIGILL):
     the level is read from the file first, and no JIT build loads a second copy of the ops."""
