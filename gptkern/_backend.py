@@ -181,7 +181,7 @@ def available_backends() -> list[str]:
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order, where the C++ kernels win
 # (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX-512): causal attention fwd 2.0x, fwd+bwd 2.4x
-# (fp32) of PyTorch's CPU SDPA, decode 1.26x / 6x; rms_norm 2-3x forward and 5-10x forward+backward
+# (fp32) of PyTorch's CPU SDPA, decode 1.2x / 7.7x (fp32 / bf16); rms_norm 2-3x forward and 5-10x forward+backward
 # (PyTorch's is a composition of ops; 0.7x only on tiny 64x64 inputs); ``linear`` (no grad, at most
 # 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one (gpt2-small output layer
 # 2.1-2.4x F.linear).
