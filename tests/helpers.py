@@ -85,3 +85,19 @@ def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     view.copy_(x)
     assert not view.is_contiguous() or x.shape[-1] <= 1
     return view
+
+
+def check_compiled_causal_sdpa(backend: str, q, k, v, reference) -> None:
+    """Causal SDPA under torch.compile(fullgraph=True) on ``backend``: output and gradients of the fp32
+    leaves q, k, v against ``reference(q, k, v)`` (float64, causal) in eager mode."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      fullgraph=True)
+    with gptkern.backend(backend):
+        y = f(q, k, v)
+        grads = torch.autograd.grad(y.sum(), (q, k, v))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_leaves)
+    assert_close(y, ref, torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
+        assert_close(got, want, torch.float32, grad=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
-from helpers import assert_close, backends_here, dtypes_for, poisoned_allocations
+from helpers import assert_close, backends_here, check_compiled_causal_sdpa, dtypes_for, poisoned_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = backends_here(DEVICE, attention=True)
@@ -176,16 +176,7 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, True,
                            0.25, 0.3, seed))
-    torch._dynamo.reset()
-    f = torch.compile(lambda q, k, v: sdpa(q, k, v, is_causal=True), fullgraph=True)
-    with gptkern.backend("triton"):
-        y = f(q, k, v)
-        grads = torch.autograd.grad(y.sum(), (q, k, v))
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference(*ref_leaves, is_causal=True)
-    assert_close(y, ref, torch.float32)
-    for got, want in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    check_compiled_causal_sdpa("triton", q, k, v, lambda q, k, v: reference(q, k, v, is_causal=True))
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")

@@ -10,7 +10,7 @@ import gptkern
 from gptkern import _backend
 from gptkern.ops.attention import varlen_visibility
 from gptkern.ops.reference import attention_ref
-from helpers import assert_close, noncontiguous, poisoned_allocations
+from helpers import assert_close, check_compiled_causal_sdpa, noncontiguous, poisoned_allocations
 
 pytestmark = pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
 sdpa = gptkern.ops.scaled_dot_product_attention
@@ -212,16 +212,7 @@ def test_opcheck():
 
 def test_compile_fullgraph():
     q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
-    torch._dynamo.reset()
-    f = torch.compile(lambda q, k, v: sdpa(q, k, v, is_causal=True), fullgraph=True)
-    with gptkern.backend("cpu"):
-        y = f(q, k, v)
-        grads = torch.autograd.grad(y.sum(), (q, k, v))
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*ref_leaves, causal=True)
-    assert_close(y, ref, torch.float32)
-    for got, want in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
-        assert_close(got, want, torch.float32, grad=True)
+    check_compiled_causal_sdpa("cpu", q, k, v, lambda q, k, v: attention_ref(q, k, v, causal=True))
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     packed = [t.detach()[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (20, 2, 16)
     g = torch.compile(lambda q, k, v: varlen(q, k, v, cu, cu, 13, 13, causal=True), fullgraph=True)
