@@ -8,8 +8,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace gptkern::cuda {
 
@@ -93,6 +95,31 @@ inline bool aligned16(const void* p, int64_t n, int64_t elem_size) {
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+// Row-kernel launch shapes shared by the norm and softmax launchers.
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Calls f(std::integral_constant<int, P>) with P the register row chunk per lane for n columns.
+template <int kVec, typename F>
+void with_per_lane(int n, F&& f) {
+  const int per = std::max<int>(kVec, next_pow2((n + 31) / 32));
+  if (per <= 4) {
+    f(std::integral_constant<int, (kVec > 4 ? kVec : 4)>());
+  } else if (per <= 8) {
+    f(std::integral_constant<int, (kVec > 8 ? kVec : 8)>());
+  } else if (per <= 16) {
+    f(std::integral_constant<int, 16>());
+  } else {
+    f(std::integral_constant<int, 32>());
+  }
+}
+
+// Threads per block for a one-block-per-row kernel: about four vectors per thread.
+inline int block_threads(int n, int vec) { return std::clamp(next_pow2((n + 4 * vec - 1) / (4 * vec)), 128, 1024); }
 
 }  // namespace gptkern::cuda
 

@@ -261,29 +261,6 @@ __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------------------------------- launch
 
-int next_pow2(int64_t v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-// Calls f(std::integral_constant<int, P>) with P the register row chunk per lane for n columns.
-template <int kVec, typename F>
-void with_per_lane(int n, F&& f) {
-  const int per = std::max<int>(kVec, next_pow2((n + 31) / 32));
-  if (per <= 4) {
-    f(std::integral_constant<int, (kVec > 4 ? kVec : 4)>());
-  } else if (per <= 8) {
-    f(std::integral_constant<int, (kVec > 8 ? kVec : 8)>());
-  } else if (per <= 16) {
-    f(std::integral_constant<int, 16>());
-  } else {
-    f(std::integral_constant<int, 32>());
-  }
-}
-
-int block_threads(int n, int vec) { return std::clamp(next_pow2((n + 4 * vec - 1) / (4 * vec)), 128, 1024); }
-
 template <typename in_t, typename out_t, int kVec>
 void launch_fwd_rows(const in_t* x, out_t* y, int64_t rows, int n, bool log) {
   if (n <= kMaxWarpCols) {
