@@ -24,8 +24,29 @@ def test_integer_dtypes(backend):
     raises(NotImplementedError, "input", lambda: ops.rms_norm(xi, (4,)), backend)
     x = torch.randn(3, 4, device=DEVICE)
     raises(NotImplementedError, "dtype", lambda: ops.softmax(x, -1, dtype=torch.int32), backend)
-    raises(NotImplementedError, "weight", lambda: ops.layer_norm(x, (4,), torch.ones(4, dtype=torch.long,
-                                                                                    device=DEVICE)), backend)
+    long_w = torch.ones(4, dtype=torch.long, device=DEVICE)
+    raises(RuntimeError, "weight", lambda: ops.layer_norm(x, (4,), long_w), backend)  # torch: mixed dtype
+    raises(NotImplementedError, "weight", lambda: ops.rms_norm(x, (4,), long_w), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_mixed_parameter_dtypes(backend):
+    """F.layer_norm's rule: parameters in the input's dtype, or fp32 ones for a 16-bit input."""
+    x = torch.randn(3, 4, device=DEVICE)
+    w16, w32 = torch.randn(4, device=DEVICE).half(), torch.randn(4, device=DEVICE)
+    raises(RuntimeError, "weight torch.float16", lambda: ops.layer_norm(x, (4,), w16), backend)
+    raises(RuntimeError, "bias torch.float16", lambda: ops.layer_norm(x.half(), (4,), w32, w16), backend)
+    raises(RuntimeError, "bias torch.float32", lambda: ops.layer_norm(x.half(), (4,), w16, w32), backend)
+    with gptkern.backend(backend):
+        out = ops.layer_norm(x.half(), (4,), w32, w32)
+    assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_arguments(backend):
+    x = torch.randn(3, 4, device=DEVICE)
+    raises(TypeError, "eps", lambda: ops.layer_norm(x, (4,), eps="a"), backend)
+    raises(TypeError, "eps", lambda: ops.rms_norm(x, (4,), eps="a"), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,7 +63,9 @@ def test_dim_out_of_range(backend):
 def test_wrong_normalized_shape(backend, op):
     x = torch.randn(3, 4, device=DEVICE)
     raises(RuntimeError, "normalized_shape", lambda: op(x, (5,)), backend)
-    raises(RuntimeError, "normalized_shape", lambda: op(x, (2, 3, 4)), backend)
+    # more dims than the input: torch's layer_norm raises RuntimeError, its rms_norm ValueError
+    raises(ValueError if op is ops.rms_norm else RuntimeError, "normalized_shape", lambda: op(x, (2, 3, 4)),
+           backend)
     raises(RuntimeError, "normalized_shape", lambda: op(x, ()), backend)
     raises(TypeError, "normalized_shape", lambda: op(x, "4"), backend)
 

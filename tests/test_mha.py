@@ -132,6 +132,14 @@ def test_shape_checks_as_torch():
     for module in (ours, theirs):
         with pytest.raises(AssertionError):
             module(x, bad_kv, bad_kv, need_weights=False)
+        with pytest.raises(AssertionError, match="embedding dimension"):
+            module(torch.randn(5, 2, 17, device=DEVICE), x, x, need_weights=False)
+        with pytest.raises(AssertionError, match="shape"):
+            module(x, torch.randn(6, 2, 16, device=DEVICE), x, need_weights=False)
+        for kpm in (torch.zeros(2, 6, dtype=torch.bool, device=DEVICE),
+                    torch.zeros(3, 5, dtype=torch.bool, device=DEVICE)):
+            with pytest.raises(AssertionError, match="key_padd"):
+                module(x, x, x, key_padding_mask=kpm, need_weights=False)
         with pytest.raises(RuntimeError, match="attn_mask"):
             module(x, x, x, need_weights=False, attn_mask=torch.zeros(1, 5, device=DEVICE))
         with pytest.raises(RuntimeError, match="attn_mask"):

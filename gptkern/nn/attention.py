@@ -84,9 +84,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
     def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
-        b, l, _ = query.shape
+        b, l, e = query.shape
         s = key.shape[1]
         h, dh = self.num_heads, self.head_dim
+        # torch's multi_head_attention_forward checks (AssertionError), in the (B, seq, E) layout
+        if e != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {e}")
+        if self._qkv_same_embed_dim and key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's batch and sequence dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
+            raise AssertionError(f"expecting key_padding_mask shape of {(b, s)}, but got "
+                                 f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
             expected = (l, s) if attn_mask.dim() == 2 else (b * h, l, s)
             if tuple(attn_mask.shape) != expected:

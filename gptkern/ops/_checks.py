@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 from typing import Optional, Sequence
 
@@ -21,6 +22,18 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     return t
+
+
+def check_float_arg(value: object, name: str, op: str) -> None:
+    """A float argument (eps, scale, dropout_p): a real number or a 0-d tensor, as torch's parser takes."""
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return
+    raise TypeError(f"{op}(): argument '{name}' must be float, not {type(value).__name__}")
+
+
+def check_bool_arg(value: object, name: str, op: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}(): argument '{name}' must be bool, not {type(value).__name__}")
 
 
 def check_floating(t: torch.Tensor, name: str, op: str) -> None:
@@ -80,18 +93,36 @@ def check_norm_args(op: str, input: torch.Tensor, normalized_shape: Sequence[int
     if len(shape) == 0:
         raise RuntimeError("Expected normalized_shape to be at least 1-dimensional, i.e., containing "
                            "at least one element, but got normalized_shape = []")
+    if op == "rms_norm" and input.dim() < len(shape):
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {input.dim()} "
+                         f"(normalized_shape={list(shape)})")
     if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size {list(input.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
+    params = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
+    for name, t in params.items():
         check_tensor(t, name)
         if tuple(t.shape) != shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, but got "
                                f"{name} of shape {list(t.shape)} and normalized_shape = {list(shape)}")
+    if op == "layer_norm":
+        check_layer_norm_param_dtypes(input, params)
+    for name, t in params.items():
         check_floating(t, name, op)
     check_same_device(input, weight=weight, bias=bias)
+
+
+def check_layer_norm_param_dtypes(input: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
+    """F.layer_norm's rule: the parameters share the input's dtype, or the input is fp16/bf16
+    and every parameter is fp32."""
+    dtypes = {t.dtype for t in params.values()}
+    if not dtypes or dtypes == {input.dtype}:
+        return
+    if input.dtype in (torch.float16, torch.bfloat16) and dtypes == {torch.float32}:
+        return
+    got = ", ".join(f"{name} {t.dtype}" for name, t in params.items())
+    raise RuntimeError(f"layer_norm: mixed dtypes: input is {input.dtype} and {got}; weight and bias must "
+                       f"have the input's dtype, or be float32 for a float16/bfloat16 input")
 
 
 def device_guard(t: torch.Tensor):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gptkern import _backend
 from gptkern.ops import cuda_attention
-from gptkern.ops._checks import check_tensor, device_guard, triton_dtype_support
+from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
 
@@ -95,6 +95,8 @@ triton_attention.register_autograd(_backward, setup_context=_setup_context)
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
     """Why the Triton attention kernels cannot take these inputs, or None."""
     why = triton_dtype_support(q.dtype)
+    if why is None and dropout_p >= 1.0:
+        why = "dropout_p=1 (every weight dropped)"
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
     if why is not None or q.device.type != "cuda":
@@ -144,19 +146,18 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same sequence "
                            f"length, got key {list(key.shape)} and value {list(value.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise RuntimeError(f"dropout probability has to be in [0, 1), but got dropout_p={dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got dropout_p={dropout_p}")
     if attn_mask is not None:
-        check_tensor(attn_mask, "attn_mask")
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
         if attn_mask.dim() < 2:
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
                              f"(..., L, S), got shape {list(attn_mask.shape)}")
-    if enable_gqa and query.dim() >= 3 and key.dim() >= 3:
-        hq, hk = query.shape[-3], key.shape[-3]
-        if hk == 0 or hq % hk or value.shape[-3] != hk:
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
             raise RuntimeError(f"Number of heads in key and value must divide the number of heads in "
                                f"query: query has {hq}, key {hk}, value {value.shape[-3]} (enable_gqa=True)")
 
@@ -235,8 +236,20 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
+    if attn_mask is not None:
+        check_tensor(attn_mask, "attn_mask")
+    check_float_arg(dropout_p, "dropout_p", "scaled_dot_product_attention")
+    check_bool_arg(is_causal, "is_causal", "scaled_dot_product_attention")
+    if scale is not None:
+        check_float_arg(scale, "scale", "scaled_dot_product_attention")
+    check_bool_arg(enable_gqa, "enable_gqa", "scaled_dot_product_attention")
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if enable_gqa and key.dim() >= 3 and value.dim() >= 3 and key.shape[-3] != value.shape[-3]:
+        # torch repeats key and value heads separately; the kernels share one count: repeat both to Hq
+        hq = query.shape[-3]
+        key = key.repeat_interleave(hq // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(hq // value.shape[-3], dim=-3)
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
@@ -457,6 +470,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             or any(not isinstance(w, int) or w < -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1, got {window_size!r}")
     window = (int(window_size[0]), int(window_size[1]))
+    check_tensor(cu_seqlens_q, "cu_seqlens_q")
+    check_tensor(cu_seqlens_k, "cu_seqlens_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise RuntimeError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                            f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")

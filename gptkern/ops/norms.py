@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops._checks import (check_norm_args, check_tensor, device_guard, normalized_shape_tuple,
-                                 triton_dtype_support)
+from gptkern.ops._checks import (check_float_arg, check_norm_args, check_tensor, device_guard,
+                                 normalized_shape_tuple, triton_dtype_support)
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -157,6 +157,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     check_tensor(input, "input")
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("layer_norm", input, shape, weight, bias)
+    check_float_arg(eps, "eps", "layer_norm")
     name = _choose("layer_norm", input, weight, bias)
     if name != "torch":
         return _norm_op(name)(input, len(shape), weight, bias, float(eps), False)[0]
@@ -179,6 +180,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     check_tensor(input, "input")
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("rms_norm", input, shape, weight)
+    if eps is not None:
+        check_float_arg(eps, "eps", "rms_norm")
     name = _choose("rms_norm", input, weight)
     if name != "torch":
         eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
