@@ -10,7 +10,12 @@ every flag combination its launchers use (causal, masks, varlen, windows, dropou
 configuration launch picks, for head dims 16, 64, 80 (padded), 128 and 256, fp16 and fp32
 (bf16 at 128). The compiles
 run in a subprocess because the tests run the kernels under the interpreter.
+
+Each check runs with the installed Triton and with every other Triton that tools/bootstrap.sh
+put beside it (``$VENV/triton-X.Y.Z``, imported first through PYTHONPATH): code generation
+differs between versions, and torch 2.11's Triton 3.6 spills where 3.7 does not.
 """
+import glob
 import itertools
 import json
 import os
@@ -223,15 +228,27 @@ def spill_probe():
            {"LOG": False, "BLOCK_N": 32768, "WIDE": False}, 1, False)
 
 
-def run_compiles(which: str) -> list[dict]:
-    """Compile the ``which`` configurations in a subprocess with the interpreter off."""
+# None: the installed Triton; else a directory holding another version's ``triton`` package.
+TRITONS = [None] + sorted(glob.glob(os.path.join(sys.prefix, "triton-*")))
+
+
+def triton_id(path) -> str:
+    return "installed" if path is None else os.path.basename(path)
+
+
+def run_compiles(which: str, triton_dir=None) -> list[dict]:
+    """Compile the ``which`` configurations in a subprocess with the interpreter off, with the
+    Triton package found in ``triton_dir`` (None: the installed one)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (triton_dir, root, env.get("PYTHONPATH")) if p])
     out = subprocess.run([sys.executable, os.path.abspath(__file__), which], env=env,
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in out.stdout.splitlines()]
+    version, *lines = out.stdout.splitlines()
+    if triton_dir is not None:  # the compiles used the Triton asked for
+        assert os.path.basename(triton_dir) == f"triton-{version}", (triton_dir, version)
+    return [json.loads(line) for line in lines]
 
 
 def assert_no_spills(results: list[dict]) -> None:
@@ -241,16 +258,18 @@ def assert_no_spills(results: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_softmax_kernels_compile_for_hopper_without_spills():
-    results = run_compiles("softmax")
+@pytest.mark.parametrize("triton_dir", TRITONS, ids=triton_id)
+def test_softmax_kernels_compile_for_hopper_without_spills(triton_dir):
+    results = run_compiles("softmax", triton_dir)
     assert {r["kernel"] for r in results} == {"_softmax_fwd_kernel", "_softmax_fwd_looped_kernel",
                                               "_softmax_bwd_kernel", "_softmax_bwd_looped_kernel"}
     assert_no_spills(results)
 
 
 @pytest.mark.slow
-def test_norm_kernels_compile_for_hopper_without_spills():
-    results = run_compiles("norms")
+@pytest.mark.parametrize("triton_dir", TRITONS, ids=triton_id)
+def test_norm_kernels_compile_for_hopper_without_spills(triton_dir):
+    results = run_compiles("norms", triton_dir)
     assert {r["kernel"] for r in results} == {"_norm_fwd_kernel", "_norm_bwd_kernel",
                                               "_norm_bwd_row_sums_kernel",
                                               "_sum_rows_kernel"}
@@ -258,16 +277,18 @@ def test_norm_kernels_compile_for_hopper_without_spills():
 
 
 @pytest.mark.slow
-def test_attention_kernels_compile_for_hopper_without_spills():
-    results = run_compiles("attention")
+@pytest.mark.parametrize("triton_dir", TRITONS, ids=triton_id)
+def test_attention_kernels_compile_for_hopper_without_spills(triton_dir):
+    results = run_compiles("attention", triton_dir)
     assert {r["kernel"] for r in results} == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
                                               "_attn_bwd_delta_kernel"}
     assert_no_spills(results)
 
 
 @pytest.mark.slow
-def test_decode_kernels_compile_for_hopper_without_spills():
-    results = run_compiles("decode")
+@pytest.mark.parametrize("triton_dir", TRITONS, ids=triton_id)
+def test_decode_kernels_compile_for_hopper_without_spills(triton_dir):
+    results = run_compiles("decode", triton_dir)
     assert {r["kernel"] for r in results} == {"_decode_split_kernel", "_decode_combine_kernel"}
     assert_no_spills(results)
 
@@ -296,6 +317,9 @@ def _main(which: str) -> None:
     _CONFIGS.extend({"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
                      "decode": decode_configs, "spill-probe": spill_probe}[which]())
     # Processes (forked: they inherit the configurations): compiling holds the GIL much of the time.
+    import triton
+
+    print(triton.__version__, flush=True)
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 2) as pool:
         for result in pool.imap(_compile_one, range(len(_CONFIGS)), chunksize=4):
             print(json.dumps(result), flush=True)

@@ -7,6 +7,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=2.13.0
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+EXTRA_TRITONS=${EXTRA_TRITONS-3.6.0}
 
 system_cuda_torch() {
   "$PYTHON" - <<'PY' 2>/dev/null
@@ -42,6 +43,11 @@ else
     fi
   fi
   "${PIP[@]}" -r requirements.txt -r requirements-dev.txt
+  # Other Triton versions beside the pinned one, for tests/test_hopper_compile.py only (3.6 is
+  # torch 2.11's, whose code generation spills where 3.7's does not). Never imported otherwise.
+  for version in $EXTRA_TRITONS; do
+    [ -d "$VENV/triton-$version/triton" ] || "${PIP[@]}" --no-deps --target "$VENV/triton-$version" "triton==$version"
+  done
 fi
 # --no-deps: the dependencies are in place; --no-build-isolation: the build sees this torch.
 "${PIP[@]}" --no-deps --no-build-isolation -e .
