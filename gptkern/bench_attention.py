@@ -45,8 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptkern
 from gptkern import benchmark
-from gptkern.benchmark import (DTYPES, REPEATS, _error, _parse_list, add_common_args, device_from_args, metadata,
-                               time_fn)
+from gptkern.benchmark import _error, _parse_list, add_common_args, device_from_args, metadata, time_fn
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SUITES = ("dense", "varlen")
@@ -440,12 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     width = args.width or defaults["width"]
     modes = args.mode or list(QUICK_MODES if args.quick else MODES)
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    warmup, repeats = REPEATS[device.type][1 if args.quick else 0]
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
-    if repeats < 2 or warmup < 0:
-        parser.error("--repeats must be at least 2 and --warmup at least 0")
+    dtype, warmup, repeats = benchmark.dtype_and_repeats(parser, args, device)
     if tokens < 1 or any(width // d < 1 for d in head_dims):
         parser.error("--tokens must be positive and --width at least the largest head dim")
 

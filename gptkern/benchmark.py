@@ -374,6 +374,18 @@ def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return torch.device(args.device)
 
 
+def dtype_and_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      device: torch.device) -> tuple[torch.dtype, int, int]:
+    """--dtype (bf16 on CUDA, fp32 on CPU by default), --warmup and --repeats (per device and --quick)."""
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    warmup, repeats = REPEATS[device.type][1 if args.quick else 0]
+    warmup = warmup if args.warmup is None else args.warmup
+    repeats = repeats if args.repeats is None else args.repeats
+    if repeats < 2 or warmup < 0:
+        parser.error("--repeats must be at least 2 and --warmup at least 0")
+    return dtype, warmup, repeats
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -382,12 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shapes = args.shapes or list(CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.quick and args.shapes is None:
         shapes = shapes[:1]
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    warmup, repeats = REPEATS[device.type][1 if args.quick else 0]
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
-    if repeats < 2 or warmup < 0:
-        parser.error("--repeats must be at least 2 and --warmup at least 0")
+    dtype, warmup, repeats = dtype_and_repeats(parser, args, device)
 
     timed, skipped = providers(device)
     if args.providers is not None:
