@@ -95,8 +95,6 @@ triton_attention.register_autograd(_backward, setup_context=_setup_context)
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
     """Why the Triton attention kernels cannot take these inputs, or None."""
     why = triton_dtype_support(q.dtype)
-    if why is None and dropout_p >= 1.0:
-        why = "dropout_p=1 (every weight dropped)"
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
     if why is not None or q.device.type != "cuda":
@@ -146,8 +144,8 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
     if key.shape[-2] != value.shape[-2]:
         raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same sequence "
                            f"length, got key {list(key.shape)} and value {list(value.shape)}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got dropout_p={dropout_p}")
+    if not 0.0 <= dropout_p < 1.0:  # the issue's rule: torch's SDPA would return zeros for 1
+        raise RuntimeError(f"dropout probability has to be in [0, 1), but got dropout_p={dropout_p}")
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
