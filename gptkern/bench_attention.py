@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import gptkern
 from gptkern import benchmark
 from gptkern.benchmark import _error, _parse_list, add_common_args, device_from_args, metadata, time_fn
+from gptkern.kernels import autotune
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SUITES = ("dense", "varlen")
@@ -387,6 +388,7 @@ def markdown(report: dict) -> str:
 
 
 def _save(report: dict, args: argparse.Namespace) -> str:
+    report["autotune"] = autotune.choices()  # what first-call autotuning chose so far (CUDA)
     return benchmark._save(report, args, markdown)
 
 

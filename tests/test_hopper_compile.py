@@ -6,8 +6,8 @@ launches (pointers, N and row strides multiples of 16, which Triton specializes 
 the aligned limit and for unaligned ones up to the unaligned limit; each constexpr flag;
 fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's); int64 column
 offsets for strided softmax rows; frozen weights or biases in the norm backward. Attention:
-every flag combination its launchers use (causal, masks, varlen, windows, dropout) at the
-configuration launch picks, for head dims 16, 64, 80 (padded), 128 and 256, fp16 and fp32
+every flag combination its launchers use (causal, masks, varlen, windows, dropout) at every
+configuration launch can pick (the default and the autotuning alternatives), for head dims 16, 64, 80 (padded), 128 and 256, fp16 and fp32
 (bf16 at 128). The compiles
 run in a subprocess because the tests run the kernels under the interpreter.
 
@@ -170,19 +170,19 @@ def attention_configs():
                 # a float mask comes in the inputs' dtype or in float32
                 mask_types = {0: ["*i1"], 1: ["*i1"], 2: sorted({"*" + dtype, "*fp32"})}[flags["MASK_KIND"]]
                 for (name, kernel), mask_type in itertools.product(kernels, mask_types):
-                    cfg = attention.config(name, d, d, dtype == "fp32", weight, (9, 0))
-                    types = {n: "i32" for n in kernel.arg_names}
-                    types.update({n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ")
-                                  if n in types})
-                    types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
-                    types.update(CU_Q="*i32", CU_K="*i32", MASK=mask_type, qk_scale="fp32", inv_keep="fp32",
-                                 seed="i64")
-                    if "sm_scale" in types:
-                        types["sm_scale"] = "fp32"
-                    constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                                      BLOCK_D=attention.head_block(d), BLOCK_DV=attention.head_block(d),
-                                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                    yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
+                    for cfg in attention.configs(name, d, d, dtype == "fp32", weight, (9, 0)):  # + alternatives
+                        types = {n: "i32" for n in kernel.arg_names}
+                        types.update({n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ")
+                                      if n in types})
+                        types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
+                        types.update(CU_Q="*i32", CU_K="*i32", MASK=mask_type, qk_scale="fp32", inv_keep="fp32",
+                                     seed="i64")
+                        if "sm_scale" in types:
+                            types["sm_scale"] = "fp32"
+                        constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                          BLOCK_D=attention.head_block(d), BLOCK_DV=attention.head_block(d),
+                                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                        yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
             delta = attention._attn_bwd_delta_kernel
             for varlen in (False, True):
                 types = {n: "i32" for n in delta.arg_names}

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkern.kernels import autotune
+
 LOG2E = 1.4426950408889634  # written out in _scores too: a jit function can't read globals
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -378,6 +380,17 @@ _CONFIGS = {
              (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
              (True, DROPOUT): (None, None, None)},
 }
+# More spill-free candidates for the common 16-bit cases, timed against the default above on the
+# first call for each problem size on a GPU (gptkern/kernels/autotune.py).
+_ALTERNATIVES = {
+    # kernel: {(fp32, weight): (alternatives for d <= 64, for d <= 128)}
+    "fwd": {(False, PLAIN): (((64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4)),
+                             ((128, 32, 8, 3), (128, 64, 8, 2)))},
+    "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)),
+                            ((64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)))},
+    "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2)),
+                              ((32, 64, 8, 2), (16, 32, 4, 1)))},
+}
 INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
 
 
@@ -397,18 +410,33 @@ def unsupported(d: int, dv: int, fp32: bool, weight: int) -> Optional[str]:
     return None
 
 
-def config(kernel: str, d: int, dv: int, fp32: bool, weight: int,
-           capability: Optional[tuple[int, int]]) -> AttnConfig:
+def configs(kernel: str, d: int, dv: int, fp32: bool, weight: int,
+            capability: Optional[tuple[int, int]]) -> tuple[AttnConfig, ...]:
     """Blocks, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for head dims (d, dv), the
     work per score (PLAIN, MASKED or DROPOUT) and the GPU's compute capability (None: the
-    interpreter)."""
+    interpreter): the default first, then the alternatives autotuning may choose."""
     if capability is None:
-        return INTERPRETER_CONFIG
-    cfg = AttnConfig(*_CONFIGS[kernel][(fp32, weight)][_width_index(d, dv)])
-    if capability < (9, 0):  # less shared memory than Hopper: smaller tiles
-        cfg = AttnConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), min(cfg.num_warps, 4),
-                         min(cfg.num_stages, 2))
-    return cfg
+        return (INTERPRETER_CONFIG,)
+    width = _width_index(d, dv)
+    alternatives = _ALTERNATIVES[kernel].get((fp32, weight), ((), ()))
+    found = (_CONFIGS[kernel][(fp32, weight)][width], *(alternatives[width] if width < 2 else ()))
+    if capability < (9, 0):  # less shared memory than Hopper: smaller tiles, no alternatives
+        m, n, warps, stages = found[0]
+        return (AttnConfig(min(m, 64), min(n, 32), min(warps, 4), min(stages, 2)),)
+    return tuple(AttnConfig(*c) for c in found)
+
+
+def config(kernel: str, d: int, dv: int, fp32: bool, weight: int,
+           capability: Optional[tuple[int, int]]) -> AttnConfig:
+    """The default of :func:`configs`."""
+    return configs(kernel, d, dv, fp32, weight, capability)[0]
+
+
+def _tune_key(kernel: str, p: "Problem", q: torch.Tensor, kind: int) -> tuple:
+    """What the best configuration depends on: the kernel and its flags, and the problem's size
+    in powers of two (programs per launch, rows per program)."""
+    size = tuple(triton.next_power_of_2(max(n, 1)) for n in (p.batch * p.heads, p.l, p.s))
+    return (kernel, q.dtype, p.d, p.dv, p.causal, p.window != (-1, -1), p.varlen, kind, p.dropout_p > 0, size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -507,10 +535,14 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
         lse.fill_(-float("inf"))  # nothing attended (or nothing to write): the backward gives zeros
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    cfg = config("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
-    _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
-        q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
-        *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch())
+    candidates = configs("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
+
+    def run(cfg: AttnConfig) -> None:
+        _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
+            q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
+            *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch())
+
+    run(autotune.pick(_tune_key("fwd", p, q, kind), candidates, run, q.device))
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -527,21 +559,28 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     fp32, weight = q.dtype == torch.float32, p.weight(kind)
     capability = device_capability(q.device)
-    cfg_dq = config("dq", p.d, p.dv, fp32, weight, capability)
-    cfg_kv = config("dkdv", p.d, p.dv, fp32, weight, capability)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)
     _attn_bwd_delta_kernel[(p.batch * p.heads, triton.cdiv(p.l, delta_rows))](
         out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
         DV=p.dv, VARLEN=p.varlen, BLOCK_M=delta_rows, BLOCK_DV=head_block(p.dv), num_warps=4)
     tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
-    if p.s > 0:
-        _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg_kv.block_n))](
+
+    def run_dkdv(cfg: AttnConfig) -> None:
+        _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg.block_n))](
             q, k, v, do, dk, dv, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **p.flags(q, kind), **cfg_kv.launch())
+            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **p.flags(q, kind), **cfg.launch())
+
+    def run_dq(cfg: AttnConfig) -> None:
+        _attn_bwd_dq_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
+            q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
+            *p.strides(do), *p.strides(dq), *tail, **p.flags(q, kind), **cfg.launch())
+
+    if p.s > 0:
+        candidates = configs("dkdv", p.d, p.dv, fp32, weight, capability)
+        run_dkdv(autotune.pick(_tune_key("dkdv", p, q, kind), candidates, run_dkdv, q.device))
     else:
         dk.zero_()
         dv.zero_()
-    _attn_bwd_dq_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg_dq.block_m))](
-        q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-        *p.strides(do), *p.strides(dq), *tail, **p.flags(q, kind), **cfg_dq.launch())
+    candidates = configs("dq", p.d, p.dv, fp32, weight, capability)
+    run_dq(autotune.pick(_tune_key("dq", p, q, kind), candidates, run_dq, q.device))

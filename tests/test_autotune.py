@@ -1,0 +1,135 @@
+"""First-call autotuning (gptkern/kernels/autotune.py): the choice, its cache, and the attention
+launchers using it. On the CPU the timer is faked and the candidates run under the interpreter."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptkern
+from gptkern.kernels import autotune
+from helpers import poisoned_allocations
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    autotune.reset()
+    yield
+    autotune.reset()
+
+
+def fake_timer(times: dict):
+    """A timer that runs the launch and returns times[candidate], the candidate read from the
+    launch's argument (each candidate here is a one-element list that run() appends to)."""
+    calls = []
+
+    def timer(fn):
+        before = {c: len(log) for c, log in LOGS.items()}
+        fn()
+        (cfg,) = [c for c, log in LOGS.items() if len(log) > before[c]]
+        calls.append(cfg)
+        if times[cfg] is None:
+            raise RuntimeError("out of resources")
+        return times[cfg]
+
+    return timer, calls
+
+
+LOGS: dict = {}
+
+
+def candidates(*names):
+    LOGS.clear()
+    LOGS.update({n: [] for n in names})
+    return list(names)
+
+
+def run(cfg):
+    LOGS[cfg].append(1)
+
+
+def test_pick_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    cands = candidates("a", "b", "c")
+    timer, calls = fake_timer({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert autotune.pick("k", cands, run, CPU, timer) == "b"
+    assert calls == ["a", "b", "c"]
+    assert autotune.pick("k", cands, run, CPU, timer) == "b" and len(calls) == 3  # remembered
+    assert autotune.pick("other", cands, run, CPU, timer) == "b" and len(calls) == 6  # a new key is timed
+    assert list(autotune.choices().values()) == ["'b'", "'b'"]
+
+
+def test_failing_candidates_are_dropped_and_all_failing_raises(monkeypatch):
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    cands = candidates("big", "small")
+    timer, _ = fake_timer({"big": None, "small": 5.0})
+    assert autotune.pick("k1", cands, run, CPU, timer) == "small"
+    timer, _ = fake_timer({"big": None, "small": None})
+    with pytest.raises(RuntimeError, match="out of resources"):
+        autotune.pick("k2", cands, run, CPU, timer)
+
+
+def test_off_or_single_candidate_takes_the_first_without_timing(monkeypatch):
+    timer, calls = fake_timer({"a": 2.0, "b": 1.0})
+    cands = candidates("a", "b")
+    assert not autotune.enabled(CPU)
+    assert autotune.pick("k", cands, run, CPU, timer) == "a"  # CPU: off
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    assert autotune.pick("k", ["a"], run, CPU, timer) == "a"
+    assert calls == [] and autotune.choices() == {}
+
+
+def test_env_switch(monkeypatch):
+    monkeypatch.setenv("GPTKERN_AUTOTUNE", "0")
+    assert not autotune.enabled(torch.device("cuda"))
+    monkeypatch.setenv("GPTKERN_AUTOTUNE", "1")
+    assert autotune.enabled(torch.device("cuda"))
+    assert not autotune.enabled(CPU)
+    torch.use_deterministic_algorithms(True)
+    try:  # bit-reproducible runs: always the default configuration
+        assert not autotune.enabled(torch.device("cuda"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_attention_launchers_tune_and_stay_correct(monkeypatch):
+    """Forward, dK/dV and dQ each time every candidate, launch the fastest (here the last one),
+    and give correct outputs whichever was timed last."""
+    from gptkern.kernels import attention
+
+    cands = tuple(attention.AttnConfig(m, n, 4, 1) for m, n in ((16, 32), (32, 16), (64, 64)))
+    monkeypatch.setattr(attention, "configs", lambda *args: cands)
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    launched = []
+    original_launch = attention.AttnConfig.launch
+
+    def recorded_launch(self):
+        launched.append(self)
+        return original_launch(self)
+
+    monkeypatch.setattr(attention.AttnConfig, "launch", recorded_launch)
+    speed = {cands[0]: 3.0, cands[1]: 2.0, cands[2]: 1.0}
+
+    def timer(fn):
+        before = len(launched)
+        fn()
+        return speed[launched[before]]
+
+    monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    with gptkern.backend("triton"), poisoned_allocations():
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    # fwd, dkdv, dq: three timed candidates, then the chosen one
+    assert launched == [*cands, cands[2]] * 3
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), (qd, kd, vd))):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert len(autotune.choices()) == 3
+    launched.clear()
+    with gptkern.backend("triton"):
+        gptkern.ops.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert launched == [cands[2]]  # remembered: no timing on the second call
