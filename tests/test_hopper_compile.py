@@ -7,9 +7,9 @@ the aligned limit and for unaligned ones up to the unaligned limit; each constex
 fp32 and bf16 everywhere, fp16 at the largest blocks (its code is bf16's); int64 column
 offsets for strided softmax rows; frozen weights or biases in the norm backward. Attention:
 every flag combination its launchers use (causal, masks, varlen, windows, dropout) at every
-configuration launch can pick (the default and the autotuning alternatives), for head dims 16, 64, 80 (padded), 128 and 256, fp16 and fp32
-(bf16 at 128). The compiles
-run in a subprocess because the tests run the kernels under the interpreter.
+configuration launch can pick (the default and the autotuning alternatives), for head dims
+16, 64, 80 (padded), 128 and 256, fp16 and fp32 (bf16 at 128). The compiles run in a
+subprocess because the tests run the kernels under the interpreter.
 
 Each check runs with the installed Triton and with every other Triton that tools/bootstrap.sh
 put beside it (``$VENV/triton-X.Y.Z``, imported first through PYTHONPATH): code generation
