@@ -133,3 +133,20 @@ def test_attention_launchers_tune_and_stay_correct(monkeypatch):
     with gptkern.backend("triton"):
         gptkern.ops.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
     assert launched == [cands[2]]  # remembered: no timing on the second call
+
+
+def test_graph_capture_uses_the_choice_made_before(monkeypatch):
+    """Timing syncs, which a CUDA graph capture forbids: during one, the remembered choice (as
+    torch.compile's cudagraphs capture after an eager warm-up), else the default."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cands = candidates("a", "b")
+    timer, calls = fake_timer({"a": 2.0, "b": 1.0})
+    capturing[0] = True
+    assert autotune.pick("new", cands, run, cuda, timer) == "a" and calls == []
+    capturing[0] = False
+    assert autotune.pick("k", cands, run, cuda, timer) == "b"
+    capturing[0] = True
+    assert autotune.pick("k", cands, run, cuda, timer) == "b" and len(calls) == 2

@@ -76,3 +76,38 @@ def test_varlen_does_not_sync_the_host():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert out.shape == q.shape
+
+
+def test_every_autotuning_alternative_is_correct(monkeypatch):
+    """Each configuration first-call autotuning may choose (forced in turn) gives correct results
+    at a real size; then tuning itself picks one per kernel and remembers it."""
+    from gptkern.kernels import attention, autotune
+
+    monkeypatch.setenv("GPTKERN_AUTOTUNE", "1")
+    q, k, v = (torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn_like(q)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*leaves, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, leaves, g.double())
+
+    def run_and_check():
+        with gptkern.backend("triton"):
+            out = gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+            grads = torch.autograd.grad(out, (q, k, v), g)
+        assert_close(out, ref, torch.bfloat16)
+        for got, want in zip(grads, ref_grads):
+            assert_close(got, want, torch.bfloat16, grad=True, atol_scale=2)
+
+    capability = attention.device_capability(q.device)
+    per_kernel = {name: attention.configs(name, 128, 128, False, attention.PLAIN, capability)
+                  for name in ("fwd", "dq", "dkdv")}
+    for i in range(max(len(c) for c in per_kernel.values())):
+        chosen = {name: c[i % len(c)] for name, c in per_kernel.items()}
+        with monkeypatch.context() as m:
+            m.setattr(attention, "configs", lambda name, *args: (chosen[name],))
+            run_and_check()
+    autotune.reset()
+    run_and_check()
+    assert len(autotune.choices()) == 3  # fwd, dkdv, dq
+

@@ -50,15 +50,16 @@ def pick(key: Hashable, candidates: Sequence[C], run: Callable[[C], None], devic
     """The candidate to launch for ``key``: the fastest of ``run(candidate)`` on the first call for
     the key (timed by ``timer``, CUDA events by default), remembered afterwards.
 
-    With one candidate, autotuning off, or a CUDA graph being captured (timing would sync), the
-    first candidate, and nothing is remembered.
+    With one candidate or autotuning off, the first candidate. While a CUDA graph is captured
+    (timing would sync), the choice made before, else the first candidate (not remembered).
     """
-    if len(candidates) == 1 or not enabled(device) or (
-            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if len(candidates) == 1 or not enabled(device):
         return candidates[0]
     full_key = (key, str(device))
     if full_key in _CHOICES:
         return _CHOICES[full_key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return candidates[0]
     timer = timer or _cuda_time_ms
     times, errors = [], []
     for cfg in candidates:
