@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -29,6 +29,15 @@ def _check_name(name: str, source: str = "backend") -> str:
 
 
 _current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch.device, with ValueError when it is a CUDA device and none is here."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device is available here (torch {torch.__version__}, "
+                         f"built with CUDA {torch.version.cuda})")
+    return device
 
 
 def get_backend() -> str:

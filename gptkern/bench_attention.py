@@ -175,7 +175,7 @@ def _loop_varlen(batch: VarlenBatch, causal: bool):
     return forward, [batch.q, batch.k, batch.v]
 
 
-VARLEN_BACKENDS = ("triton",)  # gptkern backends with flash_attn_varlen kernels
+VARLEN_BACKENDS = ("triton", "cpu")  # gptkern backends with flash_attn_varlen kernels
 
 
 def providers(device: torch.device) -> tuple[dict, dict, dict[str, str]]:
@@ -195,7 +195,7 @@ def providers(device: torch.device) -> tuple[dict, dict, dict[str, str]]:
         if name in VARLEN_BACKENDS:
             varlen[key] = _gptkern_varlen(name)
         else:
-            skipped[f"{key} (varlen)"] = "no varlen kernels (flash_attn_varlen: triton or torch)"
+            skipped[f"{key} (varlen)"] = "no varlen kernels (flash_attn_varlen: triton, cpu or torch)"
     if "gptkern:triton" not in dense and "gptkern:triton" not in skipped:
         skipped["gptkern:triton"] = ("runs only in the Triton interpreter on CPU" if device.type == "cpu"
                                      and benchmark.package_version("triton") else "not available here")

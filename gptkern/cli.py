@@ -131,10 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can cause (a missing file, a bad value): one line, not a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
-        return FORWARDED[argv[0]](argv[1:])
+        try:
+            return FORWARDED[argv[0]](argv[1:])
+        except USER_ERRORS as err:
+            if os.environ.get("GPTKERN_TRACEBACK"):
+                raise
+            print(f"gptkern {argv[0]}: error: {err} (GPTKERN_TRACEBACK=1 shows where)", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     if args.command == "info":
         return info()

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from gptkern._backend import check_device
 from gptkern.generation.generate import generate
 
 
@@ -48,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        device = check_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, tokenizer = load(args, device, dtype)

@@ -78,6 +78,9 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a gptkern model directory")
     meta = json.loads(config_file.read_text())
+    if "preset" in meta and "model" in meta and (directory / "checkpoints").is_dir():
+        raise ValueError(f"{directory} is a training run, not a model: pass one of its checkpoints, "
+                         f"{directory / 'checkpoints'}/step_N")
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r} "
                          f"(use GPT.from_hf for Hugging Face GPT-2 directories)")

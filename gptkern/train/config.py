@@ -19,7 +19,7 @@ class TrainConfig:
     data: str = "data/corpus"
     out_dir: str = "runs/gpt"
     batch_size: int = 16  # sequences per micro-batch and rank
-    block_size: Optional[int] = None  # default: the model's
+    block_size: Optional[int] = None  # the training window; default the model's, which grows to fit a longer one
     grad_accum: int = 1
     max_steps: int = 1000
     lr: float = 1e-3
@@ -64,7 +64,11 @@ class TrainConfig:
             overrides["vocab_size"] = vocab_size
         if self.activation_checkpointing:
             overrides["activation_checkpointing"] = True
-        return GPTConfig.from_name(self.preset, **overrides)
+        config = GPTConfig.from_name(self.preset, **overrides)
+        if self.block_size and self.block_size > config.block_size and "block_size" not in self.model:
+            # --block-size longer than the preset's context: the model's context follows
+            config = GPTConfig.from_name(self.preset, **overrides, block_size=self.block_size)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gptkern._backend import check_device
+
 
 @dataclass
 class TaskConfig:
@@ -49,7 +51,11 @@ def read_labelled_csv(path: str) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs the columns text and label, got {reader.fieldnames}")
-        rows = [(row["text"], row["label"]) for row in reader]
+        rows = []
+        for row in reader:
+            if row["text"] is None or row["label"] is None:
+                raise ValueError(f"{path}:{reader.line_num}: a row without a text or a label: {row}")
+            rows.append((row["text"], row["label"]))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -147,7 +153,6 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
                   n_head: int = 4) -> dict:
     """Train a byte-level Seq2SeqTransformer on ``pairs_tsv``; beam-search the held-out pairs and
     return exact-match accuracy (and BLEU when sacrebleu is installed)."""
-    from gptkern.generation import generate_seq2seq
     from gptkern.models import Seq2SeqConfig, Seq2SeqTransformer
 
     torch.manual_seed(c.seed)
@@ -245,5 +250,5 @@ def _task_args(p) -> None:
 
 
 def _task_config(args) -> TaskConfig:
-    return TaskConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                      max_len=args.max_len)
+    return TaskConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=str(check_device(args.device)), max_len=args.max_len)

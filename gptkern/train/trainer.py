@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from gptkern._backend import check_device
 from gptkern._files import write_atomic
 from gptkern.models import GPT
 from gptkern.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
@@ -54,7 +55,7 @@ def pick_device(config: TrainConfig, env: Distributed) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", env.local_rank)
         return torch.device("cpu")
-    device = torch.device(config.device)
+    device = check_device(config.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", env.local_rank)
     return device
@@ -102,7 +103,8 @@ class Trainer:
         self.model_config = c.model_config(vocab_size=meta["vocab_size"])
         self.block_size = c.block_size or self.model_config.block_size
         if self.block_size > self.model_config.block_size and self.model_config.pos_embedding == "learned":
-            raise ValueError(f"block_size {self.block_size} is longer than the model's {self.model_config.block_size}")
+            raise ValueError(f"block_size {self.block_size} is longer than the model's context "
+                             f"{self.model_config.block_size} (set in the config's [model] table)")
         self.loader = TokenLoader(c.data, "train", self.block_size, c.batch_size, seed=c.seed,
                                   rank=self.env.rank, world_size=self.env.world_size, device=self.device)
         self.raw_model = GPT(self.model_config).to(self.device)

@@ -1,0 +1,60 @@
+"""A user's mistakes on the command line give one line on stderr and exit status 2, not a traceback."""
+import json
+
+import pytest
+import torch
+
+from gptkern import cli
+from gptkern.train.config import TrainConfig
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    return err
+
+
+def test_missing_files(capsys, tmp_path):
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a")
+    assert err.startswith("gptkern generate: error: ") and "nope" in err and "not found" in err
+    err = run(capsys, "train", "--config", str(tmp_path / "nope.toml"))
+    assert err.startswith("gptkern train: error: ") and "nope.toml" in err
+    err = run(capsys, "train", "--data", str(tmp_path / "corpus"), "--max-steps", "1", "--device", "cpu",
+              "--out-dir", str(tmp_path / "run"))
+    assert "meta.json not found" in err and "gptkern prepare" in err
+
+
+def test_a_training_run_is_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "a")
+    assert "is a training run" in err and "checkpoints" in err
+
+
+def test_a_csv_row_without_a_label(tmp_path):
+    from gptkern.train.tasks import read_labelled_csv
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,a\nworld\n")
+    with pytest.raises(ValueError, match=r"bad\.csv:3: a row without a text or a label"):
+        read_labelled_csv(str(bad))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys, tmp_path):
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "a", "--device", "cuda")
+    assert "no CUDA device is available" in err
+    err = run(capsys, "train", "--device", "cuda", "--data", str(tmp_path), "--out-dir", str(tmp_path / "run"))
+    assert "no CUDA device is available" in err
+    err = run(capsys, "finetune", "classify", "--init", str(tmp_path), "--data", "x.csv", "--val", "y.csv",
+              "--device", "cuda")
+    assert "no CUDA device is available" in err
+
+
+def test_block_size_flag_grows_the_model_context():
+    """--block-size longer than the preset's context: the model's context follows; an explicit
+    [model] block_size is kept (and the trainer then refuses the longer window)."""
+    assert TrainConfig(preset="gpt2-tiny", block_size=512).model_config().block_size == 512
+    assert TrainConfig(preset="gpt2-tiny", block_size=64).model_config().block_size == 256
+    assert TrainConfig(preset="gpt2-tiny", block_size=512, model={"block_size": 128}).model_config().block_size == 128
