@@ -86,3 +86,54 @@ def test_block_sets_cover_every_shape():
         for k, b in blocks.items():
             seen[k].add(b)
     assert seen == {k: set(b) for k, b in table_blocks().items()}
+
+
+def tma_blocks() -> list[tuple[int, int]]:
+    from gptkern.kernels import attention
+
+    return sorted({c[:2] for widths in attention._ALTERNATIVES["fwd"].values() for width in widths
+                   for c in width if len(c) > 4 and c[4]})
+
+
+def test_tables_have_descriptor_candidates():
+    assert tma_blocks()
+
+
+@pytest.mark.parametrize("block", tma_blocks(), ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_descriptor_forward_is_correct(block, causal, monkeypatch):
+    """The forward through TMA tensor descriptors (zero-filled tails: L, S and head dims that are
+    not block multiples, Dv != D, GQA), fp16 under the interpreter."""
+    from gptkern.kernels import attention
+    from test_attention import check as check_dense
+
+    monkeypatch.setattr(attention, "configs",
+                        lambda kernel, *args: (attention.AttnConfig(*block, 4, 1, tma=kernel == "fwd"),))
+    used = []
+    original = attention._descriptors
+    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(1) or original(*args))
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=torch.float16)  # noqa: E731
+    check_dense("triton", rand(2, 4, 150, 24), rand(2, 2, 139, 24), rand(2, 2, 139, 40), is_causal=causal,
+                enable_gqa=True)
+    assert used  # the forward took the descriptors
+
+
+def test_descriptors_only_where_they_fit():
+    from gptkern.kernels import attention
+
+    def fits(q, kind=attention.MASK_NONE, **problem):
+        p = attention.Problem(batch=q.shape[0], heads=q.shape[1], kv_heads=q.shape[1], l=q.shape[2], s=q.shape[2],
+                              d=q.shape[3], dv=q.shape[3], causal=False, scale=1.0, **problem)
+        return attention._descriptors_fit(p, kind, q, q, q, q)
+
+    x = torch.randn(2, 3, 20, 32, dtype=torch.float16)
+    assert fits(x)
+    assert not fits(x.float())  # 16-bit only
+    assert not fits(x, attention.MASK_BOOL)
+    assert not fits(x, window=(4, 0))
+    assert not fits(x, dropout_p=0.1)
+    assert not fits(x.transpose(2, 3).contiguous().transpose(2, 3))  # last stride not 1
+    assert not fits(torch.randn(2, 3, 20, 4, dtype=torch.float16))  # rows of 8 bytes
+    assert not fits(torch.randn(1, 3, 20, 32, dtype=torch.float16).expand(2, 3, 20, 32))  # stride 0
+    assert not fits(torch.randn(2 * 3 * 20 * 32 + 1, dtype=torch.float16)[1:].view(2, 3, 20, 32))  # base
+    assert not fits(torch.randn(2, 3, 0, 32, dtype=torch.float16))  # no rows: no descriptor

@@ -171,6 +171,9 @@ def attention_configs():
                 mask_types = {0: ["*i1"], 1: ["*i1"], 2: sorted({"*" + dtype, "*fp32"})}[flags["MASK_KIND"]]
                 for (name, kernel), mask_type in itertools.product(kernels, mask_types):
                     for cfg in attention.configs(name, d, d, dtype == "fp32", weight, (9, 0)):  # + alternatives
+                        if cfg.tma and not (dtype != "fp32" and weight == attention.PLAIN
+                                            and not flags["VARLEN"]):
+                            continue  # the launcher takes descriptors only for dense unmasked 16-bit inputs
                         types = {n: "i32" for n in kernel.arg_names}
                         types.update({n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ")
                                       if n in types})
@@ -179,9 +182,14 @@ def attention_configs():
                                      seed="i64")
                         if "sm_scale" in types:
                             types["sm_scale"] = "fp32"
+                        block_d = attention.head_block(d)
+                        if cfg.tma:  # (1, 1, rows, padded dim) tiles of (B, H, seq, dim) tensors
+                            types.update({n: f"tensordesc<{dtype}[1,1,{rows},{block_d}]>" for n, rows in
+                                          (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n),
+                                           ("O", cfg.block_m))})
                         constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                                          BLOCK_D=attention.head_block(d), BLOCK_DV=attention.head_block(d),
-                                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+                                          BLOCK_D=block_d, BLOCK_DV=block_d, BLOCK_M=cfg.block_m,
+                                          BLOCK_N=cfg.block_n, **({"DESC": cfg.tma} if name == "fwd" else {}))
                         yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
             delta = attention._attn_bwd_delta_kernel
             for varlen in (False, True):

@@ -116,6 +116,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DESC: tl.constexpr = False,  # Q, K, V, O are (B, H, seq, dim) tensor descriptors (TMA), dense only
 ):
     # Tile bases are int64; offsets inside a tile are int32.
     bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
@@ -125,12 +126,16 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m0 = q0 + start_m
-    q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    if DESC:  # rows past the sequence and columns past D come back as zeros
+        q = Q.load([b.to(tl.int32), h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
     lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     n_base = k0 + lo
-    K += b * skb + hk * skh + n_base * skn
-    V += b * svb + hk * svh + n_base * svn
+    if not DESC:
+        K += b * skb + hk * skh + n_base * skn
+        V += b * svb + hk * svh + n_base * svn
     MASK += b * smb + h * smh + start_m.to(tl.int64) * smm + lo.to(tl.int64) * smn
     k_offs = cols[:, None] * skn + offs_d[None, :] * skd
     v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
@@ -141,7 +146,10 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + cols
-        k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        if DESC:
+            k = K.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
         s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
                     CAUSAL, WINDOW, MASK_KIND, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -151,16 +159,23 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normalizer counts every weight; only the weighted sum is dropped
             p = p * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
-        v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        if DESC:
+            v = V.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-        K += BLOCK_N * skn
-        V += BLOCK_N * svn
+        if not DESC:
+            K += BLOCK_N * skn
+            V += BLOCK_N * svn
         MASK += BLOCK_N * smn
     # A row that sees no key gets 0, as torch's SDPA gives; its LSE is -inf.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
-             o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
+    if DESC:  # the store drops rows past L and columns past DV
+        O.store([b.to(tl.int32), h.to(tl.int32), start_m, 0], o.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
+    else:
+        tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
+                 o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
     seen = l_i > 0.0
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -float("inf"))
     tl.store(LSE + b * slb + h * slh + q0 + offs_m, lse, mask=offs_m < L)
@@ -337,6 +352,7 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: Q, K, V, O through tensor descriptors (dense, unmasked)
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
@@ -384,8 +400,10 @@ _CONFIGS = {
 # first call for each problem size on a GPU (gptkern/kernels/autotune.py).
 _ALTERNATIVES = {
     # kernel: {(fp32, weight): (alternatives for d <= 64, for d <= 128)}
-    "fwd": {(False, PLAIN): (((64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4)),
-                             ((128, 32, 8, 3), (128, 64, 8, 2)))},
+    # (True: through TMA tensor descriptors, where the inputs allow)
+    "fwd": {(False, PLAIN): (((64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4), (128, 64, 8, 3, True),
+                              (64, 64, 4, 3, True)),
+                             ((128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3, True), (128, 32, 8, 3, True)))},
     "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)),
                             ((64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)))},
     "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2)),
@@ -523,6 +541,32 @@ class Problem:
         return (self.cu_q, self.cu_k) if self.varlen else (q, q)
 
 
+def _descriptors_fit(p: Problem, kind: int, *tensors: torch.Tensor) -> bool:
+    """Whether the forward can read q, k, v and write out through TMA descriptors: dense, with no
+    mask, window or dropout, 16-bit, (B, H, seq, dim) with unit last stride and other strides and
+    base addresses 16-byte aligned (the descriptors' rules)."""
+    if p.varlen or kind != MASK_NONE or p.window != (-1, -1) or p.dropout_p > 0:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.dim() != 4 or t.stride(-1) != 1 or not t.numel():
+            return False
+        if t.data_ptr() % 16 or any(st <= 0 or st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptors(cfg: AttnConfig, p: Problem, q, k, v, out) -> tuple:
+    """Host tensor descriptors of q, k, v, out with the forward's tiles (1, 1, rows, padded dim)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t: torch.Tensor, rows: int, dim: int):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_block(dim)])
+
+    return (desc(q, cfg.block_m, p.d), desc(k, cfg.block_n, p.d), desc(v, cfg.block_n, p.dv),
+            desc(out, cfg.block_m, p.dv))
+
+
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
              problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Write attention of q over k, v into ``out`` and the log2-domain log-sum-exp of each
@@ -536,11 +580,15 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     candidates = configs("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
+    if not _descriptors_fit(p, kind, q, k, v, out):
+        candidates = tuple(c for c in candidates if not c.tma)
 
     def run(cfg: AttnConfig) -> None:
+        tensors = _descriptors(cfg, p, q, k, v, out) if cfg.tma else (q, k, v, out)
         _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
-            q, k, v, out, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
-            *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch())
+            *tensors, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
+            *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch(),
+            DESC=cfg.tma)
 
     run(autotune.pick(_tune_key("fwd", p, q, kind), candidates, run, q.device))
 
