@@ -137,3 +137,31 @@ def test_descriptors_only_where_they_fit():
     assert not fits(torch.randn(1, 3, 20, 32, dtype=torch.float16).expand(2, 3, 20, 32))  # stride 0
     assert not fits(torch.randn(2 * 3 * 20 * 32 + 1, dtype=torch.float16)[1:].view(2, 3, 20, 32))  # base
     assert not fits(torch.randn(2, 3, 0, 32, dtype=torch.float16))  # no rows: no descriptor
+
+
+def test_a_descriptor_choice_is_not_reused_for_inputs_that_cannot_take_it(monkeypatch):
+    """Autotuning remembers TMA for aligned inputs; the same sizes with a misaligned query then
+    run without descriptors (the key says whether they fit)."""
+    from gptkern.kernels import attention, autotune
+
+    plain, tma = attention.AttnConfig(64, 64, 4, 1), attention.AttnConfig(64, 64, 4, 1, tma=True)
+    fwd = (plain, attention.AttnConfig(32, 32, 4, 1), tma)  # two left when descriptors do not fit
+    monkeypatch.setattr(attention, "configs", lambda kernel, *args: fwd if kernel == "fwd" else (plain,))
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    monkeypatch.setattr(autotune, "_cuda_time_ms", lambda fn: fn() or (1.0 if used else 2.0))
+    used = []
+    original = attention._descriptors
+    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(1) or original(*args))
+    autotune.reset()
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16) for _ in range(3))
+    with gptkern.backend("triton"):
+        gptkern.ops.scaled_dot_product_attention(q, k, v)
+        assert used  # timed, and chosen
+        used.clear()
+        shifted = torch.randn(q.numel() + 1, dtype=torch.float16)[1:].view(q.shape)  # base not 16-byte aligned
+        shifted.copy_(q)
+        out = gptkern.ops.scaled_dot_product_attention(shifted, k, v)
+    assert not used
+    torch.testing.assert_close(out.double(), torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double()), atol=2e-3, rtol=2e-3)
+    autotune.reset()

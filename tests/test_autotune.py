@@ -150,3 +150,11 @@ def test_graph_capture_uses_the_choice_made_before(monkeypatch):
     assert autotune.pick("k", cands, run, cuda, timer) == "b"
     capturing[0] = True
     assert autotune.pick("k", cands, run, cuda, timer) == "b" and len(calls) == 2
+
+
+def test_a_remembered_choice_no_longer_offered_is_timed_again(monkeypatch):
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    cands = candidates("a", "b", "c")
+    timer, calls = fake_timer({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert autotune.pick("k", cands, run, CPU, timer) == "b"
+    assert autotune.pick("k", ["a", "c"], run, CPU, timer) == "c" and calls[3:] == ["a", "c"]

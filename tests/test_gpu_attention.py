@@ -78,13 +78,14 @@ def test_varlen_does_not_sync_the_host():
     assert out.shape == q.shape
 
 
-def test_every_autotuning_alternative_is_correct(monkeypatch):
-    """Each configuration first-call autotuning may choose (forced in turn) gives correct results
-    at a real size; then tuning itself picks one per kernel and remembers it."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_autotuning_alternative_is_correct(monkeypatch, d):
+    """Each configuration first-call autotuning may choose (forced in turn; the TMA descriptor ones
+    among them) gives correct results at a real size; then tuning itself picks one per kernel."""
     from gptkern.kernels import attention, autotune
 
     monkeypatch.setenv("GPTKERN_AUTOTUNE", "1")
-    q, k, v = (torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(2, 8, 1000, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     g = torch.randn_like(q)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -100,14 +101,17 @@ def test_every_autotuning_alternative_is_correct(monkeypatch):
             assert_close(got, want, torch.bfloat16, grad=True, atol_scale=2)
 
     capability = attention.device_capability(q.device)
-    per_kernel = {name: attention.configs(name, 128, 128, False, attention.PLAIN, capability)
+    per_kernel = {name: attention.configs(name, d, d, False, attention.PLAIN, capability)
                   for name in ("fwd", "dq", "dkdv")}
+    used = []
+    original = attention._descriptors
+    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(args[0]) or original(*args))
     for i in range(max(len(c) for c in per_kernel.values())):
         chosen = {name: c[i % len(c)] for name, c in per_kernel.items()}
         with monkeypatch.context() as m:
             m.setattr(attention, "configs", lambda name, *args: (chosen[name],))
             run_and_check()
+    assert set(used) == {c for c in per_kernel["fwd"] if c.tma}  # each descriptor candidate ran
     autotune.reset()
     run_and_check()
     assert len(autotune.choices()) == 3  # fwd, dkdv, dq
-

@@ -46,7 +46,12 @@ else
   # Other Triton versions beside the pinned one, for tests/test_hopper_compile.py only (3.6 is
   # torch 2.11's, whose code generation spills where 3.7's does not). Never imported otherwise.
   for version in $EXTRA_TRITONS; do
-    [ -d "$VENV/triton-$version/triton" ] || "${PIP[@]}" --no-deps --target "$VENV/triton-$version" "triton==$version"
+    dir="$VENV/triton-$version"
+    if [ ! -f "$dir/.installed" ]; then  # (a marker: an interrupted install is redone whole)
+      rm -rf "$dir"
+      "${PIP[@]}" --no-deps --target "$dir" "triton==$version"
+      touch "$dir/.installed"
+    fi
   done
 fi
 # --no-deps: the dependencies are in place; --no-build-isolation: the build sees this torch.

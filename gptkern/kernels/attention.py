@@ -450,11 +450,13 @@ def config(kernel: str, d: int, dv: int, fp32: bool, weight: int,
     return configs(kernel, d, dv, fp32, weight, capability)[0]
 
 
-def _tune_key(kernel: str, p: "Problem", q: torch.Tensor, kind: int) -> tuple:
-    """What the best configuration depends on: the kernel and its flags, and the problem's size
-    in powers of two (programs per launch, rows per program)."""
-    size = tuple(triton.next_power_of_2(max(n, 1)) for n in (p.batch * p.heads, p.l, p.s))
-    return (kernel, q.dtype, p.d, p.dv, p.causal, p.window != (-1, -1), p.varlen, kind, p.dropout_p > 0, size)
+def _tune_key(kernel: str, p: "Problem", q: torch.Tensor, kind: int, descriptors: bool = False) -> tuple:
+    """What the best configuration depends on: the kernel and its flags, the problem's size in
+    powers of two (heads launched, query and key rows) and whether descriptors can be used."""
+    heads = p.kv_heads if kernel == "dkdv" else p.heads
+    size = tuple(triton.next_power_of_2(max(n, 1)) for n in (p.batch * heads, p.l, p.s))
+    return (kernel, q.dtype, p.d, p.dv, p.causal, p.window != (-1, -1), p.varlen, kind, p.dropout_p > 0, size,
+            descriptors)
 
 
 @functools.lru_cache(maxsize=None)
@@ -580,7 +582,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     candidates = configs("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
-    if not _descriptors_fit(p, kind, q, k, v, out):
+    descriptors = _descriptors_fit(p, kind, q, k, v, out)
+    if not descriptors:
         candidates = tuple(c for c in candidates if not c.tma)
 
     def run(cfg: AttnConfig) -> None:
@@ -590,7 +593,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
             *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch(),
             DESC=cfg.tma)
 
-    run(autotune.pick(_tune_key("fwd", p, q, kind), candidates, run, q.device))
+    run(autotune.pick(_tune_key("fwd", p, q, kind, descriptors), candidates, run, q.device))
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -12,6 +12,7 @@ correct results behind and the chosen configuration simply runs once more.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -19,6 +20,7 @@ from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
+log = logging.getLogger("gptkern")
 C = TypeVar("C")
 _CHOICES: dict[Hashable, object] = {}
 TIMED_RUNS = 5
@@ -56,7 +58,7 @@ def pick(key: Hashable, candidates: Sequence[C], run: Callable[[C], None], devic
     if len(candidates) == 1 or not enabled(device):
         return candidates[0]
     full_key = (key, str(device))
-    if full_key in _CHOICES:
+    if _CHOICES.get(full_key) in candidates:  # (a choice no longer among the candidates is timed again)
         return _CHOICES[full_key]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return candidates[0]
@@ -66,6 +68,7 @@ def pick(key: Hashable, candidates: Sequence[C], run: Callable[[C], None], devic
         try:
             times.append(timer(lambda: run(cfg)))
         except Exception as err:  # noqa: BLE001 (e.g. out of shared memory on this GPU): not a choice
+            log.warning("gptkern autotune: %r failed for %r and is not a choice: %s", cfg, key, err)
             times.append(math.inf)
             errors.append(err)
     if all(t == math.inf for t in times):
