@@ -444,12 +444,6 @@ def configs(kernel: str, d: int, dv: int, fp32: bool, weight: int,
     return tuple(AttnConfig(*c) for c in found)
 
 
-def config(kernel: str, d: int, dv: int, fp32: bool, weight: int,
-           capability: Optional[tuple[int, int]]) -> AttnConfig:
-    """The default of :func:`configs`."""
-    return configs(kernel, d, dv, fp32, weight, capability)[0]
-
-
 def _tune_key(kernel: str, p: "Problem", q: torch.Tensor, kind: int, descriptors: bool = False) -> tuple:
     """What the best configuration depends on: the kernel and its flags, the problem's size in
     powers of two (heads launched, query and key rows) and whether descriptors can be used."""
