@@ -384,6 +384,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report["skipped"]:
         lines += [f"Not timed: {name} ({reason})." for name, reason in report["skipped"].items()]
+    if report.get("autotune"):
+        lines += ["", "Autotuning chose (key: kernel, dtype, D, Dv, causal, window, varlen, mask kind, dropout, "
+                  "pow2 sizes (B·H, L, S), descriptors fit; then the device):"]
+        lines += [f"- `{key}`: `{cfg}`" for key, cfg in report["autotune"].items()]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

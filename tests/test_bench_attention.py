@@ -71,6 +71,9 @@ def test_failures_are_table_cells():
     text = bench_attention.markdown(report)
     assert "| sdpa | fwd+bwd | yes | 1 | 2 | 8 | 4 | torch:efficient | unsupported: RuntimeError" in text
     assert "| torch.compile | error: RuntimeError: compile failed / because of reasons |" in text
+    assert "Autotuning chose" not in text
+    report["autotune"] = {"(('fwd', 128), 'cuda:0')": "AttnConfig(block_m=128, tma=True)"}
+    assert "- `(('fwd', 128), 'cuda:0')`: `AttnConfig(block_m=128, tma=True)`" in bench_attention.markdown(report)
 
 
 @pytest.mark.parametrize("causal", [False, True])
