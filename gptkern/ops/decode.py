@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gptkern import _backend
 from gptkern.ops import cuda_attention
-from gptkern.ops._checks import check_tensor, triton_dtype_support
+from gptkern.ops._checks import check_float_arg, check_tensor, triton_dtype_support
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
@@ -52,8 +52,8 @@ def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
                                                                                               torch.int64):
         raise RuntimeError(f"decode_attention: block_table must be a (B, max_blocks) int32 tensor with B = {batch}, "
                            f"got {block_table.dtype} {list(block_table.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"decode_attention: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None:
+        check_float_arg(scale, "scale", "decode_attention")
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         return  # the value checks below read the tensors: no host sync per token on a GPU
     block_size = k_cache.shape[2]
