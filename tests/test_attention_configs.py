@@ -88,34 +88,36 @@ def test_block_sets_cover_every_shape():
     assert seen == {k: set(b) for k, b in table_blocks().items()}
 
 
-def tma_blocks() -> list[tuple[int, int]]:
+def tma_configs() -> list[tuple[str, tuple[int, int]]]:
+    """(kernel, (block_m, block_n)) of every descriptor candidate in the tables."""
     from gptkern.kernels import attention
 
-    return sorted({c[:2] for widths in attention._ALTERNATIVES["fwd"].values() for width in widths
-                   for c in width if len(c) > 4 and c[4]})
+    return sorted({(kernel, c[:2]) for kernel, table in attention._ALTERNATIVES.items() for widths in table.values()
+                   for width in widths for c in width if len(c) > 4 and c[4]})
 
 
-def test_tables_have_descriptor_candidates():
-    assert tma_blocks()
+def test_tables_have_descriptor_candidates_for_every_kernel():
+    assert {kernel for kernel, _ in tma_configs()} == {"fwd", "dq", "dkdv"}
 
 
-@pytest.mark.parametrize("block", tma_blocks(), ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("kernel,block", tma_configs(), ids=lambda x: x if isinstance(x, str) else f"{x[0]}x{x[1]}")
 @pytest.mark.parametrize("causal", [False, True])
-def test_descriptor_forward_is_correct(block, causal, monkeypatch):
-    """The forward through TMA tensor descriptors (zero-filled tails: L, S and head dims that are
-    not block multiples, Dv != D, GQA), fp16 under the interpreter."""
+def test_descriptor_kernels_are_correct(kernel, block, causal, monkeypatch):
+    """Each kernel through TMA tensor descriptors (zero-filled tails: L, S and head dims that are
+    not block multiples, Dv != D, GQA; the stores drop them), fp16 under the interpreter."""
     from gptkern.kernels import attention
     from test_attention import check as check_dense
 
-    monkeypatch.setattr(attention, "configs",
-                        lambda kernel, *args: (attention.AttnConfig(*block, 4, 1, tma=kernel == "fwd"),))
+    chosen = attention.AttnConfig(*block, 4, 1, tma=True)
+    monkeypatch.setattr(attention, "configs", lambda name, *args: (chosen if name == kernel else
+                                                                   attention.INTERPRETER_CONFIG,))
     used = []
     original = attention._descriptors
-    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(1) or original(*args))
+    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(args[2]) or original(*args))
     rand = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=torch.float16)  # noqa: E731
     check_dense("triton", rand(2, 4, 150, 24), rand(2, 2, 139, 24), rand(2, 2, 139, 40), is_causal=causal,
-                enable_gqa=True)
-    assert used  # the forward took the descriptors
+                enable_gqa=True, grad=kernel != "fwd")
+    assert used == [kernel]  # that kernel, and only it, took the descriptors
 
 
 def test_descriptors_only_where_they_fit():
@@ -164,4 +166,33 @@ def test_a_descriptor_choice_is_not_reused_for_inputs_that_cannot_take_it(monkey
     assert not used
     torch.testing.assert_close(out.double(), torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double()), atol=2e-3, rtol=2e-3)
+    autotune.reset()
+
+
+def test_the_backward_takes_descriptors_only_for_gradients_that_fit(monkeypatch):
+    """``out.sum()`` hands the backward an expanded gradient (strides 0): dq and dK/dV then run
+    without descriptors even where autotuning prefers them; a dense gradient takes them."""
+    from gptkern.kernels import attention, autotune
+
+    plain, tma = attention.AttnConfig(64, 64, 4, 1), attention.AttnConfig(64, 64, 4, 1, tma=True)
+    monkeypatch.setattr(attention, "configs", lambda kernel, *args: (plain,) if kernel == "fwd" else (plain, tma))
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    used, timed = [], []  # kernels that took descriptors: all, and in the candidate being timed
+    monkeypatch.setattr(autotune, "_cuda_time_ms", lambda fn: (timed.clear(), fn(), 1.0 if timed else 2.0)[-1])
+    original = attention._descriptors
+    monkeypatch.setattr(attention, "_descriptors",
+                        lambda *args: used.append(args[2]) or timed.append(1) or original(*args))
+    autotune.reset()
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    for grad_out in (None, torch.randn(1, 2, 40, 16, dtype=torch.float16)):
+        with gptkern.backend("triton"):
+            out = gptkern.ops.scaled_dot_product_attention(q, k, v)
+            used.clear()
+            grads = torch.autograd.grad(out.sum() if grad_out is None else out, (q, k, v), grad_out)
+        assert sorted(set(used)) == ([] if grad_out is None else ["dkdv", "dq"])  # timed, then chosen
+        ref = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        want = torch.autograd.grad(ref, leaves, torch.ones_like(ref) if grad_out is None else grad_out.double())
+        for got, w in zip(grads, want):
+            torch.testing.assert_close(got.double(), w, atol=1e-2, rtol=1e-2)
     autotune.reset()

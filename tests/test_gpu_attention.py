@@ -105,13 +105,13 @@ def test_every_autotuning_alternative_is_correct(monkeypatch, d):
                   for name in ("fwd", "dq", "dkdv")}
     used = []
     original = attention._descriptors
-    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append(args[0]) or original(*args))
+    monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append((args[0], args[2])) or original(*args))
     for i in range(max(len(c) for c in per_kernel.values())):
         chosen = {name: c[i % len(c)] for name, c in per_kernel.items()}
         with monkeypatch.context() as m:
             m.setattr(attention, "configs", lambda name, *args: (chosen[name],))
             run_and_check()
-    assert set(used) == {c for c in per_kernel["fwd"] if c.tma}  # each descriptor candidate ran
+    assert set(used) == {(c, name) for name, cs in per_kernel.items() for c in cs if c.tma}  # each TMA one ran
     autotune.reset()
     run_and_check()
     assert len(autotune.choices()) == 3  # fwd, dkdv, dq

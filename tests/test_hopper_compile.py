@@ -184,12 +184,12 @@ def attention_configs():
                             types["sm_scale"] = "fp32"
                         block_d = attention.head_block(d)
                         if cfg.tma:  # (1, 1, rows, padded dim) tiles of (B, H, seq, dim) tensors
-                            types.update({n: f"tensordesc<{dtype}[1,1,{rows},{block_d}]>" for n, rows in
-                                          (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n),
-                                           ("O", cfg.block_m))})
+                            for arg, (rows, _) in zip(kernel.arg_names, attention._DESCRIPTOR_TILES[name]):
+                                rows = cfg.block_m if rows == "m" else cfg.block_n
+                                types[arg] = f"tensordesc<{dtype}[1,1,{rows},{block_d}]>"
                         constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
                                           BLOCK_D=block_d, BLOCK_DV=block_d, BLOCK_M=cfg.block_m,
-                                          BLOCK_N=cfg.block_n, **({"DESC": cfg.tma} if name == "fwd" else {}))
+                                          BLOCK_N=cfg.block_n, DESC=cfg.tma)
                         yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
             delta = attention._attn_bwd_delta_kernel
             for varlen in (False, True):

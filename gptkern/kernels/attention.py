@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -220,6 +220,7 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DESC: tl.constexpr = False,  # Q, K, V, DO, DK, DV_ are tensor descriptors (TMA), as in the forward
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads."""
     pid_n = tl.program_id(1)
@@ -235,10 +236,15 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n0 = k0 + start_n
-    k = tl.load(K + b * skb + hk * skh + n0 * skn + cols[:, None] * skn + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + n0 * svn + cols[:, None] * svn + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+    b32, hk32 = b.to(tl.int32), hk.to(tl.int32)
+    if DESC:
+        k = K.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k = tl.load(K + b * skb + hk * skh + n0 * skn + cols[:, None] * skn + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + b * svb + hk * svh + n0 * svn + cols[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # [lo, hi): the query blocks that may see this key block.
@@ -256,19 +262,26 @@ def _attn_bwd_dkdv_kernel(
     lo64 = lo.to(tl.int64)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * sqb + h * sqh + (q0 + lo64) * sqm
-        do_base = DO + b * sdob + h * sdoh + (q0 + lo64) * sdom
+        if not DESC:
+            q_base = Q + b * sqb + h * sqh + (q0 + lo64) * sqm
+            do_base = DO + b * sdob + h * sdoh + (q0 + lo64) * sdom
         mask_base = MASK + b * smb + h * smh + start_n.to(tl.int64) * smn + lo64 * smm
         row_base = b * slb + h * slh + q0
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + rows
-            q = tl.load(q_base + q_offs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+            if DESC:
+                q = Q.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            else:
+                q = tl.load(q_base + q_offs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
             s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mask_base + mask_offs,
                         CAUSAL, WINDOW, MASK_KIND, PRECISION)
             lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
             lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
             p = tl.exp2(s - lse[:, None])
-            do = tl.load(do_base + do_offs, mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
+            if DESC:
+                do = DO.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+            else:
+                do = tl.load(do_base + do_offs, mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if DROPOUT:
                 z = _dropout_scale(seed, (b * H + h).to(tl.int32), offs_m, offs_n, threshold, inv_keep)
@@ -279,14 +292,19 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            q_base += BLOCK_M * sqm
-            do_base += BLOCK_M * sdom
+            if not DESC:
+                q_base += BLOCK_M * sqm
+                do_base += BLOCK_M * sdom
             mask_base += BLOCK_M * smm
     dk *= sm_scale
-    tl.store(DK + b * sdkb + hk * sdkh + n0 * sdkn + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < D))
-    tl.store(DV_ + b * sdvb + hk * sdvh + n0 * sdvn + cols[:, None] * sdvn + offs_dv[None, :] * sdvd,
-             dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
+    if DESC:  # the stores drop rows past S and columns past the head dims
+        DK.store([b32, hk32, start_n, 0], dk.to(k.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
+        DV_.store([b32, hk32, start_n, 0], dv.to(v.dtype).reshape(1, 1, BLOCK_N, BLOCK_DV))
+    else:
+        tl.store(DK + b * sdkb + hk * sdkh + n0 * sdkn + cols[:, None] * sdkn + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_d[None, :] < D))
+        tl.store(DV_ + b * sdvb + hk * sdvh + n0 * sdvn + cols[:, None] * sdvn + offs_dv[None, :] * sdvd,
+                 dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -300,6 +318,7 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DESC: tl.constexpr = False,  # Q, K, V, DO, DQ are tensor descriptors (TMA), as in the forward
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
     bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
@@ -310,17 +329,23 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_mask = offs_m < L
     m0 = q0 + start_m
-    q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + m0 * sdom + rows[:, None] * sdom + offs_dv[None, :] * sdod,
-                 mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    b32, h32, hk32 = b.to(tl.int32), h.to(tl.int32), hk.to(tl.int32)
+    if DESC:
+        q = Q.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = DO.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + m0 * sqm + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + m0 * sdom + rows[:, None] * sdom + offs_dv[None, :] * sdod,
+                     mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + q0 + offs_m, mask=row_mask, other=0.0)
     lse = tl.where(lse == -float("inf"), float("inf"), lse)
     delta = tl.load(DELTA + b * slb + h * slh + q0 + offs_m, mask=row_mask, other=0.0)
     lo, hi = _key_range(start_m, L, S, diag, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     n_base = k0 + lo
-    K += b * skb + hk * skh + n_base * skn
-    V += b * svb + hk * svh + n_base * svn
+    if not DESC:
+        K += b * skb + hk * skh + n_base * skn
+        V += b * svb + hk * svh + n_base * svn
     MASK += b * smb + h * smh + start_m.to(tl.int64) * smm + lo.to(tl.int64) * smn
     k_offs = cols[:, None] * skn + offs_d[None, :] * skd
     v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
@@ -328,8 +353,12 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + cols
-        k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        if DESC:
+            k = K.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
                     CAUSAL, WINDOW, MASK_KIND, PRECISION)
         p = tl.exp2(s - lse[:, None])
@@ -338,12 +367,16 @@ def _attn_bwd_dq_kernel(
             dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        K += BLOCK_N * skn
-        V += BLOCK_N * svn
+        if not DESC:
+            K += BLOCK_N * skn
+            V += BLOCK_N * svn
         MASK += BLOCK_N * smn
     dq *= sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + m0 * sdqm + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < D))
+    if DESC:  # the store drops rows past L and columns past D
+        DQ.store([b32, h32, start_m, 0], dq.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        tl.store(DQ + b * sdqb + h * sdqh + m0 * sdqm + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < D))
 
 
 @dataclass(frozen=True)
@@ -352,7 +385,7 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False  # forward only: Q, K, V, O through tensor descriptors (dense, unmasked)
+    tma: bool = False  # the tensors through TMA tensor descriptors (dense, unmasked 16-bit inputs)
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
@@ -404,10 +437,12 @@ _ALTERNATIVES = {
     "fwd": {(False, PLAIN): (((64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4), (128, 64, 8, 3, True),
                               (64, 64, 4, 3, True)),
                              ((128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3, True), (128, 32, 8, 3, True)))},
-    "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)),
-                            ((64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)))},
-    "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2)),
-                              ((32, 64, 8, 2), (16, 32, 4, 1)))},
+    "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2, True),
+                             (128, 64, 8, 2, True)),
+                            ((64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2, True),
+                             (64, 32, 8, 2, True)))},
+    "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2, True), (32, 128, 8, 2, True)),
+                              ((32, 64, 8, 2), (16, 32, 4, 1), (32, 32, 4, 1, True), (32, 64, 8, 2, True)))},
 }
 INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
 
@@ -538,7 +573,7 @@ class Problem:
 
 
 def _descriptors_fit(p: Problem, kind: int, *tensors: torch.Tensor) -> bool:
-    """Whether the forward can read q, k, v and write out through TMA descriptors: dense, with no
+    """Whether a kernel can read and write ``tensors`` through TMA descriptors: dense, with no
     mask, window or dropout, 16-bit, (B, H, seq, dim) with unit last stride and other strides and
     base addresses 16-byte aligned (the descriptors' rules)."""
     if p.varlen or kind != MASK_NONE or p.window != (-1, -1) or p.dropout_p > 0:
@@ -552,15 +587,37 @@ def _descriptors_fit(p: Problem, kind: int, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def _descriptors(cfg: AttnConfig, p: Problem, q, k, v, out) -> tuple:
-    """Host tensor descriptors of q, k, v, out with the forward's tiles (1, 1, rows, padded dim)."""
+# Each kernel's descriptor tensors, in argument order, by their tiles' rows (a block of queries,
+# "m", or of keys, "n") and head dim ("d" of q and k, "dv" of v).
+_DESCRIPTOR_TILES = {
+    "fwd": (("m", "d"), ("n", "d"), ("n", "dv"), ("m", "dv")),                          # q, k, v, out
+    "dq": (("m", "d"), ("n", "d"), ("n", "dv"), ("m", "dv"), ("m", "d")),               # q, k, v, do, dq
+    "dkdv": (("m", "d"), ("n", "d"), ("n", "dv"), ("m", "dv"), ("n", "d"), ("n", "dv")),  # ..., dk, dv
+}
+
+
+def _descriptors(cfg: AttnConfig, p: Problem, kernel: str, *tensors: torch.Tensor) -> tuple:
+    """Host tensor descriptors of ``kernel``'s (B, H, seq, dim) tensors, tiles (1, 1, rows, padded dim)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    def desc(t: torch.Tensor, rows: int, dim: int):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_block(dim)])
+    tiles = _DESCRIPTOR_TILES[kernel]
+    assert len(tensors) == len(tiles)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                  [1, 1, cfg.block_m if rows == "m" else cfg.block_n,
+                                   head_block(p.d if dim == "d" else p.dv)])
+                 for t, (rows, dim) in zip(tensors, tiles))
 
-    return (desc(q, cfg.block_m, p.d), desc(k, cfg.block_n, p.d), desc(v, cfg.block_n, p.dv),
-            desc(out, cfg.block_m, p.dv))
+
+def _tuned(kernel: str, p: Problem, kind: int, run: Callable[[AttnConfig], None],
+           *tensors: torch.Tensor) -> AttnConfig:
+    """The configuration of ``kernel`` for this problem: its candidates (less the descriptor ones
+    when ``tensors``, q first, cannot take descriptors), autotuned on a GPU."""
+    q = tensors[0]
+    candidates = configs(kernel, p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
+    descriptors = _descriptors_fit(p, kind, *tensors)
+    if not descriptors:
+        candidates = tuple(c for c in candidates if not c.tma)
+    return autotune.pick(_tune_key(kernel, p, q, kind, descriptors), candidates, run, q.device)
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -575,19 +632,15 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
         lse.fill_(-float("inf"))  # nothing attended (or nothing to write): the backward gives zeros
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    candidates = configs("fwd", p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
-    descriptors = _descriptors_fit(p, kind, q, k, v, out)
-    if not descriptors:
-        candidates = tuple(c for c in candidates if not c.tma)
 
     def run(cfg: AttnConfig) -> None:
-        tensors = _descriptors(cfg, p, q, k, v, out) if cfg.tma else (q, k, v, out)
+        tensors = _descriptors(cfg, p, "fwd", q, k, v, out) if cfg.tma else (q, k, v, out)
         _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
             *tensors, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
             *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch(),
             DESC=cfg.tma)
 
-    run(autotune.pick(_tune_key("fwd", p, q, kind, descriptors), candidates, run, q.device))
+    run(_tuned("fwd", p, kind, run, q, k, v, out))
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -602,8 +655,6 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             t.zero_()
         return
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
-    fp32, weight = q.dtype == torch.float32, p.weight(kind)
-    capability = device_capability(q.device)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)
     _attn_bwd_delta_kernel[(p.batch * p.heads, triton.cdiv(p.l, delta_rows))](
@@ -612,20 +663,22 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
 
     def run_dkdv(cfg: AttnConfig) -> None:
+        tensors = (q, k, v, do, dk, dv)
         _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg.block_n))](
-            q, k, v, do, dk, dv, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-            *p.strides(do), *p.strides(dk), *p.strides(dv), *tail, **p.flags(q, kind), **cfg.launch())
+            *(_descriptors(cfg, p, "dkdv", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, *p.cu(q),
+            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk), *p.strides(dv), *tail,
+            **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
 
     def run_dq(cfg: AttnConfig) -> None:
+        tensors = (q, k, v, do, dq)
         _attn_bwd_dq_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
-            q, k, v, do, dq, lse, delta, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v),
-            *p.strides(do), *p.strides(dq), *tail, **p.flags(q, kind), **cfg.launch())
+            *(_descriptors(cfg, p, "dq", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, *p.cu(q),
+            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq), *tail,
+            **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
 
     if p.s > 0:
-        candidates = configs("dkdv", p.d, p.dv, fp32, weight, capability)
-        run_dkdv(autotune.pick(_tune_key("dkdv", p, q, kind), candidates, run_dkdv, q.device))
+        run_dkdv(_tuned("dkdv", p, kind, run_dkdv, q, k, v, do, dk, dv))
     else:
         dk.zero_()
         dv.zero_()
-    candidates = configs("dq", p.d, p.dv, fp32, weight, capability)
-    run_dq(autotune.pick(_tune_key("dq", p, q, kind), candidates, run_dq, q.device))
+    run_dq(_tuned("dq", p, kind, run_dq, q, k, v, do, dq))
