@@ -165,3 +165,49 @@ def test_dropout_matches_dense_and_is_reproducible():
     for got, want in zip(grads, dense_grads):
         torch.testing.assert_close(got, want.transpose(1, 2).reshape(37, 2, 16))
     assert not torch.equal(out, other)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,window", [(True, (3, -1)), (False, (4, 4)), (False, (0, 5)), (True, (-1, -1))])
+def test_sliding_window_attention_on_dense_tensors(backend, causal, window, monkeypatch):
+    """The band attention of gptkern's windowed modules: dense (B, H, L, D) tensors, each batch row
+    a sequence of the varlen kernels; no (L, L) mask is made where they serve it (triton, cpu)."""
+    from gptkern.ops import attention as attention_ops
+
+    sizes = dict(b=3, h=4, hk=2, l=37, d=16, dv=24)
+    q = torch.randn(sizes["b"], sizes["h"], sizes["l"], sizes["d"], device=DEVICE, requires_grad=True)
+    k = torch.randn(sizes["b"], sizes["hk"], sizes["l"], sizes["d"], device=DEVICE, requires_grad=True)
+    v = torch.randn(sizes["b"], sizes["hk"], sizes["l"], sizes["dv"], device=DEVICE).transpose(2, 3).contiguous()
+    v = v.transpose(2, 3).requires_grad_()  # a non-contiguous view
+    masks = []
+    original = attention_ops.varlen_visibility
+    monkeypatch.setattr(attention_ops, "varlen_visibility", lambda *a: masks.append(a) or original(*a))
+    with gptkern.backend(backend):
+        out = attention_ops.sliding_window_attention(q, k, v, window, causal)
+    resolved = gptkern._backend.choose("flash_attn_varlen", DEVICE, {"triton": lambda: None, "cpu": lambda: None,
+                                                                      "torch": lambda: None}) \
+        if backend == "auto" else backend
+    assert bool(masks) == (resolved == "torch")
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    packed = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in leaves]
+    lens = [sizes["l"]] * sizes["b"]
+    ref = reference(*packed, lens, lens, causal, window).view(sizes["b"], sizes["l"], sizes["h"], -1).transpose(1, 2)
+    assert out.shape == ref.shape
+    assert_close(out, ref, torch.float32, msg=f"{backend} forward")
+    g = torch.randn_like(out)
+    with gptkern.backend(backend):
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(got, want, torch.float32, grad=True, atol_scale=4, msg=f"{backend} {name}")
+
+
+def test_sliding_window_attention_edges():
+    from gptkern.ops.attention import sliding_window_attention
+
+    q = torch.randn(2, 2, 0, 8, device=DEVICE)
+    assert sliding_window_attention(q, q, q, (2, -1), True).shape == (2, 2, 0, 8)
+    x = torch.randn(2, 2, 5, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="sliding_window_attention: q, k, v must be"):
+        sliding_window_attention(x, x[:, :, :4], x, (2, -1), True)
+    with pytest.raises(RuntimeError, match="sliding_window_attention: q, k, v must be"):
+        sliding_window_attention(x[0], x[0], x[0], (2, -1), True)

@@ -11,7 +11,7 @@ from gptkern import ops
 from gptkern.nn.linear import Linear
 from gptkern.nn.normalization import LayerNorm, RMSNorm
 from gptkern.nn.rotary import apply_rotary
-from gptkern.ops.attention import varlen_visibility
+from gptkern.ops.attention import sliding_window_attention, varlen_visibility
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
@@ -93,10 +93,14 @@ class CausalSelfAttention(nn.Module):
         elif cache is not None and cache.decoding:
             y = cache.decode(q, k, v, self.window)
         else:
-            mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
-            y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                 dropout_p=self.dropout if self.training else 0.0,
-                                                 enable_gqa=hkv != h)
+            dropout_p = self.dropout if self.training else 0.0
+            if self.window is not None and key_mask is None:  # a band: no mask, tiles outside it skipped
+                reach = self.window - 1
+                y = sliding_window_attention(q, k, v, (reach, -1 if self.causal else reach), self.causal, dropout_p)
+            else:
+                mask, is_causal = self_attention_mask(l, l, self.causal, self.window, key_mask, x.device)
+                y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                     dropout_p=dropout_p, enable_gqa=hkv != h)
             if cache is not None:
                 cache.write_prompt(k, v)
         y = y.transpose(1, 2).reshape(b, l, h * d)

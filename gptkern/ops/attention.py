@@ -422,6 +422,37 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
     return list(zip(values, values[1:]))
 
 
+def _varlen_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
+    return _backend.choose("flash_attn_varlen", q.device,
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p),
+                            "cpu": lambda: _cpu_limits(q, dropout_p), "torch": lambda: None})
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: tuple[int, int],
+                             causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Self-attention in a band, for gptkern's modules: (B, H, L, D) q over (B, Hkv, L, D) k and
+    (B, Hkv, L, Dv) v (Hkv dividing H), query i seeing key j when i - left <= j <= i + right
+    (``window_size`` (left, right), -1 unbounded) and, if ``causal``, j <= i; -> (B, H, L, Dv).
+
+    Where the triton or cpu backend serves :func:`flash_attn_varlen`, it runs there with each
+    batch row as one sequence: the kernels skip the key tiles outside the band and no L x L mask
+    is made. Otherwise SDPA with an (L, L) band mask.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not q.shape[2] == k.shape[2] == v.shape[2]:
+        raise RuntimeError(f"sliding_window_attention: q, k, v must be (B, heads, L, dim) with one L, got "
+                           f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    b, h, l, _ = q.shape
+    if _varlen_backend(q, v, dropout_p) == "torch":
+        mask = varlen_visibility(l, l, causal, tuple(window_size), q.device)  # (L, L) or None
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                            enable_gqa=k.shape[1] != h)
+    packed = [t.transpose(1, 2).reshape(b * l, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B*L, heads, dim)
+    cu = torch.arange(b + 1, dtype=torch.int32, device=q.device) * l  # one sequence per batch row
+    out = flash_attn_varlen(*packed, cu, cu, l, l, dropout_p=dropout_p, causal=causal,
+                            window_size=tuple(window_size))
+    return out.view(b, l, h, v.shape[3]).transpose(1, 2)
+
+
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                       causal: bool = False, scale: Optional[float] = None,
@@ -486,9 +517,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     checked = bounds() if not compiling and q.device.type == "cpu" else None
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    name = _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p),
-                            "cpu": lambda: _cpu_limits(q, dropout_p), "torch": lambda: None})
+    name = _varlen_backend(q, v, dropout_p)
     if name in ("triton", "cpu"):
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
