@@ -357,3 +357,55 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
 def test_dropout_gradients_with_gqa_and_batches():
     """The dK/dV kernel regenerates each query head's mask (batch 2, groups of 2)."""
     _check_dropout(rand(2, 4, 24, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 8), 0.25, seed=11, enable_gqa=True)
+
+@pytest.mark.parametrize("backend,dtype", PARAMS)
+@pytest.mark.parametrize("mask_shape", [(3, 21, 34), (2, 1, 1, 34), (2, 3, 21, 34)], ids=str)
+def test_float_mask_gradient(backend, dtype, mask_shape):
+    """A learnable additive mask (a relative-position bias, ALiBi slopes): its gradient, summed over
+    the dims it is broadcast along, against float64. The triton kernel writes dS; the cpu
+    backend hands these calls on (raises when forced)."""
+    q, k, v = rand(2, 3, 21, 16, dtype=dtype), rand(2, 3, 34, 16, dtype=dtype), rand(2, 3, 34, 24, dtype=dtype)
+    mask = rand(*mask_shape, dtype=dtype)
+    mask[..., 3] = float("-inf")  # a key nobody sees
+    leaves = [t.requires_grad_() for t in (q, k, v, mask)]
+    if backend == "cpu":
+        with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="gradient for attn_mask"):
+            sdpa(q, k, v, attn_mask=mask)
+        return
+    with gptkern.backend(backend), poisoned_allocations():
+        out = sdpa(q, k, v, attn_mask=mask)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference(*ref_leaves[:3], mask=ref_leaves[3])
+    assert_close(out, ref, dtype, msg=f"{backend} forward")
+    g = torch.randn_like(out)
+    with gptkern.backend(backend), poisoned_allocations():
+        grads = torch.autograd.grad(out, leaves, g)
+    for name, got, want in zip(("dq", "dk", "dv", "dmask"), grads, torch.autograd.grad(ref, ref_leaves, g.double())):
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, atol=ATTN_ATOL[dtype] * 8, rtol=ATTN_ATOL[dtype] * 4,
+                                   msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_float_mask_gradient_with_dropout_is_the_score_gradient():
+    """With dropout there is no float64 reference; but the mask adds to the scores, so its gradient
+    is dS and dq = scale * dS k must hold for the same dropped weights (GQA: k repeated)."""
+    q, k, v = rand(2, 4, 40, 16), rand(2, 2, 56, 16), rand(2, 2, 56, 16)
+    mask = (0.5 * rand(2, 4, 40, 56)).requires_grad_()
+    q.requires_grad_()
+    torch.manual_seed(5)
+    with gptkern.backend("triton"):
+        out = sdpa(q, k, v, attn_mask=mask, dropout_p=0.4, enable_gqa=True, scale=0.3)
+        dq, dmask = torch.autograd.grad(out, (q, mask), torch.randn_like(out))
+    assert dmask.abs().max() > 0
+    want = 0.3 * dmask.double() @ k.double().repeat_interleave(2, 1)
+    torch.testing.assert_close(dq.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+def test_opcheck_backward_with_mask_gradient():
+    q, k, v = (rand(1, 2, 20, 16) for _ in range(3))
+    mask = rand(1, 1, 20, 20).expand(1, 2, 20, 20)
+    out, lse = torch.ops.gptkern.triton_attention(q, k, v, mask, False, 0.25, 0.0, None)
+    torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, mask, False, 0.25, 0.0, None, True))

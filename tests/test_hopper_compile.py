@@ -189,8 +189,15 @@ def attention_configs():
                                 types[arg] = f"tensordesc<{dtype}[1,1,{rows},{block_d}]>"
                         constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
                                           BLOCK_D=block_d, BLOCK_DV=block_d, BLOCK_M=cfg.block_m,
-                                          BLOCK_N=cfg.block_n, DESC=cfg.tma)
+                                          BLOCK_N=cfg.block_n, DESC=cfg.tma,
+                                          **({"DMASK": None} if name == "dq" else {}))
                         yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
+                        if name == "dq" and flags["MASK_KIND"] == 2:  # writing the float mask's gradient
+                            grad_cfg = attention.DQ_MASK_GRAD_DROPOUT if flags["DROPOUT"] else cfg
+                            grad = {k: v for k, v in constexprs.items() if k != "DMASK"}
+                            grad.update(BLOCK_M=grad_cfg.block_m, BLOCK_N=grad_cfg.block_n)
+                            yield (kernel, dict(types, DMASK=mask_type), grad, grad_cfg.num_warps, True,
+                                   grad_cfg.num_stages)
             delta = attention._attn_bwd_delta_kernel
             for varlen in (False, True):
                 types = {n: "i32" for n in delta.arg_names}

@@ -1,7 +1,6 @@
 """The training loop: loss goes down, exact resume, atomic checkpoints, NaN stop, config checks, DDP."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

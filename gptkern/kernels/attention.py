@@ -310,7 +310,9 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ,       # DQ as Q
-    LSE, DELTA, MASK, CU_Q, CU_K,
+    LSE, DELTA, MASK,
+    DMASK,                 # contiguous (B, H, L, S): dS, the gradient of a float mask, or None
+    CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn, slb, slh,
@@ -350,6 +352,8 @@ def _attn_bwd_dq_kernel(
     k_offs = cols[:, None] * skn + offs_d[None, :] * skd
     v_offs = cols[:, None] * svn + offs_dv[None, :] * svd
     mask_offs = rows[:, None] * smm + cols[None, :] * smn
+    if DMASK is not None:
+        DMASK += ((b * H + h) * L + start_m) * S + lo
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + cols
@@ -366,6 +370,9 @@ def _attn_bwd_dq_kernel(
         if DROPOUT:
             dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
         ds = p * (dp - delta[:, None])
+        if DMASK is not None:  # every key tile is visited (no causal or window skipping with a mask)
+            tl.store(DMASK + rows[:, None] * S + cols[None, :], ds, mask=row_mask[:, None] & (offs_n[None, :] < S))
+            DMASK += BLOCK_N
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if not DESC:
             K += BLOCK_N * skn
@@ -444,6 +451,9 @@ _ALTERNATIVES = {
     "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2, True), (32, 128, 8, 2, True)),
                               ((32, 64, 8, 2), (16, 32, 4, 1), (32, 32, 4, 1, True), (32, 64, 8, 2, True)))},
 }
+# The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
+# with Triton 3.7 (head dims 16 and 80); this one does not, at any head dim up to 128.
+DQ_MASK_GRAD_DROPOUT = AttnConfig(32, 32, 4, 1)
 INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
 
 
@@ -645,40 +655,47 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, mask: Optional[torch.Tensor], problem: Problem,
-             dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    """Write the gradients of :func:`attn_fwd` into dq, dk, dv (shapes of q, k, v)."""
+             dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dmask: Optional[torch.Tensor] = None) -> None:
+    """Write the gradients of :func:`attn_fwd` into dq, dk, dv (shapes of q, k, v) and, for a
+    float mask, into ``dmask`` if given ((B, H, L, S) fp32, dense only)."""
     p = problem
-    if dq.numel() + dk.numel() + dv.numel() == 0:
+    grads = (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask)
+    if sum(t.numel() for t in grads) == 0:
         return
     if p.l == 0 or p.batch * p.heads == 0 or p.dv == 0:  # nothing attends: every gradient is zero
-        for t in (dq, dk, dv):
+        for t in grads:
             t.zero_()
         return
+    assert dmask is None or (mask is not None and mask.is_floating_point() and dmask.is_contiguous()
+                             and not p.varlen and not p.causal and p.window == (-1, -1))
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)
     _attn_bwd_delta_kernel[(p.batch * p.heads, triton.cdiv(p.l, delta_rows))](
         out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
         DV=p.dv, VARLEN=p.varlen, BLOCK_M=delta_rows, BLOCK_DV=head_block(p.dv), num_warps=4)
-    tail = (*mask_strides, *p.row_stat_strides(lse), *p.scalars(), p.scale)
+    scalars = (*p.row_stat_strides(lse), *p.scalars(), p.scale)
 
     def run_dkdv(cfg: AttnConfig) -> None:
         tensors = (q, k, v, do, dk, dv)
         _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg.block_n))](
             *(_descriptors(cfg, p, "dkdv", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, *p.cu(q),
-            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk), *p.strides(dv), *tail,
-            **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
+            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk), *p.strides(dv),
+            *mask_strides, *scalars, **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
 
     def run_dq(cfg: AttnConfig) -> None:
         tensors = (q, k, v, do, dq)
         _attn_bwd_dq_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
-            *(_descriptors(cfg, p, "dq", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, *p.cu(q),
-            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq), *tail,
-            **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
+            *(_descriptors(cfg, p, "dq", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, dmask,
+            *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq),
+            *mask_strides, *scalars, **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
 
     if p.s > 0:
         run_dkdv(_tuned("dkdv", p, kind, run_dkdv, q, k, v, do, dk, dv))
     else:
         dk.zero_()
         dv.zero_()
-    run_dq(_tuned("dq", p, kind, run_dq, q, k, v, do, dq))
+    if dmask is not None and p.dropout_p > 0 and device_capability(q.device) is not None:
+        run_dq(DQ_MASK_GRAD_DROPOUT)
+    else:
+        run_dq(_tuned("dq", p, kind, run_dq, q, k, v, do, dq))

@@ -59,20 +59,33 @@ def _(q, k, v, mask, causal, scale, dropout_p, seed):
 @torch.library.custom_op("gptkern::triton_attention_backward", mutates_args=())
 def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
-                              causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor]
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+                              mask_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and, with ``mask_grad``, the (B, H, L, S) gradient of the float mask in its
+    dtype (else an empty tensor)."""
     from gptkern.kernels.attention import attn_bwd
 
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    dmask = _empty_mask_grad(q, k, mask, mask_grad)
     problem = _dense_problem(q, k, v, causal, scale, dropout_p, seed)
     with device_guard(q):
-        attn_bwd(grad_out, q, k, v, out, lse, mask, problem, dq, dk, dv)
-    return dq, dk, dv
+        attn_bwd(grad_out, q, k, v, out, lse, mask, problem, dq, dk, dv, dmask if mask_grad else None)
+    return dq, dk, dv, dmask
+
+
+def _empty_mask_grad(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], mask_grad: bool) -> torch.Tensor:
+    if not mask_grad:
+        return q.new_empty((0,))
+    if mask is None or not mask.is_floating_point():
+        raise RuntimeError("triton_attention_backward: mask_grad needs a float mask")
+    b, h, l, _ = q.shape
+    return torch.empty((b, h, l, k.shape[2]), device=q.device, dtype=mask.dtype)
 
 
 @triton_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed):
-    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+def _(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, mask_grad=False):
+    return (*(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v)),
+            _empty_mask_grad(q, k, mask, mask_grad))
 
 
 def _setup_context(ctx, inputs, output):
@@ -84,9 +97,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gptkern.triton_attention_backward(
-        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None, None
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = torch.ops.gptkern.triton_attention_backward(
+        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None
 
 
 triton_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -254,14 +268,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     def mask_support():  # what neither kernel takes (torch's SDPA decides, or raises)
         if attn_mask is not None and is_causal:
             return "attn_mask together with is_causal"
-        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-            return "a gradient for attn_mask"
         return None
 
-    def triton_support():
+    def triton_support():  # gradients for a float mask included
         return mask_support() or _triton_limits(query, value, attn_mask is not None, dropout_p)
 
     def cpu_support():
+        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+            return "a gradient for attn_mask"
         return mask_support() or _cpu_limits(query, dropout_p)
 
     def cuda_support():  # the CUDA forward; its backward is Triton's
