@@ -18,8 +18,9 @@ TORCH_LIBRARY(gptkern, m) {
   // bool (True = attend) or additive float, read through its strides. Returns out (B, H, L, Dv)
   // and the log2-domain LSE (B, H, L) fp32; a row that sees no key gives 0 and LSE -inf.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)");
+  // mask_grad: the fourth output is the (B, H, L, S) gradient of a float mask in its dtype (else empty).
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+        "bool causal, float scale, bool mask_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Packed q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), int32 offsets; causal and
   // windows bottom-right aligned (flash-attn), window sides -1 = unbounded. LSE (H, total_q).
   m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "

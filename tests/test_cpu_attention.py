@@ -200,6 +200,10 @@ def test_opcheck():
     out, lse = torch.ops.gptkern.attention_fwd(q.detach(), k.detach(), v.detach(), bool_mask, True, 0.25)
     torch.library.opcheck(torch.ops.gptkern.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, bool_mask, True, 0.25))
+    out, lse = torch.ops.gptkern.attention_fwd(q.detach(), k.detach(), v.detach(), float_mask, False, 0.25)
+    torch.library.opcheck(torch.ops.gptkern.attention_bwd.default,  # with the float mask's gradient
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, float_mask, False,
+                           0.25, True))
     qv, kv, vv = (rand(30, 2, 16).requires_grad_() for _ in range(3))
     cu = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
     torch.library.opcheck(torch.ops.gptkern.attention_varlen_fwd.default, (qv, kv, vv, cu, cu, 20, 20, True, 0.25, 4, -1))
@@ -336,7 +340,7 @@ def test_schemas_are_the_shared_contract():
     want = [
         "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)",
         "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+        "bool causal, float scale, bool mask_grad=False) -> (Tensor, Tensor, Tensor, Tensor)",
         "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
         "int max_seqlen_k, bool causal, float scale, int window_left, int window_right) -> (Tensor, Tensor)",
         "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -348,3 +352,24 @@ def test_schemas_are_the_shared_contract():
     for schema in want:
         op = getattr(torch.ops.gptkern, schema.split("(")[0]).default
         assert str(op._schema) == "gptkern::" + schema
+
+
+def test_float_mask_gradient_rules_and_double_backward():
+    """mask_grad needs a float mask without causal; with create_graph=True the mask's gradient
+    comes through the differentiable composition and matches the kernel's."""
+    q, k, v = (rand(1, 2, 9, 16) for _ in range(3))
+    out, lse = torch.ops.gptkern.attention_fwd(q, k, v, None, False, 0.25)
+    bool_mask = torch.ones(1, 2, 9, 9, dtype=torch.bool)
+    for mask, causal in ((None, False), (bool_mask, False), (rand(1, 2, 9, 9), True)):
+        with pytest.raises(RuntimeError, match="mask_grad needs a float mask"):
+            torch.ops.gptkern.attention_bwd(out, q, k, v, out, lse, mask, causal, 0.25, True)
+    bias = rand(2, 9, 9).requires_grad_()
+    q.requires_grad_()
+    grads = []
+    for create_graph in (False, True):
+        with gptkern.backend("cpu"):
+            o = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        grads.append(torch.autograd.grad(o, (q, bias), torch.ones_like(o), create_graph=create_graph))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+    assert grads[1][1].requires_grad  # a graph: it can be differentiated again

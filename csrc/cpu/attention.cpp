@@ -326,7 +326,9 @@ int64_t query_chunks(const Problem& p) {
 template <typename T, typename M>
 void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const Mask<M>& mask,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, float* dmask = nullptr) {
+  // dmask: dense (B, H, L, S) fp32 for dS, the gradient of a float mask (every tile is visited:
+  // no causal or window skipping comes with a mask), or null.
   auto delta_t = at::empty_like(lse);
   const Stats delta = stats(delta_t), ls = stats(lse);
   row_dots<T>(p, dout, out, delta);
@@ -381,6 +383,10 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
               const Vec pv = Vec::loadu(pr + r * kBN + j);
               (pv * (Vec::loadu(ds + r * kBN + j) - dl)).store(ds + r * kBN + j);
             }
+          }
+          if (dmask) {
+            for (int64_t r = 0; r < rows; ++r)
+              std::copy(ds + r * kBN, ds + r * kBN + n, dmask + ((b * p.heads + h) * p.max_l + i0 + r) * p.max_s + n0);
           }
           gemm<true>(n, p.dp, rows, ds, 1, kBN, w.q.data(), p.dp, dk_acc + n0 * p.dp, p.dp);
           const auto [kb, ldk] = pk.k_block(p, b, hkv, n0);
@@ -457,11 +463,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
-                                                             const at::Tensor& k, const at::Tensor& v,
-                                                             const at::Tensor& out, const at::Tensor& lse,
-                                                             const std::optional<at::Tensor>& mask, bool causal,
-                                                             double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool causal, double scale, bool mask_grad) {
   check_dense("attention_bwd", q, k, v, mask);
   const std::vector<int64_t> o_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
@@ -475,10 +479,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   auto go = grad_out.to(q.scalar_type()), o = out.to(q.scalar_type());
+  at::Tensor dmask = at::empty({0}, q.options());
+  if (mask_grad) {
+    TORCH_CHECK(mask.has_value() && mask->is_floating_point() && !causal,
+                "gptkern::attention_bwd: mask_grad needs a float mask and causal=False");
+    dmask = at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options().dtype(at::kFloat));
+  }
   dispatch(q, mask, [&](auto t, const auto& m) {
-    backward<decltype(t)>(p, go, q, k, v, o, lse, m, dq, dk, dv);
+    backward<decltype(t)>(p, go, q, k, v, o, lse, m, dq, dk, dv, mask_grad ? dmask.mutable_data_ptr<float>() : nullptr);
   });
-  return {dq, dk, dv};
+  if (mask_grad) dmask = dmask.to(mask->scalar_type());
+  return {dq, dk, dv, dmask};
 }
 
 Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -270,12 +270,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             return "attn_mask together with is_causal"
         return None
 
-    def triton_support():  # gradients for a float mask included
+    def triton_support():
         return mask_support() or _triton_limits(query, value, attn_mask is not None, dropout_p)
 
     def cpu_support():
-        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-            return "a gradient for attn_mask"
         return mask_support() or _cpu_limits(query, dropout_p)
 
     def cuda_support():  # the CUDA forward; its backward is Triton's

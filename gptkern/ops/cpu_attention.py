@@ -27,6 +27,12 @@ def _like_qkv(q, k, v):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False):
+    b, h, l, _ = q.shape
+    dmask = q.new_empty((b, h, l, k.shape[2]), dtype=mask.dtype) if mask_grad else q.new_empty((0,))
+    return (*_like_qkv(q, k, v), dmask)
+
+
 def _fake_decode(q, k_cache, v_cache, cache_seqlens, scale, block_table):
     b, h, lq, _ = q.shape  # q (B, H, Lq, D), v_cache (., Hkv, ., Dv)
     return q.new_empty((b, h, lq, v_cache.shape[-1]))
@@ -39,21 +45,26 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale = causal, scale
 
 
-def _double_backward_able(ctx, grad_out, q, k, v, mask):
+def _double_backward_able(ctx, grad_out, q, k, v, mask) -> list:
     """Gradients as a differentiable graph (create_graph=True): through the explicit composition
-    (torch's own CPU SDPA has no double backward)."""
+    (torch's own CPU SDPA has no double backward); None for the inputs that need none."""
+    inputs = (q, k, v, mask)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
     with torch.enable_grad():
         out = attention_ref(q, k, v, mask=mask, causal=ctx.causal, scale=ctx.scale, upcast=False)
-    return torch.autograd.grad(out, (q, k, v), grad_out, create_graph=True)
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return [next(found) if need else None for need in ctx.needs_input_grad[:4]]
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask = ctx.saved_tensors
+    mask_grad = bool(ctx.needs_input_grad[3])  # a float mask that requires grad
     if torch.is_grad_enabled():
-        dq, dk, dv = _double_backward_able(ctx, grad_out, q, k, v, mask)
+        dq, dk, dv, dmask = _double_backward_able(ctx, grad_out, q, k, v, mask)
     else:
-        dq, dk, dv = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+        dq, dk, dv, dmask = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal,
+                                                            ctx.scale, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -75,8 +86,7 @@ def _varlen_backward(ctx, grad_out, _grad_lse):
 def register_cpu_ops() -> None:
     """Register the fakes (torch.compile, meta tensors) and the autograd formulas."""
     torch.library.register_fake("gptkern::attention_fwd")(_fake_fwd)
-    torch.library.register_fake("gptkern::attention_bwd")(
-        lambda grad_out, q, k, v, out, lse, mask, causal, scale: _like_qkv(q, k, v))
+    torch.library.register_fake("gptkern::attention_bwd")(_fake_bwd)
     torch.library.register_fake("gptkern::attention_varlen_fwd")(_fake_varlen_fwd)
     torch.library.register_fake("gptkern::attention_varlen_bwd")(
         lambda grad_out, q, k, v, out, lse, *args: _like_qkv(q, k, v))
