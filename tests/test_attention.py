@@ -404,3 +404,6 @@ def test_opcheck_backward_with_mask_gradient():
     out, lse = torch.ops.gptkern.triton_attention(q, k, v, mask, False, 0.25, 0.0, None)
     torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
                           (torch.randn_like(out), q, k, v, out, lse, mask, False, 0.25, 0.0, None, True))
+    for m, causal in ((mask, True), (None, False), (mask > 0, False)):  # dS would not be all written
+        with pytest.raises(RuntimeError, match="mask_grad needs a float mask and causal=False"):
+            torch.ops.gptkern.triton_attention_backward(out, q, k, v, out, lse, m, causal, 0.25, 0.0, None, True)

@@ -666,8 +666,10 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for t in grads:
             t.zero_()
         return
-    assert dmask is None or (mask is not None and mask.is_floating_point() and dmask.is_contiguous()
-                             and not p.varlen and not p.causal and p.window == (-1, -1))
+    if dmask is not None and not (mask is not None and mask.is_floating_point() and dmask.is_contiguous()
+                                  and not p.varlen and not p.causal and p.window == (-1, -1)):
+        raise RuntimeError("attn_bwd: dmask needs a dense float mask, no causal or window (the dQ kernel must "
+                           "visit every tile) and a contiguous buffer")
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)

@@ -66,18 +66,20 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     from gptkern.kernels.attention import attn_bwd
 
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
-    dmask = _empty_mask_grad(q, k, mask, mask_grad)
+    dmask = _empty_mask_grad(q, k, mask, causal, mask_grad)
     problem = _dense_problem(q, k, v, causal, scale, dropout_p, seed)
     with device_guard(q):
         attn_bwd(grad_out, q, k, v, out, lse, mask, problem, dq, dk, dv, dmask if mask_grad else None)
     return dq, dk, dv, dmask
 
 
-def _empty_mask_grad(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], mask_grad: bool) -> torch.Tensor:
+def _empty_mask_grad(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
+                     mask_grad: bool) -> torch.Tensor:
+    """The dS buffer the dQ kernel fills (all of it: no tile is skipped without causal)."""
     if not mask_grad:
         return q.new_empty((0,))
-    if mask is None or not mask.is_floating_point():
-        raise RuntimeError("triton_attention_backward: mask_grad needs a float mask")
+    if mask is None or not mask.is_floating_point() or causal:
+        raise RuntimeError("triton_attention_backward: mask_grad needs a float mask and causal=False")
     b, h, l, _ = q.shape
     return torch.empty((b, h, l, k.shape[2]), device=q.device, dtype=mask.dtype)
 
@@ -85,7 +87,7 @@ def _empty_mask_grad(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tens
 @triton_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, mask_grad=False):
     return (*(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v)),
-            _empty_mask_grad(q, k, mask, mask_grad))
+            _empty_mask_grad(q, k, mask, causal, mask_grad))
 
 
 def _setup_context(ctx, inputs, output):
@@ -453,6 +455,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not q.shape[2] == k.shape[2] == v.shape[2]:
         raise RuntimeError(f"sliding_window_attention: q, k, v must be (B, heads, L, dim) with one L, got "
                            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    q, k, v = _autocast(q, k, v)  # the backend is chosen for the dtype the kernels will see
     b, h, l, _ = q.shape
     if _varlen_backend(q, v, dropout_p) == "torch":
         mask = varlen_visibility(l, l, causal, tuple(window_size), q.device)  # (L, L) or None

@@ -74,12 +74,33 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right
 
 
+def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
+    """create_graph=True: one sequence at a time through the explicit composition, with the
+    varlen visibility (bottom-right causal, windows); None for the inputs that need none."""
+    from gptkern.ops.attention import varlen_visibility
+
+    _, _, causal, scale, left, right = ctx.args
+    needs = ctx.needs_input_grad[:3]
+    wanted = [t for t, need in zip((q, k, v), needs) if need]
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    with torch.enable_grad():
+        outs = []
+        for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+            seq = [t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+            visible = varlen_visibility(q1 - q0, k1 - k0, causal, (left, right), q.device)  # (Lq, Lk) or None
+            outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False)[0].transpose(0, 1))
+        out = torch.cat(outs) if outs else grad_out.new_zeros(grad_out.shape)
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    grads = [next(found) if need else None for need in needs]
+    return [torch.zeros_like(t) if need and g is None else g for t, need, g in zip((q, k, v), needs, grads)]
+
+
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if torch.is_grad_enabled():
-        raise NotImplementedError("flash_attn_varlen on the cpu backend: gradients with create_graph=True "
-                                  "(double backward) are not supported; use the torch backend")
-    dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        dq, dk, dv = _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k)
+    else:
+        dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
 
 
