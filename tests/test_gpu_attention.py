@@ -54,6 +54,27 @@ def test_float_mask_gradient_real_size(d):
     torch.testing.assert_close(dq.double(), want, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_attention_real_size(causal):
+    """The band path of gptkern's windowed modules (varlen kernels, one sequence per batch row) in
+    bf16 at a real size, against float64 SDPA with the band as a mask."""
+    from gptkern.ops.attention import sliding_window_attention, varlen_visibility
+
+    q = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    window = (255, -1 if causal else 255)
+    with gptkern.backend("triton"):
+        out = sliding_window_attention(q, k, v, window, causal)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    band = varlen_visibility(2048, 2048, causal, window, q.device)
+    ref = _reference(*leaves, attn_mask=band, enable_gqa=True)
+    assert_close(out, ref, torch.bfloat16)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert_close(got, want, torch.bfloat16, grad=True, atol_scale=2)
+
+
 def test_sdpa_key_padding_mask_and_fp32():
     q, k, v = (torch.randn(4, 4, 700, 64, device="cuda") for _ in range(3))
     mask = torch.rand(4, 1, 1, 700, device="cuda") > 0.2
