@@ -17,18 +17,21 @@ TORCH_LIBRARY(gptkern, m) {
   // Attention: q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask None or (B, H, L, S)
   // bool (True = attend) or additive float, read through its strides. Returns out (B, H, L, Dv)
   // and the log2-domain LSE (B, H, L) fp32; a row that sees no key gives 0 and LSE -inf.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)");
+  // dropout_p > 0: the Triton kernels' Philox stream from seed, a (1,) int64 tensor.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale, float dropout_p=0., "
+        "Tensor? seed=None) -> (Tensor, Tensor)");
   // mask_grad: the fourth output is the (B, H, L, S) gradient of a float mask in its dtype (else empty).
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "bool causal, float scale, bool mask_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool causal, float scale, bool mask_grad=False, float dropout_p=0., Tensor? seed=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // Packed q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), int32 offsets; causal and
   // windows bottom-right aligned (flash-attn), window sides -1 = unbounded. LSE (H, total_q).
   m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right) "
-        "-> (Tensor, Tensor)");
+        "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
+        "float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor)");
   m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-        "int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+        "int window_left, int window_right, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
   // q (B, H, Lq, D) against a KV cache (B, Hkv, S_max, D) or, with block_table (B, max_blocks),
   // a paged one (num_blocks, Hkv, block_size, D); cache_seqlens (B,) int32. Returns (B, H, Lq, Dv).
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "

@@ -176,19 +176,76 @@ def test_gradients_do_not_depend_on_threads():
         assert torch.equal(a, b)
 
 
-def test_dropout_is_not_supported_and_auto_moves_on():
+def test_float64_is_not_supported_and_auto_moves_on():
     q, k, v = rand(1, 2, 8, 16), rand(1, 2, 8, 16), rand(1, 2, 8, 16)
-    with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="dropout.*torch"):
-        sdpa(q, k, v, dropout_p=0.5)
     with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="float64"):
         sdpa(q.double(), k.double(), v.double())
     supports = {"cpu": lambda: None, "torch": lambda: None}
     assert _backend.choose("scaled_dot_product_attention", torch.device("cpu"), supports) == "cpu"
     assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
-    torch.manual_seed(0)
-    out = sdpa(q, k, v, dropout_p=0.5)  # auto: torch serves it
-    torch.manual_seed(0)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    out = sdpa(q.double(), k.double(), v.double())  # auto: torch serves it
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+
+
+def _run_with_seed(backend, fn, leaves, seed):
+    """fn(*leaves) under ``backend`` after torch.manual_seed(seed); (out, gradients)."""
+    torch.manual_seed(seed)
+    with gptkern.backend(backend):
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out) + 0.5 * torch.arange(out.shape[-1]))
+    return out, grads
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
+@pytest.mark.parametrize("case", ["causal", "gqa-mask", "varlen-window"])
+def test_dropout_draws_the_triton_kernels_mask(case):
+    """For one seed the C++ kernels drop exactly the weights the Triton kernels drop (the same
+    Philox counters: key, query, batch-head), forward and backward, so outputs and gradients agree
+    to rounding; another seed gives another mask."""
+    if case == "varlen-window":
+        leaves = [rand(40, 4, 16).requires_grad_(), rand(45, 2, 16).requires_grad_(), rand(45, 2, 24).requires_grad_()]
+        cu_q = torch.tensor([0, 10, 10, 40], dtype=torch.int32)
+        cu_k = torch.tensor([0, 20, 25, 45], dtype=torch.int32)
+
+        def fn(q, k, v):
+            return varlen(q, k, v, cu_q, cu_k, 30, 20, dropout_p=0.3, causal=True, window_size=(7, -1))
+    else:
+        gqa = case == "gqa-mask"
+        leaves = [rand(2, 4, 37, 16).requires_grad_(), rand(2, 2 if gqa else 4, 70, 16).requires_grad_(),
+                  rand(2, 2 if gqa else 4, 70, 24).requires_grad_()]
+        mask = (torch.rand(2, 1, 1, 70) > 0.2) if gqa else None
+
+        def fn(q, k, v):
+            return sdpa(q, k, v, attn_mask=mask, dropout_p=0.3, is_causal=not gqa, enable_gqa=gqa)
+    out_c, grads_c = _run_with_seed("cpu", fn, leaves, seed=5)
+    out_t, grads_t = _run_with_seed("triton", fn, leaves, seed=5)
+    for a, b in zip((out_c, *grads_c), (out_t, *grads_t)):  # another mask would differ by O(1)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    out_other, _ = _run_with_seed("cpu", fn, leaves, seed=6)
+    assert (out_other - out_c).abs().max() > 1e-2
+
+
+def test_dropout_statistics_and_reproducibility():
+    """With V = I the output is softmax * Z: Z takes only 0 and 1 / (1 - p), drops about p of the
+    weights, repeats under torch.manual_seed; create_graph=True with dropout raises."""
+    p, s = 0.3, 96
+    q, k = rand(2, 4, 64, 16), rand(2, 4, s, 16)
+    eye = torch.eye(s).expand(2, 4, s, s)
+    outs = []
+    for seed in (9, 9):
+        torch.manual_seed(seed)
+        with gptkern.backend("cpu"):
+            outs.append(sdpa(q, k, eye, dropout_p=p))
+    assert torch.equal(outs[0], outs[1])
+    z = outs[0].double() / F.scaled_dot_product_attention(q.double(), k.double(), eye.double())
+    assert torch.all(((z - 0).abs() < 1e-4) | ((z - 1 / (1 - p)).abs() < 1e-3))
+    dropped = (z.abs() < 1e-4).double().mean().item()
+    assert abs(dropped - p) < 0.02, dropped
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    with gptkern.backend("cpu"):
+        out = sdpa(*leaves, eye, dropout_p=p)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), leaves, create_graph=True)
 
 
 def test_opcheck():
@@ -204,6 +261,16 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gptkern.attention_bwd.default,  # with the float mask's gradient
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, float_mask, False,
                            0.25, True))
+    seed = torch.tensor([1234])  # dropout: the forward and the backward with it
+    torch.library.opcheck(torch.ops.gptkern.attention_fwd.default, (q, k, v, None, True, 0.25, 0.3, seed))
+    out, lse = torch.ops.gptkern.attention_fwd(q.detach(), k.detach(), v.detach(), None, True, 0.25, 0.3, seed)
+    torch.library.opcheck(torch.ops.gptkern.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, True, 0.25,
+                           False, 0.3, seed))
+    with pytest.raises(RuntimeError, match="dropout_p > 0 needs seed"):
+        torch.ops.gptkern.attention_fwd(q, k, v, None, True, 0.25, 0.3, None)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        torch.ops.gptkern.attention_fwd(q, k, v, None, True, 0.25, 1.0, seed)
     qv, kv, vv = (rand(30, 2, 16).requires_grad_() for _ in range(3))
     cu = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
     torch.library.opcheck(torch.ops.gptkern.attention_varlen_fwd.default, (qv, kv, vv, cu, cu, 20, 20, True, 0.25, 4, -1))
@@ -368,14 +435,17 @@ def test_varlen_double_backward():
 def test_schemas_are_the_shared_contract():
     """The CUDA kernels implement these same schemas: the strings must not drift."""
     want = [
-        "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) -> (Tensor, Tensor)",
+        "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale, float dropout_p=0., "
+        "Tensor? seed=None) -> (Tensor, Tensor)",
         "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-        "bool causal, float scale, bool mask_grad=False) -> (Tensor, Tensor, Tensor, Tensor)",
+        "bool causal, float scale, bool mask_grad=False, float dropout_p=0., Tensor? seed=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
         "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right) -> (Tensor, Tensor)",
+        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right, float dropout_p=0., "
+        "Tensor? seed=None) -> (Tensor, Tensor)",
         "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-        "int window_left, int window_right) -> (Tensor, Tensor, Tensor)",
+        "int window_left, int window_right, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)",
         "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
         "Tensor? block_table) -> Tensor",
     ]

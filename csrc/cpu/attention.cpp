@@ -17,14 +17,129 @@
 
 #include "attention_common.h"
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace gptkern::cpu::attn {
 namespace {
 
 constexpr int64_t kBM = 64;  // queries per tile
 constexpr int64_t kBN = 64;  // keys per tile (a multiple of 2 * kW)
 
+// Philox4x32-10 as triton.language.philox: the first output word for counters c0..c3 and a
+// 64-bit seed (key: its low and high words). The Triton kernels draw the same stream.
+inline uint32_t philox_first(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t a = uint64_t{0xD2511F53u} * c0, b = uint64_t{0xCD9E8D57u} * c2;
+    c0 = static_cast<uint32_t>(b >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(b);
+    c3 = static_cast<uint32_t>(a);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+using U32x = __m512i;  // 16 lanes of uint32
+constexpr int kLanes = 16;
+inline U32x splat(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+// High and low 32 bits of the lane-wise 32 x 32 -> 64-bit products a * x.
+inline U32x mulhi(U32x a, U32x x) {
+  const __m512i even = _mm512_mul_epu32(x, a), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), a);
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+inline U32x mullo(U32x a, U32x x) { return _mm512_mullo_epi32(a, x); }
+inline U32x xor3(U32x a, U32x b, U32x c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+inline U32x add32(U32x a, U32x b) { return _mm512_add_epi32(a, b); }
+inline U32x lane_ids() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// inv_keep where (r >> 1) >= threshold, else 0.
+inline void store_factors(float* z, U32x r, int32_t threshold, float inv_keep) {
+  const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_srli_epi32(r, 1), _mm512_set1_epi32(threshold));
+  _mm512_storeu_ps(z, _mm512_maskz_mov_ps(keep, _mm512_set1_ps(inv_keep)));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using U32x = __m256i;  // 8 lanes of uint32
+constexpr int kLanes = 8;
+inline U32x splat(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline U32x mulhi(U32x a, U32x x) {
+  const __m256i even = _mm256_mul_epu32(x, a), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), a);
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+inline U32x mullo(U32x a, U32x x) { return _mm256_mullo_epi32(a, x); }
+inline U32x xor3(U32x a, U32x b, U32x c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline U32x add32(U32x a, U32x b) { return _mm256_add_epi32(a, b); }
+inline U32x lane_ids() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline void store_factors(float* z, U32x r, int32_t threshold, float inv_keep) {
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_srli_epi32(r, 1), _mm256_set1_epi32(threshold - 1));
+  _mm256_storeu_ps(z, _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_set1_ps(inv_keep)));
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// philox_first for kLanes consecutive first counters c0 .. c0 + kLanes - 1.
+inline U32x philox_first_lanes(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  U32x x0 = add32(splat(c0), lane_ids()), x1 = splat(c1), x2 = splat(c2), x3 = splat(c3);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const U32x a = splat(0xD2511F53u), b = splat(0xCD9E8D57u);
+  for (int round = 0; round < 10; ++round) {
+    const U32x n0 = xor3(mulhi(b, x2), x1, splat(k0)), n2 = xor3(mulhi(a, x0), x3, splat(k1));
+    x1 = mullo(b, x2);
+    x3 = mullo(a, x0);
+    x0 = n0;
+    x2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return x0;
+}
+#endif
+
+// Dropout on the attention weights, the Triton kernels' rule: weight (query i, key j, both counted
+// in their sequence; batch-head bh = b * H + h) is dropped when the top 31 bits of
+// philox(seed, j, i, bh, 0) fall below threshold = p * 2**31; kept ones are scaled by 1 / (1 - p).
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  int32_t threshold = 0;
+  float inv_keep = 1.0f;
+
+  // z[j] for keys n0 + j: the factor for j < n, 0 from n to width (SIMD lanes where built for them).
+  void row(float* z, int64_t bh, int64_t i, int64_t n0, int64_t n, int64_t width) const {
+    const uint32_t key0 = static_cast<uint32_t>(n0), query = static_cast<uint32_t>(i), head = static_cast<uint32_t>(bh);
+    int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    for (; j + kLanes <= width; j += kLanes)
+      store_factors(z + j, philox_first_lanes(seed, key0 + static_cast<uint32_t>(j), query, head, 0u), threshold,
+                    inv_keep);
+#endif
+    for (; j < width; ++j) {
+      const uint32_t r = philox_first(seed, key0 + static_cast<uint32_t>(j), query, head, 0u);
+      z[j] = static_cast<int32_t>(r >> 1) >= threshold ? inv_keep : 0.0f;
+    }
+    std::fill(z + std::min(n, width), z + width, 0.0f);
+  }
+};
+
+Dropout make_dropout(const char* op, double p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "gptkern::", op, ": dropout_p must be in [0, 1), got ", p);
+  Dropout d;
+  if (p == 0.0) return d;
+  TORCH_CHECK(seed.has_value() && seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "gptkern::", op, ": dropout_p > 0 needs seed, a (1,) int64 CPU tensor");
+  d.on = true;
+  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  d.threshold = static_cast<int32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483647.0));
+  d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
 struct Problem {
   int64_t batch, heads, kv_heads, group, d, dv, dp, dvp;  // dp, dvp: head dims padded to kW
+  Dropout dropout;
   int64_t max_l, max_s;
   float scale;
   bool causal = false;
@@ -241,7 +356,7 @@ std::pair<int64_t, int64_t> key_range(const Problem& p, int64_t i0, int64_t i1, 
 // -------------------------------------------------------------------------------------- forward
 
 struct FwdScratch {
-  std::vector<float> q, s, acc, m, l;
+  std::vector<float> q, s, acc, m, l, z;  // z: dropout factors of a row of keys
 };
 
 template <typename T, typename M>
@@ -253,7 +368,8 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
   const auto tasks = query_blocks(p);
   auto make = [&] {
     return FwdScratch{std::vector<float>(kBM * p.dp), std::vector<float>(kBM * kBN),
-                      std::vector<float>(kBM * p.dvp), std::vector<float>(kBM), std::vector<float>(kBM)};
+                      std::vector<float>(kBM * p.dvp), std::vector<float>(kBM), std::vector<float>(kBM),
+                      std::vector<float>(p.dropout.on ? kBN : 0)};
   };
   parallel_tasks<FwdScratch>(static_cast<int64_t>(tasks.size()), make, [&](int64_t t, FwdScratch& w) {
     const auto [b, h, i0] = tasks[t];
@@ -278,6 +394,10 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
         w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, kBN, m_ref);
         if (alpha != 1.0f) scale_row(w.acc.data() + r * p.dvp, p.dvp, alpha);
         w.m[r] = m_new;
+        if (p.dropout.on) {  // the normalizer counts every weight; only the weighted sum is dropped
+          p.dropout.row(w.z.data(), b * p.heads + h, i0 + r, n0, n, kBN);
+          for (int64_t j = 0; j < kBN; j += kW) (Vec::loadu(sr + j) * Vec::loadu(w.z.data() + j)).store(sr + j);
+        }
       }
       const auto [vb, ldv] = pk.v_block(p, b, hkv, n0);
       gemm<true>(rows, p.dvp, n, s, kBN, 1, vb, ldv, w.acc.data(), p.dvp);
@@ -293,7 +413,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
 // ------------------------------------------------------------------------------------- backward
 
 struct BwdScratch {
-  std::vector<float> q, dout, p, ds, dq, lse, delta;
+  std::vector<float> q, dout, p, ds, dq, lse, delta, z, pz;  // z, pz: dropout factors, P * Z (kBM x kBN)
 };
 
 // delta = rowsum(dO * O) per query row, laid out as the LSE.
@@ -341,7 +461,8 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
   auto make = [&] {
     return BwdScratch{std::vector<float>(kBM * p.dp), std::vector<float>(kBM * p.dvp),
                       std::vector<float>(kBM * kBN), std::vector<float>(kBM * kBN),
-                      std::vector<float>(kBM * p.dp), std::vector<float>(kBM), std::vector<float>(kBM)};
+                      std::vector<float>(kBM * p.dp), std::vector<float>(kBM), std::vector<float>(kBM),
+                      std::vector<float>(p.dropout.on ? kBM * kBN : 0), std::vector<float>(p.dropout.on ? kBM * kBN : 0)};
   };
   const int64_t n_tasks = p.batch * p.kv_heads * chunks;
   parallel_tasks<BwdScratch>(n_tasks, make, [&](int64_t t, BwdScratch& w) {
@@ -374,14 +495,27 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
             mask_row(pr + r * kBN, p, mask, b, h, i0 + r, dg, n0, len_k);
             exp_sub_sum(pr + r * kBN, kBN, w.lse[r]);
           }
-          // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T (scale q);  dQ += dS K
-          gemm<true>(n, p.dvp, rows, pr, 1, kBN, w.dout.data(), p.dvp, dv_acc + n0 * p.dvp, p.dvp);
+          // dV += (P Z)^T dO;  dP = (dO V^T) Z;  dS = P * (dP - delta);  dK += dS^T (scale q);  dQ += dS K
+          // (Z: the dropout factors, 1 without dropout)
+          const float* pv_rows = pr;
+          if (p.dropout.on) {
+            for (int64_t r = 0; r < rows; ++r) {
+              float* z = w.z.data() + r * kBN;
+              p.dropout.row(z, b * p.heads + h, i0 + r, n0, n, kBN);
+              for (int64_t j = 0; j < kBN; j += kW)
+                (Vec::loadu(pr + r * kBN + j) * Vec::loadu(z + j)).store(w.pz.data() + r * kBN + j);
+            }
+            pv_rows = w.pz.data();
+          }
+          gemm<true>(n, p.dvp, rows, pv_rows, 1, kBN, w.dout.data(), p.dvp, dv_acc + n0 * p.dvp, p.dvp);
           gemm<false>(rows, kBN, p.dv, w.dout.data(), p.dvp, 1, pk.vt_block(p, b, hkv, n0), kBN, ds, kBN);
           for (int64_t r = 0; r < rows; ++r) {
             const Vec dl(w.delta[r]);
             for (int64_t j = 0; j < kBN; j += kW) {
               const Vec pv = Vec::loadu(pr + r * kBN + j);
-              (pv * (Vec::loadu(ds + r * kBN + j) - dl)).store(ds + r * kBN + j);
+              Vec dp = Vec::loadu(ds + r * kBN + j);
+              if (p.dropout.on) dp = dp * Vec::loadu(w.z.data() + r * kBN + j);
+              (pv * (dp - dl)).store(ds + r * kBN + j);
             }
           }
           if (dmask) {
@@ -453,10 +587,12 @@ void check_dense(const char* op, const at::Tensor& q, const at::Tensor& k, const
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& mask, bool causal, double scale) {
+                                                 const std::optional<at::Tensor>& mask, bool causal, double scale,
+                                                 double dropout_p, const std::optional<at::Tensor>& seed) {
   check_dense("attention_fwd", q, k, v, mask);
   Problem p = make_problem(q, k, v, false, scale);
   p.causal = causal;
+  p.dropout = make_dropout("attention_fwd", dropout_p, seed);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   dispatch(q, mask, [&](auto t, const auto& m) { forward<decltype(t)>(p, q, k, v, m, out, lse); });
@@ -465,7 +601,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool causal, double scale, bool mask_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, bool causal, double scale, bool mask_grad,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
   check_dense("attention_bwd", q, k, v, mask);
   const std::vector<int64_t> o_shape{q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
@@ -476,6 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               lse.sizes());
   Problem p = make_problem(q, k, v, false, scale);
   p.causal = causal;
+  p.dropout = make_dropout("attention_bwd", dropout_p, seed);
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   auto go = grad_out.to(q.scalar_type()), o = out.to(q.scalar_type());
@@ -531,10 +669,12 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                         int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                        double scale, int64_t window_left, int64_t window_right) {
+                                                        double scale, int64_t window_left, int64_t window_right,
+                                                        double dropout_p, const std::optional<at::Tensor>& seed) {
   const auto cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  const Problem p = varlen_problem("attention_varlen_fwd", q, k, v, cu_q, cu_k, max_seqlen_q,
-                                   max_seqlen_k, causal, scale, window_left, window_right);
+  Problem p = varlen_problem("attention_varlen_fwd", q, k, v, cu_q, cu_k, max_seqlen_q,
+                             max_seqlen_k, causal, scale, window_left, window_right);
+  p.dropout = make_dropout("attention_varlen_fwd", dropout_p, seed);
   auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   dispatch(q, std::nullopt, [&](auto t, const auto& m) { forward<decltype(t)>(p, q, k, v, m, out, lse); });
@@ -544,10 +684,12 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale, int64_t window_left, int64_t window_right) {
+    int64_t max_seqlen_k, bool causal, double scale, int64_t window_left, int64_t window_right, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
   const auto cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  const Problem p = varlen_problem("attention_varlen_bwd", q, k, v, cu_q, cu_k, max_seqlen_q,
-                                   max_seqlen_k, causal, scale, window_left, window_right);
+  Problem p = varlen_problem("attention_varlen_bwd", q, k, v, cu_q, cu_k, max_seqlen_q,
+                             max_seqlen_k, causal, scale, window_left, window_right);
+  p.dropout = make_dropout("attention_varlen_bwd", dropout_p, seed);
   const std::vector<int64_t> o_shape{q.size(0), q.size(1), v.size(2)};
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape),
               "gptkern::attention_varlen_bwd: grad_out and out must have shape ", o_shape, ", got ",

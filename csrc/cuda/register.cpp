@@ -184,8 +184,11 @@ void check_head_dims(int64_t d, int64_t dv, bool supported, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const std::optional<at::Tensor>& mask, bool causal,
-                                                    double scale) {
+                                                    double scale, double dropout_p,
+                                                    const std::optional<at::Tensor>& /*seed*/) {
   const char* op = "attention_fwd";
+  TORCH_CHECK_NOT_IMPLEMENTED(dropout_p == 0.0, "gptkern::attention_fwd on CUDA: dropout is not supported; the "
+                              "triton and torch backends take it");
   check_cuda(q, op, "q");
   check_same_device(k, q, op, "k");
   check_same_device(v, q, op, "v");

@@ -123,9 +123,8 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
 
 
 def _cpu_limits(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    """Why the C++ CPU attention kernels cannot take these inputs, or None."""
-    if dropout_p > 0:
-        return "dropout (dropout_p > 0)"
+    """Why the C++ CPU attention kernels cannot take these inputs, or None (dropout: the Triton
+    kernels' Philox stream, so both backends drop the same weights for one seed)."""
     return triton_dtype_support(q.dtype)  # fp16, bf16, fp32 as the Triton kernels
 
 
@@ -291,8 +290,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                             "torch": lambda: None})
     if name in ("triton", "cpu", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
-        if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None)
-            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value)
+        if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None, no dropout)
+            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value, float(dropout_p),
+                                                     draw_seed(dropout_p))
         else:
             out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
                                                         float(dropout_p), draw_seed(dropout_p))
@@ -536,9 +536,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if name in ("triton", "cpu"):
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
-        if name == "cpu":
-            return torch.ops.gptkern.attention_varlen_fwd(*args)[0]
-        return torch.ops.gptkern.triton_attention_varlen(*args, float(dropout_p), draw_seed(dropout_p))[0]
+        op = torch.ops.gptkern.attention_varlen_fwd if name == "cpu" else torch.ops.gptkern.triton_attention_varlen
+        return op(*args, float(dropout_p), draw_seed(dropout_p))[0]
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
                                   "be traced by torch.compile; use the triton or cpu backend")

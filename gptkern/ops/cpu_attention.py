@@ -12,13 +12,13 @@ import torch
 from gptkern.ops.reference import attention_ref
 
 
-def _fake_fwd(q, k, v, mask, causal, scale):
+def _fake_fwd(q, k, v, mask, causal, scale, dropout_p=0.0, seed=None):
     b, h, l, _ = q.shape  # q (B, H, L, D), v (B, Hkv, S, Dv)
     return q.new_empty((b, h, l, v.shape[-1])), q.new_empty((b, h, l), dtype=torch.float32)
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                     window_left, window_right):
+                     window_left, window_right, dropout_p=0.0, seed=None):
     total, h, _ = q.shape  # q (total_q, H, D), v (total_k, Hkv, Dv)
     return q.new_empty((total, h, v.shape[-1])), q.new_empty((h, total), dtype=torch.float32)
 
@@ -27,7 +27,7 @@ def _like_qkv(q, k, v):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False):
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False, dropout_p=0.0, seed=None):
     b, h, l, _ = q.shape
     dmask = q.new_empty((b, h, l, k.shape[2]), dtype=mask.dtype) if mask_grad else q.new_empty((0,))
     return (*_like_qkv(q, k, v), dmask)
@@ -38,11 +38,24 @@ def _fake_decode(q, k_cache, v_cache, cache_seqlens, scale, block_table):
     return q.new_empty((b, h, lq, v_cache.shape[-1]))
 
 
+def _dropout_args(rest) -> tuple:
+    """(dropout_p, seed) from the trailing optional arguments of a forward op."""
+    return (rest[0] if len(rest) > 0 else 0.0), (rest[1] if len(rest) > 1 else None)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs
+    q, k, v, mask, causal, scale, *drop = inputs  # drop: dropout_p, seed (when given)
+    dropout_p, seed = _dropout_args(drop)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.n_inputs = causal, scale, dropout_p, len(inputs)
+
+
+def _no_double_backward_with_dropout(dropout_p: float, op: str) -> None:
+    if dropout_p > 0:
+        raise NotImplementedError(f"{op} on the cpu backend: gradients with create_graph=True (double backward) "
+                                  "with dropout are not supported (the composition cannot redraw the kernel's "
+                                  "mask); use dropout_p=0 or the torch backend")
 
 
 def _double_backward_able(ctx, grad_out, q, k, v, mask) -> list:
@@ -57,21 +70,24 @@ def _double_backward_able(ctx, grad_out, q, k, v, mask) -> list:
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])  # a float mask that requires grad
     if torch.is_grad_enabled():
+        _no_double_backward_with_dropout(ctx.dropout_p, "scaled_dot_product_attention")
         dq, dk, dv, dmask = _double_backward_able(ctx, grad_out, q, k, v, mask)
     else:
         dq, dk, dv, dmask = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal,
-                                                            ctx.scale, mask_grad)
-    return dq, dk, dv, dmask if mask_grad else None, None, None
+                                                            ctx.scale, mask_grad, ctx.dropout_p, seed)
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * (ctx.n_inputs - 4)
 
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, *args = inputs
+    dropout_p, seed = _dropout_args(args[6:])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = args  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (*args[:6], dropout_p)  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, p
+    ctx.n_inputs = len(inputs)
 
 
 def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
@@ -79,7 +95,7 @@ def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
     varlen visibility (bottom-right causal, windows); None for the inputs that need none."""
     from gptkern.ops.attention import varlen_visibility
 
-    _, _, causal, scale, left, right = ctx.args
+    _, _, causal, scale, left, right, _ = ctx.args
     needs = ctx.needs_input_grad[:3]
     wanted = [t for t, need in zip((q, k, v), needs) if need]
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
@@ -96,12 +112,14 @@ def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
 
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     if torch.is_grad_enabled():
+        _no_double_backward_with_dropout(ctx.args[6], "flash_attn_varlen")
         dq, dk, dv = _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k)
     else:
-        dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
+        dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args,
+                                                            seed)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 def register_cpu_ops() -> None:

@@ -34,10 +34,11 @@ def cuda_attention_limits(q: torch.Tensor, v: torch.Tensor, masked: bool = False
     return None
 
 
-def _attention_bwd_cuda(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False):
-    """gptkern::attention_bwd on CUDA tensors: the Triton kernels (no dropout)."""
-    return torch.ops.gptkern.triton_attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale, 0.0, None,
-                                                       mask_grad)
+def _attention_bwd_cuda(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False, dropout_p=0.0,
+                        seed=None):
+    """gptkern::attention_bwd on CUDA tensors: the Triton kernels (the same dropout stream)."""
+    return torch.ops.gptkern.triton_attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p,
+                                                       seed, mask_grad)
 
 
 def register_cuda_ops() -> None:

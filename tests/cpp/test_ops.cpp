@@ -67,7 +67,8 @@ void test_norms() {
 
 void test_attention() {
   using Fwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, bool, double);
+                                                 const std::optional<at::Tensor>&, bool, double, double,
+                                                 const std::optional<at::Tensor>&);  // ..., dropout_p, seed
   auto fwd = op("gptkern::attention_fwd").typed<Fwd>();
   using Decode = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                             const std::optional<at::Tensor>&);
@@ -76,8 +77,8 @@ void test_attention() {
     auto q = at::randn({2, 4, 70, 48}), k = at::randn({2, 4, 90, 48}), v = at::randn({2, 4, 90, 40});
     auto want = at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), {}, 0.0,
                                                  causal);
-    expect_close(std::get<0>(fwd.call(q, k, v, std::nullopt, causal, 1.0 / std::sqrt(48.0))), want, 2e-5,
-                 std::string("attention_fwd causal=") + (causal ? "1" : "0"));
+    const auto out = std::get<0>(fwd.call(q, k, v, std::nullopt, causal, 1.0 / std::sqrt(48.0), 0.0, std::nullopt));
+    expect_close(out, want, 2e-5, std::string("attention_fwd causal=") + (causal ? "1" : "0"));
   }
   auto q = at::randn({3, 4, 1, 64}), k = at::randn({3, 4, 300, 64}), v = at::randn({3, 4, 300, 64});
   auto want = at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble));
