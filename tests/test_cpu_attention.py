@@ -227,7 +227,7 @@ def test_dropout_draws_the_triton_kernels_mask(case):
 
 def test_dropout_statistics_and_reproducibility():
     """With V = I the output is softmax * Z: Z takes only 0 and 1 / (1 - p), drops about p of the
-    weights, repeats under torch.manual_seed; create_graph=True with dropout raises."""
+    weights, repeats under torch.manual_seed, and is what attention_dropout_factors gives."""
     p, s = 0.3, 96
     q, k = rand(2, 4, 64, 16), rand(2, 4, s, 16)
     eye = torch.eye(s).expand(2, 4, s, s)
@@ -241,11 +241,38 @@ def test_dropout_statistics_and_reproducibility():
     assert torch.all(((z - 0).abs() < 1e-4) | ((z - 1 / (1 - p)).abs() < 1e-3))
     dropped = (z.abs() < 1e-4).double().mean().item()
     assert abs(dropped - p) < 0.02, dropped
-    leaves = [t.clone().requires_grad_() for t in (q, k)]
-    with gptkern.backend("cpu"):
-        out = sdpa(*leaves, eye, dropout_p=p)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(out.sum(), leaves, create_graph=True)
+    torch.manual_seed(9)
+    seed = gptkern.ops.attention.draw_seed(p)  # the seed the calls above drew
+    factors = torch.ops.gptkern.attention_dropout_factors(seed, p, 2 * 4, 64, s).view(2, 4, 64, s)
+    torch.testing.assert_close(factors.double(), z, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("varlen_case", [False, True])
+def test_double_backward_with_dropout(varlen_case):
+    """create_graph=True with dropout: the composition uses the kernels' own factors, so its
+    gradients equal the kernel backward's for the same seed, and they differentiate again."""
+    if varlen_case:
+        leaves = [rand(30, 4, 8).requires_grad_(), rand(33, 2, 8).requires_grad_(), rand(33, 2, 8).requires_grad_()]
+        cu_q, cu_k = torch.tensor([0, 12, 30], dtype=torch.int32), torch.tensor([0, 15, 33], dtype=torch.int32)
+
+        def fn(q, k, v):
+            return varlen(q, k, v, cu_q, cu_k, 18, 18, dropout_p=0.3, causal=True, window_size=(5, -1))
+    else:
+        leaves = [rand(2, 4, 19, 8).requires_grad_(), rand(2, 2, 23, 8).requires_grad_(),
+                  rand(2, 2, 23, 8).requires_grad_()]
+
+        def fn(q, k, v):
+            return sdpa(q, k, v, dropout_p=0.3, is_causal=True, enable_gqa=True)
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(4)
+        with gptkern.backend("cpu"):
+            out = fn(*leaves)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves, create_graph=create_graph))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads[1]), leaves)
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in second)
 
 
 def test_opcheck():

@@ -128,8 +128,9 @@ Dropout make_dropout(const char* op, double p, const std::optional<at::Tensor>& 
   TORCH_CHECK(p >= 0.0 && p < 1.0, "gptkern::", op, ": dropout_p must be in [0, 1), got ", p);
   Dropout d;
   if (p == 0.0) return d;
-  TORCH_CHECK(seed.has_value() && seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
-              "gptkern::", op, ": dropout_p > 0 needs seed, a (1,) int64 CPU tensor");
+  TORCH_CHECK(seed.has_value() && seed->device().is_cpu() && at::isIntegralType(seed->scalar_type(), false) &&
+                  seed->numel() == 1,
+              "gptkern::", op, ": dropout_p > 0 needs seed, a one-element integer CPU tensor");
   d.on = true;
   d.seed = static_cast<uint64_t>(seed->item<int64_t>());
   d.threshold = static_cast<int32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483647.0));
@@ -709,7 +710,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
 
 }  // namespace
 
+// Z[bh, i, j], the dropout factor of query i and key j of batch-head bh (0 or 1 / (1 - p); all 1
+// without dropout): what the kernels draw, for compositions that need it (double backward).
+at::Tensor attention_dropout_factors(const std::optional<at::Tensor>& seed, double dropout_p, int64_t batch_heads,
+                                     int64_t rows, int64_t cols) {
+  const Dropout d = make_dropout("attention_dropout_factors", dropout_p, seed);
+  TORCH_CHECK(batch_heads >= 0 && rows >= 0 && cols >= 0,
+              "gptkern::attention_dropout_factors: sizes must be >= 0, got ", batch_heads, ", ", rows, ", ", cols);
+  auto z = at::empty({batch_heads, rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  if (!d.on) return z.fill_(1.0f);
+  float* out = z.mutable_data_ptr<float>();
+  at::parallel_for(0, batch_heads * rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) d.row(out + t * cols, t / rows, t % rows, 0, cols, cols);
+  });
+  return z;
+}
+
 TORCH_LIBRARY_IMPL(gptkern, CPU, m) {
+  m.impl("attention_dropout_factors", &attention_dropout_factors);
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("attention_varlen_fwd", &attention_varlen_fwd);

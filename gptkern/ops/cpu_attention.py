@@ -51,20 +51,24 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.n_inputs = causal, scale, dropout_p, len(inputs)
 
 
-def _no_double_backward_with_dropout(dropout_p: float, op: str) -> None:
-    if dropout_p > 0:
-        raise NotImplementedError(f"{op} on the cpu backend: gradients with create_graph=True (double backward) "
-                                  "with dropout are not supported (the composition cannot redraw the kernel's "
-                                  "mask); use dropout_p=0 or the torch backend")
+def _dropout_factors(seed, dropout_p: float, batch_heads: int, rows: int, cols: int):
+    """The kernels' dropout factors (batch_heads, rows, cols), or None without dropout."""
+    if dropout_p == 0:
+        return None
+    return torch.ops.gptkern.attention_dropout_factors(seed, dropout_p, batch_heads, rows, cols)
 
 
-def _double_backward_able(ctx, grad_out, q, k, v, mask) -> list:
+def _double_backward_able(ctx, grad_out, q, k, v, mask, seed) -> list:
     """Gradients as a differentiable graph (create_graph=True): through the explicit composition
-    (torch's own CPU SDPA has no double backward); None for the inputs that need none."""
+    (torch's own CPU SDPA has no double backward) with the kernels' dropout factors; None for the
+    inputs that need none."""
     inputs = (q, k, v, mask)
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
+    b, h, l, _ = q.shape
+    z = _dropout_factors(seed, ctx.dropout_p, b * h, l, k.shape[2])
     with torch.enable_grad():
-        out = attention_ref(q, k, v, mask=mask, causal=ctx.causal, scale=ctx.scale, upcast=False)
+        out = attention_ref(q, k, v, mask=mask, causal=ctx.causal, scale=ctx.scale, upcast=False,
+                            dropout_factors=None if z is None else z.view(b, h, l, -1))
     found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
     return [next(found) if need else None for need in ctx.needs_input_grad[:4]]
 
@@ -73,8 +77,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])  # a float mask that requires grad
     if torch.is_grad_enabled():
-        _no_double_backward_with_dropout(ctx.dropout_p, "scaled_dot_product_attention")
-        dq, dk, dv, dmask = _double_backward_able(ctx, grad_out, q, k, v, mask)
+        dq, dk, dv, dmask = _double_backward_able(ctx, grad_out, q, k, v, mask, seed)
     else:
         dq, dk, dv, dmask = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal,
                                                             ctx.scale, mask_grad, ctx.dropout_p, seed)
@@ -90,21 +93,26 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
+def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k, seed) -> list:
     """create_graph=True: one sequence at a time through the explicit composition, with the
-    varlen visibility (bottom-right causal, windows); None for the inputs that need none."""
+    varlen visibility (bottom-right causal, windows) and the kernels' dropout factors; None for
+    the inputs that need none."""
     from gptkern.ops.attention import varlen_visibility
 
-    _, _, causal, scale, left, right, _ = ctx.args
+    max_q, max_k, causal, scale, left, right, dropout_p = ctx.args
     needs = ctx.needs_input_grad[:3]
     wanted = [t for t, need in zip((q, k, v), needs) if need]
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    heads = q.shape[1]
+    z = _dropout_factors(seed, dropout_p, (len(bounds_q) - 1) * heads, max_q, max_k)  # (B * H, max_q, max_k)
     with torch.enable_grad():
         outs = []
-        for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
-            seq = [t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+        for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
+            seq = [t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
             visible = varlen_visibility(q1 - q0, k1 - k0, causal, (left, right), q.device)  # (Lq, Lk) or None
-            outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False)[0].transpose(0, 1))
+            zb = None if z is None else z[b * heads:(b + 1) * heads, :q1 - q0, :k1 - k0][None]
+            outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False,
+                                      dropout_factors=zb)[0].transpose(0, 1))
         out = torch.cat(outs) if outs else grad_out.new_zeros(grad_out.shape)
     found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
     grads = [next(found) if need else None for need in needs]
@@ -114,8 +122,7 @@ def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k) -> list:
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     if torch.is_grad_enabled():
-        _no_double_backward_with_dropout(ctx.args[6], "flash_attn_varlen")
-        dq, dk, dv = _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k)
+        dq, dk, dv = _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k, seed)
     else:
         dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args,
                                                             seed)
@@ -130,6 +137,8 @@ def register_cpu_ops() -> None:
     torch.library.register_fake("gptkern::attention_varlen_bwd")(
         lambda grad_out, q, k, v, out, lse, *args: _like_qkv(q, k, v))
     torch.library.register_fake("gptkern::decode_attention")(_fake_decode)
+    torch.library.register_fake("gptkern::attention_dropout_factors")(
+        lambda seed, dropout_p, batch_heads, rows, cols: torch.empty((batch_heads, rows, cols)))
     torch.library.register_autograd("gptkern::attention_fwd", _backward, setup_context=_setup_context)
     torch.library.register_autograd("gptkern::attention_varlen_fwd", _varlen_backward,
                                     setup_context=_varlen_setup_context)

@@ -67,8 +67,10 @@ def rms_norm_ref(x: torch.Tensor, normalized_shape: Sequence[int],
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                  causal: bool = False, scale: Optional[float] = None, upcast: bool = True) -> torch.Tensor:
-    """softmax(q kᵀ · scale + mask) v for q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv).
+                  causal: bool = False, scale: Optional[float] = None, upcast: bool = True,
+                  dropout_factors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v for q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); with
+    ``dropout_factors`` Z (broadcast to (B, H, L, S)), (softmax(...) * Z) v.
 
     Query head h uses KV head h // (H / Hkv); ``mask`` is bool (True = attend) or additive and
     broadcasts to (B, H, L, S); ``causal`` is top-left aligned (key j visible to query i iff
@@ -89,6 +91,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     s = s.masked_fill(~visible, float("-inf"))
     seen = (s > float("-inf")).any(-1, keepdim=True)  # rows of -inf only give 0 (and zero gradients)
     p = torch.softmax(s.masked_fill(~seen, 0.0), -1).masked_fill(~seen, 0.0)
+    if dropout_factors is not None:
+        p = p * _prepare(dropout_factors, upcast)
     out = p @ v
     return out if upcast else out.to(out_dtype)
 
