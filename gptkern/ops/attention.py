@@ -122,9 +122,9 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
     return attention.unsupported(q.shape[-1], v.shape[-1], q.dtype == torch.float32, weight)
 
 
-def _cpu_limits(q: torch.Tensor, dropout_p: float) -> Optional[str]:
-    """Why the C++ CPU attention kernels cannot take these inputs, or None (dropout: the Triton
-    kernels' Philox stream, so both backends drop the same weights for one seed)."""
+def _cpu_limits(q: torch.Tensor) -> Optional[str]:
+    """Why the C++ CPU attention kernels cannot take these inputs, or None (they take dropout: the
+    Triton kernels' Philox stream, so both backends drop the same weights for one seed)."""
     return triton_dtype_support(q.dtype)  # fp16, bf16, fp32 as the Triton kernels
 
 
@@ -275,7 +275,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return mask_support() or _triton_limits(query, value, attn_mask is not None, dropout_p)
 
     def cpu_support():
-        return mask_support() or _cpu_limits(query, dropout_p)
+        return mask_support() or _cpu_limits(query)
 
     def cuda_support():  # the CUDA forward; its backward is Triton's
         why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
@@ -439,7 +439,7 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
 def _varlen_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
     return _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p),
-                            "cpu": lambda: _cpu_limits(q, dropout_p), "torch": lambda: None})
+                            "cpu": lambda: _cpu_limits(q), "torch": lambda: None})
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: tuple[int, int],
