@@ -1,11 +1,12 @@
 """The C++ CPU kernels (backend ``cpu``) against PyTorch's own, on this machine's CPU.
 
-Rows: softmax / layer_norm / rms_norm (fwd, fwd+bwd), causal attention (fwd, fwd+bwd) against
-F.scaled_dot_product_attention, decode attention (one query over a KV cache) against SDPA, and
-the decode GEMVs (gptkern.ops.linear, one row, no grad) against F.linear: the gpt2-small output
-layer and its 12 layers' weights in turn. Decode and GEMV rows give their read bandwidth as a
-fraction of a read bandwidth measured in the same run (``sum`` of a large fp32 tensor). The two providers of a row are timed in alternating rounds,
-so load from other processes hits both alike; ratio = torch time / cpu time (> 1: gptkern wins).
+Rows: softmax / layer_norm / rms_norm (fwd, fwd+bwd), causal attention without and with dropout
+(fwd, fwd+bwd) against F.scaled_dot_product_attention, decode attention (one query over a KV
+cache) against SDPA, and the decode GEMVs (gptkern.ops.linear, one row, no grad) against
+F.linear: the gpt2-small output layer and its 12 layers' weights in turn. Decode and GEMV rows
+give their read bandwidth as a fraction of a read bandwidth measured in the same run (``sum`` of
+a large fp32 tensor). The two providers of a row are timed in alternating rounds, so load from
+other processes hits both alike; ratio = torch time / cpu time (> 1: gptkern wins).
 Report only: nothing is asserted.
 
 Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--repeats 7] [--quick]
@@ -14,6 +15,7 @@ Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--rep
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -28,6 +30,7 @@ import gptkern
 from gptkern.benchmark import metadata, write_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in distribution alike)
 
 
 @dataclass(frozen=True)
@@ -99,15 +102,16 @@ def row_cases(sizes: Sizes, dtype: torch.dtype):
             cases.append((f"{name} {sizes.rows}x{sizes.cols}", mode, grad_step(with_backend("cpu", ours), inputs, g),
                           grad_step(theirs, inputs, g), None))
     bsz, heads, seq, dim = sizes.attn
-    for mode in ("fwd", "fwd+bwd"):
+    for mode, p in itertools.product(("fwd", "fwd+bwd"), (0.0, ATTN_DROPOUT)):
         grad = mode == "fwd+bwd"
         q, k, v = (torch.randn(bsz, heads, seq, dim, dtype=dtype, generator=gen).requires_grad_(grad)
                    for _ in range(3))
         g = torch.randn(bsz, heads, seq, dim, dtype=dtype, generator=gen) if grad else None
-        ours = with_backend("cpu", lambda q, k, v: gptkern.ops.scaled_dot_product_attention(q, k, v, is_causal=True))
-        theirs = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        ours = with_backend("cpu", lambda q, k, v, p=p: gptkern.ops.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, is_causal=True))
+        theirs = lambda q, k, v, p=p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # noqa: E731
         flops = 4 * bsz * heads * seq * seq * dim * 0.5 * (3.5 if grad else 1.0)  # causal; bwd 2.5x fwd
-        cases.append((f"attention causal B={bsz} H={heads} L=S={seq} D={dim}", mode,
+        cases.append((f"attention causal{f' dropout={p}' if p else ''} B={bsz} H={heads} L=S={seq} D={dim}", mode,
                       grad_step(ours, [q, k, v], g), grad_step(theirs, [q, k, v], g), {"flop": flops}))
     return cases
 

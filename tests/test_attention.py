@@ -20,6 +20,10 @@ def reference(q, k, v, mask=None, **kw):
     q, k, v = q.double(), k.double(), v.double()
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.double()
+    if mask is not None and kw.get("is_causal"):  # both apply: combined here, whatever torch's version does
+        kw = {**kw, "is_causal": False}
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
 
@@ -318,6 +322,24 @@ def test_masks_across_many_blocks(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l,s", [(21, 34), (34, 21), (100, 150)])
+def test_mask_with_causal(backend, l, s):
+    """attn_mask and is_causal together: both apply, as in torch's own kernels (its docs forbid the
+    pair), with the tiles above the diagonal skipped; L != S both ways and across many blocks."""
+    q, k, v = rand(2, 3, l, 16), rand(2, 3, s, 16), rand(2, 3, s, 8)
+    key_padding = torch.rand(2, 1, 1, s, device=DEVICE) > 0.3
+    key_padding[1, ..., 0] = False  # query 0 of batch 1 sees only key 0 under causal: nothing, zeros
+    check(backend, q, k, v, mask=key_padding, is_causal=True)
+    check(backend, q, k, v, mask=rand(3, l, s), is_causal=True)
+    check(backend, rand(2, 6, l, 16), k, v, mask=torch.rand(l, s, device=DEVICE) > 0.5, is_causal=True,
+          enable_gqa=True)
+    with gptkern.backend(backend):
+        got = sdpa(q, k, v, attn_mask=key_padding, is_causal=True)
+    assert_close(got, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), key_padding & torch.ones(
+        l, s, dtype=torch.bool, device=DEVICE).tril()), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float_mask_finfo_min_and_float32_mask(backend):
     """Hugging Face's finfo.min masks: a fully masked row averages every key, as torch does."""
     q, k, v = rand(2, 2, 9, 16, dtype=torch.float16), rand(2, 2, 12, 16, dtype=torch.float16), \
@@ -359,18 +381,21 @@ def test_dropout_gradients_with_gqa_and_batches():
     _check_dropout(rand(2, 4, 24, 16), rand(2, 2, 40, 16), rand(2, 2, 40, 8), 0.25, seed=11, enable_gqa=True)
 
 @pytest.mark.parametrize("backend,dtype", PARAMS)
-@pytest.mark.parametrize("mask_shape", [(3, 21, 34), (2, 1, 1, 34), (2, 3, 21, 34)], ids=str)
-def test_float_mask_gradient(backend, dtype, mask_shape):
+@pytest.mark.parametrize("mask_shape", ["HLS", "B11S", "BHLS"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float_mask_gradient(backend, dtype, mask_shape, causal):
     """A learnable additive mask (a relative-position bias, ALiBi slopes): its gradient, summed over
-    the dims it is broadcast along, against float64. The triton and cpu kernels write dS."""
-    q, k, v = rand(2, 3, 21, 16, dtype=dtype), rand(2, 3, 34, 16, dtype=dtype), rand(2, 3, 34, 24, dtype=dtype)
-    mask = rand(*mask_shape, dtype=dtype)
+    the dims it is broadcast along, against float64. The triton and cpu kernels write dS; with
+    causal, the tiles above the diagonal are skipped and their dS is zero (several key blocks)."""
+    b, h, l, s = (2, 3, 70, 150) if causal else (2, 3, 21, 34)
+    q, k, v = rand(b, h, l, 16, dtype=dtype), rand(b, h, s, 16, dtype=dtype), rand(b, h, s, 24, dtype=dtype)
+    mask = rand(*({"B": b, "H": h, "L": l, "S": s, "1": 1}[c] for c in mask_shape), dtype=dtype)
     mask[..., 3] = float("-inf")  # a key nobody sees
     leaves = [t.requires_grad_() for t in (q, k, v, mask)]
     with gptkern.backend(backend), poisoned_allocations():
-        out = sdpa(q, k, v, attn_mask=mask)
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference(*ref_leaves[:3], mask=ref_leaves[3])
+    ref = reference(*ref_leaves[:3], mask=ref_leaves[3], is_causal=causal)
     assert_close(out, ref, dtype, msg=f"{backend} forward")
     g = torch.randn_like(out)
     with gptkern.backend(backend), poisoned_allocations():
@@ -402,8 +427,9 @@ def test_opcheck_backward_with_mask_gradient():
     q, k, v = (rand(1, 2, 20, 16) for _ in range(3))
     mask = rand(1, 1, 20, 20).expand(1, 2, 20, 20)
     out, lse = torch.ops.gptkern.triton_attention(q, k, v, mask, False, 0.25, 0.0, None)
-    torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
-                          (torch.randn_like(out), q, k, v, out, lse, mask, False, 0.25, 0.0, None, True))
-    for m, causal in ((mask, True), (None, False), (mask > 0, False)):  # dS would not be all written
-        with pytest.raises(RuntimeError, match="mask_grad needs a float mask and causal=False"):
-            torch.ops.gptkern.triton_attention_backward(out, q, k, v, out, lse, m, causal, 0.25, 0.0, None, True)
+    for causal in (False, True):
+        torch.library.opcheck(torch.ops.gptkern.triton_attention_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, mask, causal, 0.25, 0.0, None, True))
+    for m in (None, mask > 0):
+        with pytest.raises(RuntimeError, match="mask_grad needs a float mask"):
+            torch.ops.gptkern.triton_attention_backward(out, q, k, v, out, lse, m, False, 0.25, 0.0, None, True)

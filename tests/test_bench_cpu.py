@@ -24,6 +24,7 @@ def test_bench_cpu_quick_tiny(tmp_path):
         (case, mode, dtype) for dtype in ("fp32", "bf16")
         for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention") for m in ("fwd", "fwd+bwd")]
         + [("decode", "fwd"), ("linear", "fwd")]}
+    assert sum("dropout" in r["case"] for r in rows) == 4  # fwd and fwd+bwd in each dtype
     for r in rows:
         assert r["ratio"] > 0 and r["cpu"]["p20_ms"] <= r["cpu"]["median_ms"] <= r["cpu"]["p80_ms"]
     decode = [r for r in rows if r["case"].startswith(("decode", "linear"))]

@@ -143,13 +143,12 @@ ATTN_HEAD_DIMS = (16, 64, 80, 128, 256)  # powers of two and one that is padded 
 
 
 def attention_variants():
-    """The flag combinations the attention launchers can use (dense masks come without causal;
-    windows only in varlen)."""
+    """The flag combinations the attention launchers can use (windows only in varlen, masks only
+    in dense calls)."""
     for dropout in (False, True):
         for causal in (False, True):
-            yield dict(CAUSAL=causal, WINDOW=False, VARLEN=False, MASK_KIND=0, DROPOUT=dropout)
-        for mask_kind in (1, 2):
-            yield dict(CAUSAL=False, WINDOW=False, VARLEN=False, MASK_KIND=mask_kind, DROPOUT=dropout)
+            for mask_kind in (0, 1, 2):
+                yield dict(CAUSAL=causal, WINDOW=False, VARLEN=False, MASK_KIND=mask_kind, DROPOUT=dropout)
         for causal in (False, True):
             for window in (False, True):
                 yield dict(CAUSAL=causal, WINDOW=window, VARLEN=True, MASK_KIND=0, DROPOUT=dropout)

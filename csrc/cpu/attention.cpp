@@ -448,8 +448,8 @@ template <typename T, typename M>
 void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const Mask<M>& mask,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, float* dmask = nullptr) {
-  // dmask: dense (B, H, L, S) fp32 for dS, the gradient of a float mask (every tile is visited:
-  // no causal or window skipping comes with a mask), or null.
+  // dmask: dense (B, H, L, S) fp32 for dS, the gradient of a float mask, or null (causal: the
+  // caller zeroes it, as the tiles above the diagonal are skipped; no window comes with a mask).
   auto delta_t = at::empty_like(lse);
   const Stats delta = stats(delta_t), ls = stats(lse);
   row_dots<T>(p, dout, out, delta);
@@ -620,9 +620,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto go = grad_out.to(q.scalar_type()), o = out.to(q.scalar_type());
   at::Tensor dmask = at::empty({0}, q.options());
   if (mask_grad) {
-    TORCH_CHECK(mask.has_value() && mask->is_floating_point() && !causal,
-                "gptkern::attention_bwd: mask_grad needs a float mask and causal=False");
-    dmask = at::empty({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options().dtype(at::kFloat));
+    TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "gptkern::attention_bwd: mask_grad needs a float mask");
+    const std::vector<int64_t> shape{q.size(0), q.size(1), q.size(2), k.size(2)};
+    dmask = causal ? at::zeros(shape, q.options().dtype(at::kFloat)) : at::empty(shape, q.options().dtype(at::kFloat));
   }
   dispatch(q, mask, [&](auto t, const auto& m) {
     backward<decltype(t)>(p, go, q, k, v, o, lse, m, dq, dk, dv, mask_grad ? dmask.mutable_data_ptr<float>() : nullptr);

@@ -370,7 +370,7 @@ def _attn_bwd_dq_kernel(
         if DROPOUT:
             dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
         ds = p * (dp - delta[:, None])
-        if DMASK is not None:  # every key tile is visited (no causal or window skipping with a mask)
+        if DMASK is not None:  # the tiles skipped by causal are left as the caller zeroed them
             tl.store(DMASK + rows[:, None] * S + cols[None, :], ds, mask=row_mask[:, None] & (offs_n[None, :] < S))
             DMASK += BLOCK_N
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -410,8 +410,8 @@ def head_block(d: int) -> int:
 
 # Hopper (sm_90) configurations per kernel, by padded head dim (<= 64, <= 128, 256), for
 # 16-bit and fp32 inputs and three weights of work per score: plain, with a mask, with
-# dropout (Philox draws keep the most registers live). Every entry compiles without
-# spills with Triton 3.6 and 3.7 (their code generation differs: tests/test_hopper_compile.py
+# dropout (Philox draws keep the most registers live), causal or not. Every entry compiles
+# without spills with Triton 3.6 and 3.7 (their code generation differs: tests/test_hopper_compile.py
 # checks both); None: no configuration found that does not spill, so the Triton path does
 # not take that case (see ``unsupported``).
 PLAIN, MASKED, DROPOUT = 0, 1, 2
@@ -424,14 +424,14 @@ _CONFIGS = {
             (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), None),
             (True, DROPOUT): (None, None, None)},
     "dq": {(False, PLAIN): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1)),
-           (False, MASKED): ((64, 64, 8, 2), (32, 32, 4, 2), None),
+           (False, MASKED): ((64, 64, 8, 2), (32, 32, 8, 2), None),
            (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 4, 2), None),
            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 8, 1), None),
            (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
            (True, DROPOUT): (None, None, None)},
     "dkdv": {(False, PLAIN): ((64, 64, 8, 2), (32, 32, 4, 1), (16, 16, 4, 1)),
              (False, MASKED): ((32, 64, 8, 2), (32, 32, 8, 1), None),
-             (False, DROPOUT): ((32, 32, 8, 2), (32, 32, 8, 1), None),
+             (False, DROPOUT): ((32, 32, 8, 2), (16, 32, 8, 1), None),
              (True, PLAIN): ((16, 32, 4, 1), (16, 16, 4, 1), None),
              (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
              (True, DROPOUT): (None, None, None)},
@@ -452,8 +452,9 @@ _ALTERNATIVES = {
                               ((32, 64, 8, 2), (16, 32, 4, 1), (32, 32, 4, 1, True), (32, 64, 8, 2, True)))},
 }
 # The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
-# with Triton 3.7 (head dims 16 and 80); this one does not, at any head dim up to 128.
-DQ_MASK_GRAD_DROPOUT = AttnConfig(32, 32, 4, 1)
+# with Triton 3.7 (head dims 16 and 80) and 32x32 tiles with 3.6 (causal, head dim 16); this one
+# does not, at any head dim up to 128.
+DQ_MASK_GRAD_DROPOUT = AttnConfig(32, 16, 4, 1)
 INTERPRETER_CONFIG = AttnConfig(64, 64, 4, 1)  # few, wide tiles: the interpreter runs programs in turn
 
 
@@ -657,7 +658,8 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              lse: torch.Tensor, mask: Optional[torch.Tensor], problem: Problem,
              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dmask: Optional[torch.Tensor] = None) -> None:
     """Write the gradients of :func:`attn_fwd` into dq, dk, dv (shapes of q, k, v) and, for a
-    float mask, into ``dmask`` if given ((B, H, L, S) fp32, dense only)."""
+    float mask, into ``dmask`` if given ((B, H, L, S), dense only; causal: zeroed by the caller,
+    as the tiles above the diagonal are skipped)."""
     p = problem
     grads = (dq, dk, dv) if dmask is None else (dq, dk, dv, dmask)
     if sum(t.numel() for t in grads) == 0:
@@ -667,9 +669,8 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             t.zero_()
         return
     if dmask is not None and not (mask is not None and mask.is_floating_point() and dmask.is_contiguous()
-                                  and not p.varlen and not p.causal and p.window == (-1, -1)):
-        raise RuntimeError("attn_bwd: dmask needs a dense float mask, no causal or window (the dQ kernel must "
-                           "visit every tile) and a contiguous buffer")
+                                  and not p.varlen and p.window == (-1, -1)):
+        raise RuntimeError("attn_bwd: dmask needs a dense float mask, no window and a contiguous buffer")
     mask_ptr, mask_strides, kind = _mask_args(mask, q)
     delta = torch.empty_like(lse)
     delta_rows = delta_block_m(p.dv)

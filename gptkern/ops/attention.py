@@ -75,13 +75,14 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
 def _empty_mask_grad(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
                      mask_grad: bool) -> torch.Tensor:
-    """The dS buffer the dQ kernel fills (all of it: no tile is skipped without causal)."""
+    """The (B, H, L, S) dS buffer the dQ kernel fills: all of it without causal; with causal the
+    tiles it skips (above the diagonal) stay zero."""
     if not mask_grad:
         return q.new_empty((0,))
-    if mask is None or not mask.is_floating_point() or causal:
-        raise RuntimeError("triton_attention_backward: mask_grad needs a float mask and causal=False")
+    if mask is None or not mask.is_floating_point():
+        raise RuntimeError("triton_attention_backward: mask_grad needs a float mask")
     b, h, l, _ = q.shape
-    return torch.empty((b, h, l, k.shape[2]), device=q.device, dtype=mask.dtype)
+    return (torch.zeros if causal else torch.empty)((b, h, l, k.shape[2]), device=q.device, dtype=mask.dtype)
 
 
 @triton_attention_backward.register_fake
@@ -241,7 +242,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         dropout_p: dropout on the attention weights, inside the kernel (Philox, seeded from torch's
             generator: reproducible under torch.manual_seed; the backward regenerates the mask).
             The random stream differs from torch's own, so outputs agree in distribution only.
-        is_causal: PyTorch's top-left-aligned causal mask (query i sees keys j <= i).
+        is_causal: PyTorch's top-left-aligned causal mask (query i sees keys j <= i); together with
+            attn_mask both apply, as in torch's own kernels (the kernels skip the tiles above the
+            diagonal).
         scale: defaults to 1 / sqrt(E).
         enable_gqa: allow Hq to be a multiple of H (grouped-query attention).
     Returns:
@@ -266,16 +269,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
     scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
-    def mask_support():  # what neither kernel takes (torch's SDPA decides, or raises)
-        if attn_mask is not None and is_causal:
-            return "attn_mask together with is_causal"
-        return None
-
     def triton_support():
-        return mask_support() or _triton_limits(query, value, attn_mask is not None, dropout_p)
+        return _triton_limits(query, value, attn_mask is not None, dropout_p)
 
     def cpu_support():
-        return mask_support() or _cpu_limits(query)
+        return _cpu_limits(query)
 
     def cuda_support():  # the CUDA forward; its backward is Triton's
         why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
@@ -297,8 +295,18 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
                                                         float(dropout_p), draw_seed(dropout_p))
         return out.reshape(out_shape)
+    if attn_mask is not None and is_causal:  # both apply, on any torch version (torch's docs forbid it)
+        attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _with_causal(mask: torch.Tensor, l: int, s: int) -> torch.Tensor:
+    """``mask`` (bool: True = attend, or additive) with keys j > i hidden from query i."""
+    causal = torch.ones(l, s, dtype=torch.bool, device=mask.device).tril()  # (L, S)
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
