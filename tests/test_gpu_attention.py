@@ -33,22 +33,24 @@ def test_sdpa_real_sizes(dtype, d, causal):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_float_mask_gradient_real_size(d):
-    """A learned (1, H, L, S) bias in bf16: its gradient (dS from the dQ kernel) against float64;
-    with dropout, dq = scale * dS k for the same dropped weights."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_float_mask_gradient_real_size(d, causal):
+    """A learned (1, H, L, S) bias in bf16: its gradient (dS from the dQ kernel; with causal, zero
+    above the diagonal) against float64; with dropout, dq = scale * dS k for the same dropped weights."""
     q, k, v = (torch.randn(2, 8, 900, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bias = (0.5 * torch.randn(1, 8, 900, 900, device="cuda", dtype=torch.bfloat16)).requires_grad_()
     g = torch.randn(2, 8, 900, d, device="cuda", dtype=torch.bfloat16)
     with gptkern.backend("triton"):
-        out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
         grads = torch.autograd.grad(out, (q, k, v, bias), g)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
-    ref = _reference(*leaves[:3], attn_mask=leaves[3])
+    above = torch.ones(900, 900, dtype=torch.bool, device="cuda").triu(1)  # hidden by causal
+    ref = _reference(*leaves[:3], attn_mask=leaves[3].masked_fill(above, float("-inf")) if causal else leaves[3])
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
         assert_close(got, want, torch.bfloat16, grad=True, atol_scale=2)
     full = (0.5 * torch.randn(2, 8, 900, 900, device="cuda", dtype=torch.bfloat16)).requires_grad_()
     with gptkern.backend("triton"):
-        out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=0.2)
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=full, dropout_p=0.2, is_causal=causal)
         dq, dfull = torch.autograd.grad(out, (q, full), g)
     want = dfull.double() @ k.double() / d ** 0.5  # dS is rounded to bf16 before this product
     torch.testing.assert_close(dq.double(), want, atol=3e-2, rtol=3e-2)
@@ -80,7 +82,10 @@ def test_sdpa_key_padding_mask_and_fp32():
     mask = torch.rand(4, 1, 1, 700, device="cuda") > 0.2
     with gptkern.backend("triton"):
         out = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        causal = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
     assert_close(out, _reference(q, k, v, attn_mask=mask), torch.float32)
+    below = torch.ones(700, 700, dtype=torch.bool, device="cuda").tril()
+    assert_close(causal, _reference(q, k, v, attn_mask=mask & below), torch.float32)
 
 
 def test_varlen_real_sizes():
