@@ -65,7 +65,8 @@ def test_self_attention_with_masks(backend, batch_first):
     bool_mask = torch.rand(9, 9, device=DEVICE) > 0.7
     bool_mask.fill_diagonal_(False)
     for kwargs in (dict(), dict(key_padding_mask=kpm), dict(attn_mask=causal, is_causal=True),
-                   dict(attn_mask=causal, key_padding_mask=kpm), dict(attn_mask=bool_mask),
+                   dict(attn_mask=causal, key_padding_mask=kpm),
+                   dict(attn_mask=causal, key_padding_mask=kpm, is_causal=True), dict(attn_mask=bool_mask),
                    dict(attn_mask=bool_mask, key_padding_mask=kpm),
                    dict(attn_mask=torch.randn(8, 9, 9, device=DEVICE))):
         run_both(ours, theirs, (x, x, x), dict(kwargs, need_weights=False), backend)
@@ -95,6 +96,27 @@ def test_bias_kv_and_zero_attn_fall_back(backend):
     ours, theirs = pair(embed_dim=16, num_heads=2, add_bias_kv=True, add_zero_attn=True)
     x = torch.randn(5, 2, 16, device=DEVICE)
     run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)
+
+
+def test_causal_hint_with_padding_passes_no_square_mask(monkeypatch):
+    """is_causal with a key padding mask: the kernel gets the (B, 1, 1, S) padding mask and
+    is_causal, not an L×S combination (it skips the tiles above the diagonal)."""
+    ours, theirs = pair(embed_dim=16, num_heads=2, batch_first=True)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    kpm = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
+    kpm[1, 5:] = True
+    seen = []
+    sdpa = gptkern.ops.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(gptkern.nn.attention.ops, "scaled_dot_product_attention", spy)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, device=DEVICE)
+    run_both(ours, theirs, (x, x, x), dict(attn_mask=causal, key_padding_mask=kpm, is_causal=True,
+                                           need_weights=False), "auto")
+    assert seen == [((2, 1, 1, 7), True)]
 
 
 def test_is_causal_needs_attn_mask():

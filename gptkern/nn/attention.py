@@ -105,18 +105,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    f"but should be {expected}.")
         q, k, v = self._project(query, key, value)
         q, k, v = (t.reshape(b, -1, h, dh).transpose(1, 2) for t in (q, k, v))  # (B, H, seq, Dh)
-        if is_causal and key_padding_mask is None:
-            mask, causal = None, True  # attn_mask is the causal mask (the hint): let the kernel skip blocks
+        kpm = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        if kpm is not None:
+            kpm = kpm.reshape(b, 1, 1, s)
+        if is_causal:  # the hint says attn_mask is the causal mask: the kernel applies it, skipping tiles
+            mask = kpm
         else:
-            causal = False
-            kpm = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
             am = _sdpa_mask(attn_mask, "attn_mask", q.dtype)
-            if kpm is not None:
-                kpm = kpm.reshape(b, 1, 1, s)
             if am is not None and am.dim() == 3:  # (B * H, L, S)
                 am = am.reshape(b, h, l, s)
             mask = _combine(am, kpm)
         dropout = self.dropout if self.training else 0.0
-        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=bool(is_causal))
         out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
         return self.out_proj(out)
