@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gptkern
-from gptkern import benchmark
+from gptkern import _backend, benchmark
 from gptkern.benchmark import _error, _parse_list, add_common_args, device_from_args, metadata, time_fn
 from gptkern.kernels import autotune
 
@@ -452,9 +452,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dense, varlen, skipped = providers(device)
     if args.providers is not None:
         known = set(dense) | set(varlen) | set(skipped)
-        unknown = sorted(set(args.providers) - known)
+        anywhere = known | {f"gptkern:{name}" for name in _backend.BACKENDS if name != "auto"}
+        unknown = sorted(set(args.providers) - anywhere)
         if unknown:
             parser.error(f"--providers: unknown {unknown}; here: {sorted(known)}")
+        for name in sorted(set(args.providers) - known):  # a gptkern backend not built or not usable here
+            skipped[name] = "not available here"
         dense = {k: v for k, v in dense.items() if k in args.providers}
         varlen = {k: v for k, v in varlen.items() if k in args.providers}
         skipped = {k: v for k, v in skipped.items() if k in args.providers}

@@ -86,25 +86,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = peak_flops(device, args.peak_tflops, PEAK_FLOPS)
     flops = GPT(cfg).flops_per_token(block) if not gpu else None
     results = []
-    for provider in providers:
+    report = {"meta": metadata(device, list(argv or []), warmup, repeats), "model": preset, "batch": batch,
+              "reference": None, "block": block, "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+              "results": results}
+    for provider in providers:  # the files are rewritten after each provider (a run cut short keeps them)
         try:
             seconds = step_time(provider, cfg, batch, block, dtype, device, repeats, warmup)
         except Exception as err:  # a provider that fails is reported, not fatal
             results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err)[:200]}"})
-            continue
-        if flops is None:
-            with torch.device("meta"):
-                flops = GPT(cfg).flops_per_token(block)
-        tokens = batch * block / seconds
-        results.append({"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
-                        "mfu": flops * tokens / peak if peak else None})
-    timed = {r["provider"]: r["tokens_per_s"] for r in results if "tokens_per_s" in r}
-    reference = next((name for name in ("torch+compile", "torch") if name in timed), None)
-    for r in results:
-        if reference and "tokens_per_s" in r:
-            r["speedup"] = r["tokens_per_s"] / timed[reference]
-    report = {"meta": metadata(device, list(argv or []), warmup, repeats), "model": preset, "batch": batch,
-              "reference": reference,
-              "block": block, "dtype": str(dtype).replace("torch.", "") if dtype else "float32", "results": results}
-    print(_save(report, args, markdown))
+        else:
+            if flops is None:
+                with torch.device("meta"):
+                    flops = GPT(cfg).flops_per_token(block)
+            tokens = batch * block / seconds
+            results.append({"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
+                            "mfu": flops * tokens / peak if peak else None})
+        _add_speedups(report)
+        text = _save(report, args, markdown)
+    print(text)
     return 0
+
+
+def _add_speedups(report: dict) -> None:
+    """Each timed provider's tokens/s over torch+compile's (torch's when that is not timed)."""
+    timed = {r["provider"]: r["tokens_per_s"] for r in report["results"] if "tokens_per_s" in r}
+    report["reference"] = next((name for name in ("torch+compile", "torch") if name in timed), None)
+    for r in report["results"]:
+        if report["reference"] and "tokens_per_s" in r:
+            r["speedup"] = r["tokens_per_s"] / timed[report["reference"]]

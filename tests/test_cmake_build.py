@@ -8,6 +8,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What Torch's CMake config prints when a CUDA torch finds no CUDA toolkit, or nvcc without the libraries.
+_NO_TOOLKIT = ("PyTorch: CUDA cannot be found", "CUDA_nvrtc_LIBRARY")
 
 
 @pytest.mark.slow
@@ -20,6 +22,9 @@ def test_cmake_build_and_ctest(tmp_path):
     for cmd in (configure, ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)],
                 ["ctest", "--test-dir", str(build), "--output-on-failure"]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if cmd is configure and out.returncode and torch.version.cuda and any(
+                marker in out.stdout + out.stderr for marker in _NO_TOOLKIT):
+            pytest.skip("a CUDA torch without a full CUDA toolkit (Torch's CMake config links nvrtc and cuBLAS)")
         assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     assert "100% tests passed" in out.stdout
     assert "FAIL" not in out.stdout
