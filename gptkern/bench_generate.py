@@ -138,7 +138,8 @@ def bench_paged_batch(cfg, dtype, device, batch: int, prompt_len: int, new: int)
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"## gptkern generation benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
-             f"{meta['date_utc']}", "", f"torch {meta['torch']}, {meta['num_threads']} threads; model "
+             f"{meta['date_utc']}" + ("" if report["complete"] else " (incomplete)"), "",
+             f"torch {meta['torch']}, {meta['num_threads']} threads; model "
              f"{report['model']}. Medians; speedup: ours / theirs.", "",
              "| case | provider | numbers | speedup |", "|---|---|---|---:|"]
     for r in report["results"]:
@@ -177,10 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sections += [lambda: bench_decode_kernel(device, dtype, (8192,) if args.quick else (8192, 16384, 32768),
                                                  repeats * 5),
                      lambda: bench_paged_batch(cfg, dtype, device, 64, prompt, new)]
-    report = {"meta": metadata(device, list(argv or []), 1, repeats), "dtype": str(dtype).replace("torch.", ""),
-              "model": preset, "results": []}
+    report = {"meta": metadata(device, list(argv or []), 1, repeats), "complete": False,
+              "dtype": str(dtype).replace("torch.", ""), "model": preset, "results": []}
     for section in sections:  # the files are rewritten after each section (a run cut short keeps them)
         report["results"] += section()
-        text = _save(report, args, markdown)
-    print(text)
+        _save(report, args, markdown)
+    report["complete"] = True
+    print(_save(report, args, markdown))
     return 0

@@ -48,18 +48,20 @@ def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, devi
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    reference = (f"speedup: tokens/s / {report['reference']}'s." if report["reference"]
+                 else "speedup: none (no torch provider timed).")
     lines = [f"## gptkern training-step benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
-             f"{meta['date_utc']}", "", f"torch {meta['torch']}, {meta['num_threads']} threads; {report['model']}, "
-             f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps. "
-             f"speedup: tokens/s / {report['reference']}'s.", "",
+             f"{meta['date_utc']}" + ("" if report["complete"] else " (incomplete)"), "",
+             f"torch {meta['torch']}, {meta['num_threads']} threads; {report['model']}, "
+             f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps. {reference}", "",
              "| provider | step ms | tokens/s | MFU | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['provider']} | error: {r['error']} | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-        lines.append(f"| {r['provider']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{r.get('speedup', float('nan')):.2f}x |")
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        lines.append(f"| {r['provider']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,8 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = peak_flops(device, args.peak_tflops, PEAK_FLOPS)
     flops = GPT(cfg).flops_per_token(block) if not gpu else None
     results = []
-    report = {"meta": metadata(device, list(argv or []), warmup, repeats), "model": preset, "batch": batch,
-              "reference": None, "block": block, "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
+    report = {"meta": metadata(device, list(argv or []), warmup, repeats), "complete": False, "model": preset,
+              "batch": batch, "reference": None, "block": block,
+              "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
               "results": results}
     for provider in providers:  # the files are rewritten after each provider (a run cut short keeps them)
         try:
@@ -102,8 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append({"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
                             "mfu": flops * tokens / peak if peak else None})
         _add_speedups(report)
-        text = _save(report, args, markdown)
-    print(text)
+        _save(report, args, markdown)
+    report["complete"] = True
+    print(_save(report, args, markdown))
     return 0
 
 

@@ -20,7 +20,7 @@ def reference(q, k, v, mask=None, **kw):
     q, k, v = q.double(), k.double(), v.double()
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.double()
-    if mask is not None and kw.get("is_causal"):  # both apply: combined here, whatever torch's version does
+    if mask is not None and kw.get("is_causal"):  # both apply: combined here (torch's math backend raises)
         kw = {**kw, "is_causal": False}
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
@@ -324,8 +324,9 @@ def test_masks_across_many_blocks(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("l,s", [(21, 34), (34, 21), (100, 150)])
 def test_mask_with_causal(backend, l, s):
-    """attn_mask and is_causal together: both apply, as in torch's own kernels (its docs forbid the
-    pair), with the tiles above the diagonal skipped; L != S both ways and across many blocks."""
+    """attn_mask and is_causal together: both apply, as in torch's fused kernels (its docs forbid
+    the pair, its math backend raises), with the tiles above the diagonal skipped; L != S both
+    ways and across many blocks."""
     q, k, v = rand(2, 3, l, 16), rand(2, 3, s, 16), rand(2, 3, s, 8)
     key_padding = torch.rand(2, 1, 1, s, device=DEVICE) > 0.3
     key_padding[1, ..., 0] = False  # query 0 of batch 1 sees only key 0 under causal: nothing, zeros

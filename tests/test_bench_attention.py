@@ -15,14 +15,15 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
     rc = bench_attention.main([
         "--device", "cpu", "--seqlens", "16", "--head-dims", "8", "--tokens", "48", "--width", "16",
         "--mode", "all", "--matmul-n", "32", "--repeats", "2", "--warmup", "0",
-        "--providers", "torch:sdpa,torch:math,torch:padded,torch:loop,torch:efficient,gptkern:torch",
+        "--providers", "torch:sdpa,torch:math,torch:padded,torch:loop,torch:efficient,gptkern:torch,gptkern:cuda",
         "--out-json", str(out_json), "--out-md", str(out_md)])
     assert rc == 0
     report = json.loads(out_json.read_text())
     assert report["complete"] is True
     assert {"date_utc", "device_name", "torch", "triton", "gptkern", "bwd_timing"} <= set(report["meta"])
     assert report["matmul"]["n"] == 32 and report["matmul"]["tflops"] > 0
-    assert set(report["skipped"]) == {"torch:efficient", "gptkern:torch"}
+    assert set(report["skipped"]) == {"torch:efficient", "gptkern:torch", "gptkern:cuda"}  # cuda: not built or
+    # not on CPU tensors; a backend named in --providers that this machine lacks is skipped, not an error
     lengths = report["varlen_lengths"]
     assert lengths == bench_attention.varlen_lengths(48) and 0 < sum(lengths) <= 48
     results = report["results"]
@@ -49,6 +50,12 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
     assert "Not timed: torch:efficient (CUDA-only SDPA backend)." in markdown
     assert markdown in capsys.readouterr().out
     assert not [p.name for p in tmp_path.rglob("*.tmp*")]
+
+
+def test_unknown_provider_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_attention.main(["--device", "cpu", "--providers", "torch:sdpa,gptkern:nope"])
+    assert exit_info.value.code == 2 and "unknown ['gptkern:nope']" in capsys.readouterr().err
 
 
 def test_failures_are_table_cells():

@@ -23,3 +23,32 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert cache["with_cache_tokens_per_s"] > 0 and cache["without_cache_tokens_per_s"] > 0
     assert "| generate | gptkern |" in out_md.read_text()
     assert "decode_tokens_per_s" in capsys.readouterr().out
+    assert report["complete"] and ours["warm_tokens"] == 2  # --new 3: the first 2 tokens are not counted
+
+
+def test_decode_rate_leaves_out_the_warm_tokens(monkeypatch):
+    """Tokens/s over the tokens after the first WARM_TOKENS (prefill, eager step, graph capture)."""
+    seconds = {3: 40.0, 19: 40.0 + 16 * 2.0}  # a slow start (the capture), then 2 s per token
+    monkeypatch.setattr(bench_generate, "_timed", lambda fn, device, repeats: fn())
+    rate = bench_generate.decode_rate(lambda prompt, n: seconds[n], 4, 19, "cpu", 1)
+    assert rate["warm_tokens"] == 3 and rate["decode_tokens_per_s"] == pytest.approx(0.5)
+
+
+def test_new_below_two_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_generate.main(["--quick", "--device", "cpu", "--new", "1"])
+    assert exit_info.value.code == 2 and "--new must be at least 2" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path, monkeypatch):
+    out_json = tmp_path / "generate.json"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_generate, "bench_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_generate.main(["--quick", "--device", "cpu", "--threads", "1", "--prompt", "4", "--new", "3",
+                             "--repeats", "1", "--out-json", str(out_json)])
+    report = json.loads(out_json.read_text())
+    assert not report["complete"] and [r["provider"] for r in report["results"]] == ["gptkern", "transformers"]

@@ -1,6 +1,8 @@
 """The training-step benchmark runs end to end on the CPU at a tiny size (no timing checks)."""
 import json
 
+import pytest
+
 from gptkern import bench_train
 
 
@@ -11,5 +13,29 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     report = json.loads(out_json.read_text())
     assert [r["provider"] for r in report["results"]] == ["gptkern", "torch"]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in report["results"])
-    assert report["results"][1]["speedup"] == 1.0
+    assert report["results"][1]["speedup"] == 1.0 and report["complete"]
     assert "| gptkern |" in out_md.read_text() and "tokens/s" in capsys.readouterr().out
+
+
+def test_a_run_cut_short_keeps_the_providers_it_timed(tmp_path, monkeypatch):
+    """Saved after each provider: the first one's row survives an interrupted second, marked
+    incomplete, and with no torch provider timed there is no speedup column to fill."""
+    out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
+    real = bench_train.step_time
+    calls = []
+
+    def step_time(provider, *args):
+        calls.append(provider)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(provider, *args)
+
+    monkeypatch.setattr(bench_train, "step_time", step_time)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--quick", "--device", "cpu", "--threads", "1", "--out-json", str(out_json),
+                          "--out-md", str(out_md)])
+    report = json.loads(out_json.read_text())
+    assert not report["complete"] and report["reference"] is None
+    assert [r["provider"] for r in report["results"]] == ["gptkern"] and "speedup" not in report["results"][0]
+    text = out_md.read_text()
+    assert "(incomplete)" in text and "speedup: none" in text and "nan" not in text

@@ -117,6 +117,9 @@ def test_causal_hint_with_padding_passes_no_square_mask(monkeypatch):
     run_both(ours, theirs, (x, x, x), dict(attn_mask=causal, key_padding_mask=kpm, is_causal=True,
                                            need_weights=False), "auto")
     assert seen == [((2, 1, 1, 7), True)]
+    for module in (ours, theirs):  # attn_mask is not read, but its type is still checked
+        with pytest.raises(AssertionError, match="only bool and floating types of attn_mask"):
+            module(x, x, x, attn_mask=causal.long(), key_padding_mask=kpm, is_causal=True, need_weights=False)
 
 
 def test_is_causal_needs_attn_mask():

@@ -7,7 +7,8 @@
 #
 # Usage: bash tools/gpu_versions_check.sh VENV [pytest args...]
 #   PYTHON=python3.12 TORCH=2.11.0 (defaults: the GPU machine's); CUDA_HOME=/usr/local/cuda
-# Works on a clone of the repository in VENV/repo, so the checkout's own build is left alone.
+# Works on a clone of the repository in VENV/repo (the committed HEAD: commit first), so the
+# checkout's own build is left alone.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 VENV [pytest args...]" >&2; exit 2; }
 VENV=$1
@@ -19,6 +20,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 VENV=$(cd "$VENV" && pwd)
+want=$("$PYTHON" -c 'import sys; print(sys.version_info[:2])')
+have=$("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])')
+[ "$want" = "$have" ] || { echo "$VENV has Python $have, not $PYTHON's $want: use another VENV" >&2; exit 2; }
 # numpy < 2.4: Triton 3.6's interpreter breaks with numpy 2.4; the rest as requirements.txt pins it
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH" "numpy<2.4" \
   $(grep -vE '^(#|triton|numpy|torch)' "$REPO/requirements.txt" | tr '\n' ' ') \

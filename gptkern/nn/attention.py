@@ -108,10 +108,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         kpm = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
         if kpm is not None:
             kpm = kpm.reshape(b, 1, 1, s)
-        if is_causal:  # the hint says attn_mask is the causal mask: the kernel applies it, skipping tiles
+        am = _sdpa_mask(attn_mask, "attn_mask", q.dtype)
+        if is_causal:  # the hint: attn_mask is the causal mask; the kernel applies it, skipping tiles
             mask = kpm
         else:
-            am = _sdpa_mask(attn_mask, "attn_mask", q.dtype)
             if am is not None and am.dim() == 3:  # (B * H, L, S)
                 am = am.reshape(b, h, l, s)
             mask = _combine(am, kpm)

@@ -243,8 +243,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             generator: reproducible under torch.manual_seed; the backward regenerates the mask).
             The random stream differs from torch's own, so outputs agree in distribution only.
         is_causal: PyTorch's top-left-aligned causal mask (query i sees keys j <= i); together with
-            attn_mask both apply, as in torch's own kernels (the kernels skip the tiles above the
-            diagonal).
+            attn_mask both apply, as in torch's fused kernels (its math backend raises), and the
+            kernels skip the tiles above the diagonal.
         scale: defaults to 1 / sqrt(E).
         enable_gqa: allow Hq to be a multiple of H (grouped-query attention).
     Returns:
@@ -295,7 +295,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
                                                         float(dropout_p), draw_seed(dropout_p))
         return out.reshape(out_shape)
-    if attn_mask is not None and is_causal:  # both apply, on any torch version (torch's docs forbid it)
+    if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
