@@ -93,7 +93,11 @@ step build 120 env GPTKERN_BUILD_CUDA=1 GPTKERN_CUDA_ARCHS="${ARCH:-9.0}" MAX_JO
 # ---- tests, untuned (GPTKERN_AUTOTUNE=0: compiling every candidate for every flag set would not
 # fit; one test forces each candidate): the CUDA kernels' own, then attention and generation
 # (the open issues' tests); the rest after the open targets' benchmarks
-PYTEST=(env GPTKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider)
+# With pytest-xdist (the GPU machine's image has it) the tests run in 6 processes: their time is
+# mostly Triton compiling, which is CPU-bound and shares one on-disk cache.
+XDIST=()
+timeout 60 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 6)
+PYTEST=(env GPTKERN_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${XDIST[@]}")
 FIRST=(tests/test_gpu_attention.py tests/test_gpu_generation.py)
 step pytest_cuda 60 "${PYTEST[@]}" tests/test_cuda_kernels.py
 step pytest_attention 100 "${PYTEST[@]}" "${FIRST[@]}"
