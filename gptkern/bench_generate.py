@@ -2,7 +2,8 @@
 with and without the KV cache, and the decode-attention kernel against the copy bandwidth.
 
 Rows (ratios measured in one run; never asserted):
-- decode tokens/s of gptkern vs transformers ``generate`` (greedy, batch 1, a 128-token prompt);
+- steady-state decode tokens/s (after the first WARM_TOKENS) of gptkern vs transformers ``generate``
+  (greedy, batch 1, a 128-token prompt);
 - gptkern with the cache vs without it: tokens/s at a ``--total``-token context;
 - on CUDA: the decode-attention kernel at 8K-32K caches as a fraction of ``copy_`` bandwidth,
   and batch-64 throughput with the paged cache.
