@@ -39,6 +39,15 @@ def test_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
 
+def test_literal_eos_text_is_plain_text(bpe):
+    """A literal <|endoftext|> in the text round-trips and is not the EOS id, as with the byte
+    tokenizer (hypothesis draws string constants from the source, this one included)."""
+    for tok in (bpe, ByteTokenizer()):
+        text = "a <|endoftext|> b<|endoftext|>"
+        ids = tok.encode(text)
+        assert tok.eos_id not in ids and tok.decode(ids) == text
+
+
 def test_bpe_learns_merges_and_saves(tmp_path, bpe):
     assert bpe.vocab_size <= 320 and bpe.eos_id is not None
     assert len(bpe.encode("the quick brown fox")) < len("the quick brown fox")  # merges were learned

@@ -58,6 +58,9 @@ class HFTokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` read as plain text: a literal ``<|endoftext|>`` in it is not the EOS id (as
+        with the byte tokenizer; EOS ids are added by whoever ends a document)."""
+        self.tokenizer.encode_special_tokens = True  # set per call: a pickled copy (a worker's) drops it
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: Iterable[int]) -> str:
