@@ -27,6 +27,11 @@ constexpr int64_t kChunk = 512;  // keys per online-softmax step (long runs of e
 constexpr int64_t kSub = 64;     // keys per pass over the rows: their K / V rows stay in L1
 constexpr int64_t kSRow = kChunk + kKeys;  // score row stride (a run's scores may spill kKeys - 1)
 constexpr int64_t kMinSplit = 512;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;  // AVX2 (the scalar fallback does not care)
+#endif
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // out[c] = sum of the 8 lanes of v[c], c < 8: horizontal adds, then one cross-half add.
@@ -92,22 +97,67 @@ struct Cache {  // key / value rows of one cache, static or paged
 template <typename T>
 constexpr int64_t kStep = std::is_same_v<T, float> ? kW : 2 * kW;
 
+// The steps below load kStep<T> cache elements (one fp32 vector, or two converted from 16-bit
+// values) and use them at once: loads staged in arrays filled through a pointer kept GCC 12 from
+// holding the callers' accumulators in registers (the fp32 decode ran at 60% of its speed).
+
+// acc + the lane-wise products of q[0 .. kStep<T>) and k[0 .. kStep<T>), folded onto one vector.
 template <typename T>
-inline void load_step(const T* p, Vec* out) {
+inline Vec dot_step(const Vec* q, const T* k, const Vec& acc) {
   if constexpr (std::is_same_v<T, float>) {
-    out[0] = Vec::loadu(p);
+    return at::vec::fmadd(q[0], Vec::loadu(k), acc);
   } else {
-    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-    out[0] = lo;
-    out[1] = hi;
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(k));
+    return at::vec::fmadd(q[1], hi, at::vec::fmadd(q[0], lo, acc));
   }
 }
 
-// s[c] = q . k[c] for c < round_up(n, kKeys); key rows of `width` (a multiple of kStep<T>)
-// `ks` apart; rows >= n repeat row n - 1.
+// acc[y] += p * v[y * kW .. (y + 1) * kW) for y < kStep<T> / kW.
+template <typename T>
+inline void axpy_step(const Vec& p, const T* v, Vec* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    acc[0] = at::vec::fmadd(p, Vec::loadu(v), acc[0]);
+  } else {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(v));
+    acc[0] = at::vec::fmadd(p, lo, acc[0]);
+    acc[1] = at::vec::fmadd(p, hi, acc[1]);
+  }
+}
+
+// s[c] = q . k[c] for c < round_up(n, kKeys); key rows of NE * kStep<T> elements `ks` apart;
+// rows >= n repeat row n - 1. The query's vectors stay in registers.
+template <int NE, typename T>
+inline void score_keys_fixed(const float* q, const T* k, int64_t ks, int64_t n, float* s) {
+  constexpr int64_t kV = kStep<T> / kW;
+  Vec qv[NE * kV];
+  for (int64_t y = 0; y < NE * kV; ++y) qv[y] = Vec::loadu(q + y * kW);
+  for (int64_t c = 0; c < n; c += kKeys) {
+    const T* kr[kKeys];
+    for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
+    Vec a[kKeys];
+    for (int64_t x = 0; x < kKeys; ++x) a[x] = Vec(0.0f);
+    for (int e = 0; e < NE; ++e)
+      for (int64_t x = 0; x < kKeys; ++x) a[x] = dot_step(qv + e * kV, kr[x] + e * kStep<T>, a[x]);
+    sum_lanes(a, s + c);
+  }
+}
+
+// Whether NE steps of query vectors, the kKeys accumulators and two loads fit the vector
+// registers: more would spill inside the loop.
+template <int NE, typename T>
+constexpr bool query_fits = NE * (kStep<T> / kW) + kKeys + 2 <= kVecRegs;
+
+// The same for rows of any `width` (a multiple of kStep<T>).
 template <typename T>
 inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, int64_t n, float* s) {
   constexpr int64_t kV = kStep<T> / kW;
+  switch (width / kStep<T>) {  // the common head dims, where the query fits in registers
+    case 1: if constexpr (query_fits<1, T>) return score_keys_fixed<1>(q, k, ks, n, s); break;
+    case 2: if constexpr (query_fits<2, T>) return score_keys_fixed<2>(q, k, ks, n, s); break;
+    case 4: if constexpr (query_fits<4, T>) return score_keys_fixed<4>(q, k, ks, n, s); break;
+    case 8: if constexpr (query_fits<8, T>) return score_keys_fixed<8>(q, k, ks, n, s); break;
+    default: break;
+  }
   for (int64_t c = 0; c < n; c += kKeys) {
     const T* kr[kKeys];
     for (int64_t x = 0; x < kKeys; ++x) kr[x] = k + std::min(c + x, n - 1) * ks;
@@ -116,11 +166,7 @@ inline void score_keys(const float* q, int64_t width, const T* k, int64_t ks, in
     for (int64_t e = 0; e < width; e += kStep<T>) {
       Vec qv[kV];
       for (int64_t y = 0; y < kV; ++y) qv[y] = Vec::loadu(q + e + y * kW);
-      for (int64_t x = 0; x < kKeys; ++x) {
-        Vec kv[kV];
-        load_step(kr[x] + e, kv);
-        for (int64_t y = 0; y < kV; ++y) a[x] = at::vec::fmadd(qv[y], kv[y], a[x]);
-      }
+      for (int64_t x = 0; x < kKeys; ++x) a[x] = dot_step(qv, kr[x] + e, a[x]);
     }
     sum_lanes(a, s + c);
   }
@@ -142,53 +188,38 @@ inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int6
   for (; c + 2 <= n; c += 2) {
     const Vec p0(p[c]), p1(p[c + 1]);
     for (int x = 0; x < NV; x += kV) {
-      Vec v0[kV], v1[kV];
-      load_step(v + c * vs + x * kW, v0);
-      load_step(v + (c + 1) * vs + x * kW, v1);
-      for (int y = 0; y < kV; ++y) {
-        a[x + y] = at::vec::fmadd(p0, v0[y], a[x + y]);
-        b[x + y] = at::vec::fmadd(p1, v1[y], b[x + y]);
-      }
+      axpy_step(p0, v + c * vs + x * kW, a + x);
+      axpy_step(p1, v + (c + 1) * vs + x * kW, b + x);
     }
   }
   if (c < n) {
     const Vec p0(p[c]);
     for (int x = 0; x < NV; x += kV) {
-      Vec v0[kV];
-      load_step(v + c * vs + x * kW, v0);
-      for (int y = 0; y < kV; ++y) a[x + y] = at::vec::fmadd(p0, v0[y], a[x + y]);
+      axpy_step(p0, v + c * vs + x * kW, a + x);
     }
   }
   for (int x = 0; x < NV; ++x) (a[x] + b[x]).store(acc + x * kW);
 }
 
-constexpr int64_t kPV = 8;  // vectors of acc kept in registers per pass
+// Vectors of acc per pass over the value rows (twice that in accumulators), so that the loop
+// fits the vector registers: 16-bit rows on AVX2 also need registers to convert.
+template <typename T>
+constexpr int kPV = kVecRegs == 32 ? 8 : std::is_same_v<T, float> ? 4 : 2;
+
+// add_pv_tile<nv> for the first nv <= NV vectors, nv a multiple of kStep<T> / kW.
+template <int NV, typename T>
+inline void add_pv_upto(int64_t nv, float* acc, const float* p, const T* v, int64_t vs, int64_t n) {
+  if constexpr (NV > 0) {
+    if (nv == NV) return add_pv_tile<NV>(acc, p, v, vs, n);
+    add_pv_upto<NV - kStep<T> / kW>(nv, acc, p, v, vs, n);
+  }
+}
 
 // acc[0 .. width) += P v over n keys; width a multiple of kStep<T>.
 template <typename T>
 inline void add_pv(float* acc, const float* p, const T* v, int64_t vs, int64_t n, int64_t width) {
-  for (int64_t e = 0; e < width; e += kPV * kW) {
-    const int64_t nv = std::min(kPV, (width - e) / kW);
-    if constexpr (std::is_same_v<T, float>) {
-      switch (nv) {
-        case 1: add_pv_tile<1>(acc + e, p, v + e, vs, n); break;
-        case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
-        case 3: add_pv_tile<3>(acc + e, p, v + e, vs, n); break;
-        case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
-        case 5: add_pv_tile<5>(acc + e, p, v + e, vs, n); break;
-        case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
-        case 7: add_pv_tile<7>(acc + e, p, v + e, vs, n); break;
-        default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
-      }
-    } else {  // nv is even
-      switch (nv) {
-        case 2: add_pv_tile<2>(acc + e, p, v + e, vs, n); break;
-        case 4: add_pv_tile<4>(acc + e, p, v + e, vs, n); break;
-        case 6: add_pv_tile<6>(acc + e, p, v + e, vs, n); break;
-        default: add_pv_tile<8>(acc + e, p, v + e, vs, n); break;
-      }
-    }
-  }
+  for (int64_t e = 0; e < width; e += kPV<T> * kW)
+    add_pv_upto<kPV<T>>(std::min<int64_t>(kPV<T>, (width - e) / kW), acc + e, p, v + e, vs, n);
 }
 
 struct Split {

@@ -1,0 +1,109 @@
+"""The CPU kernels' inner loops keep their vector accumulators in registers.
+
+GCC 12 once kept the fp32 decode's accumulators on the stack, so that every FMA read and wrote
+memory and the decode ran at 60% of its speed, while every test passed. Here the memory-bound
+kernels (decode, GEMV, norms) and attention are compiled to assembly with the extension's flags
+for AVX-512 and AVX2 (no such CPU is needed to compile), and any FMA whose operand is on the stack
+inside a loop (between a label and a conditional jump back to it) fails the test. The assembly is
+cached in the temp directory by a hash of the sources, flags and compiler version.
+``python tests/test_cpu_codegen.py`` prints the counts.
+"""
+import concurrent.futures
+import glob
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from gptkern._build import CPU_CAPABILITIES  # noqa: E402
+
+CXX = os.environ.get("CXX", "c++")
+# (file, capabilities): attention is compute-bound and slow to compile, so AVX-512 only.
+CASES = [(name, cap) for name in ("decode.cpp", "linear.cpp", "norms.cpp") for cap in ("avx512", "avx2")]
+CASES.append(("attention.cpp", "avx512"))
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which(CXX) is None,
+                                reason="needs an x86-64 machine with a C++ compiler")
+
+LABEL = re.compile(r"^(\.L\w+):")
+BACK_JUMP = re.compile(r"^\s+j(?!mp\b)\w+\s+(\.L\w+)\s*$")  # conditional jumps only
+STACK_FMA = re.compile(r"vfn?m(add|sub)\w*\s+-?\w*\(%r[sb]p\)")
+
+
+def stack_fmas_in_loops(asm: str) -> list[str]:
+    """FMA instructions with a stack operand inside a loop: lines between a label and a
+    conditional jump back to it."""
+    lines = asm.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := LABEL.match(line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := BACK_JUMP.match(line)) and labels.get(m.group(1), i) < i]
+    return [line.strip() for i, line in enumerate(lines)
+            if STACK_FMA.search(line) and any(a <= i <= b for a, b in loops)]
+
+
+def compile_flags(cap: str) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+    return ["-std=c++17", "-O3", "-fopenmp", "-fPIC", "-w", *CPU_CAPABILITIES[cap][1],
+            "-I", os.path.join(ROOT, "csrc"), *[f"-I{p}" for p in include_paths()]]
+
+
+def assembly(name: str, cap: str) -> str:
+    flags = compile_flags(cap)
+    key = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*"))):
+        with open(path, "rb") as f:
+            key.update(path.encode() + f.read())
+    key.update(" ".join([CXX, name, *flags]).encode())
+    key.update(subprocess.run([CXX, "--version"], capture_output=True).stdout)
+    cache = os.path.join(tempfile.gettempdir(), f"gptkern-cpu-asm-{key.hexdigest()[:16]}.s")
+    if not os.path.exists(cache):
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        proc = subprocess.run([CXX, *flags, "-S", os.path.join(ROOT, "csrc", "cpu", name), "-o", tmp],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{CXX} failed on {name} ({cap}):\n{proc.stderr[-3000:]}"
+        os.replace(tmp, cache)
+    with open(cache) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def assemblies():
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {case: pool.submit(assembly, *case) for case in CASES}
+        return {case: fut.result() for case, fut in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_no_stack_accumulators_in_loops(assemblies, case):
+    bad = stack_fmas_in_loops(assemblies[case])
+    assert not bad, f"{case[0]} ({case[1]}): {len(bad)} FMAs read the stack inside loops, e.g. {bad[:4]}"
+
+
+def test_checker_finds_a_stack_accumulator_in_a_loop():
+    spilled = """
+.L7:
+\tvbroadcastss\t(%rsi,%rax,4), %zmm0
+\tvfmadd213ps\t-120(%rsp), %zmm0, %zmm1
+\tvmovaps\t%zmm1, -120(%rsp)
+\tcmpq\t%r11, %rax
+\tjne\t.L7
+\tvfmadd213ps\t8(%rsp), %zmm0, %zmm2
+\tjmp\t.L7
+"""
+    assert stack_fmas_in_loops(spilled) == ["vfmadd213ps\t-120(%rsp), %zmm0, %zmm1"]
+    in_registers = spilled.replace("-120(%rsp)", "%zmm3").replace("8(%rsp)", "%zmm4")
+    assert stack_fmas_in_loops(in_registers) == []
+
+
+if __name__ == "__main__":
+    for case in CASES:
+        print(f"{case[0]:15s} {case[1]:7s} {len(stack_fmas_in_loops(assembly(*case)))} stack FMAs in loops")
