@@ -3,10 +3,12 @@
 GCC 12 once kept the fp32 decode's accumulators on the stack, so that every FMA read and wrote
 memory and the decode ran at 60% of its speed, while every test passed. Here the memory-bound
 kernels (decode, GEMV, norms) and attention are compiled to assembly with the extension's flags
-for AVX-512 and AVX2 (no such CPU is needed to compile), and any FMA whose operand is on the stack
-inside a loop (between a label and a conditional jump back to it) fails the test. The assembly is
-cached in the temp directory by a hash of the sources, flags and compiler version.
-``python tests/test_cpu_codegen.py`` prints the counts.
+for AVX-512 and AVX2 (no such CPU is needed to compile), and the test fails on any FMA with a
+stack operand inside a loop: between a label and a conditional jump back to it, which is how GCC
+lays out hot loops (code run once per outer iteration, closed by a plain jmp, is not checked; nor
+is a spill reloaded into a register before its FMA). The assembly is cached in the temp directory
+by a hash of the sources, flags, compiler and torch version. ``python tests/test_cpu_codegen.py``
+prints the counts.
 """
 import concurrent.futures
 import glob
@@ -23,15 +25,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from gptkern._build import CPU_CAPABILITIES  # noqa: E402
+from gptkern._build import CPU_CAPABILITIES, cxx_flags  # noqa: E402
 
 CXX = os.environ.get("CXX", "c++")
 # (file, capabilities): attention is compute-bound and slow to compile, so AVX-512 only.
 CASES = [(name, cap) for name in ("decode.cpp", "linear.cpp", "norms.cpp") for cap in ("avx512", "avx2")]
 CASES.append(("attention.cpp", "avx512"))
 
-pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which(CXX) is None,
-                                reason="needs an x86-64 machine with a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    platform.machine() != "x86_64" or not sys.platform.startswith("linux") or shutil.which(CXX) is None,
+    reason="reads GNU assembler output: needs x86-64 Linux with a C++ compiler")
 
 LABEL = re.compile(r"^(\.L\w+):")
 BACK_JUMP = re.compile(r"^\s+j(?!mp\b)\w+\s+(\.L\w+)\s*$")  # conditional jumps only
@@ -50,26 +53,34 @@ def stack_fmas_in_loops(asm: str) -> list[str]:
 
 
 def compile_flags(cap: str) -> list[str]:
+    """The extension's flags (gptkern._build.cxx_flags, torch 2.13's -std=c++20) for capability cap."""
     from torch.utils.cpp_extension import include_paths
-    return ["-std=c++17", "-O3", "-fopenmp", "-fPIC", "-w", *CPU_CAPABILITIES[cap][1],
+    every_capability = {flag for _, flags in CPU_CAPABILITIES.values() for flag in flags}
+    base = [flag for flag in cxx_flags() if flag not in every_capability]
+    return ["-std=c++20", "-fPIC", "-w", *base, *CPU_CAPABILITIES[cap][1],
             "-I", os.path.join(ROOT, "csrc"), *[f"-I{p}" for p in include_paths()]]
 
 
 def assembly(name: str, cap: str) -> str:
+    import torch
     flags = compile_flags(cap)
     key = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*"))):
         with open(path, "rb") as f:
             key.update(path.encode() + f.read())
-    key.update(" ".join([CXX, name, *flags]).encode())
+    key.update(" ".join([CXX, name, torch.__version__, *flags]).encode())
     key.update(subprocess.run([CXX, "--version"], capture_output=True).stdout)
     cache = os.path.join(tempfile.gettempdir(), f"gptkern-cpu-asm-{key.hexdigest()[:16]}.s")
     if not os.path.exists(cache):
         tmp = f"{cache}.{os.getpid()}.tmp"
-        proc = subprocess.run([CXX, *flags, "-S", os.path.join(ROOT, "csrc", "cpu", name), "-o", tmp],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, f"{CXX} failed on {name} ({cap}):\n{proc.stderr[-3000:]}"
-        os.replace(tmp, cache)
+        try:
+            proc = subprocess.run([CXX, *flags, "-S", os.path.join(ROOT, "csrc", "cpu", name), "-o", tmp],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, f"{CXX} failed on {name} ({cap}):\n{proc.stderr[-3000:]}"
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     with open(cache) as f:
         return f.read()
 

@@ -62,11 +62,13 @@ def test_ragged_lengths(backend, dtype, lq, heads):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dims", [(48, 48), (80, 96), (40, 24), (20, 12), (16, 16), (32, 16), (128, 128), (256, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dims", [(48, 48), (80, 96), (40, 24), (20, 12), (16, 16), (32, 16), (128, 128), (256, 64),
+                                  (96, 80), (160, 112), (64, 32)])
 def test_head_dims_and_scale(backend, dtype, dims):
-    """Rows read in place (fp32: D % 8 == 0, 16-bit: D % 16 == 0) and through fp32 buffers; the
-    scoring loop unrolled for 1, 2, 4 and 8 vector steps per row (16 to 256 wide) and not."""
+    """Rows read in place (D a multiple of one load: 8 / 16 fp32 or 16 / 32 16-bit values with
+    AVX2 / AVX-512) and through fp32 buffers; the scoring loop unrolled for 1, 2, 4 and 8 loads
+    per row and not; P.V tiles of 1 to 8 vectors."""
     d, dv = dims
     k_cache, v_cache = caches(2, 2, 70, d, dv, dtype)
     check(backend, rand(2, 4, 2, d, dtype=dtype), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32),

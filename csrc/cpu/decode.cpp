@@ -177,8 +177,10 @@ template <int NV, typename T>
 inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int64_t n) {
   constexpr int kV = kStep<T> / kW;
   static_assert(NV % kV == 0);
-  // Two sets of accumulators (even and odd keys): with few vectors per row (AVX-512) one set
-  // would leave the FMA units waiting on the latency of each accumulator's chain.
+  // Two sets of accumulators (even and odd keys) where they fit the registers: with 4 or fewer
+  // chains the FMA units would wait on their latency. AVX2's wide tiles (8 chains) use one set:
+  // two would spill. (Measured: AVX-512 D=128 is faster with two sets, AVX2 with one.)
+  constexpr bool kPair = 2 * NV + 4 <= kVecRegs;
   Vec a[NV], b[NV];
   for (int x = 0; x < NV; ++x) {
     a[x] = Vec::loadu(acc + x * kW);
@@ -189,7 +191,7 @@ inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int6
     const Vec p0(p[c]), p1(p[c + 1]);
     for (int x = 0; x < NV; x += kV) {
       axpy_step(p0, v + c * vs + x * kW, a + x);
-      axpy_step(p1, v + (c + 1) * vs + x * kW, b + x);
+      axpy_step(p1, v + (c + 1) * vs + x * kW, kPair ? b + x : a + x);
     }
   }
   if (c < n) {
@@ -201,10 +203,10 @@ inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int6
   for (int x = 0; x < NV; ++x) (a[x] + b[x]).store(acc + x * kW);
 }
 
-// Vectors of acc per pass over the value rows (twice that in accumulators), so that the loop
-// fits the vector registers: 16-bit rows on AVX2 also need registers to convert.
+// Vectors of acc per pass over the value rows (D = 128 in one pass with AVX-512, 64 with AVX2).
 template <typename T>
-constexpr int kPV = kVecRegs == 32 ? 8 : std::is_same_v<T, float> ? 4 : 2;
+constexpr int kPV = 8;
+static_assert(kPV<float> % 2 == 0, "16-bit rows take two vectors per load: an odd tile would be skipped");
 
 // add_pv_tile<nv> for the first nv <= NV vectors, nv a multiple of kStep<T> / kW.
 template <int NV, typename T>
@@ -212,6 +214,8 @@ inline void add_pv_upto(int64_t nv, float* acc, const float* p, const T* v, int6
   if constexpr (NV > 0) {
     if (nv == NV) return add_pv_tile<NV>(acc, p, v, vs, n);
     add_pv_upto<NV - kStep<T> / kW>(nv, acc, p, v, vs, n);
+  } else {
+    TORCH_INTERNAL_ASSERT(false, "gptkern::decode_attention: no P.V tile of ", nv, " vectors");
   }
 }
 
