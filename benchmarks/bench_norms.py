@@ -8,4 +8,4 @@ import sys
 from gptkern.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--op", "layer_norm,rms_norm", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:], prog="bench_norms.py", default_ops=("layer_norm", "rms_norm")))

@@ -8,4 +8,4 @@ import sys
 from gptkern.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(main(["--op", "softmax,log_softmax", *sys.argv[1:]]))
+    sys.exit(main(sys.argv[1:], prog="bench_softmax.py", default_ops=("softmax", "log_softmax")))

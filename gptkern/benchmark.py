@@ -331,11 +331,11 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptkern bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--op", type=_parse_list(OPS), default=list(DEFAULT_OPS),
+def _parser(prog: str = "gptkern bench", default_ops: Sequence[str] = DEFAULT_OPS) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--op", type=_parse_list(OPS), default=list(default_ops),
                    help=f"'all' or a comma-separated list of {', '.join(OPS)} "
-                        f"(default: {','.join(DEFAULT_OPS)})")
+                        f"(default: {','.join(default_ops)})")
     p.add_argument("--mode", type=_parse_list(MODES), default=list(MODES),
                    help="fwd, fwd+bwd or all (default: all)")
     p.add_argument("--shapes", type=_parse_shapes, default=None,
@@ -386,9 +386,11 @@ def dtype_and_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return dtype, warmup, repeats
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "gptkern bench",
+         default_ops: Sequence[str] = DEFAULT_OPS) -> int:
+    """``gptkern bench``; the benchmarks/bench_*.py scripts call it with their own name and ops."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = _parser(prog, default_ops)
     args = parser.parse_args(argv)
     device = device_from_args(parser, args)
     shapes = args.shapes or list(CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)

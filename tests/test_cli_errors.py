@@ -18,6 +18,9 @@ def run(capsys, *argv):
 def test_missing_files(capsys, tmp_path):
     err = run(capsys, "generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "a")
     assert err.startswith("gptkern generate: error: ") and "nope" in err and "not found" in err
+    assert "no such model directory" in err  # not "config.json not found" for a missing directory
+    err = run(capsys, "finetune", "classify", "--init", str(tmp_path / "gone"), "--data", "x.csv", "--val", "y.csv")
+    assert "gone not found: no such model directory" in err
     err = run(capsys, "train", "--config", str(tmp_path / "nope.toml"))
     assert err.startswith("gptkern train: error: ") and "nope.toml" in err
     err = run(capsys, "train", "--data", str(tmp_path / "corpus"), "--max-steps", "1", "--device", "cpu",

@@ -12,6 +12,7 @@ from helpers import assert_close, backends_here
 
 transformers = pytest.importorskip("transformers")
 import gptkern.hf  # noqa: E402  (registers "gptkern" with transformers)
+from gptkern.models.hf import config_to_hf  # noqa: E402
 
 SMALL = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -77,6 +78,13 @@ def test_round_trip_is_exact(tmp_path):
     idx = ids(vocab=101)
     torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
     assert not any(p.name.startswith(".gptkern-save") for p in tmp_path.iterdir())  # staging removed
+    assert hf.config.bos_token_id is None and hf.config.eos_token_id is None  # 50256 is not in 101 tokens
+
+
+def test_export_keeps_gpt2_special_ids_in_a_gpt2_vocabulary():
+    config = GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=50257)
+    hf_config = config_to_hf(config)
+    assert hf_config.bos_token_id == hf_config.eos_token_id == 50256
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):

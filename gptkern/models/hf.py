@@ -105,6 +105,9 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
     return model
 
 
+GPT2_EOS = 50256  # GPT2Config's default bos / eos id
+
+
 def config_to_hf(config: GPTConfig):
     from transformers import GPT2Config
 
@@ -118,7 +121,9 @@ def config_to_hf(config: GPTConfig):
                       n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
                       activation_function=_ACTIVATIONS_TO_HF[config.activation], resid_pdrop=config.dropout,
                       embd_pdrop=config.dropout, attn_pdrop=config.dropout, layer_norm_epsilon=config.norm_eps,
-                      tie_word_embeddings=config.tie_weights)
+                      tie_word_embeddings=config.tie_weights,
+                      # GPT-2's <|endoftext|> (50256) when the vocabulary has it; a smaller one has no such id
+                      **({} if config.vocab_size > GPT2_EOS else {"bos_token_id": None, "eos_token_id": None}))
 
 
 def gpt_to_hf(model: GPT, save_directory: Optional[Union[str, os.PathLike]] = None):

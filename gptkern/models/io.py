@@ -75,6 +75,8 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
 
     directory = Path(directory)
     config_file = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} not found: no such model directory")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a gptkern model directory")
     meta = json.loads(config_file.read_text())
