@@ -204,9 +204,8 @@ inline void add_pv_tile(float* acc, const float* p, const T* v, int64_t vs, int6
 }
 
 // Vectors of acc per pass over the value rows (D = 128 in one pass with AVX-512, 64 with AVX2).
-template <typename T>
 constexpr int kPV = 8;
-static_assert(kPV<float> % 2 == 0, "16-bit rows take two vectors per load: an odd tile would be skipped");
+static_assert(kPV % 2 == 0, "16-bit rows take two vectors per load: an odd tile would be skipped");
 
 // add_pv_tile<nv> for the first nv <= NV vectors, nv a multiple of kStep<T> / kW.
 template <int NV, typename T>
@@ -222,8 +221,8 @@ inline void add_pv_upto(int64_t nv, float* acc, const float* p, const T* v, int6
 // acc[0 .. width) += P v over n keys; width a multiple of kStep<T>.
 template <typename T>
 inline void add_pv(float* acc, const float* p, const T* v, int64_t vs, int64_t n, int64_t width) {
-  for (int64_t e = 0; e < width; e += kPV<T> * kW)
-    add_pv_upto<kPV<T>>(std::min<int64_t>(kPV<T>, (width - e) / kW), acc + e, p, v + e, vs, n);
+  for (int64_t e = 0; e < width; e += kPV * kW)
+    add_pv_upto<kPV>(std::min<int64_t>(kPV, (width - e) / kW), acc + e, p, v + e, vs, n);
 }
 
 struct Split {
