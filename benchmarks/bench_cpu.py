@@ -6,11 +6,12 @@ cache) against SDPA, and the decode GEMVs (gptkern.ops.linear, one row, no grad)
 F.linear: the gpt2-small output layer and its 12 layers' weights in turn. Decode and GEMV rows
 give their read bandwidth as a fraction of a read bandwidth measured in the same run (``sum`` of
 a large fp32 tensor). The two providers of a row are timed in alternating rounds, so load from
-other processes hits both alike; ratio = torch time / cpu time (> 1: gptkern wins).
-Report only: nothing is asserted.
+other processes hits both alike; a round of a call shorter than 5 ms runs it several times.
+ratio = torch time / cpu time (> 1: gptkern wins). Report only: nothing is asserted.
 
 Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--repeats 7] [--quick]
-[--tiny] [--cases attention,decode] [--json PATH]`` (gptkern importable, e.g. installed with ``make setup``).
+[--tiny] [--cases attention,decode] [--row-shapes 8192x4096,1024x1024] [--json PATH]`` (gptkern
+importable, e.g. installed with ``make setup``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -35,8 +36,7 @@ ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in d
 
 @dataclass(frozen=True)
 class Sizes:
-    rows: int = 8192            # norms / softmax: (rows, cols)
-    cols: int = 4096
+    row_shapes: tuple = ((8192, 4096),)     # norms / softmax: (rows, cols) each
     attn: tuple = (4, 8, 1024, 64)          # B, H, L = S, D (causal)
     decode: tuple = (8, 16, 4096, 64)       # B, H (= Hkv), cache length, D; one query
     read_bytes: int = 512 * 2**20           # the bandwidth probe's tensor
@@ -45,22 +45,31 @@ class Sizes:
     n_layer: int = 12
 
 
-TINY = Sizes(rows=64, cols=256, attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), read_bytes=2**22, vocab=1000,
+TINY = Sizes(row_shapes=((64, 256),), attn=(1, 2, 96, 32), decode=(2, 2, 300, 32), read_bytes=2**22, vocab=1000,
              n_embd=64, n_layer=2)
 
 
+ROUND_S = 0.005  # a round of a shorter call runs it several times
+
+
 def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
-    """Median / p20 / p80 ms of each function, timed in alternating rounds after warmup + 1
-    untimed calls each."""
+    """Median / p20 / p80 ms per call of each function, timed in alternating rounds after
+    warmup + 1 untimed calls each. A round runs each function ``number`` times, enough for the
+    fastest to take ROUND_S (1 for calls of 5 ms and more)."""
+    fastest = float("inf")
     for fn in fns.values():
         for _ in range(warmup + 1):
+            start = time.perf_counter()
             fn()
+            fastest = min(fastest, time.perf_counter() - start)
+    number = max(1, int(ROUND_S / max(fastest, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(number):
+                fn()
+            times[name].append((time.perf_counter() - start) * 1e3 / number)
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=10, method="inclusive")
@@ -85,21 +94,22 @@ def row_cases(sizes: Sizes, dtype: torch.dtype):
     """(name, mode, cpu step, torch step, extra) for every row but decode."""
     gen = torch.Generator().manual_seed(0)
     cases = []
-    for mode in ("fwd", "fwd+bwd"):
+    for (n_rows, cols), mode in itertools.product(sizes.row_shapes, ("fwd", "fwd+bwd")):
         grad = mode == "fwd+bwd"
-        x = torch.randn(sizes.rows, sizes.cols, dtype=dtype, generator=gen).requires_grad_(grad)
-        w = (1 + 0.1 * torch.randn(sizes.cols, dtype=dtype, generator=gen)).requires_grad_(grad)
-        b = (0.1 * torch.randn(sizes.cols, dtype=dtype, generator=gen)).requires_grad_(grad)
-        g = torch.randn(sizes.rows, sizes.cols, dtype=dtype, generator=gen) if grad else None
-        shape = (sizes.cols,)
+        x = torch.randn(n_rows, cols, dtype=dtype, generator=gen).requires_grad_(grad)
+        w = (1 + 0.1 * torch.randn(cols, dtype=dtype, generator=gen)).requires_grad_(grad)
+        b = (0.1 * torch.randn(cols, dtype=dtype, generator=gen)).requires_grad_(grad)
+        g = torch.randn(n_rows, cols, dtype=dtype, generator=gen) if grad else None
+        shape = (cols,)
         ops = {
             "softmax": (lambda x: gptkern.ops.softmax(x, -1), lambda x: torch.softmax(x, -1), [x]),
-            "layer_norm": (lambda x, w, b: gptkern.ops.layer_norm(x, shape, w, b),
-                           lambda x, w, b: F.layer_norm(x, shape, w, b), [x, w, b]),
-            "rms_norm": (lambda x, w: gptkern.ops.rms_norm(x, shape, w), lambda x, w: F.rms_norm(x, shape, w), [x, w]),
+            "layer_norm": (lambda x, w, b, shape=shape: gptkern.ops.layer_norm(x, shape, w, b),
+                           lambda x, w, b, shape=shape: F.layer_norm(x, shape, w, b), [x, w, b]),
+            "rms_norm": (lambda x, w, shape=shape: gptkern.ops.rms_norm(x, shape, w),
+                         lambda x, w, shape=shape: F.rms_norm(x, shape, w), [x, w]),
         }
         for name, (ours, theirs, inputs) in ops.items():
-            cases.append((f"{name} {sizes.rows}x{sizes.cols}", mode, grad_step(with_backend("cpu", ours), inputs, g),
+            cases.append((f"{name} {n_rows}x{cols}", mode, grad_step(with_backend("cpu", ours), inputs, g),
                           grad_step(theirs, inputs, g), None))
     bsz, heads, seq, dim = sizes.attn
     for mode, p in itertools.product(("fwd", "fwd+bwd"), (0.0, ATTN_DROPOUT)):
@@ -164,6 +174,8 @@ def gemv_cases(sizes: Sizes, dtype: torch.dtype):
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     sizes = TINY if args.tiny else Sizes()
+    if args.row_shapes:
+        sizes = replace(sizes, row_shapes=tuple(args.row_shapes))
     warmup, repeats = (0, 5) if args.quick else (2, args.repeats)
     rows = []
     roof = read_bandwidth(sizes.read_bytes, warmup, repeats)
@@ -194,6 +206,10 @@ def run(args: argparse.Namespace) -> dict:
     return {"meta": meta, "read_gbps": roof, "rows": rows}
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.4f}"
+
+
 def table(report: dict) -> str:
     meta = report["meta"]
     lines = [f"gptkern cpu vs torch: {meta['device_name']}, {meta['threads']} threads, simd {meta['simd']}, "
@@ -207,9 +223,19 @@ def table(report: dict) -> str:
         if "gbps" in r:
             notes.append(f"{r['gbps']:.1f} GB/s = {100 * r['read_fraction']:.0f}% of the read roof "
                          f"{r['roof_gbps']:.1f} GB/s (sum of the same tensors)")
-        lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['cpu']['median_ms']:.2f} | "
-                     f"{r['torch']['median_ms']:.2f} | {r['ratio']:.2f}x | {', '.join(notes)} |")
+        lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {_ms(r['cpu']['median_ms'])} | "
+                     f"{_ms(r['torch']['median_ms'])} | {r['ratio']:.2f}x | {', '.join(notes)} |")
     return "\n".join(lines) + "\n"
+
+
+def row_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS[,ROWSxCOLS...] of positive integers, got {text!r}")
+    return shapes
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -221,6 +247,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
     parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=None,
                         help="only these rows: softmax,layer_norm,rms_norm,attention,decode")
+    parser.add_argument("--row-shapes", type=row_shapes, default=None,
+                        help="ROWSxCOLS[,ROWSxCOLS...] for the softmax / norm rows (default 8192x4096)")
     parser.add_argument("--json", help="write the report as JSON here (atomically)")
     args = parser.parse_args(argv)
     if "cpu" not in gptkern.available_backends():

@@ -184,9 +184,10 @@ def available_backends() -> list[str]:
 
 
 # Order tried by ``auto``, per device type. CPU tensors stay on ``torch`` for softmax and
-# layer_norm: the C++ kernels only match PyTorch's there (AVX-512 build, 2 threads: 1.0-1.04x at
-# 8192x4096 fp32, 0.6-1.6x across smaller shapes and bf16, 0.2-0.4x on 64x64 where the custom-op
-# call costs more than the math).
+# layer_norm: the C++ kernels beat PyTorch's in bf16 (1.04-2.1x, 32x50257 to 8192x4096) and in the
+# fp32 forward (1.0-2.5x), but fp32 forward+backward ranges 0.88-1.18x, and on small tensors
+# (0.3x at 8x64) the custom-op call costs more than the math (AVX-512 build, 2 threads,
+# benchmarks/results/2026-11-29_amd-epyc-2t_cpu-rows.md).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order, where the C++ kernels win
 # (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX-512): causal attention fwd 2.0x, fwd+bwd 2.4x

@@ -1,4 +1,5 @@
-"""benchmarks/bench_cpu.py runs end to end in --quick mode at tiny sizes and writes its JSON."""
+"""benchmarks/bench_cpu.py runs end to end in --quick mode at tiny sizes and writes its JSON; bad
+--row-shapes are refused."""
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_cpu_quick_tiny(tmp_path):
     out = tmp_path / "sub" / "bench.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick", "--tiny",
-                          "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--row-shapes", "64x256,3x7", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["meta"]["threads"] == 1 and report["read_gbps"] > 0
@@ -25,9 +27,22 @@ def test_bench_cpu_quick_tiny(tmp_path):
         for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention") for m in ("fwd", "fwd+bwd")]
         + [("decode", "fwd"), ("linear", "fwd")]}
     assert sum("dropout" in r["case"] for r in rows) == 4  # fwd and fwd+bwd in each dtype
+    assert {r["case"] for r in rows if r["case"].startswith("softmax")} == {"softmax 64x256", "softmax 3x7"}
     for r in rows:
         assert r["ratio"] > 0 and r["cpu"]["p20_ms"] <= r["cpu"]["median_ms"] <= r["cpu"]["p80_ms"]
     decode = [r for r in rows if r["case"].startswith(("decode", "linear"))]
     assert all(r["gbps"] > 0 and r["read_fraction"] > 0 for r in decode)
     assert "| case | mode | dtype | cpu ms | torch ms | ratio |" in run.stdout
     assert not [p.name for p in tmp_path.rglob("*.tmp*")]
+
+
+@pytest.mark.parametrize("shapes", ["3x", "0x5", "4x5x6", "ax3", ""])
+def test_bench_cpu_refuses_bad_row_shapes(shapes, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as err:
+        bench_cpu.main(["--row-shapes", shapes])
+    assert err.value.code == 2 and "--row-shapes" in capsys.readouterr().err

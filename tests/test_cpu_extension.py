@@ -104,6 +104,24 @@ def test_opcheck_softmax(log):
                           (torch.randn(5, 19), torch.log(y) if log else y, -1, log))
 
 
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float64),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_softmax_op_rejects_other_dtype_pairs(in_dtype, out_dtype):
+    """The C++ softmax takes x in fp32 / bf16 / fp16 with out_dtype x's or fp32, as the CUDA one
+    (the Python side casts first otherwise); anything else raises, never computes in another precision."""
+    x = torch.randn(4, 40, dtype=in_dtype)
+    with pytest.raises(NotImplementedError, match="softmax"):
+        torch.ops.gptkern.softmax_fwd(x, -1, False, out_dtype)
+    with pytest.raises(NotImplementedError, match="softmax_bwd"):
+        torch.ops.gptkern.softmax_bwd(torch.randn(4, 40, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64),
+                                      -1, False)
+    for out in (in_dtype, torch.float32):  # the pairs it takes
+        if in_dtype != torch.float64:
+            y = torch.ops.gptkern.softmax_fwd(x, -1, False, out)
+            assert y.dtype == out
+            assert_close(y, softmax_ref(x.double(), -1, upcast=True), out)
+
+
 @pytest.mark.parametrize("is_rms", [False, True])
 def test_opcheck_norm(is_rms):
     x = torch.randn(3, 4, 11, requires_grad=True)

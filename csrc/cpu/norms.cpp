@@ -5,7 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "row_buffer.h"
 
@@ -13,89 +16,165 @@ namespace gptkern::cpu {
 namespace {
 
 constexpr int64_t kGroups = 32;
+constexpr int64_t kMinRowsPerGroup = 4;  // short, wide inputs: fewer (groups, n) partials to zero and add
 
-std::vector<float> as_floats(const std::optional<at::Tensor>& t, int64_t n, float fill) {
-  std::vector<float> out(n, fill);
-  if (t.has_value()) {
-    auto f = t->reshape({-1}).to(at::kFloat).contiguous();
-    std::copy(f.const_data_ptr<float>(), f.const_data_ptr<float>() + n, out.begin());
+int64_t num_groups(int64_t rows) { return std::clamp<int64_t>(rows / kMinRowsPerGroup, 1, kGroups); }
+
+// An affine parameter as n contiguous floats: the tensor itself when it is already that (no copy
+// of a wide weight on the serial path), else a converted copy, or ``fill`` when it is absent.
+class FloatParam {
+ public:
+  FloatParam(const std::optional<at::Tensor>& t, int64_t n, float fill) {
+    if (t.has_value()) {
+      tensor_ = t->reshape({-1}).to(at::kFloat).contiguous();
+      data_ = tensor_.const_data_ptr<float>();
+    } else {
+      filled_.assign(n, fill);
+      data_ = filled_.data();
+    }
   }
-  return out;
+  const float* data() const { return data_; }
+
+ private:
+  at::Tensor tensor_;
+  std::vector<float> filled_;
+  const float* data_ = nullptr;
+};
+
+// One row of x (fp32, bf16 or fp16), converted in registers: a pass for the mean, one for the
+// variance (two passes over a cache-resident row, more exact than one), one for
+// y = (x - mean) * rstd * w + b. Returns {mean, rstd}.
+template <typename scalar_t>
+std::pair<float, float> norm_fwd_row(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_t n,
+                                     float eps, bool is_rms) {
+  using Pairs = FloatPairs<scalar_t>;
+  constexpr int64_t kStep = Pairs::kStep, kW = Vec::size();
+  const int64_t vec_end = n - n % kStep;
+  float mu = 0.0f;
+  if (!is_rms) {
+    Vec acc_lo(0.0f), acc_hi(0.0f);
+    for (int64_t i = 0; i < vec_end; i += kStep) {
+      auto [lo, hi] = Pairs::load(x + i);
+      acc_lo = acc_lo + lo;
+      acc_hi = acc_hi + hi;
+    }
+    float sum = lane_sum(acc_lo + acc_hi);
+    for (int64_t i = vec_end; i < n; ++i) sum += static_cast<float>(x[i]);
+    mu = sum / n;
+  }
+  const Vec vmu(mu);
+  Vec sq_lo(0.0f), sq_hi(0.0f);
+  for (int64_t i = 0; i < vec_end; i += kStep) {
+    auto [lo, hi] = Pairs::load(x + i);
+    const Vec d_lo = lo - vmu, d_hi = hi - vmu;
+    sq_lo = at::vec::fmadd(d_lo, d_lo, sq_lo);
+    sq_hi = at::vec::fmadd(d_hi, d_hi, sq_hi);
+  }
+  float sq = lane_sum(sq_lo + sq_hi);
+  for (int64_t i = vec_end; i < n; ++i) {
+    const float d = static_cast<float>(x[i]) - mu;
+    sq += d * d;
+  }
+  const float rs = 1.0f / std::sqrt(sq / n + eps);
+  const Vec vrs(rs);
+  for (int64_t i = 0; i < vec_end; i += kStep) {
+    auto [lo, hi] = Pairs::load(x + i);
+    Pairs::store(y + i, at::vec::fmadd((lo - vmu) * vrs, Vec::loadu(w + i), Vec::loadu(b + i)),
+                 at::vec::fmadd((hi - vmu) * vrs, Vec::loadu(w + i + kW), Vec::loadu(b + i + kW)));
+  }
+  for (int64_t i = vec_end; i < n; ++i) y[i] = static_cast<scalar_t>((static_cast<float>(x[i]) - mu) * rs * w[i] + b[i]);
+  return {mu, rs};
 }
 
 template <typename scalar_t>
 void norm_fwd_rows(const scalar_t* x, scalar_t* y, float* mean, float* rstd, const float* w,
                    const float* b, int64_t rows, int64_t n, float eps, bool is_rms) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
-    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 2 * n);
-    auto part = [&](int64_t k) { return buf.empty() ? nullptr : buf.data() + k * n; };
-    for (int64_t r = begin; r < end; ++r) {
-      const float* v = float_row(x + r * n, part(0), n);
-      float* out = float_out(y + r * n, part(1));
-      const float mu = is_rms ? 0.0f : vec_sum(v, n) / n;  // two passes: the row stays in cache
-      const float var = at::vec::map_reduce_all<float>(
-          [mu](Vec a) { return (a - Vec(mu)) * (a - Vec(mu)); }, [](Vec a, Vec c) { return a + c; }, v, n) / n;
-      const float rs = 1.0f / std::sqrt(var + eps);
-      at::vec::map3([mu, rs](Vec a, Vec wv, Vec bv) { return (a - Vec(mu)) * Vec(rs) * wv + bv; }, out, v, w, b, n);
-      finish_row(out, y + r * n, n);
-      mean[r] = mu;
-      rstd[r] = rs;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (int64_t r = begin; r < end; ++r) {
+        std::tie(mean[r], rstd[r]) = norm_fwd_row(x + r * n, y + r * n, w, b, n, eps, is_rms);
+      }
+    } else {  // fp64 (not sent by the Python side): through fp32 rows
+      std::vector<float> buf(2 * n);
+      for (int64_t r = begin; r < end; ++r) {
+        load_row(x + r * n, buf.data(), n);
+        std::tie(mean[r], rstd[r]) = norm_fwd_row(buf.data(), buf.data() + n, w, b, n, eps, is_rms);
+        store_row(buf.data() + n, y + r * n, n);
+      }
     }
   });
 }
 
-// One row of the backward, in two passes over cache-resident rows (xhat and w * dy are recomputed
-// rather than stored):
+// One row of the backward (x, dy, dx fp32, bf16 or fp16, converted in registers), in two passes
+// over cache-resident rows (xhat and w * dy are recomputed rather than stored):
 //   1. c1 = mean(xhat * w * dy), c2 = mean(w * dy); dw += dy * xhat and db += dy;
 //   2. dx = (w * dy - (xhat * c1 + c2)) * rstd, with xhat = (x - mean) * rstd.
-inline void norm_bwd_row(const float* x, const float* g, float* dx, const float* w, float mu, float rs,
-                         float* dw, float* db, int64_t n, bool is_rms) {
-  constexpr int64_t kW = Vec::size();
+template <typename scalar_t>
+void norm_bwd_row(const scalar_t* x, const scalar_t* g, scalar_t* dx, const float* w, float mu, float rs,
+                  float* dw, float* db, int64_t n, bool is_rms) {
+  using Pairs = FloatPairs<scalar_t>;
+  constexpr int64_t kStep = Pairs::kStep, kW = Vec::size();
+  const int64_t vec_end = n - n % kStep;
   const Vec vmu(mu), vrs(rs);
-  Vec acc1(0.0f), acc2(0.0f);
-  auto step1 = [&](int64_t i, int64_t count) {
-    Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
-    if (count < kW) h = Vec::set(Vec(0.0f), h, count);  // past count: (0 - mean) * rstd, maybe inf
-    const Vec gv = Vec::loadu(g + i, count);  // zero past count, as w * dy below
-    const Vec wgv = gv * Vec::loadu(w + i, count);
-    acc1 = at::vec::fmadd(h, wgv, acc1);
-    acc2 = acc2 + wgv;
-    if (dw) at::vec::fmadd(gv, h, Vec::loadu(dw + i, count)).store(dw + i, count);
-    if (db) (Vec::loadu(db + i, count) + gv).store(db + i, count);
+  Vec acc1_lo(0.0f), acc1_hi(0.0f), acc2_lo(0.0f), acc2_hi(0.0f);
+  // pass 1 on the fp32 vector at i (h = xhat, gv = dy) into the accumulators a1, a2
+  auto step1 = [&](int64_t i, Vec xv, Vec gv, Vec& a1, Vec& a2) {
+    const Vec h = (xv - vmu) * vrs;
+    const Vec wgv = gv * Vec::loadu(w + i);
+    a1 = at::vec::fmadd(h, wgv, a1);
+    a2 = a2 + wgv;
+    if (dw) at::vec::fmadd(gv, h, Vec::loadu(dw + i)).store(dw + i);
+    if (db) (Vec::loadu(db + i) + gv).store(db + i);
   };
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) step1(i, kW);
-  if (i < n) step1(i, n - i);
-  const Vec c1(lane_sum(acc1) / n);
-  const Vec c2(is_rms ? 0.0f : lane_sum(acc2) / n);
-  auto step2 = [&](int64_t i, int64_t count) {
-    const Vec h = (Vec::loadu(x + i, count) - vmu) * vrs;
-    const Vec wgv = Vec::loadu(g + i, count) * Vec::loadu(w + i, count);
-    ((wgv - at::vec::fmadd(h, c1, c2)) * vrs).store(dx + i, count);
+  for (int64_t i = 0; i < vec_end; i += kStep) {
+    auto [x_lo, x_hi] = Pairs::load(x + i);
+    auto [g_lo, g_hi] = Pairs::load(g + i);
+    step1(i, x_lo, g_lo, acc1_lo, acc2_lo);
+    step1(i + kW, x_hi, g_hi, acc1_hi, acc2_hi);
+  }
+  float sum1 = lane_sum(acc1_lo + acc1_hi), sum2 = lane_sum(acc2_lo + acc2_hi);
+  for (int64_t i = vec_end; i < n; ++i) {
+    const float h = (static_cast<float>(x[i]) - mu) * rs, gv = static_cast<float>(g[i]);
+    sum1 += h * gv * w[i];
+    sum2 += gv * w[i];
+    if (dw) dw[i] += gv * h;
+    if (db) db[i] += gv;
+  }
+  const float c1 = sum1 / n, c2 = is_rms ? 0.0f : sum2 / n;
+  const Vec vc1(c1), vc2(c2);
+  auto step2 = [&](int64_t i, Vec xv, Vec gv) {
+    return (gv * Vec::loadu(w + i) - at::vec::fmadd((xv - vmu) * vrs, vc1, vc2)) * vrs;
   };
-  for (i = 0; i + kW <= n; i += kW) step2(i, kW);
-  if (i < n) step2(i, n - i);
+  for (int64_t i = 0; i < vec_end; i += kStep) {
+    auto [x_lo, x_hi] = Pairs::load(x + i);
+    auto [g_lo, g_hi] = Pairs::load(g + i);
+    Pairs::store(dx + i, step2(i, x_lo, g_lo), step2(i + kW, x_hi, g_hi));
+  }
+  for (int64_t i = vec_end; i < n; ++i) {
+    const float h = (static_cast<float>(x[i]) - mu) * rs;
+    dx[i] = static_cast<scalar_t>((static_cast<float>(g[i]) * w[i] - (h * c1 + c2)) * rs);
+  }
 }
 
 template <typename scalar_t>
 void norm_bwd_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const float* mean, const float* rstd,
                    const float* w, float* dw_part, float* db_part, int64_t rows, int64_t n, bool is_rms) {
-  const int64_t groups = std::min(rows, kGroups);
+  const int64_t groups = num_groups(rows);
   const int64_t per_group = (rows + groups - 1) / groups;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-    // fp32 rows are read and written in place; other dtypes go through these fp32 buffers.
-    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : 3 * n);
-    auto part = [&](int64_t k) { return buf.empty() ? nullptr : buf.data() + k * n; };
+    std::vector<float> buf(std::is_same_v<scalar_t, double> ? 3 * n : 0);  // fp64 rows go through fp32
     for (int64_t grp = g_begin; grp < g_end; ++grp) {
       float* dw = dw_part ? dw_part + grp * n : nullptr;
       float* db = db_part ? db_part + grp * n : nullptr;
       for (int64_t r = grp * per_group; r < std::min(rows, (grp + 1) * per_group); ++r) {
-        const float* xr = float_row(x + r * n, part(0), n);
-        const float* gr = float_row(dy + r * n, part(1), n);
-        float* out = float_out(dx + r * n, part(2));
-        norm_bwd_row(xr, gr, out, w, mean[r], rstd[r], dw, db, n, is_rms);
-        finish_row(out, dx + r * n, n);
+        if constexpr (std::is_same_v<scalar_t, double>) {  // (not sent by the Python side)
+          load_row(x + r * n, buf.data(), n);
+          load_row(dy + r * n, buf.data() + n, n);
+          norm_bwd_row(buf.data(), buf.data() + n, buf.data() + 2 * n, w, mean[r], rstd[r], dw, db, n, is_rms);
+          store_row(buf.data() + 2 * n, dx + r * n, n);
+        } else {
+          norm_bwd_row(x + r * n, dy + r * n, dx + r * n, w, mean[r], rstd[r], dw, db, n, is_rms);
+        }
       }
     }
   });
@@ -122,8 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
     rstd.fill_(1.0f / std::sqrt(static_cast<float>(eps)));  // rows of no element: variance 0
   } else {
     auto x2 = x.reshape({-1, n}).contiguous();
-    auto w = as_floats(weight, n, 1.0f);
-    auto b = as_floats(bias, n, 0.0f);
+    const FloatParam w(weight, n, 1.0f), b(bias, n, 0.0f);
     GPTKERN_DISPATCH(x.scalar_type(), "norm_fwd", [&] {
       norm_fwd_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                               mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), w.data(),
@@ -143,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   const int64_t rows = n ? x.numel() / n : 0;
   auto dx = at::empty(x.sizes(), x.options());
   auto empty = [&] { return at::empty({0}, x.options()); };
-  const int64_t groups = std::max<int64_t>(1, std::min(rows, kGroups));
+  const int64_t groups = num_groups(rows);
   auto part = [&](bool need) {
     return need ? at::zeros({groups, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   };
@@ -151,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   if (rows > 0) {
     auto x2 = x.reshape({-1, n}).contiguous();
     auto dy2 = grad_out.to(x.scalar_type()).reshape({-1, n}).contiguous();
-    auto w = as_floats(weight, n, 1.0f);
+    const FloatParam w(weight, n, 1.0f);
     auto mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
     GPTKERN_DISPATCH(x.scalar_type(), "norm_bwd", [&] {
       norm_bwd_rows<scalar_t>(dy2.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),

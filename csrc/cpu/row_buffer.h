@@ -1,19 +1,24 @@
-// Row-wise CPU kernels work in fp32: a row is converted into a float buffer, processed with
-// at::vec::Vectorized<float>, and converted back.
+// Row-wise CPU kernels work in fp32: 16-bit rows are converted to pairs of fp32 vectors in
+// registers (FloatPairs) and back; load_row / store_row convert whole rows through a buffer.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // fp32, fp64, bf16 and fp16 inputs (the Python side sends fp32, bf16 and fp16).
 #define GPTKERN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+// fp32, bf16 and fp16 only; others raise NotImplementedError naming the dtype.
+#define GPTKERN_DISPATCH_16_32(TYPE, NAME, ...) \
+  AT_DISPATCH_V2(TYPE, NAME, AT_WRAP(__VA_ARGS__), at::kFloat, at::kBFloat16, at::kHalf)
 
 namespace gptkern::cpu {
 
@@ -56,87 +61,34 @@ inline void store_row<float>(const float* src, float* dst, int64_t n) {
   std::copy(src, src + n, dst);
 }
 
-// An fp32 view of row ``src``: the row itself when it is fp32, else ``buf`` filled from it.
+// A row of fp32, bf16 or fp16 read and written as pairs of fp32 vectors, converted in registers:
+// kStep = 2 * Vec::size() elements a step (one Vectorized<bf16 / fp16>).
 template <typename scalar_t>
-inline const float* float_row(const scalar_t* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    load_row(src, buf, n);
-    return buf;
-  }
-}
+struct FloatPairs {
+  static constexpr int64_t kStep = 2 * Vec::size();
+  static_assert(std::is_same_v<scalar_t, float> || at::vec::Vectorized<scalar_t>::size() == kStep);
 
-// Where to write an fp32 result for row ``dst``: the row itself when it is fp32, else ``buf``
-// (then store_row(buf, dst, n)).
-template <typename scalar_t>
-inline float* float_out(scalar_t* dst, float* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return dst;
-  } else {
-    return buf;
+  static std::pair<Vec, Vec> load(const scalar_t* p) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return {Vec::loadu(p), Vec::loadu(p + Vec::size())};
+    } else {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+      return {lo, hi};
+    }
   }
-}
 
-template <typename scalar_t>
-inline void finish_row(const float* buf, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) store_row(buf, dst, n);
-}
-
-inline float lane_sum(Vec v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float s = 0.0f;
-  for (int64_t j = 0; j < Vec::size(); ++j) s += lanes[j];
-  return s;
-}
-
-inline float vec_sum(const float* x, int64_t n) {
-  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x, n);
-}
-
-inline float vec_max(const float* x, int64_t n) {
-  // NaN-propagating, as torch.max: a NaN anywhere gives NaN (at::vec::maximum propagates it).
-  constexpr int64_t kW = Vec::size();
-  Vec vm(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-  float lanes[kW];
-  vm.store(lanes);
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < kW; ++j) {
-    if (std::isnan(lanes[j])) return lanes[j];
-    m = std::max(m, lanes[j]);
+  static void store(scalar_t* p, Vec lo, Vec hi) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      lo.store(p);
+      hi.store(p + Vec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    }
   }
-  for (; i < n; ++i) {
-    if (std::isnan(x[i])) return x[i];
-    m = std::max(m, x[i]);
-  }
-  return m;
-}
+};
 
-// y[i] = exp(x[i] - m) for every i (y may be null: only the sum); returns the sum. x and y may alias.
-// With m the row's finite max, every x[i] - m lies in [-inf, 0], where ATen's exp_u20 (a polynomial
-// within 20 ulp, faster than Sleef's) is exact enough; otherwise Sleef's exp keeps std::exp's NaN and inf.
-inline float exp_shifted_sum(const float* x, float* y, int64_t n, float m) {
-  constexpr int64_t kW = Vec::size();
-  const bool fast = std::isfinite(m);
-  const Vec vm(m);
-  Vec acc(0.0f);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    const Vec shifted = Vec::loadu(x + i) - vm;
-    const Vec e = fast ? shifted.exp_u20() : shifted.exp();
-    if (y) e.store(y + i);
-    acc = acc + e;
-  }
-  float s = lane_sum(acc);
-  for (; i < n; ++i) {
-    const float e = std::exp(x[i] - m);
-    if (y) y[i] = e;
-    s += e;
-  }
-  return s;
+inline float lane_sum(Vec v) {  // by shuffles, log2(lanes) steps
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }
 
 }  // namespace gptkern::cpu
