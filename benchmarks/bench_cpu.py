@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import gptkern
 from gptkern.benchmark import metadata, write_atomic
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in distribution alike)
 
 
@@ -241,7 +241,8 @@ def row_shapes(text: str) -> list[tuple[int, int]]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", type=lambda s: [d for d in s.split(",") if d], default=["fp32", "bf16"])
+    parser.add_argument("--dtype", type=lambda s: [d for d in s.split(",") if d], default=["fp32", "bf16"],
+                        help="fp32,bf16 (default), fp16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (at least 5)")
     parser.add_argument("--quick", action="store_true", help="one untimed call, 5 rounds (< 60 s)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
