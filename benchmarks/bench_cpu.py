@@ -6,7 +6,8 @@ cache) against SDPA, and the decode GEMVs (gptkern.ops.linear, one row, no grad)
 F.linear: the gpt2-small output layer and its 12 layers' weights in turn. Decode and GEMV rows
 give their read bandwidth as a fraction of a read bandwidth measured in the same run (``sum`` of
 a large fp32 tensor). The two providers of a row are timed in alternating rounds, so load from
-other processes hits both alike; a round of a call shorter than 5 ms runs it several times.
+other processes hits both alike; a round of a pair of calls shorter than 5 ms runs them several
+times (not for the rows compared with the read roof).
 ratio = torch time / cpu time (> 1: gptkern wins). Report only: nothing is asserted.
 
 Usage: ``python benchmarks/bench_cpu.py [--threads 2] [--dtype fp32,bf16] [--repeats 7] [--quick]
@@ -52,17 +53,22 @@ TINY = Sizes(row_shapes=((64, 256),), attn=(1, 2, 96, 32), decode=(2, 2, 300, 32
 ROUND_S = 0.005  # a round of a shorter call runs it several times
 
 
-def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+def timed_pair(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+               batch: bool = True) -> dict[str, dict]:
     """Median / p20 / p80 ms per call of each function, timed in alternating rounds after
-    warmup + 1 untimed calls each. A round runs each function ``number`` times, enough for the
-    fastest to take ROUND_S (1 for calls of 5 ms and more)."""
-    fastest = float("inf")
+    warmup + 1 untimed calls each. With ``batch``, a round runs each function ``number`` times,
+    enough for the slowest to take about ROUND_S (1 for calls of 5 ms and more); p20 / p80 are
+    then over rounds, so narrower than the spread of single calls. Rows compared with a read
+    roof are not batched (a repeated call would re-read cache-resident data)."""
     for fn in fns.values():
         for _ in range(warmup + 1):
-            start = time.perf_counter()
             fn()
-            fastest = min(fastest, time.perf_counter() - start)
-    number = max(1, int(ROUND_S / max(fastest, 1e-7)))
+    slowest = 0.0
+    for fn in fns.values():  # warm: sizes the rounds
+        start = time.perf_counter()
+        fn()
+        slowest = max(slowest, time.perf_counter() - start)
+    number = max(1, int(ROUND_S / max(slowest, 1e-7))) if batch else 1
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -129,7 +135,7 @@ def row_cases(sizes: Sizes, dtype: torch.dtype):
 def read_bandwidth(nbytes: int, warmup: int, repeats: int) -> float:
     """GB/s of ``sum`` over an fp32 tensor of ``nbytes``: the read roof of this run."""
     x = torch.randn(nbytes // 4)
-    t = timed_pair({"sum": lambda: x.sum()}, warmup, repeats)["sum"]["median_ms"]
+    t = timed_pair({"sum": lambda: x.sum()}, warmup, repeats, batch=False)["sum"]["median_ms"]
     return nbytes / t / 1e6
 
 
@@ -191,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
                 # the read roof: torch's sum over the very tensors the case reads (same pages), timed in
                 # the same rounds (this VM's bandwidth drifts between runs and allocations)
                 fns["roof"] = lambda reads=extra["reads"]: [t.sum() for t in reads]
-            t = timed_pair(fns, warmup, repeats)
+            t = timed_pair(fns, warmup, repeats, batch="roof" not in fns)
             row = {"case": name, "mode": mode, "dtype": dtype_name, "cpu": t["cpu"], "torch": t["torch"],
                    "ratio": t["torch"]["median_ms"] / t["cpu"]["median_ms"]}
             if extra and "bytes" in extra:

@@ -115,11 +115,28 @@ def test_softmax_op_rejects_other_dtype_pairs(in_dtype, out_dtype):
     with pytest.raises(NotImplementedError, match="softmax_bwd"):
         torch.ops.gptkern.softmax_bwd(torch.randn(4, 40, dtype=torch.float64), torch.randn(4, 40, dtype=torch.float64),
                                       -1, False)
+    with pytest.raises(NotImplementedError, match="softmax"):  # an empty input too
+        torch.ops.gptkern.softmax_fwd(x[:0], -1, False, out_dtype)
     for out in (in_dtype, torch.float32):  # the pairs it takes
         if in_dtype != torch.float64:
             y = torch.ops.gptkern.softmax_fwd(x, -1, False, out)
             assert y.dtype == out
             assert_close(y, softmax_ref(x.double(), -1, upcast=True), out)
+
+
+def test_norm_ops_check_their_parameters():
+    """Called directly (the Python side checks first), the C++ norms refuse a weight of the wrong
+    size and a dW / dB request without the parameter, rather than reading out of bounds."""
+    x = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match="weight must have the normalized shape's 10 elements, got 9"):
+        torch.ops.gptkern.norm_fwd(x, 1, torch.randn(9), None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="bias must have"):
+        torch.ops.gptkern.norm_fwd(x, 1, torch.randn(10), torch.randn(11), 1e-5, False)
+    y, mean, rstd = torch.ops.gptkern.norm_fwd(x, 1, None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="need_dw without a weight"):
+        torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 1, None, None, mean, rstd, False, True, False)
+    with pytest.raises(RuntimeError, match="need_db without a bias"):
+        torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 1, None, None, mean, rstd, False, False, True)
 
 
 @pytest.mark.parametrize("is_rms", [False, True])

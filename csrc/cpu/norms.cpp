@@ -24,8 +24,10 @@ int64_t num_groups(int64_t rows) { return std::clamp<int64_t>(rows / kMinRowsPer
 // of a wide weight on the serial path), else a converted copy, or ``fill`` when it is absent.
 class FloatParam {
  public:
-  FloatParam(const std::optional<at::Tensor>& t, int64_t n, float fill) {
+  FloatParam(const std::optional<at::Tensor>& t, int64_t n, float fill, const char* name) {
     if (t.has_value()) {
+      TORCH_CHECK(t->numel() == n, "gptkern::norm: ", name, " must have the normalized shape's ", n,
+                  " elements, got ", t->numel());
       tensor_ = t->reshape({-1}).to(at::kFloat).contiguous();
       data_ = tensor_.const_data_ptr<float>();
     } else {
@@ -33,6 +35,8 @@ class FloatParam {
       data_ = filled_.data();
     }
   }
+  FloatParam(const FloatParam&) = delete;  // data_ may point into filled_
+  FloatParam& operator=(const FloatParam&) = delete;
   const float* data() const { return data_; }
 
  private:
@@ -201,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
     rstd.fill_(1.0f / std::sqrt(static_cast<float>(eps)));  // rows of no element: variance 0
   } else {
     auto x2 = x.reshape({-1, n}).contiguous();
-    const FloatParam w(weight, n, 1.0f), b(bias, n, 0.0f);
+    const FloatParam w(weight, n, 1.0f, "weight"), b(bias, n, 0.0f, "bias");
     GPTKERN_DISPATCH(x.scalar_type(), "norm_fwd", [&] {
       norm_fwd_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                               mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), w.data(),
@@ -225,11 +229,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   auto part = [&](bool need) {
     return need ? at::zeros({groups, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   };
+  TORCH_CHECK(!need_dw || weight.has_value(), "gptkern::norm_bwd: need_dw without a weight");
+  TORCH_CHECK(!need_db || bias.has_value(), "gptkern::norm_bwd: need_db without a bias");
   auto dw_part = part(need_dw), db_part = part(need_db);
   if (rows > 0) {
     auto x2 = x.reshape({-1, n}).contiguous();
     auto dy2 = grad_out.to(x.scalar_type()).reshape({-1, n}).contiguous();
-    const FloatParam w(weight, n, 1.0f);
+    const FloatParam w(weight, n, 1.0f, "weight");
     auto mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
     GPTKERN_DISPATCH(x.scalar_type(), "norm_bwd", [&] {
       norm_bwd_rows<scalar_t>(dy2.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),

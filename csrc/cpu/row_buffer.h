@@ -24,6 +24,12 @@ namespace gptkern::cpu {
 
 using Vec = at::vec::Vectorized<float>;
 
+// The dtype rule of GPTKERN_DISPATCH_16_32, for calls that may skip the dispatch (empty inputs).
+inline void check_16_32(at::ScalarType type, const char* what) {
+  TORCH_CHECK_NOT_IMPLEMENTED(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, what,
+                              ": not implemented for '", c10::toString(type), "' (float32, bfloat16, float16)");
+}
+
 template <typename scalar_t>
 inline void load_row(const scalar_t* src, float* dst, int64_t n) {
   int64_t i = 0;

@@ -11,7 +11,8 @@ namespace gptkern::cpu {
 namespace {
 
 // One row of x (fp32, bf16 or fp16) into y (x's dtype or fp32), converted in registers: a pass
-// for the max, one for the exponentials (kept in ``buf``, n floats) and their sum, one for y.
+// for the max, one for the sum of the exponentials (softmax keeps them in ``buf``, n floats;
+// log_softmax needs no buffer), one for y.
 // ATen's exp_u20 (a polynomial within 20 ulp, faster than Sleef's) is exact enough for x - max
 // in [-inf, 0]; a row whose max is not finite uses Sleef's exp, which keeps std::exp's NaN / inf.
 template <bool log, typename in_t, typename out_t>
@@ -52,7 +53,7 @@ void softmax_row(const in_t* x, out_t* y, float* buf, int64_t n) {
   float sum = lane_sum(acc_lo + acc_hi);
   for (int64_t i = vec_end; i < n; ++i) {
     const float e = std::exp(static_cast<float>(x[i]) - m);
-    buf[i] = e;
+    if constexpr (!log) buf[i] = e;
     sum += e;
   }
   if constexpr (log) {  // y = x - (m + log(sum))
@@ -76,8 +77,8 @@ void softmax_row(const in_t* x, out_t* y, float* buf, int64_t n) {
 template <typename in_t, typename out_t>
 void softmax_rows(const in_t* x, out_t* y, int64_t rows, int64_t n, bool log) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    // The exponentials go straight into an fp32 output row, else through this buffer.
-    std::vector<float> buf(std::is_same_v<out_t, float> ? 0 : n);
+    // softmax: the exponentials go straight into an fp32 output row, else through this buffer.
+    std::vector<float> buf(std::is_same_v<out_t, float> || log ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
       float* exps = nullptr;
       if constexpr (std::is_same_v<out_t, float>) {
@@ -155,7 +156,8 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarTyp
   auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
   auto out = at::empty(xt.sizes(), xt.options().dtype(out_dtype));
   const int64_t n = xt.dim() ? xt.size(-1) : 1;
-  // As the CUDA kernel: the Python side casts first for any other pair.
+  // As the CUDA kernel: the Python side casts first for any other pair (checked for empty x too).
+  check_16_32(x.scalar_type(), "gptkern::softmax_fwd on CPU (x)");
   TORCH_CHECK_NOT_IMPLEMENTED(out_dtype == x.scalar_type() || out_dtype == at::kFloat,
                               "gptkern::softmax_fwd on CPU: out_dtype must be x's dtype or float32, got x ",
                               x.scalar_type(), " and out_dtype ", out_dtype);
@@ -181,6 +183,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
   auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
   auto yt = shape_1d(out).movedim(dim, -1).contiguous();
   auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
+  check_16_32(out.scalar_type(), "gptkern::softmax_bwd on CPU (out)");
   auto dx = at::empty(yt.sizes(), yt.options());
   const int64_t n = yt.dim() ? yt.size(-1) : 1;
   if (yt.numel() > 0) {
