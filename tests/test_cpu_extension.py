@@ -125,18 +125,25 @@ def test_softmax_op_rejects_other_dtype_pairs(in_dtype, out_dtype):
 
 
 def test_norm_ops_check_their_parameters():
-    """Called directly (the Python side checks first), the C++ norms refuse a weight of the wrong
-    size and a dW / dB request without the parameter, rather than reading out of bounds."""
+    """Called directly (the Python side checks first), the C++ norms refuse fp64 (as the softmax),
+    a weight of the wrong size and a dW / dB request without the parameter, rather than reading
+    out of bounds."""
     x = torch.randn(3, 10)
     with pytest.raises(RuntimeError, match="weight must have the normalized shape's 10 elements, got 9"):
         torch.ops.gptkern.norm_fwd(x, 1, torch.randn(9), None, 1e-5, False)
     with pytest.raises(RuntimeError, match="bias must have"):
         torch.ops.gptkern.norm_fwd(x, 1, torch.randn(10), torch.randn(11), 1e-5, False)
+    for rows in (3, 0):  # fp64 is the Python side's to serve (torch backend), empty inputs included
+        with pytest.raises(NotImplementedError, match="norm_fwd on CPU .x.: not implemented for 'Double'"):
+            torch.ops.gptkern.norm_fwd(torch.randn(rows, 10, dtype=torch.float64), 1, None, None, 1e-5, False)
     y, mean, rstd = torch.ops.gptkern.norm_fwd(x, 1, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="need_dw without a weight"):
         torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 1, None, None, mean, rstd, False, True, False)
     with pytest.raises(RuntimeError, match="need_db without a bias"):
         torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 1, None, None, mean, rstd, False, False, True)
+    with pytest.raises(NotImplementedError, match="norm_bwd on CPU .x.: not implemented for 'Double'"):
+        torch.ops.gptkern.norm_bwd(torch.randn(3, 10).double(), x.double(), 1, None, None, mean, rstd, False, False,
+                                   False)
 
 
 @pytest.mark.parametrize("is_rms", [False, True])

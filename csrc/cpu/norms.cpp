@@ -94,17 +94,8 @@ template <typename scalar_t>
 void norm_fwd_rows(const scalar_t* x, scalar_t* y, float* mean, float* rstd, const float* w,
                    const float* b, int64_t rows, int64_t n, float eps, bool is_rms) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      for (int64_t r = begin; r < end; ++r) {
-        std::tie(mean[r], rstd[r]) = norm_fwd_row(x + r * n, y + r * n, w, b, n, eps, is_rms);
-      }
-    } else {  // fp64 (not sent by the Python side): through fp32 rows
-      std::vector<float> buf(2 * n);
-      for (int64_t r = begin; r < end; ++r) {
-        load_row(x + r * n, buf.data(), n);
-        std::tie(mean[r], rstd[r]) = norm_fwd_row(buf.data(), buf.data() + n, w, b, n, eps, is_rms);
-        store_row(buf.data() + n, y + r * n, n);
-      }
+    for (int64_t r = begin; r < end; ++r) {
+      std::tie(mean[r], rstd[r]) = norm_fwd_row(x + r * n, y + r * n, w, b, n, eps, is_rms);
     }
   });
 }
@@ -166,19 +157,11 @@ void norm_bwd_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const fl
   const int64_t groups = num_groups(rows);
   const int64_t per_group = (rows + groups - 1) / groups;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-    std::vector<float> buf(std::is_same_v<scalar_t, double> ? 3 * n : 0);  // fp64 rows go through fp32
     for (int64_t grp = g_begin; grp < g_end; ++grp) {
       float* dw = dw_part ? dw_part + grp * n : nullptr;
       float* db = db_part ? db_part + grp * n : nullptr;
       for (int64_t r = grp * per_group; r < std::min(rows, (grp + 1) * per_group); ++r) {
-        if constexpr (std::is_same_v<scalar_t, double>) {  // (not sent by the Python side)
-          load_row(x + r * n, buf.data(), n);
-          load_row(dy + r * n, buf.data() + n, n);
-          norm_bwd_row(buf.data(), buf.data() + n, buf.data() + 2 * n, w, mean[r], rstd[r], dw, db, n, is_rms);
-          store_row(buf.data() + 2 * n, dx + r * n, n);
-        } else {
-          norm_bwd_row(x + r * n, dy + r * n, dx + r * n, w, mean[r], rstd[r], dw, db, n, is_rms);
-        }
+        norm_bwd_row(x + r * n, dy + r * n, dx + r * n, w, mean[r], rstd[r], dw, db, n, is_rms);
       }
     }
   });
@@ -196,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
                                                         const std::optional<at::Tensor>& bias, double eps,
                                                         bool is_rms) {
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_fwd: x must be a CPU tensor");
+  check_16_32(x.scalar_type(), "gptkern::norm_fwd on CPU (x)");
   auto lead = x.sizes().slice(0, x.dim() - k);
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   auto y = at::empty(x.sizes(), x.options());
@@ -206,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
   } else {
     auto x2 = x.reshape({-1, n}).contiguous();
     const FloatParam w(weight, n, 1.0f, "weight"), b(bias, n, 0.0f, "bias");
-    GPTKERN_DISPATCH(x.scalar_type(), "norm_fwd", [&] {
+    GPTKERN_DISPATCH_16_32(x.scalar_type(), "gptkern::norm_fwd on CPU (x)", [&] {
       norm_fwd_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                               mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), w.data(),
                               b.data(), x2.size(0), n, static_cast<float>(eps), is_rms);
@@ -221,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
                                                         const at::Tensor& mean, const at::Tensor& rstd,
                                                         bool is_rms, bool need_dw, bool need_db) {
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_bwd: x must be a CPU tensor");
+  check_16_32(x.scalar_type(), "gptkern::norm_bwd on CPU (x)");
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   const int64_t rows = n ? x.numel() / n : 0;
   auto dx = at::empty(x.sizes(), x.options());
@@ -237,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
     auto dy2 = grad_out.to(x.scalar_type()).reshape({-1, n}).contiguous();
     const FloatParam w(weight, n, 1.0f, "weight");
     auto mean_c = mean.to(at::kFloat).contiguous(), rstd_c = rstd.to(at::kFloat).contiguous();
-    GPTKERN_DISPATCH(x.scalar_type(), "norm_bwd", [&] {
+    GPTKERN_DISPATCH_16_32(x.scalar_type(), "gptkern::norm_bwd on CPU (x)", [&] {
       norm_bwd_rows<scalar_t>(dy2.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),
                               dx.mutable_data_ptr<scalar_t>(), mean_c.const_data_ptr<float>(),
                               rstd_c.const_data_ptr<float>(), w.data(),

@@ -1,5 +1,5 @@
 // Row-wise CPU kernels work in fp32: 16-bit rows are converted to pairs of fp32 vectors in
-// registers (FloatPairs) and back; load_row / store_row convert whole rows through a buffer.
+// registers (FloatPairs) and back.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,43 +28,6 @@ using Vec = at::vec::Vectorized<float>;
 inline void check_16_32(at::ScalarType type, const char* what) {
   TORCH_CHECK_NOT_IMPLEMENTED(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, what,
                               ": not implemented for '", c10::toString(type), "' (float32, bfloat16, float16)");
-}
-
-template <typename scalar_t>
-inline void load_row(const scalar_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {  // bf16 / fp16: 2 float vectors at a time
-    using VecR = at::vec::Vectorized<scalar_t>;
-    for (; i + VecR::size() <= n; i += VecR::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(VecR::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + Vec::size());
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <>
-inline void load_row<float>(const float* src, float* dst, int64_t n) {
-  std::copy(src, src + n, dst);
-}
-
-template <typename scalar_t>
-inline void store_row(const float* src, scalar_t* dst, int64_t n) {
-  int64_t i = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {  // rounds to nearest even, as static_cast
-    using VecR = at::vec::Vectorized<scalar_t>;
-    for (; i + VecR::size() <= n; i += VecR::size()) {
-      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size()))
-          .store(dst + i);
-    }
-  }
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-template <>
-inline void store_row<float>(const float* src, float* dst, int64_t n) {
-  std::copy(src, src + n, dst);
 }
 
 // A row of fp32, bf16 or fp16 read and written as pairs of fp32 vectors, converted in registers:
