@@ -14,7 +14,7 @@
 #include <optional>
 #include <string>
 
-#include "row_buffer.h"
+#include "float_vec.h"
 
 namespace gptkern::cpu::attn {
 

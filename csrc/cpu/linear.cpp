@@ -6,7 +6,7 @@
 
 #include <type_traits>
 
-#include "row_buffer.h"
+#include "float_vec.h"
 
 namespace gptkern::cpu {
 namespace {

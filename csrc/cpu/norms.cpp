@@ -10,7 +10,7 @@
 #include <tuple>
 #include <utility>
 
-#include "row_buffer.h"
+#include "float_vec.h"
 
 namespace gptkern::cpu {
 namespace {

@@ -5,7 +5,7 @@
 
 #include <type_traits>
 
-#include "row_buffer.h"
+#include "float_vec.h"
 
 namespace gptkern::cpu {
 namespace {
@@ -153,14 +153,14 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarTyp
   TORCH_CHECK(x.device().is_cpu(), "gptkern::softmax_fwd: x must be a CPU tensor");
   const int64_t rank = std::max<int64_t>(x.dim(), 1);
   dim = at::maybe_wrap_dim(dim, rank);
-  auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
-  auto out = at::empty(xt.sizes(), xt.options().dtype(out_dtype));
-  const int64_t n = xt.dim() ? xt.size(-1) : 1;
   // As the CUDA kernel: the Python side casts first for any other pair (checked for empty x too).
   check_16_32(x.scalar_type(), "gptkern::softmax_fwd on CPU (x)");
   TORCH_CHECK_NOT_IMPLEMENTED(out_dtype == x.scalar_type() || out_dtype == at::kFloat,
                               "gptkern::softmax_fwd on CPU: out_dtype must be x's dtype or float32, got x ",
                               x.scalar_type(), " and out_dtype ", out_dtype);
+  auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
+  auto out = at::empty(xt.sizes(), xt.options().dtype(out_dtype));
+  const int64_t n = xt.dim() ? xt.size(-1) : 1;
   if (xt.numel() > 0) {
     GPTKERN_DISPATCH_16_32(xt.scalar_type(), "gptkern::softmax_fwd on CPU (x)", [&] {
       const int64_t rows = xt.numel() / n;
@@ -180,10 +180,10 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
   TORCH_CHECK(out.device().is_cpu(), "gptkern::softmax_bwd: out must be a CPU tensor");
   const int64_t rank = std::max<int64_t>(out.dim(), 1);
   dim = at::maybe_wrap_dim(dim, rank);
+  check_16_32(out.scalar_type(), "gptkern::softmax_bwd on CPU (out)");
   auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
   auto yt = shape_1d(out).movedim(dim, -1).contiguous();
   auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
-  check_16_32(out.scalar_type(), "gptkern::softmax_bwd on CPU (out)");
   auto dx = at::empty(yt.sizes(), yt.options());
   const int64_t n = yt.dim() ? yt.size(-1) : 1;
   if (yt.numel() > 0) {

@@ -1,5 +1,5 @@
-// Row-wise CPU kernels work in fp32: 16-bit rows are converted to pairs of fp32 vectors in
-// registers (FloatPairs) and back.
+// Shared by the CPU kernels: at::vec over fp32, with 16-bit rows converted to pairs of fp32
+// vectors in registers (FloatPairs) and back; the dtype dispatch macros.
 #pragma once
 
 #include <ATen/ATen.h>
