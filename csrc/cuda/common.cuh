@@ -62,9 +62,11 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
 }
 
 struct Sum {
+  static constexpr float kIdentity = 0.0f;
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
 struct Max {
+  static constexpr float kIdentity = -INFINITY;
   __device__ __forceinline__ float operator()(float a, float b) const { return nan_max(a, b); }
 };
 
@@ -77,7 +79,7 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    float w = lane < warps ? scratch[lane] : scratch[0];
+    float w = lane < warps ? scratch[lane] : Op::kIdentity;  // lanes past the last warp add nothing
     w = warp_reduce(w, op);
     if (lane == 0) scratch[32] = w;
   }

@@ -14,6 +14,8 @@
 
 namespace gptkern::cuda {
 
+// tests/cuda_emu runs the kernels on the CPU: it defines these six warp-level operations itself.
+#ifndef GPTKERN_CUDA_EMU
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -57,6 +59,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+#endif  // GPTKERN_CUDA_EMU
 
 // Two floats as one register of two T (lo in the low half, as the fragments order them).
 template <typename T>

@@ -1,0 +1,72 @@
+// tests/cuda_emu: kernels with the bugs the emulator must expose (tests/test_cuda_emulated.py).
+//   missing_wait:  shared memory read after cp.async without cp.async.wait (the copy may not have
+//                  landed: under deferred copies it has not);
+//   missing_sync:  each thread reads its neighbour's shared slot without a __syncthreads after the
+//                  writes (under forward order the neighbour has not written yet);
+//   deadlock:      lane 0 waits at __syncthreads while the other lanes of its warp wait at a shuffle.
+// `out` (64,) fp32 gets what each thread read; the correct kernel would give 1, 2, ..., 64.
+#include <torch/library.h>
+
+#include <ATen/core/Tensor.h>
+
+namespace gptkern::cuda {
+namespace {
+
+constexpr int kThreads = 64;
+
+void missing_wait_kernel(const float* src, float* out) {
+  alignas(16) static float tile[kThreads];
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kThreads; ++i) tile[i] = -1.0f;
+  }
+  __syncthreads();
+  if (threadIdx.x % 4 == 0) cp_async_16(tile + threadIdx.x, src + threadIdx.x, 16);
+  cp_async_commit();
+  __syncthreads();  // the bug: no cp_async_wait_all() before it
+  out[threadIdx.x] = tile[threadIdx.x];
+  cp_async_wait_all();
+}
+
+void missing_sync_kernel(float* out) {
+  static float slots[kThreads];
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kThreads; ++i) slots[i] = -1.0f;
+  }
+  __syncthreads();
+  slots[threadIdx.x] = float(threadIdx.x + 1);
+  // the bug: no __syncthreads() here
+  const int next = (threadIdx.x + 1) % kThreads;
+  out[next] = slots[next];
+}
+
+void deadlock_kernel(float* out) {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+  }
+}
+
+void faulty(const std::string& which, const at::Tensor& src, const at::Tensor& out) {
+  TORCH_CHECK(src.numel() == kThreads && out.numel() == kThreads && src.is_contiguous() && out.is_contiguous() &&
+              src.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "gptkern_emu::faulty: src and out must be contiguous (64,) float32 tensors");
+  const float* s = src.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  if (which == "missing_wait") {
+    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { missing_wait_kernel(s, o); });
+  } else if (which == "missing_sync") {
+    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { missing_sync_kernel(o); });
+  } else if (which == "deadlock") {
+    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { deadlock_kernel(o); });
+  } else {
+    TORCH_CHECK(false, "gptkern_emu::faulty: unknown kernel ", which);
+  }
+}
+
+}  // namespace
+}  // namespace gptkern::cuda
+
+TORCH_LIBRARY_FRAGMENT(gptkern_emu, m) {
+  m.def("faulty(str which, Tensor src, Tensor(a!) out) -> ()", &gptkern::cuda::faulty);
+}

@@ -1,0 +1,335 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator of tests/cuda_emu: each CUDA
+thread is a fiber, and warp shuffles, ldmatrix, mma.sync and cp.async follow the PTX ISA.
+
+The ops are register.cpp's CUDA implementations (checks, allocations, launchers, kernels),
+registered for CPU tensors as ``torch.ops.gptkern_emu`` with the gptkern ops' schemas. Each op
+is compared with the float64 reference in fp32 / fp16 / bf16 on both kernel paths (warp and
+block per row, vector and scalar loads), reductions over inner dims, views, NaN / inf; attention
+(causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE; decode over static
+and paged caches with ragged lengths (0 and 1 included), one split and several. Other thread
+schedules must give the same bits (a missing barrier or cp.async wait shows as a difference), and
+the emulator itself is shown to expose those bugs and deadlocks in deliberately faulty kernels.
+What it cannot show: timing, bank conflicts, register spills (tests/test_cuda_compile.py checks
+those), or anything the real hardware does differently from the PTX ISA's description.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from gptkern.ops.reference import attention_ref, decode_attention_ref, layer_norm_ref, rms_norm_ref, softmax_ref
+from helpers import assert_close
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+import emu_build  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = [torch.float16, torch.bfloat16]
+# (order, warps run ahead, deferred cp.async): the first is the default; the others must give the
+# same bits.
+DEFAULT = ("forward", False, True)
+SCHEDULES = [("reverse", False, False), ("random", False, True), ("forward", True, False), ("reverse", True, False),
+             ("random", True, True)]
+H200_SMS = 132
+
+
+@pytest.fixture(scope="module")
+def emu():
+    emu_build.load()
+    return torch.ops.gptkern_emu
+
+
+@pytest.fixture(autouse=True)
+def _default_schedule(emu):
+    emu.configure(*DEFAULT, 0, H200_SMS)
+    emu.take_launches()
+    yield
+    emu.configure(*DEFAULT, 0, H200_SMS)
+
+
+def launches(emu) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """(grid, block) of each launch since the last call."""
+    flat = emu.take_launches()
+    return [(tuple(flat[i:i + 3]), tuple(flat[i + 3:i + 6])) for i in range(0, len(flat), 6)]
+
+
+def warp_per_row(launch) -> bool:
+    return launch[1] == (32, 4, 1)  # kWarpRows rows of 32 lanes
+
+
+# ----------------------------------------------------------------------------------- softmax
+
+# Columns around the warp / block boundary (1024): vector loads when a row is 16-byte aligned.
+SOFTMAX_COLS = [1, 33, 1000, 1024, 1025, 4099]
+
+
+def softmax_grad_ref(y_ref: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    dy = dy.double()
+    if log:
+        return dy - y_ref.exp() * dy.sum(dim, keepdim=True)
+    return y_ref * (dy - (dy * y_ref).sum(dim, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", SOFTMAX_COLS)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax(emu, dtype, cols, log):
+    x = (3 * torch.randn(5, cols)).to(dtype)
+    y = emu.softmax_fwd(x, -1, log, dtype)
+    (fwd,) = launches(emu)
+    assert warp_per_row(fwd) == (cols <= 1024)
+    ref = softmax_ref(x, -1, log=log)
+    assert_close(y, ref, dtype, msg="forward")
+    dy = torch.randn(5, cols).to(dtype)
+    dx = emu.softmax_bwd(dy, y, -1, log)
+    (bwd,) = launches(emu)
+    assert warp_per_row(bwd) == (cols <= 1024)
+    assert_close(dx, softmax_grad_ref(ref, dy, -1, log), dtype, grad=True, msg="backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_softmax_inner_dims_and_views(emu, dtype, dim):
+    x = torch.randn(7, 6, 5).to(dtype).transpose(0, 2)  # (5, 6, 7), not contiguous
+    y = emu.softmax_fwd(x, dim, False, dtype)
+    assert len(launches(emu)) == 1
+    ref = softmax_ref(x, dim)
+    assert_close(y, ref, dtype)
+    dy = torch.randn(5, 6, 7).to(dtype)
+    assert_close(emu.softmax_bwd(dy, y, dim, False), softmax_grad_ref(ref, dy, dim, False), dtype, grad=True)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cols", [100, 2000])
+def test_softmax_16_bit_in_fp32_out(emu, dtype, cols):
+    x = torch.randn(9, cols).to(dtype)
+    y = emu.softmax_fwd(x, -1, True, torch.float32)
+    assert y.dtype == torch.float32
+    assert_close(y, softmax_ref(x, -1, log=True), torch.float32)
+
+
+@pytest.mark.parametrize("cols", [100, 5000])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_nan_and_inf(emu, cols, log):
+    x = torch.randn(6, cols)
+    x[0] = float("-inf")
+    x[1, 3] = float("inf")
+    x[2, 7] = float("nan")
+    x[3, : cols // 2] = float("-inf")
+    expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+    torch.testing.assert_close(emu.softmax_fwd(x, -1, log, torch.float32).double(), expected, equal_nan=True,
+                               atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- norms
+
+NORM_COLS = [1, 7, 1000, 1024, 1025, 3001]
+
+
+def norm_ref(kind, x, shape, w, b, eps):
+    return layer_norm_ref(x, shape, w, b, eps) if kind == "layer_norm" else rms_norm_ref(x, shape, w, eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", NORM_COLS)
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norms(emu, dtype, cols, kind):
+    rows, eps, is_rms = 37, 1e-5, kind == "rms_norm"  # 37 rows: two groups of dW / dB partials
+    x = (2 * torch.randn(rows, cols) + 0.5).to(dtype)
+    w = 1 + 0.5 * torch.randn(cols)
+    b = None if is_rms else 0.5 * torch.randn(cols)
+    y, mean, rstd = emu.norm_fwd(x, 1, w, b, eps, is_rms)
+    assert warp_per_row(launches(emu)[0]) == (cols <= 1024)
+    leaves = [t.double().requires_grad_() for t in (x, w) + (() if b is None else (b,))]
+    ref = norm_ref(kind, leaves[0], (cols,), leaves[1], leaves[2] if b is not None else None, eps)
+    assert_close(y, ref, dtype, msg="y")
+    xd = x.double()
+    ref_mean = torch.zeros(rows, dtype=torch.float64) if is_rms else xd.mean(-1)
+    ms = (xd * xd).mean(-1) if is_rms else xd.var(-1, unbiased=False)
+    assert_close(mean, ref_mean, torch.float32, msg="mean")
+    assert_close(rstd, (ms + eps).rsqrt(), torch.float32, msg="rstd")
+
+    dy = torch.randn(rows, cols).to(dtype)
+    dx, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, is_rms, True, b is not None)
+    ref_grads = torch.autograd.grad(ref, leaves, dy.double())
+    assert_close(dx, ref_grads[0], dtype, grad=True, msg="dx")
+    # dW / dB sum rows of dtype-rounded products: the error grows with the row count
+    assert_close(dw, ref_grads[1], dtype, grad=True, msg="dw", atol_scale=math.sqrt(rows))
+    if b is not None:
+        assert_close(db, ref_grads[2], dtype, grad=True, msg="db", atol_scale=math.sqrt(rows))
+    assert dw.dtype == w.dtype and (b is None or db.dtype == b.dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_norm_over_two_dims_with_16_bit_params_and_views(emu, dtype):
+    """k = 2 trailing dims, bf16/fp16 weight and bias (converted to fp32 by the op), a transposed x."""
+    x = torch.randn(6, 30, 11).to(dtype).transpose(0, 1)  # (30, 6, 11)
+    w, b = (1 + torch.randn(6, 11)).to(dtype), torch.randn(6, 11).to(dtype)
+    y, mean, rstd = emu.norm_fwd(x, 2, w, b, 1e-5, False)
+    ref = layer_norm_ref(x, (6, 11), w, b, 1e-5)
+    assert_close(y, ref, dtype)
+    dy = torch.randn(30, 6, 11).to(dtype)
+    dx, dw, db = emu.norm_bwd(dy, x, 2, w, b, mean, rstd, False, True, True)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    grads = torch.autograd.grad(layer_norm_ref(*leaves[:1], (6, 11), *leaves[1:], 1e-5), leaves, dy.double())
+    assert_close(dx, grads[0], dtype, grad=True)
+    assert_close(dw, grads[1], dtype, grad=True, atol_scale=math.sqrt(30))
+    assert_close(db, grads[2], dtype, grad=True, atol_scale=math.sqrt(30))
+
+
+def test_norm_without_weight_and_bias(emu):
+    x = torch.randn(70, 2000)
+    y, mean, rstd = emu.norm_fwd(x, 1, None, None, 1e-5, False)
+    assert_close(y, layer_norm_ref(x, (2000,)), torch.float32)
+    dx, dw, db = emu.norm_bwd(torch.ones_like(x), x, 1, None, None, mean, rstd, False, False, False)
+    assert dw.numel() == 0 and db.numel() == 0
+    assert dx.abs().max() < 1e-4  # d(sum y)/dx = 0 for a layer norm without weight
+
+
+# --------------------------------------------------------------------------------- attention
+
+# (B, H, Hkv, L, S): GQA, L != S both ways, partial tiles, one query, one key.
+ATTN_SHAPES = [(1, 2, 1, 70, 90), (2, 2, 2, 64, 64), (1, 2, 1, 130, 40), (1, 1, 1, 1, 130), (1, 3, 3, 65, 1)]
+
+
+def lse_ref(q, k, scale, causal):
+    """log2 of the row sums of exp(q kᵀ scale) in float64, -inf for rows that see no key."""
+    group = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return torch.logsumexp(s, -1) / math.log(2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_attention(emu, dtype, head_dim, causal, shape):
+    if head_dim == 128 and shape[3] * shape[4] > 10000:
+        pytest.skip("emulated time: the large shapes at head dim 64 only")
+    b, h, hkv, l, s = shape
+    q = torch.randn(b, l, h, head_dim).to(dtype).transpose(1, 2)  # (B, H, L, D) with row stride H * D
+    k = torch.randn(b, hkv, s, head_dim).to(dtype)
+    v = torch.randn(b, hkv, s, head_dim).to(dtype)
+    scale = 1.3 / math.sqrt(head_dim)
+    out, lse = emu.attention_fwd(q, k, v, None, causal, scale, 0.0, None)
+    grid, block = launches(emu)[0]
+    assert grid == (b * h, -(-l // 64), 1) and block == (128, 1, 1)
+    assert_close(out, attention_ref(q, k, v, causal=causal, scale=scale), dtype, msg="out")
+    torch.testing.assert_close(lse.double(), lse_ref(q, k, scale, causal), atol=2e-3, rtol=2e-3)
+
+
+def test_attention_rejects_what_the_kernel_does_not_take(emu):
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="head dims 32"):
+        emu.attention_fwd(q[..., :32], q[..., :32], q[..., :32], None, False, 0.1, 0.0, None)
+    with pytest.raises(NotImplementedError, match="masks"):
+        emu.attention_fwd(q, q, q, torch.ones(8, 8, dtype=torch.bool), False, 0.1, 0.0, None)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        emu.attention_fwd(q, q, q, None, False, 0.1, 0.1, None)
+
+
+# ------------------------------------------------------------------------------------ decode
+
+def decode_inputs(dtype, head_dim, paged, heads, kv_heads, lq, seqlens, capacity=512, block_size=16):
+    b = len(seqlens)
+    q = torch.randn(b, heads, lq, head_dim).to(dtype)
+    if paged:
+        blocks = capacity // block_size
+        table = torch.randperm(b * blocks + 3)[: b * blocks].view(b, blocks).to(torch.int32)
+        k = torch.randn(b * blocks + 3, kv_heads, block_size, head_dim).to(dtype)
+        v = torch.randn(b * blocks + 3, kv_heads, block_size, head_dim).to(dtype)
+    else:
+        table = None
+        k = torch.randn(b, kv_heads, capacity, head_dim).to(dtype)
+        v = torch.randn(b, kv_heads, capacity, head_dim).to(dtype)
+    return q, k, v, torch.tensor(seqlens, dtype=torch.int32), table
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, lq", [(4, 2, 1), (8, 2, 3), (16, 1, 3)])
+@pytest.mark.parametrize("multiprocessors", [1, H200_SMS])
+def test_decode_attention(emu, dtype, head_dim, paged, heads, kv_heads, lq, multiprocessors):
+    """Rows per KV head: 2 (a block of 8), 12 (of 32), 48 (two blocks of 32); one split with one
+    multiprocessor, several (and the combine kernel) with an H200's 132."""
+    emu.configure(*DEFAULT, 0, multiprocessors)
+    q, k, v, seqlens, table = decode_inputs(dtype, head_dim, paged, heads, kv_heads, lq, [0, 1, 37, 300])
+    scale = 0.9 / math.sqrt(head_dim)
+    out = emu.decode_attention(q, k, v, seqlens, scale, table)
+    grids = [grid for grid, _ in launches(emu)]
+    splits = grids[0][1]
+    assert grids[0] == (4 * kv_heads, splits, -(-heads // kv_heads * lq // 32) if heads // kv_heads * lq > 8 else 1)
+    assert (splits > 1) == (multiprocessors > 1) and len(grids) == (2 if splits > 1 else 1)
+    ref = decode_attention_ref(q, k, v, seqlens, scale, table)
+    assert_close(out, ref, dtype)
+    assert out[0].abs().max() == 0  # cache_seqlens 0: nothing to attend
+
+
+# ---------------------------------------------------------------------------- thread schedules
+
+def _cases(emu):
+    """One call of every kernel family, block paths and split-KV included, with fixed inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3001).to(torch.bfloat16)
+    y = emu.softmax_fwd(x, -1, False, torch.bfloat16)
+    out = [y, emu.softmax_fwd(torch.randn(3, 200), -1, True, torch.float32),
+           emu.softmax_bwd(torch.randn(5, 3001).to(torch.bfloat16), y, -1, False)]
+    xn = torch.randn(37, 1500).to(torch.float16)
+    w, b = torch.randn(1500), torch.randn(1500)
+    y, mean, rstd = emu.norm_fwd(xn, 1, w, b, 1e-5, False)
+    out += [y, mean, rstd, *emu.norm_bwd(torch.randn(37, 1500).to(torch.float16), xn, 1, w, b, mean, rstd, False,
+                                         True, True)]
+    out += list(emu.norm_fwd(torch.randn(9, 300), 1, w[:300], None, 1e-6, True))
+    q, k, v = (torch.randn(1, n, 100, 64).to(torch.float16) for n in (2, 1, 1))
+    out += list(emu.attention_fwd(q, k, v, None, True, 0.125, 0.0, None))
+    q, k, v, seqlens, table = decode_inputs(torch.bfloat16, 64, True, 8, 2, 3, [0, 5, 300])
+    out.append(emu.decode_attention(q, k, v, seqlens, 0.125, table))
+    return out
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "-".join(map(str, s)))
+def test_other_thread_schedules_give_the_same_bits(emu, schedule):
+    expected = _cases(emu)
+    emu.configure(*schedule, 1234, H200_SMS)
+    got = _cases(emu)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"output {i} differs under {schedule}"
+
+
+# ------------------------------------------------------------------------ the emulator itself
+
+def test_emulator_exposes_a_missing_cp_async_wait(emu):
+    src, want = torch.arange(1, 65, dtype=torch.float32), torch.arange(1, 65, dtype=torch.float32)
+    out = torch.full((64,), -7.0)
+    emu.configure("forward", False, False, 0, H200_SMS)  # copies land at once: the bug is hidden
+    emu.faulty("missing_wait", src, out)
+    assert torch.equal(out, want)
+    emu.configure(*DEFAULT, 0, H200_SMS)  # copies land at the wait: the bug shows
+    emu.faulty("missing_wait", src, out)
+    assert not torch.equal(out, want)
+
+
+def test_emulator_exposes_a_missing_syncthreads(emu):
+    """Thread i reads slot i + 1 without a barrier after the writes: forward, thread i runs before
+    i + 1 (63 slots stale); reverse, thread 63 reads slot 0 before thread 0 writes it."""
+    src, want = torch.zeros(64), torch.arange(1, 65, dtype=torch.float32)
+    stale = {}
+    for order in ("forward", "reverse"):
+        emu.configure(order, False, True, 0, H200_SMS)
+        out = torch.zeros(64)
+        emu.faulty("missing_sync", src, out)
+        stale[order] = int((out != want).sum())
+    assert stale == {"forward": 63, "reverse": 1}
+
+
+def test_emulator_reports_a_deadlock_instead_of_hanging(emu):
+    with pytest.raises(RuntimeError, match="deadlocked.*waits at"):
+        emu.faulty("deadlock", torch.zeros(64), torch.zeros(64))
+    # and stays usable afterwards
+    x = torch.randn(2, 9)
+    assert_close(emu.softmax_fwd(x, -1, False, torch.float32), softmax_ref(x, -1), torch.float32)
