@@ -333,3 +333,24 @@ def test_emulator_reports_a_deadlock_instead_of_hanging(emu):
     # and stays usable afterwards
     x = torch.randn(2, 9)
     assert_close(emu.softmax_fwd(x, -1, False, torch.float32), softmax_ref(x, -1), torch.float32)
+
+
+def test_empty_inputs_launch_nothing(emu):
+    """A launch with an empty grid is a CUDA error ("invalid configuration argument", which the
+    emulator raises too): empty inputs must return before launching."""
+    for shape, dim in (((0, 5), -1), ((4, 0), -1), ((3, 0, 2), 0)):
+        x = torch.randn(shape)
+        assert emu.softmax_fwd(x, dim, False, torch.float32).shape == shape
+        assert emu.softmax_bwd(x, x, dim, True).shape == shape
+    y, mean, rstd = emu.norm_fwd(torch.randn(0, 8), 1, torch.ones(8), None, 1e-5, False)
+    assert y.shape == (0, 8) and mean.shape == rstd.shape == (0,)
+    dx, dw, db = emu.norm_bwd(torch.randn(0, 8), torch.randn(0, 8), 1, torch.ones(8), torch.ones(8), mean, rstd,
+                              False, True, True)
+    assert dx.shape == (0, 8) and torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
+    q = torch.randn(1, 2, 0, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, 5, 64, dtype=torch.float16)
+    assert emu.attention_fwd(q, k, k, None, False, 0.1, 0.0, None)[0].shape == (1, 2, 0, 64)
+    out, lse = emu.attention_fwd(k, k[:, :, :0], k[:, :, :0], None, False, 0.1, 0.0, None)
+    assert out.abs().max() == 0 and bool((lse == float("-inf")).all())
+    assert emu.decode_attention(q, k, k, torch.tensor([3], dtype=torch.int32), 0.1, None).shape == (1, 2, 0, 64)
+    assert launches(emu) == []
