@@ -354,3 +354,9 @@ def test_empty_inputs_launch_nothing(emu):
     assert out.abs().max() == 0 and bool((lse == float("-inf")).all())
     assert emu.decode_attention(q, k, k, torch.tensor([3], dtype=torch.int32), 0.1, None).shape == (1, 2, 0, 64)
     assert launches(emu) == []
+
+
+def test_emulator_fills_shared_memory_with_garbage_per_block(emu):
+    out = torch.zeros(64)
+    emu.faulty("unwritten_shared", torch.zeros(64), out)
+    assert torch.equal(out[:32], torch.arange(1, 33, dtype=torch.float32)) and bool(out[32:].isnan().all())

@@ -8,8 +8,8 @@
 // another. A fiber runs until it reaches a barrier: __syncthreads waits for every live thread of
 // the block, and the warp-level operations (__shfl_xor_sync, __syncwarp, ldmatrix, mma.sync)
 // for every lane of the warp, exchanging values through per-warp slots. `__shared__` variables
-// are function statics, one copy for the block that runs. A barrier no thread can pass is a
-// deadlock: launch() throws instead of hanging.
+// are function statics, one copy for the block that runs, filled with 0xff bytes (NaN) when the
+// block starts. A barrier no thread can pass is a deadlock: launch() throws instead of hanging.
 //
 // What a scheduling order hides, another may show: `config.order` runs the threads released by a
 // barrier lowest first, highest first, or shuffled; with `config.warps_run_ahead` a warp that
@@ -34,6 +34,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <unordered_set>
 #include <vector>
 
 #define __global__
@@ -111,6 +112,7 @@ struct Block {
   std::string error;
   const std::function<void()>* body = nullptr;
   std::mt19937_64 rng;
+  std::unordered_set<void*> shared;  // __shared__ variables filled with garbage in this block
 };
 inline Block* block = nullptr;
 
@@ -129,6 +131,12 @@ inline void set_thread_index(const uint3& t) { ::threadIdx = t; }
   block->error = message;
   setcontext(&block->scheduler);
   std::abort();  // unreachable
+}
+
+// The first thread of a block to pass a __shared__ declaration fills the variable with 0xff
+// bytes (NaN as fp32, fp16 or bf16), so that reading what no thread of this block wrote shows.
+inline void shared_memory(void* p, size_t bytes) {
+  if (block->shared.insert(p).second) std::memset(p, 0xff, bytes);
 }
 
 inline void release(std::vector<int>& ids, bool first = false) {

@@ -1,8 +1,10 @@
 """Builds the CUDA kernels of csrc/cuda as a CPU library for the emulator (tests/cuda_emu/emu.h).
 
 The sources are copied into build/cuda_emu/src with three kinds of rewrites:
-- ``__shared__ alignas(N)`` becomes ``alignas(N) static`` (``__shared__`` is ``static`` in
-  emu.h, and C++ wants the attribute first);
+- a ``__shared__`` declaration becomes a function static followed by
+  ``::gptkern_emu::shared_memory(&name, sizeof(name))`` for each variable it declares, which
+  fills the variable with 0xff bytes (NaN in every float type) once per block, as shared memory
+  holds garbage when a block starts (a static would keep the previous block's values);
 - each launch ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
   ``::gptkern_emu::launch(dim3(grid), dim3(block), smem, [&] { kernel(args); });``;
 - csrc/ops.cpp's schemas and csrc/cuda/register.cpp's CUDA implementations register as the
@@ -103,6 +105,21 @@ def rewrite_registration(text: str, *, schemas: bool) -> str:
     return re.sub(r"\bt\.is_cuda\(\)", "t.is_cpu()", text)
 
 
+def rewrite_shared(text: str) -> str:
+    def one(m: re.Match) -> str:
+        indent, align, decl = m.group(1), m.group(2) or "", m.group(3)
+        outer = decl
+        while (inner := re.sub(r"\[[^\[\]]*\]", "", outer)) != outer:  # drop the array extents
+            outer = inner
+        names = re.findall(r"(\w+)\s*(?:,|$)", outer)
+        if not names:
+            raise ValueError(f"no variable in the __shared__ declaration {m.group(0)!r}")
+        marks = " ".join(f"::gptkern_emu::shared_memory(&{n}, sizeof({n}));" for n in names)
+        return f"{indent}{align}static {decl}; {marks}"
+
+    return re.sub(r"^([ \t]*)__shared__\s+(alignas\(\w+\)\s+)?([^;]+);", one, text, flags=re.M)
+
+
 def _write_if_changed(path: str, text: str) -> None:
     try:
         with open(path) as f:
@@ -127,7 +144,7 @@ def sources() -> list[str]:
     files = []
     for name in KERNELS:
         with open(os.path.join(cuda, name)) as f:
-            text = re.sub(r"__shared__\s+(alignas\(\w+\))", r"\1 static", rewrite_launches(f.read()))
+            text = rewrite_shared(rewrite_launches(f.read()))
         files.append(os.path.join(src, name.replace(".cu", "_emu.cpp")))
         _write_if_changed(files[-1], text)
     for path, schemas in ((os.path.join(CSRC, "ops.cpp"), True), (os.path.join(cuda, "register.cpp"), False)):
@@ -137,7 +154,10 @@ def sources() -> list[str]:
             raise ValueError(f"{path}: the registration to rewrite was not found")
         files.append(os.path.join(src, os.path.basename(path).replace(".cpp", "_emu.cpp")))
         _write_if_changed(files[-1], text)
-    return files + [os.path.join(HERE, "harness.cpp"), os.path.join(HERE, "faulty.cpp")]
+    with open(os.path.join(HERE, "faulty.cpp")) as f:
+        files.append(os.path.join(src, "faulty_emu.cpp"))
+        _write_if_changed(files[-1], rewrite_shared(rewrite_launches(f.read())))
+    return files + [os.path.join(HERE, "harness.cpp")]
 
 
 def load(verbose: bool = False) -> None:

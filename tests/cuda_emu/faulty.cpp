@@ -3,8 +3,11 @@
 //                  landed: under deferred copies it has not);
 //   missing_sync:  each thread reads its neighbour's shared slot without a __syncthreads after the
 //                  writes (under forward order the neighbour has not written yet);
-//   deadlock:      lane 0 waits at __syncthreads while the other lanes of its warp wait at a shuffle.
+//   deadlock:      lane 0 waits at __syncthreads while the other lanes of its warp wait at a shuffle;
+//   unwritten_shared: threads 32-63 read shared slots nobody wrote in this block (the previous
+//                  launch did: a plain static would still hold its values).
 // `out` (64,) fp32 gets what each thread read; the correct kernel would give 1, 2, ..., 64.
+// Written as CUDA: emu_build.py rewrites its __shared__ declarations and kernel launches.
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
@@ -15,7 +18,7 @@ namespace {
 constexpr int kThreads = 64;
 
 void missing_wait_kernel(const float* src, float* out) {
-  alignas(16) static float tile[kThreads];
+  __shared__ alignas(16) float tile[kThreads];
   if (threadIdx.x == 0) {
     for (int i = 0; i < kThreads; ++i) tile[i] = -1.0f;
   }
@@ -28,7 +31,7 @@ void missing_wait_kernel(const float* src, float* out) {
 }
 
 void missing_sync_kernel(float* out) {
-  static float slots[kThreads];
+  __shared__ float slots[kThreads];
   if (threadIdx.x == 0) {
     for (int i = 0; i < kThreads; ++i) slots[i] = -1.0f;
   }
@@ -37,6 +40,13 @@ void missing_sync_kernel(float* out) {
   // the bug: no __syncthreads() here
   const int next = (threadIdx.x + 1) % kThreads;
   out[next] = slots[next];
+}
+
+void unwritten_shared_kernel(float* out, bool write_all) {
+  __shared__ float slots[kThreads];
+  if (write_all || threadIdx.x < 32) slots[threadIdx.x] = float(threadIdx.x + 1);
+  __syncthreads();
+  out[threadIdx.x] = slots[threadIdx.x];
 }
 
 void deadlock_kernel(float* out) {
@@ -54,11 +64,14 @@ void faulty(const std::string& which, const at::Tensor& src, const at::Tensor& o
   const float* s = src.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
   if (which == "missing_wait") {
-    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { missing_wait_kernel(s, o); });
+    missing_wait_kernel<<<1, kThreads>>>(s, o);
   } else if (which == "missing_sync") {
-    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { missing_sync_kernel(o); });
+    missing_sync_kernel<<<1, kThreads>>>(o);
   } else if (which == "deadlock") {
-    ::gptkern_emu::launch(dim3(1), dim3(kThreads), 0, [&] { deadlock_kernel(o); });
+    deadlock_kernel<<<1, kThreads>>>(o);
+  } else if (which == "unwritten_shared") {
+    unwritten_shared_kernel<<<1, kThreads>>>(o, true);  // fills every slot
+    unwritten_shared_kernel<<<1, kThreads>>>(o, false);
   } else {
     TORCH_CHECK(false, "gptkern_emu::faulty: unknown kernel ", which);
   }
