@@ -5,7 +5,8 @@ The ops are register.cpp's CUDA implementations (checks, allocations, launchers,
 registered for CPU tensors as ``torch.ops.gptkern_emu`` with the gptkern ops' schemas. Each op
 is compared with the float64 reference in fp32 / fp16 / bf16 on both kernel paths (warp and
 block per row, vector and scalar loads), reductions over inner dims, views, NaN / inf; attention
-(causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE; decode over static
+(causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE, which the Triton
+backward (the CUDA path's backward) turns into the right gradients; decode over static
 and paged caches with ragged lengths (0 and 1 included), one split and several. Other thread
 schedules must give the same bits (a missing barrier or cp.async wait shows as a difference), and
 the emulator itself is shown to expose those bugs and deadlocks in deliberately faulty kernels.
@@ -19,6 +20,8 @@ import sys
 import pytest
 import torch
 
+import gptkern.ops  # noqa: F401  (registers gptkern::triton_attention_backward)
+from gptkern import _backend
 from gptkern.ops.reference import attention_ref, decode_attention_ref, layer_norm_ref, rms_norm_ref, softmax_ref
 from helpers import assert_close
 
@@ -220,6 +223,23 @@ def test_attention(emu, dtype, head_dim, causal, shape):
     assert grid == (b * h, -(-l // 64), 1) and block == (128, 1, 1)
     assert_close(out, attention_ref(q, k, v, causal=causal, scale=scale), dtype, msg="out")
     torch.testing.assert_close(lse.double(), lse_ref(q, k, scale, causal), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_lse_feeds_the_triton_backward(emu, causal):
+    """On a GPU the CUDA forward's (out, lse) go to the Triton backward kernels (there is no CUDA
+    backward): the gradients they give from the emulated forward match float64's."""
+    if not _backend.triton_interpret():
+        pytest.skip("the Triton backward runs here through the interpreter")
+    q, k, v = (torch.randn(1, n, length, 64).to(torch.float16) for n, length in ((2, 70), (1, 90), (1, 90)))
+    out, lse = emu.attention_fwd(q, k, v, None, causal, 0.125, 0.0, None)
+    grad_out = torch.randn_like(out)
+    grads = torch.ops.gptkern.triton_attention_backward(grad_out, q, k, v, out, lse, None, causal, 0.125, 0.0, None,
+                                                        False)[:3]
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves, causal=causal, scale=0.125), leaves, grad_out.double())
+    for name, got, want in zip("qkv", grads, ref):
+        assert_close(got, want, torch.float16, grad=True, msg=f"d{name}")
 
 
 def test_attention_rejects_what_the_kernel_does_not_take(emu):
