@@ -7,9 +7,11 @@ is compared with the float64 reference in fp32 / fp16 / bf16 on both kernel path
 block per row, vector and scalar loads), reductions over inner dims, views, NaN / inf; attention
 (causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE, which the Triton
 backward (the CUDA path's backward) turns into the right gradients; decode over static
-and paged caches with ragged lengths (0 and 1 included), one split and several. Other thread
-schedules must give the same bits (a missing barrier or cp.async wait shows as a difference), and
-the emulator itself is shown to expose those bugs and deadlocks in deliberately faulty kernels.
+and paged caches with ragged lengths (0 and 1 included), one split and several. The default
+schedule lets each warp run ahead to the next __syncthreads and lands each cp.async at its wait
+(a missing barrier or wait reads the wrong tile); other schedules must give the same bits. The
+emulator itself is shown to expose those bugs, unwritten shared memory, deadlocks and undefined
+warp-level behaviour in deliberately faulty kernels (tests/cuda_emu/faulty.cpp).
 What it cannot show: timing, bank conflicts, register spills (tests/test_cuda_compile.py checks
 those), or anything the real hardware does differently from the PTX ISA's description.
 """
@@ -30,10 +32,11 @@ import emu_build  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF = [torch.float16, torch.bfloat16]
-# (order, warps run ahead, deferred cp.async): the first is the default; the others must give the
-# same bits.
-DEFAULT = ("forward", False, True)
-SCHEDULES = [("reverse", False, False), ("random", False, True), ("forward", True, False), ("reverse", True, False),
+# (order, warps run ahead, deferred cp.async). The default lets each warp run ahead to the next
+# __syncthreads and lands each cp.async at its wait: a missing barrier between warps or a missing
+# wait then reads the wrong tile. The others must give the same bits.
+DEFAULT = ("forward", True, True)
+SCHEDULES = [("forward", False, True), ("reverse", False, False), ("random", False, True), ("reverse", True, False),
              ("random", True, True)]
 H200_SMS = 132
 
@@ -304,11 +307,16 @@ def _cases(emu):
     y, mean, rstd = emu.norm_fwd(xn, 1, w, b, 1e-5, False)
     out += [y, mean, rstd, *emu.norm_bwd(torch.randn(37, 1500).to(torch.float16), xn, 1, w, b, mean, rstd, False,
                                          True, True)]
-    out += list(emu.norm_fwd(torch.randn(9, 300), 1, w[:300], None, 1e-6, True))
-    q, k, v = (torch.randn(1, n, 100, 64).to(torch.float16) for n in (2, 1, 1))
-    out += list(emu.attention_fwd(q, k, v, None, True, 0.125, 0.0, None))
-    q, k, v, seqlens, table = decode_inputs(torch.bfloat16, 64, True, 8, 2, 3, [0, 5, 300])
-    out.append(emu.decode_attention(q, k, v, seqlens, 0.125, table))
+    xw = torch.randn(9, 512).to(torch.float16)  # the warp-per-row kernels
+    y, mean, rstd = emu.norm_fwd(xw, 1, w[:512], None, 1e-6, True)
+    out += [y, rstd, *emu.norm_bwd(torch.randn(9, 512).to(torch.float16), xw, 1, w[:512], None, mean, rstd, True,
+                                   True, False)]
+    for d in (64, 128):
+        q, k, v = (torch.randn(1, n, 100, d).to(torch.float16) for n in (2, 1, 1))
+        out += list(emu.attention_fwd(q, k, v, None, True, 0.125, 0.0, None))
+    for heads, lq in ((8, 3), (4, 1)):  # 12 rows per KV head (a block of 32), 2 (of 8)
+        q, k, v, seqlens, table = decode_inputs(torch.bfloat16, 64, True, heads, 2, lq, [0, 5, 300])
+        out.append(emu.decode_attention(q, k, v, seqlens, 0.125, table))
     return out
 
 
@@ -380,3 +388,16 @@ def test_emulator_fills_shared_memory_with_garbage_per_block(emu):
     out = torch.zeros(64)
     emu.faulty("unwritten_shared", torch.zeros(64), out)
     assert torch.equal(out[:32], torch.arange(1, 33, dtype=torch.float32)) and bool(out[32:].isnan().all())
+
+
+@pytest.mark.parametrize("which, message", [
+    ("mismatched_shuffle", "different warp operations"),
+    ("misaligned_copy", "not 16-byte aligned"),
+    ("too_much_shared", "more than 48 KiB"),
+    ("throws", "a thread threw: thrown by thread 5"),
+])
+def test_emulator_reports_undefined_behaviour(emu, which, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.faulty(which, torch.zeros(64), torch.zeros(64))
+    x = torch.randn(3, 40)
+    assert_close(emu.softmax_fwd(x, -1, False, torch.float32), softmax_ref(x, -1), torch.float32)

@@ -33,6 +33,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <unordered_set>
 #include <vector>
@@ -97,6 +98,8 @@ struct Fiber {
 
 struct Warp {
   int live = 0, arrived = 0;
+  const char* op = nullptr;  // the warp operation the waiting lanes are at, and its argument
+  int64_t arg = 0;
   std::vector<int> waiters;
   alignas(16) unsigned char slots[32][64];  // one value per lane, exchanged at a warp barrier
 };
@@ -113,6 +116,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::mt19937_64 rng;
   std::unordered_set<void*> shared;  // __shared__ variables filled with garbage in this block
+  size_t shared_bytes = 0;
 };
 inline Block* block = nullptr;
 
@@ -135,8 +139,15 @@ inline void set_thread_index(const uint3& t) { ::threadIdx = t; }
 
 // The first thread of a block to pass a __shared__ declaration fills the variable with 0xff
 // bytes (NaN as fp32, fp16 or bf16), so that reading what no thread of this block wrote shows.
+// A block has at most 48 KiB of static shared memory.
 inline void shared_memory(void* p, size_t bytes) {
-  if (block->shared.insert(p).second) std::memset(p, 0xff, bytes);
+  if (block->shared.insert(p).second) {
+    std::memset(p, 0xff, bytes);
+    block->shared_bytes += bytes;
+    if (block->shared_bytes > 48 * 1024) {
+      fail("static shared memory of " + std::to_string(block->shared_bytes) + " bytes, more than 48 KiB");
+    }
+  }
 }
 
 inline void release(std::vector<int>& ids, bool first = false) {
@@ -155,8 +166,10 @@ inline void maybe_release_block() {
   }
 }
 
+// The .sync warp operations here take all 32 lanes: one that exited makes the operation undefined.
 inline void maybe_release_warp(Warp& w) {
   if (w.arrived > 0 && w.arrived == w.live) {
+    if (w.live != 32) fail(std::string(w.op) + " with " + std::to_string(w.live) + " live lanes in the warp");
     w.arrived = 0;
     release(w.waiters, config.warps_run_ahead);
   }
@@ -182,10 +195,17 @@ inline int lane_id() {
   return static_cast<int>(f.tid.x + ::blockDim.x * (f.tid.y + f.tid.z * ::blockDim.y)) & 31;
 }
 
-// Every live lane of the warp reaches this point before any goes on.
-inline void sync_warp(const char* what) {
+// Every lane of the warp reaches the same warp operation (`what`, with the same `arg`) before
+// any goes on.
+inline void sync_warp(const char* what, int64_t arg = 0) {
   Warp& w = my_warp();
-  if (w.live != 32) fail(std::string(what) + " with " + std::to_string(w.live) + " live lanes in the warp");
+  if (w.arrived == 0) {
+    w.op = what;
+    w.arg = arg;
+  } else if (std::strcmp(w.op, what) != 0 || w.arg != arg) {
+    fail("lanes of warp " + std::to_string(current().warp) + " at different warp operations: " + w.op + " (" +
+         std::to_string(w.arg) + ") and " + what + " (" + std::to_string(arg) + ")");
+  }
   w.waiters.push_back(block->current);
   ++w.arrived;
   maybe_release_warp(w);
@@ -194,14 +214,14 @@ inline void sync_warp(const char* what) {
 
 // Each lane publishes `mine`; returns what `pick(lane)` says to read, as T, from the slots.
 template <typename Out, typename In, typename Pick>
-inline Out exchange(const In& mine, const char* what, Pick pick) {
+inline Out exchange(const In& mine, const char* what, Pick pick, int64_t arg = 0) {
   static_assert(sizeof(In) <= 64, "a warp slot holds 64 bytes");
   Warp& w = my_warp();
   const int lane = lane_id();
   std::memcpy(w.slots[lane], &mine, sizeof(In));
-  sync_warp(what);
+  sync_warp(what, arg);
   Out out = pick(w.slots, lane);
-  sync_warp(what);  // every lane has read before the slots are written again
+  sync_warp(what, arg);  // every lane has read before the slots are written again
   return out;
 }
 
@@ -286,7 +306,15 @@ void launch(dim3 grid, dim3 threads, size_t dynamic_smem, F&& body) {
 // The body of every fiber: the kernel, then the exit of the thread (its pending copies land;
 // barriers stop counting it).
 inline void run_fiber() {
-  (*block->body)();
+  std::string thrown;
+  try {
+    (*block->body)();
+  } catch (const std::exception& e) {  // leave the handler before leaving the fiber for good
+    thrown = e.what();
+  } catch (...) {
+    thrown = "an unknown exception";
+  }
+  if (!thrown.empty()) fail("a thread threw: " + thrown);
   Fiber& f = current();
   for (const Copy& c : f.pending) perform(c);
   f.pending.clear();
@@ -323,10 +351,11 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   if (mask != 0xffffffffu || width != 32) fail("__shfl_xor_sync with a partial mask or width");
   return exchange<T>(v, "__shfl_xor_sync", [&](auto& slots, int lane) {
+    const int source = lane ^ lane_mask;  // out of the warp: the lane's own value (PTX shfl.bfly)
     T out;
-    std::memcpy(&out, slots[lane ^ (lane_mask & 31)], sizeof(T));
+    std::memcpy(&out, slots[source >= 0 && source < 32 ? source : lane], sizeof(T));
     return out;
-  });
+  }, lane_mask);
 }
 
 }  // namespace device
@@ -363,6 +392,9 @@ using namespace ::gptkern_emu::device;
 // cp.async.cg.shared.global, 16 bytes; bytes past src_bytes (0 or 16) are zero-filled.
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (src_bytes != 0 && src_bytes != 16) ::gptkern_emu::fail("cp.async of " + std::to_string(src_bytes) + " bytes");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) {
+    ::gptkern_emu::fail("cp.async of 16 bytes at an address not 16-byte aligned");
+  }
   const ::gptkern_emu::Copy copy{dst, src, src_bytes};
   if (::gptkern_emu::config.deferred_copies) {
     ::gptkern_emu::current().pending.push_back(copy);
@@ -383,6 +415,7 @@ inline void cp_async_wait_all() {
 // in r[i], the elements (L / 4, 2 (L % 4)) and (L / 4, 2 (L % 4) + 1) of matrix i, or, with
 // .trans, the elements (2 (L % 4), L / 4) and (2 (L % 4) + 1, L / 4).
 inline void ldmatrix_emulated(uint32_t (&r)[4], const void* p, bool trans) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) ::gptkern_emu::fail("ldmatrix row address not 16-byte aligned");
   struct Regs {
     uint32_t r[4];
   };

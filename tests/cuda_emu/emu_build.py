@@ -5,8 +5,10 @@ The sources are copied into build/cuda_emu/src with three kinds of rewrites:
   ``::gptkern_emu::shared_memory(&name, sizeof(name))`` for each variable it declares, which
   fills the variable with 0xff bytes (NaN in every float type) once per block, as shared memory
   holds garbage when a block starts (a static would keep the previous block's values);
-- each launch ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
-  ``::gptkern_emu::launch(dim3(grid), dim3(block), smem, [&] { kernel(args); });``;
+- each launch ``kernel<<<grid, block, smem, stream>>>(args);`` becomes a call of
+  ``::gptkern_emu::launch(dim3(grid), dim3(block), smem, body)`` where ``body`` calls
+  ``kernel`` with the arguments, evaluated once before the launch as on a GPU (on one line,
+  followed by the newlines it replaced, so that compiler messages keep their line numbers);
 - csrc/ops.cpp's schemas and csrc/cuda/register.cpp's CUDA implementations register as the
   ``gptkern_emu`` library on the CPU key, so ``torch.ops.gptkern_emu.softmax_fwd(...)`` runs the
   CUDA op (its checks, allocations and launchers) on CPU tensors.
@@ -91,8 +93,10 @@ def rewrite_launches(text: str) -> str:
         kernel, args = text[name_start:name_end], text[args_open + 1:args_close]
         smem = config[2] if len(config) > 2 else "0"
         out.append(text[pos:name_start])
-        out.append(f"::gptkern_emu::launch(dim3({config[0]}), dim3({config[1]}), {smem}, "
-                   f"[&] {{ {kernel}({args}); }})")
+        newlines = text.count("\n", name_start, args_open)  # the arguments keep theirs
+        out.append(f"[&] {{ auto args_ = std::make_tuple({args}); ::gptkern_emu::launch(dim3({config[0]}), "
+                   f"dim3({config[1]}), {smem}, [&] {{ std::apply([&](auto&... a) {{ {kernel}(a...); }}, args_); }}); "
+                   f"}}()" + "\n" * newlines)
         pos = args_close + 1
     out.append(text[pos:])
     return "".join(out)

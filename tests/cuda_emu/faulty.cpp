@@ -5,12 +5,18 @@
 //                  writes (under forward order the neighbour has not written yet);
 //   deadlock:      lane 0 waits at __syncthreads while the other lanes of its warp wait at a shuffle;
 //   unwritten_shared: threads 32-63 read shared slots nobody wrote in this block (the previous
-//                  launch did: a plain static would still hold its values).
+//                  launch did: a plain static would still hold its values);
+//   mismatched_shuffle: the lanes of a warp shuffle with different lane masks (undefined);
+//   misaligned_copy: a 16-byte cp.async from an address that is not 16-byte aligned (faults);
+//   too_much_shared: 64 KiB of static shared memory (the limit is 48 KiB);
+//   throws:        device code that throws (an emulator error must not abort the process).
 // `out` (64,) fp32 gets what each thread read; the correct kernel would give 1, 2, ..., 64.
 // Written as CUDA: emu_build.py rewrites its __shared__ declarations and kernel launches.
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
+
+#include <stdexcept>
 
 namespace gptkern::cuda {
 namespace {
@@ -49,6 +55,26 @@ void unwritten_shared_kernel(float* out, bool write_all) {
   out[threadIdx.x] = slots[threadIdx.x];
 }
 
+void mismatched_shuffle_kernel(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), threadIdx.x % 2 ? 1 : 2);
+}
+
+void misaligned_copy_kernel(const float* src) {
+  __shared__ alignas(16) float tile[kThreads];
+  cp_async_16(tile, src + 1, 16);
+  cp_async_wait_all();
+}
+
+void too_much_shared_kernel(float* out) {
+  __shared__ float big[16384];
+  big[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = big[threadIdx.x];
+}
+
+void throwing_kernel() {
+  if (threadIdx.x == 5) throw std::runtime_error("thrown by thread 5");
+}
+
 void deadlock_kernel(float* out) {
   if (threadIdx.x == 0) {
     __syncthreads();
@@ -69,6 +95,14 @@ void faulty(const std::string& which, const at::Tensor& src, const at::Tensor& o
     missing_sync_kernel<<<1, kThreads>>>(o);
   } else if (which == "deadlock") {
     deadlock_kernel<<<1, kThreads>>>(o);
+  } else if (which == "mismatched_shuffle") {
+    mismatched_shuffle_kernel<<<1, kThreads>>>(o);
+  } else if (which == "misaligned_copy") {
+    misaligned_copy_kernel<<<1, kThreads>>>(s);
+  } else if (which == "too_much_shared") {
+    too_much_shared_kernel<<<1, kThreads>>>(o);
+  } else if (which == "throws") {
+    throwing_kernel<<<1, kThreads>>>();
   } else if (which == "unwritten_shared") {
     unwritten_shared_kernel<<<1, kThreads>>>(o, true);  // fills every slot
     unwritten_shared_kernel<<<1, kThreads>>>(o, false);
