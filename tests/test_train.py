@@ -159,7 +159,7 @@ def _flags(data_dir, out_dir, batch_size):
     return ["--preset", "gpt2-tiny", "--n-layer", "2", "--n-embd", "64", "--block-size", "32", "--data",
             str(data_dir), "--out-dir", str(out_dir), "--batch-size", str(batch_size), "--max-steps", "4",
             "--log-interval", "1", "--eval-interval", "4", "--eval-steps", "1", "--checkpoint-interval", "4",
-            "--progress", "false", "--seed", "5", "--lr", "3e-3"]
+            "--progress", "false", "--seed", "5", "--lr", "3e-3", "--peak-tflops", "1"]
 
 
 def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path):
@@ -172,14 +172,21 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path)
     def losses(out):
         return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
+    def flops_per_token(out, world_size):  # MFU is against the peak of world_size devices
+        return [r["mfu"] * 1e12 * world_size / r["tokens_per_s"] for r in read_metrics(out / "metrics.jsonl")
+                if "mfu" in r]
+
     one = losses(tmp_path / "one")
     assert len(one) == 4 and one[0] != one[-1]  # the steps changed the weights
+    per_token = flops_per_token(tmp_path / "one", 1)
+    assert len(per_token) == 4 and per_token == pytest.approx([per_token[0]] * 4, rel=1e-9)
     for mode, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "gptkern", "train", *_flags(data_dir, tmp_path / mode, 2), *extra],
                              capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 0, run.stderr[-3000:]
         assert losses(tmp_path / mode) == pytest.approx(one, rel=1e-5, abs=1e-6), mode
+        assert flops_per_token(tmp_path / mode, 2) == pytest.approx(per_token, rel=1e-9), mode
         assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / mode))] == ["step_00000004"]  # rank 0 only
         model, _ = load_pretrained(ckpt.latest_checkpoint(str(tmp_path / mode)))  # the full, unsharded weights
         assert model.transformer.h[1].mlp.c_fc.weight.shape == (256, 64)
@@ -191,6 +198,25 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path)
                          timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fp16_autocast_scales_the_loss(data_dir, tmp_path, monkeypatch):
+    """dtype fp16 trains through a GradScaler: the backward sees the scaled loss, the optimizer the
+    unscaled gradients, and the scale is saved with the checkpoint and restored on resume."""
+    trainer = Trainer(config(data_dir, tmp_path, dtype="fp16", max_steps=2, checkpoint_interval=2))
+    assert trainer.scaler.is_enabled() and trainer.autocast is torch.float16
+    seen = []
+    real_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda t, *a, **k: (seen.append(t.item()), real_backward(t, *a, **k)))
+    losses = trainer.fit()
+    monkeypatch.undo()
+    assert all(loss == loss for loss in losses)
+    assert seen[0] == pytest.approx(losses[0] * 2.0 ** 16, rel=1e-3)  # the initial scale
+    saved = json.loads((ckpt.latest_checkpoint(str(tmp_path)) / "state.json").read_text())
+    assert saved["grad_scaler"]["scale"] == 2.0 ** 16
+    resumed = Trainer(config(data_dir, tmp_path, dtype="fp16", max_steps=4, checkpoint_interval=2, resume=True))
+    assert resumed.step == 2 and resumed.scaler.get_scale() == 2.0 ** 16
+    assert not Trainer(config(data_dir, tmp_path / "bf16", dtype="bf16")).scaler.is_enabled()
 
 
 def test_document_masked_training(data_dir, tmp_path):

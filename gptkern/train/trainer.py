@@ -97,6 +97,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.autocast = autocast_dtype(c, self.device)
+        # fp16 autocast needs loss scaling (small gradients underflow in fp16); a no-op otherwise
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast is torch.float16)
         meta = read_meta(c.data)
         self.tokenizer = load_tokenizer(c.data)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
@@ -156,6 +158,8 @@ class Trainer:
         self._load_model_state(state)
         saved = load_training_state(path, self._load_optimizer_state)
         self.step = saved["step"]
+        if self.scaler.is_enabled() and "grad_scaler" in saved:
+            self.scaler.load_state_dict(saved["grad_scaler"])
         self.loader.load_state_dict(saved["loader"][self.env.rank] if isinstance(saved["loader"], list)
                                     else saved["loader"])
         self.metrics.truncate_after(self.step)
@@ -199,6 +203,8 @@ class Trainer:
         if self.env.main:
             state = {"config": self.config.to_dict(), "loader": loader_states if self.env.world_size > 1
                      else loader_states[0], "tokens": self.step * self.tokens_per_step}
+            if self.scaler.is_enabled():
+                state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.config.out_dir, self.step, model, optimizer, self.tokenizer, state,
                                    self.config.keep_last)
         if self.env.world_size > 1:
@@ -220,7 +226,7 @@ class Trainer:
         with sync:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 _, loss = self.model(x, y, **extra)
-            (loss / self.config.grad_accum).backward()
+            self.scaler.scale(loss / self.config.grad_accum).backward()
         return loss.detach()
 
     def train_step(self) -> torch.Tensor:
@@ -234,8 +240,10 @@ class Trainer:
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= self.env.world_size
         if c.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (fp16) when a gradient overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss
@@ -301,7 +309,8 @@ class Trainer:
                     torch.cuda.synchronize()
                 now = time.perf_counter()
                 tokens_per_s = window_steps * self.tokens_per_step / (now - window_start)
-                mfu = flops_per_step * window_steps / (now - window_start) / peak if peak else None
+                flops = flops_per_step * window_steps / (now - window_start)  # all ranks together
+                mfu = flops / (peak * self.env.world_size) if peak else None  # against as many devices' peak
                 self.metrics.log(step=self.step, loss=loss, lr=learning_rate(c, self.step - 1),
                                  tokens_per_s=tokens_per_s, mfu=mfu)
                 if bar is not None:
