@@ -60,10 +60,13 @@ def _quantiles(times_ms: list[float]) -> dict[str, float]:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int,
-            repeats: int) -> dict[str, float]:
+            repeats: int, queue_ahead: bool = False) -> dict[str, float]:
     """Median, p20 and p80 in ms of ``repeats`` calls of ``fn`` after ``warmup`` calls.
 
-    The first call is timed on its own (``first_call_ms``: JIT and compile time included).
+    The first call is timed on its own (``first_call_ms``: JIT and compile time included). On
+    CUDA each call is timed between two events; with ``queue_ahead`` (kernels shorter than their
+    launch from Python, ``fn`` without host syncs) a sleep kernel holds the GPU while the host
+    queues every call, so the events time the kernels, not the host.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
@@ -76,6 +79,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int,
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(repeats)]
+        if queue_ahead:
+            torch.cuda._sleep(200_000 * repeats)  # about 0.1 ms per call at 2 GHz
         for begin, end in events:
             begin.record()
             fn()

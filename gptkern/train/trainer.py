@@ -91,7 +91,8 @@ class Trainer:
         from gptkern.data.tokenizer import load_tokenizer
 
         self.config = c = config
-        probe = torch.device("cuda" if c.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        wants_cuda = c.device == "auto" or c.device.split(":")[0] == "cuda"  # "cuda:1" too: nccl, not gloo
+        probe = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
         self.env = init_distributed(probe.type)
         self.device = pick_device(c, self.env)
         if self.device.type == "cuda":
