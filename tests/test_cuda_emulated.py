@@ -7,7 +7,8 @@ is compared with the float64 reference in fp32 / fp16 / bf16 on both kernel path
 block per row, vector and scalar loads), reductions over inner dims, views, NaN / inf; attention
 (causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE, which the Triton
 backward (the CUDA path's backward) turns into the right gradients; decode over static
-and paged caches with ragged lengths (0 and 1 included), one split and several. The default
+and paged caches with ragged lengths (0 and 1 included), one split and several; the global
+memory both read (counted at cp.async): causal tiles skipped, one cache read per KV head. The default
 schedule lets each warp run ahead to the next __syncthreads and lands each cp.async at its wait
 (a missing barrier or wait reads the wrong tile); other schedules must give the same bits. The
 emulator itself is shown to expose those bugs, unwritten shared memory, deadlocks and undefined
@@ -291,6 +292,39 @@ def test_decode_attention(emu, dtype, head_dim, paged, heads, kv_heads, lq, mult
     ref = decode_attention_ref(q, k, v, seqlens, scale, table)
     assert_close(out, ref, dtype)
     assert out[0].abs().max() == 0  # cache_seqlens 0: nothing to attend
+
+
+# --------------------------------------------------------------------------- global memory read
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 200, 200), (2, 1, 1, 130, 70), (1, 1, 1, 70, 300)])
+def test_attention_reads_each_tile_once_and_skips_tiles_above_the_diagonal(emu, causal, shape):
+    """Bytes cp.async reads: per (batch, head) and 64-row query block, its Q rows once, and each K
+    and V tile of the keys it can see once (causal: keys up to the block's last row)."""
+    b, h, hkv, l, s = shape
+    q = torch.randn(b, h, l, 64).to(torch.float16)
+    k, v = (torch.randn(b, hkv, s, 64).to(torch.float16) for _ in range(2))
+    emu.take_copied_bytes()
+    emu.attention_fwd(q, k, v, None, causal, 0.125, 0.0, None)
+    rows = 0
+    for m0 in range(0, l, 64):
+        keys = min(s, m0 + 64) if causal else s
+        rows += min(64, l - m0) + 2 * keys  # Q, then K and V (partial tiles read only their rows)
+    assert emu.take_copied_bytes() == b * h * rows * 64 * 2
+
+
+@pytest.mark.parametrize("heads, kv_heads, lq, chunks", [(8, 2, 1, 1), (16, 2, 2, 1), (16, 1, 3, 2)])
+@pytest.mark.parametrize("multiprocessors", [1, H200_SMS])
+def test_decode_reads_the_cache_once_per_kv_head(emu, heads, kv_heads, lq, chunks, multiprocessors):
+    """GQA-aware: the (H / Hkv) * Lq query rows of a KV head share each K / V load (blocks of up to
+    32 rows: 48 rows read it twice), whatever the number of splits; keys past a sequence's length
+    are not read."""
+    emu.configure(*DEFAULT, 0, multiprocessors)
+    seqlens = [0, 1, 37, 300]
+    q, k, v, lengths, table = decode_inputs(torch.bfloat16, 64, True, heads, kv_heads, lq, seqlens)
+    emu.take_copied_bytes()
+    emu.decode_attention(q, k, v, lengths, 0.125, table)
+    assert emu.take_copied_bytes() == sum(seqlens) * kv_heads * chunks * 2 * 64 * 2
 
 
 # ---------------------------------------------------------------------------- thread schedules

@@ -80,6 +80,8 @@ inline Config config;
 
 // (grid x, y, z, block x, y, z) of every launch since the harness last cleared the list.
 inline std::vector<std::array<unsigned, 6>> launches;
+// Bytes read from global memory by cp.async (zero-filled bytes not counted), since last cleared.
+inline int64_t copied_bytes = 0;
 
 struct Copy {
   void* dst;
@@ -395,6 +397,7 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) {
     ::gptkern_emu::fail("cp.async of 16 bytes at an address not 16-byte aligned");
   }
+  ::gptkern_emu::copied_bytes += src_bytes;
   const ::gptkern_emu::Copy copy{dst, src, src_bytes};
   if (::gptkern_emu::config.deferred_copies) {
     ::gptkern_emu::current().pending.push_back(copy);

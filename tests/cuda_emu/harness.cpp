@@ -34,10 +34,18 @@ std::vector<int64_t> take_launches() {
   return flat;
 }
 
+// Bytes cp.async read from global memory since the last call.
+int64_t take_copied_bytes() {
+  const int64_t bytes = gptkern_emu::copied_bytes;
+  gptkern_emu::copied_bytes = 0;
+  return bytes;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptkern_emu, m) {
   m.def("configure(str order, bool warps_run_ahead, bool deferred_copies, int seed, int multiprocessors) -> ()",
         &configure);
   m.def("take_launches() -> int[]", &take_launches);
+  m.def("take_copied_bytes() -> int", &take_copied_bytes);
 }
