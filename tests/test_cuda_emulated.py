@@ -13,7 +13,7 @@ schedule lets each warp run ahead to the next __syncthreads and lands each cp.as
 (a missing barrier or wait reads the wrong tile); other schedules must give the same bits. The
 emulator itself is shown to expose those bugs, unwritten shared memory, deadlocks and undefined
 warp-level behaviour in deliberately faulty kernels (tests/cuda_emu/faulty.cpp).
-What it cannot show: timing, bank conflicts, register spills (tests/test_cuda_compile.py checks
+What it cannot show: timing, bank conflicts (but ldmatrix's, counted here), register spills (tests/test_cuda_compile.py checks
 those), or anything the real hardware does differently from the PTX ISA's description.
 """
 import math
@@ -311,6 +311,16 @@ def test_attention_reads_each_tile_once_and_skips_tiles_above_the_diagonal(emu, 
         keys = min(s, m0 + 64) if causal else s
         rows += min(64, l - m0) + 2 * keys  # Q, then K and V (partial tiles read only their rows)
     assert emu.take_copied_bytes() == b * h * rows * 64 * 2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_ldmatrix_has_no_bank_conflicts(emu, head_dim):
+    """The XOR swizzle of the Q, K and V tiles puts the 8 rows each ldmatrix reads (plain for Q
+    and K, transposed for V) in 8 distinct bank groups."""
+    q, k, v = (torch.randn(1, 1, 130, head_dim).to(torch.bfloat16) for _ in range(3))
+    emu.take_ldmatrix_conflicts()
+    emu.attention_fwd(q, k, v, None, False, 0.125, 0.0, None)
+    assert emu.take_ldmatrix_conflicts() == 0
 
 
 @pytest.mark.parametrize("heads, kv_heads, lq, chunks", [(8, 2, 1, 1), (16, 2, 2, 1), (16, 1, 3, 2)])

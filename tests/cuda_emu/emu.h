@@ -82,6 +82,10 @@ inline Config config;
 inline std::vector<std::array<unsigned, 6>> launches;
 // Bytes read from global memory by cp.async (zero-filled bytes not counted), since last cleared.
 inline int64_t copied_bytes = 0;
+// Shared-memory bank conflicts of ldmatrix since last cleared: the wavefronts beyond one per
+// 8x8 matrix. Its 8 rows of 16 bytes fill the 32 four-byte banks once when their addresses fall
+// in 8 distinct 16-byte bank groups ((address / 16) % 8); n rows in one group take n wavefronts.
+inline int64_t ldmatrix_extra_wavefronts = 0;
 
 struct Copy {
   void* dst;
@@ -428,6 +432,13 @@ inline void ldmatrix_emulated(uint32_t (&r)[4], const void* p, bool trans) {
       std::memcpy(&address, slots[i], sizeof(address));
       return address;
     };
+    if (lane == 0) {  // once per warp
+      for (int i = 0; i < 4; ++i) {
+        int rows_in_group[8] = {};
+        for (int j = 0; j < 8; ++j) ++rows_in_group[(reinterpret_cast<uintptr_t>(row(8 * i + j)) >> 4) & 7];
+        ::gptkern_emu::ldmatrix_extra_wavefronts += *std::max_element(rows_in_group, rows_in_group + 8) - 1;
+      }
+    }
     Regs regs;
     for (int i = 0; i < 4; ++i) {
       const int g = lane / 4, t = lane % 4;

@@ -41,6 +41,13 @@ int64_t take_copied_bytes() {
   return bytes;
 }
 
+// ldmatrix's extra wavefronts (bank conflicts) since the last call.
+int64_t take_ldmatrix_conflicts() {
+  const int64_t extra = gptkern_emu::ldmatrix_extra_wavefronts;
+  gptkern_emu::ldmatrix_extra_wavefronts = 0;
+  return extra;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptkern_emu, m) {
@@ -48,4 +55,5 @@ TORCH_LIBRARY_FRAGMENT(gptkern_emu, m) {
         &configure);
   m.def("take_launches() -> int[]", &take_launches);
   m.def("take_copied_bytes() -> int", &take_copied_bytes);
+  m.def("take_ldmatrix_conflicts() -> int", &take_ldmatrix_conflicts);
 }
