@@ -7,6 +7,9 @@ import torch
 # kernel is decorated, i.e. when gptkern.kernels is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import interpreter_bf16  # noqa: E402
+
+    interpreter_bf16.install()  # bf16 tl.dot as on a GPU
 
 import pytest  # noqa: E402
 
