@@ -439,6 +439,7 @@ def test_emulator_fills_shared_memory_with_garbage_per_block(emu):
     ("misaligned_copy", "not 16-byte aligned"),
     ("too_much_shared", "more than 48 KiB"),
     ("throws", "a thread threw: thrown by thread 5"),
+    ("over_bounds", r"64 threads for a kernel of __launch_bounds__\(32\)"),
 ])
 def test_emulator_reports_undefined_behaviour(emu, which, message):
     with pytest.raises(RuntimeError, match=message):

@@ -172,6 +172,15 @@ inline void maybe_release_block() {
   }
 }
 
+// A kernel compiled for at most `bound` threads per block cannot be launched with more.
+inline void check_launch_bounds(int64_t bound) {
+  const int64_t threads = int64_t(::blockDim.x) * ::blockDim.y * ::blockDim.z;
+  if (threads > bound) {
+    fail("a block of " + std::to_string(threads) + " threads for a kernel of __launch_bounds__(" +
+         std::to_string(bound) + ")");
+  }
+}
+
 // The .sync warp operations here take all 32 lanes: one that exited makes the operation undefined.
 inline void maybe_release_warp(Warp& w) {
   if (w.arrived > 0 && w.arrived == w.live) {

@@ -1,6 +1,8 @@
 """Builds the CUDA kernels of csrc/cuda as a CPU library for the emulator (tests/cuda_emu/emu.h).
 
-The sources are copied into build/cuda_emu/src with three kinds of rewrites:
+The sources are copied into build/cuda_emu/src with four kinds of rewrites:
+- a kernel declared ``__launch_bounds__(N, ...)`` starts with
+  ``::gptkern_emu::check_launch_bounds(N)``: a launch of more threads fails on a GPU;
 - a ``__shared__`` declaration becomes a function static followed by
   ``::gptkern_emu::shared_memory(&name, sizeof(name))`` for each variable it declares, which
   fills the variable with 0xff bytes (NaN in every float type) once per block, as shared memory
@@ -124,6 +126,22 @@ def rewrite_shared(text: str) -> str:
     return re.sub(r"^([ \t]*)__shared__\s+(alignas\(\w+\)\s+)?([^;]+);", one, text, flags=re.M)
 
 
+def rewrite_launch_bounds(text: str) -> str:
+    out, pos = [], 0
+    for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\(", text):
+        close = _matching(text, m.end() - 1, "(", ")")
+        bound = _split_top_level(text[m.end():close])[0]
+        body = text.index("{", close)  # a kernel's parameter list holds no brace
+        out.append(text[pos:body + 1] + f" ::gptkern_emu::check_launch_bounds({bound});")
+        pos = body + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def rewrite_kernels(text: str) -> str:
+    return rewrite_launch_bounds(rewrite_shared(rewrite_launches(text)))
+
+
 def _write_if_changed(path: str, text: str) -> None:
     try:
         with open(path) as f:
@@ -148,7 +166,7 @@ def sources() -> list[str]:
     files = []
     for name in KERNELS:
         with open(os.path.join(cuda, name)) as f:
-            text = rewrite_shared(rewrite_launches(f.read()))
+            text = rewrite_kernels(f.read())
         files.append(os.path.join(src, name.replace(".cu", "_emu.cpp")))
         _write_if_changed(files[-1], text)
     for path, schemas in ((os.path.join(CSRC, "ops.cpp"), True), (os.path.join(cuda, "register.cpp"), False)):
@@ -160,7 +178,7 @@ def sources() -> list[str]:
         _write_if_changed(files[-1], text)
     with open(os.path.join(HERE, "faulty.cpp")) as f:
         files.append(os.path.join(src, "faulty_emu.cpp"))
-        _write_if_changed(files[-1], rewrite_shared(rewrite_launches(f.read())))
+        _write_if_changed(files[-1], rewrite_kernels(f.read()))
     return files + [os.path.join(HERE, "harness.cpp")]
 
 

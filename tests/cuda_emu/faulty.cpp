@@ -9,7 +9,8 @@
 //   mismatched_shuffle: the lanes of a warp shuffle with different lane masks (undefined);
 //   misaligned_copy: a 16-byte cp.async from an address that is not 16-byte aligned (faults);
 //   too_much_shared: 64 KiB of static shared memory (the limit is 48 KiB);
-//   throws:        device code that throws (an emulator error must not abort the process).
+//   throws:        device code that throws (an emulator error must not abort the process);
+//   over_bounds:   64 threads for a kernel of __launch_bounds__(32) (a GPU refuses the launch).
 // `out` (64,) fp32 gets what each thread read; the correct kernel would give 1, 2, ..., 64.
 // Written as CUDA: emu_build.py rewrites its __shared__ declarations and kernel launches.
 #include <torch/library.h>
@@ -75,6 +76,8 @@ void throwing_kernel() {
   if (threadIdx.x == 5) throw std::runtime_error("thrown by thread 5");
 }
 
+__global__ void __launch_bounds__(32) over_bounds_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 void deadlock_kernel(float* out) {
   if (threadIdx.x == 0) {
     __syncthreads();
@@ -101,6 +104,8 @@ void faulty(const std::string& which, const at::Tensor& src, const at::Tensor& o
     misaligned_copy_kernel<<<1, kThreads>>>(s);
   } else if (which == "too_much_shared") {
     too_much_shared_kernel<<<1, kThreads>>>(o);
+  } else if (which == "over_bounds") {
+    over_bounds_kernel<<<1, kThreads>>>(o);
   } else if (which == "throws") {
     throwing_kernel<<<1, kThreads>>>();
   } else if (which == "unwritten_shared") {
