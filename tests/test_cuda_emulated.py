@@ -375,6 +375,16 @@ def test_other_thread_schedules_give_the_same_bits(emu, schedule):
 
 # ------------------------------------------------------------------------ the emulator itself
 
+def test_launch_rewrite_keeps_line_numbers():
+    source = "  k<T,\n    D><<<dim3(a,\n b), 32, 0,\n stream()>>>(x,\n y);\n  next();\n"
+    out = emu_build.rewrite_launches(source)
+    assert out.count("\n") == source.count("\n") and out.splitlines()[-1] == "  next();"
+    assert "::gptkern_emu::launch(dim3(dim3(a, b)), dim3(32), 0," in out and "k<T, D>(a...)" in out
+    assert "std::make_tuple(x,\n y)" in out  # evaluated once, before the launch
+    with pytest.raises(ValueError, match="__launch_bounds__"):
+        emu_build.rewrite_launch_bounds("__global__ __launch_bounds__(64) void k() {}")
+
+
 def test_emulator_exposes_a_missing_cp_async_wait(emu):
     src, want = torch.arange(1, 65, dtype=torch.float32), torch.arange(1, 65, dtype=torch.float32)
     out = torch.full((64,), -7.0)

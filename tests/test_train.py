@@ -214,9 +214,21 @@ def test_fp16_autocast_scales_the_loss(data_dir, tmp_path, monkeypatch):
     assert seen[0] == pytest.approx(losses[0] * 2.0 ** 16, rel=1e-3)  # the initial scale
     saved = json.loads((ckpt.latest_checkpoint(str(tmp_path)) / "state.json").read_text())
     assert saved["grad_scaler"]["scale"] == 2.0 ** 16
+    assert saved["grad_scaler"]["_growth_tracker"] == 2  # two steps without overflow
     resumed = Trainer(config(data_dir, tmp_path, dtype="fp16", max_steps=4, checkpoint_interval=2, resume=True))
-    assert resumed.step == 2 and resumed.scaler.get_scale() == 2.0 ** 16
+    assert resumed.step == 2 and resumed.scaler.state_dict() == saved["grad_scaler"]  # a new scaler's tracker is 0
     assert not Trainer(config(data_dir, tmp_path / "bf16", dtype="bf16")).scaler.is_enabled()
+
+
+def test_one_gpu_index_for_every_local_process_is_refused(data_dir, tmp_path, monkeypatch):
+    """Under torchrun with 2 processes per node, --device cuda:1 would put both on GPU 1 (NCCL
+    refuses duplicate GPUs): a clear error instead; --device cuda picks cuda:LOCAL_RANK."""
+    from gptkern.train.trainer import Distributed, pick_device
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="every process of this node on one GPU"):
+        pick_device(config(data_dir, tmp_path, device="cuda:1"), Distributed(1, 1, 2))
+    assert pick_device(config(data_dir, tmp_path, device="cpu"), Distributed(1, 1, 2)) == torch.device("cpu")
 
 
 def test_document_masked_training(data_dir, tmp_path):

@@ -51,6 +51,11 @@ def init_distributed(device_type: str) -> Distributed:
 
 
 def pick_device(config: TrainConfig, env: Distributed) -> torch.device:
+    if config.device != "auto" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        requested = torch.device(config.device)
+        if requested.type == "cuda" and requested.index is not None:
+            raise ValueError(f"--device {config.device} would put every process of this node on one GPU: "
+                             f"use --device cuda (each process takes cuda:LOCAL_RANK)")
     if config.device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", env.local_rank)

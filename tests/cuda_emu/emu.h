@@ -1,8 +1,8 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU, for tests on machines without a GPU.
 //
-// Force-included (g++ -include) before the .cu sources, which tests/cuda_emu/build.py compiles as
-// C++ with GPTKERN_CUDA_EMU defined and each `kernel<<<grid, block, smem, stream>>>(args)`
-// rewritten as `gptkern_emu::launch(grid, block, smem, [&] { kernel(args); })`.
+// Force-included (g++ -include) before the .cu sources, which tests/cuda_emu/emu_build.py
+// compiles as C++ with GPTKERN_CUDA_EMU defined and each `kernel<<<grid, block, smem, stream>>>(args)`
+// rewritten as a call of `gptkern_emu::launch(grid, block, smem, body)`, body calling the kernel.
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the calling thread; blocks run one after
 // another. A fiber runs until it reaches a barrier: __syncthreads waits for every live thread of
@@ -12,12 +12,12 @@
 // block starts. A barrier no thread can pass is a deadlock: launch() throws instead of hanging.
 //
 // What a scheduling order hides, another may show: `config.order` runs the threads released by a
-// barrier lowest first, highest first, or shuffled; with `config.warps_run_ahead` a warp that
-// passes a warp-level barrier goes on at once, so it runs up to the next __syncthreads before the
-// other warps move (otherwise the warps advance in lockstep, which hides missing __syncthreads
-// between warps); `config.deferred_copies` performs each cp.async at the issuing thread's
-// cp.async.wait (a missing wait reads stale shared memory) instead of at once (a missing barrier
-// before the copy overwrites data other warps still read).
+// barrier lowest first, highest first, or shuffled; with `config.warps_run_ahead` (the default) a
+// warp that passes a warp-level barrier goes on at once, so it runs up to the next __syncthreads
+// before the other warps move (otherwise the warps advance in lockstep, which hides missing
+// __syncthreads between warps); `config.deferred_copies` (the default) performs each cp.async at
+// the issuing thread's cp.async.wait (a missing wait reads stale shared memory) instead of at once
+// (a missing barrier before the copy overwrites data other warps still read).
 #pragma once
 
 #include <ucontext.h>
@@ -71,8 +71,8 @@ enum class Order { kForward, kReverse, kRandom };
 
 struct Config {
   Order order = Order::kForward;
+  bool warps_run_ahead = true;
   bool deferred_copies = true;
-  bool warps_run_ahead = false;
   uint64_t seed = 0;
   int multiprocessors = 132;  // what cudaDevAttrMultiProcessorCount reports (an H200's)
 };

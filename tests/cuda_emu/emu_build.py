@@ -75,6 +75,10 @@ def _kernel_start(text: str, end: int) -> int:
     return i
 
 
+def _one_line(piece: str) -> str:
+    return " ".join(piece.split())
+
+
 def rewrite_launches(text: str) -> str:
     out, pos = [], 0
     while (open_at := text.find("<<<", pos)) >= 0:
@@ -92,7 +96,8 @@ def rewrite_launches(text: str) -> str:
         if text[args_open] != "(":
             raise ValueError(f"no argument list after the launch at offset {open_at}")
         args_close = _matching(text, args_open, "(", ")")
-        kernel, args = text[name_start:name_end], text[args_open + 1:args_close]
+        kernel, args = _one_line(text[name_start:name_end]), text[args_open + 1:args_close]
+        config = [_one_line(c) for c in config]  # their newlines go after the call
         smem = config[2] if len(config) > 2 else "0"
         out.append(text[pos:name_start])
         newlines = text.count("\n", name_start, args_open)  # the arguments keep theirs
@@ -128,12 +133,16 @@ def rewrite_shared(text: str) -> str:
 
 def rewrite_launch_bounds(text: str) -> str:
     out, pos = [], 0
+    found = 0
     for m in re.finditer(r"__global__\s+void\s+__launch_bounds__\(", text):
+        found += 1
         close = _matching(text, m.end() - 1, "(", ")")
         bound = _split_top_level(text[m.end():close])[0]
         body = text.index("{", close)  # a kernel's parameter list holds no brace
         out.append(text[pos:body + 1] + f" ::gptkern_emu::check_launch_bounds({bound});")
         pos = body + 1
+    if found != re.sub(r"//.*", "", text).count("__launch_bounds__("):
+        raise ValueError("a __launch_bounds__ not written as `__global__ void __launch_bounds__(...) name(`")
     out.append(text[pos:])
     return "".join(out)
 
