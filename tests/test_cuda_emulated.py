@@ -8,7 +8,8 @@ block per row, vector and scalar loads), reductions over inner dims, views, NaN 
 (causal or not, GQA, L != S both ways, D 64 and 128) with its log2-domain LSE, which the Triton
 backward (the CUDA path's backward) turns into the right gradients; decode over static
 and paged caches with ragged lengths (0 and 1 included), one split and several; the global
-memory both read (counted at cp.async): causal tiles skipped, one cache read per KV head. The default
+memory both read (counted at cp.async): causal tiles skipped, one cache read per KV head, every
+warp-wide read coalesced into the fewest 32-byte sectors. The default
 schedule lets each warp run ahead to the next __syncthreads and lands each cp.async at its wait
 (a missing barrier or wait reads the wrong tile); other schedules must give the same bits. The
 emulator itself is shown to expose those bugs, unwritten shared memory, deadlocks and undefined
@@ -311,6 +312,24 @@ def test_attention_reads_each_tile_once_and_skips_tiles_above_the_diagonal(emu, 
         keys = min(s, m0 + 64) if causal else s
         rows += min(64, l - m0) + 2 * keys  # Q, then K and V (partial tiles read only their rows)
     assert emu.take_copied_bytes() == b * h * rows * 64 * 2
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tile_loads_are_coalesced(emu, head_dim, paged):
+    """Each warp-wide cp.async of the attention and decode kernels touches the fewest 32-byte
+    sectors its bytes fit in (whole rows of 16-byte chunks on consecutive lanes), with a strided q
+    and a paged cache too."""
+    q = torch.randn(1, 130, 2, head_dim).to(torch.float16).transpose(1, 2)
+    k = torch.randn(1, 1, 70, head_dim).to(torch.float16)
+    emu.take_copy_sectors()
+    emu.attention_fwd(q, k, k, None, True, 0.125, 0.0, None)
+    sectors, fewest = emu.take_copy_sectors()
+    assert sectors == fewest > 0
+    q, k, v, seqlens, table = decode_inputs(torch.bfloat16, head_dim, paged, 8, 2, 1, [0, 1, 37, 300])
+    emu.decode_attention(q, k, v, seqlens, 0.125, table)
+    sectors, fewest = emu.take_copy_sectors()
+    assert sectors == fewest > 0
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

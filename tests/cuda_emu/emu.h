@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <functional>
 #include <memory>
 #include <random>
@@ -82,6 +83,9 @@ inline Config config;
 inline std::vector<std::array<unsigned, 6>> launches;
 // Bytes read from global memory by cp.async (zero-filled bytes not counted), since last cleared.
 inline int64_t copied_bytes = 0;
+// Coalescing of those reads: the 32-byte sectors each warp-wide cp.async touched (the lanes'
+// n-th copies together, as one instruction of the warp), and the fewest that could hold its bytes.
+inline int64_t copy_sectors = 0, copy_min_sectors = 0;
 // Shared-memory bank conflicts of ldmatrix since last cleared: the wavefronts beyond one per
 // 8x8 matrix. Its 8 rows of 16 bytes fill the 32 four-byte banks once when their addresses fall
 // in 8 distinct 16-byte bank groups ((address / 16) % 8); n rows in one group take n wavefronts.
@@ -100,6 +104,7 @@ struct Fiber {
   bool done = false;
   const char* waiting_at = nullptr;  // the barrier it waits at, for the deadlock message
   std::vector<Copy> pending;         // cp.async not performed yet
+  int copies_issued = 0;             // cp.async calls of this thread in this block
 };
 
 struct Warp {
@@ -123,7 +128,19 @@ struct Block {
   std::mt19937_64 rng;
   std::unordered_set<void*> shared;  // __shared__ variables filled with garbage in this block
   size_t shared_bytes = 0;
+  std::map<std::pair<int, int>, std::vector<uintptr_t>> warp_copies;  // (warp, n-th copy) -> sources
 };
+
+// Sectors of each warp-wide copy of the block that ran, added to the counters.
+inline void count_sectors(const Block& b) {
+  for (const auto& [key, sources] : b.warp_copies) {
+    std::vector<uintptr_t> sectors;
+    for (uintptr_t a : sources) sectors.push_back(a / 32);  // a 16-byte aligned copy is in one sector
+    std::sort(sectors.begin(), sectors.end());
+    copy_sectors += std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+    copy_min_sectors += (int64_t(sources.size()) * 16 + 31) / 32;
+  }
+}
 inline Block* block = nullptr;
 
 inline Fiber& current() { return block->fibers[block->current]; }
@@ -301,6 +318,7 @@ void launch(dim3 grid, dim3 threads, size_t dynamic_smem, F&& body) {
       swapcontext(&state.scheduler, &state.fibers[state.current].context);
     }
     block = nullptr;
+    count_sectors(state);
     if (!state.error.empty()) throw std::runtime_error("emulated kernel: " + state.error);
     if (state.live > 0) {
       std::string where;
@@ -411,6 +429,9 @@ inline void cp_async_16(void* dst, const void* src, int src_bytes) {
     ::gptkern_emu::fail("cp.async of 16 bytes at an address not 16-byte aligned");
   }
   ::gptkern_emu::copied_bytes += src_bytes;
+  auto& f = ::gptkern_emu::current();
+  const int nth = f.copies_issued++;
+  if (src_bytes) ::gptkern_emu::block->warp_copies[{f.warp, nth}].push_back(reinterpret_cast<uintptr_t>(src));
   const ::gptkern_emu::Copy copy{dst, src, src_bytes};
   if (::gptkern_emu::config.deferred_copies) {
     ::gptkern_emu::current().pending.push_back(copy);

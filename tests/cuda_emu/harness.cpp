@@ -41,6 +41,13 @@ int64_t take_copied_bytes() {
   return bytes;
 }
 
+// (sectors touched, fewest possible) by warp-wide cp.async reads since the last call.
+std::vector<int64_t> take_copy_sectors() {
+  std::vector<int64_t> out{gptkern_emu::copy_sectors, gptkern_emu::copy_min_sectors};
+  gptkern_emu::copy_sectors = gptkern_emu::copy_min_sectors = 0;
+  return out;
+}
+
 // ldmatrix's extra wavefronts (bank conflicts) since the last call.
 int64_t take_ldmatrix_conflicts() {
   const int64_t extra = gptkern_emu::ldmatrix_extra_wavefronts;
@@ -56,4 +63,5 @@ TORCH_LIBRARY_FRAGMENT(gptkern_emu, m) {
   m.def("take_launches() -> int[]", &take_launches);
   m.def("take_copied_bytes() -> int", &take_copied_bytes);
   m.def("take_ldmatrix_conflicts() -> int", &take_ldmatrix_conflicts);
+  m.def("take_copy_sectors() -> int[]", &take_copy_sectors);
 }
