@@ -18,6 +18,14 @@ def triton_dtype_support(*dtypes: torch.dtype) -> Optional[str]:
     return f"dtype {bad[0]} (supported: float16, bfloat16, float32)" if bad else None
 
 
+def checks_read_values(t: torch.Tensor) -> bool:
+    """Whether argument checks may read ``t``'s values on the host: on CPU tensors only, and not
+    while torch.compile traces. On a GPU such a read would be a host sync per call, and is not
+    permitted while a CUDA graph captures (the kernels trust the values, as flash-attn's do).
+    Call it as ``_checks.checks_read_values``: tests/cuda_graph_emu.py patches it here."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")

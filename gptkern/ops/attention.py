@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import cuda_attention
+from gptkern.ops import _checks, cuda_attention
 from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -537,7 +537,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
     # On a GPU the kernels trust the offsets' values, as flash-attn's do: checking them would cost a
     # host sync per call.
-    checked = bounds() if not compiling and q.device.type == "cpu" else None
+    checked = bounds() if _checks.checks_read_values(q) else None
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     name = _varlen_backend(q, v, dropout_p)

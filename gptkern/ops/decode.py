@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import cuda_attention
+from gptkern.ops import _checks, cuda_attention
 from gptkern.ops._checks import check_float_arg, check_tensor, triton_dtype_support
 
 
@@ -54,7 +54,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
                            f"got {block_table.dtype} {list(block_table.shape)}")
     if scale is not None:
         check_float_arg(scale, "scale", "decode_attention")
-    if torch.compiler.is_compiling() or q.device.type != "cpu":
+    if not _checks.checks_read_values(q):
         return  # the value checks below read the tensors: no host sync per token on a GPU
     block_size = k_cache.shape[2]
     capacity = block_size * (block_table.shape[1] if block_table is not None else 1)

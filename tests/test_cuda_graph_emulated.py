@@ -1,0 +1,131 @@
+"""The CUDA-graph decode path of generate(), run on the CPU under tests/cuda_graph_emu.py: replay
+gives the tokens of eager decoding, and the step reads nothing on the host while capturing. The
+same check on a real GPU is tests/test_gpu_generation.py."""
+import pytest
+import torch
+
+import cuda_graph_emu
+import gptkern
+from gptkern.generation import generate
+from gptkern.models import GPT, GPTConfig
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+    return cuda_graph_emu.install(monkeypatch)
+
+
+def capture(fn):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+# --- the emulator keeps a real capture's semantics ---------------------------------------------
+
+def test_capture_runs_nothing_and_replay_runs_everything(emulator):
+    state = torch.arange(4.0)
+    graph, out = capture(lambda: state.add_(1) * 2)
+    assert torch.equal(state, torch.arange(4.0))  # the in-place write was not applied
+    assert out.isnan().all()  # a tensor made by the capture holds garbage until a replay
+    graph.replay()
+    assert torch.equal(state, torch.arange(4.0) + 1) and torch.equal(out, state * 2)
+    graph.replay()
+    assert torch.equal(state, torch.arange(4.0) + 2) and torch.equal(out, state * 2)
+    assert emulator.replays == 2
+
+
+def test_python_values_are_frozen_at_capture(emulator):
+    buffer, counter = torch.zeros(3), [0]
+
+    def step():
+        counter[0] += 1
+        buffer[counter[0] % 3] += 1.0  # the index is a Python int: fixed by the capture
+        return buffer.sum()
+
+    graph, total = capture(step)
+    for _ in range(3):
+        graph.replay()
+    assert counter == [1] and buffer.tolist() == [0.0, 3.0, 0.0] and total.item() == 3.0
+
+
+@pytest.mark.parametrize("host_read", [
+    lambda t: t.item(), lambda t: t.tolist(), lambda t: bool(t.sum() > 0), lambda t: int(t.sum()),
+    lambda t: t.nonzero(), lambda t: t + torch.tensor([1.0]),
+])
+def test_host_reads_while_capturing_raise(emulator, host_read):
+    x = torch.ones(1)
+    with pytest.raises(cuda_graph_emu.CaptureError, match="CUDA graph capture"):
+        capture(lambda: host_read(x * 2))
+    assert x.item() == 1.0 and x.tolist() == [1.0]  # the Tensor methods are back after the capture
+    assert gptkern.ops._checks.checks_read_values(x)
+
+
+def test_data_dependent_shapes_fail_at_replay(emulator):
+    n = [3]
+    graph, _ = capture(lambda: torch.ones(n[0]) * 2)
+    graph.replay()
+    graph.ops[0] = (torch.ops.aten.ones.default, ([4],), {"dtype": torch.float32}, *graph.ops[0][3:])
+    with pytest.raises(cuda_graph_emu.CaptureError, match="captured as"):
+        graph.replay()
+
+
+# --- generate(cuda_graph=True) ------------------------------------------------------------------
+
+def _model(preset):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name(preset, n_layer=2, init_std=0.2)).eval()
+
+
+def _prompts(vocab):
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0  # a shorter, left-padded prompt
+    mask[2, :8] = 0  # a one-token prompt
+    return prompt, mask
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("cache", ["static", "paged"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_graph_decode_equals_eager(emulator, preset, cache, backend):
+    model = _model(preset)
+    prompt, mask = _prompts(model.config.vocab_size)
+    new = 16
+    with gptkern.backend(backend):
+        eager = generate(model, prompt, new, attention_mask=mask, cache=cache, cuda_graph=False)
+        assert emulator.replays == 0
+        graphed = generate(model, prompt, new, attention_mask=mask, cache=cache, cuda_graph=True)
+    assert len(set(eager[:, 9:].flatten().tolist())) > 8  # varied tokens: the comparison means something
+    assert torch.equal(graphed, eager)
+    # the prefill and the first decode step run eagerly, the second is captured, all the rest replayed
+    assert len(emulator.graphs) == 1 and emulator.replays == new - 2
+
+
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_graph_decode_with_early_stops_and_sampling(emulator, cache):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    free = generate(model, prompt, 14, attention_mask=mask, cuda_graph=False)
+    eos = int(free[1, 9 + 4])  # row 1 stops after 5 tokens, the others go on (or stop later)
+    kwargs = dict(attention_mask=mask, cache=cache, eos_token_id=eos, pad_token_id=0)
+    eager = generate(model, prompt, 14, cuda_graph=False, **kwargs)
+    graphed = generate(model, prompt, 14, cuda_graph=True, **kwargs)
+    assert torch.equal(graphed, eager)
+    assert (eager[1, 9 + 5:] == 0).all() and not (eager[0, 9:] == eos).any()
+    sampled = [generate(model, prompt, 12, attention_mask=mask, cache=cache, do_sample=True, top_p=0.9, seed=3,
+                        cuda_graph=graph) for graph in (False, True)]
+    assert torch.equal(*sampled)
+
+
+def test_graph_decode_through_the_triton_decode_kernel(emulator):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    with gptkern.backend("torch"):
+        expected = generate(model, prompt, 6, attention_mask=mask, cuda_graph=False)
+    with gptkern.backend("triton"):
+        graphed = generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(graphed, expected)
+    assert emulator.replays == 4
