@@ -40,8 +40,9 @@ def _timed(fn, device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-# Tokens a generate call makes before its steady state: the prefill's, an eager decode step and
-# the step that captures the CUDA graph (gptkern on CUDA; the others' steady state starts sooner).
+# Tokens a generate call makes before its steady state: the prefill's and, on a model's first call
+# of a shape, an eager decode step and the step that captures the CUDA graph (gptkern on CUDA; the
+# timed calls replay the graph kept from the warm-up call; the others' steady state starts sooner).
 WARM_TOKENS = 3
 
 

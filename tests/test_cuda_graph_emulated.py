@@ -129,3 +129,84 @@ def test_graph_decode_through_the_triton_decode_kernel(emulator):
         graphed = generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
     assert torch.equal(graphed, expected)
     assert emulator.replays == 4
+
+
+# --- the kept graph: reused by the next call of the same shape ----------------------------------
+
+def _captures_and_replays(emulator):
+    return len(emulator.graphs), emulator.replays
+
+
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_next_call_of_the_same_shape_replays_the_kept_graph(emulator, cache):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    other = torch.randint(1, model.config.vocab_size, prompt.shape, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(attention_mask=mask, cache=cache, eos_token_id=3, pad_token_id=0)
+    expected = [generate(model, p, 12, cuda_graph=False, **kwargs) for p in (prompt, other, prompt)]
+    assert not torch.equal(expected[0], expected[1])
+    got = [generate(model, p, 12, cuda_graph=True, **kwargs) for p in (prompt, other, prompt)]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    # one capture; the later calls replay from their first decode step (the cache was reset)
+    assert _captures_and_replays(emulator) == (1, 10 + 11 + 11)
+
+
+def test_a_new_shape_backend_or_parameter_tensor_captures_again(emulator):
+    model = _model("gpt2-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+
+    def check(new, **kwargs):
+        expected = generate(model, prompt, new, attention_mask=mask, cuda_graph=False, **kwargs)
+        assert torch.equal(generate(model, prompt, new, attention_mask=mask, cuda_graph=True, **kwargs), expected)
+        return len(emulator.graphs)
+
+    assert check(8) == 1 and check(8) == 1
+    assert check(9) == 2  # another total length
+    assert check(8) == 3  # only the last graph is kept
+    assert check(8, cache="paged") == 4
+    with gptkern.backend("torch"):
+        assert check(8, cache="paged") == 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert check(8, cache="paged") == 6
+    assert check(8, cache="paged") == 7  # back to auto, no autocast
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.5)  # in place: the graph reads the new values
+    assert check(8, cache="paged") == 7
+    model.transformer.ln_f.weight = torch.nn.Parameter(model.transformer.ln_f.weight * 0.5)  # a new tensor
+    assert check(8, cache="paged") == 8
+    gptkern.generation.release_decode_graphs(model)
+    assert check(8, cache="paged") == 9
+
+
+def test_interleaved_streams_each_get_a_cache(emulator):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    other = prompt.flip(0)
+    other_mask = mask.flip(0)
+    expected = [generate(model, p, 10, attention_mask=m, cuda_graph=False) for p, m in ((prompt, mask),
+                                                                                          (other, other_mask))]
+    generate(model, prompt, 10, attention_mask=mask, cuda_graph=True)  # a kept graph of this shape
+    never_iterated = generate(model, prompt, 10, attention_mask=mask, cuda_graph=True, stream=True)
+    first = generate(model, prompt, 10, attention_mask=mask, cuda_graph=True, stream=True)
+    second = generate(model, other, 10, attention_mask=other_mask, cuda_graph=True, stream=True)
+    tokens = [[], []]
+    for a, b in zip(first, second):  # both in flight at once: the second cannot use the kept cache
+        tokens[0].append(a)
+        tokens[1].append(b)
+    for got, p, e in zip(tokens, (prompt, other), expected):
+        assert torch.equal(torch.cat([p, torch.stack(got, 1)], 1), e)
+    assert len(emulator.graphs) == 2
+    del never_iterated
+
+
+def test_a_failed_call_drops_its_graph(emulator, monkeypatch):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    expected = generate(model, prompt, 10, attention_mask=mask, cuda_graph=False)
+    generate(model, prompt, 10, attention_mask=mask, cuda_graph=True)
+    steps = generate(model, prompt, 10, attention_mask=mask, cuda_graph=True, stream=True)
+    next(steps), next(steps)
+    with pytest.raises(ValueError, match="injected"):
+        steps.throw(ValueError("injected"))
+    assert torch.equal(generate(model, prompt, 10, attention_mask=mask, cuda_graph=True), expected)
+    assert len(emulator.graphs) == 2

@@ -218,3 +218,14 @@ def test_stop_string_spanning_tokens():
 
     out = generate(model, prompt, 10, stop_strings=["é"], tokenizer=Positional())
     assert out.shape[1] == 4 + 5
+
+
+def test_generate_under_autocast_caches_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("llama-tiny", n_layer=2, init_std=0.2)).eval()
+    prompt, mask = left_padded([6, 2], vocab=512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = gptkern.generation.kv_cache.make_cache(model, "paged", 2, 16)
+        static, paged = (generate(model, prompt, 8, attention_mask=mask, cache=kind) for kind in ("static", "paged"))
+    assert cache.k[0].dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    assert torch.equal(static, paged) and static.shape == (2, 14)

@@ -22,6 +22,9 @@ def test_cuda_graph_decode_equals_eager(preset, cache):
     eager = generate(model, prompt, 40, attention_mask=mask, cache=cache, cuda_graph=False)
     graphed = generate(model, prompt, 40, attention_mask=mask, cache=cache, cuda_graph=True)
     assert torch.equal(graphed, eager)
+    other = prompt.flip(1)  # the same shape: replays the graph kept from the call above
+    assert torch.equal(generate(model, other, 40, attention_mask=mask, cache=cache, cuda_graph=True),
+                       generate(model, other, 40, attention_mask=mask, cache=cache, cuda_graph=False))
     sampled = [generate(model, prompt, 20, attention_mask=mask, do_sample=True, top_p=0.9, seed=3, cache=cache,
                         cuda_graph=graph) for graph in (False, True)]
     assert torch.equal(*sampled)

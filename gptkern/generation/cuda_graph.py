@@ -1,11 +1,19 @@
-"""The decode step as a CUDA graph: captured once per generate call, replayed for every token."""
+"""The decode step as a CUDA graph, captured once and replayed for every token; the last graph of
+each model (with its KV cache) is kept for the next generate call of the same shape."""
 from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Optional
 
 import torch
 
+from gptkern import _backend
+from gptkern.generation.kv_cache import StaticKVCache, make_cache
+
 
 class GraphedDecodeStep:
-    """``step(tokens (B,)) -> logits (B, V)`` of one decode step over a static KV cache.
+    """``step(model, tokens (B,)) -> logits (B, V)`` of one decode step over a fixed KV cache.
 
     The first call runs eagerly (it compiles the kernels and is a real step); the second
     captures the step into a CUDA graph whose inputs and outputs are fixed buffers, and every
@@ -13,26 +21,83 @@ class GraphedDecodeStep:
     length counter are part of the graph, so they advance on each replay.
     """
 
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
-        self.graph = None
-        self.tokens = None
-        self.logits = None
+    def __init__(self, cache: StaticKVCache):
+        self.cache = cache
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.tokens: Optional[torch.Tensor] = None  # (B, 1), the graph's input
+        self.logits: Optional[torch.Tensor] = None  # (B, V), the graph's output
 
-    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.transformer(tokens, None, cache=self.cache)  # (B, 1, C)
-        return self.model.lm_head(hidden[:, -1])
+    def _run(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = model.transformer(tokens, None, cache=self.cache)  # (B, 1, C)
+        return model.lm_head(hidden[:, -1])
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model, tokens: torch.Tensor) -> torch.Tensor:
         if self.tokens is None:  # first step: eager, warms up every kernel
             self.tokens = tokens[:, None].clone()
-            return self._run(self.tokens)
+            return self._run(model, self.tokens)
+        self.tokens.copy_(tokens[:, None])
         if self.graph is None:
-            self.tokens.copy_(tokens[:, None])
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run(self.tokens)
-        else:
-            self.tokens.copy_(tokens[:, None])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._run(model, self.tokens)
+            self.graph = graph  # only once captured: a failed capture is tried again next step
         self.graph.replay()
         return self.logits
+
+
+class _Kept:
+    """A cache and its graphed step, with what they were made for."""
+
+    def __init__(self, key: tuple, cache: StaticKVCache):
+        self.key, self.cache, self.step = key, cache, GraphedDecodeStep(cache)
+        self.busy = True
+
+
+# model -> its last graphed step; dropped with the model
+_kept: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
+
+
+def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]) -> tuple:
+    """What a captured step depends on: the shapes, the backend, autocast and the parameters'
+    memory (a graph reads them by address: in-place updates are seen, replaced tensors are not)."""
+    tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    device = tensors[0][2].type
+    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    return (kind, batch_size, max_seq_len, num_blocks, _backend.get_backend(),
+            torch.get_float32_matmul_precision(), autocast, tensors)
+
+
+class DecodeGraphSession:
+    """The cache and graphed step of one generate call: the model's kept ones when the key matches
+    and no other call is using them (reset first), else new ones, kept when the call ends."""
+
+    def __init__(self, model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]):
+        self.model = model
+        key = _key(model, kind, batch_size, max_seq_len, num_blocks)
+        kept = _kept.get(model)
+        if kept is not None and kept.key == key and not kept.busy:
+            kept.busy = True
+            kept.cache.reset()
+            self.kept = kept
+        else:
+            self.kept = _Kept(key, make_cache(model, kind, batch_size, max_seq_len, num_blocks))
+        self.cache, self.step = self.kept.cache, self.kept.step
+
+    def release(self, ok: bool) -> None:
+        """At the end of the call: keep the step for the next call, unless it failed."""
+        self.kept.busy = False
+        current = _kept.get(self.model)
+        if not ok:
+            if current is self.kept:
+                del _kept[self.model]
+        elif current is None or not current.busy:
+            _kept[self.model] = self.kept  # the previous graph and cache are freed
+
+
+def release_decode_graphs(model: Optional[torch.nn.Module] = None) -> None:
+    """Free the CUDA graph and KV cache that generate keeps for ``model`` (every model: None)."""
+    if model is None:
+        _kept.clear()
+    else:
+        _kept.pop(model, None)

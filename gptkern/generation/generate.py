@@ -5,8 +5,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from gptkern.generation.cuda_graph import GraphedDecodeStep
-from gptkern.generation.kv_cache import PagedKVCache, StaticKVCache
+from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
+from gptkern.generation.kv_cache import check_cache_kind, make_cache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
 
 
@@ -44,16 +44,8 @@ def _stop_ids(eos_token_id: Union[int, Sequence[int], None], device) -> Optional
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def make_cache(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int] = None):
-    if kind == "static":
-        return StaticKVCache.for_model(model, batch_size, max_seq_len)
-    if kind == "paged":
-        return PagedKVCache.for_model(model, batch_size, max_seq_len, num_blocks=num_blocks)
-    raise ValueError(f"cache must be 'static' or 'paged', got {kind!r}")
-
-
 @torch.no_grad()
-def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, do_sample, temperature, top_k, top_p,
+def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Optional[GraphedDecodeStep], do_sample, temperature, top_k, top_p,
                   repetition_penalty, eos, pad_token_id, stop_strings, tokenizer, generator
                   ) -> Iterator[torch.Tensor]:
     """Yields (B,) next tokens, finished sequences padded, until all stop or the budget is spent."""
@@ -67,10 +59,9 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, cuda_graph, 
         cache.allocate(lengths)
     done = [False] * b
     step_input, step_mask = input_ids, mask
-    graphed = GraphedDecodeStep(model, cache) if cuda_graph and cache is not None else None
     for step in range(max_new_tokens):
         if graphed is not None and step > 0:
-            logits = graphed(step_input[:, 0])
+            logits = graphed(model, step_input[:, 0])
         else:
             hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
             logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
@@ -128,12 +119,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     ``cache``: ``static`` (per-sequence buffers) or ``paged`` (a shared pool of 16-token blocks,
     ``num_cache_blocks`` of them; finished sequences return theirs); ``use_cache=False`` runs the
     whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
-    decode step once and replays it for every token.
+    decode step once and replays it for every token; the graph and its cache are kept for the
+    model's next call with the same batch size, total length and cache
+    (:func:`gptkern.generation.release_decode_graphs` frees them).
     """
     model_device = next(model.parameters()).device
     input_ids = input_ids.to(model_device)
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:
         raise ValueError("a sliding-window model decodes with cache='static' (the paged cache has no windows)")
     if stop_strings and tokenizer is None:
@@ -146,24 +140,34 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         generator = torch.Generator(device=model_device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    kv_cache = None
-    if use_cache and max_new_tokens:
-        kv_cache = make_cache(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
-    steps = _decode_steps(model, input_ids, mask, max_new_tokens, cache=kv_cache, cuda_graph=cuda_graph,
-                          do_sample=do_sample,
-                          temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
-                          stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
+    shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
+    use_cache = use_cache and max_new_tokens > 0
+    # the graphed path takes the model's kept cache when the generator starts, and gives it back
+    # when it ends (a stream that is never iterated holds nothing)
+    kv_cache = make_cache(model, *shape) if use_cache and not cuda_graph else None
 
-    def restoring(it):
+    def steps():
+        session, ok = None, True
         try:
-            yield from it
+            if use_cache and cuda_graph:
+                session = DecodeGraphSession(model, *shape)
+            yield from _decode_steps(model, input_ids, mask, max_new_tokens,
+                                     cache=session.cache if session is not None else kv_cache,
+                                     graphed=session.step if session is not None else None,
+                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
+                                     stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
+        except Exception:
+            ok = False  # a graph that failed is not kept
+            raise
         finally:
             model.train(was_training)
+            if session is not None:
+                session.release(ok)
 
     if stream:
-        return restoring(steps)
-    new = list(restoring(steps))
+        return steps()
+    new = list(steps())
     return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()

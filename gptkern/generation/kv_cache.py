@@ -172,6 +172,13 @@ class PagedKVCache(StaticKVCache):
     def reorder(self, rows: torch.Tensor) -> None:
         raise NotImplementedError("beam search reorders rows of a static cache; the paged cache does not")
 
+    def reset(self) -> None:
+        """Empty: every block back in the pool (the tensors stay the same objects)."""
+        self.free_blocks = list(range(self.k[0].shape[0] - 1, 0, -1))
+        self.owned = [[] for _ in self.owned]
+        self._sync_table()
+        super().reset()
+
     def _slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> (block ids, offsets in the block), each (B, T)."""
         blocks = self.block_table.gather(1, (positions // self.block_size).clamp(max=self.block_table.shape[1] - 1))
@@ -200,8 +207,29 @@ class PagedKVCache(StaticKVCache):
         return ops.decode_attention(q, self.k[layer], self.v[layer], self.seqlens + lq, block_table=self.block_table)
 
 
+def make_cache(model: torch.nn.Module, kind: str, batch_size: int, max_seq_len: int,
+               num_blocks: Optional[int] = None) -> StaticKVCache:
+    """A ``static`` or ``paged`` cache for ``model``'s layers on its device, in its dtype (under
+    autocast of an fp32 model, in the autocast dtype)."""
+    check_cache_kind(kind)
+    weight = next(model.parameters())
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(weight.device.type) and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype(weight.device.type)  # the keys and values autocast makes
+    if kind == "static":
+        return StaticKVCache.for_model(model, batch_size, max_seq_len, dtype=dtype)
+    return PagedKVCache.for_model(model, batch_size, max_seq_len, num_blocks=num_blocks, dtype=dtype)
+
+
+def check_cache_kind(kind: object) -> None:
+    if kind not in ("static", "paged"):
+        raise ValueError(f"cache must be 'static' or 'paged', got {kind!r}")
+
+
 class LayerCache:
-    """One layer's view of a cache, handed to its attention module for one forward."""
+    """One layer's view of a cache, handed to its attention module for one forward. Keys, values
+    and queries are cast to the cache's dtype (they differ under autocast) and the attention
+    output back to the queries'."""
 
     def __init__(self, cache: StaticKVCache, index: int, prompt_lengths: Optional[torch.Tensor]):
         self.cache, self.index, self.prompt_lengths = cache, index, prompt_lengths
@@ -214,7 +242,10 @@ class LayerCache:
         lengths = self.prompt_lengths
         if lengths is None:
             lengths = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
-        self.cache.write_prompt(self.index, k, v, lengths)
+        dtype = self.cache.k[self.index].dtype
+        self.cache.write_prompt(self.index, k.to(dtype), v.to(dtype), lengths)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-        return self.cache.decode(self.index, q, k, v, window)
+        dtype = self.cache.k[self.index].dtype
+        out = self.cache.decode(self.index, q.to(dtype), k.to(dtype), v.to(dtype), window)
+        return out.to(q.dtype)
