@@ -1,4 +1,5 @@
 """The training loop: loss goes down, exact resume, atomic checkpoints, NaN stop, config checks, DDP."""
+import dataclasses
 import json
 import os
 import signal
@@ -147,10 +148,16 @@ def test_cli_flags_and_config_files(tmp_path):
     assert (cfg.preset, cfg.max_steps, cfg.lr, cfg.compile) == ("llama-tiny", 7, 3e-4, True)
     assert cfg.model == {"n_layer": 3, "n_embd": 64}
     assert parse(["--config", str(tmp_path / "run.yaml")]).lr == 0.01
-    with pytest.raises(ValueError, match="unknown setting --learning_rate"):
+    with pytest.raises(ValueError, match="unknown flag --learning-rate; `gptkern train -h` lists every flag"):
         parse(["--learning-rate", "1"])
-    with pytest.raises(ValueError, match="--max_steps expects int"):
+    with pytest.raises(ValueError, match="unknown flag --max_step \\(did you mean --max-steps\\?\\)"):
+        parse(["--max_step=3"])
+    with pytest.raises(ValueError, match="--max-steps expects int"):
         parse(["--max-steps", "many"])
+    with pytest.raises(ValueError, match="--compile expects true or false"):
+        parse(["--compile", "maybe"])
+    with pytest.raises(ValueError, match="--lr needs a value"):
+        parse(["--lr"])
     with pytest.raises(ValueError, match="n_embd .* divisible"):
         parse(["--n-embd", "130"])
 
@@ -234,3 +241,14 @@ def test_one_gpu_index_for_every_local_process_is_refused(data_dir, tmp_path, mo
 def test_document_masked_training(data_dir, tmp_path):
     losses = train(config(data_dir, tmp_path, max_steps=6, doc_mask=True, checkpoint_interval=6))
     assert len(losses) == 6 and all(loss == loss for loss in losses) and losses[-1] < losses[0]
+
+
+def test_train_help_lists_every_flag(capsys):
+    from gptkern.train import cli as train_cli
+
+    assert train_cli.main(["-h"]) == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model":
+            assert f"--{f.name.replace('_', '-')} " in text
+    assert "--n-kv-head" in text and "--max-steps INT" in text and "(default 1000)" in text

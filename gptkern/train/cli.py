@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from gptkern.train.config import TrainConfig, apply_flags, read_config_file
+from gptkern.train.config import TrainConfig, apply_flags, flags_help, read_config_file
 
 
 def parse(argv: Sequence[str]) -> TrainConfig:
@@ -32,7 +32,7 @@ def parse(argv: Sequence[str]) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        print(__doc__.strip() + "\n\n" + flags_help())
         return 0
     if argv[:1] == ["seq2seq"]:
         from gptkern.train.tasks import main_seq2seq
@@ -43,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = parse(argv)
     except ValueError as err:
-        print(f"gptkern train: {err}", file=sys.stderr)
+        print(f"gptkern train: error: {err}", file=sys.stderr)
         return 2
     try:
         losses = train(config)

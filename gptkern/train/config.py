@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +95,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _convert(name: str, kind, text: str) -> Any:
     """A flag's text as the field's type (Optional unwrapped)."""
     args = typing.get_args(kind)
@@ -102,14 +108,69 @@ def _convert(name: str, kind, text: str) -> Any:
         kind = next(a for a in args if a is not type(None))
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"--{name} expects true or false, got {text!r}")
+            raise ValueError(f"{_flag(name)} expects true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind in (int, float, str):
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+            raise ValueError(f"{_flag(name)} expects {kind.__name__}, got {text!r}") from None
     return json.loads(text)
+
+
+# One line per TrainConfig field for ``gptkern train -h``.
+FLAG_HELP = {
+    "preset": "model preset to start from (gpt2-tiny, gpt2-small, ..., llama-tiny, llama-small)",
+    "model": "GPTConfig overrides (a [model] table in a config file; as flags: --n-layer 6 ...)",
+    "data": "folder of token shards written by `gptkern prepare`",
+    "out_dir": "run folder: config, metrics, loss curve, checkpoints/",
+    "batch_size": "sequences per micro-batch and rank",
+    "block_size": "training window in tokens (default: the model's; a longer one grows the model's context)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "optimizer steps",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "steps of linear warmup",
+    "weight_decay": "AdamW weight decay (not on norms and biases)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "eval_interval": "validation loss and perplexity every N steps",
+    "eval_steps": "validation batches per evaluation",
+    "log_interval": "metrics line every N steps",
+    "checkpoint_interval": "checkpoint every N steps (and at the end)",
+    "keep_last": "checkpoints kept",
+    "seed": "seed of the model init, the data windows and dropout",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16",
+    "compile": "torch.compile the model",
+    "activation_checkpointing": "recompute each block's activations in the backward",
+    "doc_mask": "attention stays inside each EOS-separated document (varlen attention)",
+    "fsdp": "FSDP2 (fully_shard) instead of DDP under torchrun",
+    "peak_tflops": "peak TFLOP/s per device for MFU (default: known GPUs' dense bf16 peak)",
+    "max_seconds": "stop (and checkpoint) after this much training time",
+    "resume": "continue from the last checkpoint in out_dir",
+    "progress": "show the progress bar",
+}
+
+
+def flags_help() -> str:
+    """Every training flag with its type, default and meaning, then the model overrides."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        kind = typing.get_args(hints[f.name])[0] if type(None) in typing.get_args(hints[f.name]) else hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = FLAG_HELP[f.name] + ("" if default is None else f" (default {default})")
+        rows.append((f"{_flag(f.name)} {kind.__name__.upper()}", text))
+    width = max(len(flag) for flag, _ in rows)
+    lines = ["training flags:"] + [f"  {flag:<{width}}  {text}" for flag, text in rows]
+    model = ", ".join(_flag(f.name) for f in dataclasses.fields(GPTConfig) if f.name not in hints)
+    lines += ["model overrides (GPTConfig fields, on top of --preset):",
+              textwrap.fill(model, width=100, initial_indent="  ", subsequent_indent="  ")]
+    return "\n".join(lines)
 
 
 def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
@@ -123,8 +184,8 @@ def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
         flag = flags[i]
         if not flag.startswith("--"):
             raise ValueError(f"expected --key value, got {flag!r}")
-        key, _, text = flag[2:].partition("=")
-        key = key.replace("-", "_")
+        typed, _, text = flag.partition("=")
+        key = typed[2:].replace("-", "_")
         if not text:
             is_bool = hints.get(key) is bool or model_hints.get(key) is bool
             if is_bool and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
@@ -133,14 +194,16 @@ def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
                 i += 1
                 text = flags[i]
             else:
-                raise ValueError(f"--{key} needs a value")
+                raise ValueError(f"{typed} needs a value")
         if key in hints and key != "model":
             values[key] = _convert(key, hints[key], text)
         elif key in model_hints:
             values["model"][key] = _convert(key, model_hints[key], text)
         else:
-            raise ValueError(f"unknown setting --{key}; training settings: {sorted(hints)}; model settings: "
-                             f"{sorted(model_hints)}")
+            known = [_flag(name) for name in (*hints, *model_hints) if name != "model"]
+            close = difflib.get_close_matches(_flag(key), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown flag {typed}{hint}; `gptkern train -h` lists every flag")
         i += 1
     return values
 
