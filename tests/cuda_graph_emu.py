@@ -10,14 +10,19 @@ stand-ins that keep the semantics that matter to the captured code:
 - Replay runs the recorded operations again on the same tensors: in-place operations mutate
   their recorded arguments, and the outputs of the others are copied into the tensors made
   during capture. Python code, Python numbers and host-side state are frozen as captured.
-- Reading a tensor on the host while capturing (``item``, ``tolist``, ``bool``, ``int``, ...)
-  and data-dependent output shapes (``nonzero``, ...) raise, as they do under a real capture.
-  The argument checks that read values on CPU tensors only (``gptkern.ops._checks.
+- Reading a tensor on the host while capturing (``item``, ``tolist``, ``bool``, ``int``,
+  ``cpu``, ``torch.equal``, ...) and data-dependent output shapes (``nonzero``, boolean-mask
+  indexing, ``repeat_interleave`` by a tensor, ``bincount``, ...) raise, as they do under a real
+  capture. The argument checks that read values on CPU tensors only (``gptkern.ops._checks.
   checks_read_values``) are told that the tensors are on a GPU while capturing.
+- A graph reads the tensors made before its capture by address, without keeping them alive:
+  the emulator holds them by weak reference, and a replay after one was freed raises.
 
 Limits: all tensors are on the CPU here, so a host tensor that the real code would keep on the
-CPU on purpose cannot be told apart from a device tensor; a custom op is recorded as one
-operation, so the host code inside its Python implementation is checked for host reads only.
+CPU on purpose (a 0-dim scalar, frozen at capture on a GPU) cannot be told apart from a device
+tensor; a custom op is recorded as one operation, so only Python-level host reads inside its
+implementation are caught; a weak reference dies with the tensor object, which may happen while
+another view keeps its memory alive (stricter than a GPU).
 """
 from __future__ import annotations
 
@@ -27,10 +32,25 @@ from typing import Any
 import torch
 from gptkern.ops import _checks
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import TensorWeakRef
 
-_DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique2", "unique_consecutive", "unique_dim"}
-_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+_DATA_DEPENDENT = {"nonzero", "nonzero_static", "masked_select", "unique", "_unique2", "unique_consecutive",
+                   "unique_dim", "bincount", "equal"}
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _host_sync(func, args, kwargs) -> bool:
+    """Operations whose output shape (or result) the host must read."""
+    name = func.overloadpacket.__name__
+    if name in _DATA_DEPENDENT:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # boolean-mask indexing
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if name == "repeat_interleave":  # by a tensor of repeats, unless told the output size
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
+    return False
 
 
 class CaptureError(RuntimeError):
@@ -54,8 +74,10 @@ def _shares_memory(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
 def _poison(t: torch.Tensor) -> None:
     if t.is_floating_point() or t.is_complex():
         t.fill_(float("nan"))
-    elif t.dtype != torch.bool:
-        t.fill_(-7777)
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).min if t.is_signed() else torch.iinfo(t.dtype).max)
 
 
 class _Recorder(TorchDispatchMode):
@@ -70,9 +92,9 @@ class _Recorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name == "_local_scalar_dense":
             raise CaptureError(f"CUDA graph capture: {func} reads a tensor on the host while capturing")
-        if name in _DATA_DEPENDENT:
-            raise CaptureError(f"CUDA graph capture: {func} has a data-dependent output shape (a host sync)")
-        if name in ("lift_fresh", "lift_fresh_copy"):
+        if _host_sync(func, args, kwargs):
+            raise CaptureError(f"CUDA graph capture: {func} has a data-dependent result (a host sync)")
+        if name in ("lift_fresh", "lift_fresh_copy") and args[0].dim() > 0:
             raise CaptureError("CUDA graph capture: torch.tensor(<Python data>) copies host memory while capturing")
         inputs = _tensors((args, kwargs))
         for i in _writes(func):
@@ -90,12 +112,28 @@ class _Recorder(TorchDispatchMode):
                 t.copy_(before)
             for t in self.created:
                 _poison(t)
+        self.undo.clear()
+        # the graph's own tensors (every output) stay; the others are read by address only
+        own = {id(t) for op in self.graph.ops for t in _tensors(op[3])}
+        self.graph.ops = [(func, *tree_map(lambda a: a if not isinstance(a, torch.Tensor) or id(a) in own
+                                           else TensorWeakRef(a), (args, kwargs)), *rest)
+                          for func, args, kwargs, *rest in self.graph.ops]
 
 
 def _refuse_host_read(name):
     def refuse(self, *args, **kwargs):
         raise CaptureError(f"CUDA graph capture: Tensor.{name}() reads a tensor on the host while capturing")
     return refuse
+
+
+def _alive(a):
+    if not isinstance(a, TensorWeakRef):
+        return a
+    t = a()
+    if t is None:
+        raise CaptureError("CUDA graph replay: a tensor the graph reads was freed after the capture (the graph "
+                           "holds its address, not the tensor)")
+    return t
 
 
 class CUDAGraph:
@@ -112,6 +150,7 @@ class CUDAGraph:
         self.replays += 1
         with torch.no_grad():
             for func, args, kwargs, recorded, fresh in self.ops:
+                args, kwargs = tree_map(_alive, (args, kwargs), is_leaf=lambda a: isinstance(a, TensorWeakRef))
                 out = func(*args, **kwargs)
                 for old, new in zip(_tensors(recorded), _tensors(out)):
                     if id(old) not in fresh:

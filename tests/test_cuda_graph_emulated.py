@@ -52,22 +52,33 @@ def test_python_values_are_frozen_at_capture(emulator):
 
 @pytest.mark.parametrize("host_read", [
     lambda t: t.item(), lambda t: t.tolist(), lambda t: bool(t.sum() > 0), lambda t: int(t.sum()),
-    lambda t: t.nonzero(), lambda t: t + torch.tensor([1.0]),
+    lambda t: t.cpu(), lambda t: torch.equal(t, t), lambda t: t.nonzero(), lambda t: t[t > 1],
+    lambda t: t.repeat_interleave(t.long()), lambda t: t.long().bincount(), lambda t: t + torch.tensor([1.0]),
 ])
 def test_host_reads_while_capturing_raise(emulator, host_read):
-    x = torch.ones(1)
+    x = torch.full((3,), 2.0)
     with pytest.raises(cuda_graph_emu.CaptureError, match="CUDA graph capture"):
         capture(lambda: host_read(x * 2))
-    assert x.item() == 1.0 and x.tolist() == [1.0]  # the Tensor methods are back after the capture
+    assert x.sum().item() == 6.0 and x.tolist() == [2.0] * 3  # the Tensor methods are back after the capture
     assert gptkern.ops._checks.checks_read_values(x)
 
 
-def test_data_dependent_shapes_fail_at_replay(emulator):
-    n = [3]
-    graph, _ = capture(lambda: torch.ones(n[0]) * 2)
+def test_allowed_while_capturing(emulator):
+    x, repeats = torch.arange(4.0), torch.tensor([1, 2, 1, 0])
+    graph, out = capture(lambda: (x * torch.tensor(2.0), x.repeat_interleave(2), x.to(torch.uint8) + 1,
+                                  x.repeat_interleave(repeats, output_size=4)))
+    assert out[2].tolist() == [255] * 4  # garbage until a replay
     graph.replay()
-    graph.ops[0] = (torch.ops.aten.ones.default, ([4],), {"dtype": torch.float32}, *graph.ops[0][3:])
-    with pytest.raises(cuda_graph_emu.CaptureError, match="captured as"):
+    assert out[0].tolist() == [0.0, 2.0, 4.0, 6.0] and out[2].tolist() == [1, 2, 3, 4]
+    assert out[3].tolist() == [0.0, 1.0, 1.0, 2.0]
+
+
+def test_a_replay_after_a_read_tensor_was_freed_raises(emulator):
+    kept, temporary = torch.ones(3), torch.ones(3)
+    graph, out = capture(lambda: kept + temporary)
+    graph.replay()
+    del temporary  # a GPU graph would now read memory the allocator may hand out again
+    with pytest.raises(cuda_graph_emu.CaptureError, match="freed after the capture"):
         graph.replay()
 
 
@@ -114,7 +125,7 @@ def test_graph_decode_with_early_stops_and_sampling(emulator, cache):
     eager = generate(model, prompt, 14, cuda_graph=False, **kwargs)
     graphed = generate(model, prompt, 14, cuda_graph=True, **kwargs)
     assert torch.equal(graphed, eager)
-    assert (eager[1, 9 + 5:] == 0).all() and not (eager[0, 9:] == eos).any()
+    assert (eager[1, 9 + 5:] == 0).all() and (eager[:, -1] != 0).any()  # one row stopped, not all
     sampled = [generate(model, prompt, 12, attention_mask=mask, cache=cache, do_sample=True, top_p=0.9, seed=3,
                         cuda_graph=graph) for graph in (False, True)]
     assert torch.equal(*sampled)
@@ -166,23 +177,52 @@ def test_a_new_shape_backend_or_parameter_tensor_captures_again(emulator):
     assert check(8, cache="paged") == 4
     with gptkern.backend("torch"):
         assert check(8, cache="paged") == 5
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert check(8, cache="paged") == 6
-    assert check(8, cache="paged") == 7  # back to auto, no autocast
+    assert check(8, cache="paged") == 6  # back to auto
+    with torch.inference_mode():
+        assert check(8, cache="paged") == 7  # its cache cannot be written outside inference mode
+    assert check(8, cache="paged") == 8
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.5)  # in place: the graph reads the new values
-    assert check(8, cache="paged") == 7
-    model.transformer.ln_f.weight = torch.nn.Parameter(model.transformer.ln_f.weight * 0.5)  # a new tensor
     assert check(8, cache="paged") == 8
-    gptkern.generation.release_decode_graphs(model)
+    model.transformer.ln_f.weight = torch.nn.Parameter(model.transformer.ln_f.weight * 0.5)  # a new tensor
     assert check(8, cache="paged") == 9
+    gptkern.generation.release_decode_graphs(model)
+    assert check(8, cache="paged") == 10
+
+
+def test_no_graph_is_captured_under_autocast(emulator):
+    """A graph would read autocast's casts of the weights, which are freed when the region ends."""
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = generate(model, prompt, 8, attention_mask=mask, cuda_graph=False)
+        got = generate(model, prompt, 8, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(got, expected) and emulator.graphs == []
+    steps = generate(model, prompt, 8, attention_mask=mask, cuda_graph=True, stream=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        next(steps), next(steps), next(steps)  # the step that would capture runs eagerly
+    assert emulator.graphs == []
+    list(steps)  # out of the region: captured then
+    assert len(emulator.graphs) == 1
+
+
+def test_paged_reuse_returns_every_block(emulator):
+    model = _model("gpt2-tiny")
+    prompt = torch.randint(1, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    masks = [torch.ones_like(prompt) for _ in range(2)]
+    masks[0][1:, :10] = 0  # prompt lengths 12, 2, 2: with 12 new tokens, 2 + 1 + 1 blocks of 16
+    masks[1][::2, :10] = 0  # 2, 12, 2: the long one is another row
+    tight = dict(cache="paged", num_cache_blocks=5)  # 4 usable blocks
+    for m in (*masks, masks[0]):
+        expected = generate(model, prompt, 12, attention_mask=m, cuda_graph=False, **tight)
+        assert torch.equal(generate(model, prompt, 12, attention_mask=m, cuda_graph=True, **tight), expected)
+    assert len(emulator.graphs) == 1  # a reset that left rows their blocks would run out of them
 
 
 def test_interleaved_streams_each_get_a_cache(emulator):
     model = _model("llama-tiny")
     prompt, mask = _prompts(model.config.vocab_size)
-    other = prompt.flip(0)
-    other_mask = mask.flip(0)
+    other, other_mask = prompt.flip(0), mask.flip(0)
     expected = [generate(model, p, 10, attention_mask=m, cuda_graph=False) for p, m in ((prompt, mask),
                                                                                           (other, other_mask))]
     generate(model, prompt, 10, attention_mask=mask, cuda_graph=True)  # a kept graph of this shape
@@ -193,10 +233,11 @@ def test_interleaved_streams_each_get_a_cache(emulator):
     for a, b in zip(first, second):  # both in flight at once: the second cannot use the kept cache
         tokens[0].append(a)
         tokens[1].append(b)
+    assert next(second, None) is None and next(first, None) is None  # both ended
     for got, p, e in zip(tokens, (prompt, other), expected):
         assert torch.equal(torch.cat([p, torch.stack(got, 1)], 1), e)
-    assert len(emulator.graphs) == 2
-    del never_iterated
+    assert len(emulator.graphs) == 2  # the never-iterated stream holds nothing: ``first`` reused the kept one
+    assert next(never_iterated).shape == (3,)
 
 
 def test_a_failed_call_drops_its_graph(emulator, monkeypatch):
@@ -209,4 +250,15 @@ def test_a_failed_call_drops_its_graph(emulator, monkeypatch):
     with pytest.raises(ValueError, match="injected"):
         steps.throw(ValueError("injected"))
     assert torch.equal(generate(model, prompt, 10, attention_mask=mask, cuda_graph=True), expected)
+    assert len(emulator.graphs) == 2
+
+
+def test_release_during_a_call_keeps_nothing(emulator):
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    steps = generate(model, prompt, 6, attention_mask=mask, cuda_graph=True, stream=True)
+    next(steps)
+    gptkern.generation.release_decode_graphs(model)
+    list(steps)
+    generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
     assert len(emulator.graphs) == 2

@@ -25,6 +25,10 @@ def test_cuda_graph_decode_equals_eager(preset, cache):
     other = prompt.flip(1)  # the same shape: replays the graph kept from the call above
     assert torch.equal(generate(model, other, 40, attention_mask=mask, cache=cache, cuda_graph=True),
                        generate(model, other, 40, attention_mask=mask, cache=cache, cuda_graph=False))
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # decodes eagerly, in a bf16 cache
+        autocast = [generate(model, prompt, 12, attention_mask=mask, cache=cache, cuda_graph=graph)
+                    for graph in (False, True)]
+    assert torch.equal(*autocast)
     sampled = [generate(model, prompt, 20, attention_mask=mask, do_sample=True, top_p=0.9, seed=3, cache=cache,
                         cuda_graph=graph) for graph in (False, True)]
     assert torch.equal(*sampled)

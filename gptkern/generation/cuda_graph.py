@@ -3,6 +3,7 @@ each model (with its KV cache) is kept for the next generate call of the same sh
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from typing import Optional
 
@@ -18,7 +19,8 @@ class GraphedDecodeStep:
     The first call runs eagerly (it compiles the kernels and is a real step); the second
     captures the step into a CUDA graph whose inputs and outputs are fixed buffers, and every
     call from then on copies the new tokens in and replays it. The cache's writes and its
-    length counter are part of the graph, so they advance on each replay.
+    length counter are part of the graph, so they advance on each replay. Under autocast the
+    steps run eagerly until one runs outside it.
     """
 
     def __init__(self, cache: StaticKVCache):
@@ -36,6 +38,9 @@ class GraphedDecodeStep:
             self.tokens = tokens[:, None].clone()
             return self._run(model, self.tokens)
         self.tokens.copy_(tokens[:, None])
+        if self.graph is None and torch.is_autocast_enabled(self.tokens.device.type):
+            # not captured: it would read autocast's weight casts, freed when the region ends
+            return self._run(model, self.tokens)
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -50,22 +55,34 @@ class _Kept:
 
     def __init__(self, key: tuple, cache: StaticKVCache):
         self.key, self.cache, self.step = key, cache, GraphedDecodeStep(cache)
-        self.busy = True
+        self.busy = False
 
 
 # model -> its last graphed step; dropped with the model
 _kept: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_epoch = [0]  # bumped by release_decode_graphs: a call in flight then keeps nothing
+
+
+def _matmul_precision() -> str:
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 after the new fp32_precision API was used
+        return str(torch.backends.cuda.matmul.fp32_precision)
 
 
 def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]) -> tuple:
-    """What a captured step depends on: the shapes, the backend, autocast and the parameters'
-    memory (a graph reads them by address: in-place updates are seen, replaced tensors are not)."""
+    """What a captured step and its cache depend on: the shapes, the backend, the stream, autocast
+    and other global numerics settings, and the parameters' memory (a graph reads them by
+    address: in-place updates are seen, replaced tensors are not)."""
     tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
                     for t in itertools.chain(model.parameters(), model.buffers()))
-    device = tensors[0][2].type
-    autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    return (kind, batch_size, max_seq_len, num_blocks, _backend.get_backend(),
-            torch.get_float32_matmul_precision(), autocast, tensors)
+    device = tensors[0][2]
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)  # the cache's dtype
+    return (kind, batch_size, max_seq_len, num_blocks, _backend.get_backend(), stream, autocast,
+            _matmul_precision(), torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled(),
+            tensors)
 
 
 class DecodeGraphSession:
@@ -73,31 +90,43 @@ class DecodeGraphSession:
     and no other call is using them (reset first), else new ones, kept when the call ends."""
 
     def __init__(self, model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]):
-        self.model = model
+        self.model, self.epoch = model, _epoch[0]
         key = _key(model, kind, batch_size, max_seq_len, num_blocks)
-        kept = _kept.get(model)
-        if kept is not None and kept.key == key and not kept.busy:
-            kept.busy = True
-            kept.cache.reset()
+        with _lock:
+            kept = _kept.get(model)
+            reuse = kept is not None and kept.key == key and not kept.busy
+            if reuse:
+                kept.busy = True
+        if reuse:
+            try:
+                kept.cache.reset()  # ordered after the last call's work: the stream is in the key
+            except BaseException:
+                kept.busy = False
+                raise
             self.kept = kept
         else:
             self.kept = _Kept(key, make_cache(model, kind, batch_size, max_seq_len, num_blocks))
+            self.kept.busy = True
         self.cache, self.step = self.kept.cache, self.kept.step
 
     def release(self, ok: bool) -> None:
         """At the end of the call: keep the step for the next call, unless it failed."""
-        self.kept.busy = False
-        current = _kept.get(self.model)
-        if not ok:
-            if current is self.kept:
-                del _kept[self.model]
-        elif current is None or not current.busy:
-            _kept[self.model] = self.kept  # the previous graph and cache are freed
+        with _lock:
+            self.kept.busy = False
+            current = _kept.get(self.model)
+            if not ok or self.epoch != _epoch[0]:
+                if current is self.kept:
+                    del _kept[self.model]
+            elif current is None or not current.busy:
+                _kept[self.model] = self.kept  # the previous graph and cache are freed
 
 
 def release_decode_graphs(model: Optional[torch.nn.Module] = None) -> None:
-    """Free the CUDA graph and KV cache that generate keeps for ``model`` (every model: None)."""
-    if model is None:
-        _kept.clear()
-    else:
-        _kept.pop(model, None)
+    """Free the CUDA graph and KV cache that generate keeps for ``model`` (every model: None);
+    calls in flight keep nothing when they end."""
+    with _lock:
+        _epoch[0] += 1
+        if model is None:
+            _kept.clear()
+        else:
+            _kept.pop(model, None)
