@@ -262,3 +262,17 @@ def test_release_during_a_call_keeps_nothing(emulator):
     list(steps)
     generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
     assert len(emulator.graphs) == 2
+
+
+def test_the_new_tf32_api_is_read_and_keyed(emulator):
+    """torch >= 2.9 refuses get_float32_matmul_precision() once fp32_precision is set."""
+    model = _model("gpt2-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for precision in ("tf32", "ieee", "tf32"):
+            torch.backends.cuda.matmul.fp32_precision = precision
+            generate(model, prompt, 4, attention_mask=mask, cuda_graph=True)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert len(emulator.graphs) == 3
