@@ -183,21 +183,36 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS[1:] if any(_backend_runs_on(b, d) for d in devices)]
 
 
-# Order tried by ``auto``, per device type. CPU tensors stay on ``torch`` for softmax and
-# layer_norm: the C++ kernels beat PyTorch's in bf16 (1.04-2.1x, 32x50257 to 8192x4096) and in the
-# fp32 forward (1.0-2.5x), but fp32 forward+backward ranges 0.88-1.18x, and on small tensors
-# (0.3x at 8x64) the custom-op call costs more than the math (AVX-512 build, 2 threads,
-# benchmarks/results/2026-11-29_amd-epyc-2t_cpu-rows.md).
+# Order tried by ``auto``, per device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order, where the C++ kernels win
 # (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX-512): causal attention fwd 2.0x, fwd+bwd 2.4x
 # (fp32) of PyTorch's CPU SDPA, decode 1.2x / 7.7x (fp32 / bf16); rms_norm 2-3x forward and 5-10x forward+backward
 # (PyTorch's is a composition of ops; 0.7x only on tiny 64x64 inputs); ``linear`` (no grad, at most
 # 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one (gpt2-small output layer
-# 2.1-2.4x F.linear).
+# 2.1-2.4x F.linear). softmax / log_softmax / layer_norm: from the sizes row_kernel_pays allows.
 _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
                      for op in ("scaled_dot_product_attention", "flash_attn_varlen", "decode_attention", "linear",
-                                "rms_norm")}
+                                "rms_norm", "softmax", "log_softmax", "layer_norm")}
+
+
+def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Optional[str]:
+    """Under ``auto``, whether the C++ softmax / log_softmax / layer_norm beats PyTorch's on this
+    CPU call (None), else why not. Measured on 2 threads
+    (benchmarks/results/2026-11-29_amd-epyc-2t_cpu-crossover.md): the custom op costs about 8 us
+    more per call than torch's, and 25-45 us more with autograd. Without gradients it pays from
+    about 250K elements (1.0-1.6x; 0.8-1.2x right at the limit); in 16-bit with gradients from
+    1M (1.1-1.9x); fp32 forward+backward stays on torch (0.8-1.4x); softmax rows under 128 wide
+    too (0.8-1.0x: torch's kernel is as fast there)."""
+    if op != "layer_norm" and width < 128:
+        return f"rows of {width} (PyTorch's kernel is as fast under 128)"
+    if grad and input.dtype == torch.float32:
+        return "fp32 with gradients (PyTorch's kernels are as fast)"
+    limit = 1_000_000 if grad else 250_000
+    if input.numel() < limit:
+        return f"{input.numel()} elements (the C++ kernel pays from {limit} here)"
+    return None
+
 
 # A check returns None when the backend can serve the call, else a reason.
 Support = Callable[[], Optional[str]]
@@ -213,11 +228,13 @@ def _log_fallback_once(op: str, name: str, reason: str) -> None:
     log.debug("gptkern.%s: backend %r skipped under auto: %s", op, name, reason)
 
 
-def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
+def choose(op: str, device: torch.device, supports: dict[str, Support],
+           auto_only: Optional[dict[str, Support]] = None) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``supports`` maps each backend that implements ``op`` to a check of the call's
-    configuration; ``torch`` must be among them and serve everything.
+    configuration; ``torch`` must be among them and serve everything. ``auto_only`` adds checks
+    that only ``auto`` applies (where a backend can serve the call but is slower).
     """
     device_type = device.type
     name = _current
@@ -247,6 +264,8 @@ def choose(op: str, device: torch.device, supports: dict[str, Support]) -> str:
         if name not in supports or not _backend_runs_on(name, device_type):
             continue
         reason = supports[name]()
+        if reason is None and auto_only and name in auto_only:
+            reason = auto_only[name]()
         if reason is None and name in ("cpu", "cuda"):
             reason = _load_for_auto()
         if reason is None:

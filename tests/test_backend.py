@@ -60,12 +60,38 @@ def test_environment_variable_invalid():
     assert out.returncode != 0 and "GPTKERN_BACKEND must be one of" in out.stderr
 
 
-def test_auto_on_cpu_uses_torch():
-    """auto serves CPU tensors with torch: never the Triton interpreter, and not the C++ kernels
-    where they do not beat PyTorch's own (see _backend._AUTO_ORDER)."""
-    supports = {"triton": lambda: None, "cpu": lambda: None, "torch": lambda: None}
-    assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
-    assert _backend.choose("layer_norm", torch.device("cpu"), supports) == "torch"
+def test_auto_on_cpu_never_runs_the_triton_interpreter():
+    supports = {"triton": lambda: None, "torch": lambda: None}
+    for op in ("softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention", "decode_attention"):
+        assert _backend.choose(op, torch.device("cpu"), supports) == "torch", op
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(monkeypatch):
+    chosen = []
+    choose = _backend.choose
+    monkeypatch.setattr(_backend, "choose", lambda *args, **kwargs: chosen.append(choose(*args, **kwargs)) or chosen[-1])
+    cases = [  # (rows, width), dtype, grad: the backend auto picks for softmax and for layer_norm
+        ((64, 512), torch.float32, False, "torch", "torch"),  # 2^15 elements: the op's fixed cost dominates
+        ((512, 512), torch.float32, False, "cpu", "cpu"),  # 2^18
+        ((512, 512), torch.float32, True, "torch", "torch"),  # fp32 with gradients: as fast either way
+        ((512, 512), torch.bfloat16, True, "torch", "torch"),  # under 1M with gradients
+        ((2048, 512), torch.bfloat16, True, "cpu", "cpu"),
+        ((8192, 64), torch.float32, False, "torch", "cpu"),  # narrow rows: only layer_norm gains
+    ]
+    for shape, dtype, grad, for_softmax, for_layer_norm in cases:
+        x = torch.randn(shape, dtype=dtype, requires_grad=grad)
+        for run, expected in ((lambda: gptkern.ops.softmax(x, -1), for_softmax),
+                              (lambda: gptkern.ops.log_softmax(x, -1), for_softmax),
+                              (lambda: gptkern.ops.softmax(x.t(), 0), for_softmax),  # over the leading dim
+                              (lambda: gptkern.ops.layer_norm(x, shape[1:], torch.ones(shape[1], dtype=dtype)),
+                               for_layer_norm)):
+            chosen.clear()
+            run()
+            assert chosen == [expected], (shape, dtype, grad)
+    with gptkern.backend("cpu"):  # the sizes only steer auto: an explicit backend serves any
+        gptkern.ops.softmax(torch.randn(2, 3), -1)
+    assert chosen[-1] == "cpu"
 
 
 @pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")

@@ -182,7 +182,7 @@ def test_float64_is_not_supported_and_auto_moves_on():
         sdpa(q.double(), k.double(), v.double())
     supports = {"cpu": lambda: None, "torch": lambda: None}
     assert _backend.choose("scaled_dot_product_attention", torch.device("cpu"), supports) == "cpu"
-    assert _backend.choose("softmax", torch.device("cpu"), supports) == "torch"
+    assert _backend.choose("softmax", torch.device("cpu"), supports, {"cpu": lambda: "too small"}) == "torch"
     out = sdpa(q.double(), k.double(), v.double())  # auto: torch serves it
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
 

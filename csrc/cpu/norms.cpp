@@ -168,9 +168,19 @@ void norm_bwd_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const fl
 }
 
 at::Tensor sum_groups(const at::Tensor& partial, const at::Tensor& like) {
-  // (groups, n) fp32 -> (n,) in like's dtype and shape, adding groups in order.
-  auto acc = partial.select(0, 0).clone();
-  for (int64_t grp = 1; grp < partial.size(0); ++grp) acc.add_(partial.select(0, grp));
+  // (groups, n) fp32 -> (n,) in like's dtype and shape: each column adds the groups in order.
+  // One pass over the partials here, not an ATen add per group (30 us of a 64x64 backward).
+  const int64_t groups = partial.size(0), n = partial.size(1);
+  auto acc = at::empty({n}, partial.options());
+  const float* part = partial.const_data_ptr<float>();
+  float* out = acc.mutable_data_ptr<float>();
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    std::copy(part + begin, part + end, out + begin);
+    for (int64_t grp = 1; grp < groups; ++grp) {
+      const float* row = part + grp * n;
+      for (int64_t i = begin; i < end; ++i) out[i] += row[i];
+    }
+  });
   return acc.to(like.scalar_type()).reshape(like.sizes());
 }
 

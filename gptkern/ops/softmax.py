@@ -91,8 +91,10 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     def kernel_support():  # the Triton, C++ and CUDA kernels take the same dtypes
         return triton_dtype_support(kernel_in_dtype, out_dtype)
 
+    width, grad = input.shape[dim] if input.dim() else 1, torch.is_grad_enabled() and input.requires_grad
     name = _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "cuda": kernel_support, "torch": lambda: None})
+                                              "cuda": kernel_support, "torch": lambda: None},
+                           auto_only={"cpu": lambda: _backend.row_kernel_pays(op, input, width, grad)})
     if name != "torch":
         x = input.to(out_dtype) if cast_first else input
         fwd = torch.ops.gptkern.triton_softmax if name == "triton" else torch.ops.gptkern.softmax_fwd
