@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -203,14 +203,32 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     more per call than torch's, and 25-45 us more with autograd. Without gradients it pays from
     about 250K elements (1.0-1.6x; 0.8-1.2x right at the limit); in 16-bit with gradients from
     1M (1.1-1.9x); fp32 forward+backward stays on torch (0.8-1.4x); softmax rows under 128 wide
-    too (0.8-1.0x: torch's kernel is as fast there)."""
+    too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim (the C++ op
+    copies it: 0.2-0.8x)."""
+    # fixed reasons: formatting a size would make torch.compile specialize on it
     if op != "layer_norm" and width < 128:
-        return f"rows of {width} (PyTorch's kernel is as fast under 128)"
+        return "rows under 128 wide (PyTorch's kernel is as fast)"
     if grad and input.dtype == torch.float32:
         return "fp32 with gradients (PyTorch's kernels are as fast)"
-    limit = 1_000_000 if grad else 250_000
-    if input.numel() < limit:
-        return f"{input.numel()} elements (the C++ kernel pays from {limit} here)"
+    if input.numel() < (1_000_000 if grad else 250_000):
+        return "a small call (the custom op's fixed cost exceeds its gain)"
+    return None
+
+
+def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """torch.func.grad / vjp / jvp and forward-mode AD: the custom ops have no forward derivative
+    (a tangent would come back as zeros) and their autograd formulas do not run under functorch's
+    grad. None when no input is under such a transform (not checked while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return None
+    level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if torch._C._functorch.is_gradtrackingtensor(t):
+            return "torch.func transforms (grad, vjp, jvp)"
+        if level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD (a dual tensor)"
     return None
 
 
@@ -229,14 +247,19 @@ def _log_fallback_once(op: str, name: str, reason: str) -> None:
 
 
 def choose(op: str, device: torch.device, supports: dict[str, Support],
-           auto_only: Optional[dict[str, Support]] = None) -> str:
+           auto_only: Optional[dict[str, Support]] = None,
+           inputs: Sequence[Optional[torch.Tensor]] = ()) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``supports`` maps each backend that implements ``op`` to a check of the call's
     configuration; ``torch`` must be among them and serve everything. ``auto_only`` adds checks
-    that only ``auto`` applies (where a backend can serve the call but is slower).
+    that only ``auto`` applies (where a backend can serve the call but is slower). ``inputs``:
+    the call's tensors, which only ``torch`` serves under torch.func transforms or forward AD.
     """
     device_type = device.type
+    transform = _transform_reason(inputs)
+    if transform is not None:
+        supports = {name: (check if name == "torch" else (lambda: transform)) for name, check in supports.items()}
     name = _current
     if name != "auto":
         if name not in supports:

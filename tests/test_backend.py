@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gptkern
 from gptkern import _backend
@@ -89,6 +90,10 @@ def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(mo
             chosen.clear()
             run()
             assert chosen == [expected], (shape, dtype, grad)
+    x = torch.randn(1024, 512)
+    chosen.clear()
+    gptkern.ops.softmax(x, 0)  # over a strided dim: the C++ op would copy it into rows first
+    assert chosen == ["torch"]
     with gptkern.backend("cpu"):  # the sizes only steer auto: an explicit backend serves any
         gptkern.ops.softmax(torch.randn(2, 3), -1)
     assert chosen[-1] == "cpu"
@@ -157,3 +162,44 @@ def test_import_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0.0"
+
+
+@pytest.mark.parametrize("op", ["softmax", "layer_norm"])
+def test_auto_dispatch_does_not_specialize_torch_compile_on_sizes(op):
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = ((lambda x: gptkern.ops.softmax(x, -1)) if op == "softmax"
+          else (lambda x: gptkern.ops.layer_norm(x, (x.shape[-1],))))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=counting_backend, fullgraph=True, dynamic=True)
+    for rows in range(2, 14):  # all under the C++ kernels' break-even: one graph serves them
+        x = torch.randn(rows, 256)
+        torch.testing.assert_close(compiled(x), fn(x))
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_forward_ad_and_torch_func_use_torch(monkeypatch):
+    """The custom ops have no forward derivative: auto serves these calls with torch, and an
+    explicit backend refuses them instead of returning zero tangents."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(1024, 512), torch.randn(1024, 512)  # large enough for the C++ kernels under auto
+    cases = [(lambda a: gptkern.ops.layer_norm(a, (512,)), lambda a: F.layer_norm(a, (512,))),
+             (lambda a: gptkern.ops.softmax(a, -1), lambda a: torch.softmax(a, -1)),
+             (lambda a: gptkern.ops.rms_norm(a, (512,)), lambda a: F.rms_norm(a, (512,)))]
+    for ours, theirs in cases:
+        torch.testing.assert_close(torch.func.jvp(ours, (x,), (t,))[1], torch.func.jvp(theirs, (x,), (t,))[1])
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(ours(fwAD.make_dual(x, t))).tangent
+        torch.testing.assert_close(tangent, torch.func.jvp(theirs, (x,), (t,))[1])
+        torch.testing.assert_close(torch.func.grad(lambda a: ours(a).square().sum())(x),
+                                   torch.func.grad(lambda a: theirs(a).square().sum())(x))
+        with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="torch.func transforms"):
+            torch.func.jvp(ours, (x,), (t,))
+    with gptkern.backend("cpu"), fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        gptkern.ops.softmax(fwAD.make_dual(x, t), -1)

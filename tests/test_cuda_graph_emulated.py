@@ -204,6 +204,10 @@ def test_no_graph_is_captured_under_autocast(emulator):
     assert emulator.graphs == []
     list(steps)  # out of the region: captured then
     assert len(emulator.graphs) == 1
+    replays = emulator.replays
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # that graph was not kept for autocast calls
+        assert torch.equal(generate(model, prompt, 8, attention_mask=mask, cuda_graph=True), expected)
+    assert emulator.replays == replays
 
 
 def test_paged_reuse_returns_every_block(emulator):
@@ -251,6 +255,17 @@ def test_a_failed_call_drops_its_graph(emulator, monkeypatch):
         steps.throw(ValueError("injected"))
     assert torch.equal(generate(model, prompt, 10, attention_mask=mask, cuda_graph=True), expected)
     assert len(emulator.graphs) == 2
+    steps = generate(model, prompt, 10, attention_mask=mask, cuda_graph=True, stream=True)
+    next(steps)
+    with pytest.raises(KeyboardInterrupt):
+        steps.throw(KeyboardInterrupt())  # an interrupt, too, drops it
+    assert torch.equal(generate(model, prompt, 10, attention_mask=mask, cuda_graph=True), expected)
+    assert len(emulator.graphs) == 3
+    steps = generate(model, prompt, 10, attention_mask=mask, cuda_graph=True, stream=True)
+    next(steps), next(steps)
+    steps.close()  # a stream closed early keeps it
+    assert torch.equal(generate(model, prompt, 10, attention_mask=mask, cuda_graph=True), expected)
+    assert len(emulator.graphs) == 3
 
 
 def test_release_during_a_call_keeps_nothing(emulator):

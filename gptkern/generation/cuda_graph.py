@@ -60,7 +60,7 @@ class _Kept:
 
 # model -> its last graphed step; dropped with the model
 _kept: "weakref.WeakKeyDictionary[torch.nn.Module, _Kept]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered when a collected stream's release runs inside it
 _epoch = [0]  # bumped by release_decode_graphs: a call in flight then keeps nothing
 
 
@@ -92,6 +92,9 @@ class DecodeGraphSession:
     def __init__(self, model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]):
         self.model, self.epoch = model, _epoch[0]
         key = _key(model, kind, batch_size, max_seq_len, num_blocks)
+        # a call under autocast decodes eagerly (see GraphedDecodeStep) and is not kept, not even a
+        # stream that captured once iterated outside autocast: its replays would not autocast
+        self.keep = not torch.is_autocast_enabled(next(model.parameters()).device.type)
         with _lock:
             kept = _kept.get(model)
             reuse = kept is not None and kept.key == key and not kept.busy
@@ -114,7 +117,7 @@ class DecodeGraphSession:
         with _lock:
             self.kept.busy = False
             current = _kept.get(self.model)
-            if not ok or self.epoch != _epoch[0]:
+            if not (ok and self.keep and self.epoch == _epoch[0] and self.kept.step.graph is not None):
                 if current is self.kept:
                     del _kept[self.model]
             elif current is None or not current.busy:

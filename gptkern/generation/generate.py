@@ -159,8 +159,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                      repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
                                      stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
-        except Exception:
-            ok = False  # a graph that failed is not kept
+        except BaseException as err:
+            ok = isinstance(err, GeneratorExit)  # a stream closed early is fine; an error or interrupt is not kept
             raise
         finally:
             model.train(was_training)

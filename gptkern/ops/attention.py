@@ -285,7 +285,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     name = _backend.choose("scaled_dot_product_attention", query.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support,
-                            "torch": lambda: None})
+                            "torch": lambda: None}, inputs=(query, key, value, attn_mask))
     if name in ("triton", "cpu", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
         if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None, no dropout)
@@ -447,7 +447,7 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
 def _varlen_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
     return _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p),
-                            "cpu": lambda: _cpu_limits(q), "torch": lambda: None})
+                            "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, v))
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: tuple[int, int],

@@ -121,7 +121,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
 
     name = _backend.choose("decode_attention", q.device,
-                           {"triton": cpu_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None})
+                           {"triton": cpu_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
+                           inputs=(q, k_cache, v_cache))
     if name == "triton":
         from gptkern.ops.triton_decode import triton_decode_attention
 

@@ -55,7 +55,8 @@ def _use_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ext = _backend._extension()  # never built here: a model's forward does not start a JIT build
     if ext is None or "cpu" not in getattr(ext, "devices", ()):
         return False
-    return _backend.choose("linear", input.device, {"cpu": lambda: None, "torch": lambda: None}) == "cpu"
+    return _backend.choose("linear", input.device, {"cpu": lambda: None, "torch": lambda: None},
+                           inputs=(input, weight, bias)) == "cpu"
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -136,7 +136,8 @@ def _choose(op: str, input: torch.Tensor, width: int, *params: Optional[torch.Te
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params))
         auto_only = {"cpu": lambda: _backend.row_kernel_pays(op, input, width, grad)}
     return _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "cuda": kernel_support, "torch": lambda: None}, auto_only)
+                                              "cuda": kernel_support, "torch": lambda: None}, auto_only,
+                           inputs=(input, *params))
 
 
 def _norm_op(backend: str):
