@@ -203,3 +203,25 @@ def test_forward_ad_and_torch_func_use_torch(monkeypatch):
             torch.func.jvp(ours, (x,), (t,))
     with gptkern.backend("cpu"), fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
         gptkern.ops.softmax(fwAD.make_dual(x, t), -1)
+
+
+def test_forward_ad_through_attention_is_torch_s_answer():
+    """PyTorch's CPU SDPA has no forward derivative and says so; gptkern's must not answer zeros,
+    and its varlen attention gives torch's tangent (the C++ kernel would give none)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    tangent = torch.randn_like(k)  # a tangent on the keys only
+    for sdpa in (F.scaled_dot_product_attention, gptkern.ops.scaled_dot_product_attention):
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            torch.func.jvp(lambda key: sdpa(q, key, v, is_causal=True), (k,), (tangent,))
+    packed = [t.transpose(1, 2).reshape(16, 2, 8) for t in (q, k, v)]
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    tangents = []
+    for backend in ("auto", "torch"):  # torch's varlen composition has a forward derivative
+        with gptkern.backend(backend), fwAD.dual_level():
+            dual_k = fwAD.make_dual(packed[1], tangent.transpose(1, 2).reshape(16, 2, 8))
+            out = gptkern.ops.flash_attn_varlen(packed[0], dual_k, packed[2], cu, cu, 16, 16, causal=True)
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    assert tangents[0] is not None and tangents[0].abs().sum() > 0
+    torch.testing.assert_close(tangents[0], tangents[1])

@@ -444,10 +444,10 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
     return list(zip(values, values[1:]))
 
 
-def _varlen_backend(q: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
+def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
     return _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p),
-                            "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, v))
+                            "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: tuple[int, int],
@@ -465,7 +465,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     q, k, v = _autocast(q, k, v)  # the backend is chosen for the dtype the kernels will see
     b, h, l, _ = q.shape
-    if _varlen_backend(q, v, dropout_p) == "torch":
+    if _varlen_backend(q, k, v, dropout_p) == "torch":
         mask = varlen_visibility(l, l, causal, tuple(window_size), q.device)  # (L, L) or None
         return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                             enable_gqa=k.shape[1] != h)
@@ -540,7 +540,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     checked = bounds() if _checks.checks_read_values(q) else None
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    name = _varlen_backend(q, v, dropout_p)
+    name = _varlen_backend(q, k, v, dropout_p)
     if name in ("triton", "cpu"):
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
