@@ -71,7 +71,8 @@ def test_auto_on_cpu_never_runs_the_triton_interpreter():
 def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(monkeypatch):
     chosen = []
     choose = _backend.choose
-    monkeypatch.setattr(_backend, "choose", lambda *args, **kwargs: chosen.append(choose(*args, **kwargs)) or chosen[-1])
+    monkeypatch.setattr(_backend, "choose",
+                        lambda *args, **kwargs: chosen.append(choose(*args, **kwargs)) or chosen[-1])
     cases = [  # (rows, width), dtype, grad: the backend auto picks for softmax and for layer_norm
         ((64, 512), torch.float32, False, "torch", "torch"),  # 2^15 elements: the op's fixed cost dominates
         ((512, 512), torch.float32, False, "cpu", "cpu"),  # 2^18

@@ -45,9 +45,9 @@ def _stop_ids(eos_token_id: Union[int, Sequence[int], None], device) -> Optional
 
 
 @torch.no_grad()
-def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Optional[GraphedDecodeStep], do_sample, temperature, top_k, top_p,
-                  repetition_penalty, eos, pad_token_id, stop_strings, tokenizer, generator
-                  ) -> Iterator[torch.Tensor]:
+def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Optional[GraphedDecodeStep],
+                  do_sample, temperature, top_k, top_p, repetition_penalty, eos, pad_token_id, stop_strings,
+                  tokenizer, generator) -> Iterator[torch.Tensor]:
     """Yields (B,) next tokens, finished sequences padded, until all stop or the budget is spent."""
     b = input_ids.shape[0]
     seen = input_ids

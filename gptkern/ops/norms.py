@@ -127,12 +127,14 @@ def register_cpu_ops() -> None:
                                     setup_context=_setup_context)
 
 
-def _choose(op: str, input: torch.Tensor, width: int, *params: Optional[torch.Tensor]) -> str:
+def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor], width: Optional[int] = None) -> str:
+    """``width`` (layer_norm's normalized size) steers auto's size rule; rms_norm's C++ kernel wins
+    at every size (torch composes it of ops), so it passes none."""
     def kernel_support():  # the Triton, C++ and CUDA kernels take the same dtypes
         return triton_dtype_support(input.dtype, *(p.dtype for p in params if p is not None))
 
     auto_only = None
-    if op == "layer_norm":  # rms_norm: the C++ kernel wins at every size (torch composes it of ops)
+    if width is not None:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params))
         auto_only = {"cpu": lambda: _backend.row_kernel_pays(op, input, width, grad)}
     return _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
@@ -163,7 +165,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("layer_norm", input, shape, weight, bias)
     check_float_arg(eps, "eps", "layer_norm")
-    name = _choose("layer_norm", input, math.prod(shape), weight, bias)
+    name = _choose("layer_norm", input, weight, bias, width=math.prod(shape))
     if name != "torch":
         return _norm_op(name)(input, len(shape), weight, bias, float(eps), False)[0]
     return F.layer_norm(input, shape, weight, bias, eps)
@@ -187,7 +189,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     check_norm_args("rms_norm", input, shape, weight)
     if eps is not None:
         check_float_arg(eps, "eps", "rms_norm")
-    name = _choose("rms_norm", input, math.prod(shape), weight)
+    name = _choose("rms_norm", input, weight)
     if name != "torch":
         eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
         return _norm_op(name)(input, len(shape), weight, None, eps_value, True)[0]
