@@ -190,6 +190,32 @@ def test_a_new_shape_backend_or_parameter_tensor_captures_again(emulator):
     assert check(8, cache="paged") == 10
 
 
+def test_adding_or_removing_a_forward_hook_captures_again(emulator):
+    """A replay runs a hook's tensor operations as captured, but not its Python."""
+    model = _model("gpt2-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+
+    def check():
+        expected = generate(model, prompt, 8, attention_mask=mask, cuda_graph=False)
+        assert torch.equal(generate(model, prompt, 8, attention_mask=mask, cuda_graph=True), expected)
+        return len(emulator.graphs)
+
+    assert check() == 1
+    handle = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out * -2.0)
+    assert check() == 2 and check() == 2  # the hooked output, replayed
+    handle.remove()
+    assert check() == 3
+    pre = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    assert check() == 4
+    pre.remove()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:
+        assert check() == 5
+    finally:
+        hook.remove()
+    assert check() == 6
+
+
 def test_no_graph_is_captured_under_autocast(emulator):
     """A graph would read autocast's casts of the weights, which are freed when the region ends."""
     model = _model("llama-tiny")

@@ -71,10 +71,20 @@ def _matmul_precision() -> str:
         return str(torch.backends.cuda.matmul.fp32_precision)
 
 
+def _hooks(model) -> tuple:
+    """The forward hooks a step runs, global and per module (their handles' ids): a replay runs
+    none of their Python, so adding or removing one must capture again."""
+    from torch.nn.modules import module as nn_module
+
+    global_hooks = (tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks))
+    return global_hooks + tuple((name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                                for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks)
+
+
 def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]) -> tuple:
     """What a captured step and its cache depend on: the shapes, the backend, the stream, autocast
-    and other global numerics settings, and the parameters' memory (a graph reads them by
-    address: in-place updates are seen, replaced tensors are not)."""
+    and other global numerics settings, the forward hooks, and the parameters' memory (a graph
+    reads them by address: in-place updates are seen, replaced tensors are not)."""
     tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
                     for t in itertools.chain(model.parameters(), model.buffers()))
     device = tensors[0][2]
@@ -82,7 +92,7 @@ def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Option
     autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)  # the cache's dtype
     return (kind, batch_size, max_seq_len, num_blocks, _backend.get_backend(), stream, autocast,
             _matmul_precision(), torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled(),
-            tensors)
+            _hooks(model), tensors)
 
 
 class DecodeGraphSession:
