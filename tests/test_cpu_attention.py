@@ -103,17 +103,27 @@ def test_masks(dtype):
 
 def test_fully_masked_rows_match_torch():
     """An all-False bool row and an all -inf float row give 0, as torch's SDPA; a finfo.min row
-    attends uniformly, as torch's."""
+    (Hugging Face's mask value) attends uniformly, as torch's, gradients included: its
+    log2-domain LSE must not overflow to the -inf of a row that sees nothing."""
     q, k, v = rand(1, 2, 6, 16), rand(1, 2, 9, 16), rand(1, 2, 9, 16)
-    masks = [torch.ones(6, 9, dtype=torch.bool), torch.zeros(6, 9), torch.zeros(6, 9)]
+    masks = [torch.ones(6, 9, dtype=torch.bool), torch.zeros(6, 9), torch.zeros(6, 9), torch.zeros(6, 9),
+             torch.zeros(6, 9)]
     masks[0][2] = False
     masks[1][2] = float("-inf")
     masks[2][2] = torch.finfo(torch.float32).min
+    masks[3][2] = torch.finfo(torch.float32).min
+    masks[3][4, :5] = torch.finfo(torch.float32).min  # partly masked
+    masks[4][2] = torch.finfo(torch.bfloat16).min
+    g = torch.randn(1, 2, 6, 16)
     for mask in masks:
-        with gptkern.backend("cpu"):
-            got = sdpa(q, k, v, attn_mask=mask)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        results = []
+        for fn, name in ((sdpa, "cpu"), (F.scaled_dot_product_attention, "torch")):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with gptkern.backend(name):
+                out = fn(*leaves, attn_mask=mask)
+            results.append((out, *torch.autograd.grad(out, leaves, g)))
+        for got, want, what in zip(*results, ("out", "dq", "dk", "dv")):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=what)
 
 
 def test_causal_mask_is_applied_top_left():

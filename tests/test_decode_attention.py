@@ -24,16 +24,16 @@ def caches(b, hk, s, d, dv, dtype=torch.float32):
 
 def paged(k_cache, v_cache, block_size):
     """The same caches as (num_blocks, Hkv, block_size, D) blocks in shuffled order + block_table;
-    the spare blocks hold garbage."""
+    the spare blocks and the slots past the end hold NaN."""
     b, hk, s, _ = k_cache.shape
     per_seq = -(-s // block_size)
     perm = torch.randperm(b * per_seq + 3)  # 3 spare blocks
     table = perm[: b * per_seq].view(b, per_seq).to(torch.int32)
 
     def blocks(cache):
-        pad = torch.randn(b, hk, per_seq * block_size - s, cache.shape[-1], dtype=cache.dtype)
+        pad = torch.full((b, hk, per_seq * block_size - s, cache.shape[-1]), float("nan"), dtype=cache.dtype)
         full = torch.cat([cache, pad], 2).view(b, hk, per_seq, block_size, -1).transpose(1, 2)
-        out = torch.randn(b * per_seq + 3, hk, block_size, cache.shape[-1], dtype=cache.dtype)
+        out = torch.full((b * per_seq + 3, hk, block_size, cache.shape[-1]), float("nan"), dtype=cache.dtype)
         out[table.long().flatten()] = full.reshape(b * per_seq, hk, block_size, -1)
         return out
 
@@ -57,6 +57,9 @@ def test_ragged_lengths(backend, dtype, lq, heads):
     h, hk = heads
     k_cache, v_cache = caches(5, hk, 300, 64, 64, dtype)
     seqlens = torch.tensor([0, 1, 2, 300, 77], dtype=torch.int32)  # 1 and 2 < lq: the first queries see nothing
+    for cache in (k_cache, v_cache):  # unused slots may hold anything
+        for b, n in enumerate(seqlens.tolist()):
+            cache[b, :, n:] = float("nan")
     out = check(backend, rand(5, h, lq, 64, dtype=dtype), k_cache, v_cache, seqlens)
     assert out[0].abs().max() == 0  # an empty cache gives zeros
 

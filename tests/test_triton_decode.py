@@ -72,7 +72,7 @@ def test_decode_kernel_strided_query_and_scale(device):
     torch.manual_seed(0)
     q = torch.randn(2, 1, 4, 32, device=device).transpose(1, 2)  # (B, H=4, Lq=1, D), non-contiguous
     k, v = torch.randn(2, 2, 50, 32, device=device), torch.randn(2, 2, 50, 24, device=device)  # Dv != D
-    seqlens = torch.tensor([50, 9], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([50, 77, 9, 77], dtype=torch.int32, device=device)[::2]  # strided lengths too
     with gptkern.backend("triton"):
         out = gptkern.ops.decode_attention(q, k, v, seqlens, scale=0.3)
     expected = reference(q * (0.3 * math.sqrt(32)), k, v, seqlens)

@@ -89,6 +89,22 @@ def test_no_attention_across_sequences(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_offsets(backend):
+    """Offsets that are a strided view (a slice of a longer tensor) are read by their strides."""
+    lens_q, lens_k = [4, 6, 2], [5, 3, 7]
+    q, k, v = (torch.randn(sum(n), 2, 16, device=DEVICE) for n in (lens_q, lens_k, lens_k))
+
+    def strided(cu):  # the same values at stride 2
+        return torch.stack([cu, torch.full_like(cu, 999)], 1).flatten()[::2]
+
+    with gptkern.backend(backend):
+        want = varlen(q, k, v, offsets(lens_q), offsets(lens_k), 6, 7)
+        got = varlen(q, k, v, strided(offsets(lens_q)), strided(offsets(lens_k)), 6, 7)
+    assert_close(got, reference(q, k, v, lens_q, lens_k, False, (-1, -1)), torch.float32)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_dense_sdpa(backend):
     """Equal-length sequences: varlen equals batched SDPA (causal: L == S, so both alignments agree)."""
     q, k, v = (torch.randn(3, 2, 20, 16, device=DEVICE) for _ in range(3))

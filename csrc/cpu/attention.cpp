@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kBM = 64;  // queries per tile
 constexpr int64_t kBN = 64;  // keys per tile (a multiple of 2 * kW)
+constexpr float kMinBias = -2.0e38f;  // the lowest finite float mask value used (see Mask)
 
 // Philox4x32-10 as triton.language.philox: the first output word for counters c0..c3 and a
 // 64-bit seed (key: its low and high words). The Triton kernels draw the same stream.
@@ -187,14 +188,19 @@ struct Mask {
   const M* data = nullptr;
   int64_t sb = 0, sh = 0, sm = 0, sn = 0;
 
-  // s[j] for keys n0 + j, j < n: -inf where a bool mask is False, + the value of a float mask.
+  // s[j] for keys n0 + j, j < n: -inf where a bool mask is False, + the value of a float mask,
+  // finite values clamped at -2e38 (as the Triton kernel does) so that a row seeing only finfo.min
+  // keys keeps a finite log2-domain LSE (m * log2(e) would overflow) and attends uniformly, as torch.
   void apply(float* s, int64_t b, int64_t h, int64_t i, int64_t n0, int64_t n) const {
     if constexpr (!std::is_same_v<M, std::nullptr_t>) {
       const M* m = data + b * sb + h * sh + i * sm + n0 * sn;
       if constexpr (std::is_same_v<M, bool>) {
         for (int64_t j = 0; j < n; ++j) s[j] = m[j * sn] ? s[j] : kNegInf;
       } else {
-        for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(m[j * sn]);
+        for (int64_t j = 0; j < n; ++j) {
+          const float bias = static_cast<float>(m[j * sn]);
+          s[j] += bias == kNegInf ? bias : std::max(bias, kMinBias);
+        }
       }
     }
   }

@@ -166,6 +166,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     if out.numel() == 0:
         return out
     g = h // hkv
+    cache_seqlens = cache_seqlens.contiguous()  # read as a (B,) array
     page = k_cache.shape[2] if block_table is not None else 0
     capacity = block_table.shape[1] * page if block_table is not None else k_cache.shape[2]
     cfg = launch_config(g, lq, d, dv, page, q.dtype == torch.float32)

@@ -318,7 +318,8 @@ def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dr
 
     return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=max_q, s=max_k,
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
-                   cu_q=cu_q, cu_k=cu_k, dropout_p=dropout_p, seed=_seed_value(seed))
+                   cu_q=cu_q.contiguous(), cu_k=cu_k.contiguous(),  # the kernels read them as (B + 1,) arrays
+                   dropout_p=dropout_p, seed=_seed_value(seed))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())

@@ -85,6 +85,9 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
         k_cache, v_cache = gather(k_cache), gather(v_cache)
     positions = torch.arange(k_cache.shape[2], device=q.device)
+    # slots past a sequence's length may hold anything (NaN too): a 0 weight would not hide it
+    unused = (positions >= cache_seqlens.long()[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    k_cache, v_cache = k_cache.masked_fill(unused, 0.0), v_cache.masked_fill(unused, 0.0)
     # query i sits at position seqlen - Lq + i and sees keys up to it
     last = cache_seqlens.long()[:, None] - lq + torch.arange(lq, device=q.device)  # (B, Lq)
     visible = positions <= last[:, :, None]  # (B, Lq, S)
