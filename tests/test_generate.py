@@ -140,8 +140,12 @@ def test_stop_strings_and_streaming():
 def test_bad_arguments():
     _, model = hf_and_gpt()
     prompt, mask = left_padded([3, 2])
+    nan = float("nan")
     for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
-                          (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")):
+                          (dict(temperature=nan), "temperature"), (dict(top_p=0.0), "top_p"),
+                          (dict(top_p=1.5), "top_p"), (dict(top_p=nan), "top_p"), (dict(top_k=0), "top_k"),
+                          (dict(top_k=True), "top_k"), (dict(repetition_penalty=nan), "repetition_penalty"),
+                          (dict(repetition_penalty=0.0), "repetition_penalty")):
         args = dict(max_new_tokens=2, do_sample=True)
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
@@ -152,7 +156,52 @@ def test_bad_arguments():
         generate(model, torch.ones(1, 60, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, prompt, 2, attention_mask=mask.flip(1))
+    for holed in ([[1, 0, 1]], [[0, 1, 0, 1]]):  # padding after a real token, not at the end
+        ids = torch.ones(1, len(holed[0]), dtype=torch.long)
+        with pytest.raises(ValueError, match="left-padded"):
+            generate(model, ids, 2, attention_mask=torch.tensor(holed))
+    with pytest.raises(TypeError, match="input_ids"):
+        generate(model, prompt.float(), 2, attention_mask=mask)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        generate(model, prompt, 2, attention_mask=mask, eos_token_id=1.5)
     assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
+    out = generate(model, prompt.int(), 0, attention_mask=mask.bool())  # a LongTensor, as documented
+    assert out.dtype == torch.long and torch.equal(out, prompt)
+
+
+def test_eos_token_id_as_tensor_or_numpy_int():
+    import numpy as np
+
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([6, 2, 4], seed=3)
+    free = generate(model, prompt, 10, attention_mask=mask)
+    eos = int(free[0, 6 + 2])
+    want = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos)
+    assert want.shape != free.shape or not torch.equal(want, free)  # the EOS changes the output
+    for given in (torch.tensor(eos), torch.tensor([eos]), np.int64(eos), [np.int64(eos)]):
+        assert torch.equal(generate(model, prompt, 10, attention_mask=mask, eos_token_id=given), want)
+
+
+def test_streams_decode_in_eval_mode_and_restore_the_mode_at_the_end():
+    """Two streams in flight on a model in train mode (with dropout): both decode in eval mode;
+    the model is back in train mode only after the last one ends; a stream never started
+    changes nothing."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, dropout=0.5, init_std=0.2)).train()
+    prompt, _ = left_padded([5], vocab=model.config.vocab_size)
+    want = generate(model.eval(), prompt, 6)[0, 5:].tolist()
+    model.train()
+    unused = generate(model, prompt, 6, stream=True)
+    assert model.training
+    del unused
+    first, second = generate(model, prompt, 6, stream=True), generate(model, prompt, 6, stream=True)
+    got_first, got_second = [int(next(first))], [int(next(second))]
+    assert not model.training
+    got_first += [int(t) for t in first]  # the first stream ends; the second still decodes
+    assert not model.training
+    got_second += [int(t) for t in second]
+    assert got_first == want and got_second == want
+    assert model.training
 
 
 def test_paged_cache_equals_static_and_frees_blocks():
@@ -218,6 +267,19 @@ def test_stop_string_spanning_tokens():
 
     out = generate(model, prompt, 10, stop_strings=["é"], tokenizer=Positional())
     assert out.shape[1] == 4 + 5
+
+
+def test_stop_string_inside_a_long_token():
+    """The token that completes a stop string may decode to far more text after it."""
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([4])
+
+    class LongTokens:  # the second generated token decodes to "STOP" and 40 spaces
+        def decode(self, ids):
+            return "".join("STOP" + " " * 40 if i == 1 else "x" for i in range(len(list(ids))))
+
+    out = generate(model, prompt, 10, stop_strings=["STOP"], tokenizer=LongTokens())
+    assert out.shape[1] == 4 + 2
 
 
 def test_generate_under_autocast_caches_in_the_autocast_dtype():

@@ -109,6 +109,9 @@ def test_bad_arguments():
         generate_seq2seq(model, src, -1, bos_token_id=BOS, eos_token_id=EOS)
     with pytest.raises(ValueError, match="non-empty"):
         generate_seq2seq(model, src[:, :0], 3, bos_token_id=BOS, eos_token_id=EOS)
+    for bad in ("True", 1, None):
+        with pytest.raises(ValueError, match="early_stopping"):
+            generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=2, early_stopping=bad)
 
 
 def test_zero_new_tokens_and_padding():

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 gives greedy decoding")
-    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-k", type=int, default=200, help="0 turns top-k filtering off")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompt = torch.tensor([ids], device=device)
     start = time.perf_counter()
     steps = generate(model, prompt, args.max_new_tokens, do_sample=args.temperature > 0,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                     temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                      eos_token_id=tokenizer.eos_id, stream=True)
     sys.stdout.write(args.prompt)
     new: list[int] = []

@@ -6,6 +6,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
+from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import check_cache_kind, make_cache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
 
@@ -19,16 +20,18 @@ def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch
         raise ValueError(f"input_ids must be (batch, prompt_len), got shape {list(input_ids.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"the prompt is empty: input_ids has shape {list(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got "
                          f"{list(attention_mask.shape)}")
-    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    if bool((mask[:, -1] == 0).any()):
-        raise ValueError("prompts must be left-padded: attention_mask has padding at the last position")
+    mask = (attention_mask.to(input_ids.device) != 0).long()
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("a prompt in the batch is empty (its attention_mask is all zeros)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):  # the caches keep the last sum(mask) positions
+        raise ValueError("prompts must be left-padded: attention_mask has padding after a real token")
     c = model.config
     total = input_ids.shape[1] + max_new_tokens
     if c.pos_embedding == "learned" and total > c.block_size:
@@ -37,11 +40,14 @@ def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch
     return mask
 
 
-def _stop_ids(eos_token_id: Union[int, Sequence[int], None], device) -> Optional[torch.Tensor]:
+def _stop_ids(eos_token_id: Union[int, Sequence[int], torch.Tensor, None], device) -> Optional[torch.Tensor]:
+    """The EOS ids (an int, a sequence of them, or a tensor of any shape) as a 1-D LongTensor."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+    ids = torch.as_tensor(eos_token_id).flatten()
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"eos_token_id must be token ids (ints), got {eos_token_id!r}")
+    return ids.to(device=device, dtype=torch.long) if ids.numel() else None
 
 
 @torch.no_grad()
@@ -53,7 +59,6 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
     seen = input_ids
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     generated: list[list[int]] = [[] for _ in range(b)]
-    tail = max((len(s) for s in stop_strings or ()), default=0) + 16  # characters a new token can complete
     if cache is not None:
         lengths = mask.sum(-1).tolist()
         cache.allocate(lengths)
@@ -75,7 +80,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                     continue
                 generated[i].append(t)
                 text = tokenizer.decode(generated[i])  # whole: a character may span tokens
-                if any(s in text[-tail:] for s in stop_strings):
+                if any(s in text for s in stop_strings):  # (a match found earlier would have stopped it)
                     finished[i] = True
         seen = torch.cat([seen, token[:, None]], 1)
         yield token
@@ -110,9 +115,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     Prompts of different lengths are left-padded, with ``attention_mask`` (B, L) 1 on real tokens.
     Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (after a
     ``repetition_penalty``), reproducibly with ``seed``. A sequence stops on its own at
-    ``eos_token_id`` (one id or several) or at one of ``stop_strings`` (decoded with
-    ``tokenizer``); later positions hold ``pad_token_id`` (default: the first EOS id, else 0), and
-    generation ends early once every sequence has stopped.
+    ``eos_token_id`` (one id or several) or at one of ``stop_strings`` found in its generated text
+    (decoded with ``tokenizer``; the prompt's text is not searched); later positions hold
+    ``pad_token_id`` (default: the first EOS id, else 0), and generation ends early once every
+    sequence has stopped. The model is in eval mode while it decodes.
 
     Returns a LongTensor (B, L + new): the prompt followed by the new tokens, as transformers
     returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
@@ -124,8 +130,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     (:func:`gptkern.generation.release_decode_graphs` frees them).
     """
     model_device = next(model.parameters()).device
-    input_ids = input_ids.to(model_device)
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    input_ids = input_ids.to(model_device, torch.long)
+    mask = mask.to(model_device)
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:
@@ -138,8 +145,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=model_device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
     shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
@@ -153,17 +158,18 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         try:
             if use_cache and cuda_graph:
                 session = DecodeGraphSession(model, *shape)
-            yield from _decode_steps(model, input_ids, mask, max_new_tokens,
-                                     cache=session.cache if session is not None else kv_cache,
-                                     graphed=session.step if session is not None else None,
-                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
-                                     stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
+            with evaluating(model):  # from the first step to the last (a stream's, not the call's)
+                yield from _decode_steps(model, input_ids, mask, max_new_tokens,
+                                         cache=session.cache if session is not None else kv_cache,
+                                         graphed=session.step if session is not None else None,
+                                         do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, repetition_penalty=repetition_penalty, eos=eos,
+                                         pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+                                         generator=generator)
         except BaseException as err:
             ok = isinstance(err, GeneratorExit)  # a stream closed early is fine; an error or interrupt is not kept
             raise
         finally:
-            model.train(was_training)
             if session is not None:
                 session.release(ok)
 

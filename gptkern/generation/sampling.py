@@ -8,13 +8,14 @@ import torch
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
                         repetition_penalty: float) -> None:
-    if temperature < 0:
+    # written as "not (valid)" so that NaN is refused too
+    if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
+    if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 

@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 
+from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import StaticKVCache
 
 
@@ -22,7 +23,7 @@ def _setup(model, src, src_pad_mask, rows_per_source: int, max_new_tokens: int):
     return memory_kv, src_pad_mask, cache
 
 
-def _check(model, src, max_new_tokens, num_beams):
+def _check(model, src, max_new_tokens, num_beams, early_stopping):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens + 1 > model.config.max_len:
@@ -32,6 +33,8 @@ def _check(model, src, max_new_tokens, num_beams):
         raise ValueError(f"src must be a non-empty (batch, source_len) tensor, got shape {list(src.shape)}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
 
 
 @torch.no_grad()
@@ -47,20 +50,16 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     also stops when no running beam can still beat the worst of them at its current length;
     ``"never"`` runs to ``max_new_tokens``.
     """
-    _check(model, src, max_new_tokens, num_beams)
+    _check(model, src, max_new_tokens, num_beams, early_stopping)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     if max_new_tokens == 0:
         return torch.full((src.shape[0], 1), bos_token_id, dtype=torch.long, device=src.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if num_beams == 1:
             out = _greedy(model, src, src_pad_mask, max_new_tokens, bos_token_id, eos_token_id)
         else:
             out = _beam_search(model, src, src_pad_mask, max_new_tokens, bos_token_id, eos_token_id, num_beams,
                                length_penalty, early_stopping, pad)
-    finally:
-        model.train(was_training)
     return _pad_after_eos(out, eos_token_id, pad)
 
 
