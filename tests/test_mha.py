@@ -169,3 +169,74 @@ def test_shape_checks_as_torch():
             module(x, x, x, need_weights=False, attn_mask=torch.zeros(1, 5, device=DEVICE))
         with pytest.raises(RuntimeError, match="attn_mask"):
             module(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 5, 5, device=DEVICE))
+
+
+def test_batch_mismatch_empty_batch_and_kdim_checks():
+    """A key/value batch that differs from the query's raises (it was reshaped into the query's
+    batch); an empty batch works; kdim / vdim mismatches raise AssertionError, as torch."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    q, memory = torch.randn(2, 3, 8, device=DEVICE), torch.randn(1, 6, 8, device=DEVICE)
+    for module in (ours, theirs):
+        with pytest.raises(RuntimeError):
+            module(q, memory, memory, need_weights=False)
+    empty = torch.randn(0, 3, 8, device=DEVICE)
+    out, _ = ours(empty, empty, empty, need_weights=False)
+    assert out.shape == (0, 3, 8)
+    ours, theirs = pair(embed_dim=8, num_heads=2, kdim=6, vdim=5)
+    x = torch.randn(3, 2, 8, device=DEVICE)
+    for k, v, match in ((torch.randn(4, 2, 7), torch.randn(4, 2, 5), "key"),
+                        (torch.randn(4, 2, 6), torch.randn(4, 2, 4), "value")):
+        for module in (ours, theirs):
+            with pytest.raises(AssertionError, match=match):
+                module(x, k.to(DEVICE), v.to(DEVICE), need_weights=False)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_float_mask_dtypes_as_torch(mask_dtype, with_padding):
+    """A float attn_mask of another dtype than the query's: torch merges a bool key_padding_mask
+    into it in the query's dtype, and SDPA accepts the result only if it is float32 or the
+    query's dtype; gptkern accepts and refuses the same ones."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    kwargs = dict(attn_mask=torch.randn(3, 3, dtype=mask_dtype, device=DEVICE), need_weights=False,
+                  key_padding_mask=torch.tensor([[False, True, False]] * 2, device=DEVICE) if with_padding else None)
+    try:
+        want = theirs(x, x, x, **kwargs)[0]
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match="attn_mask dtype"):
+            ours(x, x, x, **kwargs)
+        return
+    torch.testing.assert_close(ours(x, x, x, **kwargs)[0], want, atol=2e-5, rtol=2e-5)
+
+
+def test_nested_tensor_input_takes_torch_fast_path():
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    ours.eval(), theirs.eval()
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], device=DEVICE)
+    with torch.no_grad():
+        got, want = ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0]
+    for a, b in zip(got.unbind(), want.unbind()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_first=True), dict(kdim=6, vdim=5), dict(bias=False, dropout=0.0)])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script
+def test_torch_jit_script(kwargs):
+    """Scripted, the module runs torch's attention on its own parameters (gptkern's ops are Python)."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, **kwargs)
+    scripted = torch.jit.script(ours)
+    q = torch.randn(3, 2, 8, device=DEVICE)
+    k, v = torch.randn(4, 2, ours.kdim, device=DEVICE), torch.randn(4, 2, ours.vdim, device=DEVICE)
+    if ours.batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    mask = torch.rand(q.shape[1] if ours.batch_first else q.shape[0], 4, device=DEVICE) < 0.3
+    for need_weights in (False, True):
+        got = scripted(q, k, v, attn_mask=mask, need_weights=need_weights)
+        want = theirs(q, k, v, attn_mask=mask, need_weights=need_weights)
+        torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+        assert (got[1] is None) == (want[1] is None)
+    layer = gptkern.nn.patch(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)).to(DEVICE)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    torch.testing.assert_close(torch.jit.script(layer)(x), layer(x), atol=2e-5, rtol=2e-5)
+    assert isinstance(layer.self_attn, gptkern.nn.MultiheadAttention)

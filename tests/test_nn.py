@@ -64,3 +64,17 @@ def test_dtype_and_device_arguments():
     assert m.weight.dtype == torch.float64
     x = torch.randn(2, 8, dtype=torch.float64)
     torch.testing.assert_close(m(x), torch.nn.RMSNorm(8, dtype=torch.float64)(x))
+
+
+
+@pytest.mark.parametrize("module", [gptkern.nn.LayerNorm(12), gptkern.nn.LayerNorm((3, 4), bias=False),
+                                    gptkern.nn.RMSNorm(12), gptkern.nn.RMSNorm(12, eps=None),
+                                    gptkern.nn.Softmax(-1), gptkern.nn.Softmax(dim=None)])
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")  # dim=None; torch.jit
+def test_torch_jit_script(module):
+    """Scripted, the modules run torch's kernels on their own parameters (gptkern's ops are Python)."""
+    module = module.to(DEVICE)
+    x = torch.randn(2, 5, 3, 4, device=DEVICE)
+    if getattr(module, "normalized_shape", None) == (12,):
+        x = x.flatten(2)
+    torch.testing.assert_close(torch.jit.script(module)(x), module(x))

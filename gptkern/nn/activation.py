@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from gptkern import ops
 
@@ -19,5 +20,7 @@ class Softmax(torch.nn.Softmax):
     """Drop-in for ``torch.nn.Softmax``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript runs torch's kernel (gptkern's ops are Python)
+            return F.softmax(input, self.dim, _stacklevel=5)
         dim = self.dim if self.dim is not None else _legacy_softmax_dim(input.dim())
         return ops.softmax(input, dim)

@@ -9,24 +9,25 @@ import torch.nn.functional as F
 from gptkern import ops
 
 
-def _sdpa_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _sdpa_mask(mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
     """torch.nn.MultiheadAttention's masks (bool True = do NOT attend, or additive float) as an
-    SDPA mask (bool True = attend, or additive float in ``dtype``)."""
+    SDPA mask (bool True = attend, or additive float; SDPA checks its dtype, as in torch)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
         raise AssertionError(f"only bool and floating types of {name} are supported")
-    return mask.to(dtype)
+    return mask
 
 
-def _combine(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _combine(a: Optional[torch.Tensor], b: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Two SDPA masks as one: bool if both are, else their sum, a bool one made additive in
+    ``dtype`` (the query's) first, as torch's MultiheadAttention merges them."""
     if a is None or b is None:
         return a if b is None else b
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
-    dtype = a.dtype if a.dtype != torch.bool else b.dtype
 
     def additive(m):
         if m.dtype != torch.bool:
@@ -49,7 +50,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3):
+        if torch.jit.is_scripting():  # TorchScript runs torch's attention (gptkern's ops are Python)
+            return self._torch_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)
+        if (need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3)
+                or query.is_nested):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -71,6 +76,23 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+    def _torch_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       key_padding_mask: Optional[torch.Tensor], need_weights: bool,
+                       attn_mask: Optional[torch.Tensor], average_attn_weights: bool,
+                       is_causal: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """torch.nn.functional's multi-head attention on this module's parameters (scriptable)."""
+        batch_first = self.batch_first and query.dim() == 3
+        if batch_first:  # (B, seq, E) -> (seq, B, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (out.transpose(0, 1) if batch_first else out), weights
 
     def _project(self, query, key, value):
         e = self.embed_dim
@@ -95,6 +117,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key.shape[:2] != value.shape[:2]:
             raise AssertionError(f"key's batch and sequence dims {key.shape[:2]} do not match value's "
                                  f"{value.shape[:2]}")
+        if key.shape[0] != b:
+            raise RuntimeError(f"query has batch size {b} but key and value have {key.shape[0]}")
+        if not self._qkv_same_embed_dim:
+            for name, t, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
+                if t.shape[-1] != dim:
+                    raise AssertionError(f"expecting {name} embedding dimension of {dim}, but got {t.shape[-1]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
             raise AssertionError(f"expecting key_padding_mask shape of {(b, s)}, but got "
                                  f"{tuple(key_padding_mask.shape)}")
@@ -104,17 +132,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
                                    f"but should be {expected}.")
         q, k, v = self._project(query, key, value)
-        q, k, v = (t.reshape(b, -1, h, dh).transpose(1, 2) for t in (q, k, v))  # (B, H, seq, Dh)
-        kpm = _sdpa_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        q, k, v = (t.reshape(b, n, h, dh).transpose(1, 2) for t, n in ((q, l), (k, s), (v, s)))  # (B, H, seq, Dh)
+        kpm = _sdpa_mask(key_padding_mask, "key_padding_mask")
         if kpm is not None:
             kpm = kpm.reshape(b, 1, 1, s)
-        am = _sdpa_mask(attn_mask, "attn_mask", q.dtype)
+        am = _sdpa_mask(attn_mask, "attn_mask")
         if is_causal:  # the hint: attn_mask is the causal mask; the kernel applies it, skipping tiles
             mask = kpm
         else:
             if am is not None and am.dim() == 3:  # (B * H, L, S)
                 am = am.reshape(b, h, l, s)
-            mask = _combine(am, kpm)
+            mask = _combine(am, kpm, q.dtype)
         dropout = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=bool(is_causal))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gptkern import ops
 
@@ -10,6 +11,8 @@ class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``: same arguments, parameters and ``state_dict`` keys."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript runs torch's kernel (gptkern's ops are Python)
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -17,4 +20,6 @@ class RMSNorm(torch.nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm``: same arguments, parameters and ``state_dict`` keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
