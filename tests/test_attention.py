@@ -157,6 +157,7 @@ def test_bad_input(backend):
         (RuntimeError, "key and value", lambda: sdpa(q, k, rand(2, 4, 7, 8))),
         (RuntimeError, "heads|broadcast", lambda: sdpa(q, rand(2, 2, 6, 8), rand(2, 2, 6, 8))),
         (RuntimeError, "heads", lambda: sdpa(q, rand(2, 3, 6, 8), rand(2, 3, 6, 8), enable_gqa=True)),
+        (IndexError, "enable_gqa", lambda: sdpa(rand(5, 8), rand(6, 8), rand(6, 8), enable_gqa=True)),
         (RuntimeError, "broadcast", lambda: sdpa(q, rand(3, 4, 6, 8), rand(3, 4, 6, 8))),
         (RuntimeError, "attn_mask", lambda: sdpa(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool,
                                                                                   device=DEVICE))),
@@ -354,6 +355,14 @@ def test_float_mask_finfo_min_and_float32_mask(backend):
     assert_close(got, want, torch.float16)
     assert_close(got, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask),
                  torch.float16)
+    # gradients in fp32 (float64 would not saturate: compared with torch's fp32 SDPA)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    g = torch.randn(2, 2, 9, 16, device=DEVICE)
+    with gptkern.backend(backend):
+        got = torch.autograd.grad(sdpa(*leaves, attn_mask=mask), leaves, g)
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=mask), leaves, g)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -372,6 +381,8 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
     q, k = rand(1, 2, 5, 8, ), rand(1, 2, 6, 8)
     v = rand(1, 2, 6, 0)
     check(backend, q, k, v)
+    check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4))  # E = 0: every key weighs the same
+    check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4), is_causal=True)
     with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
         sdpa(q, k, rand(1, 2, 6, 8), attn_mask=torch.ones(6, dtype=torch.bool, device=DEVICE))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import operator
 from typing import Optional, Sequence
@@ -30,6 +31,13 @@ def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     return t
+
+
+def attention_scale(scale: Optional[float], head_dim: int) -> float:
+    """``scale``, or 1 / sqrt(head_dim) (any finite value for head dim 0, whose scores are all 0)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
 def check_float_arg(value: object, name: str, op: str) -> None:

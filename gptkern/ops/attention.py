@@ -169,7 +169,10 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if attn_mask.dim() < 2:
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
                              f"(..., L, S), got shape {list(attn_mask.shape)}")
-    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+    if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:  # (as torch, which reads dim -3)
+        raise IndexError(f"scaled_dot_product_attention: enable_gqa=True needs a head dim (-3): query, key and "
+                         f"value have {query.dim()}, {key.dim()} and {value.dim()} dims")
+    if enable_gqa:
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
         if hk == 0 or hv == 0 or hq % hk or hq % hv:
             raise RuntimeError(f"Number of heads in key and value must divide the number of heads in "
@@ -267,7 +270,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         key = key.repeat_interleave(hq // key.shape[-3], dim=-3)
         value = value.repeat_interleave(hq // value.shape[-3], dim=-3)
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
-    scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale_value = _checks.attention_scale(scale, query.shape[-1])
 
     def triton_support():
         return _triton_limits(query, value, attn_mask is not None, dropout_p)
@@ -539,7 +542,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     # On a GPU the kernels trust the offsets' values, as flash-attn's do: checking them would cost a
     # host sync per call.
     checked = bounds() if _checks.checks_read_values(q) else None
-    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale_value = _checks.attention_scale(scale, q.shape[-1])
 
     name = _varlen_backend(q, k, v, dropout_p)
     if name in ("triton", "cpu"):

@@ -1,7 +1,6 @@
 """decode_attention: a few new queries per sequence against a static or paged KV cache."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -113,7 +112,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         (B, H, Lq, Dv), in q's dtype.
     """
     _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)
-    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale_value = _checks.attention_scale(scale, q.shape[-1])
 
     def cpu_support():
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
