@@ -204,16 +204,21 @@ def test_adding_or_removing_a_forward_hook_captures_again(emulator):
     handle = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out * -2.0)
     assert check() == 2 and check() == 2  # the hooked output, replayed
     handle.remove()
+    handle = model.transformer.ln_f.register_forward_hook(lambda module, args, out: out * 3.0)  # same count
     assert check() == 3
-    pre = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    handle.remove()
     assert check() == 4
+    pre = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    assert check() == 5
     pre.remove()
     hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
     try:
-        assert check() == 5
+        assert check() == 6
     finally:
         hook.remove()
-    assert check() == 6
+    assert check() == 7
+    model.register_forward_hook(lambda module, args, out: out)  # the model itself is not called
+    assert check() == 7
 
 
 def test_no_graph_is_captured_under_autocast(emulator):

@@ -180,28 +180,34 @@ def test_eos_token_id_as_tensor_or_numpy_int():
     assert want.shape != free.shape or not torch.equal(want, free)  # the EOS changes the output
     for given in (torch.tensor(eos), torch.tensor([eos]), np.int64(eos), [np.int64(eos)]):
         assert torch.equal(generate(model, prompt, 10, attention_mask=mask, eos_token_id=given), want)
+    for empty in ([], (), torch.tensor([], dtype=torch.long)):  # no EOS
+        assert torch.equal(generate(model, prompt, 10, attention_mask=mask, eos_token_id=empty), free)
 
 
-def test_streams_decode_in_eval_mode_and_restore_the_mode_at_the_end():
-    """Two streams in flight on a model in train mode (with dropout): both decode in eval mode;
-    the model is back in train mode only after the last one ends; a stream never started
-    changes nothing."""
+def test_every_step_decodes_in_eval_mode_and_the_mode_is_the_users_between_steps():
+    """A model in train mode (with dropout): two streams in flight, a plain call while one is
+    open, and model.train() between a stream's steps all decode in eval mode; between steps
+    and after the calls the model has the mode the user gave it, per module."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, dropout=0.5, init_std=0.2)).train()
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, dropout=0.5, init_std=0.2))
     prompt, _ = left_padded([5], vocab=model.config.vocab_size)
     want = generate(model.eval(), prompt, 6)[0, 5:].tolist()
     model.train()
+    model.transformer.h[0].eval()  # a submodule the user keeps in eval mode
+    modes = [m.training for m in model.modules()]
     unused = generate(model, prompt, 6, stream=True)
-    assert model.training
     del unused
     first, second = generate(model, prompt, 6, stream=True), generate(model, prompt, 6, stream=True)
     got_first, got_second = [int(next(first))], [int(next(second))]
-    assert not model.training
-    got_first += [int(t) for t in first]  # the first stream ends; the second still decodes
-    assert not model.training
+    assert [m.training for m in model.modules()] == modes
+    assert generate(model, prompt, 6)[0, 5:].tolist() == want  # while both streams are open
+    assert [m.training for m in model.modules()] == modes
+    model.train()  # between steps: the user's call stands, the next step is in eval mode again
+    model.transformer.h[0].eval()
+    got_first += [int(t) for t in first]
     got_second += [int(t) for t in second]
     assert got_first == want and got_second == want
-    assert model.training
+    assert [m.training for m in model.modules()] == modes
 
 
 def test_paged_cache_equals_static_and_frees_blocks():

@@ -191,16 +191,24 @@ def test_batch_mismatch_empty_batch_and_kdim_checks():
                 module(x, k.to(DEVICE), v.to(DEVICE), need_weights=False)
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("with_padding", [False, True])
-def test_float_mask_dtypes_as_torch(mask_dtype, with_padding):
-    """A float attn_mask of another dtype than the query's: torch merges a bool key_padding_mask
-    into it in the query's dtype, and SDPA accepts the result only if it is float32 or the
-    query's dtype; gptkern accepts and refuses the same ones."""
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float16, torch.float64, torch.bool])
+@pytest.mark.parametrize("padding_dtype", [None, torch.bool, torch.float16, torch.float64])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_mask_dtypes_as_torch(mask_dtype, padding_dtype, is_causal):
+    """Masks of other dtypes than the query's: torch merges a key_padding_mask into attn_mask (a
+    bool one counting as the query's dtype), and SDPA accepts the result only if it is float32 or
+    the query's dtype; gptkern accepts and refuses the same ones, with is_causal too."""
     ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
     x = torch.randn(2, 3, 8, device=DEVICE)
-    kwargs = dict(attn_mask=torch.randn(3, 3, dtype=mask_dtype, device=DEVICE), need_weights=False,
-                  key_padding_mask=torch.tensor([[False, True, False]] * 2, device=DEVICE) if with_padding else None)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).triu(1)  # True = masked out
+    attn_mask = causal if mask_dtype == torch.bool else \
+        torch.zeros(3, 3, device=DEVICE).masked_fill(causal, float("-inf")).to(mask_dtype)
+    if not is_causal and mask_dtype != torch.bool:
+        attn_mask = attn_mask + torch.randn(3, 3, device=DEVICE).to(mask_dtype)
+    padding = torch.tensor([[False, True, False]] * 2, device=DEVICE)
+    kwargs = dict(attn_mask=attn_mask, need_weights=False, is_causal=is_causal,
+                  key_padding_mask=None if padding_dtype is None else padding if padding_dtype == torch.bool else
+                  torch.zeros(2, 3, device=DEVICE).masked_fill(padding, float("-inf")).to(padding_dtype))
     try:
         want = theirs(x, x, x, **kwargs)[0]
     except RuntimeError:

@@ -72,13 +72,15 @@ def _matmul_precision() -> str:
 
 
 def _hooks(model) -> tuple:
-    """The forward hooks a step runs, global and per module (their handles' ids): a replay runs
-    none of their Python, so adding or removing one must capture again."""
+    """The forward hooks a step can run, global and per submodule (their handles' ids; the step
+    calls the model's submodules, not the model): a replay runs none of their Python, so adding
+    or removing one must capture again."""
     from torch.nn.modules import module as nn_module
 
     global_hooks = (tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks))
     return global_hooks + tuple((name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                                for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks)
+                                for name, m in model.named_modules()
+                                if name and (m._forward_pre_hooks or m._forward_hooks))
 
 
 def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]) -> tuple:

@@ -45,9 +45,11 @@ def _stop_ids(eos_token_id: Union[int, Sequence[int], torch.Tensor, None], devic
     if eos_token_id is None:
         return None
     ids = torch.as_tensor(eos_token_id).flatten()
+    if ids.numel() == 0:  # [] or (): no EOS
+        return None
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"eos_token_id must be token ids (ints), got {eos_token_id!r}")
-    return ids.to(device=device, dtype=torch.long) if ids.numel() else None
+    return ids.to(device=device, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -64,12 +66,14 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
         cache.allocate(lengths)
     done = [False] * b
     step_input, step_mask = input_ids, mask
+    modules = list(model.modules())
     for step in range(max_new_tokens):
-        if graphed is not None and step > 0:
-            logits = graphed(model, step_input[:, 0])
-        else:
-            hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
-            logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
+        with evaluating(model, modules):  # each step, not across the yield: the user owns the mode between
+            if graphed is not None and step > 0:
+                logits = graphed(model, step_input[:, 0])
+            else:
+                hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
+                logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
         token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         if eos is not None:
@@ -106,7 +110,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
              *, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             eos_token_id: Union[int, Sequence[int], torch.Tensor, None] = None, pad_token_id: Optional[int] = None,
              stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed: Optional[int] = None,
              stream: bool = False, use_cache: bool = True, cache: str = "static",
              num_cache_blocks: Optional[int] = None, cuda_graph: Optional[bool] = None):
@@ -118,7 +122,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     ``eos_token_id`` (one id or several) or at one of ``stop_strings`` found in its generated text
     (decoded with ``tokenizer``; the prompt's text is not searched); later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation ends early once every
-    sequence has stopped. The model is in eval mode while it decodes.
+    sequence has stopped. Each step runs the model in eval mode (its mode is restored after it).
 
     Returns a LongTensor (B, L + new): the prompt followed by the new tokens, as transformers
     returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
@@ -158,14 +162,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         try:
             if use_cache and cuda_graph:
                 session = DecodeGraphSession(model, *shape)
-            with evaluating(model):  # from the first step to the last (a stream's, not the call's)
-                yield from _decode_steps(model, input_ids, mask, max_new_tokens,
-                                         cache=session.cache if session is not None else kv_cache,
-                                         graphed=session.step if session is not None else None,
-                                         do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                         top_p=top_p, repetition_penalty=repetition_penalty, eos=eos,
-                                         pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                                         generator=generator)
+            yield from _decode_steps(model, input_ids, mask, max_new_tokens,
+                                     cache=session.cache if session is not None else kv_cache,
+                                     graphed=session.step if session is not None else None,
+                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     repetition_penalty=repetition_penalty, eos=eos, pad_token_id=pad_token_id,
+                                     stop_strings=stop_strings, tokenizer=tokenizer, generator=generator)
         except BaseException as err:
             ok = isinstance(err, GeneratorExit)  # a stream closed early is fine; an error or interrupt is not kept
             raise

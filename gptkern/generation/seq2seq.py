@@ -54,7 +54,7 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     pad = eos_token_id if pad_token_id is None else pad_token_id
     if max_new_tokens == 0:
         return torch.full((src.shape[0], 1), bos_token_id, dtype=torch.long, device=src.device)
-    with evaluating(model):
+    with evaluating(model, list(model.modules())):
         if num_beams == 1:
             out = _greedy(model, src, src_pad_mask, max_new_tokens, bos_token_id, eos_token_id)
         else:

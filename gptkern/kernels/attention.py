@@ -50,7 +50,7 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mas
     if MASK_KIND == 2:
         # finfo.min-style masks must stay finite after the log2(e) scaling, as in torch.
         bias = tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
-        bias = tl.where(bias == -float("inf"), bias, tl.maximum(bias, -2.0e38))
+        bias = tl.where(bias == -float("inf"), bias, tl.maximum(bias, -2.0e38, propagate_nan=tl.PropagateNan.ALL))
         s += bias * 1.4426950408889634
     return tl.where(visible, s, -float("inf"))
 

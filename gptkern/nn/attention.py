@@ -38,6 +38,24 @@ def _combine(a: Optional[torch.Tensor], b: Optional[torch.Tensor], dtype: torch.
     return additive(a) + additive(b)
 
 
+def _padding_mask_for_causal(kpm: Optional[torch.Tensor], am: Optional[torch.Tensor],
+                             dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The key padding mask alone (the causal attn_mask is applied by the kernel), checked and cast
+    as torch's merge of the two masks would be: a bool mask counts as ``dtype`` (the query's), and
+    SDPA takes the merged mask only in float32 or ``dtype``. Without a padding mask torch drops
+    attn_mask unread."""
+    floats = [m.dtype for m in (kpm, am) if m is not None and m.dtype != torch.bool]
+    if kpm is None or not floats:
+        return kpm
+    merged = dtype if any(m is not None and m.dtype == torch.bool for m in (kpm, am)) else floats[0]
+    for d in floats:
+        merged = torch.promote_types(merged, d)
+    if merged not in (torch.float32, dtype):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {merged} and query.dtype: {dtype} instead.")
+    return kpm if kpm.dtype == torch.bool else kpm.to(merged)
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for ``torch.nn.MultiheadAttention``: same arguments, forward and ``state_dict``.
 
@@ -138,7 +156,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             kpm = kpm.reshape(b, 1, 1, s)
         am = _sdpa_mask(attn_mask, "attn_mask")
         if is_causal:  # the hint: attn_mask is the causal mask; the kernel applies it, skipping tiles
-            mask = kpm
+            mask = _padding_mask_for_causal(kpm, am, q.dtype)
         else:
             if am is not None and am.dim() == 3:  # (B * H, L, S)
                 am = am.reshape(b, h, l, s)
