@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import warnings
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -40,26 +41,32 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     return device
 
 
+_local = threading.local()  # .override: this thread's ``with backend(...)`` choice, or None
+
+
 def get_backend() -> str:
-    """The backend name in force: ``auto`` unless set otherwise."""
-    return _current
+    """The backend name in force: this thread's ``with backend(...)`` choice, else the
+    process-wide one (``auto`` unless set otherwise)."""
+    return getattr(_local, "override", None) or _current
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every following gptkern op call (process-wide)."""
+    """Select the backend for every following gptkern op call (process-wide; a ``with backend(...)``
+    block still in force in a thread takes precedence there until it ends)."""
     global _current
     _current = _check_name(name)
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
-    """Context manager that selects a backend and restores the previous one on exit."""
-    global _current
-    previous, _current = _current, _check_name(name)
+    """Context manager that selects a backend for the calls of this thread and restores the
+    previous choice on exit (blocks in other threads are independent)."""
+    previous = getattr(_local, "override", None)
+    _local.override = _check_name(name)
     try:
-        yield _current
+        yield _local.override
     finally:
-        _current = previous
+        _local.override = previous
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -260,7 +267,7 @@ def choose(op: str, device: torch.device, supports: dict[str, Support],
     transform = _transform_reason(inputs)
     if transform is not None:
         supports = {name: (check if name == "torch" else (lambda: transform)) for name, check in supports.items()}
-    name = _current
+    name = get_backend()
     if name != "auto":
         if name not in supports:
             runs = [b for b in supports if _backend_runs_on(b, device_type)]

@@ -21,13 +21,61 @@ def write_atomic(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
-def replace_directory(staging, target) -> None:
-    """Move the finished directory ``staging`` to ``target``, replacing what is there: ``target``
-    is renamed aside first, so at every moment it is either the old directory or the new one."""
+def is_weights_file(name: str) -> bool:
+    """A model weights file or shard index of a saved model directory (``model.safetensors``,
+    ``model-00001-of-00002.safetensors``, ``model.safetensors.index.json``, ``pytorch_model.bin``):
+    a new save replaces all of them."""
+    return name.startswith(("model", "pytorch_model")) and (".safetensors" in name or ".bin" in name)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of ``src`` made of hard links (a real copy where linking fails)."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    else:
+        link_or_copy(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def replace_directory(staging, target, keep=lambda name: True) -> None:
+    """Move the finished directory ``staging`` to ``target``. What ``target`` held beside the new
+    entries is kept where ``keep(name)`` says so (hard-linked into the new directory first, so
+    nothing is copied or ever missing) and removed otherwise. ``target`` is renamed aside, so at
+    every moment it is the old directory or the new one; a ``target`` holding the working
+    directory is updated in place instead, an entry at a time."""
     staging, target = Path(staging), Path(target)
     if not target.exists():
         os.rename(staging, target)
         return
+    new = set(os.listdir(staging))
+    old = [name for name in os.listdir(target) if name not in new]
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    if cwd == resolved or resolved in cwd.parents:
+        for name in sorted(new):
+            if (target / name).is_dir() and not (target / name).is_symlink():
+                shutil.rmtree(target / name)
+            os.replace(staging / name, target / name)
+        for name in old:
+            if not keep(name):
+                _remove(target / name)
+        return
+    for name in old:
+        if keep(name):
+            _link_tree(target / name, staging / name)
     aside = target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.rmtree(aside, ignore_errors=True)
     os.rename(target, aside)

@@ -371,6 +371,8 @@ def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_he
 def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """The device ``--device`` names (auto: CUDA when there is one); applies ``--threads``."""
     if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"argument --threads: must be a positive int, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -226,3 +226,33 @@ def test_forward_ad_through_attention_is_torch_s_answer():
             tangents.append(fwAD.unpack_dual(out).tangent)
     assert tangents[0] is not None and tangents[0].abs().sum() > 0
     torch.testing.assert_close(tangents[0], tangents[1])
+
+
+def test_backend_blocks_are_per_thread():
+    """Two threads' `with backend(...)` blocks ending out of order leave each thread its own
+    choice and the process-wide one untouched."""
+    import threading
+
+    entered, release = [threading.Event() for _ in range(2)], [threading.Event() for _ in range(2)]
+    seen = {}
+
+    def worker(i, name):
+        with gptkern.backend(name):
+            entered[i].set()
+            release[i].wait(10)
+            seen[i] = _backend.get_backend()
+
+    threads = [threading.Thread(target=worker, args=(i, name)) for i, name in enumerate(("torch", "cpu"))]
+    for i, t in enumerate(threads):
+        t.start()
+        entered[i].wait(10)
+    assert _backend.get_backend() == "auto"
+    for i in (0, 1):  # the first to enter ends first
+        release[i].set()
+        threads[i].join(10)
+    assert seen == {0: "torch", 1: "cpu"} and _backend.get_backend() == "auto"
+    with gptkern.backend("torch"):
+        gptkern.set_backend("cpu")  # the block's choice stands in this thread until it ends
+        assert _backend.get_backend() == "torch"
+    assert _backend.get_backend() == "cpu"
+    gptkern.set_backend("auto")

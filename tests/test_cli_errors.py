@@ -61,3 +61,18 @@ def test_block_size_flag_grows_the_model_context():
     assert TrainConfig(preset="gpt2-tiny", block_size=512).model_config().block_size == 512
     assert TrainConfig(preset="gpt2-tiny", block_size=64).model_config().block_size == 256
     assert TrainConfig(preset="gpt2-tiny", block_size=512, model={"block_size": 128}).model_config().block_size == 128
+
+
+def test_a_corrupt_model_directory_and_bench_threads(capsys, tmp_path):
+    from gptkern.models import GPT, GPTConfig
+    from gptkern.models.io import save_pretrained
+
+    save_pretrained(GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1)), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "a")
+    assert "model.safetensors is corrupt" in err
+    for command in ("bench", "bench-attention"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--threads", "0"])
+        assert exit_info.value.code == 2 and "--threads" in capsys.readouterr().err

@@ -166,13 +166,18 @@ def test_gptkern_imports_without_transformers():
 def test_from_hf_copies_and_to_hf_replaces_the_directory(tmp_path):
     hf = hf_gpt2()
     model = GPT.from_hf(hf)
+    assert not model.training  # as transformers loads models (GPT-2's dropout is 0.1)
     with torch.no_grad():
         model.transformer.ln_f.weight.add_(1.0)
     assert not torch.equal(model.transformer.ln_f.weight, hf.transformer.ln_f.weight)  # no shared storage
-    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "logs").mkdir(parents=True)
     (tmp_path / "export" / "model.safetensors.index.json").write_text('{"weight_map": {}}')  # a stale index
+    (tmp_path / "export" / "notes.txt").write_text("mine")  # the user's files stay, as with transformers
+    (tmp_path / "export" / "logs" / "run.txt").write_text("log")
     model.to_hf(tmp_path / "export")
     assert not (tmp_path / "export" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "export" / "logs" / "run.txt").read_text() == "log"
     idx = ids()
     torch.testing.assert_close(GPT.from_hf(tmp_path / "export").eval()(idx)[0], model.eval()(idx)[0])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left

@@ -1,6 +1,7 @@
 """GPTConfig and GPT: presets, checks, initialisation, loss, tying, meta loading, backends, compile."""
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,9 +44,14 @@ def test_config_checks_and_round_trip():
     with pytest.raises(ValueError, match=r"n_head \(12\) must be divisible by n_kv_head \(5\)"):
         GPTConfig(n_kv_head=5)
     for bad in (dict(n_layer=0), dict(vocab_size=-3), dict(dropout=1.0), dict(norm="batchnorm"),
-                dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0)):
-        with pytest.raises(ValueError):
+                dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0), dict(window=2.5),
+                dict(mlp_hidden=0), dict(mlp_hidden=-4), dict(mlp_hidden=2.5), dict(n_kv_head=True),
+                dict(tie_weights="no"), dict(bias=1), dict(norm_eps=-1.0), dict(rope_base=0.0),
+                dict(init_std=-1.0), dict(init_std=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             GPTConfig(**bad)
+    with pytest.raises(ValueError, match="unknown GPTConfig fields.*n_layers"):
+        GPTConfig.from_name("gpt2-tiny", n_layers=3)
     cfg = tiny("llama-tiny", window=8)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
@@ -210,3 +216,51 @@ def test_document_masking_equals_separate_documents(name, device):
                 alone = model(flat[start:end][None])[0][0]
                 assert_close(packed[start:end], alone, torch.float32, msg=f"{backend} doc {start}:{end}",
                              atol_scale=4)
+
+
+def test_save_pretrained_keeps_other_files_and_saves_into_the_working_directory(tmp_path, monkeypatch):
+    """As transformers' save_pretrained: older weights files go, the user's other files stay;
+    saving into the working directory (".") works and leaves the process in it."""
+    from gptkern.models.io import load_pretrained, save_pretrained
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1)).eval()
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "data.txt").write_text("data")
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "sub"]
+    assert (out / "sub" / "data.txt").read_text() == "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    monkeypatch.chdir(out)
+    save_pretrained(model, ".")
+    assert Path.cwd() == out and (out / "notes.txt").read_text() == "mine"
+    idx = torch.randint(0, model.config.vocab_size, (1, 8))
+    torch.testing.assert_close(load_pretrained(".")[0](idx)[0], model(idx)[0])
+
+
+def test_load_pretrained_names_the_broken_file(tmp_path):
+    from gptkern.models.io import load_pretrained, save_pretrained
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1))
+    save_pretrained(model, tmp_path / "m")
+    config_file, weights = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"
+    good_config, good_weights = config_file.read_text(), weights.read_bytes()
+    for text, match in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+                        ('{"model_type": "gptkern-gpt"}', "'config'"),
+                        (good_config.replace('"vocab_size": 512', '"vocab_size": 100'), "shapes.*wte"),
+                        (good_config.replace('"n_layer": 1', '"n_layer": "1"'), "n_layer")):
+        config_file.write_text(text)
+        with pytest.raises(ValueError, match=match) as err:
+            load_pretrained(tmp_path / "m")
+        assert "config.json" in str(err.value)
+    config_file.write_text(good_config)
+    weights.write_bytes(good_weights[:100])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        load_pretrained(tmp_path / "m")
+    weights.write_bytes(good_weights)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            load_pretrained(tmp_path / "m", device="cuda")
+    assert not load_pretrained(tmp_path / "m")[0].training

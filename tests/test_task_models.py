@@ -38,8 +38,11 @@ def test_classifier_losses_and_checks():
     regression = GPTForSequenceClassification(tiny_config(), num_labels=1)
     logits, loss = regression(x, torch.tensor([0.5, -1.0, 2.0]))
     assert torch.isclose(loss, ((logits.squeeze(-1) - torch.tensor([0.5, -1.0, 2.0])) ** 2).mean())
-    with pytest.raises(ValueError, match="num_labels"):
-        GPTForSequenceClassification(tiny_config(), num_labels=0)
+    _, column_loss = regression(x, torch.tensor([[0.5], [-1.0], [2.0]]))  # (B, 1) labels, as transformers
+    torch.testing.assert_close(column_loss, loss)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="num_labels"):
+            GPTForSequenceClassification(tiny_config(), num_labels=bad)
 
 
 def test_classifier_loads_pretrained_gpt():
@@ -97,6 +100,18 @@ def test_seq2seq_vocabularies_and_checks():
         separate(ids((1, 4), 40), torch.tensor([[1, 2]]), torch.zeros(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
         Seq2SeqConfig(n_embd=30, n_head=4)
+    for src_batch, tgt_batch in ((1, 3), (3, 1)):  # no broadcasting of one source over targets
+        with pytest.raises(ValueError, match="batch sizes"):
+            separate(ids((src_batch, 4), 40), ids((tgt_batch, 3), 17))
+
+
+def test_seq2seq_stays_tied_after_an_assign_load():
+    model = small_seq2seq()
+    with torch.device("meta"):
+        fresh = small_seq2seq()
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    assert fresh.lm_head.weight is fresh.tgt_emb.weight
+    assert sum(p.numel() for p in fresh.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("which", ["classifier", "seq2seq"])

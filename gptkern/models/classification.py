@@ -21,7 +21,7 @@ class GPTForSequenceClassification(nn.Module):
 
     def __init__(self, config: GPTConfig, num_labels: int, pad_token_id: Optional[int] = None):
         super().__init__()
-        if not isinstance(num_labels, int) or num_labels < 1:
+        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
         self.config, self.num_labels, self.pad_token_id = config, num_labels, pad_token_id
         self.transformer = GPTBody(config)
@@ -64,7 +64,7 @@ class GPTForSequenceClassification(nn.Module):
         loss = None
         if labels is not None:
             if self.num_labels == 1:
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
+                loss = F.mse_loss(logits.float().view(-1), labels.float().view(-1))  # labels (B,) or (B, 1)
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return logits, loss

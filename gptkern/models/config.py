@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=352, block_size=256,
                        vocab_size=512, **_LLAMA),
     "llama-small": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, mlp_hidden=2048, block_size=2048,
-                        vocab_size=32000, **_LLAMA),  # about 134M
+                        vocab_size=32000, **_LLAMA),  # 125M
 }
 
 
@@ -55,18 +56,25 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
+        for name in ("bias", "tie_weights", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, low in (("norm_eps", 0.0), ("init_std", 0.0), ("rope_base", 1e-300)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+        if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.n_embd
         for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("pos_embedding", POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -74,7 +82,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
-        if self.window is not None and self.window < 1:
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
+                                        or self.window < 1):
             raise ValueError(f"window must be a positive number of tokens or None, got {self.window}")
 
     @property
@@ -86,7 +95,7 @@ class GPTConfig:
         """A preset (``gpt2-tiny``, ``gpt2-small``, ..., ``llama-tiny``, ``llama-small``) with overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return build_dataclass(cls, {**PRESETS[name], **overrides}, "GPTConfig fields")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -193,7 +193,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, model_or_dir) -> "GPT":
-        """A GPT from a transformers ``GPT2LMHeadModel`` or a local Hugging Face directory."""
+        """A GPT (in eval mode, as transformers loads models) from a transformers ``GPT2LMHeadModel``
+        or a local Hugging Face directory."""
         from gptkern.models.hf import gpt_from_hf
 
         return gpt_from_hf(model_or_dir)

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from gptkern._files import replace_directory
+from gptkern._files import is_weights_file, replace_directory
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -102,7 +102,7 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     _load_exact(model, _state_from_hf(state), source)
-    return model
+    return model.eval()  # as transformers' from_pretrained returns it
 
 
 GPT2_EOS = 50256  # GPT2Config's default bos / eos id
@@ -142,12 +142,13 @@ def gpt_to_hf(model: GPT, save_directory: Optional[Union[str, os.PathLike]] = No
 
 def save_pretrained_atomic(hf_model, save_directory: Union[str, os.PathLike]) -> None:
     """``save_pretrained`` into a temporary sibling directory that then replaces ``save_directory``
-    whole (a reader never sees new weights beside an old config, or a stale shard index)."""
-    target = Path(save_directory)
+    (a reader never sees new weights beside an old config, or a stale shard index). Other files
+    already there stay, as with transformers' own ``save_pretrained``, except older weights."""
+    target = Path(os.path.abspath(save_directory))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gptkern-save-", dir=target.parent))
     try:
         hf_model.save_pretrained(staging)
-        replace_directory(staging, target)
+        replace_directory(staging, target, keep=lambda name: not is_weights_file(name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

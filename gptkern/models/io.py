@@ -14,7 +14,8 @@ from typing import Optional, Union
 
 import torch
 
-from gptkern._files import replace_directory, write_atomic
+from gptkern._backend import check_device
+from gptkern._files import is_weights_file, replace_directory, write_atomic
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -46,13 +47,14 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_pretrained(model: GPT, directory: Union[str, os.PathLike], tokenizer=None) -> None:
     """Write the model (and tokenizer) to ``directory``, built in a temporary sibling directory that
-    then replaces it whole: a reader sees the old directory or the new one."""
-    directory = Path(directory)
+    then replaces it: a reader sees the old directory or the new one. Other files already in
+    ``directory`` stay, except older weights files."""
+    directory = Path(os.path.abspath(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write_model_files(model, staging, tokenizer)
-        replace_directory(staging, directory)
+        replace_directory(staging, directory, keep=lambda name: not is_weights_file(name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -69,6 +71,7 @@ def write_model_files(model: GPT, directory: Path, tokenizer=None) -> None:
 def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                     dtype: Optional[torch.dtype] = None):
     """(GPT, tokenizer or None) from a directory written by :func:`save_pretrained`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from gptkern.data.tokenizer import META_FILE, load_tokenizer
@@ -79,22 +82,43 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
         raise FileNotFoundError(f"{directory} not found: no such model directory")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a gptkern model directory")
-    meta = json.loads(config_file.read_text())
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is corrupt: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_file} is corrupt: a JSON object was expected, got {type(meta).__name__}")
     if "preset" in meta and "model" in meta and (directory / "checkpoints").is_dir():
         raise ValueError(f"{directory} is a training run, not a model: pass one of its checkpoints, "
                          f"{directory / 'checkpoints'}/step_N")
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r} "
                          f"(use GPT.from_hf for Hugging Face GPT-2 directories)")
-    config = GPTConfig.from_dict(meta["config"])
-    state = load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{config_file} is corrupt: its 'config' entry is missing or not an object")
+    try:
+        config = GPTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_file}: {err}") from None
+    device = check_device(device or "cpu")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the model directory has no weights")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is corrupt: not a readable safetensors file ({err})") from None
     with torch.device("meta"):
         model = GPT(config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_weights else set())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{directory / 'model.safetensors'} does not match its config: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+        raise ValueError(f"{weights} does not match its config: missing keys {missing}, unexpected keys "
+                         f"{unexpected}")
+    wrong = [f"{key} {list(value.shape)} (config: {list(model.state_dict()[key].shape)})"
+             for key, value in state.items() if value.shape != model.state_dict()[key].shape]
+    if wrong:
+        raise ValueError(f"{weights} does not match its config {config_file}: shapes {', '.join(wrong)}")
     model.load_state_dict(state, assign=True)
     if dtype is not None:
         model.to(dtype)

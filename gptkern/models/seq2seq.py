@@ -104,6 +104,10 @@ class Seq2SeqTransformer(nn.Module):
         self.ln_dec = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.target_vocab_size, bias=False)
         gpt2_init_(self, c.n_encoder_layer + c.n_decoder_layer, c.init_std)
+        self._tie()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())  # after assign=True
+
+    def _tie(self) -> None:
         self.lm_head.weight = self.tgt_emb.weight
 
     def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: nn.Embedding, name: str,
@@ -135,6 +139,9 @@ class Seq2SeqTransformer(nn.Module):
         self-attention; tgt_in then holds only the new tokens) and ``memory_kv``, each decoder
         layer's ``cross_attn.project_memory(memory)``, computed once.
         """
+        if memory is not None and memory.shape[0] != tgt_in.shape[0]:
+            raise ValueError(f"the batch sizes of the source ({memory.shape[0]}) and tgt_in ({tgt_in.shape[0]}) "
+                             f"must be equal")
         decoding = cache is not None and cache.filled
         x = self._embed(tgt_in, self.tgt_emb, self.tgt_pos, "tgt_in", cache.seqlens if decoding else None)
         keep = None if src_pad_mask is None else ~src_pad_mask.bool()
