@@ -13,6 +13,7 @@ import torch
 import gptkern
 from gptkern.data import ByteTokenizer, TokenLoader, document_bounds, load_tokenizer, read_meta, train_bpe
 from gptkern.data import corpus
+from gptkern.data import prepare as prepare_module
 from gptkern.data.prepare import prepare, progress_bar, split_documents, split_text, token_dtype, write_meta
 
 JSONL_DOCS = [f"document number {i} about topic {'abcdefghij'[i]} with some words" for i in range(10)]
@@ -229,7 +230,80 @@ def test_cli_prepare_end_to_end(tmp_path):
     assert "train 32 tokens (1 documents)" in ok.stdout
     assert read_meta(tmp_path / "out")["splits"]["train"]["tokens"] == 32
     bad = subprocess.run(cmd + ["--input", str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "missing.txt does not exist" in bad.stderr
+    assert bad.returncode == 2 and "missing.txt does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_prepare_rejects_unusable_vocab_sizes(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("some text\n")
+    for size in (0, 256, -5, 2**32 + 1):
+        with pytest.raises(ValueError, match=rf"vocab_size \(--vocab-size\) must be .* got {size}"):
+            prepare([tmp_path / "in.txt"], tmp_path / "out", "bpe", vocab_size=size, progress=False)
+    assert not (tmp_path / "out").exists()
+    argv = ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "bpe"]
+    assert prepare_module.main(argv + ["--vocab-size", "0"]) == 2
+    assert "error: vocab_size (--vocab-size) must be" in capsys.readouterr().err
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_reprepare_keeps_the_previous_dataset(tree, tmp_path, monkeypatch):
+    out = tmp_path / "dsv"
+    prepare([tree], out, "bpe", vocab_size=300, val_fraction=0.3, workers=1, seed=3, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    encode = prepare_module.encode_array
+
+    def fail_on_val(tok, text, dtype):  # a failure while the val split is encoded, after train.bin
+        if text == "other val":
+            raise ValueError("encoding failed")
+        return encode(tok, text, dtype)
+
+    monkeypatch.setattr(prepare_module, "encode_array", fail_on_val)
+    (tmp_path / "new.jsonl").write_text(json.dumps({"text": "other train"}) + "\n" + json.dumps({"text": "other val"}))
+    with pytest.raises(ValueError, match="encoding failed"):
+        prepare([tmp_path / "new.jsonl"], out, "byte", val_fraction=0.5, seed=3, workers=1, progress=False)
+    assert split_documents(2, 0.5, 3).tolist() == [False, True]
+    assert snapshot(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert isinstance(load_tokenizer(out), gptkern.data.HFTokenizer)
+    # A fresh folder is removed again when its first prepare fails.
+    with pytest.raises(ValueError, match="encoding failed"):
+        prepare([tmp_path / "new.jsonl"], tmp_path / "fresh" / "out", "byte", val_fraction=0.5, workers=1,
+                progress=False)
+    assert not (tmp_path / "fresh" / "out").exists()
+    # A successful one replaces what prepare writes and leaves the other files alone.
+    monkeypatch.undo()
+    meta = prepare([tmp_path / "new.jsonl"], out, "byte", val_fraction=0.5, seed=3, workers=1, progress=False)
+    assert read_meta(out) == meta and meta["tokenizer"] == "byte" and isinstance(load_tokenizer(out), ByteTokenizer)
+    assert split_docs(out, "val", ByteTokenizer()) == ["other val"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in out.iterdir()) == ["gptkern_tokenizer.json", "meta.json", "notes.txt",
+                                                     "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_prepare_does_not_read_its_output_folder(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("first document")
+    (tmp_path / "in" / "b.txt").write_text("second document")
+    for _ in range(2):  # the second run finds the first one's meta.json, tokenizer files and shards
+        meta = prepare([tmp_path / "in"], tmp_path / "in" / "out", "bpe", vocab_size=300, val_fraction=0,
+                       workers=1, progress=False, log=lambda m: None)
+        assert meta["splits"]["train"]["documents"] == 2 and meta["source"].startswith("2 documents from 2 file(s)")
+    with pytest.raises(ValueError, match=r"input folder .*in is also the output folder"):
+        prepare([tmp_path / "in"], tmp_path / "in", progress=False)
+
+
+def test_prepare_lone_surrogates(tmp_path):
+    """JSONL can hold lone surrogates ("\\ud800"): bytes keep them, BPE encodes them as U+FFFD."""
+    docs = [f"doc {i} \ud800 and \udfff{'x' * i}" for i in range(6)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for kind, want in (("byte", docs), ("bpe", [d.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd")
+                                                for d in docs])):
+        prepare([tmp_path / "s.jsonl"], tmp_path / kind, kind, val_fraction=0.3, seed=1, workers=1, progress=False)
+        tok = load_tokenizer(tmp_path / kind)
+        train, val = expected_split(want, 0.3, 1)
+        assert split_docs(tmp_path / kind, "train", tok) == train and split_docs(tmp_path / kind, "val", tok) == val
 
 
 # ---------------------------------------------------------------- loader

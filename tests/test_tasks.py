@@ -60,6 +60,40 @@ def test_task_input_errors(tmp_path):
     (tmp_path / "empty.tsv").write_text("\n")
     with pytest.raises(ValueError, match="no pairs"):
         read_pairs(str(tmp_path / "empty.tsv"))
+    (tmp_path / "bom.csv").write_bytes("text,label\r\nhi,a\r\n".encode("utf-8-sig"))  # Excel's UTF-8 CSV
+    assert read_labelled_csv(str(tmp_path / "bom.csv")) == [("hi", "a")]
+
+
+def test_read_pairs_splits_lines_at_newlines_only(tmp_path):
+    path = tmp_path / "p.tsv"
+    path.write_bytes("\ufeffpage\x0cbreak\tkaerb\r\na\u2028b\x1cc\x85\tx\n\nlast\tone".encode())
+    assert read_pairs(str(path)) == [("page\x0cbreak", "kaerb"), ("a\u2028b\x1cc\x85", "x"), ("last", "one")]
+    path.write_text("a\x0cb\tc\nd\u2028e\tf\n\tempty source\n")
+    with pytest.raises(ValueError, match=r"p\.tsv:3: empty source"):
+        read_pairs(str(path))
+    path.write_text("a\tb\n\t\n")
+    with pytest.raises(ValueError, match=r"p\.tsv:2: empty source"):
+        read_pairs(str(path))
+
+
+def test_task_config_errors(tmp_path):
+    torch.manual_seed(0)
+    save_pretrained(GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=257, block_size=16)),
+                    tmp_path / "ckpt", ByteTokenizer())
+    (tmp_path / "one.csv").write_text("text,label\nhello,a\nworld,a\n")
+    (tmp_path / "pairs.tsv").write_text("ab\tba\ncd\tdc\n")
+    args = (str(tmp_path / "ckpt"), str(tmp_path / "one.csv"), str(tmp_path / "one.csv"))
+    with pytest.raises(ValueError, match=r"one\.csv: every row has the label 'a'; .* at least two labels"):
+        finetune_classify(*args, TaskConfig(steps=1))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"batch_size \(--batch-size\) must be a positive integer, got {bad}"):
+            finetune_classify(*args, TaskConfig(steps=1, batch_size=bad))
+        with pytest.raises(ValueError, match=rf"max_len \(--max-len\) must be an integer of at least 1, got {bad}"):
+            finetune_classify(*args, TaskConfig(steps=1, max_len=bad))
+        with pytest.raises(ValueError, match=r"batch_size \(--batch-size\)"):
+            train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, batch_size=bad))
+    with pytest.raises(ValueError, match=r"max_len \(--max-len\) must be an integer of at least 3, got 2"):
+        train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, max_len=2))
 
 
 def test_finetune_command(classification_files):

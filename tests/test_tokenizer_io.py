@@ -1,5 +1,6 @@
 """Tokenizers (round trips, save/load) and gptkern model directories (save/load, atomic files)."""
 import json
+import re
 
 import pytest
 import torch
@@ -37,6 +38,56 @@ def bpe():
 @given(st.text())
 def test_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
+
+
+SURROGATE_TEXTS = ["\ud800", "a\udfffb", "\ud83d\ude00 two halves", "x\ud800y\udc00z", "ok text \udbff"]
+
+
+def test_lone_surrogates(bpe):
+    """st.text() draws no surrogates: explicit cases. The byte tokenizer round-trips them; BPE (UTF-8
+    only) encodes each one as U+FFFD, and trains on text holding them."""
+    for text in SURROGATE_TEXTS:
+        assert ByteTokenizer().decode(ByteTokenizer().encode(text)) == text
+        assert bpe.decode(bpe.encode(text)) == re.sub("[\ud800-\udfff]", "\ufffd", text)
+    tok = train_bpe(SURROGATE_TEXTS * 5, 280)
+    assert tok.decode(tok.encode("a\udfffb")) == "a\ufffdb"
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(bpe):
+    byte = ByteTokenizer()
+    assert byte.decode([104, 256, 105]) == "hi" and byte.decode_bytes([104, 256]) == b"h"  # EOS dropped
+    for bad in (257, 300, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range for the byte tokenizer"):
+            byte.decode([104, bad])
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range"):
+            byte.decode_bytes([bad])
+    assert bpe.decode(bpe.encode("the fox") + [bpe.eos_id]) == "the fox"
+    for bad in (bpe.vocab_size, 99999, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range for the bpe tokenizer"):
+            bpe.decode([0, bad])
+
+
+def test_load_tokenizer_errors_name_the_file(tmp_path, bpe):
+    bpe.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "truncat')
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a valid Hugging Face tokenizer file"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a valid Hugging Face tokenizer file"):
+        make_tokenizer(f"gpt2-dir:{tmp_path}")
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json not found"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptkern_tokenizer.json").write_text('{"kind": ')
+    with pytest.raises(ValueError, match=r"gptkern_tokenizer\.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptkern_tokenizer.json").write_text('["bpe"]')
+    with pytest.raises(ValueError, match=r"gptkern_tokenizer\.json: unknown tokenizer kind None"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptkern_tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"gptkern_tokenizer\.json not found: .* holds no saved tokenizer"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nothing not found"):
+        load_tokenizer(tmp_path / "nothing")
 
 
 def test_literal_eos_text_is_plain_text(bpe):

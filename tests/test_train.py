@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_resume_with_another_config_lists_fields(data_dir, tmp_path):
     train(config(data_dir, tmp_path, max_steps=4))
     with pytest.raises(ValueError, match="already holds checkpoints .* --resume"):
         Trainer(config(data_dir, tmp_path, max_steps=8))
-    with pytest.raises(ValueError, match=r"model: checkpoint .* != now .*; batch_size: checkpoint 4 != now 8"):
+    with pytest.raises(ValueError, match=r"model.n_layer: checkpoint 2 != now 3; batch_size: checkpoint 4 != now 8"):
         Trainer(config(data_dir, tmp_path, max_steps=8, resume=True, batch_size=8,
                        model=dict(n_layer=3, n_embd=64, n_head=4, block_size=32)))
 
@@ -85,9 +86,93 @@ def test_nan_loss_stops_without_checkpoint(data_dir, tmp_path, monkeypatch):
         return logits, loss * float("nan") if trainer.step >= 3 else loss
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
-    with pytest.raises(TrainingError, match="loss is nan at step 3"):
-        trainer.fit()
+    with pytest.raises(TrainingError, match="loss is nan at step 4: .* last good one is .*step_00000002"):
+        trainer.fit()  # the fourth step, counted from 1 as the metrics and checkpoint names count
     assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000002"]
+
+
+def tiny(data_dir, out_dir, **overrides):
+    """A 1-layer model: a few steps take a fraction of a second."""
+    values = dict(model=dict(n_layer=1, n_embd=32, n_head=2, block_size=16), batch_size=2, eval_steps=1,
+                  checkpoint_interval=1, keep_last=1)
+    return config(data_dir, out_dir, **{**values, **overrides})
+
+
+def strict_json(line):
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}"))
+
+
+def test_diverged_weights_are_never_saved(data_dir, tmp_path):
+    """The step's loss is computed before its update: a NaN validation loss, or weights an update blew
+    up, stop training before the save, and keep-last never rotates the good checkpoint out."""
+    diverging = dict(lr=1e8, min_lr=1e8, warmup_steps=0)
+    with pytest.raises(TrainingError, match="validation loss is nan at step 1: .*none was written before"):
+        train(tiny(data_dir, tmp_path / "fresh", eval_interval=1, **diverging))
+    assert ckpt.list_checkpoints(str(tmp_path / "fresh")) == []
+    records = [strict_json(line) for line in (tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_loss"] is None  # null, not a bare NaN
+
+    train(tiny(data_dir, tmp_path / "run", max_steps=2))
+    good = ckpt.latest_checkpoint(str(tmp_path / "run"))
+    with pytest.raises(TrainingError, match=f"at step 3: .*the last good one is {good}"):
+        train(tiny(data_dir, tmp_path / "run", max_steps=4, resume=True, lr=1e30, min_lr=1e30, warmup_steps=0))
+    assert ckpt.list_checkpoints(str(tmp_path / "run")) == [good]
+    load_pretrained(good)
+
+
+def test_keep_last_and_resume_touch_only_checkpoint_folders(data_dir, tmp_path):
+    root = tmp_path / "checkpoints"
+    mine = [root / "step_00000002_backup", root / ".tmp-notes", root / "step_x"]
+    for folder in mine:
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    killed = root / ".tmp-step_00000001-999999999"  # a staging folder of a killed run
+    killed.mkdir()
+    train(tiny(data_dir, tmp_path, max_steps=3, keep_last=1))
+    assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000003"]
+    assert all(folder.is_dir() for folder in mine) and not killed.exists()
+    (root / "step_00000003" / "state.json").unlink()  # not a checkpoint any more: nothing to resume
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"])
+def test_corrupt_checkpoint_file_is_named(data_dir, tmp_path, name):
+    train(tiny(data_dir, tmp_path, max_steps=1))
+    file = ckpt.latest_checkpoint(str(tmp_path)) / name
+    file.write_bytes(file.read_bytes()[:100])  # head -c 100
+    with pytest.raises(ValueError, match=f"{file} is corrupt"):
+        train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
+
+
+def test_resume_compares_resolved_settings(data_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    monkeypatch.chdir(tmp_path)
+    train(tiny("data", "run", max_steps=1))
+    # the same folder and window, written differently: no mismatch
+    train(tiny("./data", "run", max_steps=2, resume=True, block_size=16))
+    train(tiny(str(data), "run", max_steps=3, resume=True))
+    # the data prepared again with another tokenizer: the vocabulary differs
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 300}))
+    with pytest.raises(ValueError, match="another configuration: .*model.vocab_size: checkpoint 257 != now 300"):
+        Trainer(tiny("data", "run", max_steps=4, resume=True))
+    capsys.readouterr()
+    Trainer(tiny("data", "empty", resume=True))  # nothing to resume: starts fresh, and says so
+    assert "--resume: no checkpoint in empty/checkpoints, starting from scratch" in capsys.readouterr().err
+
+
+def test_training_without_validation_data(data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["val"]["tokens"] = 0  # as `prepare --val-fraction 0` writes it
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / meta["splits"]["val"]["file"]).write_bytes(b"")
+    losses = train(tiny(data, tmp_path / "run", max_steps=2, eval_interval=1))
+    assert len(losses) == 2 and "training without evaluation" in capsys.readouterr().err
+    assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert len(ckpt.list_checkpoints(str(tmp_path / "run"))) == 1
 
 
 def test_failed_save_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -10,6 +10,10 @@ train/val by a seeded draw; and writes, each file atomically (``meta.json`` last
 - the tokenizer's files (``tokenizer.save(out)``, read back by ``load_tokenizer(out)``);
 - ``meta.json``: tokenizer kind, ``vocab_size``, ``eos_id``, ``dtype``, per split the file, token
   and document counts, the source, ``val_fraction`` and ``seed``.
+
+Everything is built in a hidden staging folder inside ``out`` and moved into place only once complete,
+so a failed run leaves the previous dataset as it was; other files in ``out`` are left alone, and
+``out`` is never read as input (a folder input that contains it skips it).
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import numbers
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -95,16 +101,31 @@ def _file_documents(path: Path, named: bool, log: Log) -> list[str]:
     return [text]
 
 
-def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr) -> tuple[list[str], str]:
+def _inside(path: Path, folder: Path) -> Optional[tuple[str, ...]]:
+    """The parts of ``folder`` relative to ``path`` (both resolved) when ``folder`` is ``path`` or inside it."""
+    path, folder = path.resolve(), folder.resolve()
+    return folder.relative_to(path).parts if folder.is_relative_to(path) else None
+
+
+def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr,
+                   exclude: Union[str, os.PathLike, None] = None) -> tuple[list[str], str]:
     """The documents of ``inputs`` (files and folders) in order, and a description of the source.
-    Hidden files and folders (``.git``) inside an input folder are not read."""
+    Hidden files and folders (``.git``) inside an input folder are not read, nor the folder
+    ``exclude`` (prepare's output folder); an input folder that is ``exclude`` is an error."""
     docs: list[str] = []
     files = 0
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            skip = _inside(path, Path(exclude)) if exclude is not None else None
+            if skip == ():
+                raise ValueError(f"input folder {path} is also the output folder: its shards and meta.json would "
+                                 f"be read as text on the next run; write the output to another folder")
+            if skip and Path(exclude).exists():
+                log(f"note: not reading the output folder {exclude} inside {path}")
             found = sorted((p for p in path.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                            and not (skip and p.relative_to(path).parts[:len(skip)] == skip)),
                            key=lambda p: p.relative_to(path).as_posix())
             for p in found:
                 docs += _file_documents(p, False, log)
@@ -315,6 +336,32 @@ def read_meta(data_dir: Union[str, os.PathLike]) -> dict:
 
 # ---------------------------------------------------------------- the job
 
+def _check_vocab_size(tokenizer: str, vocab_size: Optional[int], log: Log) -> Optional[int]:
+    """The BPE vocabulary size to train (default 8192); None for the other tokenizers."""
+    if tokenizer != "bpe":
+        if vocab_size is not None:
+            log(f"note: --vocab-size is ignored by the {tokenizer} tokenizer")
+        return None
+    if vocab_size is None:
+        return 8192
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
+            or not 257 <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size (--vocab-size) must be an integer from 257 (the 256 bytes and "
+                         f"<|endoftext|>) to 2**32 for the bpe tokenizer, got {vocab_size!r}")
+    return vocab_size
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Moves the finished files from ``staging`` into ``out``: ``meta.json`` is removed first and moved
+    in last, so no ``meta.json`` ever describes a mix of old and new files."""
+    with contextlib.suppress(FileNotFoundError):
+        (out / META_FILE).unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != META_FILE:
+            os.replace(path, out / path.name)
+    os.replace(staging / META_FILE, out / META_FILE)
+
+
 def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike], tokenizer: str = "byte",
             vocab_size: Optional[int] = None, val_fraction: float = 0.1, workers: Optional[int] = None,
             seed: int = 0, max_chars: Optional[int] = None, progress: bool = True,
@@ -323,10 +370,14 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
     returns the meta written to ``meta.json``."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {out} exists and is not a folder")
+    vocab_size = _check_vocab_size(tokenizer, vocab_size, log)
     if inputs:
         if max_chars is not None:
             raise ValueError("max_chars caps the embedded corpus; it cannot be used with inputs")
-        docs, source = read_documents(inputs, log)
+        docs, source = read_documents(inputs, log, exclude=out)
     else:
         from gptkern.data.corpus import corpus_description, stdlib_corpus
 
@@ -340,20 +391,36 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
 
     if tokenizer == "bpe":
         pieces = (p for d in groups["train"] for p in split_text(d, piece_chars))
-        tok = make_tokenizer("bpe", pieces, vocab_size or 8192)
+        tok = make_tokenizer("bpe", pieces, vocab_size)
     else:
-        if vocab_size is not None:
-            log(f"note: --vocab-size is ignored by the {tokenizer} tokenizer")
         tok = make_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     workers = default_workers() if workers is None else workers
     if sum(len(d) for d in docs) <= piece_chars:
         workers = 1  # one task: a pool would only cost its start-up
 
-    out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (out / META_FILE).unlink()  # no meta.json describes half-written shards
+    staging = out / f".prepare-{os.getpid()}"  # hidden: never read as input; same filesystem as out
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    installed = False
+    try:
+        meta = _write_dataset(staging, tok, dtype, workers, groups, piece_chars, progress,
+                              {"source": source, "val_fraction": val_fraction, "seed": seed})
+        _install(staging, out)
+        installed = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not installed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # the empty folder this failed run made
+    return meta
+
+
+def _write_dataset(out: Path, tok, dtype: np.dtype, workers: int, groups: dict, piece_chars: int, progress: bool,
+                   extra: dict) -> dict:
+    """Shards, the tokenizer's files and ``meta.json`` (last) in ``out``; returns the meta."""
     splits = {}
     with _encoder(tok, dtype, workers) as encode:
         for name in SPLITS:
@@ -372,8 +439,7 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
             splits[name] = {"file": f"{name}.bin", "tokens": writer.tokens, "documents": len(groups[name])}
     tok.save(out)
     meta = {"format": FORMAT, "version": 1, "tokenizer": tok.kind, "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "dtype": dtype.name, "splits": splits, "source": source,
-            "val_fraction": val_fraction, "seed": seed}
+            "eos_id": tok.eos_id, "dtype": dtype.name, "splits": splits, **extra}
     write_meta(out, meta)
     return meta
 
@@ -399,9 +465,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.workers,
                        args.seed, args.max_chars, progress=not args.quiet)
-    except (OSError, ValueError) as err:
-        _stderr(f"error: {err}")
-        return 1
+    except (OSError, ValueError) as err:  # an input mistake: one line and status 2, as every gptkern command
+        if os.environ.get("GPTKERN_TRACEBACK"):
+            raise
+        _stderr(f"error: {err} (GPTKERN_TRACEBACK=1 shows where)")
+        return 2
     counts = ", ".join(f"{n} {s['tokens']} tokens ({s['documents']} documents)" for n, s in meta["splits"].items())
     print(f"wrote {args.out}: {counts}; {meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']}")
     return 0

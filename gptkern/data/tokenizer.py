@@ -3,11 +3,14 @@
 Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
 ``eos_id``, ``save(directory)`` and is restored by :func:`load_tokenizer`. The saved form is
 ``gptkern_tokenizer.json`` (the kind) plus, for BPE kinds, Hugging Face's ``tokenizer.json``.
+``decode`` drops the EOS id and raises ``ValueError`` for an id outside the vocabulary.
 """
 from __future__ import annotations
 
 import json
+import operator
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -15,6 +18,15 @@ from gptkern._files import write_atomic
 
 EOS = "<|endoftext|>"
 META_FILE = "gptkern_tokenizer.json"
+HF_FILE = "tokenizer.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_id(i, vocab_size: int, name: str) -> int:
+    i = operator.index(i)  # ints, numpy and 0-d tensor ints; not floats
+    if not 0 <= i < vocab_size:
+        raise ValueError(f"token id {i} is out of range for the {name} tokenizer (ids 0 to {vocab_size - 1})")
+    return i
 
 
 class ByteTokenizer:
@@ -32,7 +44,8 @@ class ByteTokenizer:
         return list(data)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return bytes(i for i in ids if i < 256)
+        """The bytes of ``ids``, ``<|endoftext|>`` dropped; ValueError for an id outside 0-256."""
+        return bytes(i for i in (_check_id(i, self.vocab_size, "byte") for i in ids) if i != self.eos_id)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the byte ids (``<|endoftext|>`` dropped); invalid UTF-8 becomes U+FFFD."""
@@ -47,7 +60,10 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` byte-level BPE: trained here (kind ``bpe``) or GPT-2's (``gpt2``)."""
+    """A Hugging Face ``tokenizers`` byte-level BPE: trained here (kind ``bpe``) or GPT-2's (``gpt2``).
+
+    Lone surrogates (``"\\ud800"``, which UTF-8 cannot hold) are encoded as U+FFFD, one per code point,
+    so such text does not round-trip (the byte tokenizer's does)."""
 
     def __init__(self, tokenizer, kind: str):
         self.tokenizer, self.kind = tokenizer, kind
@@ -61,15 +77,22 @@ class HFTokenizer:
         """Ids of ``text`` read as plain text: a literal ``<|endoftext|>`` in it is not the EOS id (as
         with the byte tokenizer; EOS ids are added by whoever ends a document)."""
         self.tokenizer.encode_special_tokens = True  # set per call: a pickled copy (a worker's) drops it
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(_no_surrogates(text)).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids if int(i) != self.eos_id], skip_special_tokens=False)
+        """Text of ``ids`` (EOS dropped); ValueError for an id outside the vocabulary."""
+        ids = [_check_id(i, self.vocab_size, self.kind) for i in ids]
+        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=False)
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         directory = Path(directory)
-        write_atomic(str(directory / "tokenizer.json"), self.tokenizer.to_str())
+        write_atomic(str(directory / HF_FILE), self.tokenizer.to_str())
         write_atomic(str(directory / META_FILE), json.dumps({"kind": self.kind}) + "\n")
+
+
+def _no_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD: the tokenizers library takes only UTF-8."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -83,8 +106,24 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator((_no_surrogates(t) for t in texts), trainer)
     return HFTokenizer(tokenizer, "bpe")
+
+
+def _read_hf(path: Path, kind: str) -> HFTokenizer:
+    """The tokenizer in a Hugging Face ``tokenizer.json``, with errors naming the file."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path}: not a valid Hugging Face tokenizer file ({err})") from None
+    try:
+        return HFTokenizer(tokenizer, kind)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def gpt2_tokenizer(directory: Union[str, os.PathLike]) -> HFTokenizer:
@@ -92,15 +131,21 @@ def gpt2_tokenizer(directory: Union[str, os.PathLike]) -> HFTokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     directory = Path(directory)
-    if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), "gpt2")
+    if (directory / HF_FILE).is_file():
+        return _read_hf(directory / HF_FILE, "gpt2")
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise FileNotFoundError(f"{directory} holds neither tokenizer.json nor vocab.json + merges.txt")
-    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    try:
+        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as err:
+        raise ValueError(f"{vocab} + {merges}: not a valid GPT-2 vocabulary and merges ({err})") from None
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return HFTokenizer(tokenizer, "gpt2")
+    try:
+        return HFTokenizer(tokenizer, "gpt2")
+    except ValueError as err:
+        raise ValueError(f"{vocab}: {err}") from None
 
 
 def load_tokenizer(directory: Union[str, os.PathLike]):
@@ -108,15 +153,22 @@ def load_tokenizer(directory: Union[str, os.PathLike]):
     directory = Path(directory)
     meta = directory / META_FILE
     if not meta.is_file():
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} not found: no such tokenizer directory")
+        if not any((directory / name).is_file() for name in (HF_FILE, "vocab.json")):
+            raise FileNotFoundError(f"{meta} not found: {directory} holds no saved tokenizer (written by gptkern "
+                                    f"prepare or save_pretrained) and no GPT-2 tokenizer.json or vocab.json")
         return gpt2_tokenizer(directory)
-    kind = json.loads(meta.read_text()).get("kind")
+    try:
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{meta}: not valid JSON ({err})") from None
+    kind = saved.get("kind") if isinstance(saved, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind in ("bpe", "gpt2"):
-        from tokenizers import Tokenizer
-
-        return HFTokenizer(Tokenizer.from_file(str(directory / "tokenizer.json")), kind)
-    raise ValueError(f"{meta}: unknown tokenizer kind {kind!r}")
+        return _read_hf(directory / HF_FILE, kind)
+    raise ValueError(f"{meta}: unknown tokenizer kind {kind!r} (expected byte, bpe or gpt2)")
 
 
 def make_tokenizer(spec: str, texts: Sequence[str] = (), vocab_size: int = 8192):

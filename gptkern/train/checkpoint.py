@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,10 @@ from gptkern._files import write_atomic
 from gptkern.models.io import write_model_files
 
 PREFIX = "step_"
+# The names this module writes; every other folder under checkpoints/ is the user's and left alone.
+CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
+STAGING_NAME = re.compile(r"\.(tmp|old)-(step_\d{8,})-\d+")
+AN_EARLIER_ONE = "move {} out of the checkpoints folder to resume from an earlier checkpoint"
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,15 +91,15 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state:
 def _clean_leftovers(root: Path) -> None:
     """Staging directories of a process killed mid-save are dropped; a checkpoint moved aside
     for a same-step swap that never finished is put back."""
-    for leftover in root.glob(".tmp-*"):
-        if not leftover.name.endswith(f"-{os.getpid()}"):
+    for leftover in root.iterdir():
+        match = STAGING_NAME.fullmatch(leftover.name)
+        if match is None or not leftover.is_dir() or leftover.name.endswith(f"-{os.getpid()}"):
+            continue
+        kind, name = match.groups()
+        if kind == "tmp" or (root / name).exists():
             shutil.rmtree(leftover, ignore_errors=True)
-    for old in root.glob(".old-*"):
-        name = old.name[len(".old-"):].rsplit("-", 1)[0]
-        if (root / name).exists():
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(old, root / name)
+            os.rename(leftover, root / name)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,12 +111,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(out_dir: str) -> list[Path]:
-    """Complete checkpoints (renamed into place, with state.json), oldest first."""
+    """Complete checkpoints (``step_N`` folders renamed into place, with state.json), oldest first."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    found = [p for p in root.iterdir()
+             if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
 def latest_checkpoint(out_dir: str) -> Optional[Path]:
@@ -123,6 +129,29 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
     """The optimizer state (handed to ``load_optimizer``, which knows how the optimizer is
     sharded) and the RNG states into place; returns state.json's content (the model is loaded by
     the caller, from the same directory)."""
-    load_optimizer(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    load_optimizer(read_file(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True)))
+    set_rng_state(read_file(path / "rng.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True)))
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json."""
+    state = read_file(path / "state.json", lambda f: json.loads(Path(f).read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config" not in state:
+        raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step and config); "
+                         f"{AN_EARLIER_ONE.format(path)}")
+    return state
+
+
+def read_file(file: Path, load):
+    """``load(file)``; a missing, truncated or corrupt file raises an error naming it (ValueError: the
+    CLI reports it in one line)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} not found; {AN_EARLIER_ONE.format(file.parent)}")
+    try:
+        return load(str(file))
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:  # safetensors, zipfile, pickle and JSON each raise their own kind
+        raise ValueError(f"checkpoint file {file} is corrupt or truncated ({type(err).__name__}: {err}); "
+                         f"{AN_EARLIER_ONE.format(file.parent)}") from err

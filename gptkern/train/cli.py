@@ -20,12 +20,21 @@ from gptkern.train.config import TrainConfig, apply_flags, flags_help, read_conf
 def parse(argv: Sequence[str]) -> TrainConfig:
     argv = list(argv)
     values: dict = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 == len(argv):
-            raise ValueError("--config needs a file")
-        values = read_config_file(argv[i + 1])
-        del argv[i:i + 2]
+    found = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if len(found) > 1:
+        raise ValueError("--config given more than once")
+    if found:
+        i = found[0]
+        if argv[i] == "--config":  # --config FILE
+            if i + 1 == len(argv) or not argv[i + 1]:
+                raise ValueError("--config needs a file")
+            path, end = argv[i + 1], i + 2
+        else:  # --config=FILE
+            path, end = argv[i].partition("=")[2], i + 1
+            if not path:
+                raise ValueError("--config needs a file")
+        values = read_config_file(path)
+        del argv[i:end]
     return TrainConfig.from_dict(apply_flags(values, argv))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from gptkern.models.config import GPTConfig, build_dataclass
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -49,10 +52,23 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
-                     "checkpoint_interval", "keep_last"):
+        counts = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
+                  "checkpoint_interval", "keep_last")
+        for name in (*counts, "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):  # 3.5 steps would never reach max_steps
+                raise ValueError(f"{name} ({_flag(name)}) must be an integer, got {value!r}")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed ({_flag('seed')}) must be >= 0, got {self.seed}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            # AdamW computes in float32: a larger value overflows there
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
+                raise ValueError(f"{name} ({_flag(name)}) must be a finite number at most {FLOAT32_MAX:.4g} "
+                                 f"(float32), got {value!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need warmup_steps >= 0, lr > 0 and min_lr >= 0, got {self.warmup_steps}, {self.lr}, "
                              f"{self.min_lr}")
@@ -81,18 +97,84 @@ class TrainConfig:
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if path.endswith(".toml"):
+    """A TOML/YAML/JSON file's settings, each checked against its TrainConfig field (GPTConfig's under
+    ``model``); strings are converted as flag strings are ("false", "3e-4", "4")."""
+    kinds = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+    kind = kinds.get(Path(path).suffix)
+    if kind is None:
+        raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
+    if kind == "TOML":
         import tomllib
 
-        return tomllib.loads(text)
-    if path.endswith((".yaml", ".yml")):
+        errors, load = (tomllib.TOMLDecodeError,), tomllib.loads
+    elif kind == "YAML":
         import yaml
 
-        return yaml.safe_load(text) or {}
-    if path.endswith(".json"):
-        return json.loads(text)
-    raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
+        errors, load = (yaml.YAMLError,), yaml.safe_load
+    else:
+        errors, load = (json.JSONDecodeError,), json.loads
+    try:
+        values = load(text)
+    except errors as err:
+        raise ValueError(f"config file {path} is not valid {kind}: {err}") from None
+    return check_file_values({} if values is None else values, path)
+
+
+def check_file_values(values: Any, path: str) -> dict[str, Any]:
+    """``values`` read from config file ``path``, typed as TrainConfig's fields; a clear error otherwise."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a table of settings (key: value), got a "
+                         f"{type(values).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    model_hints = typing.get_type_hints(GPTConfig)
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "model":
+            value = {} if value is None else value  # an empty YAML `model:`
+            if not isinstance(value, dict):
+                raise ValueError(f"config file {path}: model must be a table of GPTConfig overrides ([model] in "
+                                 f"TOML), got {value!r}")
+            unknown = [k for k in value if k not in model_hints]
+            if unknown:
+                raise ValueError(f"config file {path}: unknown model field {unknown[0]!r}; known: "
+                                 f"{', '.join(model_hints)}")
+            checked["model"] = {k: _file_value(f"model.{k}", model_hints[k], v, path) for k, v in value.items()}
+        elif key in hints:
+            checked[key] = _file_value(key, hints[key], value, path)
+        else:
+            close = difflib.get_close_matches(str(key), [name for name in hints], n=1)
+            hint = (" (a model field: put it under model, [model] in TOML)" if key in model_hints
+                    else f" (did you mean {close[0]}?)" if close else "")
+            raise ValueError(f"config file {path}: unknown setting {key!r}{hint}; `gptkern train -h` lists them")
+    return checked
+
+
+def _file_value(name: str, kind, value: Any, path: str) -> Any:
+    """A config file's ``value`` as the field's type: the same type, an int for a float, an integral
+    float for an int, or a string converted as a flag's text."""
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else kind
+    expected = f"{base.__name__}{' or none' if optional else ''}"
+    if value is None and optional:
+        return value
+    if isinstance(value, str) and base is not str:
+        try:
+            return _convert(name, kind, value)
+        except ValueError:
+            pass
+    elif base is bool and isinstance(value, bool) or base is str and isinstance(value, str):
+        return value
+    elif base in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if base is float:
+            return float(value)
+        if isinstance(value, int) or value.is_integer():
+            return int(value)
+    raise ValueError(f"config file {path}: {name} expects {expected}, got {value!r}")
 
 
 def _flag(name: str) -> str:
@@ -208,8 +290,31 @@ def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields that must agree to resume: the model's shape, the data and the batch geometry."""
-    keys = ("preset", "model", "data", "batch_size", "block_size", "grad_accum", "seed")
-    return [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], saved_model: Optional[dict] = None,
+                    current_model: Optional[dict] = None) -> list[str]:
+    """Fields that must agree to resume: the model (every GPTConfig field, as resolved: the data's
+    vocab_size is in ``saved_model`` and ``current_model`` when given), the data folder (its real path)
+    and the batch geometry (the window the model's default gives when block_size is unset)."""
+    if saved_model is None or current_model is None:
+        saved_model = TrainConfig.from_dict(saved).model_config().to_dict()
+        current_model = TrainConfig.from_dict(current).model_config().to_dict()
+    wrong = []
+
+    def compare(name, old, new, shown=None):
+        if old != new:
+            old, new = shown or (old, new)
+            wrong.append(f"{name}: checkpoint {old!r} != now {new!r}")
+
+    model_wrong = [k for k in {**saved_model, **current_model}
+                   if k != "activation_checkpointing" and saved_model.get(k) != current_model.get(k)]
+    if model_wrong:
+        compare("preset", saved.get("preset"), current.get("preset"))
+    for k in model_wrong:
+        compare(f"model.{k}", saved_model.get(k), current_model.get(k))
+    compare("data", os.path.realpath(saved["data"]), os.path.realpath(current["data"]),
+            (saved["data"], current["data"]))
+    for k in ("batch_size", "grad_accum", "seed"):
+        compare(k, saved.get(k), current.get(k))
+    compare("block_size", saved.get("block_size") or saved_model.get("block_size"),
+            current.get("block_size") or current_model.get("block_size"))
+    return wrong

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -32,11 +33,13 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **{k: v for k, v in values.items() if v is not None}}
+        # NaN and inf as null: strict JSON has no NaN (json.dumps would write a bare NaN)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
-                if key not in ("step", "time"):
+                if key not in ("step", "time") and value is not None:
                     self.tensorboard.add_scalar(key, value, step)
 
     def truncate_after(self, step: int) -> None:
@@ -76,8 +79,8 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_losses(metrics_path: Path, png_path: Path) -> Optional[Path]:
     """Training and validation loss against step, as a PNG (None without matplotlib or data)."""
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train:
         return None
     try:

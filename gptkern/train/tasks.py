@@ -30,6 +30,14 @@ class TaskConfig:
     num_beams: int = 4
 
 
+def _check_config(c: TaskConfig, min_len: int) -> None:
+    """Values that would fail later (or silently do nothing) rejected up front."""
+    if isinstance(c.batch_size, bool) or not isinstance(c.batch_size, int) or c.batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {c.batch_size!r}")
+    if isinstance(c.max_len, bool) or not isinstance(c.max_len, int) or c.max_len < min_len:
+        raise ValueError(f"max_len (--max-len) must be an integer of at least {min_len}, got {c.max_len!r}")
+
+
 def _schedule(step: int, c: TaskConfig) -> float:
     if step < c.warmup_steps:
         return c.lr * (step + 1) / c.warmup_steps
@@ -46,8 +54,8 @@ def _optimizer(model, c: TaskConfig):
 # ---------------------------------------------------------------- classification
 
 def read_labelled_csv(path: str) -> list[tuple[str, str]]:
-    """Rows of a CSV with ``text`` and ``label`` columns."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """Rows of a CSV with ``text`` and ``label`` columns (UTF-8, with or without a byte order mark)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs the columns text and label, got {reader.fieldnames}")
@@ -78,12 +86,15 @@ def finetune_classify(init: str, train_csv: str, val_csv: str, c: TaskConfig) ->
     from gptkern.models import GPTForSequenceClassification
     from gptkern.models.io import load_pretrained
 
+    _check_config(c, 1)
     torch.manual_seed(c.seed)
     gpt, tokenizer = load_pretrained(init, device=c.device)
     if tokenizer is None:
         raise ValueError(f"{init} has no tokenizer files")
     train_rows, val_rows = read_labelled_csv(train_csv), read_labelled_csv(val_csv)
     labels = sorted({label for _, label in train_rows})
+    if len(labels) < 2:
+        raise ValueError(f"{train_csv}: every row has the label {labels[0]!r}; a classifier needs at least two labels")
     unknown = sorted({label for _, label in val_rows} - set(labels))
     if unknown:
         raise ValueError(f"{val_csv}: labels {unknown} never appear in {train_csv}")
@@ -126,13 +137,23 @@ BOS, EOS, PAD = 256, 257, 258  # byte-level ids + three specials
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
+    """``source<TAB>target`` lines ("\\n" or "\\r\\n" ends a line; blank lines skipped); an empty source
+    is an error naming ``file:line``."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")  # bytes: text mode would also end lines at "\r"
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
     pairs = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if "\t" not in line and not line.strip():
             continue
         if line.count("\t") != 1:
             raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line[:80]!r}")
-        pairs.append(tuple(line.split("\t")))
+        source, target = line.split("\t")
+        if not source:
+            raise ValueError(f"{path}:{number}: empty source before the tab")
+        pairs.append((source, target))
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs
@@ -155,6 +176,7 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
     return exact-match accuracy (and BLEU when sacrebleu is installed)."""
     from gptkern.models import Seq2SeqConfig, Seq2SeqTransformer
 
+    _check_config(c, 3)  # a target holds BOS, at least one byte and EOS
     torch.manual_seed(c.seed)
     pairs = read_pairs(pairs_tsv)
     random.Random(c.seed).shuffle(pairs)

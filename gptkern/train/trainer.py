@@ -17,7 +17,7 @@ import torch.distributed as dist
 from gptkern._backend import check_device
 from gptkern._files import write_atomic
 from gptkern.models import GPT
-from gptkern.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from gptkern.train.checkpoint import latest_checkpoint, load_training_state, read_file, read_state, save_checkpoint
 from gptkern.train.config import TrainConfig, config_mismatch
 from gptkern.train.metrics import MetricsLog, peak_flops, plot_losses
 
@@ -121,7 +121,13 @@ class Trainer:
         self.step = 0
         self.tokens_per_step = c.batch_size * self.block_size * c.grad_accum * self.env.world_size
         self.metrics = MetricsLog(Path(c.out_dir) / "metrics.jsonl", enabled=self.env.main)
-        self.val_loader_args = (c.data, "val", self.block_size, c.batch_size)
+        val = meta["splits"].get("val", {"tokens": 0})
+        self.evaluating = val["tokens"] >= self.block_size + 1
+        if not self.evaluating:  # --val-fraction 0, or a single document
+            self.metrics.note(f"{c.data} has {val['tokens']} validation tokens, fewer than one window of "
+                              f"block_size + 1 = {self.block_size + 1}: training without evaluation")
+        # validation batches; without any, the checks of the weights before a save read training windows
+        self.val_loader_args = (c.data, "val" if self.evaluating else "train", self.block_size, c.batch_size)
         TokenLoader(*self.val_loader_args, seed=c.seed)  # fail now, not at the first evaluation
         if c.resume:
             self._resume()
@@ -153,15 +159,25 @@ class Trainer:
 
         path = latest_checkpoint(self.config.out_dir)
         if path is None:
+            self.metrics.note(f"--resume: no checkpoint in {Path(self.config.out_dir) / 'checkpoints'}, "
+                              f"starting from scratch")
             return
-        saved = json.loads((path / "state.json").read_text())
-        mismatch = config_mismatch(saved["config"], self.config.to_dict())
+        saved = read_state(path)
+        model_file = read_file(path / "config.json", lambda f: json.loads(Path(f).read_text()))
+        if not isinstance(model_file, dict) or not isinstance(model_file.get("config"), dict):
+            raise ValueError(f"checkpoint file {path / 'config.json'} is corrupt (no model config)")
+        mismatch = config_mismatch(saved["config"], self.config.to_dict(), model_file["config"],
+                                   self.model_config.to_dict())
         if mismatch:
             raise ValueError(f"checkpoint {path} was trained with another configuration: " + "; ".join(mismatch))
-        state = load_file(str(path / "model.safetensors"), device=str(self.device))
-        if self.model_config.tie_weights:
+        state = read_file(path / "model.safetensors", lambda f: load_file(f, device=str(self.device)))
+        if self.model_config.tie_weights and "transformer.wte.weight" in state:
             state["lm_head.weight"] = state["transformer.wte.weight"]
-        self._load_model_state(state)
+        try:
+            self._load_model_state(state)
+        except RuntimeError as err:  # missing or misshapen tensors though config.json agrees
+            raise ValueError(f"checkpoint file {path / 'model.safetensors'} does not match its config.json: "
+                             f"{err}") from err
         saved = load_training_state(path, self._load_optimizer_state)
         self.step = saved["step"]
         if self.scaler.is_enabled() and "grad_scaler" in saved:
@@ -254,23 +270,40 @@ class Trainer:
         self.step += 1
         return loss
 
-    def _checked(self, loss: torch.Tensor) -> float:
-        """The loss as a float; a NaN or inf stops training before anything is saved."""
-        value = loss.item()
+    def _checked(self, loss, what: str = "the loss") -> float:
+        """The loss (of the step just taken: ``self.step``, counted from 1 as in the metrics) as a float;
+        a NaN or inf stops training before anything is saved."""
+        value = float(loss)
         if not math.isfinite(value):
-            raise TrainingError(f"the loss is {value} at step {self.step - 1}: training stopped, no checkpoint "
-                                f"written (the last good one is {latest_checkpoint(self.config.out_dir)})")
+            self._stop(f"{what} is {value} at step {self.step}")
         return value
 
+    def _stop(self, problem: str) -> None:
+        last = latest_checkpoint(self.config.out_dir)
+        raise TrainingError(f"{problem}: training stopped, no checkpoint written ("
+                            + (f"the last good one is {last})" if last else "none was written before)"))
+
+    def _check_weights(self, val: Optional[float]) -> None:
+        """Before a save: the weights are finite and give a finite loss. The step's training loss came from
+        the weights before its update, so only this sees an update that diverged; ``val`` is the validation
+        loss of these weights when this step evaluated, else one batch is read."""
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]  # FSDP shards
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+        if self._agree(not finite):
+            self._stop(f"the weights are not all finite after step {self.step}")
+        self._checked(self.evaluate(steps=1) if val is None else val, "the loss of the updated weights")
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, steps: Optional[int] = None) -> float:
+        """The mean loss of ``steps`` (default ``eval_steps``) validation batches, the same ones each time."""
         from gptkern.data.loader import TokenLoader
 
+        steps = steps or self.config.eval_steps
         loader = TokenLoader(*self.val_loader_args, seed=self.config.seed, rank=self.env.rank,
                              world_size=self.env.world_size, device=self.device)
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.config.eval_steps):
+        for _ in range(steps):
             extra = {}
             if self.config.doc_mask:
                 x, y, cu_seqlens, max_seqlen = loader.next_batch(with_doc_ids=True)
@@ -283,7 +316,7 @@ class Trainer:
         if self.env.world_size > 1:
             dist.all_reduce(total)
             total /= self.env.world_size
-        return total.item() / self.config.eval_steps
+        return total.item() / steps
 
     def fit(self) -> list[float]:
         """Train to ``max_steps`` (or ``max_seconds``); returns the training losses of this run."""
@@ -323,11 +356,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     **({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}))
                 window_start, window_steps = now, 0
-            if self.step % c.eval_interval == 0 or self.step == c.max_steps or out_of_time:
+            val = None
+            if self.evaluating and (self.step % c.eval_interval == 0 or self.step == c.max_steps or out_of_time):
                 val = self.evaluate()
                 self.metrics.log(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                self._checked(val, "the validation loss")
             if self.step % c.checkpoint_interval == 0 or self.step == c.max_steps or out_of_time:
                 self._checked(loss_tensor)  # never save weights a NaN went through
+                self._check_weights(val)  # nor weights an update made NaN, inf or useless
                 self.save()
             if out_of_time:
                 self.metrics.note(f"stopped at step {self.step}: max_seconds {c.max_seconds} reached")

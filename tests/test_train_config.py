@@ -1,0 +1,51 @@
+"""TrainConfig from config files and flags: typed values, clear errors naming the key and the file."""
+import pytest
+
+from gptkern import cli
+from gptkern.train.cli import parse
+
+
+def write(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_config_file_strings_convert_as_flags_do(tmp_path):
+    toml = write(tmp_path, "run.toml", 'compile = "false"\nbatch_size = "4"\nmax_steps = 6.0\n[model]\nn_layer = "2"\n')
+    cfg = parse([f"--config={toml}"])  # --config=FILE as any other flag
+    assert (cfg.compile, cfg.batch_size, cfg.max_steps, cfg.model) == (False, 4, 6, {"n_layer": 2})
+    assert type(cfg.max_steps) is int
+    cfg = parse(["--config", write(tmp_path, "run.yaml", "lr: 3e-4\nblock_size: null\nmodel:\n")])
+    assert (cfg.lr, cfg.block_size, cfg.model) == (3e-4, None, {})  # PyYAML reads 3e-4 as a string
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("a.json", '{"max_steps": 3.5}', "max_steps expects int, got 3.5"),
+    ("b.toml", 'batch_size = "4x"', "batch_size expects int, got '4x'"),
+    ("c.toml", "compile = 2", "compile expects bool, got 2"),
+    ("d.toml", "model = 5", "model must be a table"),
+    ("e.yaml", "- a\n- b\n", "must hold a table of settings .* got a list"),
+    ("f.toml", "lr = \n", "is not valid TOML"),
+    ("g.yaml", "lr: [1\n", "is not valid YAML"),
+    ("h.json", '{"lr": }', "is not valid JSON"),
+    ("i.toml", "n_layer = 2", "unknown setting 'n_layer' .*under model"),
+    ("j.yaml", "model:\n  n_layer: 1.5\n", "model.n_layer expects int, got 1.5"),
+    ("k.toml", "[model]\nlayers = 2\n", "unknown model field 'layers'; known: block_size, vocab_size, n_layer"),
+])
+def test_bad_config_file_values_name_the_key_and_file(tmp_path, name, text, message):
+    path = write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=f"config file {path}.*{message}"):
+        parse(["--config", path])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e39"], r"lr \(--lr\) must be a finite number at most 3.403e\+38"),
+    (["--lr", "nan"], r"--lr\) must be a finite number"),
+    (["--min-lr", "inf"], r"--min-lr\) must be a finite number"),
+    (["--seed", "-1"], r"seed \(--seed\) must be >= 0, got -1"),
+])
+def test_bad_numbers_name_the_flag(flags, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        parse(flags)
+    assert cli.main(["train", *flags]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith("gptkern train: error: ")
