@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -21,11 +23,27 @@ def write_atomic(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
+_WEIGHTS = re.compile(r"(pytorch_model|model|tf_model|flax_model)(-\d+-of-\d+)?"
+                      r"\.(safetensors|bin|h5|msgpack)(\.index\.json)?")
+
+
 def is_weights_file(name: str) -> bool:
     """A model weights file or shard index of a saved model directory (``model.safetensors``,
-    ``model-00001-of-00002.safetensors``, ``model.safetensors.index.json``, ``pytorch_model.bin``):
-    a new save replaces all of them."""
-    return name.startswith(("model", "pytorch_model")) and (".safetensors" in name or ".bin" in name)
+    ``model-00001-of-00002.safetensors``, ``model.safetensors.index.json``, ``pytorch_model.bin``,
+    ``tf_model.h5``): a new save replaces all of them."""
+    return _WEIGHTS.fullmatch(name) is not None
+
+
+def holds_working_directory(target: Path) -> bool:
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    return cwd == resolved or resolved in cwd.parents
+
+
+def make_staging(target: Path, prefix: str) -> Path:
+    """A new empty folder on ``target``'s filesystem for building what replaces it: a hidden sibling,
+    or a hidden folder inside ``target`` when it holds the working directory (updated in place)."""
+    inside = target.is_dir() and holds_working_directory(target)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target if inside else target.parent))
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -62,10 +80,9 @@ def replace_directory(staging, target, keep=lambda name: True) -> None:
         os.rename(staging, target)
         return
     new = set(os.listdir(staging))
-    old = [name for name in os.listdir(target) if name not in new]
-    cwd, resolved = Path.cwd().resolve(), target.resolve()
-    if cwd == resolved or resolved in cwd.parents:
-        for name in sorted(new):
+    old = [name for name in os.listdir(target) if name not in new and target / name != staging]
+    if holds_working_directory(target):
+        for name in sorted(new, key=lambda n: (n == "config.json", n)):  # config.json last, as when written
             if (target / name).is_dir() and not (target / name).is_symlink():
                 shutil.rmtree(target / name)
             os.replace(staging / name, target / name)

@@ -2,6 +2,7 @@
 ``TokenLoader`` (windows, determinism, resume, ranks) and ``document_bounds``."""
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -272,14 +273,20 @@ def test_failed_reprepare_keeps_the_previous_dataset(tree, tmp_path, monkeypatch
         prepare([tmp_path / "new.jsonl"], tmp_path / "fresh" / "out", "byte", val_fraction=0.5, workers=1,
                 progress=False)
     assert not (tmp_path / "fresh" / "out").exists()
-    # A successful one replaces what prepare writes and leaves the other files alone.
+    # A successful one replaces what prepare writes and leaves the other files alone; the staging
+    # folder of a killed run (its process gone) is removed, a live process's is not.
     monkeypatch.undo()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (out / f".prepare-{dead}").mkdir()
+    (out / f".prepare-{os.getppid()}").mkdir()
     meta = prepare([tmp_path / "new.jsonl"], out, "byte", val_fraction=0.5, seed=3, workers=1, progress=False)
     assert read_meta(out) == meta and meta["tokenizer"] == "byte" and isinstance(load_tokenizer(out), ByteTokenizer)
     assert split_docs(out, "val", ByteTokenizer()) == ["other val"]
     assert (out / "notes.txt").read_text() == "the user's own file"
-    assert sorted(p.name for p in out.iterdir()) == ["gptkern_tokenizer.json", "meta.json", "notes.txt",
-                                                     "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [f".prepare-{os.getppid()}", "gptkern_tokenizer.json",
+                                                     "meta.json", "notes.txt", "tokenizer.json", "train.bin",
+                                                     "val.bin"]
 
 
 def test_prepare_does_not_read_its_output_folder(tmp_path):

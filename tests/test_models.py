@@ -233,9 +233,19 @@ def test_save_pretrained_keeps_other_files_and_saves_into_the_working_directory(
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "sub"]
     assert (out / "sub" / "data.txt").read_text() == "data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    from gptkern.data import ByteTokenizer
+
+    save_pretrained(model, out, ByteTokenizer())
+    save_pretrained(model, out)  # no tokenizer now: the old one's files must not stay beside the model
+    assert load_pretrained(out)[1] is None and not (out / "gptkern_tokenizer.json").exists()
+    link = tmp_path / "latest"
+    link.symlink_to(out)
+    save_pretrained(model, link)  # through a symlink: it still points at the saved model
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["latest", "out"]
     monkeypatch.chdir(out)
     save_pretrained(model, ".")
     assert Path.cwd() == out and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left inside
     idx = torch.randint(0, model.config.vocab_size, (1, 8))
     torch.testing.assert_close(load_pretrained(".")[0](idx)[0], model(idx)[0])
 
@@ -264,3 +274,52 @@ def test_load_pretrained_names_the_broken_file(tmp_path):
         with pytest.raises(ValueError, match="no CUDA device"):
             load_pretrained(tmp_path / "m", device="cuda")
     assert not load_pretrained(tmp_path / "m")[0].training
+
+
+def test_models_pickle_and_numpy_config_values():
+    import io
+
+    import numpy as np
+
+    from gptkern.models import Seq2SeqConfig, Seq2SeqTransformer
+
+    for model in (GPT(tiny()), Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=20, n_embd=16, n_head=2))):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copy_ = torch.load(buffer, weights_only=False)
+        assert copy_.lm_head.weight is (copy_.transformer.wte.weight if isinstance(copy_, GPT) else copy_.tgt_emb.weight)
+    cfg = GPTConfig.from_name("gpt2-tiny", n_layer=np.int64(2), norm_eps=np.float32(1e-5), window=np.int32(8))
+    assert type(cfg.n_layer) is int and type(cfg.norm_eps) is float and type(cfg.window) is int
+
+
+def test_activation_checkpointing_recomputes_with_the_forward_backend():
+    """A `with gptkern.backend(...)` choice is per thread; the backward (and its recompute) may run
+    on another one (autograd's, on CUDA): the recompute still uses the forward's backend."""
+    import threading
+    import unittest.mock
+
+    model = GPT(tiny(activation_checkpointing=True)).train()
+    idx = torch.randint(0, 97, (2, 16))
+    chosen = []
+    real = gptkern._backend.choose
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    def backward():
+        try:
+            loss.backward()
+            outcome.append("ok")
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            outcome.append(err)
+
+    with unittest.mock.patch.object(gptkern._backend, "choose", spy), gptkern.backend("torch"):
+        loss = model(idx, idx)[1]
+    outcome = []
+    with unittest.mock.patch.object(gptkern._backend, "choose", spy):
+        thread = threading.Thread(target=backward)
+        thread.start()
+        thread.join(60)
+    assert outcome == ["ok"] and set(chosen) == {"torch"}, (outcome, set(chosen))

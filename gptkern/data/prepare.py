@@ -351,6 +351,20 @@ def _check_vocab_size(tokenizer: str, vocab_size: Optional[int], log: Log) -> Op
     return vocab_size
 
 
+def _remove_dead_staging(out: Path) -> None:
+    """Staging folders left in ``out`` by runs that were killed (their process is gone)."""
+    for leftover in out.glob(".prepare-*"):
+        pid = leftover.name[len(".prepare-"):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 def _install(staging: Path, out: Path) -> None:
     """Moves the finished files from ``staging`` into ``out``: ``meta.json`` is removed first and moved
     in last, so no ``meta.json`` ever describes a mix of old and new files."""
@@ -401,6 +415,7 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(out)
     staging = out / f".prepare-{os.getpid()}"  # hidden: never read as input; same filesystem as out
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -19,6 +19,7 @@ from gptkern._files import write_atomic
 EOS = "<|endoftext|>"
 META_FILE = "gptkern_tokenizer.json"
 HF_FILE = "tokenizer.json"
+TOKENIZER_FILES = (META_FILE, HF_FILE, "vocab.json", "merges.txt")  # what a model directory's tokenizer may be
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

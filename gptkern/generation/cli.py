@@ -70,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             first_token_s = time.perf_counter() - start
         if int(token[0]) == tokenizer.eos_id:
             break
-        new.append(int(token[0]))
+        if int(token[0]) < tokenizer.vocab_size:  # a model's vocabulary may be padded past the tokenizer's
+            new.append(int(token[0]))
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             sys.stdout.write(text[len(shown):])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,15 +63,17 @@ class GPTConfig:
             self.mlp_hidden = 4 * self.n_embd
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # numpy ints too, stored as plain ints (JSON)
         for name in ("bias", "tie_weights", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low in (("norm_eps", 0.0), ("init_std", 0.0), ("rope_base", 1e-300)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value < math.inf:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not low <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+            setattr(self, name, float(value))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -82,9 +85,10 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
-        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
-                                        or self.window < 1):
-            raise ValueError(f"window must be a positive number of tokens or None, got {self.window}")
+        if self.window is not None:
+            if not isinstance(self.window, numbers.Integral) or isinstance(self.window, bool) or self.window < 1:
+                raise ValueError(f"window must be a positive number of tokens or None, got {self.window}")
+            self.window = int(self.window)
 
     @property
     def head_dim(self) -> int:

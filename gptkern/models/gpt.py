@@ -1,6 +1,8 @@
 """GPT: a decoder-only Transformer on gptkern's kernels (GPT-2 and Llama-style presets)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -9,10 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gptkern import _backend
 from gptkern.models.config import GPTConfig
 from gptkern.nn.linear import Linear
 from gptkern.nn.rotary import rope_cos_sin
 from gptkern.nn.transformer import Block, make_norm
+
+
+def _recompute_contexts(backend: str):
+    return contextlib.nullcontext(), _backend.backend(backend)
+
+
+def retie_after_load(module: "GPT", incompatible) -> None:  # a function, not a lambda: the model stays picklable
+    module._tie()
 
 
 def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> None:
@@ -112,7 +123,11 @@ class GPTBody(nn.Module):
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else cache.layer(i, lengths)
             if c.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, key_mask, layer_cache, doc_bounds, use_reentrant=False)
+                # the recompute runs in the backward, maybe on autograd's own thread: with this
+                # forward's backend (a `with gptkern.backend(...)` choice is per thread)
+                extra = {} if torch.compiler.is_compiling() else \
+                    {"context_fn": functools.partial(_recompute_contexts, _backend.get_backend())}
+                x = checkpoint(block, x, rope, key_mask, layer_cache, doc_bounds, use_reentrant=False, **extra)
             else:
                 x = block(x, rope, key_mask, layer_cache, doc_bounds)
         if cache is not None:
@@ -139,7 +154,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self._tie()
         self.register_load_state_dict_pre_hook(self._fill_tied_head)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())
+        self.register_load_state_dict_post_hook(retie_after_load)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

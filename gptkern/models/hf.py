@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from gptkern._files import is_weights_file, replace_directory
+from gptkern._files import is_weights_file, make_staging, replace_directory
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -144,9 +143,9 @@ def save_pretrained_atomic(hf_model, save_directory: Union[str, os.PathLike]) ->
     """``save_pretrained`` into a temporary sibling directory that then replaces ``save_directory``
     (a reader never sees new weights beside an old config, or a stale shard index). Other files
     already there stay, as with transformers' own ``save_pretrained``, except older weights."""
-    target = Path(os.path.abspath(save_directory))
+    target = Path(os.path.realpath(save_directory))  # a symlink keeps pointing at the saved model
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gptkern-save-", dir=target.parent))
+    staging = make_staging(target, ".gptkern-save-")
     try:
         hf_model.save_pretrained(staging)
         replace_directory(staging, target, keep=lambda name: not is_weights_file(name))

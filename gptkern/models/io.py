@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from gptkern._backend import check_device
-from gptkern._files import is_weights_file, replace_directory, write_atomic
+from gptkern._files import is_weights_file, make_staging, replace_directory, write_atomic
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -48,13 +47,16 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
 def save_pretrained(model: GPT, directory: Union[str, os.PathLike], tokenizer=None) -> None:
     """Write the model (and tokenizer) to ``directory``, built in a temporary sibling directory that
     then replaces it: a reader sees the old directory or the new one. Other files already in
-    ``directory`` stay, except older weights files."""
-    directory = Path(os.path.abspath(directory))
+    ``directory`` stay, except older weights and tokenizer files."""
+    from gptkern.data.tokenizer import TOKENIZER_FILES
+
+    directory = Path(os.path.realpath(directory))  # a symlink keeps pointing at the saved model
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = make_staging(directory, f".{directory.name}.tmp-")
     try:
         write_model_files(model, staging, tokenizer)
-        replace_directory(staging, directory, keep=lambda name: not is_weights_file(name))
+        replace_directory(staging, directory, keep=lambda name: not is_weights_file(name)
+                          and name not in TOKENIZER_FILES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -110,13 +112,14 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
         raise ValueError(f"{weights} is corrupt: not a readable safetensors file ({err})") from None
     with torch.device("meta"):
         model = GPT(config)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_weights else set())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    expected = set(shapes) - ({"lm_head.weight"} if config.tie_weights else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(shapes))
     if missing or unexpected:
         raise ValueError(f"{weights} does not match its config: missing keys {missing}, unexpected keys "
                          f"{unexpected}")
-    wrong = [f"{key} {list(value.shape)} (config: {list(model.state_dict()[key].shape)})"
-             for key, value in state.items() if value.shape != model.state_dict()[key].shape]
+    wrong = [f"{key} {list(value.shape)} (config: {list(shapes[key])})"
+             for key, value in state.items() if value.shape != shapes[key]]
     if wrong:
         raise ValueError(f"{weights} does not match its config {config_file}: shapes {', '.join(wrong)}")
     model.load_state_dict(state, assign=True)

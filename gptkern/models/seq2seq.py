@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gptkern.models.gpt import check_token_ids, gpt2_init_
+from gptkern.models.gpt import check_token_ids, gpt2_init_, retie_after_load
 from gptkern.nn.transformer import ACTIVATIONS, MLP, NORMS, Block, CausalSelfAttention, CrossAttention, make_norm
 
 
@@ -105,7 +105,7 @@ class Seq2SeqTransformer(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.target_vocab_size, bias=False)
         gpt2_init_(self, c.n_encoder_layer + c.n_decoder_layer, c.init_std)
         self._tie()
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._tie())  # after assign=True
+        self.register_load_state_dict_post_hook(retie_after_load)  # after load_state_dict(assign=True)
 
     def _tie(self) -> None:
         self.lm_head.weight = self.tgt_emb.weight
