@@ -13,7 +13,7 @@ from gptkern.generation.generate import generate
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptkern generate", description=__doc__.strip("`\n "))
+    p = argparse.ArgumentParser(prog="gptkern generate", description=__doc__.replace("`", "").strip())
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="DIR", help="a gptkern model directory (save_pretrained, train)")
     source.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face GPT-2 directory with its tokenizer files")
