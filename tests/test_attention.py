@@ -384,6 +384,7 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
     check(backend, q, k, v)
     check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4))  # E = 0: every key weighs the same
     check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4), is_causal=True)
+    check(backend, rand(2, 0, 3, 8), rand(2, 0, 4, 8), rand(2, 0, 4, 8))  # no heads: torch's empty result
     with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
         sdpa(q, k, rand(1, 2, 6, 8), attn_mask=torch.ones(6, dtype=torch.bool, device=DEVICE))
 

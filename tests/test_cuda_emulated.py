@@ -187,6 +187,15 @@ def test_norm_over_two_dims_with_16_bit_params_and_views(emu, dtype):
     assert_close(db, grads[2], dtype, grad=True, atol_scale=math.sqrt(30))
 
 
+@pytest.mark.parametrize("cols", [1000, 3001])  # a warp per row, a block per row
+def test_layer_norm_of_a_constant_row_gives_the_bias(emu, cols):
+    """Its mean must be exact: rstd ~ 1/sqrt(eps) amplifies any rounding of it."""
+    x = torch.full((3, cols), 1000.1)
+    b = torch.randn(cols)
+    y, mean, _ = emu.norm_fwd(x, 1, None, b, 1e-5, False)
+    assert torch.equal(y, b.expand(3, cols)) and torch.equal(mean, x[:, 0])
+
+
 def test_norm_without_weight_and_bias(emu):
     x = torch.randn(70, 2000)
     y, mean, rstd = emu.norm_fwd(x, 1, None, None, 1e-5, False)

@@ -297,3 +297,20 @@ def test_constant_huge_rows(backend, n):
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
     torch.testing.assert_close(dx.double(), want, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(dw, torch.zeros_like(dw), atol=0, rtol=0)  # xhat = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_of_constant_and_near_constant_rows(backend):
+    """A constant row normalizes to the bias exactly (its mean must be exact, else rstd ~ 1/sqrt(eps)
+    amplifies the rounding), a near-constant one close to float64; eps=0 on a constant row is NaN
+    (0/0), as torch."""
+    n = 4100
+    x = torch.stack([torch.full((n,), 1000.1), 1000.1 + 1e-4 * torch.randn(n)]).to(DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    with gptkern.backend(backend):
+        got = gptkern.ops.layer_norm(x, (n,), None, bias)
+        zero_eps = gptkern.ops.layer_norm(x[:1], (n,), eps=0.0)
+    assert torch.equal(got[0], bias)
+    want = F.layer_norm(x.double(), (n,), None, bias.double())
+    assert (got[1].double() - want[1]).abs().max() < 2e-2  # torch's own fp32 error here is about 1e-3
+    assert zero_eps.isnan().all()

@@ -193,3 +193,15 @@ def test_double_backward(op, backend):
     (dxr,) = torch.autograd.grad(yr, xr, g.double(), create_graph=True)
     (ddxr,) = torch.autograd.grad((dxr * dxr).sum(), xr)
     torch.testing.assert_close(ddx.double(), ddxr, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_softmax_of_large_logits_keeps_the_log_sum(backend):
+    """y = (x - max) - log(sum), not x - (max + log(sum)): the latter rounds log(sum) away once
+    |max| is large (log_softmax([1e8, 1e8]) came out 0)."""
+    x = torch.cat([torch.full((1, 130), 1e8), torch.randn(3, 130) + 1e4], 0).to(DEVICE)
+    with gptkern.backend(backend):
+        got = gptkern.ops.log_softmax(x, -1)
+    want = torch.log_softmax(x.double(), -1)
+    assert_close(got, want, torch.float32)
+    assert abs(got[0, 0].item() - (-torch.log(torch.tensor(130.0)).item())) < 1e-5

@@ -55,31 +55,42 @@ std::pair<float, float> norm_fwd_row(const scalar_t* x, scalar_t* y, const float
   constexpr int64_t kStep = Pairs::kStep, kW = Vec::size();
   const int64_t vec_end = n - n % kStep;
   float mu = 0.0f;
-  if (!is_rms) {
+  if (!is_rms) {  // the mean of x - x[0], plus x[0]: exact for a constant row, close for a near-constant one
+    const float x0 = n > 0 ? static_cast<float>(x[0]) : 0.0f;
+    const Vec vx0(x0);
     Vec acc_lo(0.0f), acc_hi(0.0f);
     for (int64_t i = 0; i < vec_end; i += kStep) {
       auto [lo, hi] = Pairs::load(x + i);
-      acc_lo = acc_lo + lo;
-      acc_hi = acc_hi + hi;
+      acc_lo = acc_lo + (lo - vx0);
+      acc_hi = acc_hi + (hi - vx0);
     }
     float sum = lane_sum(acc_lo + acc_hi);
-    for (int64_t i = vec_end; i < n; ++i) sum += static_cast<float>(x[i]);
-    mu = sum / n;
+    for (int64_t i = vec_end; i < n; ++i) sum += static_cast<float>(x[i]) - x0;
+    mu = x0 + sum / n;
   }
-  const Vec vmu(mu);
-  Vec sq_lo(0.0f), sq_hi(0.0f);
+  // variance about mu, corrected by the mean of the deviations (mu's own rounding; zero for RMS)
+  Vec vmu(mu);
+  Vec sq_lo(0.0f), sq_hi(0.0f), dev_lo(0.0f), dev_hi(0.0f);
   for (int64_t i = 0; i < vec_end; i += kStep) {
     auto [lo, hi] = Pairs::load(x + i);
     const Vec d_lo = lo - vmu, d_hi = hi - vmu;
     sq_lo = at::vec::fmadd(d_lo, d_lo, sq_lo);
     sq_hi = at::vec::fmadd(d_hi, d_hi, sq_hi);
+    if (!is_rms) {
+      dev_lo = dev_lo + d_lo;
+      dev_hi = dev_hi + d_hi;
+    }
   }
-  float sq = lane_sum(sq_lo + sq_hi);
+  float sq = lane_sum(sq_lo + sq_hi), dev = is_rms ? 0.0f : lane_sum(dev_lo + dev_hi);
   for (int64_t i = vec_end; i < n; ++i) {
     const float d = static_cast<float>(x[i]) - mu;
     sq += d * d;
+    if (!is_rms) dev += d;
   }
-  const float rs = 1.0f / std::sqrt(sq / n + eps);
+  const float shift = dev / n;
+  mu += shift;
+  vmu = Vec(mu);
+  const float rs = 1.0f / std::sqrt(std::max(sq / n - shift * shift, 0.0f) + eps);
   const Vec vrs(rs);
   for (int64_t i = 0; i < vec_end; i += kStep) {
     auto [lo, hi] = Pairs::load(x + i);

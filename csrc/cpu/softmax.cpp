@@ -56,14 +56,14 @@ void softmax_row(const in_t* x, out_t* y, float* buf, int64_t n) {
     if constexpr (!log) buf[i] = e;
     sum += e;
   }
-  if constexpr (log) {  // y = x - (m + log(sum))
-    const float shift = m + std::log(sum);
-    const Vec vs(shift);
+  if constexpr (log) {  // y = (x - m) - log(sum): m + log(sum) would round log(sum) away when |m| is large
+    const float ls = std::log(sum);
+    const Vec vls(ls);
     for (int64_t i = 0; i < vec_end; i += kStep) {
       auto [lo, hi] = In::load(x + i);
-      Out::store(y + i, lo - vs, hi - vs);
+      Out::store(y + i, (lo - vm) - vls, (hi - vm) - vls);
     }
-    for (int64_t i = vec_end; i < n; ++i) y[i] = static_cast<out_t>(static_cast<float>(x[i]) - shift);
+    for (int64_t i = vec_end; i < n; ++i) y[i] = static_cast<out_t>((static_cast<float>(x[i]) - m) - ls);
   } else {  // y = e / sum
     const float inv = 1.0f / sum;
     const Vec vi(inv);

@@ -42,20 +42,23 @@ __global__ void __launch_bounds__(32 * kWarpRows)
   const int lane = threadIdx.x;
   const int64_t offset = row * n;
   float v[kIters][kVec];
+  // the mean of x - x[0], plus x[0]: exact for a constant row (rstd ~ 1/sqrt(eps) would amplify
+  // any rounding of its mean), close for a near-constant one
+  const float x0 = is_rms ? 0.0f : to_float(x[offset]);
   float sum = 0.0f;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int col = (it * 32 + lane) * kVec;
     if (col < n) {
       load_floats<T, kVec>(x + offset + col, v[it]);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum += v[it][i] - x0;
     } else {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) v[it][i] = 0.0f;
     }
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) sum += v[it][i];
   }
-  const float mu = is_rms ? 0.0f : warp_reduce(sum, Sum()) * inv_n;
+  const float mu = is_rms ? 0.0f : x0 + warp_reduce(sum, Sum()) * inv_n;
   float sq = 0.0f;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {

@@ -39,8 +39,9 @@ def _norm_fwd_kernel(
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         if IS_RMS:
             xc = x
-        else:
-            mean = tl.sum(x, 0) / N
+        else:  # the mean of x - x[0], plus x[0]: exact for a constant row, close for a near-constant one
+            x0 = tl.load(X).to(tl.float32)
+            mean = x0 + tl.sum(tl.where(mask, x - x0, 0.0), 0) / N
             xc = tl.where(mask, x - mean, 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, 0) / N + eps)
         y = xc * rstd
@@ -52,10 +53,12 @@ def _norm_fwd_kernel(
     else:
         mean = 0.0
         if not IS_RMS:
+            x0 = tl.load(X).to(tl.float32)
             acc = tl.zeros([BLOCK_N], tl.float32)
             for start in range(0, N, BLOCK_N):
-                acc += tl.load(X + start + cols, mask=start + cols < N, other=0.0).to(tl.float32)
-            mean = tl.sum(acc, 0) / N
+                x = tl.load(X + start + cols, mask=start + cols < N, other=0.0).to(tl.float32)
+                acc += tl.where(start + cols < N, x - x0, 0.0)
+            mean = x0 + tl.sum(acc, 0) / N
         acc = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N

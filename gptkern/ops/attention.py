@@ -289,6 +289,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     name = _backend.choose("scaled_dot_product_attention", query.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support,
                             "torch": lambda: None}, inputs=(query, key, value, attn_mask))
+    if hq == 0 or hk == 0:  # no heads, no work: torch's empty result (the kernels group heads by Hq / Hk)
+        name = "torch"
     if name in ("triton", "cpu", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
         if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None, no dropout)
