@@ -97,6 +97,13 @@ def test_softmax(emu, dtype, cols, log):
     assert_close(dx, softmax_grad_ref(ref, dy, -1, log), dtype, grad=True, msg="backward")
 
 
+@pytest.mark.parametrize("cols", [130, 3001])  # a warp per row, a block per row
+def test_log_softmax_of_large_logits_keeps_the_log_sum(emu, cols):
+    x = torch.cat([torch.full((1, cols), 1e8), torch.randn(2, cols) + 1e4])
+    y = emu.softmax_fwd(x, -1, True, torch.float32)
+    assert_close(y, torch.log_softmax(x.double(), -1), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_softmax_inner_dims_and_views(emu, dtype, dim):

@@ -72,8 +72,9 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum st, float* sm, float* ss)
 }
 
 // y = softmax(v) or log_softmax(v) given the row's max m and sum s of exp(v - m).
-__device__ __forceinline__ float softmax_value(float v, float m, float inv_s, float shift, bool log) {
-  return log ? v - shift : expf(v - m) * inv_s;
+// log_softmax as (v - m) - log(s): v - (m + log(s)) would round log(s) away when |m| is large.
+__device__ __forceinline__ float softmax_value(float v, float m, float inv_s, float log_s, bool log) {
+  return log ? (v - m) - log_s : expf(v - m) * inv_s;
 }
 
 // ---------------------------------------------------------------------------------- forward
@@ -111,14 +112,14 @@ __global__ void __launch_bounds__(32 * kWarpRows)
     for (int i = 0; i < kVec; ++i) s += expf(v[it][i] - m);
   }
   s = warp_reduce(s, Sum());
-  const float inv_s = __fdividef(1.0f, s), shift = m + logf(s);
+  const float inv_s = __fdividef(1.0f, s), log_s = logf(s);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int col = (it * 32 + lane) * kVec;
     if (col < n) {
       float out[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) out[i] = softmax_value(v[it][i], m, inv_s, shift, log);
+      for (int i = 0; i < kVec; ++i) out[i] = softmax_value(v[it][i], m, inv_s, log_s, log);
       store_floats<out_t, kVec>(y + col, out);
     }
   }
@@ -141,12 +142,12 @@ __global__ void __launch_bounds__(1024)
     online_add(st, v);
   }
   st = block_combine(st, sm, ss);
-  const float inv_s = __fdividef(1.0f, st.s), shift = st.m + logf(st.s);
+  const float inv_s = __fdividef(1.0f, st.s), log_s = logf(st.s);
   for (int col = threadIdx.x * kVec; col < n; col += step) {
     float v[kVec];
     load_floats<in_t, kVec>(x + col, v);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = softmax_value(v[i], st.m, inv_s, shift, log);
+    for (int i = 0; i < kVec; ++i) v[i] = softmax_value(v[i], st.m, inv_s, log_s, log);
     store_floats<out_t, kVec>(y + col, v);
   }
 }
@@ -164,9 +165,9 @@ __global__ void __launch_bounds__(256)
     const float v[1] = {to_float(x[base + j * inner])};
     online_add(st, v);
   }
-  const float inv_s = __fdividef(1.0f, st.s), shift = st.m + logf(st.s);
+  const float inv_s = __fdividef(1.0f, st.s), log_s = logf(st.s);
   for (int64_t j = 0; j < n; ++j) {
-    y[base + j * inner] = from_float<out_t>(softmax_value(to_float(x[base + j * inner]), st.m, inv_s, shift, log));
+    y[base + j * inner] = from_float<out_t>(softmax_value(to_float(x[base + j * inner]), st.m, inv_s, log_s, log));
   }
 }
 
