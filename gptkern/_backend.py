@@ -213,6 +213,8 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim (the C++ op
     copies it: 0.2-0.8x)."""
     # fixed reasons: formatting a size would make torch.compile specialize on it
+    if not isinstance(input.numel(), int) or not isinstance(width, int):
+        return "symbolic sizes (torch.compile / export with dynamic shapes: no size guard)"
     if op != "layer_norm" and width < 128:
         return "rows under 128 wide (PyTorch's kernel is as fast)"
     if grad and input.dtype == torch.float32:

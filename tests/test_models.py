@@ -323,3 +323,32 @@ def test_activation_checkpointing_recomputes_with_the_forward_backend():
         thread.start()
         thread.join(60)
     assert outcome == ["ok"] and set(chosen) == {"torch"}, (outcome, set(chosen))
+
+
+def test_compiled_document_masking_compiles_one_graph():
+    """Batches whose longest document differs: the compiled model passes the row length as the
+    varlen bound, so one graph serves them all (not one per max_seqlen, up to the recompile limit)."""
+    from gptkern.data.loader import document_bounds
+
+    torch._dynamo.reset()
+    model = GPT(tiny()).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    counts = torch._dynamo.utils.counters["stats"]
+    before = counts["unique_graphs"]
+    for cut in (2, 4, 7):  # longest document 8, 6, 3 ... tokens
+        rows = torch.randint(6, 97, (2, 10))
+        rows[:, cut] = 5
+        bounds = document_bounds(rows, 5)
+        torch.testing.assert_close(compiled(rows, doc_bounds=bounds)[0], model(rows, doc_bounds=bounds)[0])
+    assert counts["unique_graphs"] - before == 1
+
+
+def test_export_with_a_dynamic_batch_under_auto():
+    """The CPU size rule of `auto` must not put a guard on a symbolic size (export failed)."""
+    from torch.export import Dim
+
+    for module in (gptkern.nn.Softmax(-1), gptkern.nn.LayerNorm(256)):
+        with torch.no_grad():
+            program = torch.export.export(module, (torch.randn(8, 256),), dynamic_shapes=({0: Dim("B")},))
+        x = torch.randn(5000, 256)
+        torch.testing.assert_close(program.module()(x), module(x))

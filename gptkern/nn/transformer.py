@@ -110,6 +110,8 @@ class CausalSelfAttention(nn.Module):
         b, h, l, d = q.shape
         q, k, v = (t.transpose(1, 2).reshape(b * l, t.shape[1], d) for t in (q, k, v))  # (B*L, heads, D)
         reach = self.window - 1 if self.window else -1
+        if torch.compiler.is_compiling():  # an upper bound that does not change per batch: one graph, not one each
+            max_seqlen = l
         y = ops.flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p=self.dropout if self.training else 0.0, causal=self.causal,
                                   window_size=(reach, -1 if self.causal else reach))
