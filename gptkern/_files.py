@@ -35,15 +35,23 @@ def is_weights_file(name: str) -> bool:
 
 
 def holds_working_directory(target: Path) -> bool:
-    cwd, resolved = Path.cwd().resolve(), target.resolve()
-    return cwd == resolved or resolved in cwd.parents
+    return Path.cwd().resolve().is_relative_to(target.resolve())
 
 
-def make_staging(target: Path, prefix: str) -> Path:
-    """A new empty folder on ``target``'s filesystem for building what replaces it: a hidden sibling,
-    or a hidden folder inside ``target`` when it holds the working directory (updated in place)."""
+def save_into_directory(target, write, keep) -> None:
+    """``write(folder)`` into a new hidden folder on ``target``'s filesystem, which then replaces
+    ``target`` (:func:`replace_directory`, keeping the old entries ``keep(name)`` accepts). The
+    folder is a sibling, or inside ``target`` when that holds the working directory; a symlinked
+    ``target`` is resolved, so the link keeps pointing at the saved directory."""
+    target = Path(os.path.realpath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
     inside = target.is_dir() and holds_working_directory(target)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=target if inside else target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if inside else target.parent))
+    try:
+        write(staging)
+        replace_directory(staging, target, keep)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _link_tree(src: Path, dst: Path) -> None:

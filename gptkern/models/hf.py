@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from gptkern._files import is_weights_file, make_staging, replace_directory
+from gptkern._files import is_weights_file, save_into_directory
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -143,11 +142,4 @@ def save_pretrained_atomic(hf_model, save_directory: Union[str, os.PathLike]) ->
     """``save_pretrained`` into a temporary sibling directory that then replaces ``save_directory``
     (a reader never sees new weights beside an old config, or a stale shard index). Other files
     already there stay, as with transformers' own ``save_pretrained``, except older weights."""
-    target = Path(os.path.realpath(save_directory))  # a symlink keeps pointing at the saved model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging(target, ".gptkern-save-")
-    try:
-        hf_model.save_pretrained(staging)
-        replace_directory(staging, target, keep=lambda name: not is_weights_file(name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_into_directory(save_directory, hf_model.save_pretrained, keep=lambda name: not is_weights_file(name))

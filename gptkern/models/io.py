@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from gptkern._backend import check_device
-from gptkern._files import is_weights_file, make_staging, replace_directory, write_atomic
+from gptkern._files import is_weights_file, save_into_directory, write_atomic
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -50,15 +49,8 @@ def save_pretrained(model: GPT, directory: Union[str, os.PathLike], tokenizer=No
     ``directory`` stay, except older weights and tokenizer files."""
     from gptkern.data.tokenizer import TOKENIZER_FILES
 
-    directory = Path(os.path.realpath(directory))  # a symlink keeps pointing at the saved model
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging(directory, f".{directory.name}.tmp-")
-    try:
-        write_model_files(model, staging, tokenizer)
-        replace_directory(staging, directory, keep=lambda name: not is_weights_file(name)
-                          and name not in TOKENIZER_FILES)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_into_directory(directory, lambda staging: write_model_files(model, staging, tokenizer),
+                        keep=lambda name: not is_weights_file(name) and name not in TOKENIZER_FILES)
 
 
 def write_model_files(model: GPT, directory: Path, tokenizer=None) -> None:

@@ -1,6 +1,7 @@
 """MultiheadAttention: torch.nn's module, with the attention served by gptkern.ops."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -44,12 +45,10 @@ def _padding_mask_for_causal(kpm: Optional[torch.Tensor], am: Optional[torch.Ten
     as torch's merge of the two masks would be: a bool mask counts as ``dtype`` (the query's), and
     SDPA takes the merged mask only in float32 or ``dtype``. Without a padding mask torch drops
     attn_mask unread."""
-    floats = [m.dtype for m in (kpm, am) if m is not None and m.dtype != torch.bool]
-    if kpm is None or not floats:
+    masks = [m for m in (kpm, am) if m is not None]
+    if kpm is None or all(m.dtype == torch.bool for m in masks):
         return kpm
-    merged = dtype if any(m is not None and m.dtype == torch.bool for m in (kpm, am)) else floats[0]
-    for d in floats:
-        merged = torch.promote_types(merged, d)
+    merged = functools.reduce(torch.promote_types, [dtype if m.dtype == torch.bool else m.dtype for m in masks])
     if merged not in (torch.float32, dtype):
         raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                            f"attn_mask.dtype: {merged} and query.dtype: {dtype} instead.")

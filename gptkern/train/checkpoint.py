@@ -24,8 +24,8 @@ from gptkern.models.io import write_model_files
 
 PREFIX = "step_"
 # The names this module writes; every other folder under checkpoints/ is the user's and left alone.
-CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
-STAGING_NAME = re.compile(r"\.(tmp|old)-(step_\d{8,})-\d+")
+CHECKPOINT_NAME = re.compile(PREFIX + r"(\d{8,})")
+STAGING_NAME = re.compile(r"\.(tmp|old)-(" + PREFIX + r"\d{8,})-\d+")
 AN_EARLIER_ONE = "move {} out of the checkpoints folder to resume from an earlier checkpoint"
 
 

@@ -291,7 +291,8 @@ class Trainer:
         finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
         if self._agree(not finite):
             self._stop(f"the weights are not all finite after step {self.step}")
-        self._checked(self.evaluate(steps=1) if val is None else val, "the loss of the updated weights")
+        if val is None:  # (a validation loss of this step was checked when it was measured)
+            self._checked(self.evaluate(steps=1), "the loss of the updated weights")
 
     @torch.no_grad()
     def evaluate(self, steps: Optional[int] = None) -> float:
