@@ -41,3 +41,21 @@ def test_generate_from_hf_directory_with_seed(tmp_path):
     args = ("--hf-dir", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "8", "--seed", "3")
     first, second = run_cli(*args), run_cli(*args)
     assert first.stdout == second.stdout and first.stdout.startswith("hello")
+
+
+def test_top_k_0_turns_top_k_off_and_ids_past_the_tokenizer_are_skipped(tmp_path, monkeypatch, capsys):
+    """In-process: the sampling arguments reach generate, and a model whose vocabulary is padded
+    past the tokenizer's may sample ids the tokenizer cannot decode: they are not printed."""
+    from gptkern.generation import cli
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=300)).eval()  # 257 bytes + padding
+    save_pretrained(model, tmp_path, ByteTokenizer())
+    seen = {}
+
+    def fake_generate(model, prompt, max_new_tokens, **kwargs):
+        seen.update(kwargs)
+        return iter([torch.tensor([ord("A")]), torch.tensor([299]), torch.tensor([ord("B")])])
+
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-k", "0", "--max-new-tokens", "3"]) == 0
+    assert seen["top_k"] is None and capsys.readouterr().out == "xAB\n"
