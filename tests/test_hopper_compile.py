@@ -1,5 +1,6 @@
 """Every Triton kernel, in every configuration its launcher can choose, compiles for Hopper
-(sm_90) on this machine, and ptxas spills nothing (cuobjdump shows LOCAL:0 and STACK:0).
+(sm_90) on this machine, and ptxas spills nothing (cuobjdump shows LOCAL:0 and STACK:0); the
+attention defaults for bf16 at head dim 128 multiply with warpgroup MMA (wgmma in the PTX).
 
 Configurations: each block size up to the kernel's fused limit (launch.py), for aligned
 launches (pointers, N and row strides multiples of 16, which Triton specializes on) up to
@@ -59,7 +60,10 @@ def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligne
         f.flush()
         out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
-    return {k: int(v) for k, v in CUOBJDUMP_RE.findall(out)}
+    usage = {k: int(v) for k, v in CUOBJDUMP_RE.findall(out)}
+    ptx = compiled.asm["ptx"]  # how the products are multiplied: Hopper's warpgroup MMA or the older mma.sync
+    usage.update(WGMMA=ptx.count("wgmma.mma_async"), MMA_SYNC=ptx.count("mma.sync"))
+    return usage
 
 
 def blocks_up_to(limit: int) -> list[int]:
@@ -297,6 +301,27 @@ def test_attention_kernels_compile_for_hopper_without_spills(triton_dir):
     assert {r["kernel"] for r in results} == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
                                               "_attn_bwd_delta_kernel"}
     assert_no_spills(results)
+    assert_warpgroup_mma(results)
+
+
+def assert_warpgroup_mma(results: list[dict]) -> None:
+    """The default configurations for bf16 at head dim 128 without mask or dropout (the training
+    case) multiply on Hopper's warpgroup MMA only: mma.sync runs at a fraction of its rate."""
+    from gptkern.kernels import attention
+
+    names = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
+    defaults = {names[k]: attention.configs(k, 128, 128, False, attention.PLAIN, (9, 0))[0] for k in names}
+
+    def is_default(r: dict) -> bool:
+        c, cfg = r["constexprs"], defaults[r["kernel"]]
+        return (c["BLOCK_M"], c["BLOCK_N"], r["warps"], c["DESC"]) == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.tma)
+
+    checked = [r for r in results if r["kernel"] in defaults and r["dtype"] == "*bf16" and r["constexprs"]["D"] == 128
+               and not r["constexprs"]["MASK_KIND"] and not r["constexprs"]["DROPOUT"] and is_default(r)]
+    assert {r["kernel"] for r in checked} == set(defaults)
+    bad = [(r["kernel"], r["constexprs"], r["usage"]) for r in checked
+           if not r["usage"]["WGMMA"] or r["usage"]["MMA_SYNC"]]
+    assert not bad, f"{len(bad)} of {len(checked)} default configurations use mma.sync: {bad[:3]}"
 
 
 @pytest.mark.slow

@@ -65,6 +65,19 @@ def test_ragged(backend, dtype, lens, causal):
     check(backend, dtype, *lens, causal=causal)
 
 
+# Lengths at the edges of 64-wide key blocks (the interpreter's, and a GPU block size), where the
+# forward moves from key blocks it need not check to checked ones: a causal diagonal S - L of 62
+# (2 queries over 64 keys), sequences of 63, 127 and 129 keys followed by another sequence.
+BLOCK_EDGES = [([2, 70, 5], [64, 127, 9]), ([63, 65], [63, 65]), ([128, 1], [129, 63])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens", BLOCK_EDGES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_edges(backend, lens, causal):
+    check(backend, torch.float32, *lens, causal=causal)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal,window", [(False, (8, 3)), (True, (5, -1)), (False, (0, 0)), (False, (-1, 2)),
                                            (True, (0, 0))])

@@ -1,5 +1,6 @@
-"""Flash attention in Triton: forward (online softmax, exp2, saves the log-sum-exp) and
-backward (dK/dV per key block, dQ per query block: no atomics, so deterministic).
+"""Flash attention in Triton: forward (online softmax, exp2, saves the log-sum-exp; the key
+blocks that every query of a block sees whole are read without visibility checks) and backward
+(dK/dV per key block on key-major tiles, dQ per query block: no atomics, so deterministic).
 
 Dense layouts are 4-D with arbitrary strides: Q (B, H, L, D), K (B, Hkv, S, D),
 V (B, Hkv, S, Dv), O (B, H, L, Dv). Varlen (VARLEN) layouts are packed (total, heads, dim)
@@ -38,12 +39,21 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mas
             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) scores in the log2 domain, -inf where a key is not visible."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    visible = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+    return _visible(s, offs_m[:, None], offs_n[None, :], L, S, diag, win_left, win_right, mask_ptrs,
+                    CAUSAL, WINDOW, MASK_KIND)
+
+
+@triton.jit
+def _visible(s, qi, kj, L, S, diag, win_left, win_right, mask_ptrs,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores ``s`` (log2 domain) plus the float mask, -inf where key kj is not visible to
+    query qi. qi, kj and mask_ptrs broadcast to s: (BLOCK_M, 1), (1, BLOCK_N) for query-major
+    tiles, (1, BLOCK_M), (BLOCK_N, 1) for the backward's key-major ones."""
+    visible = (qi < L) & (kj < S)
     if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + diag)
+        visible = visible & (kj <= qi + diag)
     if WINDOW:
-        visible = visible & (offs_n[None, :] >= offs_m[:, None] + (diag - win_left)) & \
-            (offs_n[None, :] <= offs_m[:, None] + (diag + win_right))
+        visible = visible & (kj >= qi + (diag - win_left)) & (kj <= qi + (diag + win_right))
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=visible, other=0)
         visible = visible & (keep != 0)
@@ -56,11 +66,12 @@ def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mas
 
 
 @triton.jit
-def _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep):
-    """(BLOCK_M, BLOCK_N) factor: 0 for a dropped weight, 1 / (1 - p) for a kept one. Philox
-    counters (key j, query i, batch-head, 0) make it reproducible from the seed alone."""
-    zero = offs_m[:, None] * 0 + offs_n[None, :] * 0
-    r, _, _, _ = tl.philox(seed, offs_n[None, :] + zero, offs_m[:, None] + zero, bh + zero, zero)
+def _dropout_scale(seed, bh, qi, kj, threshold, inv_keep):
+    """Factor per score: 0 for a dropped weight, 1 / (1 - p) for a kept one; qi, kj broadcast
+    as in _visible. Philox counters (key j, query i, batch-head, 0) make it reproducible from
+    the seed alone, whichever way a tile is laid out."""
+    zero = qi * 0 + kj * 0
+    r, _, _, _ = tl.philox(seed, kj + zero, qi + zero, bh + zero, zero)
     keep = (r >> 1).to(tl.int32, bitcast=True) >= threshold
     return tl.where(keep, inv_keep, 0.0)
 
@@ -105,6 +116,71 @@ def _key_range(start_m, L, S, diag, win_left, win_right,
 
 
 @triton.jit
+def _unchecked_range(lo, hi, start_m, S, diag, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """[lo, inner_hi) within [lo, hi), on lo's grid of key blocks: the blocks whose every key is
+    visible to every query from start_m on (in bounds and, if CAUSAL, not after the first query's
+    diagonal), so no check is needed."""
+    right = S + start_m * 0
+    if CAUSAL:
+        right = tl.minimum(right, start_m + diag + 1)
+    return tl.minimum(lo + tl.maximum(right - lo, 0) // BLOCK_N * BLOCK_N, hi)  # (no negative division)
+
+
+@triton.jit
+def _tile(ptrs, offs_r, offs_c, R, C: tl.constexpr, BLOCK_C: tl.constexpr, CHECKED: tl.constexpr):
+    """A (rows, BLOCK_C) tile of Q, K, V or dO: zeros past column C and, if CHECKED, past row R
+    (unchecked tiles lie within the sequence)."""
+    if CHECKED:
+        tile = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+    elif C == BLOCK_C:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0)
+    return tile
+
+
+@triton.jit
+def _fwd_key_blocks(acc, l_i, m_i, q, K, V, MASK, start, end, b32, hk32, bh, offs_m, cols, offs_d, offs_dv,
+                    k_offs, v_offs, mask_offs, skn, svn, smn, L, S, diag, win_left, win_right, qk_scale,
+                    seed, threshold, inv_keep,
+                    D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DESC: tl.constexpr,
+                    CHECKED: tl.constexpr):
+    """The forward's online softmax over key blocks [start, end); K, V and MASK point at start and
+    are returned past end. CHECKED: hide the keys a query may not see (bounds, causal, window,
+    mask); else every key of these blocks is visible to every query row."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + cols
+        if DESC:
+            k = K.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _tile(K + k_offs, offs_n, offs_d, S, D, BLOCK_D, CHECKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if CHECKED:
+            s = _visible(s, offs_m[:, None], offs_n[None, :], L, S, diag, win_left, win_right, MASK + mask_offs,
+                         CAUSAL, WINDOW, MASK_KIND)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normalizer counts every weight; only the weighted sum is dropped
+            p = p * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
+        if DESC:
+            v = V.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _tile(V + v_offs, offs_n, offs_dv, S, DV, BLOCK_DV, CHECKED)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        if not DESC:
+            K += BLOCK_N * skn
+            V += BLOCK_N * svn
+        MASK += BLOCK_N * smn
+    return acc, l_i, m_i, K, V, MASK
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O,            # (B, H, L, D), (B, Hkv, S, D), (B, Hkv, S, Dv), (B, H, L, Dv) or packed
     LSE,                   # fp32 log2-domain log-sum-exp of each query row, at b * slb + h * slh + row
@@ -144,31 +220,17 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + cols
-        if DESC:
-            k = K.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
-                    CAUSAL, WINDOW, MASK_KIND, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:  # the normalizer counts every weight; only the weighted sum is dropped
-            p = p * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
-        if DESC:
-            v = V.load([b.to(tl.int32), hk.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        else:
-            v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-        if not DESC:
-            K += BLOCK_N * skn
-            V += BLOCK_N * svn
-        MASK += BLOCK_N * smn
+    b32, hk32 = b.to(tl.int32), hk.to(tl.int32)
+    # Key blocks [lo, mid) unchecked (every query sees every key), [mid, hi) checked; with a mask
+    # or a window, all checked.
+    SPLIT: tl.constexpr = MASK_KIND == 0 and not WINDOW
+    mid = _unchecked_range(lo, hi, start_m, S, diag, BLOCK_N, CAUSAL) if SPLIT else lo
+    for run in tl.static_range(0 if SPLIT else 1, 2):
+        acc, l_i, m_i, K, V, MASK = _fwd_key_blocks(
+            acc, l_i, m_i, q, K, V, MASK, lo if run == 0 else mid, mid if run == 0 else hi, b32, hk32, bh, offs_m,
+            cols, offs_d, offs_dv, k_offs, v_offs, mask_offs, skn, svn, smn, L, S, diag, win_left, win_right,
+            qk_scale, seed, threshold, inv_keep, D, DV, CAUSAL, WINDOW, MASK_KIND, DROPOUT, PRECISION, BLOCK_N,
+            BLOCK_D, BLOCK_DV, DESC, run == 1)
     # A row that sees no key gets 0, as torch's SDPA gives; its LSE is -inf.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if DESC:  # the store drops rows past L and columns past DV
@@ -209,6 +271,62 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _unchecked_queries(lo, hi, start_n, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The first query block on lo's grid (at most hi) from which on every query sees every key
+    start_n .. start_n + BLOCK_N - 1: past the diagonal if CAUSAL. (Queries past L and keys past S
+    need no check in dK / dV: such rows are not loaded or not stored.)"""
+    if CAUSAL:
+        return tl.minimum(lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - lo, 0), BLOCK_M) * BLOCK_M, hi)
+    return lo
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_src, do_src, mask_base, start, end, b32, h32, bh32, LSE, DELTA, row_base,
+                       offs_n, rows, offs_d, offs_dv, q_offs, do_offs, mask_offs, sqm, sdom, smm, L, S, diag,
+                       win_left, win_right, qk_scale, seed, threshold, inv_keep,
+                       D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                       MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DESC: tl.constexpr,
+                       CHECKED: tl.constexpr):
+    """dK and dV of one key block (k, v) summed over query blocks [start, end) of one head, on
+    key-major (BLOCK_N, BLOCK_M) tiles. q_src and do_src are descriptors or pointers at start,
+    returned past end as mask_base is. CHECKED: hide the keys a query may not see; else every
+    query sees every key (queries past L get weight 0 through their LSE)."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + rows
+        if DESC:
+            q = q_src.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = _tile(q_src + q_offs, offs_m, offs_d, L, D, BLOCK_D, True)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if CHECKED:
+            st = _visible(st, offs_m[None, :], offs_n[:, None], L, S, diag, win_left, win_right,
+                          mask_base + mask_offs, CAUSAL, WINDOW, MASK_KIND)
+        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=float("inf"))
+        lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
+        pt = tl.exp2(st - lse[None, :])
+        if DESC:
+            do = do_src.load([b32, h32, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            do = _tile(do_src + do_offs, offs_m, offs_dv, L, DV, BLOCK_DV, True)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            z = _dropout_scale(seed, bh32, offs_m[None, :], offs_n[:, None], threshold, inv_keep)
+            dv += tl.dot((pt * z).to(do.dtype), do, input_precision=PRECISION)
+            dpt = dpt * z
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if not DESC:
+            q_src += BLOCK_M * sqm
+            do_src += BLOCK_M * sdom
+        mask_base += BLOCK_M * smm
+    return dk, dv, q_src, do_src, mask_base
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_,  # Q, dO as in the forward (DO strides sdo*); DK, DV_ as K, V
     LSE, DELTA,            # fp32, laid out as the forward's LSE
@@ -222,7 +340,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DESC: tl.constexpr = False,  # Q, K, V, DO, DK, DV_ are tensor descriptors (TMA), as in the forward
 ):
-    """One program: a block of keys of one KV head, summed over the GROUP query heads."""
+    """One program: a block of keys of one KV head, summed over the GROUP query heads. Tiles are
+    key-major, (BLOCK_N, BLOCK_M): every product then has BLOCK_N rows, which Hopper's warpgroup
+    MMA wants (64 per 4 warps) while the query block stays small."""
     pid_n = tl.program_id(1)
     bhk = tl.program_id(0)
     hkv = H // GROUP
@@ -258,44 +378,28 @@ def _attn_bwd_dkdv_kernel(
     hi = tl.where(start_n < S, hi, lo)
     q_offs = rows[:, None] * sqm + offs_d[None, :] * sqd
     do_offs = rows[:, None] * sdom + offs_dv[None, :] * sdod
-    mask_offs = rows[:, None] * smm + cols[None, :] * smn
+    mask_offs = rows[None, :] * smm + cols[:, None] * smn  # (BLOCK_N, BLOCK_M)
     lo64 = lo.to(tl.int64)
+    # Query blocks [lo, mid) checked, [mid, hi) unchecked (every query sees every key); with a mask
+    # or a window, all checked, and without descriptors too (two loops of pointer loads spill).
+    SPLIT: tl.constexpr = MASK_KIND == 0 and not WINDOW and DESC
+    mid = _unchecked_queries(lo, hi, start_n, diag, BLOCK_M, BLOCK_N, CAUSAL) if SPLIT else hi
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        if not DESC:
-            q_base = Q + b * sqb + h * sqh + (q0 + lo64) * sqm
-            do_base = DO + b * sdob + h * sdoh + (q0 + lo64) * sdom
+        if DESC:
+            q_src, do_src = Q, DO
+        else:
+            q_src = Q + b * sqb + h * sqh + (q0 + lo64) * sqm
+            do_src = DO + b * sdob + h * sdoh + (q0 + lo64) * sdom
         mask_base = MASK + b * smb + h * smh + start_n.to(tl.int64) * smn + lo64 * smm
         row_base = b * slb + h * slh + q0
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + rows
-            if DESC:
-                q = Q.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-            else:
-                q = tl.load(q_base + q_offs, mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mask_base + mask_offs,
-                        CAUSAL, WINDOW, MASK_KIND, PRECISION)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=0.0)
-            lse = tl.where(lse == -float("inf"), float("inf"), lse)  # rows that saw nothing: p = 0
-            p = tl.exp2(s - lse[:, None])
-            if DESC:
-                do = DO.load([b32, h.to(tl.int32), start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
-            else:
-                do = tl.load(do_base + do_offs, mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV), other=0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                z = _dropout_scale(seed, (b * H + h).to(tl.int32), offs_m, offs_n, threshold, inv_keep)
-                dv += tl.dot(tl.trans((p * z).to(do.dtype)), do, input_precision=PRECISION)
-                dp = dp * z
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            if not DESC:
-                q_base += BLOCK_M * sqm
-                do_base += BLOCK_M * sdom
-            mask_base += BLOCK_M * smm
+        bh32 = (b * H + h).to(tl.int32)
+        for run in tl.static_range(2 if SPLIT else 1):
+            dk, dv, q_src, do_src, mask_base = _dkdv_query_blocks(
+                dk, dv, k, v, q_src, do_src, mask_base, lo if run == 0 else mid, mid if run == 0 else hi, b32,
+                h.to(tl.int32), bh32, LSE, DELTA, row_base, offs_n, rows, offs_d, offs_dv, q_offs, do_offs, mask_offs,
+                sqm, sdom, smm, L, S, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, D, DV, CAUSAL,
+                WINDOW, MASK_KIND, DROPOUT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, DESC, run == 0)
     dk *= sm_scale
     if DESC:  # the stores drop rows past S and columns past the head dims
         DK.store([b32, hk32, start_n, 0], dk.to(k.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -368,7 +472,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            dp = dp * _dropout_scale(seed, bh, offs_m, offs_n, threshold, inv_keep)
+            dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
         ds = p * (dp - delta[:, None])
         if DMASK is not None:  # the tiles skipped by causal are left as the caller zeroed them
             tl.store(DMASK + rows[:, None] * S + cols[None, :], ds, mask=row_mask[:, None] & (offs_n[None, :] < S))
@@ -420,20 +524,20 @@ _CONFIGS = {
     "fwd": {(False, PLAIN): ((128, 64, 8, 3), (128, 64, 8, 3), (32, 32, 8, 1)),
             (False, MASKED): ((128, 32, 8, 3), (32, 32, 4, 2), None),
             (False, DROPOUT): ((128, 32, 8, 3), (32, 32, 4, 2), None),
-            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 4, 1), None),
+            (True, PLAIN): ((32, 16, 4, 2), (16, 16, 4, 2), None),
             (True, MASKED): ((16, 32, 4, 1), (16, 32, 4, 1), None),
             (True, DROPOUT): (None, None, None)},
-    "dq": {(False, PLAIN): ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1)),
+    "dq": {(False, PLAIN): ((64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1)),
            (False, MASKED): ((64, 64, 8, 2), (32, 32, 8, 2), None),
            (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 4, 2), None),
            (True, PLAIN): ((32, 32, 4, 2), (16, 16, 8, 1), None),
            (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
            (True, DROPOUT): (None, None, None)},
-    "dkdv": {(False, PLAIN): ((64, 64, 8, 2), (32, 32, 4, 1), (16, 16, 4, 1)),
-             (False, MASKED): ((32, 64, 8, 2), (32, 32, 8, 1), None),
-             (False, DROPOUT): ((32, 32, 8, 2), (16, 32, 8, 1), None),
-             (True, PLAIN): ((16, 32, 4, 1), (16, 16, 4, 1), None),
-             (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
+    "dkdv": {(False, PLAIN): ((32, 128, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)),
+             (False, MASKED): ((32, 64, 8, 2), (16, 64, 8, 2), None),
+             (False, DROPOUT): ((32, 64, 8, 2), (16, 32, 8, 1), None),
+             (True, PLAIN): ((16, 32, 8, 1), (16, 16, 8, 1), None),
+             (True, MASKED): ((16, 32, 8, 1), (16, 16, 8, 1), None),
              (True, DROPOUT): (None, None, None)},
 }
 # More spill-free candidates for the common 16-bit cases, timed against the default above on the
@@ -442,14 +546,17 @@ _ALTERNATIVES = {
     # kernel: {(fp32, weight): (alternatives for d <= 64, for d <= 128)}
     # (True: through TMA tensor descriptors, where the inputs allow)
     "fwd": {(False, PLAIN): (((64, 64, 4, 3), (128, 64, 8, 4), (64, 32, 4, 4), (128, 64, 8, 3, True),
-                              (64, 64, 4, 3, True)),
-                             ((128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3, True), (128, 32, 8, 3, True)))},
+                              (64, 64, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True)),
+                             ((128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3, True), (128, 32, 8, 3, True),
+                              (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True),
+                              (64, 128, 4, 3, True)))},
     "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2, True),
                              (128, 64, 8, 2, True)),
-                            ((64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2, True),
-                             (64, 32, 8, 2, True)))},
-    "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2, True), (32, 128, 8, 2, True)),
-                              ((32, 64, 8, 2), (16, 32, 4, 1), (32, 32, 4, 1, True), (32, 64, 8, 2, True)))},
+                            ((128, 32, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2, True), (64, 64, 8, 2, True),
+                             (64, 64, 4, 2, True), (128, 32, 8, 2, True)))},
+    "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (16, 64, 4, 2),
+                               (64, 128, 8, 2, True), (32, 128, 8, 2, True), (64, 64, 8, 2, True)),
+                              ((64, 64, 8, 2, True), (32, 64, 8, 2, True), (16, 128, 8, 2, True)))},
 }
 # The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
 # with Triton 3.7 (head dims 16 and 80) and 32x32 tiles with 3.6 (causal, head dim 16); this one
