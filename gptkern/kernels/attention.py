@@ -29,18 +29,9 @@ import triton.language as tl
 
 from gptkern.kernels import autotune
 
-LOG2E = 1.4426950408889634  # written out in _scores too: a jit function can't read globals
+LOG2E = 1.4426950408889634  # written out in _visible too: a jit function can't read globals
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-
-
-@triton.jit
-def _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, mask_ptrs,
-            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) scores in the log2 domain, -inf where a key is not visible."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    return _visible(s, offs_m[:, None], offs_n[None, :], L, S, diag, win_left, win_right, mask_ptrs,
-                    CAUSAL, WINDOW, MASK_KIND)
 
 
 @triton.jit
@@ -412,6 +403,44 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_key_blocks(dq, q, do, lse, delta, K, V, MASK, DMASK, lo, start, end, b32, hk32, bh, offs_m, rows, cols,
+                   offs_d, offs_dv, k_offs, v_offs, mask_offs, row_mask, skn, svn, smn, L, S, diag, win_left,
+                   win_right, qk_scale, seed, threshold, inv_keep,
+                   D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DESC: tl.constexpr,
+                   CHECKED: tl.constexpr):
+    """dQ of one query block over key blocks [start, end); K, V and MASK as in _fwd_key_blocks,
+    DMASK (or None) at key lo. CHECKED as in _fwd_key_blocks (rows past L are not stored)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + cols
+        if DESC:
+            k = K.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = _tile(K + k_offs, offs_n, offs_d, S, D, BLOCK_D, CHECKED)
+            v = _tile(V + v_offs, offs_n, offs_dv, S, DV, BLOCK_DV, CHECKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if CHECKED:
+            s = _visible(s, offs_m[:, None], offs_n[None, :], L, S, diag, win_left, win_right, MASK + mask_offs,
+                         CAUSAL, WINDOW, MASK_KIND)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
+        ds = p * (dp - delta[:, None])
+        if DMASK is not None:  # the tiles skipped by causal are left as the caller zeroed them
+            tl.store(DMASK + (start_n - lo) + rows[:, None] * S + cols[None, :], ds,
+                     mask=row_mask[:, None] & (offs_n[None, :] < S))
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if not DESC:
+            K += BLOCK_N * skn
+            V += BLOCK_N * svn
+        MASK += BLOCK_N * smn
+    return dq, K, V, MASK
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ,       # DQ as Q
     LSE, DELTA, MASK,
@@ -459,29 +488,16 @@ def _attn_bwd_dq_kernel(
     if DMASK is not None:
         DMASK += ((b * H + h) * L + start_m) * S + lo
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + cols
-        if DESC:
-            k = K.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = V.load([b32, hk32, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        else:
-            k = tl.load(K + k_offs, mask=(offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + v_offs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, diag, win_left, win_right, qk_scale, MASK + mask_offs,
-                    CAUSAL, WINDOW, MASK_KIND, PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            dp = dp * _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
-        ds = p * (dp - delta[:, None])
-        if DMASK is not None:  # the tiles skipped by causal are left as the caller zeroed them
-            tl.store(DMASK + rows[:, None] * S + cols[None, :], ds, mask=row_mask[:, None] & (offs_n[None, :] < S))
-            DMASK += BLOCK_N
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if not DESC:
-            K += BLOCK_N * skn
-            V += BLOCK_N * svn
-        MASK += BLOCK_N * smn
+    # Key blocks [lo, mid) unchecked (every query sees every key), [mid, hi) checked; with a mask
+    # or a window, all checked.
+    SPLIT: tl.constexpr = MASK_KIND == 0 and not WINDOW
+    mid = _unchecked_range(lo, hi, start_m, S, diag, BLOCK_N, CAUSAL) if SPLIT else lo
+    for run in tl.static_range(0 if SPLIT else 1, 2):
+        dq, K, V, MASK = _dq_key_blocks(
+            dq, q, do, lse, delta, K, V, MASK, DMASK, lo, lo if run == 0 else mid, mid if run == 0 else hi, b32,
+            hk32, bh, offs_m, rows, cols, offs_d, offs_dv, k_offs, v_offs, mask_offs, row_mask, skn, svn, smn, L, S,
+            diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, D, DV, CAUSAL, WINDOW, MASK_KIND, DROPOUT,
+            PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV, DESC, run == 1)
     dq *= sm_scale
     if DESC:  # the store drops rows past L and columns past D
         DQ.store([b32, h32, start_m, 0], dq.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -530,7 +546,7 @@ _CONFIGS = {
     "dq": {(False, PLAIN): ((64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1)),
            (False, MASKED): ((64, 64, 8, 2), (32, 32, 8, 2), None),
            (False, DROPOUT): ((32, 32, 8, 1), (32, 32, 4, 2), None),
-           (True, PLAIN): ((32, 32, 4, 2), (16, 16, 8, 1), None),
+           (True, PLAIN): ((32, 16, 4, 2), (16, 16, 8, 1), None),
            (True, MASKED): ((16, 32, 4, 1), (16, 16, 4, 1), None),
            (True, DROPOUT): (None, None, None)},
     "dkdv": {(False, PLAIN): ((32, 128, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)),
