@@ -262,13 +262,15 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _unchecked_queries(lo, hi, start_n, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _unchecked_queries(lo, hi, start_n, S, diag, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr):
     """The first query block on lo's grid (at most hi) from which on every query sees every key
-    start_n .. start_n + BLOCK_N - 1: past the diagonal if CAUSAL. (Queries past L and keys past S
-    need no check in dK / dV: such rows are not loaded or not stored.)"""
+    start_n .. start_n + BLOCK_N - 1: past the diagonal if CAUSAL; hi (none) for a key block that
+    passes S. (Queries past L need no check: they load as zeros and weigh 0 through their LSE.)"""
+    first = lo
     if CAUSAL:
-        return tl.minimum(lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - lo, 0), BLOCK_M) * BLOCK_M, hi)
-    return lo
+        first = tl.minimum(lo + tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - lo, 0), BLOCK_M) * BLOCK_M, hi)
+    return tl.where(start_n + BLOCK_N <= S, first, hi)
 
 
 @triton.jit
@@ -374,7 +376,7 @@ def _attn_bwd_dkdv_kernel(
     # Query blocks [lo, mid) checked, [mid, hi) unchecked (every query sees every key); with a mask
     # or a window, all checked, and without descriptors too (two loops of pointer loads spill).
     SPLIT: tl.constexpr = MASK_KIND == 0 and not WINDOW and DESC
-    mid = _unchecked_queries(lo, hi, start_n, diag, BLOCK_M, BLOCK_N, CAUSAL) if SPLIT else hi
+    mid = _unchecked_queries(lo, hi, start_n, S, diag, BLOCK_M, BLOCK_N, CAUSAL) if SPLIT else hi
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if DESC:
@@ -572,7 +574,7 @@ _ALTERNATIVES = {
                              (64, 64, 4, 2, True), (128, 32, 8, 2, True)))},
     "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (16, 64, 4, 2),
                                (64, 128, 8, 2, True), (32, 128, 8, 2, True), (64, 64, 8, 2, True)),
-                              ((64, 64, 8, 2, True), (32, 64, 8, 2, True), (16, 128, 8, 2, True)))},
+                              ((32, 64, 8, 2, True), (16, 128, 8, 2, True)))},
 }
 # The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
 # with Triton 3.7 (head dims 16 and 80) and 32x32 tiles with 3.6 (causal, head dim 16); this one
