@@ -132,6 +132,24 @@ def test_very_long_row(op, backend):
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_4m_wide_row(op, backend):
+    """A row of 4M fp32 elements keeps the fp32 tolerance: its sums must not drift with n (the C++
+    kernel's 32 fp32 lanes over the whole row were off by 2e-4). 1M under Triton's interpreter
+    (17 s; its lanes sum 4096-wide tiles, 256 adds each)."""
+    n = (1 << 20 if backend == "triton" and DEVICE.type == "cpu" else 1 << 22) + 3
+    x = 1.5 + 3 * torch.randn(1, n, device=DEVICE)
+    w, b = make_params((n,), torch.float32, True, op == "layer_norm")
+    check_norm(op, backend, x, (n,), w, b, 1e-5)
+    # the statistics' error is what the tolerance table would hide here: about 1e-7 of max |y|
+    # with sums that do not drift (torch's too), 1e-5 with the drifting ones
+    with torch.no_grad(), gptkern.backend(backend):
+        y = call(op, x, (n,), w, b, 1e-5).double()
+    want = reference(op, x.double(), (n,), w.double(), None if b is None else b.double(), 1e-5)
+    assert (y - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_grad_deterministic(op, backend):
     """dW and dB are bit-identical from run to run (two-stage sums, no atomics)."""
     x = torch.randn(67, 48, device=DEVICE, requires_grad=True)

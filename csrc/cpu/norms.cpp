@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -45,6 +46,24 @@ class FloatParam {
   const float* data_ = nullptr;
 };
 
+// Row sums over [0, vec_end) in steps of `step`: `body(i, acc)` adds into kAcc fp32 vector
+// accumulators, which restart every kChunk elements; the chunks' totals are added in double.
+// (fp32 accumulators over a whole row drift by about sqrt(n / lanes) ulps: 2e-4 relative at 4M.)
+constexpr int64_t kChunk = 4096;  // a multiple of every FloatPairs step
+
+template <int kAcc, typename Body>
+std::array<double, kAcc> chunked_sums(int64_t vec_end, int64_t step, Body body) {
+  std::array<double, kAcc> total{};
+  for (int64_t begin = 0; begin < vec_end; begin += kChunk) {
+    std::array<Vec, kAcc> acc;
+    acc.fill(Vec(0.0f));
+    const int64_t end = std::min(vec_end, begin + kChunk);
+    for (int64_t i = begin; i < end; i += step) body(i, acc);
+    for (int k = 0; k < kAcc; ++k) total[k] += lane_sum(acc[k]);
+  }
+  return total;
+}
+
 // One row of x (fp32, bf16 or fp16), converted in registers: a pass for the mean, one for the
 // variance (two passes over a cache-resident row, more exact than one), one for
 // y = (x - mean) * rstd * w + b. Returns {mean, rstd}.
@@ -58,39 +77,38 @@ std::pair<float, float> norm_fwd_row(const scalar_t* x, scalar_t* y, const float
   if (!is_rms) {  // the mean of x - x[0], plus x[0]: exact for a constant row, close for a near-constant one
     const float x0 = n > 0 ? static_cast<float>(x[0]) : 0.0f;
     const Vec vx0(x0);
-    Vec acc_lo(0.0f), acc_hi(0.0f);
-    for (int64_t i = 0; i < vec_end; i += kStep) {
+    const auto sums = chunked_sums<2>(vec_end, kStep, [&](int64_t i, std::array<Vec, 2>& acc) {
       auto [lo, hi] = Pairs::load(x + i);
-      acc_lo = acc_lo + (lo - vx0);
-      acc_hi = acc_hi + (hi - vx0);
-    }
-    float sum = lane_sum(acc_lo + acc_hi);
+      acc[0] = acc[0] + (lo - vx0);
+      acc[1] = acc[1] + (hi - vx0);
+    });
+    double sum = sums[0] + sums[1];
     for (int64_t i = vec_end; i < n; ++i) sum += static_cast<float>(x[i]) - x0;
-    mu = x0 + sum / n;
+    mu = static_cast<float>(x0 + sum / n);
   }
   // variance about mu, corrected by the mean of the deviations (mu's own rounding; zero for RMS)
   Vec vmu(mu);
-  Vec sq_lo(0.0f), sq_hi(0.0f), dev_lo(0.0f), dev_hi(0.0f);
-  for (int64_t i = 0; i < vec_end; i += kStep) {
+  // acc: squares (lo, hi), deviations (lo, hi)
+  const auto sums = chunked_sums<4>(vec_end, kStep, [&](int64_t i, std::array<Vec, 4>& acc) {
     auto [lo, hi] = Pairs::load(x + i);
     const Vec d_lo = lo - vmu, d_hi = hi - vmu;
-    sq_lo = at::vec::fmadd(d_lo, d_lo, sq_lo);
-    sq_hi = at::vec::fmadd(d_hi, d_hi, sq_hi);
+    acc[0] = at::vec::fmadd(d_lo, d_lo, acc[0]);
+    acc[1] = at::vec::fmadd(d_hi, d_hi, acc[1]);
     if (!is_rms) {
-      dev_lo = dev_lo + d_lo;
-      dev_hi = dev_hi + d_hi;
+      acc[2] = acc[2] + d_lo;
+      acc[3] = acc[3] + d_hi;
     }
-  }
-  float sq = lane_sum(sq_lo + sq_hi), dev = is_rms ? 0.0f : lane_sum(dev_lo + dev_hi);
+  });
+  double sq = sums[0] + sums[1], dev = sums[2] + sums[3];
   for (int64_t i = vec_end; i < n; ++i) {
     const float d = static_cast<float>(x[i]) - mu;
     sq += d * d;
     if (!is_rms) dev += d;
   }
-  const float shift = dev / n;
-  mu += shift;
+  const double shift = dev / n;
+  mu = static_cast<float>(mu + shift);
   vmu = Vec(mu);
-  const float rs = 1.0f / std::sqrt(std::max(sq / n - shift * shift, 0.0f) + eps);
+  const float rs = static_cast<float>(1.0 / std::sqrt(std::max(sq / n - shift * shift, 0.0) + eps));
   const Vec vrs(rs);
   for (int64_t i = 0; i < vec_end; i += kStep) {
     auto [lo, hi] = Pairs::load(x + i);
@@ -122,7 +140,6 @@ void norm_bwd_row(const scalar_t* x, const scalar_t* g, scalar_t* dx, const floa
   constexpr int64_t kStep = Pairs::kStep, kW = Vec::size();
   const int64_t vec_end = n - n % kStep;
   const Vec vmu(mu), vrs(rs);
-  Vec acc1_lo(0.0f), acc1_hi(0.0f), acc2_lo(0.0f), acc2_hi(0.0f);
   // pass 1 on the fp32 vector at i (h = xhat, gv = dy) into the accumulators a1, a2
   auto step1 = [&](int64_t i, Vec xv, Vec gv, Vec& a1, Vec& a2) {
     const Vec h = (xv - vmu) * vrs;
@@ -132,13 +149,14 @@ void norm_bwd_row(const scalar_t* x, const scalar_t* g, scalar_t* dx, const floa
     if (dw) at::vec::fmadd(gv, h, Vec::loadu(dw + i)).store(dw + i);
     if (db) (Vec::loadu(db + i) + gv).store(db + i);
   };
-  for (int64_t i = 0; i < vec_end; i += kStep) {
+  // acc: xhat * w * dy (lo, hi), w * dy (lo, hi)
+  const auto sums = chunked_sums<4>(vec_end, kStep, [&](int64_t i, std::array<Vec, 4>& acc) {
     auto [x_lo, x_hi] = Pairs::load(x + i);
     auto [g_lo, g_hi] = Pairs::load(g + i);
-    step1(i, x_lo, g_lo, acc1_lo, acc2_lo);
-    step1(i + kW, x_hi, g_hi, acc1_hi, acc2_hi);
-  }
-  float sum1 = lane_sum(acc1_lo + acc1_hi), sum2 = lane_sum(acc2_lo + acc2_hi);
+    step1(i, x_lo, g_lo, acc[0], acc[2]);
+    step1(i + kW, x_hi, g_hi, acc[1], acc[3]);
+  });
+  double sum1 = sums[0] + sums[1], sum2 = sums[2] + sums[3];
   for (int64_t i = vec_end; i < n; ++i) {
     const float h = (static_cast<float>(x[i]) - mu) * rs, gv = static_cast<float>(g[i]);
     sum1 += h * gv * w[i];
@@ -146,7 +164,7 @@ void norm_bwd_row(const scalar_t* x, const scalar_t* g, scalar_t* dx, const floa
     if (dw) dw[i] += gv * h;
     if (db) db[i] += gv;
   }
-  const float c1 = sum1 / n, c2 = is_rms ? 0.0f : sum2 / n;
+  const float c1 = static_cast<float>(sum1 / n), c2 = is_rms ? 0.0f : static_cast<float>(sum2 / n);
   const Vec vc1(c1), vc2(c2);
   auto step2 = [&](int64_t i, Vec xv, Vec gv) {
     return (gv * Vec::loadu(w + i) - at::vec::fmadd((xv - vmu) * vrs, vc1, vc2)) * vrs;
