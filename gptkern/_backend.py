@@ -227,8 +227,14 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
 def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
     """torch.func.grad / vjp / jvp and forward-mode AD: the custom ops have no forward derivative
     (a tangent would come back as zeros) and their autograd formulas do not run under functorch's
-    grad. None when no input is under such a transform (not checked while torch.compile traces)."""
+    grad. None when no input is under such a transform."""
     if torch.compiler.is_compiling():
+        # Dynamo traces grad / vjp / jvp / vmap with functorch's interpreters on the stack (the
+        # tensor checks below do not trace; isinstance does, where `is not None` folds to True)
+        if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+            return "torch.func transforms (grad, vjp, jvp, vmap) under torch.compile"
+        if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # any tensor may be dual
+            return "forward-mode AD (a dual level) under torch.compile"
         return None
     level = getattr(torch.autograd.forward_ad, "_current_level", -1)
     for t in inputs:

@@ -206,6 +206,38 @@ def test_forward_ad_and_torch_func_use_torch(monkeypatch):
         gptkern.ops.softmax(fwAD.make_dual(x, t), -1)
 
 
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_compiled_torch_func_uses_torch():
+    """Under torch.compile the tensors' transform state cannot be read, but functorch's interpreter
+    stack and the dual level can: a compiled jvp gave zero tangents, forward AD none, and a
+    compiled grad failed before."""
+    x, t = torch.randn(1024, 512), torch.randn(1024, 512)
+    ours, theirs = (lambda a: gptkern.ops.rms_norm(a, (512,))), (lambda a: F.rms_norm(a, (512,)))
+
+    import torch.autograd.forward_ad as fwAD
+
+    def transforms(fn):
+        def run(a, b):
+            with fwAD.dual_level():
+                dual_tangent = fwAD.unpack_dual(fn(fwAD.make_dual(a, b))).tangent
+            return (torch.func.jvp(fn, (a,), (b,))[1], dual_tangent,
+                    torch.func.grad(lambda c: fn(c).square().sum())(a))
+        return run
+
+    torch._dynamo.reset()
+    got = torch.compile(transforms(ours), fullgraph=True)(x, t)
+    want = transforms(theirs)(x, t)
+    assert got[0].abs().sum() > 0 and got[1] is not None
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), theirs(x))  # no transform: no change
+    # fullgraph: Dynamo reports the NotImplementedError as Unsupported (a RuntimeError) quoting it
+    jvp_only = lambda a, b: torch.func.jvp(ours, (a,), (b,))[1]  # noqa: E731
+    for fn, reason in ((transforms(ours), "forward-mode AD"), (jvp_only, "torch.func transforms")):
+        torch._dynamo.reset()
+        with gptkern.backend("cpu"), pytest.raises((NotImplementedError, RuntimeError), match=reason):
+            torch.compile(fn, fullgraph=True)(x, t)
+
+
 def test_forward_ad_through_attention_is_torch_s_answer():
     """PyTorch's CPU SDPA has no forward derivative and says so; gptkern's must not answer zeros,
     and its varlen attention gives torch's tangent (the C++ kernel would give none)."""
