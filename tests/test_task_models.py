@@ -100,6 +100,9 @@ def test_seq2seq_vocabularies_and_checks():
         separate(ids((1, 4), 40), torch.tensor([[1, 2]]), torch.zeros(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
         Seq2SeqConfig(n_embd=30, n_head=4)
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match="tgt_vocab_size must be a positive int or None"):
+            Seq2SeqConfig(tgt_vocab_size=bad)
     for src_batch, tgt_batch in ((1, 3), (3, 1)):  # no broadcasting of one source over targets
         with pytest.raises(ValueError, match="batch sizes"):
             separate(ids((src_batch, 4), 40), ids((tgt_batch, 3), 17))

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import multiprocessing
-import numbers
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ import numpy as np
 
 from gptkern._files import write_atomic
 from gptkern.data.tokenizer import ByteTokenizer, make_tokenizer
+from gptkern.ops._checks import is_int
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -344,8 +344,7 @@ def _check_vocab_size(tokenizer: str, vocab_size: Optional[int], log: Log) -> Op
         return None
     if vocab_size is None:
         return 8192
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) \
-            or not 257 <= vocab_size <= 2**32:
+    if not is_int(vocab_size) or not 257 <= vocab_size <= 2**32:
         raise ValueError(f"vocab_size (--vocab-size) must be an integer from 257 (the 256 bytes and "
                          f"<|endoftext|>) to 2**32 for the bpe tokenizer, got {vocab_size!r}")
     return vocab_size

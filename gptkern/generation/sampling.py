@@ -5,13 +5,15 @@ from typing import Optional
 
 import torch
 
+from gptkern.ops._checks import is_int
+
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
                         repetition_penalty: float) -> None:
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")

@@ -9,6 +9,7 @@ from torch import nn
 
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT, GPTBody, gpt2_init_
+from gptkern.ops._checks import is_int
 
 
 class GPTForSequenceClassification(nn.Module):
@@ -21,7 +22,7 @@ class GPTForSequenceClassification(nn.Module):
 
     def __init__(self, config: GPTConfig, num_labels: int, pad_token_id: Optional[int] = None):
         super().__init__()
-        if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        if not is_int(num_labels) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
         self.config, self.num_labels, self.pad_token_id = config, num_labels, pad_token_id
         self.transformer = GPTBody(config)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from gptkern.nn.transformer import ACTIVATIONS, NORMS
+from gptkern.ops._checks import is_int
 
 POSITIONS = ("learned", "rope")
 
@@ -63,7 +64,7 @@ class GPTConfig:
             self.mlp_hidden = 4 * self.n_embd
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
             setattr(self, name, int(value))  # numpy ints too, stored as plain ints (JSON)
         for name in ("bias", "tie_weights", "activation_checkpointing"):
@@ -86,7 +87,7 @@ class GPTConfig:
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.window is not None:
-            if not isinstance(self.window, numbers.Integral) or isinstance(self.window, bool) or self.window < 1:
+            if not is_int(self.window) or self.window < 1:
                 raise ValueError(f"window must be a positive number of tokens or None, got {self.window}")
             self.window = int(self.window)
 

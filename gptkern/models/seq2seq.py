@@ -10,6 +10,7 @@ from torch import nn
 
 from gptkern.models.gpt import check_token_ids, gpt2_init_, retie_after_load
 from gptkern.nn.transformer import ACTIVATIONS, MLP, NORMS, Block, CausalSelfAttention, CrossAttention, make_norm
+from gptkern.ops._checks import is_int
 
 
 @dataclass
@@ -33,9 +34,9 @@ class Seq2SeqConfig:
     def __post_init__(self):
         for name in ("src_vocab_size", "max_len", "n_encoder_layer", "n_decoder_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.tgt_vocab_size is not None and self.tgt_vocab_size < 1:
+        if self.tgt_vocab_size is not None and (not is_int(self.tgt_vocab_size) or self.tgt_vocab_size < 1):
             raise ValueError(f"tgt_vocab_size must be a positive int or None, got {self.tgt_vocab_size!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

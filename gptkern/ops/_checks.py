@@ -47,6 +47,11 @@ def check_float_arg(value: object, name: str, op: str) -> None:
     raise TypeError(f"{op}(): argument '{name}' must be float, not {type(value).__name__}")
 
 
+def is_int(value: object) -> bool:
+    """An integer (int, numpy integers) and not a bool, which isinstance(int) lets through."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_bool_arg(value: object, name: str, op: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{op}(): argument '{name}' must be bool, not {type(value).__name__}")

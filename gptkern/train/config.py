@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from gptkern.models.config import GPTConfig, build_dataclass
+from gptkern.ops._checks import is_int
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
@@ -56,7 +57,7 @@ class TrainConfig:
                   "checkpoint_interval", "keep_last")
         for name in (*counts, "warmup_steps", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):  # 3.5 steps would never reach max_steps
+            if not is_int(value):  # 3.5 steps would never reach max_steps
                 raise ValueError(f"{name} ({_flag(name)}) must be an integer, got {value!r}")
         for name in counts:
             if getattr(self, name) < 1:
