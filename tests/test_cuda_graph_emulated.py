@@ -190,6 +190,34 @@ def test_a_new_shape_backend_or_parameter_tensor_captures_again(emulator):
     assert check(8, cache="paged") == 10
 
 
+class _Shifted(torch.nn.Module):
+    """A submodule whose forward reads a tensor held as a plain attribute."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.shift = inner, torch.randn(inner.weight.shape[0])
+
+    def forward(self, x):
+        return self.inner(x) + self.shift
+
+
+def test_a_replaced_plain_tensor_attribute_captures_again(emulator):
+    model = _model("gpt2-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    model.transformer.ln_f = shifted = _Shifted(model.transformer.ln_f)
+
+    def check():
+        expected = generate(model, prompt, 8, attention_mask=mask, cuda_graph=False)
+        assert torch.equal(generate(model, prompt, 8, attention_mask=mask, cuda_graph=True), expected)
+        return len(emulator.graphs)
+
+    assert check() == 1
+    shifted.shift.mul_(-3.0)  # in place: the graph reads the new values
+    assert check() == 1
+    shifted.shift = torch.randn_like(shifted.shift) * 4  # a new tensor: replaying would read the old one
+    assert check() == 2
+
+
 def test_adding_or_removing_a_forward_hook_captures_again(emulator):
     """A replay runs a hook's tensor operations as captured, but not its Python."""
     model = _model("gpt2-tiny")

@@ -83,10 +83,18 @@ def _hooks(model) -> tuple:
                                 if name and (m._forward_pre_hooks or m._forward_hooks))
 
 
+def _plain_tensors(model) -> tuple:
+    """Tensors the submodules hold as plain attributes, neither parameters nor buffers (a table a
+    forward reads, say): a graph reads them by address too."""
+    return tuple((name, attr, t.data_ptr(), t.dtype, t.device, t.shape) for name, m in model.named_modules()
+                 for attr, t in vars(m).items() if isinstance(t, torch.Tensor))
+
+
 def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Optional[int]) -> tuple:
     """What a captured step and its cache depend on: the shapes, the backend, the stream, autocast
-    and other global numerics settings, the forward hooks, and the parameters' memory (a graph
-    reads them by address: in-place updates are seen, replaced tensors are not)."""
+    and other global numerics settings, the forward hooks, and the memory of the parameters, buffers
+    and plain tensor attributes (a graph reads them by address: in-place updates are seen, replaced
+    tensors are not)."""
     tensors = tuple((t.data_ptr(), t.dtype, t.device, t.shape)
                     for t in itertools.chain(model.parameters(), model.buffers()))
     device = tensors[0][2]
@@ -94,7 +102,7 @@ def _key(model, kind: str, batch_size: int, max_seq_len: int, num_blocks: Option
     autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)  # the cache's dtype
     return (kind, batch_size, max_seq_len, num_blocks, _backend.get_backend(), stream, autocast,
             _matmul_precision(), torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled(),
-            _hooks(model), tensors)
+            _hooks(model), tensors, _plain_tensors(model))
 
 
 class DecodeGraphSession:
