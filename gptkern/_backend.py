@@ -237,6 +237,8 @@ def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]
             return "forward-mode AD (a dual level) under torch.compile"
         return None
     level = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    if level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return None  # no transform and no dual level: nothing to look for in the tensors
     for t in inputs:
         if not isinstance(t, torch.Tensor):
             continue

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _checks, cuda_attention
+from gptkern.ops import _autograd, _checks, cuda_attention
 from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -106,7 +106,7 @@ def _backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, dmask if mask_grad else None, None, None, None, None
 
 
-triton_attention.register_autograd(_backward, setup_context=_setup_context)
+_autograd.register("gptkern::triton_attention", _backward, _setup_context)
 
 
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
@@ -294,11 +294,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if name in ("triton", "cpu", "cuda"):
         q4, k4, v4, m4 = _as_4d(query, key, value, attn_mask, batch, hq, hk)
         if name in ("cpu", "cuda"):  # (B, H, L, Dv), with the LSE (cuda: m4 is None, no dropout)
-            out, _ = torch.ops.gptkern.attention_fwd(q4, k4, v4, m4, bool(is_causal), scale_value, float(dropout_p),
-                                                     draw_seed(dropout_p))
+            op = torch.ops.gptkern.attention_fwd
         else:
-            out, _ = torch.ops.gptkern.triton_attention(q4, k4, v4, m4, bool(is_causal), scale_value,
-                                                        float(dropout_p), draw_seed(dropout_p))
+            op = torch.ops.gptkern.triton_attention
+        out, _ = _autograd.call(op, q4, k4, v4, m4, bool(is_causal), scale_value, float(dropout_p),
+                                draw_seed(dropout_p))
         return out.reshape(out_shape)
     if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
@@ -389,7 +389,7 @@ def _varlen_backward(ctx, grad_out, _grad_lse):
     return (dq, dk, dv) + (None,) * (len(ctx.args) + 3)
 
 
-triton_attention_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_autograd.register("gptkern::triton_attention_varlen", _varlen_backward, _varlen_setup_context)
 
 
 def varlen_visibility(l: int, s: int, causal: bool, window: tuple[int, int], device) -> Optional[torch.Tensor]:
@@ -551,7 +551,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
         op = torch.ops.gptkern.attention_varlen_fwd if name == "cpu" else torch.ops.gptkern.triton_attention_varlen
-        return op(*args, float(dropout_p), draw_seed(dropout_p))[0]
+        return _autograd.call(op, *args, float(dropout_p), draw_seed(dropout_p))[0]
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
                                   "be traced by torch.compile; use the triton or cpu backend")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from gptkern.ops import _autograd
 from gptkern.ops.reference import attention_ref
 
 
@@ -139,6 +140,5 @@ def register_cpu_ops() -> None:
     torch.library.register_fake("gptkern::decode_attention")(_fake_decode)
     torch.library.register_fake("gptkern::attention_dropout_factors")(
         lambda seed, dropout_p, batch_heads, rows, cols: torch.empty((batch_heads, rows, cols)))
-    torch.library.register_autograd("gptkern::attention_fwd", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("gptkern::attention_varlen_fwd", _varlen_backward,
-                                    setup_context=_varlen_setup_context)
+    _autograd.register("gptkern::attention_fwd", _backward, _setup_context)
+    _autograd.register("gptkern::attention_varlen_fwd", _varlen_backward, _varlen_setup_context)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _checks, cuda_attention
+from gptkern.ops import _autograd, _checks, cuda_attention
 from gptkern.ops._checks import check_float_arg, check_tensor, triton_dtype_support
 
 
@@ -133,5 +133,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if name in ("cpu", "cuda"):
         k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
         table = block_table.to(torch.int32) if block_table is not None else None
-        return torch.ops.gptkern.decode_attention(q, k_c, v_c, cache_seqlens.to(torch.int32), scale_value, table)
+        return _autograd.call(torch.ops.gptkern.decode_attention, q, k_c, v_c, cache_seqlens.to(torch.int32),
+                              scale_value, table)
     return decode_attention_torch(q, k_cache, v_cache, cache_seqlens, scale_value, block_table)

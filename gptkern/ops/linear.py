@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
+from gptkern.ops import _autograd
 
 MAX_ROWS = 8  # flattened rows of input the kernel serves; above, F.linear (MKL GEMM) wins
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -28,7 +29,7 @@ def register_cpu_ops() -> None:
         return (grad @ weight if need_x else None, grad.t() @ x if need_w else None,
                 grad.sum(0) if need_b else None)
 
-    torch.library.register_autograd("gptkern::linear_small_m", backward, setup_context=setup_context)
+    _autograd.register("gptkern::linear_small_m", backward, setup_context)
 
 
 def _kernel_serves(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -70,5 +71,5 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     if torch.compiler.is_compiling() or not _use_kernel(input, weight, bias):
         return F.linear(input, weight, bias)
-    y = torch.ops.gptkern.linear_small_m(input.reshape(-1, weight.shape[1]), weight, bias)
+    y = _autograd.call(torch.ops.gptkern.linear_small_m, input.reshape(-1, weight.shape[1]), weight, bias)
     return y.view(*input.shape[:-1], weight.shape[0])

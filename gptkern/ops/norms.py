@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
+from gptkern.ops import _autograd
 from gptkern.ops._checks import (check_float_arg, check_norm_args, check_tensor, device_guard,
                                  normalized_shape_tuple, triton_dtype_support)
 
@@ -107,8 +108,8 @@ def _make_backward(backward_op):
     return backward
 
 
-triton_norm.register_autograd(_make_backward(lambda *args: torch.ops.gptkern.triton_norm_backward(*args)),
-                              setup_context=_setup_context)
+_autograd.register("gptkern::triton_norm",
+                   _make_backward(lambda *args: torch.ops.gptkern.triton_norm_backward(*args)), _setup_context)
 
 
 def register_cpu_ops() -> None:
@@ -122,9 +123,8 @@ def register_cpu_ops() -> None:
     torch.library.register_fake("gptkern::norm_bwd")(
         lambda grad_out, x, k, weight, bias, mean, rstd, is_rms, need_dw, need_db:
         _grad_buffers(x, weight, bias, need_dw, need_db))
-    torch.library.register_autograd("gptkern::norm_fwd",
-                                    _make_backward(lambda *args: torch.ops.gptkern.norm_bwd(*args)),
-                                    setup_context=_setup_context)
+    _autograd.register("gptkern::norm_fwd", _make_backward(lambda *args: torch.ops.gptkern.norm_bwd(*args)),
+                       _setup_context)
 
 
 def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor], width: Optional[int] = None) -> str:
@@ -167,7 +167,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     check_float_arg(eps, "eps", "layer_norm")
     name = _choose("layer_norm", input, weight, bias, width=math.prod(shape))
     if name != "torch":
-        return _norm_op(name)(input, len(shape), weight, bias, float(eps), False)[0]
+        return _autograd.call(_norm_op(name), input, len(shape), weight, bias, float(eps), False)[0]
     return F.layer_norm(input, shape, weight, bias, eps)
 
 
@@ -192,5 +192,5 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     name = _choose("rms_norm", input, weight)
     if name != "torch":
         eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
-        return _norm_op(name)(input, len(shape), weight, None, eps_value, True)[0]
+        return _autograd.call(_norm_op(name), input, len(shape), weight, None, eps_value, True)[0]
     return F.rms_norm(input, shape, weight, eps)

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
+from gptkern.ops import _autograd
 from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
                                  triton_dtype_support, wrap_dim)
 
@@ -59,8 +60,8 @@ def _make_backward(backward_op):
     return backward
 
 
-triton_softmax.register_autograd(
-    _make_backward(lambda *args: torch.ops.gptkern.triton_softmax_backward(*args)), setup_context=_setup_context)
+_autograd.register("gptkern::triton_softmax",
+                   _make_backward(lambda *args: torch.ops.gptkern.triton_softmax_backward(*args)), _setup_context)
 
 
 def register_cpu_ops() -> None:
@@ -70,9 +71,8 @@ def register_cpu_ops() -> None:
         lambda x, dim, log, out_dtype: torch.empty(x.shape, dtype=out_dtype, device=x.device))
     torch.library.register_fake("gptkern::softmax_bwd")(
         lambda grad_out, out, dim, log: torch.empty(out.shape, dtype=out.dtype, device=out.device))
-    torch.library.register_autograd("gptkern::softmax_fwd",
-                                    _make_backward(lambda *args: torch.ops.gptkern.softmax_bwd(*args)),
-                                    setup_context=_setup_context)
+    _autograd.register("gptkern::softmax_fwd", _make_backward(lambda *args: torch.ops.gptkern.softmax_bwd(*args)),
+                       _setup_context)
 
 
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -100,7 +100,7 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     if name != "torch":
         x = input.to(out_dtype) if cast_first else input
         fwd = torch.ops.gptkern.triton_softmax if name == "triton" else torch.ops.gptkern.softmax_fwd
-        return fwd(x, dim, log, out_dtype)
+        return _autograd.call(fwd, x, dim, log, out_dtype)
     fn = torch.log_softmax if log else torch.softmax
     return fn(input, dim, dtype=dtype)
 
