@@ -227,25 +227,35 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
 def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
     """torch.func.grad / vjp / jvp and forward-mode AD: the custom ops have no forward derivative
     (a tangent would come back as zeros) and their autograd formulas do not run under functorch's
-    grad. None when no input is under such a transform."""
-    if torch.compiler.is_compiling():
-        # Dynamo traces grad / vjp / jvp / vmap with functorch's interpreters on the stack (the
-        # tensor checks below do not trace; isinstance does, where `is not None` folds to True)
-        if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
-            return "torch.func transforms (grad, vjp, jvp, vmap) under torch.compile"
-        if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:  # any tensor may be dual
-            return "forward-mode AD (a dual level) under torch.compile"
-        return None
+    grad. None when no such transform is active (vmap alone: see _vmap_reason)."""
+    from torch._C._functorch import TransformType
+
+    grad_keys = (TransformType.Grad, TransformType.Jvp)
     level = getattr(torch.autograd.forward_ad, "_current_level", -1)
-    if level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
-        return None  # no transform and no dual level: nothing to look for in the tensors
-    for t in inputs:
-        if not isinstance(t, torch.Tensor):
-            continue
-        if torch._C._functorch.is_gradtrackingtensor(t):
-            return "torch.func transforms (grad, vjp, jvp)"
-        if level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-            return "forward-mode AD (a dual tensor)"
+    if torch.compiler.is_compiling():
+        # Dynamo traces the transforms with functorch's interpreters active and reads the top one
+        # (isinstance traces, where `is not None` folds to True), not the whole stack
+        top = torch._C._functorch.peek_interpreter_stack()
+        if isinstance(top, torch._C._functorch.CInterpreter) and (
+                torch._functorch.pyfunctorch.coerce_cinterpreter(top).key() in grad_keys):
+            return "torch.func transforms (grad, vjp, jvp) under torch.compile"
+    elif level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
+        return None  # no transform and no dual level
+    elif any(ci.key() in grad_keys for ci in torch._C._functorch.get_interpreter_stack() or ()):
+        return "torch.func transforms (grad, vjp, jvp)"  # also grad(vmap(f)): batched tensors inside
+    if level >= 0 and any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+                          for t in inputs):
+        return "forward-mode AD (a dual tensor)"
+    return None
+
+
+def _vmap_reason() -> Optional[str]:
+    """Under auto, vmap prefers torch: its ops have batching rules, where a custom op runs
+    functorch's fallback, once per sample. (An explicitly chosen kernel backend still serves it.)"""
+    top = torch._C._functorch.peek_interpreter_stack()
+    if isinstance(top, torch._C._functorch.CInterpreter) and (
+            torch._functorch.pyfunctorch.coerce_cinterpreter(top).key() == torch._C._functorch.TransformType.Vmap):
+        return "vmap (torch's ops have batching rules; a custom op would run once per sample)"
     return None
 
 
@@ -304,6 +314,8 @@ def choose(op: str, device: torch.device, supports: dict[str, Support],
         if name not in supports or not _backend_runs_on(name, device_type):
             continue
         reason = supports[name]()
+        if reason is None and name != "torch":
+            reason = _vmap_reason()
         if reason is None and auto_only and name in auto_only:
             reason = auto_only[name]()
         if reason is None and name in ("cpu", "cuda"):

@@ -236,6 +236,28 @@ def test_compiled_torch_func_uses_torch():
         torch._dynamo.reset()
         with gptkern.backend("cpu"), pytest.raises((NotImplementedError, RuntimeError), match=reason):
             torch.compile(fn, fullgraph=True)(x, t)
+    # a dual level without a dual input, and vmap alone: an explicit kernel backend serves them
+    with gptkern.backend("cpu"), fwAD.dual_level():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), theirs(x))
+    rows = x[:8].reshape(2, 4, 512)
+    for backend in ("cpu", "auto"):
+        torch._dynamo.reset()
+        with gptkern.backend(backend):
+            torch.testing.assert_close(torch.compile(torch.func.vmap(ours), fullgraph=True)(rows), theirs(rows))
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_grad_of_vmap_uses_torch():
+    """grad(vmap(f)): f sees batched tensors over grad-tracking ones; the whole interpreter stack
+    is read (the C++ op's formula failed under functorch before)."""
+    x = torch.randn(3, 4, 512)
+    loss = {name: (lambda a, fn=fn: torch.func.vmap(fn)(a).square().sum())
+            for name, fn in (("ours", lambda a: gptkern.ops.rms_norm(a, (512,))),
+                             ("theirs", lambda a: F.rms_norm(a, (512,))))}
+    torch.testing.assert_close(torch.func.grad(loss["ours"])(x), torch.func.grad(loss["theirs"])(x))
+    with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(loss["ours"])(x)
 
 
 def test_forward_ad_through_attention_is_torch_s_answer():

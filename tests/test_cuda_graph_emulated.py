@@ -205,6 +205,7 @@ def test_a_replaced_plain_tensor_attribute_captures_again(emulator):
     model = _model("gpt2-tiny")
     prompt, mask = _prompts(model.config.vocab_size)
     model.transformer.ln_f = shifted = _Shifted(model.transformer.ln_f)
+    shifted.unused = torch.eye(3).to_sparse()  # no data pointer: keyed by the object
 
     def check():
         expected = generate(model, prompt, 8, attention_mask=mask, cuda_graph=False)

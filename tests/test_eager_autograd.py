@@ -56,3 +56,23 @@ def test_registered_functions_cover_every_op_with_a_formula():
     if "cpu" in gptkern.available_backends():
         assert {"gptkern::norm_fwd", "gptkern::softmax_fwd", "gptkern::attention_fwd",
                 "gptkern::attention_varlen_fwd", "gptkern::linear_small_m"} <= names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_trace_records_the_op(backend, tmp_path):
+    """torch.jit.trace records the op itself (a Python Function call could not be saved)."""
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(64))
+
+        def forward(self, x):
+            return gptkern.ops.layer_norm(x, (64,), self.weight)
+
+    module, x = Norm(), torch.randn(3, 64)
+    with gptkern.backend(backend):
+        traced = torch.jit.trace(module, x)
+    assert f"gptkern::{OPS[backend][0]}" in str(traced.graph)
+    torch.jit.save(traced, str(tmp_path / "norm.pt"))
+    loaded = torch.jit.load(str(tmp_path / "norm.pt"))
+    torch.testing.assert_close(loaded(x), module(x))

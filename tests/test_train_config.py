@@ -49,3 +49,20 @@ def test_bad_numbers_name_the_flag(flags, message, capsys):
         parse(flags)
     assert cli.main(["train", *flags]) == 2  # one line, no traceback
     assert capsys.readouterr().err.startswith("gptkern train: error: ")
+
+
+def test_numpy_integers_are_stored_as_ints():
+    """A numpy integer passes the integer checks and is stored as an int (config.json is JSON)."""
+    import json
+
+    import numpy as np
+
+    from gptkern.models import Seq2SeqConfig
+    from gptkern.train.config import TrainConfig
+
+    train = TrainConfig(seed=np.int64(3), batch_size=np.int32(2))
+    seq2seq = Seq2SeqConfig(src_vocab_size=np.int64(100), tgt_vocab_size=np.int16(50))
+    for value in (train.seed, train.batch_size, seq2seq.src_vocab_size, seq2seq.tgt_vocab_size):
+        assert type(value) is int
+    json.dumps(train.to_dict())
+    json.dumps(seq2seq.to_dict())

@@ -86,7 +86,13 @@ def _hooks(model) -> tuple:
 def _plain_tensors(model) -> tuple:
     """Tensors the submodules hold as plain attributes, neither parameters nor buffers (a table a
     forward reads, say): a graph reads them by address too."""
-    return tuple((name, attr, t.data_ptr(), t.dtype, t.device, t.shape) for name, m in model.named_modules()
+    def address(t: torch.Tensor) -> int:
+        try:
+            return t.data_ptr()
+        except RuntimeError:  # no storage (sparse, wrapper subclasses): the object
+            return id(t)
+
+    return tuple((name, attr, address(t), t.dtype, t.device, t.shape) for name, m in model.named_modules()
                  for attr, t in vars(m).items() if isinstance(t, torch.Tensor))
 
 

@@ -24,7 +24,7 @@ class GPTForSequenceClassification(nn.Module):
         super().__init__()
         if not is_int(num_labels) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-        self.config, self.num_labels, self.pad_token_id = config, num_labels, pad_token_id
+        self.config, self.num_labels, self.pad_token_id = config, int(num_labels), pad_token_id
         self.transformer = GPTBody(config)
         self.score = nn.Linear(config.n_embd, num_labels, bias=False)
         gpt2_init_(self, config.n_layer, config.init_std)

@@ -36,8 +36,11 @@ class Seq2SeqConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.tgt_vocab_size is not None and (not is_int(self.tgt_vocab_size) or self.tgt_vocab_size < 1):
-            raise ValueError(f"tgt_vocab_size must be a positive int or None, got {self.tgt_vocab_size!r}")
+            setattr(self, name, int(value))  # numpy ints too, stored as plain ints (JSON)
+        if self.tgt_vocab_size is not None:
+            if not is_int(self.tgt_vocab_size) or self.tgt_vocab_size < 1:
+                raise ValueError(f"tgt_vocab_size must be a positive int or None, got {self.tgt_vocab_size!r}")
+            self.tgt_vocab_size = int(self.tgt_vocab_size)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ACTIVATIONS or self.norm not in NORMS:

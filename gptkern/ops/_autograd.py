@@ -7,7 +7,8 @@ below the autograd key, 156 us a forward+backward against 77 us through a plain 
 ``register`` registers the formulas there (torch.compile, opcheck and direct ``torch.ops`` calls
 use them) and builds a plain autograd.Function from the same two functions; ``call`` runs an op
 through that Function when an input needs a gradient, else below the autograd key. While
-torch.compile traces, or under a functorch transform, it calls the op as registered.
+torch.compile or torch.jit.trace traces, or under a functorch transform, it calls the op as
+registered (a trace then records the op, not a Python Function it could not save).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def register(name: str, backward: Callable, setup_context: Callable) -> None:
 
 def call(op: torch._ops.OpOverloadPacket, *args: Any) -> Any:
     """``op(*args)`` with the gradients of its registered formulas."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return op(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         function = _FUNCTIONS.get(op._qualified_op_name)

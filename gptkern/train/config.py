@@ -59,6 +59,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not is_int(value):  # 3.5 steps would never reach max_steps
                 raise ValueError(f"{name} ({_flag(name)}) must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # numpy ints too, stored as plain ints (JSON)
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
