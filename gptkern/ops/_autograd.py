@@ -8,7 +8,8 @@ below the autograd key, 156 us a forward+backward against 77 us through a plain 
 use them) and builds a plain autograd.Function from the same two functions; ``call`` runs an op
 through that Function when an input needs a gradient, else below the autograd key. While
 torch.compile or torch.jit.trace traces, or under a functorch transform, it calls the op as
-registered (a trace then records the op, not a Python Function it could not save).
+registered (a trace then records the op, not a Python Function it could not save). The Triton
+backward ops (custom_op, so a Python autograd kernel too) are called through it as well.
 """
 from __future__ import annotations
 

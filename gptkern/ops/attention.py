@@ -101,8 +101,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = torch.ops.gptkern.triton_attention_backward(
-        grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, mask_grad)
+    dq, dk, dv, dmask = _autograd.call(torch.ops.gptkern.triton_attention_backward, grad_out, q, k, v, out, lse,
+                                       mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, mask_grad)
     return dq, dk, dv, dmask if mask_grad else None, None, None, None, None
 
 
@@ -384,8 +384,8 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gptkern.triton_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k,
-                                                                    *ctx.args, seed)
+    dq, dk, dv = _autograd.call(torch.ops.gptkern.triton_attention_varlen_backward, grad_out, q, k, v, out, lse,
+                                cu_q, cu_k, *ctx.args, seed)
     return (dq, dk, dv) + (None,) * (len(ctx.args) + 3)
 
 
