@@ -243,8 +243,12 @@ def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]
         return None  # no transform and no dual level
     elif any(ci.key() in grad_keys for ci in torch._C._functorch.get_interpreter_stack() or ()):
         return "torch.func transforms (grad, vjp, jvp)"  # also grad(vmap(f)): batched tensors inside
-    if level >= 0 and any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-                          for t in inputs):
+    if level < 0:
+        return None
+    if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+        return "forward-mode AD under a functorch transform"  # batched tensors: unpack_dual has no batching rule
+    if any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+           for t in inputs):
         return "forward-mode AD (a dual tensor)"
     return None
 

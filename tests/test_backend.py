@@ -248,7 +248,7 @@ def test_compiled_torch_func_uses_torch():
 
 
 @pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
-def test_grad_of_vmap_uses_torch():
+def test_transforms_around_vmap_use_torch():
     """grad(vmap(f)): f sees batched tensors over grad-tracking ones; the whole interpreter stack
     is read (the C++ op's formula failed under functorch before)."""
     x = torch.randn(3, 4, 512)
@@ -258,6 +258,12 @@ def test_grad_of_vmap_uses_torch():
     torch.testing.assert_close(torch.func.grad(loss["ours"])(x), torch.func.grad(loss["theirs"])(x))
     with gptkern.backend("cpu"), pytest.raises(NotImplementedError, match="torch.func transforms"):
         torch.func.grad(loss["ours"])(x)
+    # jvp(vmap(f)), compiled: the innermost transform is vmap, under an open dual level whose tensors
+    # are batched (unpack_dual has no batching rule: it crashed)
+    t = torch.randn_like(x)
+    tangents = [torch.compile(lambda fn=fn: torch.func.jvp(torch.func.vmap(fn), (x,), (t,))[1], fullgraph=True)()
+                for fn in (loss["ours"], loss["theirs"])]
+    torch.testing.assert_close(*tangents)
 
 
 def test_forward_ad_through_attention_is_torch_s_answer():

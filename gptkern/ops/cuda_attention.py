@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
+from gptkern.ops import _autograd
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
@@ -37,8 +38,8 @@ def cuda_attention_limits(q: torch.Tensor, v: torch.Tensor, masked: bool = False
 def _attention_bwd_cuda(grad_out, q, k, v, out, lse, mask, causal, scale, mask_grad=False, dropout_p=0.0,
                         seed=None):
     """gptkern::attention_bwd on CUDA tensors: the Triton kernels (the same dropout stream)."""
-    return torch.ops.gptkern.triton_attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p,
-                                                       seed, mask_grad)
+    return _autograd.call(torch.ops.gptkern.triton_attention_backward, grad_out, q, k, v, out, lse, mask, causal,
+                          scale, dropout_p, seed, mask_grad)
 
 
 def register_cuda_ops() -> None:
