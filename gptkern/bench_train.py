@@ -5,8 +5,9 @@ on gptkern's kernels against the same model on the ``torch`` backend, eager and 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -17,10 +18,16 @@ from gptkern.train.metrics import peak_flops
 from gptkern.train.trainer import PEAK_FLOPS
 
 PROVIDERS = ("gptkern", "gptkern+compile", "torch", "torch+compile")
+# Devices whose providers alternate step by step (a shared CPU drifts between blocks of steps;
+# a GPU is steady, and one provider after another keeps the finished ones if a run is cut short).
+ALTERNATE_ON = ("cpu",)
 
 
-def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device, steps: int, warmup: int) -> float:
-    """Median seconds of one optimizer step of ``batch`` sequences of ``block`` tokens."""
+def step_times(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device,
+               warmup: int) -> Iterator[Optional[float]]:
+    """Builds the model and runs ``warmup`` untimed optimizer steps of ``batch`` sequences of
+    ``block`` tokens, then yields None; every later ``next`` runs one step and yields its seconds.
+    The backend is set per step, so several of these can alternate."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
@@ -28,9 +35,9 @@ def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, devi
     forward = torch.compile(model) if provider.endswith("+compile") else model
     x = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, block), device=device)
-    times = []
-    with gptkern.backend(backend):
-        for i in range(warmup + steps):
+
+    def step() -> float:
+        with gptkern.backend(backend):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -41,9 +48,20 @@ def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, devi
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            return time.perf_counter() - start
+
+    for _ in range(warmup):
+        step()
+    yield None
+    while True:
+        yield step()
+
+
+def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device, steps: int, warmup: int) -> float:
+    """Median seconds of ``steps`` optimizer steps of one provider, timed alone."""
+    run = step_times(provider, cfg, batch, block, dtype, device, warmup)
+    next(run)
+    return statistics.median(next(run) for _ in range(steps))
 
 
 def markdown(report: dict) -> str:
@@ -53,7 +71,8 @@ def markdown(report: dict) -> str:
     lines = [f"## gptkern training-step benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
              f"{meta['date_utc']}" + ("" if report["complete"] else " (incomplete)"), "",
              f"torch {meta['torch']}, {meta['num_threads']} threads; {report['model']}, "
-             f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps. {reference}", "",
+             f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps"
+             f"{' (the providers alternating step by step)' if meta['device'] in ALTERNATE_ON else ''}. {reference}", "",
              "| provider | step ms | tokens/s | MFU | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
@@ -86,26 +105,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     providers = args.providers or [p_ for p_ in PROVIDERS if gpu or not p_.endswith("+compile")]
     peak = peak_flops(device, args.peak_tflops, PEAK_FLOPS)
-    flops = GPT(cfg).flops_per_token(block) if not gpu else None
+    with torch.device("meta"):
+        flops = GPT(cfg).flops_per_token(block)
     results = []
     report = {"meta": metadata(device, list(argv or []), warmup, repeats), "complete": False, "model": preset,
               "batch": batch, "reference": None, "block": block,
               "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
               "results": results}
-    for provider in providers:  # the files are rewritten after each provider (a run cut short keeps them)
-        try:
-            seconds = step_time(provider, cfg, batch, block, dtype, device, repeats, warmup)
-        except Exception as err:  # a provider that fails is reported, not fatal
-            results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err)[:200]}"})
-        else:
-            if flops is None:
-                with torch.device("meta"):
-                    flops = GPT(cfg).flops_per_token(block)
-            tokens = batch * block / seconds
-            results.append({"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
-                            "mfu": flops * tokens / peak if peak else None})
-        _add_speedups(report)
-        _save(report, args, markdown)
+
+    def record(provider: str, seconds: float) -> None:
+        tokens = batch * block / seconds
+        row = {"provider": provider, "step_s": seconds, "tokens_per_s": tokens,
+               "mfu": flops * tokens / peak if peak else None}
+        for i, r in enumerate(results):
+            if r["provider"] == provider:
+                results[i] = row
+                return
+        results.append(row)
+
+    def failed(provider: str, err: Exception) -> None:  # a provider that fails is reported, not fatal
+        results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+
+    if device.type not in ALTERNATE_ON:  # one provider after another, saved after each
+        for provider in providers:
+            try:
+                record(provider, step_time(provider, cfg, batch, block, dtype, device, repeats, warmup))
+            except Exception as err:
+                failed(provider, err)
+            _add_speedups(report)
+            _save(report, args, markdown)
+    else:  # the providers' steps alternate, saved after each round
+        runs, times = {}, {}
+        for provider in providers:
+            try:
+                runs[provider] = step_times(provider, cfg, batch, block, dtype, device, warmup)
+                next(runs[provider])
+            except Exception as err:
+                runs.pop(provider, None)
+                failed(provider, err)
+        for _ in range(repeats):
+            for provider, run in list(runs.items()):
+                try:
+                    times.setdefault(provider, []).append(next(run))
+                except Exception as err:
+                    del runs[provider]
+                    failed(provider, err)
+                    continue
+                record(provider, statistics.median(times[provider]))
+            results.sort(key=lambda r: providers.index(r["provider"]))
+            _add_speedups(report)
+            _save(report, args, markdown)
     report["complete"] = True
     print(_save(report, args, markdown))
     return 0

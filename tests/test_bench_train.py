@@ -17,9 +17,38 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert "| gptkern |" in out_md.read_text() and "tokens/s" in capsys.readouterr().out
 
 
-def test_a_run_cut_short_keeps_the_providers_it_timed(tmp_path, monkeypatch):
-    """Saved after each provider: the first one's row survives an interrupted second, marked
-    incomplete, and with no torch provider timed there is no speedup column to fill."""
+def test_a_run_cut_short_keeps_the_rounds_it_timed(tmp_path, monkeypatch):
+    """On the CPU the providers alternate step by step and the files are rewritten after each
+    round: a run interrupted in its second round keeps the first round's times, marked incomplete."""
+    out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
+    real, order = bench_train.step_times, []
+
+    def step_times(provider, *args):
+        run = real(provider, *args)
+        yield next(run)  # built and warmed
+        order.append(provider)
+        yield next(run)  # round 1
+        if provider == "torch":
+            raise KeyboardInterrupt
+        order.append(provider)
+        yield next(run)
+
+    monkeypatch.setattr(bench_train, "step_times", step_times)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "3", "--out-json",
+                          str(out_json), "--out-md", str(out_md)])
+    assert order == ["gptkern", "torch", "gptkern"]  # alternating
+    report = json.loads(out_json.read_text())
+    assert not report["complete"] and [r["provider"] for r in report["results"]] == ["gptkern", "torch"]
+    assert report["results"][1]["speedup"] == 1.0
+    assert "(incomplete)" in out_md.read_text() and "alternating" in out_md.read_text()
+
+
+def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monkeypatch):
+    """One provider after another (as on a GPU), saved after each: the first one's row survives an
+    interrupted second, marked incomplete, and with no torch provider timed there is no speedup
+    column to fill."""
+    monkeypatch.setattr(bench_train, "ALTERNATE_ON", ())
     out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
     real = bench_train.step_time
     calls = []
