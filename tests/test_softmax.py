@@ -5,7 +5,7 @@ import torch
 import gptkern
 from gptkern.kernels import launch
 from gptkern.ops.reference import softmax_ref
-from helpers import assert_close, backends_here, dtypes_for, noncontiguous, poisoned_allocations
+from helpers import GRAD_TOLERANCES, assert_close, backends_here, dtypes_for, noncontiguous, poisoned_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = backends_here(DEVICE)
@@ -129,7 +129,10 @@ def test_nan_inf_as_torch(op, backend, dtype, monkey_loop, monkeypatch):
     (dx_expected,) = torch.autograd.grad(expected, xt, g.float())
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(y.float(), expected, equal_nan=True, atol=tol, rtol=tol)
-    torch.testing.assert_close(dx.float(), dx_expected, equal_nan=True, atol=tol, rtol=tol)
+    # dX reads the rounded output: dy - exp(y) * sum(dy) for bf16 cancels terms near 3 and
+    # rounds y by 2^-9, so 1.6e-2 failed 1-2% of random inputs (1500 seeds: none at 3.2e-2)
+    grad_tol = GRAD_TOLERANCES[dtype]
+    torch.testing.assert_close(dx.float(), dx_expected, equal_nan=True, **grad_tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
