@@ -224,24 +224,24 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     return None
 
 
+_GRAD_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
 def _transform_reason(inputs: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
     """torch.func.grad / vjp / jvp and forward-mode AD: the custom ops have no forward derivative
     (a tangent would come back as zeros) and their autograd formulas do not run under functorch's
     grad. None when no such transform is active (vmap alone: see _vmap_reason)."""
-    from torch._C._functorch import TransformType
-
-    grad_keys = (TransformType.Grad, TransformType.Jvp)
     level = getattr(torch.autograd.forward_ad, "_current_level", -1)
     if torch.compiler.is_compiling():
         # Dynamo traces the transforms with functorch's interpreters active and reads the top one
         # (isinstance traces, where `is not None` folds to True), not the whole stack
         top = torch._C._functorch.peek_interpreter_stack()
         if isinstance(top, torch._C._functorch.CInterpreter) and (
-                torch._functorch.pyfunctorch.coerce_cinterpreter(top).key() in grad_keys):
+                torch._functorch.pyfunctorch.coerce_cinterpreter(top).key() in _GRAD_TRANSFORMS):
             return "torch.func transforms (grad, vjp, jvp) under torch.compile"
     elif level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
         return None  # no transform and no dual level
-    elif any(ci.key() in grad_keys for ci in torch._C._functorch.get_interpreter_stack() or ()):
+    elif any(ci.key() in _GRAD_TRANSFORMS for ci in torch._C._functorch.get_interpreter_stack() or ()):
         return "torch.func transforms (grad, vjp, jvp)"  # also grad(vmap(f)): batched tensors inside
     if level < 0:
         return None

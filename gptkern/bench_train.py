@@ -66,13 +66,14 @@ def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, devi
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    alternating = " (the providers alternating step by step)" if meta["device"] in ALTERNATE_ON else ""
     reference = (f"speedup: tokens/s / {report['reference']}'s." if report["reference"]
                  else "speedup: none (no torch provider timed).")
     lines = [f"## gptkern training-step benchmark: {meta['device_name']} ({meta['device']}), {report['dtype']}, "
              f"{meta['date_utc']}" + ("" if report["complete"] else " (incomplete)"), "",
              f"torch {meta['torch']}, {meta['num_threads']} threads; {report['model']}, "
              f"batch {report['batch']} x {report['block']} tokens; median of {meta['repeats']} steps"
-             f"{' (the providers alternating step by step)' if meta['device'] in ALTERNATE_ON else ''}. {reference}", "",
+             f"{alternating}. {reference}", "",
              "| provider | step ms | tokens/s | MFU | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:

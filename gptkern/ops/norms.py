@@ -109,7 +109,8 @@ def _make_backward(backward_op):
 
 
 _autograd.register("gptkern::triton_norm",
-                   _make_backward(lambda *args: _autograd.call(torch.ops.gptkern.triton_norm_backward, *args)), _setup_context)
+                   _make_backward(lambda *args: _autograd.call(torch.ops.gptkern.triton_norm_backward, *args)),
+                   _setup_context)
 
 
 def register_cpu_ops() -> None:

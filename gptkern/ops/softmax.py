@@ -61,7 +61,8 @@ def _make_backward(backward_op):
 
 
 _autograd.register("gptkern::triton_softmax",
-                   _make_backward(lambda *args: _autograd.call(torch.ops.gptkern.triton_softmax_backward, *args)), _setup_context)
+                   _make_backward(lambda *args: _autograd.call(torch.ops.gptkern.triton_softmax_backward, *args)),
+                   _setup_context)
 
 
 def register_cpu_ops() -> None:
