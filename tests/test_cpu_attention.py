@@ -259,34 +259,6 @@ def test_dropout_statistics_and_reproducibility():
     torch.testing.assert_close(factors.double(), z, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("varlen_case", [False, True])
-def test_double_backward_with_dropout(varlen_case):
-    """create_graph=True with dropout: the composition uses the kernels' own factors, so its
-    gradients equal the kernel backward's for the same seed, and they differentiate again."""
-    if varlen_case:
-        leaves = [rand(30, 4, 8).requires_grad_(), rand(33, 2, 8).requires_grad_(), rand(33, 2, 8).requires_grad_()]
-        cu_q, cu_k = torch.tensor([0, 12, 30], dtype=torch.int32), torch.tensor([0, 15, 33], dtype=torch.int32)
-
-        def fn(q, k, v):
-            return varlen(q, k, v, cu_q, cu_k, 18, 18, dropout_p=0.3, causal=True, window_size=(5, -1))
-    else:
-        leaves = [rand(2, 4, 19, 8).requires_grad_(), rand(2, 2, 23, 8).requires_grad_(),
-                  rand(2, 2, 23, 8).requires_grad_()]
-
-        def fn(q, k, v):
-            return sdpa(q, k, v, dropout_p=0.3, is_causal=True, enable_gqa=True)
-    grads = []
-    for create_graph in (False, True):
-        torch.manual_seed(4)
-        with gptkern.backend("cpu"):
-            out = fn(*leaves)
-        grads.append(torch.autograd.grad(out.square().sum(), leaves, create_graph=create_graph))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
-    second = torch.autograd.grad(sum(g.square().sum() for g in grads[1]), leaves)
-    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in second)
-
-
 def test_opcheck():
     q, k, v = (rand(1, 2, 20, 16).requires_grad_() for _ in range(3))
     bool_mask = (torch.rand(1, 1, 1, 20) > 0.2).expand(1, 2, 20, 20)
@@ -417,60 +389,6 @@ def test_bad_input_to_the_ops_names_the_argument():
             fn()
 
 
-def test_double_backward():
-    """create_graph=True: the gradients are differentiable (through torch's SDPA)."""
-    q, k, v = rand(1, 4, 9, 8), rand(1, 2, 11, 8), rand(1, 2, 11, 8)
-    mask = torch.rand(1, 1, 9, 11) > 0.3
-    for kw in (dict(is_causal=True), dict(attn_mask=mask)):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        with gptkern.backend("cpu"):
-            out = sdpa(*leaves, enable_gqa=True, **kw)
-        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
-        second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-        ref = attention_ref(*ref_leaves, mask=kw.get("attn_mask"), causal=kw.get("is_causal", False))
-        ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves, create_graph=True)
-        ref_second = torch.autograd.grad(sum(g.square().sum() for g in ref_grads), ref_leaves)
-        for got, want in zip((*grads, *second), (*ref_grads, *ref_second)):
-            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-
-
-def test_varlen_double_backward():
-    """create_graph=True through flash_attn_varlen (the windowed modules' path): per-sequence
-    composition, against explicit float64 math with bottom-right causal and a window."""
-    lens_q, lens_k = [5, 0, 7], [6, 2, 7]
-    qv, kv, vv = rand(12, 4, 8), rand(15, 2, 8), rand(15, 2, 8)
-    cu_q = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
-    cu_k = torch.tensor([0, 6, 8, 15], dtype=torch.int32)
-
-    def explicit(q, k, v):  # float64, one sequence at a time; k and v repeated for GQA
-        outs, q0, k0 = [], 0, 0
-        for lq, lk in zip(lens_q, lens_k):
-            qs, ks, vs = q[q0:q0 + lq].transpose(0, 1), k[k0:k0 + lk].transpose(0, 1), v[k0:k0 + lk].transpose(0, 1)
-            ks, vs = ks.repeat_interleave(2, 0), vs.repeat_interleave(2, 0)
-            i, j = torch.arange(lq)[:, None] + (lk - lq), torch.arange(lk)[None, :]
-            scores = (qs @ ks.transpose(1, 2) * 8 ** -0.5).masked_fill(~((j <= i) & (j >= i - 2)), float("-inf"))
-            outs.append((torch.softmax(scores, -1).nan_to_num(0.0) @ vs).transpose(0, 1))
-            q0, k0 = q0 + lq, k0 + lk
-        return torch.cat(outs)
-
-    leaves = [t.clone().requires_grad_() for t in (qv, kv, vv)]
-    with gptkern.backend("cpu"):
-        out = varlen(*leaves, cu_q, cu_k, 7, 7, causal=True, window_size=(2, -1))
-    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
-    second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-    ref_leaves = [t.double().requires_grad_() for t in (qv, kv, vv)]
-    ref_grads = torch.autograd.grad(explicit(*ref_leaves).square().sum(), ref_leaves, create_graph=True)
-    ref_second = torch.autograd.grad(sum(g.square().sum() for g in ref_grads), ref_leaves)
-    for got, want in zip((*grads, *second), (*ref_grads, *ref_second)):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-    only_q = qv.clone().requires_grad_()  # k and v without grad: only dq is formed
-    with gptkern.backend("cpu"):
-        out = varlen(only_q, kv, vv, cu_q, cu_k, 7, 7, causal=True)
-    (dq,) = torch.autograd.grad(out.sum(), only_q, create_graph=True)
-    assert dq.requires_grad
-
-
 def test_schemas_are_the_shared_contract():
     """The CUDA kernels implement these same schemas: the strings must not drift."""
     want = [
@@ -493,22 +411,11 @@ def test_schemas_are_the_shared_contract():
         assert str(op._schema) == "gptkern::" + schema
 
 
-def test_float_mask_gradient_rules_and_double_backward():
-    """mask_grad needs a float mask; with create_graph=True the mask's gradient
-    comes through the differentiable composition and matches the kernel's."""
+def test_float_mask_gradient_rules():
+    """mask_grad needs a float mask (its create_graph=True path: test_attention_double_backward.py)."""
     q, k, v = (rand(1, 2, 9, 16) for _ in range(3))
     out, lse = torch.ops.gptkern.attention_fwd(q, k, v, None, False, 0.25)
     bool_mask = torch.ones(1, 2, 9, 9, dtype=torch.bool)
     for mask in (None, bool_mask):
         with pytest.raises(RuntimeError, match="mask_grad needs a float mask"):
             torch.ops.gptkern.attention_bwd(out, q, k, v, out, lse, mask, False, 0.25, True)
-    bias = rand(2, 9, 9).requires_grad_()
-    q.requires_grad_()
-    grads = []
-    for create_graph in (False, True):
-        with gptkern.backend("cpu"):
-            o = gptkern.ops.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        grads.append(torch.autograd.grad(o, (q, bias), torch.ones_like(o), create_graph=create_graph))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
-    assert grads[1][1].requires_grad  # a graph: it can be differentiated again

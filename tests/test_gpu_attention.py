@@ -165,3 +165,23 @@ def test_every_autotuning_alternative_is_correct(monkeypatch, d):
     autotune.reset()
     run_and_check()
     assert len(autotune.choices()) == 3  # fwd, dkdv, dq
+
+
+@pytest.mark.parametrize("backend,dropout_p", [("triton", 0.2), ("triton", 0.0), ("cuda", 0.0)])
+def test_double_backward_real_size(backend, dropout_p):
+    """create_graph=True in fp16: the differentiable composition (with dropout, the kernels' own
+    factors from the Triton factor kernel) gives the kernel backward's gradients, and a second
+    backward runs. The cuda backend (no dropout in its forward) goes through the same path."""
+    if backend not in gptkern.available_backends():
+        pytest.skip(f"{backend} is not available")
+    leaves = [torch.randn(2, 8, 384, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3)]
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(11)
+        with gptkern.backend(backend):
+            out = gptkern.ops.scaled_dot_product_attention(*leaves, dropout_p=dropout_p, is_causal=True)
+        grads.append(torch.autograd.grad(out.float().square().sum(), leaves, create_graph=create_graph))
+    for got, want in zip(grads[1], grads[0]):
+        assert_close(got, want, torch.float16, grad=True, atol_scale=4)
+    second = torch.autograd.grad(sum(g.float().square().sum() for g in grads[1]), leaves)
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in second)

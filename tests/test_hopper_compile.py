@@ -207,6 +207,9 @@ def attention_configs():
                 types.update(O="*" + dtype, DO="*" + dtype, DELTA="*fp32", CU_Q="*i32")
                 yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.delta_block_m(d),
                                           BLOCK_DV=attention.head_block(d)), 4, True, 3)
+    factors = attention._dropout_factors_kernel  # double backward with dropout
+    yield (factors, {"Z": "*fp32", "seed": "i64", "rows": "i32", "cols": "i32", "threshold": "i32",
+                     "inv_keep": "fp32"}, attention.FACTOR_BLOCKS, 4, True, 3)
 
 
 def decode_variants():
@@ -299,7 +302,7 @@ def test_norm_kernels_compile_for_hopper_without_spills(triton_dir):
 def test_attention_kernels_compile_for_hopper_without_spills(triton_dir):
     results = run_compiles("attention", triton_dir)
     assert {r["kernel"] for r in results} == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
-                                              "_attn_bwd_delta_kernel"}
+                                              "_attn_bwd_delta_kernel", "_dropout_factors_kernel"}
     assert_no_spills(results)
     assert_warpgroup_mma(results)
 

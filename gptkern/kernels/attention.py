@@ -650,6 +650,12 @@ def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor):
 UNBOUNDED = 1 << 30  # a window side of -1
 
 
+def _dropout_scalars(dropout_p: float) -> tuple[int, float]:
+    """(threshold, inv_keep): a weight is dropped when its 31-bit Philox draw is below
+    threshold = p * 2**31, and a kept one is scaled by inv_keep = 1 / (1 - p)."""
+    return min(int(dropout_p * 2**31), 2**31 - 1), 1.0 / (1.0 - dropout_p)
+
+
 @dataclass(frozen=True)
 class Problem:
     """What the kernels need besides the tensors: sizes, layout and visibility rules.
@@ -688,11 +694,8 @@ class Problem:
 
     def scalars(self) -> tuple:
         left, right = (UNBOUNDED if w < 0 else w for w in self.window)
-        # Dropout drops a weight when its 31-bit Philox draw is below p * 2**31.
-        threshold = min(int(self.dropout_p * 2**31), 2**31 - 1)
-        inv_keep = 1.0 / (1.0 - self.dropout_p)
         return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E,
-                self.seed, threshold, inv_keep)
+                self.seed, *_dropout_scalars(self.dropout_p))
 
     def flags(self, q: torch.Tensor, mask_kind: int) -> dict:
         return dict(D=self.d, DV=self.dv, CAUSAL=self.causal, WINDOW=self.window != (-1, -1),
@@ -827,3 +830,32 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         run_dq(DQ_MASK_GRAD_DROPOUT)
     else:
         run_dq(_tuned("dq", p, kind, run_dq, q, k, v, do, dq))
+
+
+FACTOR_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64)
+
+
+@triton.jit
+def _dropout_factors_kernel(Z, seed, rows, cols, threshold, inv_keep,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Z (batch-heads, rows, cols) fp32: the factor _dropout_scale gives each score; grid
+    (batch-heads, row blocks, column blocks)."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z = _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
+    Z += bh.to(tl.int64) * rows * cols
+    tl.store(Z + offs_m[:, None].to(tl.int64) * cols + offs_n[None, :], z,
+             mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols))
+
+
+def dropout_factors(seed: int, dropout_p: float, batch_heads: int, rows: int, cols: int,
+                    device: torch.device) -> torch.Tensor:
+    """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed``,
+    (batch_heads, rows, cols) fp32: for batch-head bh, query row i and key j (counted inside
+    their sequence when varlen)."""
+    z = torch.empty((batch_heads, rows, cols), device=device, dtype=torch.float32)
+    if z.numel():
+        grid = (batch_heads, triton.cdiv(rows, FACTOR_BLOCKS["BLOCK_M"]), triton.cdiv(cols, FACTOR_BLOCKS["BLOCK_N"]))
+        _dropout_factors_kernel[grid](z, seed, rows, cols, *_dropout_scalars(dropout_p), **FACTOR_BLOCKS, num_warps=4)
+    return z

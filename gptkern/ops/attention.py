@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gptkern import _backend
 from gptkern.ops import _autograd, _checks, cuda_attention
+from gptkern.ops import attention_double_backward as double_backward
 from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
@@ -101,8 +102,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = _autograd.call(torch.ops.gptkern.triton_attention_backward, grad_out, q, k, v, out, lse,
-                                       mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, mask_grad)
+    if torch.is_grad_enabled():  # create_graph=True
+        dq, dk, dv, dmask = double_backward.dense_grads(ctx, grad_out, q, k, v, mask, seed)
+    else:
+        dq, dk, dv, dmask = _autograd.call(torch.ops.gptkern.triton_attention_backward, grad_out, q, k, v, out,
+                                           lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, mask_grad)
     return dq, dk, dv, dmask if mask_grad else None, None, None, None, None
 
 
@@ -384,8 +388,11 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = _autograd.call(torch.ops.gptkern.triton_attention_varlen_backward, grad_out, q, k, v, out, lse,
-                                cu_q, cu_k, *ctx.args, seed)
+    if torch.is_grad_enabled():  # create_graph=True
+        dq, dk, dv = double_backward.varlen_grads(ctx, grad_out, q, k, v, cu_q, cu_k, seed)
+    else:
+        dq, dk, dv = _autograd.call(torch.ops.gptkern.triton_attention_varlen_backward, grad_out, q, k, v, out,
+                                    lse, cu_q, cu_k, *ctx.args, seed)
     return (dq, dk, dv) + (None,) * (len(ctx.args) + 3)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gptkern.ops import _autograd
-from gptkern.ops.reference import attention_ref
+from gptkern.ops import attention_double_backward as double_backward
 
 
 def _fake_fwd(q, k, v, mask, causal, scale, dropout_p=0.0, seed=None):
@@ -52,33 +52,11 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.n_inputs = causal, scale, dropout_p, len(inputs)
 
 
-def _dropout_factors(seed, dropout_p: float, batch_heads: int, rows: int, cols: int):
-    """The kernels' dropout factors (batch_heads, rows, cols), or None without dropout."""
-    if dropout_p == 0:
-        return None
-    return torch.ops.gptkern.attention_dropout_factors(seed, dropout_p, batch_heads, rows, cols)
-
-
-def _double_backward_able(ctx, grad_out, q, k, v, mask, seed) -> list:
-    """Gradients as a differentiable graph (create_graph=True): through the explicit composition
-    (torch's own CPU SDPA has no double backward) with the kernels' dropout factors; None for the
-    inputs that need none."""
-    inputs = (q, k, v, mask)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:4]) if need]
-    b, h, l, _ = q.shape
-    z = _dropout_factors(seed, ctx.dropout_p, b * h, l, k.shape[2])
-    with torch.enable_grad():
-        out = attention_ref(q, k, v, mask=mask, causal=ctx.causal, scale=ctx.scale, upcast=False,
-                            dropout_factors=None if z is None else z.view(b, h, l, -1))
-    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-    return [next(found) if need else None for need in ctx.needs_input_grad[:4]]
-
-
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])  # a float mask that requires grad
     if torch.is_grad_enabled():
-        dq, dk, dv, dmask = _double_backward_able(ctx, grad_out, q, k, v, mask, seed)
+        dq, dk, dv, dmask = double_backward.dense_grads(ctx, grad_out, q, k, v, mask, seed)
     else:
         dq, dk, dv, dmask = torch.ops.gptkern.attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.causal,
                                                             ctx.scale, mask_grad, ctx.dropout_p, seed)
@@ -94,36 +72,10 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k, seed) -> list:
-    """create_graph=True: one sequence at a time through the explicit composition, with the
-    varlen visibility (bottom-right causal, windows) and the kernels' dropout factors; None for
-    the inputs that need none."""
-    from gptkern.ops.attention import varlen_visibility
-
-    max_q, max_k, causal, scale, left, right, dropout_p = ctx.args
-    needs = ctx.needs_input_grad[:3]
-    wanted = [t for t, need in zip((q, k, v), needs) if need]
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-    heads = q.shape[1]
-    z = _dropout_factors(seed, dropout_p, (len(bounds_q) - 1) * heads, max_q, max_k)  # (B * H, max_q, max_k)
-    with torch.enable_grad():
-        outs = []
-        for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
-            seq = [t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
-            visible = varlen_visibility(q1 - q0, k1 - k0, causal, (left, right), q.device)  # (Lq, Lk) or None
-            zb = None if z is None else z[b * heads:(b + 1) * heads, :q1 - q0, :k1 - k0][None]
-            outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False,
-                                      dropout_factors=zb)[0].transpose(0, 1))
-        out = torch.cat(outs) if outs else grad_out.new_zeros(grad_out.shape)
-    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    grads = [next(found) if need else None for need in needs]
-    return [torch.zeros_like(t) if need and g is None else g for t, need, g in zip((q, k, v), needs, grads)]
-
-
 def _varlen_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     if torch.is_grad_enabled():
-        dq, dk, dv = _varlen_double_backward_able(ctx, grad_out, q, k, v, cu_q, cu_k, seed)
+        dq, dk, dv = double_backward.varlen_grads(ctx, grad_out, q, k, v, cu_q, cu_k, seed)
     else:
         dq, dk, dv = torch.ops.gptkern.attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args,
                                                             seed)
