@@ -108,6 +108,17 @@ def test_varlen_against_float64(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_varlen_without_sequences(backend):
+    """No sequences (cu_seqlens [0]): the gradients are empty, as the kernel backward's."""
+    leaves = leaves_of(rand(0, 2, 8), rand(0, 2, 8), rand(0, 2, 8))
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with gptkern.backend(backend):
+        out = varlen(*leaves, cu, cu, 0, 0)
+    grads = torch.autograd.grad(out.sum(), leaves, create_graph=True)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("varlen_case", [False, True])
 def test_with_dropout_uses_the_kernels_mask(backend, varlen_case):
     """create_graph=True with dropout: the composition applies the kernels' own factors, so its

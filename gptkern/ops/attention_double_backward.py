@@ -65,7 +65,10 @@ def varlen_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             zb = None if z is None else z[b * heads:(b + 1) * heads, :q1 - q0, :k1 - k0][None]
             outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False,
                                       dropout_factors=zb)[0].transpose(0, 1))
-        out = torch.cat(outs) if outs else grad_out.new_zeros(grad_out.shape)
+    if not outs:  # no sequences: nothing to differentiate
+        return [torch.zeros_like(t) if need else None for t, need in zip((q, k, v), needs)]
+    with torch.enable_grad():
+        out = torch.cat(outs)
     found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
     grads = [next(found) if need else None for need in needs]
     return [torch.zeros_like(t) if need and g is None else g for t, need, g in zip((q, k, v), needs, grads)]
