@@ -205,12 +205,12 @@ _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
 
 def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Optional[str]:
     """Under ``auto``, whether the C++ softmax / log_softmax / layer_norm beats PyTorch's on this
-    CPU call (None), else why not. Measured on 2 threads
-    (benchmarks/results/2026-11-29_amd-epyc-2t_cpu-crossover.md): the custom op costs about 8 us
-    more per call than torch's, and 25-45 us more with autograd. Without gradients it pays from
-    about 250K elements (1.0-1.6x; 0.8-1.2x right at the limit); in 16-bit with gradients from
-    1M (1.1-1.9x); fp32 forward+backward stays on torch (0.8-1.4x); softmax rows under 128 wide
-    too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim (the C++ op
+    CPU call (None), else why not. Measured on 2 threads (benchmarks/results/
+    2026-11-29_amd-epyc-2t_cpu-crossover.md, 2026-11-30_amd-epyc-2t_cpu-crossover.md): from 1M
+    elements (1.0-2.2x forward; in 16-bit with gradients 1.1-1.9x, bf16 softmax 0.85-1.17x); from
+    250K to 1M the forward ran 1.0-1.2x on a quiet VM and 0.6-1.2x on a loaded one, so it stays
+    on torch. fp32 forward+backward stays on torch (0.8-1.4x); softmax rows under 128 wide too
+    (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim (the C++ op
     copies it: 0.2-0.8x)."""
     # fixed reasons: formatting a size would make torch.compile specialize on it
     if not isinstance(input.numel(), int) or not isinstance(width, int):
@@ -219,7 +219,7 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
         return "rows under 128 wide (PyTorch's kernel is as fast)"
     if grad and input.dtype == torch.float32:
         return "fp32 with gradients (PyTorch's kernels are as fast)"
-    if input.numel() < (1_000_000 if grad else 250_000):
+    if input.numel() < 1_000_000:
         return "a small call (the custom op's fixed cost exceeds its gain)"
     return None
 

@@ -75,11 +75,12 @@ def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(mo
                         lambda *args, **kwargs: chosen.append(choose(*args, **kwargs)) or chosen[-1])
     cases = [  # (rows, width), dtype, grad: the backend auto picks for softmax and for layer_norm
         ((64, 512), torch.float32, False, "torch", "torch"),  # 2^15 elements: the op's fixed cost dominates
-        ((512, 512), torch.float32, False, "cpu", "cpu"),  # 2^18
-        ((512, 512), torch.float32, True, "torch", "torch"),  # fp32 with gradients: as fast either way
+        ((1024, 512), torch.float32, False, "torch", "torch"),  # 2^19: under 1M, no clear gain
+        ((2048, 512), torch.float32, False, "cpu", "cpu"),  # 2^20
+        ((2048, 512), torch.float32, True, "torch", "torch"),  # fp32 with gradients: as fast either way
         ((512, 512), torch.bfloat16, True, "torch", "torch"),  # under 1M with gradients
         ((2048, 512), torch.bfloat16, True, "cpu", "cpu"),
-        ((8192, 64), torch.float32, False, "torch", "cpu"),  # narrow rows: only layer_norm gains
+        ((16384, 64), torch.float32, False, "torch", "cpu"),  # narrow rows: only layer_norm gains
     ]
     for shape, dtype, grad, for_softmax, for_layer_norm in cases:
         x = torch.randn(shape, dtype=dtype, requires_grad=grad)
