@@ -35,7 +35,8 @@ TORCH_LIBRARY(gptkern, m) {
   // q (B, H, Lq, D) against a KV cache (B, Hkv, S_max, D) or, with block_table (B, max_blocks),
   // a paged one (num_blocks, Hkv, block_size, D); cache_seqlens (B,) int32. Returns (B, H, Lq, Dv).
   // The dropout factors the attention kernels draw, (batch_heads, rows, cols) fp32.
-  m.def("attention_dropout_factors(Tensor? seed, float dropout_p, int batch_heads, int rows, int cols) -> Tensor");
+  m.def("attention_dropout_factors(Tensor? seed, float dropout_p, int batch_heads, int rows, int cols, "
+        "int first_batch_head=0) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale, "
         "Tensor? block_table) -> Tensor");
   // y (M, N) = x (M, K) @ weight (N, K)^T + bias, for small M (decode GEMVs); fp32 or bf16, fp32 sums.

@@ -92,7 +92,7 @@ def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(mo
             chosen.clear()
             run()
             assert chosen == [expected], (shape, dtype, grad)
-    x = torch.randn(1024, 512)
+    x = torch.randn(2048, 512)  # 2^20: a C++ size
     chosen.clear()
     gptkern.ops.softmax(x, 0)  # over a strided dim: the C++ op would copy it into rows first
     assert chosen == ["torch"]
@@ -190,7 +190,7 @@ def test_forward_ad_and_torch_func_use_torch(monkeypatch):
     explicit backend refuses them instead of returning zero tangents."""
     import torch.autograd.forward_ad as fwAD
 
-    x, t = torch.randn(1024, 512), torch.randn(1024, 512)  # large enough for the C++ kernels under auto
+    x, t = torch.randn(2048, 512), torch.randn(2048, 512)  # large enough for the C++ kernels under auto
     cases = [(lambda a: gptkern.ops.layer_norm(a, (512,)), lambda a: F.layer_norm(a, (512,))),
              (lambda a: gptkern.ops.softmax(a, -1), lambda a: torch.softmax(a, -1)),
              (lambda a: gptkern.ops.rms_norm(a, (512,)), lambda a: F.rms_norm(a, (512,)))]

@@ -185,3 +185,21 @@ def test_double_backward_real_size(backend, dropout_p):
         assert_close(got, want, torch.float16, grad=True, atol_scale=4)
     second = torch.autograd.grad(sum(g.float().square().sum() for g in grads[1]), leaves)
     assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in second)
+
+
+def test_varlen_double_backward_with_dropout_real_size():
+    """create_graph=True through flash_attn_varlen with dropout in fp16: per-sequence factors
+    from the compiled Triton factor kernel give the kernel backward's gradients."""
+    lengths = [300, 1, 0, 517]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    leaves = [torch.randn(sum(lengths), 8, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+              for _ in range(3)]
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(5)
+        with gptkern.backend("triton"):
+            out = gptkern.ops.flash_attn_varlen(*leaves, cu, cu, max(lengths), max(lengths), dropout_p=0.2,
+                                                causal=True, window_size=(128, 0))
+        grads.append(torch.autograd.grad(out.float().square().sum(), leaves, create_graph=create_graph))
+    for got, want in zip(grads[1], grads[0]):
+        assert_close(got, want, torch.float16, grad=True, atol_scale=4)

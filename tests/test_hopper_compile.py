@@ -208,8 +208,8 @@ def attention_configs():
                 yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.delta_block_m(d),
                                           BLOCK_DV=attention.head_block(d)), 4, True, 3)
     factors = attention._dropout_factors_kernel  # double backward with dropout
-    yield (factors, {"Z": "*fp32", "seed": "i64", "rows": "i32", "cols": "i32", "threshold": "i32",
-                     "inv_keep": "fp32"}, attention.FACTOR_BLOCKS, 4, True, 3)
+    yield (factors, {"Z": "*fp32", "seed": "i64", "first_bh": "i32", "rows": "i32", "cols": "i32",
+                     "threshold": "i32", "inv_keep": "fp32"}, attention.FACTOR_BLOCKS, 4, True, 3)
 
 
 def decode_variants():

@@ -716,18 +716,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
 
 }  // namespace
 
-// Z[bh, i, j], the dropout factor of query i and key j of batch-head bh (0 or 1 / (1 - p); all 1
-// without dropout): what the kernels draw, for compositions that need it (double backward).
+// Z[bh, i, j], the dropout factor of query i and key j of batch-head first_batch_head + bh (0 or
+// 1 / (1 - p); all 1 without dropout): what the kernels draw, for compositions that need it
+// (double backward; varlen asks for one sequence's heads at a time).
 at::Tensor attention_dropout_factors(const std::optional<at::Tensor>& seed, double dropout_p, int64_t batch_heads,
-                                     int64_t rows, int64_t cols) {
+                                     int64_t rows, int64_t cols, int64_t first_batch_head) {
   const Dropout d = make_dropout("attention_dropout_factors", dropout_p, seed);
-  TORCH_CHECK(batch_heads >= 0 && rows >= 0 && cols >= 0,
-              "gptkern::attention_dropout_factors: sizes must be >= 0, got ", batch_heads, ", ", rows, ", ", cols);
+  TORCH_CHECK(batch_heads >= 0 && rows >= 0 && cols >= 0 && first_batch_head >= 0,
+              "gptkern::attention_dropout_factors: sizes and first_batch_head must be >= 0, got ", batch_heads, ", ",
+              rows, ", ", cols, ", ", first_batch_head);
   auto z = at::empty({batch_heads, rows, cols}, at::TensorOptions().dtype(at::kFloat));
   if (!d.on) return z.fill_(1.0f);
   float* out = z.mutable_data_ptr<float>();
   at::parallel_for(0, batch_heads * rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) d.row(out + t * cols, t / rows, t % rows, 0, cols, cols);
+    for (int64_t t = begin; t < end; ++t) d.row(out + t * cols, first_batch_head + t / rows, t % rows, 0, cols, cols);
   });
   return z;
 }

@@ -836,26 +836,27 @@ FACTOR_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64)
 
 
 @triton.jit
-def _dropout_factors_kernel(Z, seed, rows, cols, threshold, inv_keep,
+def _dropout_factors_kernel(Z, seed, first_bh, rows, cols, threshold, inv_keep,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Z (batch-heads, rows, cols) fp32: the factor _dropout_scale gives each score; grid
-    (batch-heads, row blocks, column blocks)."""
-    bh = tl.program_id(0)
+    """Z (batch-heads, rows, cols) fp32: the factor _dropout_scale gives each score of batch-head
+    first_bh + z; grid (batch-heads, row blocks, column blocks)."""
+    z_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = _dropout_scale(seed, bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
-    Z += bh.to(tl.int64) * rows * cols
+    z = _dropout_scale(seed, first_bh + z_bh, offs_m[:, None], offs_n[None, :], threshold, inv_keep)
+    Z += z_bh.to(tl.int64) * rows * cols
     tl.store(Z + offs_m[:, None].to(tl.int64) * cols + offs_n[None, :], z,
              mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols))
 
 
 def dropout_factors(seed: int, dropout_p: float, batch_heads: int, rows: int, cols: int,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, first_batch_head: int = 0) -> torch.Tensor:
     """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed``,
-    (batch_heads, rows, cols) fp32: for batch-head bh, query row i and key j (counted inside
-    their sequence when varlen)."""
+    (batch_heads, rows, cols) fp32: for batch-head first_batch_head + bh, query row i and key j
+    (counted inside their sequence when varlen)."""
     z = torch.empty((batch_heads, rows, cols), device=device, dtype=torch.float32)
     if z.numel():
         grid = (batch_heads, triton.cdiv(rows, FACTOR_BLOCKS["BLOCK_M"]), triton.cdiv(cols, FACTOR_BLOCKS["BLOCK_N"]))
-        _dropout_factors_kernel[grid](z, seed, rows, cols, *_dropout_scalars(dropout_p), **FACTOR_BLOCKS, num_warps=4)
+        _dropout_factors_kernel[grid](z, seed, first_batch_head, rows, cols, *_dropout_scalars(dropout_p),
+                                      **FACTOR_BLOCKS, num_warps=4)
     return z

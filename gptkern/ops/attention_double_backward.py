@@ -17,16 +17,16 @@ from gptkern.ops.reference import attention_ref
 
 
 def dropout_factors(seed: Optional[torch.Tensor], dropout_p: float, batch_heads: int, rows: int, cols: int,
-                    device: torch.device) -> Optional[torch.Tensor]:
-    """The kernels' dropout factors (batch_heads, rows, cols) on ``device`` (one Philox stream for
-    every backend), or None without dropout."""
+                    device: torch.device, first_batch_head: int = 0) -> Optional[torch.Tensor]:
+    """The kernels' dropout factors (batch_heads, rows, cols) of batch-heads first_batch_head on,
+    on ``device`` (one Philox stream for every backend), or None without dropout."""
     if dropout_p == 0:
         return None
     if device.type == "cpu" and _backend._extension() is not None:
-        return torch.ops.gptkern.attention_dropout_factors(seed, dropout_p, batch_heads, rows, cols)
+        return torch.ops.gptkern.attention_dropout_factors(seed, dropout_p, batch_heads, rows, cols, first_batch_head)
     from gptkern.kernels.attention import dropout_factors as triton_factors
 
-    return triton_factors(int(seed.item()), dropout_p, batch_heads, rows, cols, device)
+    return triton_factors(int(seed.item()), dropout_p, batch_heads, rows, cols, device, first_batch_head)
 
 
 def dense_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -39,7 +39,7 @@ def dense_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     z = dropout_factors(seed, dropout_p, b * h, l, k.shape[2], q.device)
     with torch.enable_grad():
         out = attention_ref(q, k, v, mask=mask, causal=causal, scale=scale, upcast=False,
-                            dropout_factors=None if z is None else z.view(b, h, l, -1))
+                            dropout_factors=None if z is None else z.view(b, h, l, k.shape[2]))
     found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
     return [next(found) if need else None for need in needs]
 
@@ -51,20 +51,19 @@ def varlen_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     at a time with the varlen visibility (bottom-right causal, windows); None where not needed."""
     from gptkern.ops.attention import varlen_visibility
 
-    max_q, max_k, causal, scale, left, right, dropout_p = ctx.args
+    causal, scale, left, right, dropout_p = ctx.args[2:]
     needs = ctx.needs_input_grad[:3]
     wanted = [t for t, need in zip((q, k, v), needs) if need]
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     heads = q.shape[1]
-    z = dropout_factors(seed, dropout_p, (len(bounds_q) - 1) * heads, max_q, max_k, q.device)  # (B * H, ., .)
     with torch.enable_grad():
         outs = []
         for b, (q0, q1, k0, k1) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
             seq = [t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
             visible = varlen_visibility(q1 - q0, k1 - k0, causal, (left, right), q.device)  # (Lq, Lk) or None
-            zb = None if z is None else z[b * heads:(b + 1) * heads, :q1 - q0, :k1 - k0][None]
+            zb = dropout_factors(seed, dropout_p, heads, q1 - q0, k1 - k0, q.device, b * heads)  # (H, Lq, Lk)
             outs.append(attention_ref(*seq, mask=visible, scale=scale, upcast=False,
-                                      dropout_factors=zb)[0].transpose(0, 1))
+                                      dropout_factors=None if zb is None else zb[None])[0].transpose(0, 1))
     if not outs:  # no sequences: nothing to differentiate
         return [torch.zeros_like(t) if need else None for t, need in zip((q, k, v), needs)]
     with torch.enable_grad():

@@ -91,6 +91,6 @@ def register_cpu_ops() -> None:
         lambda grad_out, q, k, v, out, lse, *args: _like_qkv(q, k, v))
     torch.library.register_fake("gptkern::decode_attention")(_fake_decode)
     torch.library.register_fake("gptkern::attention_dropout_factors")(
-        lambda seed, dropout_p, batch_heads, rows, cols: torch.empty((batch_heads, rows, cols)))
+        lambda seed, dropout_p, batch_heads, rows, cols, first_batch_head=0: torch.empty((batch_heads, rows, cols)))
     _autograd.register("gptkern::attention_fwd", _backward, _setup_context)
     _autograd.register("gptkern::attention_varlen_fwd", _varlen_backward, _varlen_setup_context)
