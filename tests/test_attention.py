@@ -447,3 +447,14 @@ def test_opcheck_backward_with_mask_gradient():
     for m in (None, mask > 0):
         with pytest.raises(RuntimeError, match="mask_grad needs a float mask"):
             torch.ops.gptkern.triton_attention_backward(out, q, k, v, out, lse, m, False, 0.25, 0.0, None, True)
+
+
+def test_meta_tensors_give_meta_results():
+    """Meta tensors (shape inference, as torch.nn modules built on device="meta"): torch's SDPA
+    gives a meta result, so do gptkern's op and MultiheadAttention (autocast has no meta device)."""
+    meta = [torch.empty(*shape, device="meta") for shape in ((2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 6))]
+    out = sdpa(*meta, enable_gqa=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 3, 6)
+    mha = gptkern.nn.MultiheadAttention(8, 2, batch_first=True, device="meta")
+    x = torch.empty(2, 3, 8, device="meta")
+    assert mha(x, x, x, need_weights=False)[0].shape == (2, 3, 8)

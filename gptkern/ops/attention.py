@@ -136,7 +136,7 @@ def _cpu_limits(q: torch.Tensor) -> Optional[str]:
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
     """Under torch.autocast, the floating-point inputs in the autocast dtype (as torch's SDPA)."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # e.g. meta
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
@@ -306,6 +306,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return out.reshape(out_shape)
     if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
+    if hq == 0 or hk == 0:  # torch's math kernel: torch 2.11's CPU flash kernel dies of SIGFPE on zero heads
+        return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                 scale=scale, enable_gqa=enable_gqa)[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
