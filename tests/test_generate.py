@@ -240,6 +240,30 @@ def test_paged_cache_allocator():
     assert len(cache.owned[1]) == 2 and 0 not in cache.owned[1]
 
 
+def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():
+    """Writes before any allocate() raise (they would all land in the scratch block); a token
+    past a sequence's table goes to scratch, and decode attention rejects the length, with the
+    sequence's own blocks intact."""
+    from gptkern.generation import PagedKVCache
+
+    cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=3, block_size=2,
+                         max_seq_len=2)
+    kv = torch.arange(8.0).reshape(2, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="allocate"):
+        cache.decode(0, kv, kv, kv)
+    with pytest.raises(RuntimeError, match="allocate"):
+        cache.write_prompt(0, kv, kv, torch.ones(2, dtype=torch.int32))
+    cache.allocate([2, 2])
+    for _ in range(2):
+        cache.decode(0, kv, kv, kv)
+        cache.advance(1)
+    kept = [t.clone() for t in cache.k + cache.v]
+    with pytest.raises(RuntimeError):  # position 2 of a 2-token table
+        cache.decode(0, kv, kv, kv + 1)
+    for before, after in zip(kept, cache.k + cache.v):
+        assert torch.equal(before[1:], after[1:])  # block 0 is scratch
+
+
 def test_prompt_longer_than_cache_raises():
     cache = StaticKVCache(1, 1, 1, 4, 4)
     with pytest.raises(ValueError, match="5.*max_seq_len 4"):

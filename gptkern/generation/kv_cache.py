@@ -180,11 +180,22 @@ class PagedKVCache(StaticKVCache):
         super().reset()
 
     def _slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> (block ids, offsets in the block), each (B, T)."""
-        blocks = self.block_table.gather(1, (positions // self.block_size).clamp(max=self.block_table.shape[1] - 1))
+        """positions (B, T) -> (block ids, offsets in the block), each (B, T). Positions past the
+        table go to the scratch block (decode attention then rejects the lengths): never into a
+        sequence's own blocks."""
+        index = positions // self.block_size
+        blocks = self.block_table.gather(1, index.clamp(max=self.block_table.shape[1] - 1))
+        blocks = torch.where(index < self.block_table.shape[1], blocks, 0)
         return blocks.long(), positions % self.block_size
 
+    def _check_allocated(self) -> None:
+        """Writing with no block taken would put every sequence in the scratch block."""
+        if not any(self.owned):
+            raise RuntimeError("the paged KV cache has no blocks allocated: call allocate(lengths) before "
+                               "writing to it")
+
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        self._check_allocated()
         b, _, l, _ = k.shape
         start = (l - lengths).to(torch.long)[:, None]  # (B, 1) left padding
         positions = torch.arange(l, device=k.device)[None, :].expand(b, l)  # (B, L) cache positions
@@ -199,6 +210,7 @@ class PagedKVCache(StaticKVCache):
                window: Optional[int] = None) -> torch.Tensor:
         if window is not None:
             raise NotImplementedError("sliding-window attention over a paged cache; use the static cache")
+        self._check_allocated()
         lq = k.shape[2]
         positions = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
         blocks, offsets = self._slots(positions)
