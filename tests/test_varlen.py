@@ -147,6 +147,12 @@ def test_bad_input(backend):
         (RuntimeError, "heads", dict(k=torch.randn(10, 3, 8, device=DEVICE), v=torch.randn(10, 3, 8, device=DEVICE))),
         (RuntimeError, "total, heads, dim", dict(q=torch.randn(10, 16, device=DEVICE))),
         (RuntimeError, "dtype", dict(k=k.half())),
+        (TypeError, "argument 'causal' must be bool", dict(causal="no")),
+        (TypeError, "argument 'scale' must be float", dict(scale="0.5")),
+        (TypeError, "argument 'dropout_p' must be float", dict(dropout_p=None)),
+        (TypeError, "argument 'max_seqlen_k' must be int", dict(max_seqlen_k=6.5)),
+        (RuntimeError, "max_seqlen_q must be >= 0", dict(max_seqlen_q=-1)),
+        (ValueError, "window_size", dict(window_size=(True, 0))),
     ]
     if DEVICE.type == "cuda" and backend != "torch":  # GPU kernels trust the offsets' values (no host sync)
         cases = cases[4:]
@@ -155,6 +161,18 @@ def test_bad_input(backend):
         args.update(override)
         with gptkern.backend(backend), pytest.raises(exc, match=match):
             varlen(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generous_max_seqlen(backend):
+    """flash-attn callers often pass a loose bound (the block size): the result is the same, and
+    the kernels' grid is sized by the packed tensors, not by the bound (2**40 hung the triton one)."""
+    q, k, v = (torch.randn(7, 2, 8, device=DEVICE) for _ in range(3))
+    cu = offsets([3, 4])
+    with gptkern.backend(backend):
+        want = varlen(q, k, v, cu, cu, 4, 4, causal=True)
+        got = varlen(q, k, v, cu, cu, 2**40, 2**40, causal=True)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")

@@ -328,7 +328,9 @@ def _with_causal(mask: torch.Tensor, l: int, s: int) -> torch.Tensor:
 def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dropout_p, seed):
     from gptkern.kernels.attention import Problem
 
-    return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=max_q, s=max_k,
+    # no sequence is longer than the packed tensor: an over-generous max_seqlen only sizes the grid
+    return Problem(batch=cu_q.numel() - 1, heads=q.shape[1], kv_heads=k.shape[1], l=min(max_q, q.shape[0]),
+                   s=min(max_k, k.shape[0]),
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
                    cu_q=cu_q.contiguous(), cu_k=cu_k.contiguous(),  # the kernels read them as (B + 1,) arrays
                    dropout_p=dropout_p, seed=_seed_value(seed))
@@ -532,10 +534,19 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise RuntimeError(f"flash_attn_varlen: the {q.shape[1]} query heads must be a multiple of the "
                            f"{k.shape[1]} key/value heads")
+    for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not (_checks.is_int(value) or isinstance(value, torch.SymInt)):
+            raise TypeError(f"flash_attn_varlen(): argument '{arg}' must be int, not {type(value).__name__}")
+        if value < 0:
+            raise RuntimeError(f"flash_attn_varlen: {arg} must be >= 0, got {value}")
+    check_float_arg(dropout_p, "dropout_p", "flash_attn_varlen")
+    check_bool_arg(causal, "causal", "flash_attn_varlen")
+    if scale is not None:
+        check_float_arg(scale, "scale", "flash_attn_varlen")
     if not 0.0 <= dropout_p < 1.0:
         raise RuntimeError(f"dropout probability has to be in [0, 1), but got dropout_p={dropout_p}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(not isinstance(w, int) or w < -1 for w in window_size)):
+            or any(not _checks.is_int(w) or w < -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1, got {window_size!r}")
     window = (int(window_size[0]), int(window_size[1]))
     check_tensor(cu_seqlens_q, "cu_seqlens_q")
