@@ -66,8 +66,18 @@ def test_cached_equals_uncached_on_every_attention_backend(device):
 def test_static_cache_memory_is_exact():
     cache = StaticKVCache(n_layer=3, batch_size=2, n_kv_head=4, max_seq_len=50, head_dim=16, dtype=torch.bfloat16)
     assert cache.nbytes == 2 * 3 * 2 * 4 * 50 * 16 * 2
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="n_layer=0"):
         StaticKVCache(0, 1, 1, 1, 1)
+    with pytest.raises(TypeError, match="head_dim"):
+        StaticKVCache(1, 1, 1, 1, 2.5)
+    from gptkern.generation import PagedKVCache
+
+    for bad, match in ((dict(n_kv_head=0), "n_kv_head=0"), (dict(batch_size=-1), "batch_size=-1"),
+                       (dict(head_dim=None), "head_dim"), (dict(num_blocks=1), "num_blocks")):
+        args = dict(n_layer=1, batch_size=1, n_kv_head=1, head_dim=4, num_blocks=4)
+        args.update(bad)
+        with pytest.raises((ValueError, TypeError), match=match):
+            PagedKVCache(**args)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
@@ -164,6 +174,14 @@ def test_bad_arguments():
         generate(model, prompt.float(), 2, attention_mask=mask)
     with pytest.raises(TypeError, match="eos_token_id"):
         generate(model, prompt, 2, attention_mask=mask, eos_token_id=1.5)
+    for args, kwargs, match in (((None, 2), {}, "input_ids"), (([[1, 2]], 2), {}, "input_ids"),
+                                ((prompt, 2), dict(attention_mask=[[1, 1, 1]]), "attention_mask"),
+                                ((prompt, 2), dict(temperature="1"), "temperature"),
+                                ((prompt, 2), dict(do_sample=True, seed="x"), "seed")):
+        with pytest.raises(TypeError, match=match):
+            generate(model, *args, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, True, attention_mask=mask)
     assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
     out = generate(model, prompt.int(), 0, attention_mask=mask.bool())  # a LongTensor, as documented
     assert out.dtype == torch.long and torch.equal(out, prompt)

@@ -120,6 +120,11 @@ def test_helper_fallbacks():
     _falls_back(torch.randn(2, K), w, b, backend="torch")
     with pytest.raises(RuntimeError):  # the shape error is F.linear's
         gptkern.ops.linear(torch.randn(2, K + 1), w, b)
+    for backend in ("cpu", "auto"):  # so are its type errors, naming the argument
+        for args, name in (((torch.randn(2, K), None), "weight"), ((None, w), "input"),
+                           ((torch.randn(2, K), w, [0.0] * N), "bias")):
+            with gptkern.backend(backend), pytest.raises(TypeError, match=name):
+                gptkern.ops.linear(*args)
 
 
 def test_grad_mode_uses_f_linear():

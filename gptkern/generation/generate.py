@@ -9,13 +9,18 @@ from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import check_cache_kind, make_cache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
+from gptkern.ops._checks import is_int
 
 
 def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   max_new_tokens: int) -> torch.Tensor:
     """The (B, L) 0/1 mask of the left-padded prompt, after the argument checks."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a (batch, prompt_len) tensor of token ids, got {type(input_ids).__name__}")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, prompt_len), got shape {list(input_ids.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -146,6 +151,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     eos = _stop_ids(eos_token_id, model_device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=model_device).manual_seed(seed)

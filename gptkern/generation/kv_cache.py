@@ -11,6 +11,17 @@ from typing import Optional
 import torch
 
 from gptkern import ops
+from gptkern.ops._checks import is_int
+
+
+def _check_dims(**dims: object) -> None:
+    """Cache dimensions: positive ints, each named when it is not."""
+    for name, value in dims.items():
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    bad = {name: value for name, value in dims.items() if value < 1}
+    if bad:
+        raise ValueError("cache dimensions must be positive, got " + ", ".join(f"{k}={v}" for k, v in bad.items()))
 
 
 class StaticKVCache:
@@ -22,9 +33,8 @@ class StaticKVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
-        if min(n_layer, batch_size, n_kv_head, max_seq_len, head_dim) < 1:
-            raise ValueError(f"cache dimensions must be positive, got n_layer={n_layer}, batch_size={batch_size}, "
-                             f"n_kv_head={n_kv_head}, max_seq_len={max_seq_len}, head_dim={head_dim}")
+        _check_dims(n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, max_seq_len=max_seq_len,
+                    head_dim=head_dim)
         shape = (batch_size, n_kv_head, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -113,9 +123,10 @@ class PagedKVCache(StaticKVCache):
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, max_seq_len: Optional[int] = None, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None):
-        if num_blocks < 2 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 2 (one is scratch) and block_size >= 1, got {num_blocks}, "
-                             f"{block_size}")
+        _check_dims(n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
+                    block_size=block_size, **({} if max_seq_len is None else {"max_seq_len": max_seq_len}))
+        if num_blocks < 2:
+            raise ValueError(f"need num_blocks >= 2 (one is scratch), got {num_blocks}")
         max_seq_len = max_seq_len or (num_blocks - 1) * block_size
         shape = (num_blocks, n_kv_head, block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]

@@ -1,6 +1,7 @@
 """Next-token choice from logits: repetition penalty, temperature, top-k, top-p, greedy."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -10,6 +11,10 @@ from gptkern.ops._checks import is_int
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
                         repetition_penalty: float) -> None:
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if value is not None and (isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()))):
+            raise TypeError(f"{name} must be a number, got {value!r}")
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
