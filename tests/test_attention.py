@@ -172,6 +172,7 @@ def test_bad_input(backend):
         (TypeError, "attn_mask", lambda: sdpa(q, k, v, attn_mask=[[True]])),
         (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=-0.1)),
         (RuntimeError, "query", lambda: sdpa(q.long(), k.long(), v.long())),
+        (NotImplementedError, "query", lambda: sdpa(q.cfloat(), k.cfloat(), v.cfloat())),  # as torch's
         (RuntimeError, "dtype", lambda: sdpa(q, k.half(), v)),
         (RuntimeError, "device", lambda: sdpa(q, k.to("meta"), v)),
         (TypeError, "key", lambda: sdpa(q, [1.0], v)),

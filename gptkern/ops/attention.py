@@ -148,9 +148,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if t.dim() < 2:
             raise RuntimeError(f"scaled_dot_product_attention: {name} must have at least 2 dimensions "
                                f"(..., seq, dim), got shape {list(t.shape)}")
-    if not query.is_floating_point():
-        raise RuntimeError(f"scaled_dot_product_attention: query must be a floating-point tensor, "
-                           f"got {query.dtype}")
+    if not query.is_floating_point():  # torch: NotImplementedError for complex (no softmax), else RuntimeError
+        raise (NotImplementedError if query.is_complex() else RuntimeError)(
+            f"scaled_dot_product_attention: query must be a floating-point tensor, got {query.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
