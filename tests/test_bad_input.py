@@ -60,6 +60,20 @@ def test_dim_out_of_range(backend):
     raises(IndexError, "dim", lambda: ops.log_softmax(x, -3), backend)
     raises(IndexError, "dim", lambda: ops.softmax(torch.tensor(1.0, device=DEVICE), 1), backend)
     raises(TypeError, "dim", lambda: ops.softmax(x, 1.0), backend)
+    raises(TypeError, "dim", lambda: ops.softmax(x, True), backend)
+    raises(TypeError, "dim", lambda: ops.softmax(x, torch.tensor(1.0)), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dim_as_torch_parses_it(backend):
+    """numpy integers and 0-d integer tensors are dims to torch's parser too."""
+    import numpy as np
+
+    x = torch.randn(3, 4, device=DEVICE)
+    with gptkern.backend(backend):
+        for dim in (np.int64(0), torch.tensor(-1), np.int32(1)):
+            torch.testing.assert_close(ops.softmax(x, dim), torch.softmax(x, int(dim)))
+            torch.testing.assert_close(ops.log_softmax(x, dim), torch.log_softmax(x, int(dim)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -74,9 +74,14 @@ def check_dtype_arg(dtype: Optional[torch.dtype], op: str) -> None:
 
 
 def wrap_dim(dim: int, ndim: int) -> int:
-    """``dim`` in [0, max(ndim, 1)), with torch's IndexError otherwise."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    """``dim`` in [0, max(ndim, 1)), with torch's IndexError otherwise. Integers as torch's parser
+    takes them: int, numpy integers, 0-d integer tensors; not bool."""
+    if isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point() and not dim.is_complex() \
+            and dim.dtype != torch.bool:
+        dim = int(dim)
+    if not is_int(dim):
         raise TypeError(f"argument 'dim' must be int, got {type(dim).__name__}")
+    dim = int(dim)
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], "
