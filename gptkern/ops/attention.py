@@ -136,7 +136,8 @@ def _cpu_limits(q: torch.Tensor) -> Optional[str]:
 def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
     """Under torch.autocast, the floating-point inputs in the autocast dtype (as torch's SDPA)."""
     device = tensors[0].device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # e.g. meta
+    # meta tensors: autocast has no meta device (and Dynamo cannot trace torch.amp.is_autocast_available)
+    if device == "meta" or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
