@@ -175,6 +175,7 @@ def test_bad_input(backend):
         (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=-0.1)),
         (RuntimeError, "query", lambda: sdpa(q.long(), k.long(), v.long())),
         (NotImplementedError, "query", lambda: sdpa(q.cfloat(), k.cfloat(), v.cfloat())),  # as torch's
+        (RuntimeError, "same dtype", lambda: sdpa(q.cfloat(), k, v)),  # the dtype check comes first in torch
         (RuntimeError, "dtype", lambda: sdpa(q, k.half(), v)),
         (RuntimeError, "device", lambda: sdpa(q, k.to("meta"), v)),
         (TypeError, "key", lambda: sdpa(q, [1.0], v)),
@@ -388,6 +389,9 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
     check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4))  # E = 0: every key weighs the same
     check(backend, rand(1, 2, 5, 0), rand(1, 2, 6, 0), rand(1, 2, 6, 4), is_causal=True)
     check(backend, rand(2, 0, 3, 8), rand(2, 0, 4, 8), rand(2, 0, 4, 8))  # no heads: torch's empty result
+    with gptkern.backend(backend):  # no query heads, grouped keys and values of different head counts
+        out = sdpa(rand(1, 0, 3, 8), rand(1, 2, 5, 8), rand(1, 1, 5, 6), enable_gqa=True)
+    assert out.shape == (1, 0, 3, 6)
     with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
         sdpa(q, k, rand(1, 2, 6, 8), attn_mask=torch.ones(6, dtype=torch.bool, device=DEVICE))
 

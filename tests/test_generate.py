@@ -70,10 +70,12 @@ def test_static_cache_memory_is_exact():
         StaticKVCache(0, 1, 1, 1, 1)
     with pytest.raises(TypeError, match="head_dim"):
         StaticKVCache(1, 1, 1, 1, 2.5)
+    assert StaticKVCache(1, 1, 1, torch.tensor(8), 4).max_seq_len == 8  # a 0-d integer tensor is an int
     from gptkern.generation import PagedKVCache
 
     for bad, match in ((dict(n_kv_head=0), "n_kv_head=0"), (dict(batch_size=-1), "batch_size=-1"),
-                       (dict(head_dim=None), "head_dim"), (dict(num_blocks=1), "num_blocks")):
+                       (dict(head_dim=None), "head_dim"), (dict(num_blocks=1), "num_blocks"),
+                       (dict(num_blocks="9"), "num_blocks")):
         args = dict(n_layer=1, batch_size=1, n_kv_head=1, head_dim=4, num_blocks=4)
         args.update(bad)
         with pytest.raises((ValueError, TypeError), match=match):
@@ -182,6 +184,13 @@ def test_bad_arguments():
             generate(model, *args, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, True, attention_mask=mask)
+    with pytest.raises(TypeError, match="temperature"):
+        generate(model, prompt, 2, attention_mask=mask, temperature=None)
+    import numpy as np  # numbers as numpy scalars and 0-d tensors are fine
+
+    sampled = [generate(model, prompt, 3, attention_mask=mask, do_sample=True, seed=seed, temperature=t)
+               for seed, t in ((np.int64(3), torch.tensor(1)), (3, 1.0))]
+    assert torch.equal(*sampled)
     assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
     out = generate(model, prompt.int(), 0, attention_mask=mask.bool())  # a LongTensor, as documented
     assert out.dtype == torch.long and torch.equal(out, prompt)

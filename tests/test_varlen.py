@@ -172,7 +172,9 @@ def test_generous_max_seqlen(backend):
     with gptkern.backend(backend):
         want = varlen(q, k, v, cu, cu, 4, 4, causal=True)
         got = varlen(q, k, v, cu, cu, 2**40, 2**40, causal=True)
+        as_tensors = varlen(q, k, v, cu, cu, torch.tensor(4), torch.tensor(4), causal=True)  # 0-d: ints to torch
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(as_tensors, want)
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")

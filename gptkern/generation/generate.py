@@ -155,7 +155,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     generator = None
     if do_sample and seed is not None:
-        generator = torch.Generator(device=model_device).manual_seed(seed)
+        generator = torch.Generator(device=model_device).manual_seed(int(seed))
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
     shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)

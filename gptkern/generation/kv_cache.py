@@ -11,15 +11,14 @@ from typing import Optional
 import torch
 
 from gptkern import ops
-from gptkern.ops._checks import is_int
+from gptkern.ops._checks import int_arg
 
 
-def _check_dims(**dims: object) -> None:
-    """Cache dimensions: positive ints, each named when it is not."""
+def _check_dims(cls: str, **dims: object) -> None:
+    """Cache dimensions: positive ints (or 0-d integer tensors), each named when it is not."""
     for name, value in dims.items():
-        if not is_int(value):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    bad = {name: value for name, value in dims.items() if value < 1}
+        int_arg(value, name, cls)
+    bad = {name: int(value) for name, value in dims.items() if value < 1}
     if bad:
         raise ValueError("cache dimensions must be positive, got " + ", ".join(f"{k}={v}" for k, v in bad.items()))
 
@@ -33,8 +32,8 @@ class StaticKVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
-        _check_dims(n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, max_seq_len=max_seq_len,
-                    head_dim=head_dim)
+        _check_dims("StaticKVCache", n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head,
+                    max_seq_len=max_seq_len, head_dim=head_dim)
         shape = (batch_size, n_kv_head, max_seq_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -123,8 +122,9 @@ class PagedKVCache(StaticKVCache):
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, max_seq_len: Optional[int] = None, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None):
-        _check_dims(n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
-                    block_size=block_size, **({} if max_seq_len is None else {"max_seq_len": max_seq_len}))
+        _check_dims("PagedKVCache", n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head,
+                    head_dim=head_dim, block_size=block_size, num_blocks=num_blocks,
+                    **({"max_seq_len": max_seq_len} if max_seq_len else {}))  # 0 / None: the pool's size
         if num_blocks < 2:
             raise ValueError(f"need num_blocks >= 2 (one is scratch), got {num_blocks}")
         max_seq_len = max_seq_len or (num_blocks - 1) * block_size

@@ -11,9 +11,13 @@ from gptkern.ops._checks import is_int
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
                         repetition_penalty: float) -> None:
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
-        if value is not None and (isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
-                isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()))):
+    for name, value, optional in (("temperature", temperature, False), ("top_p", top_p, True),
+                                  ("repetition_penalty", repetition_penalty, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
+                and value.dtype != torch.bool)):
             raise TypeError(f"{name} must be a number, got {value!r}")
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:

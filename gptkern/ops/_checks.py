@@ -52,6 +52,19 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def int_arg(value: object, name: str, op: str):
+    """An int argument as torch's parser takes it: int, numpy integers, a 0-d integer tensor (as
+    an int), or a SymInt under torch.compile (as is); not bool. TypeError naming it otherwise."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value)
+    if is_int(value):
+        return int(value)
+    raise TypeError(f"{op}(): argument '{name}' must be int, not {type(value).__name__}")
+
+
 def check_bool_arg(value: object, name: str, op: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{op}(): argument '{name}' must be bool, not {type(value).__name__}")
@@ -73,15 +86,10 @@ def check_dtype_arg(dtype: Optional[torch.dtype], op: str) -> None:
                                   f"floating-point dtype")
 
 
-def wrap_dim(dim: int, ndim: int) -> int:
+def wrap_dim(dim: int, ndim: int, op: str = "softmax") -> int:
     """``dim`` in [0, max(ndim, 1)), with torch's IndexError otherwise. Integers as torch's parser
     takes them: int, numpy integers, 0-d integer tensors; not bool."""
-    if isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point() and not dim.is_complex() \
-            and dim.dtype != torch.bool:
-        dim = int(dim)
-    if not is_int(dim):
-        raise TypeError(f"argument 'dim' must be int, got {type(dim).__name__}")
-    dim = int(dim)
+    dim = int_arg(dim, "dim", op)
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], "

@@ -149,9 +149,8 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if t.dim() < 2:
             raise RuntimeError(f"scaled_dot_product_attention: {name} must have at least 2 dimensions "
                                f"(..., seq, dim), got shape {list(t.shape)}")
-    if not query.is_floating_point():  # torch: NotImplementedError for complex (no softmax), else RuntimeError
-        raise (NotImplementedError if query.is_complex() else RuntimeError)(
-            f"scaled_dot_product_attention: query must be a floating-point tensor, got {query.dtype}")
+    if not query.is_floating_point() and not query.is_complex():  # complex: after the other checks, as torch
+        raise RuntimeError(f"scaled_dot_product_attention: query must be a floating-point tensor, got {query.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
@@ -182,6 +181,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if hk == 0 or hv == 0 or hq % hk or hq % hv:
             raise RuntimeError(f"Number of heads in key and value must divide the number of heads in "
                                f"query: query has {hq}, key {hk}, value {value.shape[-3]} (enable_gqa=True)")
+    if query.is_complex():  # torch gets this far, then its softmax has no complex kernel
+        raise NotImplementedError(f"scaled_dot_product_attention: query must be a floating-point tensor, got "
+                                  f"{query.dtype}")
 
 
 def _broadcast(what: str, *shapes) -> torch.Size:
@@ -308,8 +310,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
     if hq == 0 or hk == 0:  # torch's math kernel: torch 2.11's CPU flash kernel dies of SIGFPE on zero heads
-        return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p, is_causal,
-                                                                 scale=scale, enable_gqa=enable_gqa)[0]
+        return torch.ops.aten._scaled_dot_product_attention_math(  # (key heads repeated to 0: no grouping)
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+            enable_gqa=enable_gqa and key.shape[-3] > 0)[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
@@ -535,10 +538,10 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise RuntimeError(f"flash_attn_varlen: the {q.shape[1]} query heads must be a multiple of the "
                            f"{k.shape[1]} key/value heads")
+    max_seqlen_q = _checks.int_arg(max_seqlen_q, "max_seqlen_q", "flash_attn_varlen")
+    max_seqlen_k = _checks.int_arg(max_seqlen_k, "max_seqlen_k", "flash_attn_varlen")
     for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not (_checks.is_int(value) or isinstance(value, torch.SymInt)):
-            raise TypeError(f"flash_attn_varlen(): argument '{arg}' must be int, not {type(value).__name__}")
-        if value < 0:
+        if not isinstance(value, torch.SymInt) and value < 0:  # a data-dependent SymInt cannot be compared
             raise RuntimeError(f"flash_attn_varlen: {arg} must be >= 0, got {value}")
     check_float_arg(dropout_p, "dropout_p", "flash_attn_varlen")
     check_bool_arg(causal, "causal", "flash_attn_varlen")

@@ -81,7 +81,7 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     check_dtype_arg(dtype, op)
     if dtype is None:
         check_floating(input, "input", op)
-    dim = wrap_dim(dim, input.dim())
+    dim = wrap_dim(dim, input.dim(), op)
     log = op == "log_softmax"
     out_dtype = dtype if dtype is not None else input.dtype
     # torch casts the input to ``dtype`` first; the kernel upcasts fp16/bf16 to fp32 itself.
