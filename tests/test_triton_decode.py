@@ -92,3 +92,19 @@ def test_decode_kernel_compiles_under_torch_compile(device):
         expected = step(q, k, v, seqlens)
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, seqlens)
     assert_close(compiled, expected, torch.float32)
+
+
+def test_decode_kernel_never_reads_past_the_cache(device):
+    """On a GPU the kernel trusts cache_seqlens (the op checks them only on CPU): a length past the
+    cache reads no further than the cache, as if it were the capacity (the CUDA kernel's rule)."""
+    from gptkern.kernels.decode import decode_fwd
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 32, device=device)
+    k, v = (torch.randn(2, 2, 20, 32, device=device) for _ in range(2))  # S_max 20
+    kp, vp, table = paged_copy(k, v, page=16)  # 2 pages of 16: capacity 32
+    for cache, tbl, capacity in (((k, v), None, 20), ((kp, vp), table, 32)):
+        at_capacity = torch.tensor([7, capacity], dtype=torch.int32, device=device)
+        past = torch.tensor([7, capacity + 10_000_000], dtype=torch.int32, device=device)
+        want = decode_fwd(q, *cache, at_capacity, 0.25, tbl)
+        torch.testing.assert_close(decode_fwd(q, *cache, past, 0.25, tbl), want, atol=0, rtol=0)

@@ -27,7 +27,7 @@ from gptkern.kernels.attention import LOG2E, _precision, head_block
 def _decode_split_kernel(
     Q, K, V, SEQLENS, TABLE, O_PART, LSE_PART,
     sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd, stb, stn,
-    keys_per_split, qk_scale, HKV,
+    keys_per_split, qk_scale, HKV, capacity,
     G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, M_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -37,7 +37,7 @@ def _decode_split_kernel(
     row_block = tl.program_id(2)
     b = bh // HKV
     hk = bh % HKV
-    seqlen = tl.load(SEQLENS + b)
+    seqlen = tl.minimum(tl.load(SEQLENS + b), capacity)  # the GPU trusts SEQLENS: never read past the cache
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     g = offs_m // LQ
     i = offs_m % LQ
@@ -180,7 +180,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     table_strides = block_table.stride() if block_table is not None else (0, 0)
     _decode_split_kernel[(b * hkv, splits, row_blocks)](
         q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv,
+        *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv, capacity,
         G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
         **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _decode_combine_kernel[(b * hkv, g * lq)](
