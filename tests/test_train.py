@@ -337,3 +337,13 @@ def test_train_help_lists_every_flag(capsys):
         if f.name != "model":
             assert f"--{f.name.replace('_', '-')} " in text
     assert "--n-kv-head" in text and "--max-steps INT" in text and "(default 1000)" in text
+
+
+def test_time_budget_stops_with_a_checkpoint_and_a_note_on_its_own_line(data_dir, tmp_path, capsys):
+    """max_seconds ends training after the step that crosses it: a checkpoint of that step, and the
+    note printed after the progress bar has closed (it was glued to the bar's last redraw)."""
+    losses = train(config(data_dir, tmp_path, max_steps=1000, max_seconds=1e-9, progress=True))
+    assert len(losses) == 1
+    assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000001"]
+    err = capsys.readouterr().err
+    assert "\ngptkern train: stopped at step 1: max_seconds" in err

@@ -367,6 +367,9 @@ class Trainer:
                 self._check_weights(val)  # nor weights an update made NaN, inf or useless
                 self.save()
             if out_of_time:
+                if bar is not None:  # the note on a line of its own, after the bar's last state
+                    bar.close()
+                    bar = None
                 self.metrics.note(f"stopped at step {self.step}: max_seconds {c.max_seconds} reached")
                 break
         if bar is not None:
