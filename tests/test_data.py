@@ -141,6 +141,10 @@ def test_prepare_bpe_is_independent_of_workers_and_pieces(tree, tmp_path):
     train, val = expected_split(DOCS, 0.3, 3)
     assert split_docs(one, "train", tok) == train and split_docs(one, "val", tok) == val
     assert meta["splits"]["train"]["tokens"] < sum(len(d.encode()) for d in train)  # merges were used
+    notes = []  # a vocabulary the text cannot fill stops short, and says so
+    big = prepare([tree], tmp_path / "big", "bpe", vocab_size=60000, workers=1, progress=False, log=notes.append)
+    assert big["vocab_size"] < 60000
+    assert any(f"stopped at {big['vocab_size']} of the 60000" in n for n in notes)
 
 
 def test_split_text_cuts_at_pretoken_boundaries():

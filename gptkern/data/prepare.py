@@ -405,6 +405,9 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
     if tokenizer == "bpe":
         pieces = (p for d in groups["train"] for p in split_text(d, piece_chars))
         tok = make_tokenizer("bpe", pieces, vocab_size)
+        if tok.vocab_size < vocab_size:
+            log(f"note: the BPE vocabulary stopped at {tok.vocab_size} of the {vocab_size} asked for: the "
+                f"training text has no more pairs to merge")
     else:
         tok = make_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)

@@ -41,7 +41,7 @@ def parse(argv: Sequence[str]) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip() + "\n\n" + flags_help())
+        print(__doc__.replace("``", "").strip() + "\n\n" + flags_help())
         return 0
     if argv[:1] == ["seq2seq"]:
         from gptkern.train.tasks import main_seq2seq
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gptkern train: {err}", file=sys.stderr)
         return 1
     if losses and os.environ.get("RANK", "0") == "0":
-        print(f"gptkern train: {len(losses)} steps, last loss {losses[-1]:.4f}, checkpoints in "
+        print(f"gptkern train: {len(losses)} steps in this run, last loss {losses[-1]:.4f}, checkpoints in "
               f"{config.out_dir}/checkpoints", file=sys.stderr)
     return 0
 
