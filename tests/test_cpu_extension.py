@@ -193,3 +193,59 @@ def test_weight_grads_do_not_depend_on_threads():
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
             assert torch.equal(a, c)
+
+
+def _mapping_flags(address: int) -> list:
+    """VmFlags of the mapping of this process that holds ``address`` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+HUGE_PAGE_OPS = {  # each builds one 32 MiB fp32 output (page faults cost more than the kernel)
+    "softmax": lambda x: gptkern.ops.softmax(x, -1),
+    "layer_norm": lambda x: gptkern.ops.layer_norm(x, (x.shape[-1],)),
+    "rms_norm": lambda x: gptkern.ops.rms_norm(x, (x.shape[-1],)),
+    "attention": lambda x: gptkern.ops.scaled_dot_product_attention(*(x.view(16, 8, 1024, 64),) * 3, is_causal=True),
+}
+
+
+@pytest.mark.skipif(_thp_mode() in ("never", "unavailable"), reason="no transparent huge pages on this machine")
+@pytest.mark.parametrize("op", HUGE_PAGE_OPS)
+def test_large_outputs_are_advised_huge_pages(op):
+    # The hint is the VM_HUGEPAGE flag ("hg") on the output's mapping, whether or not the kernel
+    # found free 2 MiB pages.
+    x = torch.randn(1024, 8192)
+    with gptkern.backend("cpu"):
+        big = HUGE_PAGE_OPS[op](x)
+    assert "hg" in _mapping_flags(big.data_ptr() + big.nbytes // 2)
+    if op == "softmax":
+        assert_close(big, softmax_ref(x, -1), torch.float32)
+
+
+def test_huge_page_hint_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, gptkern; sys.path.insert(0, 'tests'); from test_cpu_extension import _mapping_flags\n"
+            "with gptkern.backend('cpu'): y = gptkern.ops.softmax(torch.randn(1024, 8192), -1)\n"
+            "print('hg' in _mapping_flags(y.data_ptr() + y.nbytes // 2))")
+    env = {**__import__("os").environ, "GPTKERN_CPU_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -287,10 +287,10 @@ Packed pack(const Problem& p, const at::Tensor& k, const at::Tensor& v, bool bac
   auto opts = k.options().dtype(at::kFloat);
   const bool pack_v_rows = !backward && !readable_in_place<T>(v, p.dv);
   const bool pack_k_rows = backward && !readable_in_place<T>(k, p.d);
-  pk.kt = at::empty({rows * p.d}, opts);
-  if (backward) pk.vt = at::empty({rows * p.dv}, opts);
-  if (pack_v_rows) pk.v_rows = at::empty({rows * p.dvp}, opts);
-  if (pack_k_rows) pk.k_rows = at::empty({rows * p.dp}, opts);
+  pk.kt = empty_output({rows * p.d}, opts);
+  if (backward) pk.vt = empty_output({rows * p.dv}, opts);
+  if (pack_v_rows) pk.v_rows = empty_output({rows * p.dvp}, opts);
+  if (pack_k_rows) pk.k_rows = empty_output({rows * p.dp}, opts);
   const auto ko = operand<T>(k), vo = operand<T>(v);
   if (!backward && !pack_v_rows) {
     pk.v_in_place = true;
@@ -462,8 +462,8 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
   const Packed pk = pack<T>(p, k, v, true);
   const int64_t chunks = query_chunks(p), rows_total = pk.start.back();
   auto opts = q.options().dtype(at::kFloat);
-  auto dk_part = at::zeros({rows_total * chunks * p.dp}, opts);
-  auto dv_part = at::zeros({rows_total * chunks * p.dvp}, opts);
+  auto dk_part = zeros_output({rows_total * chunks * p.dp}, opts);
+  auto dv_part = zeros_output({rows_total * chunks * p.dvp}, opts);
   const auto qo = operand<T>(q), go = operand<T>(dout), dqo = operand<T>(dq);
   auto make = [&] {
     return BwdScratch{std::vector<float>(kBM * p.dp), std::vector<float>(kBM * p.dvp),
@@ -600,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   Problem p = make_problem(q, k, v, false, scale);
   p.causal = causal;
   p.dropout = make_dropout("attention_fwd", dropout_p, seed);
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto out = empty_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   dispatch(q, mask, [&](auto t, const auto& m) { forward<decltype(t)>(p, q, k, v, m, out, lse); });
   return {out, lse};
@@ -621,14 +621,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   Problem p = make_problem(q, k, v, false, scale);
   p.causal = causal;
   p.dropout = make_dropout("attention_bwd", dropout_p, seed);
-  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
+  auto dv = empty_output(v.sizes(), v.options());
   auto go = grad_out.to(q.scalar_type()), o = out.to(q.scalar_type());
   at::Tensor dmask = at::empty({0}, q.options());
   if (mask_grad) {
     TORCH_CHECK(mask.has_value() && mask->is_floating_point(), "gptkern::attention_bwd: mask_grad needs a float mask");
     const std::vector<int64_t> shape{q.size(0), q.size(1), q.size(2), k.size(2)};
-    dmask = causal ? at::zeros(shape, q.options().dtype(at::kFloat)) : at::empty(shape, q.options().dtype(at::kFloat));
+    const auto opts = q.options().dtype(at::kFloat);
+    dmask = causal ? zeros_output(shape, opts) : empty_output(shape, opts);
   }
   dispatch(q, mask, [&](auto t, const auto& m) {
     backward<decltype(t)>(p, go, q, k, v, o, lse, m, dq, dk, dv, mask_grad ? dmask.mutable_data_ptr<float>() : nullptr);
@@ -682,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
   Problem p = varlen_problem("attention_varlen_fwd", q, k, v, cu_q, cu_k, max_seqlen_q,
                              max_seqlen_k, causal, scale, window_left, window_right);
   p.dropout = make_dropout("attention_varlen_fwd", dropout_p, seed);
-  auto out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  auto out = empty_output({q.size(0), q.size(1), v.size(2)}, q.options());
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   dispatch(q, std::nullopt, [&](auto t, const auto& m) { forward<decltype(t)>(p, q, k, v, m, out, lse); });
   return {out, lse};
@@ -705,8 +706,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd(
                   lse.size(1) == q.size(0),
               "gptkern::attention_varlen_bwd: lse must be float32 of shape (H, total_q), got ", lse.scalar_type(),
               " ", lse.sizes());
-  auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = empty_output(q.sizes(), q.options()), dk = empty_output(k.sizes(), k.options());
+  auto dv = empty_output(v.sizes(), v.options());
   auto go = grad_out.to(q.scalar_type()), o = out.to(q.scalar_type());
   dispatch(q, std::nullopt, [&](auto t, const auto& m) {
     backward<decltype(t)>(p, go, q, k, v, o, lse, m, dq, dk, dv);
@@ -725,7 +726,7 @@ at::Tensor attention_dropout_factors(const std::optional<at::Tensor>& seed, doub
   TORCH_CHECK(batch_heads >= 0 && rows >= 0 && cols >= 0 && first_batch_head >= 0,
               "gptkern::attention_dropout_factors: sizes and first_batch_head must be >= 0, got ", batch_heads, ", ",
               rows, ", ", cols, ", ", first_batch_head);
-  auto z = at::empty({batch_heads, rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  auto z = empty_output({batch_heads, rows, cols}, at::TensorOptions().dtype(at::kFloat));
   if (!d.on) return z.fill_(1.0f);
   float* out = z.mutable_data_ptr<float>();
   at::parallel_for(0, batch_heads * rows, 64, [&](int64_t begin, int64_t end) {

@@ -252,7 +252,7 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   const Split split = choose_split(batch * hkv_count, max_len);
   // Partials per (b, hkv, split, row): m, l, then dvp accumulators.
   const int64_t part_width = dvp + 2;
-  auto part_t = at::empty({split.count > 1 ? batch * hkv_count * split.count * rows * part_width : 0},
+  auto part_t = empty_output({split.count > 1 ? batch * hkv_count * split.count * rows * part_width : 0},
                           q.options().dtype(at::kFloat));
   float* part = part_t.mutable_data_ptr<float>();
   const auto qo = operand<T>(q);
@@ -424,7 +424,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                 seqlens[b], " is outside [0, ", capacity, "]");
   }
   const int64_t dv = v_cache.size(3);
-  auto out = at::empty({batch, heads, q.size(2), dv}, q.options());
+  auto out = empty_output({batch, heads, q.size(2), dv}, q.options());
   if (out.numel() == 0) return out;
   GPTKERN_DISPATCH(q.scalar_type(), "gptkern_decode_attention", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {

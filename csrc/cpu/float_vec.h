@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "huge_pages.h"
+
 // fp32, fp64, bf16 and fp16 inputs (the Python side sends fp32, bf16 and fp16).
 #define GPTKERN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

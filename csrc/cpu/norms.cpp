@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
   check_16_32(x.scalar_type(), "gptkern::norm_fwd on CPU (x)");
   auto lead = x.sizes().slice(0, x.dim() - k);
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
-  auto y = at::empty(x.sizes(), x.options());
+  auto y = empty_output(x.sizes(), x.options());
   auto mean = at::zeros(lead, x.options().dtype(at::kFloat));
   auto rstd = at::empty(lead, x.options().dtype(at::kFloat));
   if (x.numel() == 0) {
@@ -247,11 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
   check_16_32(x.scalar_type(), "gptkern::norm_bwd on CPU (x)");
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   const int64_t rows = n ? x.numel() / n : 0;
-  auto dx = at::empty(x.sizes(), x.options());
+  auto dx = empty_output(x.sizes(), x.options());
   auto empty = [&] { return at::empty({0}, x.options()); };
   const int64_t groups = num_groups(rows);
   auto part = [&](bool need) {
-    return need ? at::zeros({groups, n}, x.options().dtype(at::kFloat)) : at::Tensor();
+    return need ? zeros_output({groups, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   };
   TORCH_CHECK(!need_dw || weight.has_value(), "gptkern::norm_bwd: need_dw without a weight");
   TORCH_CHECK(!need_db || bias.has_value(), "gptkern::norm_bwd: need_db without a bias");

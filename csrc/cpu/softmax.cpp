@@ -159,7 +159,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarTyp
                               "gptkern::softmax_fwd on CPU: out_dtype must be x's dtype or float32, got x ",
                               x.scalar_type(), " and out_dtype ", out_dtype);
   auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
-  auto out = at::empty(xt.sizes(), xt.options().dtype(out_dtype));
+  auto out = empty_output(xt.sizes(), xt.options().dtype(out_dtype));
   const int64_t n = xt.dim() ? xt.size(-1) : 1;
   if (xt.numel() > 0) {
     GPTKERN_DISPATCH_16_32(xt.scalar_type(), "gptkern::softmax_fwd on CPU (x)", [&] {
@@ -184,7 +184,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
   auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
   auto yt = shape_1d(out).movedim(dim, -1).contiguous();
   auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
-  auto dx = at::empty(yt.sizes(), yt.options());
+  auto dx = empty_output(yt.sizes(), yt.options());
   const int64_t n = yt.dim() ? yt.size(-1) : 1;
   if (yt.numel() > 0) {
     GPTKERN_DISPATCH_16_32(yt.scalar_type(), "gptkern::softmax_bwd on CPU (out)", [&] {
