@@ -465,3 +465,20 @@ def test_meta_tensors_give_meta_results():
     mha = gptkern.nn.MultiheadAttention(8, 2, batch_first=True, device="meta")
     x = torch.empty(2, 3, 8, device="meta")
     assert mha(x, x, x, need_weights=False)[0].shape == (2, 3, 8)
+
+
+def test_dropout_seed_is_drawn_on_the_cpu_whatever_the_default_device():
+    """The kernels take the seed as a launch argument: on a GPU default device a CUDA seed would
+    cost a host sync per call and break CUDA-graph capture. It still comes from torch's generator."""
+    from gptkern.ops.attention import draw_seed
+
+    torch.manual_seed(3)
+    expected = draw_seed(0.1)
+    torch.set_default_device("meta")
+    try:
+        torch.manual_seed(3)
+        seed = draw_seed(0.1)
+    finally:
+        torch.set_default_device(None)
+    assert seed.device.type == "cpu" and torch.equal(seed, expected)
+    assert draw_seed(0.0) is None

@@ -196,3 +196,24 @@ def test_the_backward_takes_descriptors_only_for_gradients_that_fit(monkeypatch)
         for got, w in zip(grads, want):
             torch.testing.assert_close(got.double(), w, atol=1e-2, rtol=1e-2)
     autotune.reset()
+
+
+def test_triton_declines_sequences_beyond_the_launch_grid():
+    """A CUDA grid's second axis holds 65535 blocks: with the smallest row block (16) the Triton
+    kernels stop at 1048560 rows, and `auto` moves such calls on (varlen: by max_seqlen, not the
+    packed total)."""
+    from types import SimpleNamespace
+
+    from gptkern.ops import attention
+
+    def tensor(rows):
+        return SimpleNamespace(dtype=torch.float16, shape=(1, 2, rows, 64), device=torch.device("cuda", 0))
+
+    limit = attention.MAX_TRITON_ROWS
+    assert limit == 65535 * 16
+    assert attention._triton_limits(tensor(limit), tensor(limit), False, 0.0) is None
+    assert f"sequences of {limit + 1} rows" in attention._triton_limits(tensor(limit + 1), tensor(16), False, 0.0)
+    assert f"sequences of {limit + 1} rows" in attention._triton_limits(tensor(16), tensor(limit + 1), False, 0.0)
+    assert attention._triton_limits(tensor(limit + 1), tensor(limit + 1), False, 0.0, lengths=(4096, 4096)) is None
+    cpu = SimpleNamespace(dtype=torch.float16, shape=(1, 2, limit + 1, 64), device=torch.device("cpu"))
+    assert attention._triton_limits(cpu, cpu, False, 0.0) is None  # the interpreter has no such grid limit

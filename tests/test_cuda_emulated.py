@@ -311,6 +311,28 @@ def test_decode_attention(emu, dtype, head_dim, paged, heads, kv_heads, lq, mult
     assert out[0].abs().max() == 0  # cache_seqlens 0: nothing to attend
 
 
+@pytest.mark.parametrize("multiprocessors", [1, H200_SMS])
+def test_nan_in_a_key_or_value_gives_nan_rows(emu, multiprocessors):
+    """NaN propagates as in torch (and gptkern's other backends): a NaN score makes its row's sum
+    NaN, which must not read as a row that saw no key (zeros); across splits, the combine keeps it."""
+    emu.configure(*DEFAULT, 0, multiprocessors)
+    q, k, v, seqlens, _ = decode_inputs(torch.float16, 64, False, 4, 2, 1, [300, 300, 300])
+    k[0, 0, 250] = float("nan")  # batch 0, KV head 0: query heads 0 and 1
+    v[1, 1, 3] = float("nan")  # batch 1, KV head 1: query heads 2 and 3
+    out = emu.decode_attention(q, k, v, seqlens, 0.125, None).float()
+    nan = torch.zeros(3, 4, dtype=torch.bool)
+    nan[0, :2] = nan[1, 2:] = True
+    assert torch.equal(out.isnan().any(-1).any(-1), nan)
+    assert_close(out[2], decode_attention_ref(q, k, v, seqlens, 0.125, None)[2], torch.float16)
+
+    qa = torch.randn(1, 2, 70, 64).half()
+    ka, va = torch.randn(1, 1, 90, 64).half(), torch.randn(1, 1, 90, 64).half()
+    ka[0, 0, 80] = float("nan")
+    out, lse = emu.attention_fwd(qa, ka, va, None, True, 0.125, 0.0, None)
+    assert bool(out[:, :, 80:].isnan().all()) and bool(lse[:, :, 80:].isnan().all())  # rows that see key 80
+    assert not out[:, :, :80].isnan().any() and not lse[:, :, :80].isnan().any()
+
+
 # --------------------------------------------------------------------------- global memory read
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -470,6 +492,25 @@ def test_empty_inputs_launch_nothing(emu):
     out, lse = emu.attention_fwd(k, k[:, :, :0], k[:, :, :0], None, False, 0.1, 0.0, None)
     assert out.abs().max() == 0 and bool((lse == float("-inf")).all())
     assert emu.decode_attention(q, k, k, torch.tensor([3], dtype=torch.int32), 0.1, None).shape == (1, 2, 0, 64)
+    assert launches(emu) == []
+    x = torch.randn(4, 0)  # rows of no element: the forward's mean / rstd have the 4 rows
+    y, mean, rstd = emu.norm_fwd(x, 1, torch.ones(0), torch.ones(0), 1e-5, False)
+    dx, dw, db = emu.norm_bwd(torch.randn(4, 0), x, 1, torch.ones(0), torch.ones(0), mean, rstd, False, True, True)
+    assert dx.shape == (4, 0) and dw.shape == db.shape == (0,)
+    assert launches(emu) == []
+
+
+def test_grids_beyond_the_hardware_limits_are_refused(emu):
+    """gridDim.y and .z are at most 65535: attention's query blocks of 64 rows and decode's
+    blocks of 32 rows per KV head; the other backends take such sizes (expanded views: no memory)."""
+    one = torch.randn(1, 1, 1, 64, dtype=torch.float16)
+    q = one.expand(1, 1, 65535 * 64 + 1, 64)
+    with pytest.raises(NotImplementedError, match="query length 4194241 beyond 4194240"):
+        emu.attention_fwd(q, one, one, None, False, 0.1, 0.0, None)
+    k = torch.randn(1, 1, 16, 64, dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="2097121 query rows per key/value head"):
+        emu.decode_attention(one.expand(1, 1, 65535 * 32 + 1, 64), k, k, torch.tensor([16], dtype=torch.int32),
+                             0.1, None)
     assert launches(emu) == []
 
 

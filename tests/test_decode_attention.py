@@ -212,3 +212,26 @@ def test_bad_input_to_the_op_names_the_argument():
     for match, fn in cases:
         with pytest.raises(RuntimeError, match=match):
             fn()
+
+
+
+def test_triton_declines_grids_and_offsets_it_cannot_take():
+    """The Triton decode kernels offset keys within one head's static cache in 32 bits, and the
+    combine kernel puts a query row per block on its grid's second axis (65535 at most on a GPU):
+    beyond those, `auto` moves on to the next backend."""
+    from types import SimpleNamespace
+
+    from gptkern.ops.decode import _triton_grid_limits
+
+    def t(shape, stride=None, device="cuda"):
+        return SimpleNamespace(shape=shape, device=torch.device(device), stride=lambda dim: stride[dim])
+
+    q, k = t((2, 8, 1, 64)), t((2, 2, 2**25 - 1, 64), (0, 0, 64, 1))
+    assert _triton_grid_limits(q, k, k, None) is None
+    big = t((2, 2, 2**25, 64), (0, 0, 64, 1))
+    assert "span 2147483648 elements" in _triton_grid_limits(q, big, k, None)
+    wide_v = t((2, 2, 2**25 - 1, 64), (0, 0, 65, 1))  # the wider row stride of the two counts
+    assert f"span {(2**25 - 1) * 65} elements" in _triton_grid_limits(q, k, wide_v, None)
+    assert _triton_grid_limits(q, big, big, object()) is None  # paged: 64-bit block offsets
+    assert "65540 query rows" in _triton_grid_limits(t((2, 8, 16385, 64)), k, k, None)
+    assert _triton_grid_limits(t((2, 8, 16385, 64), device="cpu"), k, k, None) is None  # the interpreter

@@ -237,8 +237,9 @@ def decode_configs():
         combine = decode._decode_combine_kernel
         types = {n: "i32" for n in combine.arg_names}
         types.update(O_PART="*fp32", LSE_PART="*fp32", OUT="*" + dtype)
-        yield combine, types, dict(G=g, LQ=lq, DV=d, SPLITS=8, BLOCK_S=8, M_PAD=m_pad,
-                                   BLOCK_DV=cfg.block_dv), 1, True, 3
+        for splits in (8, 64) if page == 0 else (8,):  # 64: the most splits (a batch of one on an H200)
+            yield combine, types, dict(G=g, LQ=lq, DV=d, SPLITS=splits, BLOCK_S=splits, M_PAD=m_pad,
+                                       BLOCK_DV=cfg.block_dv), decode.combine_warps(splits, cfg.block_dv), True, 3
 
 
 def spill_probe():

@@ -174,10 +174,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnPa
     float l = l_run[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.0f ? __fdividef(1.0f, l) : 0.0f;  // a row that saw no key gives 0, as torch
+    inv[r] = l == 0.0f ? 0.0f : __fdividef(1.0f, l);  // a row that saw no key gives 0, as torch; NaN stays
     const int row = row_a + r * 8;
     if (t == 0 && row < p.L) {
-      p.lse[int64_t(bh) * p.L + row] = l > 0.0f ? m_run[r] + log2f(l) : -INFINITY;
+      p.lse[int64_t(bh) * p.L + row] = l == 0.0f ? -INFINITY : m_run[r] + log2f(l);
     }
   }
 #pragma unroll

@@ -96,7 +96,12 @@ inline bool aligned16(const void* p, int64_t n, int64_t elem_size) {
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+// Grid sizes: a count of blocks that would not fit grid x (2**31 - 1) raises instead of wrapping.
+inline unsigned int ceil_div(int64_t a, int64_t b) {
+  const int64_t blocks = (a + b - 1) / b;
+  TORCH_CHECK(blocks <= INT32_MAX, "gptkern CUDA launch: ", blocks, " blocks is beyond the grid's 2**31 - 1");
+  return static_cast<unsigned int>(blocks);
+}
 
 // Row-kernel launch shapes shared by the norm and softmax launchers.
 inline int next_pow2(int64_t v) {

@@ -153,13 +153,13 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const int h = hk * group + row / p.lq, qi = row % p.lq;
     const int64_t out_row = (int64_t(b) * p.heads + h) * p.lq + qi;  // row of (B, H, Lq)
     const float l = sL[r];
-    const float val = l > 0.0f ? o[i] * __fdividef(1.0f, l) : 0.0f;
+    const float val = l == 0.0f ? 0.0f : o[i] * __fdividef(1.0f, l);  // a NaN score or value stays NaN
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[out_row * D + col] = from_float<T>(val);
     } else {
       const int64_t part_row = int64_t(split) * p.batch * p.heads * p.lq + out_row;
       p.o_part[part_row * D + col] = val;
-      if (col == 0) p.lse_part[part_row] = l > 0.0f ? sM[r] + log2f(l) : -INFINITY;
+      if (col == 0) p.lse_part[part_row] = l == 0.0f ? -INFINITY : sM[r] + log2f(l);
     }
   }
 }
@@ -171,8 +171,12 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restri
                                                            T* __restrict__ out,                 // (rows, D)
                                                            int64_t rows, int splits) {
   const int64_t row = blockIdx.x;
-  float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, lse_part[s * rows + row]);
+  float m = -INFINITY;  // a NaN LSE (a split saw a NaN score) makes m, and so the row, NaN
+  for (int s = 0; s < splits; ++s) {
+    const float lse = lse_part[s * rows + row];
+    m = lse != lse ? lse : fmaxf(m, lse);  // x != x: x is NaN (fmaxf would drop it)
+    if (m != m) break;
+  }
   float num = 0.0f, den = 0.0f;
   if (m != -INFINITY) {
     for (int s = 0; s < splits; ++s) {
@@ -181,7 +185,7 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restri
       den += w;
     }
   }
-  out[row * D + threadIdx.x] = from_float<T>(den > 0.0f ? __fdividef(num, den) : 0.0f);
+  out[row * D + threadIdx.x] = from_float<T>(den == 0.0f ? 0.0f : __fdividef(num, den));
 }
 
 template <typename T, int D, int kRows>

@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_op(const at::Tensor& gra
   TORCH_CHECK(!need_db || bias.has_value(), "gptkern::norm_bwd: need_db without a bias");
   const c10::DeviceGuard guard(x.device());
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
-  const int64_t rows = n ? x.numel() / n : 0;
+  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - k));
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, "gptkern::norm_bwd: mean and rstd must have ", rows,
               " elements, got ", mean.numel(), " and ", rstd.numel());
   auto dx = at::empty(x.sizes(), x.options());
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_op(const at::Tensor& gra
   if (need_db) as_floats(bias, x, "norm_bwd", "bias");  // checks only: the bias does not enter dx
   auto dw = need_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
   auto db = need_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
-  if (rows == 0) {  // sums over no row
+  if (x.numel() == 0) {  // sums over no row, or rows of no element
     dw.zero_();
     db.zero_();
     return {dx, dw, db};
@@ -206,6 +206,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
   check_head_dims(D, Dv, attention_head_dim_supported(D), op);
   TORCH_CHECK(L < (int64_t(1) << 31) && S < (int64_t(1) << 31) && B * H < (int64_t(1) << 31),
               "gptkern::attention_fwd: sizes beyond 2**31");
+  TORCH_CHECK_NOT_IMPLEMENTED(L <= int64_t(65535) * 64, "gptkern::attention_fwd on CUDA: query length ", L,
+                              " beyond 4194240 (65535 blocks of 64 rows); the triton and torch backends take it");
   const c10::DeviceGuard guard(q.device());
   auto out = at::empty({B, H, L, Dv}, q.options());
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
@@ -254,6 +256,11 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, c
   const int64_t capacity = table.defined() ? k_cache.size(2) * table.size(1) : k_cache.size(2);
   TORCH_CHECK(capacity < (int64_t(1) << 31) && B * Hkv < (int64_t(1) << 31),
               "gptkern::decode_attention: sizes beyond 2**31");
+  // Grid z: blocks of 32 query rows per KV head (at most 65535); the combine: one block per row.
+  TORCH_CHECK_NOT_IMPLEMENTED(H / Hkv * Lq <= int64_t(65535) * 32 && B * H * Lq < (int64_t(1) << 31),
+                              "gptkern::decode_attention on CUDA: ", H / Hkv * Lq,
+                              " query rows per key/value head (or ", B * H * Lq, " in all) is beyond the kernel's "
+                              "grid; the triton and torch backends take it");
   const c10::DeviceGuard guard(q.device());
   auto out = at::empty({B, H, Lq, Dv}, q.options());
   if (out.numel() == 0) return out;

@@ -2,6 +2,7 @@
 each model (with its KV cache) is kept for the next generate call of the same shape."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
@@ -41,12 +42,17 @@ class GraphedDecodeStep:
         if self.graph is None and torch.is_autocast_enabled(self.tokens.device.type):
             # not captured: it would read autocast's weight casts, freed when the region ends
             return self._run(model, self.tokens)
-        if self.graph is None:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._run(model, self.tokens)
-            self.graph = graph  # only once captured: a failed capture is tried again next step
-        self.graph.replay()
+        # Capture and replay run on the current device's streams: the model's device made current
+        # (a model on cuda:1 while cuda:0 is current would otherwise capture an empty graph).
+        device = self.tokens.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            if self.graph is None:
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                with torch.cuda.graph(graph, stream=stream):
+                    self.logits = self._run(model, self.tokens)
+                self.graph = graph  # only once captured: a failed capture is tried again next step
+            self.graph.replay()
         return self.logits
 
 

@@ -617,9 +617,10 @@ def configs(kernel: str, d: int, dv: int, fp32: bool, weight: int,
 
 def _tune_key(kernel: str, p: "Problem", q: torch.Tensor, kind: int, descriptors: bool = False) -> tuple:
     """What the best configuration depends on: the kernel and its flags, the problem's size in
-    powers of two (heads launched, query and key rows) and whether descriptors can be used."""
+    powers of two (heads launched, query and key rows, the GQA group: dK/dV's work per program
+    grows with it) and whether descriptors can be used."""
     heads = p.kv_heads if kernel == "dkdv" else p.heads
-    size = tuple(triton.next_power_of_2(max(n, 1)) for n in (p.batch * heads, p.l, p.s))
+    size = tuple(triton.next_power_of_2(max(n, 1)) for n in (p.batch * heads, p.l, p.s, p.heads // max(p.kv_heads, 1)))
     return (kernel, q.dtype, p.d, p.dv, p.causal, p.window != (-1, -1), p.varlen, kind, p.dropout_p > 0, size,
             descriptors)
 

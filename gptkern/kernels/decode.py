@@ -57,8 +57,8 @@ def _decode_split_kernel(
     if PAGE == 0:  # this sequence's cache: 32-bit offsets from here
         K += b.to(tl.int64) * skb
         V += b.to(tl.int64) * svb
-    K += hk * skh
-    V += hk * svh
+    K += hk.to(tl.int64) * skh  # a head's cache may pass 2**31 elements (say 1M keys x 8 heads x 256)
+    V += hk.to(tl.int64) * svh
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
@@ -66,7 +66,7 @@ def _decode_split_kernel(
             block = tl.load(TABLE + b * stb + (offs_n // PAGE) * stn, mask=in_range, other=0).to(tl.int64)
             k_rows = block * skb + (offs_n % PAGE) * sks
             v_rows = block * svb + (offs_n % PAGE) * svs
-        else:
+        else:  # int32: a row offset within one head's cache (capacity x its row stride < 2**31, checked)
             k_rows = offs_n * sks
             v_rows = offs_n * svs
         k = tl.load(K + k_rows[:, None] + offs_d[None, :] * skd,
@@ -87,7 +87,7 @@ def _decode_split_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -float("inf"))
-    part = (bh * SPLITS + split) * M_PAD  # partials: (B * Hkv, SPLITS, M_PAD[, BLOCK_DV])
+    part = (bh * SPLITS + split).to(tl.int64) * M_PAD  # partials: (B * Hkv, SPLITS, M_PAD[, BLOCK_DV])
     tl.store(O_PART + (part + offs_m)[:, None] * BLOCK_DV + offs_dv[None, :], out)
     tl.store(LSE_PART + part + offs_m, lse)
 
@@ -105,7 +105,7 @@ def _decode_combine_kernel(
     hk = bh % HKV
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows = (bh * SPLITS + offs_s) * M_PAD + m  # (BLOCK_S,)
+    rows = (bh * SPLITS + offs_s).to(tl.int64) * M_PAD + m  # (BLOCK_S,)
     lse = tl.load(LSE_PART + rows, mask=offs_s < SPLITS, other=-float("inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == -float("inf"), 0.0, top)
@@ -148,6 +148,12 @@ def launch_config(g: int, lq: int, d: int, dv: int, page: int, fp32: bool) -> De
     return DecodeConfig(block_m, block_n, block_d, block_dv, num_warps=num_warps, num_stages=1)
 
 
+def combine_warps(block_s: int, block_dv: int) -> int:
+    """Warps of the combine kernel: its (BLOCK_S, BLOCK_DV) fp32 tile at about 32 values a thread
+    (one warp held 64 x 128 in 256 registers a thread and spilled)."""
+    return max(1, min(8, block_s * block_dv // 1024))
+
+
 def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice, no more splits than key blocks."""
     if device.type == "cuda":
@@ -183,7 +189,8 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv, capacity,
         G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
         **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_s = triton.next_power_of_2(splits)
     _decode_combine_kernel[(b * hkv, g * lq)](
         o_part, lse_part, out, *out.stride(), hkv, G=g, LQ=lq, DV=dv, SPLITS=splits,
-        BLOCK_S=triton.next_power_of_2(splits), M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=1)
+        BLOCK_S=block_s, M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=combine_warps(block_s, cfg.block_dv))
     return out

@@ -5,7 +5,7 @@ import contextlib
 import math
 import numbers
 import operator
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -157,8 +157,9 @@ def check_layer_norm_param_dtypes(input: torch.Tensor, params: dict[str, torch.T
                        f"have the input's dtype, or be float32 for a float16/bfloat16 input")
 
 
-def device_guard(t: torch.Tensor):
-    """Make ``t``'s CUDA device current while Triton launches on it."""
-    if t.device.type == "cuda" and t.device.index is not None:
-        return torch.cuda.device(t.device)
+def device_guard(t: Union[torch.Tensor, torch.device]):
+    """Make ``t``'s CUDA device (or ``t`` itself) current while Triton launches on it."""
+    device = t if isinstance(t, torch.device) else t.device
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
     return contextlib.nullcontext()

@@ -14,12 +14,16 @@ from gptkern.ops import attention_double_backward as double_backward
 from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
 MAX_HEAD_DIM = 256
+# A CUDA grid's second axis holds at most 65535 blocks; the kernels' smallest block of rows is 16.
+MAX_TRITON_ROWS = 65535 * 16
 
 
 def draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
     """A dropout seed from torch's default generator (reproducible under torch.manual_seed), drawn
-    outside the custom op so that the op stays a pure function of its inputs; None without dropout."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
+    outside the custom op so that the op stays a pure function of its inputs; None without dropout.
+    On the CPU whatever the default device: the kernels take it as a launch argument, and a CUDA
+    seed would cost a host sync per call (and break a CUDA-graph capture)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu") if dropout_p > 0 else None
 
 
 @torch.library.custom_op("gptkern::triton_attention", mutates_args=())
@@ -113,13 +117,18 @@ def _backward(ctx, grad_out, _grad_lse):
 _autograd.register("gptkern::triton_attention", _backward, _setup_context)
 
 
-def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float) -> Optional[str]:
-    """Why the Triton attention kernels cannot take these inputs, or None."""
+def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float,
+                   lengths: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why the Triton attention kernels cannot take these inputs, or None. ``lengths``: the query
+    and key rows of the launch grid (default: q's and v's second-to-last dims)."""
     why = triton_dtype_support(q.dtype)
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
     if why is not None or q.device.type != "cuda":
         return why
+    longest = max(lengths if lengths is not None else (q.shape[-2], v.shape[-2]))
+    if longest > MAX_TRITON_ROWS:
+        return f"sequences of {longest} rows (at most {MAX_TRITON_ROWS}: 65535 blocks of 16 in the launch grid)"
     # Cases without a spill-free Hopper configuration (the interpreter takes all).
     from gptkern.kernels import attention
 
@@ -287,6 +296,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     def cuda_support():  # the CUDA forward; its backward is Triton's
         why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
+        if why is None and query.shape[-2] > 65535 * 64:  # its grid: blocks of 64 query rows on the second axis
+            why = f"query length {query.shape[-2]} (at most 4194240)"
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if why is None and needs_grad:
             why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
@@ -466,9 +477,11 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
     return list(zip(values, values[1:]))
 
 
-def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str:
+def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                    lengths: tuple[int, int]) -> str:
+    """lengths: the longest query and key sequences (the launch grid's rows)."""
     return _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p),
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths),
                             "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 
@@ -487,7 +500,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     q, k, v = _autocast(q, k, v)  # the backend is chosen for the dtype the kernels will see
     b, h, l, _ = q.shape
-    if _varlen_backend(q, k, v, dropout_p) == "torch":
+    if _varlen_backend(q, k, v, dropout_p, (l, l)) == "torch":
         mask = varlen_visibility(l, l, causal, tuple(window_size), q.device)  # (L, L) or None
         return scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                             enable_gqa=k.shape[1] != h)
@@ -571,7 +584,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     checked = bounds() if _checks.checks_read_values(q) else None
     scale_value = _checks.attention_scale(scale, q.shape[-1])
 
-    name = _varlen_backend(q, k, v, dropout_p)
+    name = _varlen_backend(q, k, v, dropout_p, (min(int(max_seqlen_q), q.shape[0]), min(int(max_seqlen_k), k.shape[0])))
     if name in ("triton", "cpu"):
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
+from gptkern.ops._checks import device_guard
 from gptkern.ops.reference import attention_ref
 
 
@@ -26,7 +27,8 @@ def dropout_factors(seed: Optional[torch.Tensor], dropout_p: float, batch_heads:
         return torch.ops.gptkern.attention_dropout_factors(seed, dropout_p, batch_heads, rows, cols, first_batch_head)
     from gptkern.kernels.attention import dropout_factors as triton_factors
 
-    return triton_factors(int(seed.item()), dropout_p, batch_heads, rows, cols, device, first_batch_head)
+    with device_guard(device):  # Triton launches on the current device
+        return triton_factors(int(seed.item()), dropout_p, batch_heads, rows, cols, device, first_batch_head)
 
 
 def dense_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -95,6 +95,18 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)  # rows that see nothing: 0
 
 
+def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
+    """Sizes the Triton decode kernels' launch grid or 32-bit offsets cannot take, or None."""
+    rows = q.shape[1] // max(k_cache.shape[1], 1) * q.shape[2]  # query rows per KV head
+    if rows > 65535 and q.device.type == "cuda":  # the combine's grid: a row per block on its second axis
+        return f"{rows} query rows per key/value head (at most 65535)"
+    if block_table is None:  # keys are offset within one head's cache in 32 bits
+        span = k_cache.shape[2] * max(k_cache.stride(2), v_cache.stride(2))
+        if span >= 2**31:
+            return f"a static cache whose keys of one head span {span} elements (at most 2**31 - 1)"
+    return None
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the newest queries of each sequence over its KV cache.
@@ -114,16 +126,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)
     scale_value = _checks.attention_scale(scale, q.shape[-1])
 
+    b, h, lq = q.shape[:3]
+    rows = h // max(k_cache.shape[1], 1) * lq  # query rows per KV head
+
     def cpu_support():
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
             return "gradients (the decode kernel has no backward)"
         return triton_dtype_support(q.dtype)
 
+    def triton_support():
+        return cpu_support() or _triton_grid_limits(q, k_cache, v_cache, block_table)
+
     def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
-        return cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
+        why = cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
+        if why is None and (rows > 65535 * 32 or b * h * lq >= 2**31):  # its grid's third axis, the combine's first
+            why = f"{rows} query rows per key/value head, {b * h * lq} in all (at most 2097120 and 2**31 - 1)"
+        return why
 
     name = _backend.choose("decode_attention", q.device,
-                           {"triton": cpu_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
+                           {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
                            inputs=(q, k_cache, v_cache))
     if name == "triton":
         from gptkern.ops.triton_decode import triton_decode_attention
