@@ -7,6 +7,7 @@ composition, always available) and ``auto``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -203,22 +204,42 @@ _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
                                 "rms_norm", "softmax", "log_softmax", "layer_norm")}
 
 
+# From 32 MiB of fp32 a fresh output is its own mapping (glibc), which the C++ ops advise onto
+# transparent huge pages under GPTKERN_CPU_HUGE_PAGES=1 (csrc/cpu/huge_pages.h): far fewer page
+# faults than PyTorch's output.
+HUGE_PAGE_ELEMENTS = 8 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_huge_pages() -> bool:
+    """Whether the C++ CPU ops' large outputs get transparent huge pages: GPTKERN_CPU_HUGE_PAGES=1
+    (read once, as the C++ side does) on Linux with THP not "never"."""
+    if os.environ.get("GPTKERN_CPU_HUGE_PAGES") != "1":
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Optional[str]:
     """Under ``auto``, whether the C++ softmax / log_softmax / layer_norm beats PyTorch's on this
     CPU call (None), else why not. Measured on 2 threads (benchmarks/results/
-    2026-11-29_amd-epyc-2t_cpu-crossover.md, 2026-11-30_amd-epyc-2t_cpu-crossover.md): from 1M
-    elements (1.0-2.2x forward; in 16-bit with gradients 1.1-1.9x, bf16 softmax 0.85-1.17x); from
-    250K to 1M the forward ran 1.0-1.2x on a quiet VM and 0.6-1.2x on a loaded one, so it stays
-    on torch. fp32 forward+backward stays on torch (0.8-1.4x); softmax rows under 128 wide too
-    (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim (the C++ op
-    copies it: 0.2-0.8x)."""
+    2026-11-29_amd-epyc-2t_cpu-crossover.md, 2026-11-30_amd-epyc-2t_cpu-crossover.md,
+    2026-11-30_amd-epyc-2t_cpu-huge-pages.md): from 1M elements (1.0-2.2x forward; in 16-bit with
+    gradients 1.1-1.9x, bf16 softmax 0.85-1.17x); from 250K to 1M the forward ran 1.0-1.2x on a
+    quiet VM and 0.6-1.2x on a loaded one, so it stays on torch. fp32 forward+backward stays on
+    torch (0.8-1.4x), but from HUGE_PAGE_ELEMENTS with huge pages on (2.4-2.7x); softmax rows
+    under 128 wide too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim
+    (the C++ op copies it: 0.2-0.8x)."""
     # fixed reasons: formatting a size would make torch.compile specialize on it
     if not isinstance(input.numel(), int) or not isinstance(width, int):
         return "symbolic sizes (torch.compile / export with dynamic shapes: no size guard)"
     if op != "layer_norm" and width < 128:
         return "rows under 128 wide (PyTorch's kernel is as fast)"
-    if grad and input.dtype == torch.float32:
-        return "fp32 with gradients (PyTorch's kernels are as fast)"
+    if grad and input.dtype == torch.float32 and not (input.numel() >= HUGE_PAGE_ELEMENTS and cpu_huge_pages()):
+        return "fp32 with gradients (PyTorch's kernels are as fast below 32 MiB with huge pages)"
     if input.numel() < 1_000_000:
         return "a small call (the custom op's fixed cost exceeds its gain)"
     return None

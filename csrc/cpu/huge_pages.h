@@ -1,10 +1,12 @@
-// Large CPU outputs backed by transparent huge pages. A fresh multi-MiB tensor from ATen's
-// allocator is a new mapping (glibc maps big blocks and unmaps them on free), so its first write
-// takes one page fault per 4 KiB: for a 128 MiB output about 35 ms on a 2-core VM, three times
-// the kernel's own 11 ms. madvise(MADV_HUGEPAGE) before the first touch lets Linux fault it in
-// 2 MiB at a time (what PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1).
-// A hint only: a kernel with THP "never", another OS, or an error leaves ordinary pages.
-// GPTKERN_CPU_HUGE_PAGES=0 turns it off.
+// Large CPU outputs on transparent huge pages, opt-in (GPTKERN_CPU_HUGE_PAGES=1). A tensor of
+// 32 MiB or more from ATen's allocator is a new mapping (glibc maps such blocks and unmaps them on
+// free), so its first write takes a page fault per 4 KiB: for a 128 MiB output about 35 ms on a
+// 2-core VM, three times the kernel's own 11 ms. madvise(MADV_HUGEPAGE) before the first touch
+// lets Linux fault it in 2 MiB at a time (what PyTorch does for every allocation under
+// THP_MEM_ALLOC_ENABLE=1): 2.4-2.9x faster calls back to back. Not the default: on a VM whose
+// balloon reports free pages to the host, a huge page freed for a few seconds goes back to the
+// host and costs far more to fault in again (155 ms against PyTorch's 40 ms for 128 MiB, measured
+// with 3 s between calls). A hint only: THP "never", another OS, or an error leave small pages.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,12 +22,14 @@
 namespace gptkern::cpu {
 
 constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-constexpr size_t kHugePagesFrom = 4 * kHugePage;  // smaller blocks come back from glibc's heap, already faulted
+// glibc maps blocks from 32 MiB (its largest mmap threshold) and may serve smaller ones from its
+// heap, already faulted in: advising those would only put the heap's regrowth on huge pages.
+constexpr size_t kHugePagesFrom = 16 * kHugePage;
 
-inline bool huge_pages_enabled() {
+inline bool huge_pages_enabled() {  // read once, at the first large output
   static const bool enabled = [] {
     const char* v = std::getenv("GPTKERN_CPU_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return enabled;
 }
