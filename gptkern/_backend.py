@@ -204,10 +204,11 @@ _AUTO_ORDER_BY_OP = {(op, "cpu"): ("cpu", "torch")
                                 "rms_norm", "softmax", "log_softmax", "layer_norm")}
 
 
-# From 32 MiB of fp32 a fresh output is its own mapping (glibc), which the C++ ops advise onto
-# transparent huge pages under GPTKERN_CPU_HUGE_PAGES=1 (csrc/cpu/huge_pages.h): far fewer page
-# faults than PyTorch's output.
-HUGE_PAGE_ELEMENTS = 8 * 2**20
+# From 32 MiB a fresh output is its own mapping (glibc), which the C++ ops advise onto transparent
+# huge pages under GPTKERN_CPU_HUGE_PAGES=1 (csrc/cpu/huge_pages.h): far fewer page faults than
+# PyTorch's output. fp32 with gradients gains from 128 MiB (2.4-2.7x at 8192 x 4096); at 32 MiB
+# softmax ran 0.3-3.5x.
+HUGE_PAGE_ELEMENTS = 32 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,7 +240,7 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     if op != "layer_norm" and width < 128:
         return "rows under 128 wide (PyTorch's kernel is as fast)"
     if grad and input.dtype == torch.float32 and not (input.numel() >= HUGE_PAGE_ELEMENTS and cpu_huge_pages()):
-        return "fp32 with gradients (PyTorch's kernels are as fast below 32 MiB with huge pages)"
+        return "fp32 with gradients (PyTorch's kernels are as fast below 128 MiB with huge pages)"
     if input.numel() < 1_000_000:
         return "a small call (the custom op's fixed cost exceeds its gain)"
     return None

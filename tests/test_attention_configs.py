@@ -214,6 +214,8 @@ def test_triton_declines_sequences_beyond_the_launch_grid():
     assert attention._triton_limits(tensor(limit), tensor(limit), False, 0.0) is None
     assert f"sequences of {limit + 1} rows" in attention._triton_limits(tensor(limit + 1), tensor(16), False, 0.0)
     assert f"sequences of {limit + 1} rows" in attention._triton_limits(tensor(16), tensor(limit + 1), False, 0.0)
+    assert attention._triton_limits(tensor(16), tensor(limit + 1), False, 0.0, grad=False) is None  # keys: dK/dV's grid
+    assert attention._triton_limits(tensor(limit + 1), tensor(16), False, 0.0, grad=False) is not None
     assert attention._triton_limits(tensor(limit + 1), tensor(limit + 1), False, 0.0, lengths=(4096, 4096)) is None
     cpu = SimpleNamespace(dtype=torch.float16, shape=(1, 2, limit + 1, 64), device=torch.device("cpu"))
     assert attention._triton_limits(cpu, cpu, False, 0.0) is None  # the interpreter has no such grid limit

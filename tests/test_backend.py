@@ -78,8 +78,7 @@ def test_auto_on_cpu_runs_softmax_and_layer_norm_in_cpp_from_their_break_even(mo
         ((1024, 512), torch.float32, False, "torch", "torch"),  # 2^19: under 1M, no clear gain
         ((2048, 512), torch.float32, False, "cpu", "cpu"),  # 2^20
         ((2048, 512), torch.float32, True, "torch", "torch"),  # fp32 with gradients: as fast either way
-        ((4096, 2048), torch.float32, True, *(("cpu", "cpu") if _backend.cpu_huge_pages() else ("torch", "torch"))),
-        # (32 MiB: with GPTKERN_CPU_HUGE_PAGES=1, see test_cpu_extension.py)
+        ((4096, 2048), torch.float32, True, "torch", "torch"),  # 32 MiB (with huge pages: from 128 MiB)
         ((512, 512), torch.bfloat16, True, "torch", "torch"),  # under 1M with gradients
         ((2048, 512), torch.bfloat16, True, "cpu", "cpu"),
         ((16384, 64), torch.float32, False, "torch", "cpu"),  # narrow rows: only layer_norm gains

@@ -267,17 +267,17 @@ def test_huge_pages_are_off_by_default():
 
 
 def test_auto_counts_on_huge_pages_only_where_they_are_on(monkeypatch):
-    """fp32 with gradients goes to the C++ kernels from 32 MiB only with huge pages on."""
-    x = torch.randn(4096, 2048)
+    """fp32 with gradients goes to the C++ kernels from 128 MiB only with huge pages on."""
+    x = torch.randn(8192, 4096)
     _backend.cpu_huge_pages.cache_clear()
     try:
         monkeypatch.delenv("GPTKERN_CPU_HUGE_PAGES", raising=False)
         assert not _backend.cpu_huge_pages()
-        assert "fp32 with gradients" in _backend.row_kernel_pays("softmax", x, 2048, True)
+        assert "fp32 with gradients" in _backend.row_kernel_pays("softmax", x, 4096, True)
         _backend.cpu_huge_pages.cache_clear()
         monkeypatch.setenv("GPTKERN_CPU_HUGE_PAGES", "1")
         assert _backend.cpu_huge_pages() == (_thp_mode() not in ("never", "unavailable"))
-        assert (_backend.row_kernel_pays("softmax", x, 2048, True) is None) == _backend.cpu_huge_pages()
-        assert _backend.row_kernel_pays("softmax", x[:2048], 2048, True) is not None  # 4M elements
+        assert (_backend.row_kernel_pays("softmax", x, 4096, True) is None) == _backend.cpu_huge_pages()
+        assert _backend.row_kernel_pays("softmax", x[:4096], 4096, True) is not None  # 16M elements
     finally:
         _backend.cpu_huge_pages.cache_clear()

@@ -314,23 +314,29 @@ def test_decode_attention(emu, dtype, head_dim, paged, heads, kv_heads, lq, mult
 @pytest.mark.parametrize("multiprocessors", [1, H200_SMS])
 def test_nan_in_a_key_or_value_gives_nan_rows(emu, multiprocessors):
     """NaN propagates as in torch (and gptkern's other backends): a NaN score makes its row's sum
-    NaN, which must not read as a row that saw no key (zeros); across splits, the combine keeps it."""
+    NaN, which must not read as a row that saw no key (zeros); across splits, the combine keeps it,
+    also when every other split of the row is empty (its max must not drop the NaN)."""
     emu.configure(*DEFAULT, 0, multiprocessors)
-    q, k, v, seqlens, _ = decode_inputs(torch.float16, 64, False, 4, 2, 1, [300, 300, 300])
+    q, k, v, seqlens, _ = decode_inputs(torch.float16, 64, False, 4, 2, 1, [300, 300, 300, 20])
     k[0, 0, 250] = float("nan")  # batch 0, KV head 0: query heads 0 and 1
     v[1, 1, 3] = float("nan")  # batch 1, KV head 1: query heads 2 and 3
+    k[3, 1, 10] = float("nan")  # batch 3 (20 keys: all in the first split), KV head 1: heads 2 and 3
     out = emu.decode_attention(q, k, v, seqlens, 0.125, None).float()
-    nan = torch.zeros(3, 4, dtype=torch.bool)
-    nan[0, :2] = nan[1, 2:] = True
+    splits = launches(emu)[0][0][1]
+    assert (splits > 1) == (multiprocessors > 1) and 20 <= 512 // splits
+    nan = torch.zeros(4, 4, dtype=torch.bool)
+    nan[0, :2] = nan[1, 2:] = nan[3, 2:] = True
     assert torch.equal(out.isnan().any(-1).any(-1), nan)
-    assert_close(out[2], decode_attention_ref(q, k, v, seqlens, 0.125, None)[2], torch.float16)
+    ref = decode_attention_ref(q, k, v, seqlens, 0.125, None)
+    assert_close(out[2], ref[2], torch.float16)
+    assert_close(out[3, :2], ref[3, :2], torch.float16)
 
     qa = torch.randn(1, 2, 70, 64).half()
     ka, va = torch.randn(1, 1, 90, 64).half(), torch.randn(1, 1, 90, 64).half()
-    ka[0, 0, 80] = float("nan")
+    ka[0, 0, 50] = float("nan")  # causal, top-left: query rows 50 to 69 see key 50
     out, lse = emu.attention_fwd(qa, ka, va, None, True, 0.125, 0.0, None)
-    assert bool(out[:, :, 80:].isnan().all()) and bool(lse[:, :, 80:].isnan().all())  # rows that see key 80
-    assert not out[:, :, :80].isnan().any() and not lse[:, :, :80].isnan().any()
+    assert out.shape[2] == 70 and bool(out[:, :, 50:].isnan().all()) and bool(lse[:, :, 50:].isnan().all())
+    assert not out[:, :, :50].isnan().any() and not lse[:, :, :50].isnan().any()
 
 
 # --------------------------------------------------------------------------- global memory read

@@ -1,6 +1,8 @@
 """decode_attention on every backend that serves it (torch, cpu) against the float64 reference:
 ragged cache lengths (0 and 1 included), several new queries, GQA, static and paged caches,
 layouts, opcheck, torch.compile, bad input."""
+import math
+
 import pytest
 import torch
 
@@ -224,6 +226,8 @@ def test_triton_declines_grids_and_offsets_it_cannot_take():
     from gptkern.ops.decode import _triton_grid_limits
 
     def t(shape, stride=None, device="cuda"):
+        if stride is None:  # contiguous
+            stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
         return SimpleNamespace(shape=shape, device=torch.device(device), stride=lambda dim: stride[dim])
 
     q, k = t((2, 8, 1, 64)), t((2, 2, 2**25 - 1, 64), (0, 0, 64, 1))
@@ -231,7 +235,10 @@ def test_triton_declines_grids_and_offsets_it_cannot_take():
     big = t((2, 2, 2**25, 64), (0, 0, 64, 1))
     assert "span 2147483648 elements" in _triton_grid_limits(q, big, k, None)
     wide_v = t((2, 2, 2**25 - 1, 64), (0, 0, 65, 1))  # the wider row stride of the two counts
-    assert f"span {(2**25 - 1) * 65} elements" in _triton_grid_limits(q, k, wide_v, None)
+    assert f"span {(2**25 - 2) * 65 + 64} elements" in _triton_grid_limits(q, k, wide_v, None)
+    transposed = t((2, 2, 2**24, 256), (0, 0, 1, 2**24))  # (B, Hkv, D, S) seen as (B, Hkv, S, D)
+    assert "span 4294967296 elements" in _triton_grid_limits(q, transposed, transposed, None)
+    assert "queries or outputs of 2147483648" in _triton_grid_limits(t((2**16, 8, 64, 64)), k, k, None)
     assert _triton_grid_limits(q, big, big, object()) is None  # paged: 64-bit block offsets
     assert "65540 query rows" in _triton_grid_limits(t((2, 8, 16385, 64)), k, k, None)
     assert _triton_grid_limits(t((2, 8, 16385, 64), device="cpu"), k, k, None) is None  # the interpreter

@@ -118,15 +118,17 @@ _autograd.register("gptkern::triton_attention", _backward, _setup_context)
 
 
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float,
-                   lengths: Optional[tuple[int, int]] = None) -> Optional[str]:
+                   lengths: Optional[tuple[int, int]] = None, grad: bool = True) -> Optional[str]:
     """Why the Triton attention kernels cannot take these inputs, or None. ``lengths``: the query
-    and key rows of the launch grid (default: q's and v's second-to-last dims)."""
+    and key rows of the launch grids (default: q's and v's second-to-last dims); the keys' only
+    count with ``grad`` (the dK/dV kernel's grid; the forward loops over keys)."""
     why = triton_dtype_support(q.dtype)
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
     if why is not None or q.device.type != "cuda":
         return why
-    longest = max(lengths if lengths is not None else (q.shape[-2], v.shape[-2]))
+    rows = lengths if lengths is not None else (q.shape[-2], v.shape[-2])
+    longest = max(rows) if grad else rows[0]
     if longest > MAX_TRITON_ROWS:
         return f"sequences of {longest} rows (at most {MAX_TRITON_ROWS}: 65535 blocks of 16 in the launch grid)"
     # Cases without a spill-free Hopper configuration (the interpreter takes all).
@@ -288,8 +290,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     batch, hq, hk, out_shape = _sdpa_shapes(query, key, value, attn_mask, enable_gqa)
     scale_value = _checks.attention_scale(scale, query.shape[-1])
 
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (query, key, value, attn_mask))
+
     def triton_support():
-        return _triton_limits(query, value, attn_mask is not None, dropout_p)
+        return _triton_limits(query, value, attn_mask is not None, dropout_p, grad=needs_grad)
 
     def cpu_support():
         return _cpu_limits(query)
@@ -298,7 +303,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         why = cuda_attention.cuda_attention_limits(query, value, attn_mask is not None, dropout_p)
         if why is None and query.shape[-2] > 65535 * 64:  # its grid: blocks of 64 query rows on the second axis
             why = f"query length {query.shape[-2]} (at most 4194240)"
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if why is None and needs_grad:
             why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
                    else "gradients without triton (the CUDA backward is Triton's)")
@@ -480,8 +484,9 @@ def _offset_bounds(cu: torch.Tensor, name: str, total: int, max_seqlen: int, ten
 def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                     lengths: tuple[int, int]) -> str:
     """lengths: the longest query and key sequences (the launch grid's rows)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths),
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad),
                             "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 

@@ -97,13 +97,19 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
     """Sizes the Triton decode kernels' launch grid or 32-bit offsets cannot take, or None."""
+    def span(t, dims) -> int:  # elements from a view's first to its last, over these dims
+        return 1 + sum((t.shape[d] - 1) * t.stride(d) for d in dims) if all(t.shape[d] for d in dims) else 0
+
     rows = q.shape[1] // max(k_cache.shape[1], 1) * q.shape[2]  # query rows per KV head
     if rows > 65535 and q.device.type == "cuda":  # the combine's grid: a row per block on its second axis
         return f"{rows} query rows per key/value head (at most 65535)"
     if block_table is None:  # keys are offset within one head's cache in 32 bits
-        span = k_cache.shape[2] * max(k_cache.stride(2), v_cache.stride(2))
-        if span >= 2**31:
-            return f"a static cache whose keys of one head span {span} elements (at most 2**31 - 1)"
+        keys = max(span(k_cache, (2, 3)), span(v_cache, (2, 3)))
+        if keys >= 2**31:
+            return f"a static cache whose keys of one head span {keys} elements (at most 2**31 - 1)"
+    queries = max(span(q, range(4)), q.shape[0] * q.shape[1] * q.shape[2] * v_cache.shape[3])  # q, the output
+    if queries >= 2**31:
+        return f"queries or outputs of {queries} elements (32-bit offsets: at most 2**31 - 1)"
     return None
 
 
