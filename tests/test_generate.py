@@ -111,6 +111,40 @@ def test_repetition_penalty_matches_transformers():
     assert torch.equal(generate(model, prompt, 10, repetition_penalty=1.8), expected)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repetition_penalty_skips_left_padding(use_cache):
+    """Padding ids are not part of a prompt: a padded row decodes as the same prompt alone, and the
+    batch as transformers does (it skips the padding too). The padding id here is a token the
+    prompt alone generates, so that penalizing it would change the output."""
+    hf, model = hf_and_gpt()
+    prompt, mask = left_padded([9, 4, 6, 1], seed=5)
+    alone = [generate(model, prompt[row:row + 1, 9 - n:], 10, repetition_penalty=1.7, use_cache=use_cache)[0, n:]
+             for row, n in enumerate((9, 4, 6, 1))]
+    pad = int(alone[1][0])  # the first token row 1 (5 padding positions) generates
+    prompt = prompt.masked_fill(mask == 0, pad)
+    got = generate(model, prompt, 10, attention_mask=mask, repetition_penalty=1.7, use_cache=use_cache)
+    for row in range(4):
+        assert torch.equal(got[row, 9:], alone[row]), row
+    expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, repetition_penalty=1.7,
+                           pad_token_id=pad, eos_token_id=None)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padding_takes_no_context(use_cache):
+    """A batch padded to a fixed width (tokenizer padding="max_length") fits when its real prompts
+    do: the context check counts real tokens, and the output keeps the whole padded prompt."""
+    hf, model = hf_and_gpt()  # n_positions 64
+    prompt, mask = left_padded([5, 8])
+    wide = torch.cat([torch.zeros(2, 52, dtype=torch.long), prompt], 1)  # (2, 60)
+    wide_mask = torch.cat([torch.zeros(2, 52, dtype=torch.long), mask], 1)
+    got = generate(model, wide, 10, attention_mask=wide_mask, use_cache=use_cache)
+    assert got.shape == (2, 70) and torch.equal(got[:, :60], wide)
+    assert torch.equal(got[:, 60:], generate(model, prompt, 10, attention_mask=mask)[:, 8:])
+    with pytest.raises(ValueError, match="prompt length 8 plus max_new_tokens 57"):
+        generate(model, wide, 57, attention_mask=wide_mask)
+
+
 def test_eos_stops_each_sequence_and_pads():
     _, model = hf_and_gpt()
     prompt, mask = left_padded([6, 2, 4], seed=3)
@@ -147,6 +181,11 @@ def test_stop_strings_and_streaming():
     assert torch.equal(torch.stack(streamed, 1), full[:, 5:])
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, prompt, 3, stop_strings=["x"])
+    # one string is one stop string (as transformers takes it), not a set of characters
+    assert torch.equal(generate(model, prompt, 12, stop_strings=stop, tokenizer=CharTokenizer()), out)
+    for bad in ([""], ["ok", 3]):
+        with pytest.raises(ValueError, match="non-empty strings"):
+            generate(model, prompt, 3, stop_strings=bad, tokenizer=CharTokenizer())
 
 
 def test_bad_arguments():
@@ -289,6 +328,13 @@ def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():
         cache.decode(0, kv, kv, kv + 1)
     for before, after in zip(kept, cache.k + cache.v):
         assert torch.equal(before[1:], after[1:])  # block 0 is scratch
+
+
+def test_an_explicit_block_count_of_zero_is_refused():
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    with pytest.raises(ValueError, match="num_blocks"):
+        generate(model, prompt, 3, cache="paged", num_cache_blocks=0)
 
 
 def test_prompt_longer_than_cache_raises():

@@ -2,6 +2,7 @@
 finds the exhaustive best on a tiny vocabulary."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,14 @@ def test_bad_arguments():
     for bad in ("True", 1, None):
         with pytest.raises(ValueError, match="early_stopping"):
             generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=2, early_stopping=bad)
+    for name, bad in (("max_new_tokens", True), ("num_beams", True), ("length_penalty", float("nan")),
+                      ("length_penalty", "x"), ("length_penalty", True)):
+        kwargs = {"max_new_tokens": 3, "num_beams": 2, name: bad}
+        with pytest.raises(ValueError, match=name):
+            generate_seq2seq(model, src, kwargs.pop("max_new_tokens"), bos_token_id=BOS, eos_token_id=EOS, **kwargs)
+    # numpy integers are ints, as generate() takes them
+    out = generate_seq2seq(model, src, np.int64(3), bos_token_id=BOS, eos_token_id=EOS, num_beams=np.int64(2))
+    assert torch.equal(out, generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=2))
 
 
 def test_zero_new_tokens_and_padding():

@@ -38,9 +38,9 @@ def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch
     if bool((mask[:, 1:] < mask[:, :-1]).any()):  # the caches keep the last sum(mask) positions
         raise ValueError("prompts must be left-padded: attention_mask has padding after a real token")
     c = model.config
-    total = input_ids.shape[1] + max_new_tokens
-    if c.pos_embedding == "learned" and total > c.block_size:
-        raise ValueError(f"prompt length {input_ids.shape[1]} plus max_new_tokens {max_new_tokens} is longer than "
+    longest = int(mask.sum(-1).max())  # positions count real tokens: padding takes none
+    if c.pos_embedding == "learned" and longest + max_new_tokens > c.block_size:
+        raise ValueError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} is longer than "
                          f"the model's context (block_size {c.block_size})")
     return mask
 
@@ -64,6 +64,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
     """Yields (B,) next tokens, finished sequences padded, until all stop or the budget is spent."""
     b = input_ids.shape[0]
     seen = input_ids
+    seen_valid = mask.bool() if not bool(mask.all()) else None  # left padding is not penalized
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     generated: list[list[int]] = [[] for _ in range(b)]
     if cache is not None:
@@ -79,7 +80,8 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
             else:
                 hidden = model.transformer(step_input, step_mask, cache=cache)  # (B, L or 1, C)
                 logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
-        token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator,
+                            seen_valid)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         if eos is not None:
             finished |= torch.isin(token, eos)
@@ -92,6 +94,8 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                 if any(s in text for s in stop_strings):  # (a match found earlier would have stopped it)
                     finished[i] = True
         seen = torch.cat([seen, token[:, None]], 1)
+        if seen_valid is not None:
+            seen_valid = torch.cat([seen_valid, torch.ones_like(seen_valid[:, :1])], 1)
         yield token
         if step == max_new_tokens - 1:
             return
@@ -116,7 +120,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
              *, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, repetition_penalty: float = 1.0,
              eos_token_id: Union[int, Sequence[int], torch.Tensor, None] = None, pad_token_id: Optional[int] = None,
-             stop_strings: Optional[Sequence[str]] = None, tokenizer=None, seed: Optional[int] = None,
+             stop_strings: Union[str, Sequence[str], None] = None, tokenizer=None, seed: Optional[int] = None,
              stream: bool = False, use_cache: bool = True, cache: str = "static",
              num_cache_blocks: Optional[int] = None, cuda_graph: Optional[bool] = None):
     """Continue each prompt of ``input_ids`` (B, L) by up to ``max_new_tokens`` tokens.
@@ -142,10 +146,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     input_ids = input_ids.to(model_device, torch.long)
     mask = mask.to(model_device)
+    prompt = input_ids  # returned in full; the steps skip the columns that are padding in every row
+    lead = input_ids.shape[1] - int(mask.sum(-1).max())
+    input_ids, mask = input_ids[:, lead:], mask[:, lead:]
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:
         raise ValueError("a sliding-window model decodes with cache='static' (the paged cache has no windows)")
+    if isinstance(stop_strings, str):  # one string, as transformers takes it (not its characters)
+        stop_strings = [stop_strings]
+    if stop_strings is not None:
+        stop_strings = list(stop_strings)
+        if not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer to decode the generated tokens")
     eos = _stop_ids(eos_token_id, model_device)
@@ -185,4 +198,4 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     if stream:
         return steps()
     new = list(steps())
-    return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids.clone()
+    return torch.cat([prompt, torch.stack(new, 1)], 1) if new else prompt.clone()

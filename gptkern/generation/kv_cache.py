@@ -144,7 +144,8 @@ class PagedKVCache(StaticKVCache):
                   device: Optional[torch.device] = None) -> "PagedKVCache":
         c = model.config
         weight = next(model.parameters())
-        num_blocks = num_blocks or batch_size * -(-max_seq_len // block_size) + 1
+        if num_blocks is None:  # every sequence's full length, and the scratch block
+            num_blocks = batch_size * -(-max_seq_len // block_size) + 1
         return cls(c.n_layer, batch_size, c.n_kv_head, c.head_dim, num_blocks, block_size, max_seq_len,
                    dtype or weight.dtype, device or weight.device)
 

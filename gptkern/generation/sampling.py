@@ -30,12 +30,18 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float,
+                             seen_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """logits (B, V); seen (B, T) ids already in each sequence: their logits are divided by the
-    penalty when positive and multiplied when negative (the CTRL rule, as transformers does)."""
+    penalty when positive and multiplied when negative (the CTRL rule, as transformers does).
+    seen_valid (B, T) bool, if given: False at padding, whose ids are not penalized."""
+    if seen_valid is not None:  # padding points at an extra column, dropped after
+        seen = seen.masked_fill(~seen_valid, logits.shape[-1])
+        logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], 1)
     scores = logits.gather(1, seen)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen, scores)
+    out = logits.scatter(1, seen, scores)
+    return out[:, :-1] if seen_valid is not None else out
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
@@ -55,11 +61,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Option
 
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, do_sample: bool, temperature: float,
                 top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) of the last position -> (B,) chosen ids."""
+                generator: Optional[torch.Generator], seen_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits (B, V) of the last position -> (B,) chosen ids; seen (B, T) the sequences so far,
+    seen_valid (B, T) False at their padding (not penalized)."""
     logits = logits.float()
     if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty, seen_valid)
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)

@@ -2,12 +2,15 @@
 cross-attention keys/values projected once."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Union
 
 import torch
 
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import StaticKVCache
+from gptkern.ops._checks import is_int
 
 
 def _setup(model, src, src_pad_mask, rows_per_source: int, max_new_tokens: int):
@@ -23,16 +26,19 @@ def _setup(model, src, src_pad_mask, rows_per_source: int, max_new_tokens: int):
     return memory_kv, src_pad_mask, cache
 
 
-def _check(model, src, max_new_tokens, num_beams, early_stopping):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+def _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping):
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens + 1 > model.config.max_len:
         raise ValueError(f"max_new_tokens {max_new_tokens} plus the start token is longer than max_len "
                          f"{model.config.max_len}")
     if src.dim() != 2 or src.numel() == 0:
         raise ValueError(f"src must be a non-empty (batch, source_len) tensor, got shape {list(src.shape)}")
-    if not isinstance(num_beams, int) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) or not math.isfinite(
+            length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
 
@@ -50,7 +56,8 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     also stops when no running beam can still beat the worst of them at its current length;
     ``"never"`` runs to ``max_new_tokens``.
     """
-    _check(model, src, max_new_tokens, num_beams, early_stopping)
+    _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping)
+    max_new_tokens, num_beams, length_penalty = int(max_new_tokens), int(num_beams), float(length_penalty)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     if max_new_tokens == 0:
         return torch.full((src.shape[0], 1), bos_token_id, dtype=torch.long, device=src.device)
