@@ -42,6 +42,21 @@ def test_a_csv_row_without_a_label(tmp_path):
     bad.write_text("text,label\nhello,a\nworld\n")
     with pytest.raises(ValueError, match=r"bad\.csv:3: a row without a text or a label"):
         read_labelled_csv(str(bad))
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"text,label\nhello,a\n\xff\xfe,b\n")
+    with pytest.raises(ValueError, match=r"binary\.csv: not a UTF-8 text file"):
+        read_labelled_csv(str(binary))
+
+
+def test_seq2seq_needs_a_pair_to_hold_out(tmp_path):
+    """One pair cannot be both trained on and evaluated: evaluating on the training pair would
+    report a score that means nothing."""
+    from gptkern.train.tasks import TaskConfig, train_seq2seq
+
+    one = tmp_path / "one.tsv"
+    one.write_text("abc\tcba\n")
+    with pytest.raises(ValueError, match=r"one\.tsv: needs at least 2 pairs"):
+        train_seq2seq(str(one), TaskConfig(steps=1))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

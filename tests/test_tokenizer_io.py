@@ -2,6 +2,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -150,3 +151,22 @@ def test_model_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="GPT.from_hf"):
         load_pretrained(tmp_path)
+
+
+def test_a_vocabulary_with_gaps_sizes_by_its_largest_id(tmp_path, bpe):
+    """A vocab.json that skips ids (70000 with a few hundred tokens) has vocab_size = largest id + 1,
+    so prepare picks a shard dtype that holds every id and decode accepts them all."""
+    model = json.loads(bpe.tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    moved = next(t for t in vocab if len(t) > 1 and vocab[t] != bpe.eos_id)  # a merged token
+    vocab[moved] = 70000
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = make_tokenizer(f"gpt2-dir:{tmp_path}")
+    assert tok.vocab_size == 70001
+    from gptkern.data.prepare import encode_array, token_dtype
+
+    ids = encode_array(tok, moved.replace("\u0120", " ") * 3, token_dtype(tok.vocab_size))
+    assert ids.dtype == np.uint32 and 70000 in ids.tolist()
+    assert tok.decode([70000]) == tok.decode(tok.encode(moved.replace("\u0120", " ")))

@@ -162,6 +162,45 @@ def test_resume_compares_resolved_settings(data_dir, tmp_path, monkeypatch, caps
     assert "--resume: no checkpoint in empty/checkpoints, starting from scratch" in capsys.readouterr().err
 
 
+def test_resume_from_another_directory_and_world_size(data_dir, tmp_path, monkeypatch):
+    """The data folder is compared as resolved when the checkpoint was written (a relative path
+    resumed from elsewhere is the same folder); a checkpoint of another world size is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    monkeypatch.chdir(tmp_path)
+    train(tiny("data", str(tmp_path / "run"), max_steps=1))
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(data_dir, elsewhere / "data")  # a different folder with the same relative name
+    monkeypatch.chdir(elsewhere)
+    train(tiny(str(data), str(tmp_path / "run"), max_steps=2, resume=True))
+    with pytest.raises(ValueError, match=f"data: checkpoint '{data}' != now 'data'"):
+        Trainer(tiny("data", str(tmp_path / "run"), max_steps=3, resume=True))
+    state_file = ckpt.latest_checkpoint(str(tmp_path / "run")) / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2, "loader": [state["loader"]] * 2}))
+    with pytest.raises(ValueError, match="world_size: checkpoint 2 != now 1"):
+        Trainer(tiny(str(data), str(tmp_path / "run"), max_steps=3, resume=True))
+
+
+def test_a_fresh_start_drops_an_earlier_runs_metrics(data_dir, tmp_path):
+    """A run that stopped before its first checkpoint (a NaN, a kill) leaves metrics only: the
+    next run in that folder starts them over, as --resume without a checkpoint does."""
+    train(tiny(data_dir, tmp_path, max_steps=3, checkpoint_interval=100))
+    shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+    train(tiny(data_dir, tmp_path, max_steps=2, checkpoint_interval=100, log_interval=1))
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]
+
+
+def test_vocab_size_may_pad_the_datas_but_not_cut_it(data_dir, tmp_path):
+    padded = Trainer(tiny(data_dir, tmp_path / "padded", model=dict(n_layer=1, n_embd=32, n_head=2, block_size=16,
+                                                                    vocab_size=320)))
+    assert padded.model_config.vocab_size == 320 and padded.raw_model.lm_head.weight.shape[0] == 320
+    with pytest.raises(ValueError, match="vocab_size 100 .* smaller than the data's vocabulary 257"):
+        Trainer(tiny(data_dir, tmp_path / "cut", model=dict(n_layer=1, n_embd=32, n_head=2, block_size=16,
+                                                             vocab_size=100)))
+
+
 def test_training_without_validation_data(data_dir, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -347,3 +386,23 @@ def test_time_budget_stops_with_a_checkpoint_and_a_note_on_its_own_line(data_dir
     assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000001"]
     err = capsys.readouterr().err
     assert "\ngptkern train: stopped at step 1: max_seconds" in err
+
+
+def test_cuda_generator_state_is_this_ranks_device(monkeypatch):
+    """A checkpoint keeps the current device's CUDA generator (each rank restores it on its own
+    device); one from an 8-GPU process loads on fewer GPUs (only the devices present are set)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state.tolist(), device)))
+    state = ckpt.rng_state()
+    assert state["cuda_device"].tolist() == [7]
+    ckpt.set_rng_state(state)
+    assert calls == [([7], "cuda")]  # the current device
+    calls.clear()
+    old = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    del old["cuda_device"]
+    ckpt.set_rng_state(old)
+    assert calls == [([0], 0)]

@@ -42,7 +42,12 @@ def test_bad_config_file_values_name_the_key_and_file(tmp_path, name, text, mess
     (["--lr", "1e39"], r"lr \(--lr\) must be a finite number at most 3.403e\+38"),
     (["--lr", "nan"], r"--lr\) must be a finite number"),
     (["--min-lr", "inf"], r"--min-lr\) must be a finite number"),
-    (["--seed", "-1"], r"seed \(--seed\) must be >= 0, got -1"),
+    (["--seed", "-1"], r"seed \(--seed\) must be in \[0, 2\*\*63\), got -1"),
+    (["--seed", str(2**64)], r"seed \(--seed\) must be in \[0, 2\*\*63\)"),
+    (["--block-size", "0"], r"block_size \(--block-size\) must be an integer >= 1, got 0"),
+    (["--block-size", "-4"], r"block_size \(--block-size\) must be an integer >= 1"),
+    (["--max-seconds", "-1"], r"max_seconds \(--max-seconds\) must be a positive number"),
+    (["--max-seconds", "nan"], r"max_seconds \(--max-seconds\) must be a positive number"),
 ])
 def test_bad_numbers_name_the_flag(flags, message, capsys):
     with pytest.raises(ValueError, match=message):
@@ -66,3 +71,18 @@ def test_numpy_integers_are_stored_as_ints():
         assert type(value) is int
     json.dumps(train.to_dict())
     json.dumps(seq2seq.to_dict())
+
+
+def test_files_are_written_as_utf8_whatever_the_locale(tmp_path):
+    """Tokenizer files and configs hold non-ASCII text: a C locale must not make saving fail."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from gptkern._files import write_atomic; "
+            "write_atomic(sys.argv[1], 'caf\\u00e9 \\u00a1 \\u4e2d')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.json")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "f.json").read_text(encoding="utf-8") == "caf\u00e9 \u00a1 \u4e2d"

@@ -72,7 +72,9 @@ class HFTokenizer:
         if eos is None:
             raise ValueError(f"the tokenizer has no {EOS} token")
         self.eos_id = eos
-        self.vocab_size = tokenizer.get_vocab_size()
+        # the largest id + 1: a tokenizer.json may skip ids, and then its token count is too few
+        ids = tokenizer.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(tokenizer.get_vocab_size(), max(ids, default=-1) + 1)
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` read as plain text: a literal ``<|endoftext|>`` in it is not the EOS id (as

@@ -30,12 +30,16 @@ AN_EARLIER_ONE = "move {} out of the checkpoints folder to resume from an earlie
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA generator states as tensors and plain values."""
+    """Python, numpy, torch and CUDA generator states as tensors and plain values. CUDA: the current
+    device's generator (the trainer makes its rank's device current). Every rank seeds the same and
+    draws alike, so rank 0's state is every rank's, each for its own device."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -44,8 +48,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])  # on the current device: this rank's
+    elif state["cuda"]:  # older checkpoints: every device of the saving process, as many as exist here
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def _torch_save_atomic(obj, path: Path) -> None:

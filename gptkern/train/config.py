@@ -63,8 +63,15 @@ class TrainConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"seed ({_flag('seed')}) must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
+            raise ValueError(f"seed ({_flag('seed')}) must be in [0, 2**63), got {self.seed}")
+        if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
+            raise ValueError(f"block_size ({_flag('block_size')}) must be an integer >= 1, got {self.block_size!r}")
+        if self.block_size is not None:
+            self.block_size = int(self.block_size)
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not isinstance(
+                self.max_seconds, (int, float)) or not 0 < self.max_seconds < float("inf")):
+            raise ValueError(f"max_seconds ({_flag('max_seconds')}) must be a positive number, got {self.max_seconds!r}")
         for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
             value = getattr(self, name)
             # AdamW computes in float32: a larger value overflows there
@@ -106,7 +113,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     if kind is None:
         raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
     if kind == "TOML":
@@ -293,10 +300,11 @@ def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], saved_model: Optional[dict] = None,
-                    current_model: Optional[dict] = None) -> list[str]:
+                    current_model: Optional[dict] = None, saved_data_realpath: Optional[str] = None) -> list[str]:
     """Fields that must agree to resume: the model (every GPTConfig field, as resolved: the data's
-    vocab_size is in ``saved_model`` and ``current_model`` when given), the data folder (its real path)
-    and the batch geometry (the window the model's default gives when block_size is unset)."""
+    vocab_size is in ``saved_model`` and ``current_model`` when given), the data folder (its real path:
+    ``saved_data_realpath`` as resolved when the checkpoint was written, else the saved path resolved
+    from here) and the batch geometry (the window the model's default gives when block_size is unset)."""
     if saved_model is None or current_model is None:
         saved_model = TrainConfig.from_dict(saved).model_config().to_dict()
         current_model = TrainConfig.from_dict(current).model_config().to_dict()
@@ -313,8 +321,8 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], saved_model:
         compare("preset", saved.get("preset"), current.get("preset"))
     for k in model_wrong:
         compare(f"model.{k}", saved_model.get(k), current_model.get(k))
-    compare("data", os.path.realpath(saved["data"]), os.path.realpath(current["data"]),
-            (saved["data"], current["data"]))
+    compare("data", saved_data_realpath or os.path.realpath(saved["data"]), os.path.realpath(current["data"]),
+            (saved_data_realpath or saved["data"], current["data"]))
     for k in ("batch_size", "grad_accum", "seed"):
         compare(k, saved.get(k), current.get(k))
     compare("block_size", saved.get("block_size") or saved_model.get("block_size"),

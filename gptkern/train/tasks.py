@@ -57,13 +57,18 @@ def read_labelled_csv(path: str) -> list[tuple[str, str]]:
     """Rows of a CSV with ``text`` and ``label`` columns (UTF-8, with or without a byte order mark)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs the columns text and label, got {reader.fieldnames}")
         rows = []
-        for row in reader:
-            if row["text"] is None or row["label"] is None:
-                raise ValueError(f"{path}:{reader.line_num}: a row without a text or a label: {row}")
-            rows.append((row["text"], row["label"]))
+        try:
+            if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: needs the columns text and label, got {reader.fieldnames}")
+            for row in reader:
+                if row["text"] is None or row["label"] is None:
+                    raise ValueError(f"{path}:{reader.line_num}: a row without a text or a label: {row}")
+                rows.append((row["text"], row["label"]))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
+        except csv.Error as err:
+            raise ValueError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -180,8 +185,10 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
     torch.manual_seed(c.seed)
     pairs = read_pairs(pairs_tsv)
     random.Random(c.seed).shuffle(pairs)
-    n_val = max(1, int(len(pairs) * val_fraction))
-    val, train_pairs = pairs[:n_val], pairs[n_val:] or pairs
+    if len(pairs) < 2:
+        raise ValueError(f"{pairs_tsv}: needs at least 2 pairs (one to train on, one held out), got {len(pairs)}")
+    n_val = min(len(pairs) - 1, max(1, int(len(pairs) * val_fraction)))
+    val, train_pairs = pairs[:n_val], pairs[n_val:]
     model = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=259, max_len=c.max_len, n_encoder_layer=n_layer,
                                              n_decoder_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(c.device)
     optimizer = _optimizer(model, c)

@@ -108,7 +108,11 @@ class Trainer:
         meta = read_meta(c.data)
         self.tokenizer = load_tokenizer(c.data)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.model_config = c.model_config(vocab_size=meta["vocab_size"])
+        asked = c.model.get("vocab_size")  # --vocab-size: the data's, or more (rows left unused)
+        if asked is not None and asked < meta["vocab_size"]:
+            raise ValueError(f"vocab_size {asked} (--vocab-size) is smaller than the data's vocabulary "
+                             f"{meta['vocab_size']} ({c.data}/meta.json)")
+        self.model_config = c.model_config(vocab_size=max(asked or 0, meta["vocab_size"]))
         self.block_size = c.block_size or self.model_config.block_size
         if self.block_size > self.model_config.block_size and self.model_config.pos_embedding == "learned":
             raise ValueError(f"block_size {self.block_size} is longer than the model's context "
@@ -134,6 +138,8 @@ class Trainer:
         elif latest_checkpoint(c.out_dir) is not None:
             raise ValueError(f"{c.out_dir} already holds checkpoints ({latest_checkpoint(c.out_dir).name}): pass "
                              f"--resume to continue them, or choose another --out-dir")
+        if self.step == 0:  # a fresh start: the records of an earlier run that left no checkpoint go
+            self.metrics.truncate_after(0)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.env.world_size > 1:
@@ -167,7 +173,10 @@ class Trainer:
         if not isinstance(model_file, dict) or not isinstance(model_file.get("config"), dict):
             raise ValueError(f"checkpoint file {path / 'config.json'} is corrupt (no model config)")
         mismatch = config_mismatch(saved["config"], self.config.to_dict(), model_file["config"],
-                                   self.model_config.to_dict())
+                                   self.model_config.to_dict(), saved.get("data_realpath"))
+        saved_world = saved.get("world_size", len(saved["loader"]) if isinstance(saved["loader"], list) else 1)
+        if saved_world != self.env.world_size:  # each rank resumes its own data stream
+            mismatch.append(f"world_size: checkpoint {saved_world} != now {self.env.world_size}")
         if mismatch:
             raise ValueError(f"checkpoint {path} was trained with another configuration: " + "; ".join(mismatch))
         state = read_file(path / "model.safetensors", lambda f: load_file(f, device=str(self.device)))
@@ -224,7 +233,8 @@ class Trainer:
         path = None
         if self.env.main:
             state = {"config": self.config.to_dict(), "loader": loader_states if self.env.world_size > 1
-                     else loader_states[0], "tokens": self.step * self.tokens_per_step}
+                     else loader_states[0], "tokens": self.step * self.tokens_per_step,
+                     "data_realpath": os.path.realpath(self.config.data), "world_size": self.env.world_size}
             if self.scaler.is_enabled():
                 state["grad_scaler"] = self.scaler.state_dict()
             path = save_checkpoint(self.config.out_dir, self.step, model, optimizer, self.tokenizer, state,
