@@ -101,6 +101,20 @@ def test_top_k_top_p_filters():
     assert kept(filter_top_k_top_p(logits, None, 0.5)) == [True, False, False, False]
     assert kept(filter_top_k_top_p(logits, None, 0.81)) == [True, True, True, False]
     assert kept(filter_top_k_top_p(logits, None, 1.0)) == [True] * 4
+    assert kept(filter_top_k_top_p(logits, 0, None)) == [True] * 4  # 0: no top-k, as transformers reads it
+
+
+def test_top_p_matches_transformers_with_ties():
+    """Tied logits at the cut: the same tokens stay as with transformers' TopPLogitsWarper, so
+    seeded sampling agrees with it there too."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        logits = torch.randint(0, 4, (3, 12), generator=g).float()  # many ties
+        for p in (0.3, 0.5, 0.8, 0.95):
+            theirs = TopPLogitsWarper(p)(None, logits.clone())
+            assert torch.equal(filter_top_k_top_p(logits, None, p).isinf(), theirs.isinf()), (logits, p)
 
 
 def test_repetition_penalty_matches_transformers():
@@ -194,7 +208,7 @@ def test_bad_arguments():
     nan = float("nan")
     for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
                           (dict(temperature=nan), "temperature"), (dict(top_p=0.0), "top_p"),
-                          (dict(top_p=1.5), "top_p"), (dict(top_p=nan), "top_p"), (dict(top_k=0), "top_k"),
+                          (dict(top_p=1.5), "top_p"), (dict(top_p=nan), "top_p"), (dict(top_k=-1), "top_k"),
                           (dict(top_k=True), "top_k"), (dict(repetition_penalty=nan), "repetition_penalty"),
                           (dict(repetition_penalty=0.0), "repetition_penalty")):
         args = dict(max_new_tokens=2, do_sample=True)

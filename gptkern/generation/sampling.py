@@ -22,8 +22,8 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: off, as in transformers) or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not repetition_penalty > 0:
@@ -45,17 +45,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-    """logits (B, V) with the tokens outside the top k, or outside the smallest set whose
-    probability reaches top_p, set to -inf (the most likely token always stays)."""
-    if top_k is not None and top_k < logits.shape[-1]:
+    """logits (B, V) with the tokens outside the top k (0 or None: no limit), or outside the
+    smallest set whose probability reaches top_p, set to -inf (the most likely token always stays).
+    top_p walks the tokens from the least likely up, as transformers does, so that tied tokens
+    at the cut go the same way and seeded draws agree with it."""
+    if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        ascending, order = logits.sort(dim=-1)
+        tail = ascending.softmax(-1).cumsum(-1) <= 1 - top_p  # the least likely tokens, mass <= 1 - top_p
+        tail[:, -1] = False  # the most likely token stays
+        logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
     return logits
 
 
