@@ -32,8 +32,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(causal and attention_mask is None and l > 1)
     if causal and key.shape[2] > l:  # an empty static cache: the keys past the prompt are unused
         key, value = key[:, :, :l], value[:, :, :l]
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask.to(query.dtype)
+    # a float mask stays in its dtype, as sdpa takes it: fp32's min in an fp16 model must not
+    # become -inf (a fully masked row would give 0, not the average) nor a large bias overflow
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=causal, scale=scaling,
                                            enable_gqa=key.shape[1] != query.shape[1])

@@ -154,6 +154,29 @@ def test_attention_interface_runs_gptkern(monkeypatch):
     assert calls == [True, True]  # one call per layer, the causal hint instead of a mask
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_float_mask_keeps_its_dtype_in_a_16_bit_model(backend):
+    """As transformers' sdpa path: an fp32 additive mask is not cast to an fp16 query's dtype,
+    where float32's min would become -inf (a fully masked row: 0, not the average) and a large
+    bias would overflow (NaN)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if backend not in gptkern.available_backends():
+        pytest.skip(f"no {backend} backend")
+    module = torch.nn.Module()
+    module.is_causal = False
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, dtype=torch.float16) for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[0, 0, 1, 0] = 1e5  # beyond float16's range
+    mask[0, 0, 2] = torch.finfo(torch.float32).min  # a fully masked row
+    expected = sdpa_attention_forward(module, q, k, v, mask)[0]
+    with gptkern.backend(backend):
+        got = gptkern.hf.attention_forward(module, q, k, v, mask)[0]
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, torch.float16)
+
+
 def test_gptkern_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import gptkern, gptkern.models, gptkern.hf\n"

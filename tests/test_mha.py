@@ -98,6 +98,16 @@ def test_bias_kv_and_zero_attn_fall_back(backend):
     run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_one_trains_as_torch(backend):
+    """dropout=1.0 drops every weight in training (torch's module gives zeros through out_proj);
+    the ops function refuses p = 1, so the module takes torch's path there."""
+    ours, theirs = pair(embed_dim=16, num_heads=2, dropout=1.0)
+    ours.train(), theirs.train()
+    x = torch.randn(5, 2, 16, device=DEVICE)
+    run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)
+
+
 def test_causal_hint_with_padding_passes_no_square_mask(monkeypatch):
     """is_causal with a key padding mask: the kernel gets the (B, 1, 1, S) padding mask and
     is_causal, not an L×S combination (it skips the tiles above the diagonal)."""
@@ -248,3 +258,17 @@ def test_torch_jit_script(kwargs):
     x = torch.randn(2, 5, 8, device=DEVICE)
     torch.testing.assert_close(torch.jit.script(layer)(x), layer(x), atol=2e-5, rtol=2e-5)
     assert isinstance(layer.self_attn, gptkern.nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("batch_first, shape", [(False, (5, 2, 16)), (True, (2, 5, 16)), (False, (5, 16))])
+def test_self_attention_projects_once(monkeypatch, batch_first, shape):
+    """query is key is value: one matmul with in_proj_weight, whatever the layout."""
+    ours, theirs = pair(embed_dim=16, num_heads=2, batch_first=batch_first)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(w.shape) or linear(x, w, b))
+    x = torch.randn(*shape, device=DEVICE)
+    out, _ = ours(x, x, x, need_weights=False)
+    assert calls[0] == (48, 16) and len(calls) == 2  # the fused projection, then out_proj
+    monkeypatch.undo()
+    torch.testing.assert_close(out, theirs(x, x, x, need_weights=False)[0], atol=2e-5, rtol=2e-5)

@@ -71,7 +71,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return self._torch_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                        average_attn_weights, is_causal)
         if (need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3)
-                or query.is_nested):
+                or query.is_nested or (self.training and self.dropout >= 1.0)):  # p = 1: torch's zeros
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -81,12 +81,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
         unbatched = query.dim() == 2
+        same = query is key and key is value  # self-attention, one input projection: kept through the reshape
         if unbatched:  # (L, E) -> (1, L, E)
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if same:
+            key = value = query
         out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
         if unbatched:
             out = out.squeeze(0)
