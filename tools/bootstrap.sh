@@ -20,16 +20,18 @@ if system_cuda_torch; then
   echo "bootstrap: using the CUDA torch of $PYTHON (nothing installed over it)"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
   PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
-  # Install only what is missing (the GPU machine may have no network).
+  # Install only what is missing, runtime and test packages, never triton over the system's
+  # (the GPU machine may have no network).
   missing=$("$VENV/bin/python" - <<'PY'
 import importlib.util
-print(" ".join(line.split("==")[0] for line in open("requirements-dev.txt")
-      if line.strip() and not line.startswith("#")
-      and importlib.util.find_spec(line.split("==")[0]) is None))
+modules = {"PyYAML": "yaml"}  # distributions whose module is named otherwise
+lines = [l.strip() for f in ("requirements.txt", "requirements-dev.txt") for l in open(f)]
+names = [l.split("==")[0] for l in lines if l and not l.startswith("#")]
+print(" ".join(n for n in names if n != "triton" and importlib.util.find_spec(modules.get(n, n)) is None))
 PY
 )
   if [ -n "$missing" ] && ! "${PIP[@]}" $missing; then
-    echo "bootstrap: could not install $missing (no network?); the tests that need it are skipped" >&2
+    echo "bootstrap: could not install $missing (no network?); what needs it will fail or be skipped" >&2
   fi
 else
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
