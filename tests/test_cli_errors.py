@@ -91,3 +91,23 @@ def test_a_corrupt_model_directory_and_bench_threads(capsys, tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--threads", "0"])
         assert exit_info.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_generate_without_a_tokenizer_or_with_an_empty_prompt(capsys, tmp_path):
+    from gptkern.data import ByteTokenizer
+    from gptkern.models import GPT, GPTConfig
+    from gptkern.models.io import save_pretrained
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=257))
+    save_pretrained(model, tmp_path / "bare")  # no tokenizer
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path / "bare"), "--prompt", "a", "--device", "cpu")
+    assert err.startswith("gptkern generate: error: ") and "has no tokenizer files" in err
+    save_pretrained(model, tmp_path / "full", ByteTokenizer())
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path / "full"), "--prompt", "", "--device", "cpu")
+    assert err.startswith("gptkern generate: error: the prompt encodes to no tokens")
+
+
+def test_traceback_setting_shows_train_flag_errors(monkeypatch):
+    monkeypatch.setenv("GPTKERN_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="block_size"):
+        cli.main(["train", "--block-size", "0"])

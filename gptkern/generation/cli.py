@@ -35,7 +35,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
 
         model, tokenizer = load_pretrained(args.checkpoint, device=device, dtype=dtype)
         if tokenizer is None:
-            raise SystemExit(f"gptkern generate: {args.checkpoint} has no tokenizer files")
+            raise ValueError(f"{args.checkpoint} has no tokenizer files")
         return model, tokenizer
     from gptkern.data.tokenizer import gpt2_tokenizer
     from gptkern.models import GPT
@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, tokenizer = load(args, device, dtype)
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("gptkern generate: the prompt encodes to no tokens")
+        raise ValueError("the prompt encodes to no tokens")
     prompt = torch.tensor([ids], device=device)
     start = time.perf_counter()
     steps = generate(model, prompt, args.max_new_tokens, do_sample=args.temperature > 0,

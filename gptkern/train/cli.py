@@ -52,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = parse(argv)
     except ValueError as err:
+        if os.environ.get("GPTKERN_TRACEBACK"):
+            raise
         print(f"gptkern train: error: {err}", file=sys.stderr)
         return 2
     try:
