@@ -482,3 +482,18 @@ def test_dropout_seed_is_drawn_on_the_cpu_whatever_the_default_device():
         torch.set_default_device(None)
     assert seed.device.type == "cpu" and torch.equal(seed, expected)
     assert draw_seed(0.0) is None
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in gptkern.available_backends()])
+def test_a_nan_score_makes_its_rows_and_their_lse_nan(backend):
+    """Every kernel backend (CUDA's under the emulator) propagates a NaN key to the rows that see
+    it, output and saved LSE, and leaves the others alone; a row that sees no key gives 0, -inf."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 70, 64), torch.randn(1, 1, 90, 64), torch.randn(1, 1, 90, 64)
+    k[0, 0, 50] = float("nan")  # causal, top-left: query rows 50 to 69 see key 50
+    if backend == "cpu":
+        out, lse = torch.ops.gptkern.attention_fwd(q, k, v, None, True, 0.125, 0.0, None)
+    else:
+        out, lse = torch.ops.gptkern.triton_attention(q, k, v, None, True, 0.125, 0.0, None)
+    assert bool(out[:, :, 50:].isnan().all()) and bool(lse[:, :, 50:].isnan().all())
+    assert not out[:, :, :50].isnan().any() and not lse[:, :, :50].isnan().any()

@@ -411,8 +411,9 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float l = w.l[r];
-      store_f32(w.acc.data() + r * p.dvp, oo.row(b, h, q0 + r), oo.sc, p.dv, l > 0.0f ? 1.0f / l : 0.0f);
-      st.at(b, h, q0 + r) = l > 0.0f ? (w.m[r] + std::log(l)) * kLog2e : kNegInf;
+      // l == 0: no key seen (0 and an LSE of -inf); a NaN score makes l, the row and its LSE NaN
+      store_f32(w.acc.data() + r * p.dvp, oo.row(b, h, q0 + r), oo.sc, p.dv, l == 0.0f ? 0.0f : 1.0f / l);
+      st.at(b, h, q0 + r) = l == 0.0f ? kNegInf : (w.m[r] + std::log(l)) * kLog2e;
     }
   });
 }

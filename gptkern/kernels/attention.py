@@ -229,7 +229,7 @@ def _attn_fwd_kernel(
     else:
         tl.store(O + b * sob + h * soh + m0 * som + rows[:, None] * som + offs_dv[None, :] * sod,
                  o.to(O.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # a NaN sum (a NaN score) gives a NaN LSE, as the CUDA kernel
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -float("inf"))
     tl.store(LSE + b * slb + h * slh + q0 + offs_m, lse, mask=offs_m < L)
 
