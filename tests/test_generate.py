@@ -159,6 +159,28 @@ def test_padding_takes_no_context(use_cache):
         generate(model, wide, 57, attention_mask=wide_mask)
 
 
+def test_a_fixed_width_that_fits_keeps_its_cache_length(monkeypatch):
+    """The padding columns are skipped only when the padded width would pass the context: a batch
+    padded to a fixed width that fits keeps one cache (and CUDA-graph) length from call to call."""
+    import importlib
+
+    gen = importlib.import_module("gptkern.generation.generate")  # the package's `generate` is the function
+
+    _, model = hf_and_gpt()
+    lengths = []
+    make_cache = gen.make_cache
+    monkeypatch.setattr(gen, "make_cache", lambda m, kind, b, n, blocks: lengths.append(n) or make_cache(m, kind, b, n,
+                                                                                                           blocks))
+    for real in ([5, 8], [3, 2]):
+        prompt, mask = left_padded(real)
+        pad = 40 - prompt.shape[1]
+        wide = torch.cat([torch.zeros(2, pad, dtype=torch.long), prompt], 1)
+        wide_mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), mask], 1)
+        got = generate(model, wide, 10, attention_mask=wide_mask, cuda_graph=False)
+        assert torch.equal(got[:, 40:], generate(model, prompt, 10, attention_mask=mask, cuda_graph=False)[:, -10:])
+    assert lengths[0] == lengths[2] == 50
+
+
 def test_eos_stops_each_sequence_and_pads():
     _, model = hf_and_gpt()
     prompt, mask = left_padded([6, 2, 4], seed=3)

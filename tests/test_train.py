@@ -163,23 +163,30 @@ def test_resume_compares_resolved_settings(data_dir, tmp_path, monkeypatch, caps
 
 
 def test_resume_from_another_directory_and_world_size(data_dir, tmp_path, monkeypatch):
-    """The data folder is compared as resolved when the checkpoint was written (a relative path
-    resumed from elsewhere is the same folder); a checkpoint of another world size is refused."""
+    """The data folder is the same when it resolves as it did when the checkpoint was written (a
+    relative path resumed from another directory) or as the saved path resolves from here (the
+    project moved); another folder is refused, and so is a checkpoint of another world size."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     monkeypatch.chdir(tmp_path)
     train(tiny("data", str(tmp_path / "run"), max_steps=1))
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(data_dir, elsewhere / "data")  # a different folder with the same relative name
+    shutil.copytree(data_dir, elsewhere / "other")
     monkeypatch.chdir(elsewhere)
     train(tiny(str(data), str(tmp_path / "run"), max_steps=2, resume=True))
-    with pytest.raises(ValueError, match=f"data: checkpoint '{data}' != now 'data'"):
-        Trainer(tiny("data", str(tmp_path / "run"), max_steps=3, resume=True))
+    with pytest.raises(ValueError, match=f"data: checkpoint '{data}' != now 'other'"):
+        Trainer(tiny("other", str(tmp_path / "run"), max_steps=3, resume=True))
+    state_file = ckpt.latest_checkpoint(str(tmp_path / "run")) / "state.json"
+    state = json.loads(state_file.read_text())
+    moved = {**state, "data_realpath": "/moved/away/data", "config": {**state["config"], "data": "data"}}
+    state_file.write_text(json.dumps(moved))  # as if written from /moved/away with --data data
+    monkeypatch.chdir(tmp_path)
+    train(tiny("data", str(tmp_path / "run"), max_steps=3, resume=True))  # "data" resolves here
     state_file = ckpt.latest_checkpoint(str(tmp_path / "run")) / "state.json"
     state = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({**state, "world_size": 2, "loader": [state["loader"]] * 2}))
     with pytest.raises(ValueError, match="world_size: checkpoint 2 != now 1"):
-        Trainer(tiny(str(data), str(tmp_path / "run"), max_steps=3, resume=True))
+        Trainer(tiny(str(data), str(tmp_path / "run"), max_steps=4, resume=True))
 
 
 def test_a_fresh_start_drops_an_earlier_runs_metrics(data_dir, tmp_path):

@@ -3,6 +3,7 @@ import pytest
 
 from gptkern import cli
 from gptkern.train.cli import parse
+from gptkern.train.config import TrainConfig
 
 
 def write(tmp_path, name, text):
@@ -42,8 +43,8 @@ def test_bad_config_file_values_name_the_key_and_file(tmp_path, name, text, mess
     (["--lr", "1e39"], r"lr \(--lr\) must be a finite number at most 3.403e\+38"),
     (["--lr", "nan"], r"--lr\) must be a finite number"),
     (["--min-lr", "inf"], r"--min-lr\) must be a finite number"),
-    (["--seed", "-1"], r"seed \(--seed\) must be in \[0, 2\*\*63\), got -1"),
-    (["--seed", str(2**64)], r"seed \(--seed\) must be in \[0, 2\*\*63\)"),
+    (["--seed", "-1"], r"seed \(--seed\) must be in \[0, 2\*\*64\), got -1"),
+    (["--seed", str(2**64)], r"seed \(--seed\) must be in \[0, 2\*\*64\)"),
     (["--block-size", "0"], r"block_size \(--block-size\) must be an integer >= 1, got 0"),
     (["--block-size", "-4"], r"block_size \(--block-size\) must be an integer >= 1"),
     (["--max-seconds", "-1"], r"max_seconds \(--max-seconds\) must be a positive number"),
@@ -86,3 +87,12 @@ def test_files_are_written_as_utf8_whatever_the_locale(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "f.json").read_text(encoding="utf-8") == "caf\u00e9 \u00a1 \u4e2d"
+
+
+def test_large_seeds_and_numpy_time_budgets_are_taken():
+    import numpy as np
+
+    assert parse(["--seed", str(2**64 - 1)]).seed == 2**64 - 1  # torch.manual_seed takes it
+    for budget in (np.int64(5), np.float32(2.5), 7):
+        value = TrainConfig(max_seconds=budget).max_seconds
+        assert type(value) is float and value == float(budget)

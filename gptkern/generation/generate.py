@@ -146,9 +146,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     input_ids = input_ids.to(model_device, torch.long)
     mask = mask.to(model_device)
-    prompt = input_ids  # returned in full; the steps skip the columns that are padding in every row
-    lead = input_ids.shape[1] - int(mask.sum(-1).max())
-    input_ids, mask = input_ids[:, lead:], mask[:, lead:]
+    prompt = input_ids  # returned in full
+    c = model.config
+    if c.pos_embedding == "learned" and input_ids.shape[1] + max_new_tokens > c.block_size:
+        # the padded width would pass the context: the steps skip the columns that are padding in
+        # every row (only then: a fixed width keeps the CUDA-graph session's key from call to call)
+        lead = input_ids.shape[1] - int(mask.sum(-1).max())
+        input_ids, mask = input_ids[:, lead:], mask[:, lead:]
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import numbers
 import os
 import textwrap
 import typing
@@ -63,15 +64,18 @@ class TrainConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
-            raise ValueError(f"seed ({_flag('seed')}) must be in [0, 2**63), got {self.seed}")
+        if not 0 <= self.seed < 2**64:  # torch.manual_seed's range (of non-negative seeds)
+            raise ValueError(f"seed ({_flag('seed')}) must be in [0, 2**64), got {self.seed}")
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise ValueError(f"block_size ({_flag('block_size')}) must be an integer >= 1, got {self.block_size!r}")
         if self.block_size is not None:
             self.block_size = int(self.block_size)
-        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not isinstance(
-                self.max_seconds, (int, float)) or not 0 < self.max_seconds < float("inf")):
-            raise ValueError(f"max_seconds ({_flag('max_seconds')}) must be a positive number, got {self.max_seconds!r}")
+        if self.max_seconds is not None:
+            if isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, numbers.Real) or not (
+                    0 < self.max_seconds < float("inf")):
+                raise ValueError(f"max_seconds ({_flag('max_seconds')}) must be a positive number, got "
+                                 f"{self.max_seconds!r}")
+            self.max_seconds = float(self.max_seconds)  # numpy numbers too, stored as a float (JSON)
         for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
             value = getattr(self, name)
             # AdamW computes in float32: a larger value overflows there
@@ -321,8 +325,11 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], saved_model:
         compare("preset", saved.get("preset"), current.get("preset"))
     for k in model_wrong:
         compare(f"model.{k}", saved_model.get(k), current_model.get(k))
-    compare("data", saved_data_realpath or os.path.realpath(saved["data"]), os.path.realpath(current["data"]),
-            (saved_data_realpath or saved["data"], current["data"]))
+    # the same folder: as resolved when the checkpoint was written, or the saved path resolved from
+    # here (a project moved, or a relative path resumed from another directory)
+    here = os.path.realpath(current["data"])
+    if here not in (saved_data_realpath, os.path.realpath(saved["data"])):
+        wrong.append(f"data: checkpoint {saved_data_realpath or saved['data']!r} != now {current['data']!r}")
     for k in ("batch_size", "grad_accum", "seed"):
         compare(k, saved.get(k), current.get(k))
     compare("block_size", saved.get("block_size") or saved_model.get("block_size"),
