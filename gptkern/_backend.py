@@ -195,7 +195,7 @@ def available_backends() -> list[str]:
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 # Per-op exceptions to _AUTO_ORDER, (op, device type) -> order, where the C++ kernels win
 # (benchmarks/bench_cpu.py, 2 threads, AMD EPYC, AVX-512): causal attention fwd 2.0x, fwd+bwd 2.4x
-# (fp32) of PyTorch's CPU SDPA, decode 1.2x / 7.7x (fp32 / bf16); rms_norm 2-3x forward and 5-10x forward+backward
+# (fp32) of PyTorch's CPU SDPA, decode 1.3x / 7.7x (fp32 / bf16); rms_norm 2-3x forward and 5-10x forward+backward
 # (PyTorch's is a composition of ops; 0.7x only on tiny 64x64 inputs); ``linear`` (no grad, at most
 # 8 rows): the GEMV kernel reads the weights on both cores, MKL's on one (gpt2-small output layer
 # 2.1-2.4x F.linear). softmax / log_softmax / layer_norm: from the sizes row_kernel_pays allows.
@@ -228,10 +228,10 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     """Under ``auto``, whether the C++ softmax / log_softmax / layer_norm beats PyTorch's on this
     CPU call (None), else why not. Measured on 2 threads (benchmarks/results/
     2026-11-29_amd-epyc-2t_cpu-crossover.md, 2026-11-30_amd-epyc-2t_cpu-crossover.md,
-    2026-11-30_amd-epyc-2t_cpu-huge-pages.md): from 1M elements (1.0-2.2x forward; in 16-bit with
-    gradients 1.1-1.9x, bf16 softmax 0.85-1.17x); from 250K to 1M the forward ran 1.0-1.2x on a
+    2026-11-30_amd-epyc-2t_cpu-huge-pages.md): from 1M elements (0.96-2.2x forward; in 16-bit with
+    gradients 1.1-2.1x, bf16 softmax 0.85-1.17x); from 250K to 1M the forward ran 0.8-1.2x on a
     quiet VM and 0.6-1.2x on a loaded one, so it stays on torch. fp32 forward+backward stays on
-    torch (0.8-1.4x), but from HUGE_PAGE_ELEMENTS with huge pages on (2.4-2.7x); softmax rows
+    torch (0.74-1.4x), but from HUGE_PAGE_ELEMENTS with huge pages on (2.4-2.7x); softmax rows
     under 128 wide too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim
     (the C++ op copies it: 0.2-0.8x)."""
     # fixed reasons: formatting a size would make torch.compile specialize on it
