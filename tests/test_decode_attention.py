@@ -242,3 +242,16 @@ def test_triton_declines_grids_and_offsets_it_cannot_take():
     assert _triton_grid_limits(q, big, big, object()) is None  # paged: 64-bit block offsets
     assert "65540 query rows" in _triton_grid_limits(t((2, 8, 16385, 64)), k, k, None)
     assert _triton_grid_limits(t((2, 8, 16385, 64), device="cpu"), k, k, None) is None  # the interpreter
+
+
+def test_cuda_declines_grids_it_cannot_launch():
+    """The CUDA decode kernel's grid: blocks of 32 query rows per KV head on its third axis
+    (65535 at most) and one combine block per row (2**31 - 1): beyond, `auto` moves on."""
+    from types import SimpleNamespace
+
+    from gptkern.ops.decode import _cuda_grid_limits
+
+    kv = SimpleNamespace(shape=(1, 2, 16, 64))
+    assert _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8, 64)), kv) is None  # 2097120 rows
+    assert "2097124 query rows" in _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8 + 1, 64)), kv)
+    assert "2147483648 in all" in _cuda_grid_limits(SimpleNamespace(shape=(2**16, 2, 2**14, 64)), kv)

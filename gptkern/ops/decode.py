@@ -95,12 +95,25 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)  # rows that see nothing: 0
 
 
+def _rows_per_kv_head(q, k_cache) -> int:
+    return q.shape[1] // max(k_cache.shape[1], 1) * q.shape[2]  # the GQA group x Lq
+
+
+def _cuda_grid_limits(q, k_cache) -> Optional[str]:
+    """Sizes the CUDA decode kernel's grid cannot take (its third axis: blocks of 32 rows per KV
+    head; the combine's first: one block per row), or None."""
+    rows, total = _rows_per_kv_head(q, k_cache), q.shape[0] * q.shape[1] * q.shape[2]
+    if rows > 65535 * 32 or total >= 2**31:
+        return f"{rows} query rows per key/value head, {total} in all (at most 2097120 and 2**31 - 1)"
+    return None
+
+
 def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
     """Sizes the Triton decode kernels' launch grid or 32-bit offsets cannot take, or None."""
     def span(t, dims) -> int:  # elements from a view's first to its last, over these dims
         return 1 + sum((t.shape[d] - 1) * t.stride(d) for d in dims) if all(t.shape[d] for d in dims) else 0
 
-    rows = q.shape[1] // max(k_cache.shape[1], 1) * q.shape[2]  # query rows per KV head
+    rows = _rows_per_kv_head(q, k_cache)
     if rows > 65535 and q.device.type == "cuda":  # the combine's grid: a row per block on its second axis
         return f"{rows} query rows per key/value head (at most 65535)"
     if block_table is None:  # keys are offset within one head's cache in 32 bits
@@ -132,9 +145,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)
     scale_value = _checks.attention_scale(scale, q.shape[-1])
 
-    b, h, lq = q.shape[:3]
-    rows = h // max(k_cache.shape[1], 1) * lq  # query rows per KV head
-
     def cpu_support():
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
             return "gradients (the decode kernel has no backward)"
@@ -144,10 +154,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return cpu_support() or _triton_grid_limits(q, k_cache, v_cache, block_table)
 
     def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
-        why = cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
-        if why is None and (rows > 65535 * 32 or b * h * lq >= 2**31):  # its grid's third axis, the combine's first
-            why = f"{rows} query rows per key/value head, {b * h * lq} in all (at most 2097120 and 2**31 - 1)"
-        return why
+        return (cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
+                or _cuda_grid_limits(q, k_cache))
 
     name = _backend.choose("decode_attention", q.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
