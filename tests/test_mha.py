@@ -1,5 +1,6 @@
 """gptkern.nn.MultiheadAttention is a drop-in for torch.nn.MultiheadAttention."""
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -220,12 +221,35 @@ def test_mask_dtypes_as_torch(mask_dtype, padding_dtype, is_causal):
                   key_padding_mask=None if padding_dtype is None else padding if padding_dtype == torch.bool else
                   torch.zeros(2, 3, device=DEVICE).masked_fill(padding, float("-inf")).to(padding_dtype))
     try:
-        want = theirs(x, x, x, **kwargs)[0]
+        with warnings.catch_warnings(record=True) as their_warnings:
+            warnings.simplefilter("always")
+            want = theirs(x, x, x, **kwargs)[0]
     except RuntimeError:
         with pytest.raises(RuntimeError, match="attn_mask dtype"):
             ours(x, x, x, **kwargs)
         return
-    torch.testing.assert_close(ours(x, x, x, **kwargs)[0], want, atol=2e-5, rtol=2e-5)
+    with warnings.catch_warnings(record=True) as our_warnings:
+        warnings.simplefilter("always")
+        got = ours(x, x, x, **kwargs)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    deprecated = [{str(w.message) for w in ws if "mismatched" in str(w.message)}  # torch may warn twice
+                  for ws in (our_warnings, their_warnings)]
+    assert deprecated[0] == deprecated[1] and bool(deprecated[0]) == (padding_dtype not in (None, mask_dtype))
+
+
+def test_causal_hint_drops_attn_mask_unread_as_torch():
+    """With is_causal, no key_padding_mask and need_weights=False, torch drops attn_mask without
+    checking its shape (only its rank and dtype); with a padding mask it checks the shape."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    wrong = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).triu(1)
+    torch.testing.assert_close(ours(x, x, x, attn_mask=wrong, is_causal=True, need_weights=False)[0],
+                               theirs(x, x, x, attn_mask=wrong, is_causal=True, need_weights=False)[0],
+                               atol=2e-5, rtol=2e-5)
+    kpm = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    for module in (ours, theirs):
+        with pytest.raises(RuntimeError, match="attn_mask"):
+            module(x, x, x, attn_mask=wrong, key_padding_mask=kpm, is_causal=True, need_weights=False)
 
 
 def test_nested_tensor_input_takes_torch_fast_path():

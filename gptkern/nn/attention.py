@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -80,6 +81,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
+        if (key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype
+                and all(m.dtype == torch.bool or m.is_floating_point() for m in (key_padding_mask, attn_mask))):
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
+                          "Use same type for both instead.")
         unbatched = query.dim() == 2
         same = query is key and key is value  # self-attention, one input projection: kept through the reshape
         if unbatched:  # (L, E) -> (1, L, E)
@@ -146,7 +151,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, s):
             raise AssertionError(f"expecting key_padding_mask shape of {(b, s)}, but got "
                                  f"{tuple(key_padding_mask.shape)}")
-        if attn_mask is not None:
+        if attn_mask is not None and not (is_causal and key_padding_mask is None):  # else torch drops it unread
             expected = (l, s) if attn_mask.dim() == 2 else (b * h, l, s)
             if tuple(attn_mask.shape) != expected:
                 raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
