@@ -159,3 +159,26 @@ def test_compile_fullgraph():
     with torch.no_grad():
         out = torch.compile(mod, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(out, F.linear(x, mod.weight, mod.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_gives_the_autocast_dtype(dtype):
+    """Under CPU autocast F.linear computes in the autocast dtype: the kernel (which would keep
+    fp32) steps aside for few rows too, and the module's output dtype does not depend on them."""
+    w, b = weights()
+    ref = torch.nn.Linear(K, N)
+    mod = Linear(K, N)
+    mod.load_state_dict(ref.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), gptkern.backend("cpu"):
+        for rows in (1, 8, 9):
+            x = torch.randn(rows, K)
+            assert not linear_module._use_kernel(x, w, b)
+            assert gptkern.ops.linear(x, w, b).dtype == dtype
+            torch.testing.assert_close(mod(x), ref(x), atol=0, rtol=0)
+
+
+def test_module_scripts():
+    """TorchScript runs F.linear on the module's parameters (gptkern's ops are Python)."""
+    mod = Linear(K, N)
+    x = torch.randn(3, K)
+    torch.testing.assert_close(torch.jit.script(mod)(x), F.linear(x, mod.weight, mod.bias))

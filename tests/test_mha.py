@@ -296,3 +296,15 @@ def test_self_attention_projects_once(monkeypatch, batch_first, shape):
     assert calls[0] == (48, 16) and len(calls) == 2  # the fused projection, then out_proj
     monkeypatch.undo()
     torch.testing.assert_close(out, theirs(x, x, x, need_weights=False)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_out_projection_hooks_do_not_run_as_in_torch():
+    """torch reads out_proj's weight and bias and never calls the module: its hooks do not run."""
+    for cls in (torch.nn.MultiheadAttention, gptkern.nn.MultiheadAttention):
+        module = cls(8, 2, batch_first=True, device=DEVICE)
+        calls = []
+        module.out_proj.register_forward_hook(lambda mod, args, out: calls.append(1) or out * 0)
+        x = torch.randn(1, 3, 8, device=DEVICE)
+        for need_weights in (False, True):
+            assert not (module(x, x, x, need_weights=need_weights)[0] == 0).all()
+        assert calls == []

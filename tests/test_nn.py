@@ -78,3 +78,15 @@ def test_torch_jit_script(module):
     if getattr(module, "normalized_shape", None) == (12,):
         x = x.flatten(2)
     torch.testing.assert_close(torch.jit.script(module)(x), module(x))
+
+
+def test_softmax_without_dim_compiles_fullgraph():
+    """nn.Softmax(dim=None) picks the dimension from the rank, warning in eager, and compiles with
+    fullgraph=True as torch's module does."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        eager = gptkern.nn.Softmax()(x)
+    torch.testing.assert_close(eager, torch.softmax(x, 0))
+    compiled = torch.compile(gptkern.nn.Softmax(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager)

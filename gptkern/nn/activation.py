@@ -10,9 +10,11 @@ from gptkern import ops
 
 
 def _legacy_softmax_dim(ndim: int) -> int:
-    # torch.nn.Softmax(dim=None) picks the dimension from the rank, with a warning.
-    warnings.warn("Implicit dimension choice for softmax has been deprecated. "
-                  "Change the call to include dim=X as an argument.", stacklevel=3)
+    # torch.nn.Softmax(dim=None) picks the dimension from the rank, with a warning (in eager
+    # only: Dynamo cannot trace warnings.warn here, and fullgraph=True would fail on it).
+    if not torch.compiler.is_compiling():
+        warnings.warn("Implicit dimension choice for softmax has been deprecated. "
+                      "Change the call to include dim=X as an argument.", stacklevel=3)
     return 0 if ndim in (0, 1, 3) else 1
 
 

@@ -172,4 +172,4 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=bool(is_causal))
         out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
-        return self.out_proj(out)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as torch: out_proj's hooks do not run

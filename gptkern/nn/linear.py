@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gptkern import ops
 
@@ -11,4 +12,6 @@ class Linear(torch.nn.Linear):
     grad, a few rows on CPU go through gptkern's GEMV kernel (decoding); else F.linear."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript runs torch's kernel (gptkern's ops are Python)
+            return F.linear(input, self.weight, self.bias)
         return ops.linear(input, self.weight, self.bias)

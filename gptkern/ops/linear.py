@@ -38,6 +38,8 @@ def _kernel_serves(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         return False  # F.linear raises torch's TypeError naming the argument
     if input.device.type != "cpu" or weight.dim() != 2 or input.dim() < 1 or not weight.is_contiguous():
         return False
+    if torch.is_autocast_enabled("cpu"):  # F.linear casts to the autocast dtype; the custom op would not
+        return False
     if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
@@ -69,7 +71,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     too under the ``cpu`` backend), contiguous weight, the ``cpu`` backend (and ``auto``) runs
     gptkern's GEMV kernel, which
     reads the weights at close to the machine's bandwidth on every core; otherwise F.linear.
-    Under torch.compile this is F.linear.
+    Under torch.compile or CPU autocast this is F.linear.
     """
     if torch.compiler.is_compiling() or not _use_kernel(input, weight, bias):
         return F.linear(input, weight, bias)
