@@ -34,11 +34,20 @@ _current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_V
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
-    """``device`` as a torch.device, with ValueError when it is a CUDA device and none is here."""
-    device = torch.device(device)
+    """``device`` as a torch.device, with ValueError when it names no device torch knows or a
+    CUDA device and none is here."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:  # "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ValueError(f"device {device!r}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA device is available here (torch {torch.__version__}, "
                          f"built with CUDA {torch.version.cuda})")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: where torch has one; meta holds no data
+        available = torch.backends.mps.is_available if device.type == "mps" else \
+            getattr(getattr(torch, device.type, None), "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device {device}: not available here")
     return device
 
 

@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # What a user's input can cause (a missing file, a bad value): one line, not a traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               ValueError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

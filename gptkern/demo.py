@@ -154,12 +154,25 @@ def _row(op: str, shape: str, backend: str, dtype: torch.dtype, measure: Callabl
     return passed
 
 
+def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
+    """The embedded corpus tokenized into ``data`` (a pathlib.Path), capped at ``corpus_chars``;
+    kept from an earlier run with the same cap, prepared again for another. Returns its meta."""
+    from gptkern.data.corpus import corpus_description
+    from gptkern.data.prepare import prepare
+
+    meta_file = data / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()).get("source") != corpus_description(corpus_chars):
+        shutil.rmtree(data)
+    if not meta_file.is_file():
+        prepare([], data, "byte", max_chars=corpus_chars, progress=False)
+    return json.loads(meta_file.read_text())
+
+
 def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], device: torch.device) -> None:
     """Steps 1-3: data, training, sampling."""
     import time
     from pathlib import Path
 
-    from gptkern.data.prepare import prepare
     from gptkern.generation import generate
     from gptkern.models.io import load_pretrained
     from gptkern.train import TrainConfig, train
@@ -167,9 +180,7 @@ def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], d
 
     data = Path(out) / "data"
     print(f"== 1/4 data: the embedded corpus -> {data}")
-    if not (data / "meta.json").is_file():
-        prepare([], data, "byte", max_chars=corpus_chars, progress=False)
-    meta = json.loads((data / "meta.json").read_text())
+    meta = prepare_corpus(data, corpus_chars)
     print(f"   {meta['splits']['train']['tokens']:,} training tokens, {meta['splits']['val']['tokens']:,} "
           f"validation tokens ({meta['source']})")
     gpu = device.type == "cuda"
@@ -214,6 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--skip-train", action="store_true", help="no data, training or sampling")
     parser.add_argument("--skip-bench", action="store_true", help="no kernel benchmarks")
     args = parser.parse_args(argv)
+    if not 0 < args.minutes < float("inf"):
+        parser.error(f"--minutes must be a positive number, got {args.minutes:g}")
+    if args.corpus_chars is not None and args.corpus_chars < 1:
+        parser.error(f"--corpus-chars must be >= 1, got {args.corpus_chars}")
     _enable_interpreter_without_cuda()
     import gptkern
     from gptkern import _backend, benchmark

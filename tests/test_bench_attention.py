@@ -103,3 +103,11 @@ def test_cli_forwards_bench_attention(capsys):
         cli.main(["bench-attention", "--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--width", "--tokens"])
+def test_zero_width_or_tokens_is_an_error(flag, capsys):
+    """0 is not the default: it is refused as other values out of range are."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_attention.main([flag, "0"])
+    assert exit_info.value.code == 2 and "--width" in capsys.readouterr().err

@@ -111,3 +111,53 @@ def test_traceback_setting_shows_train_flag_errors(monkeypatch):
     monkeypatch.setenv("GPTKERN_TRACEBACK", "1")
     with pytest.raises(ValueError, match="block_size"):
         cli.main(["train", "--block-size", "0"])
+
+
+def test_devices_torch_does_not_know_or_that_are_not_here(capsys, tmp_path):
+    for device in ("gpu", "cuda:x", "meta"):
+        err = run(capsys, "train", "--device", device, "--data", str(tmp_path), "--out-dir", str(tmp_path / "run"))
+        assert err.startswith("gptkern train: error: device ") and "Traceback" not in err
+        err = run(capsys, "finetune", "classify", "--init", str(tmp_path), "--data", "x.csv", "--val", "y.csv",
+                  "--device", device)
+        assert err.startswith("gptkern finetune: error: device ")
+
+
+def test_out_dir_that_is_a_file(capsys, tmp_path):
+    from gptkern.data.prepare import prepare
+
+    prepare([], tmp_path / "data", "byte", max_chars=20_000, progress=False)
+    (tmp_path / "afile").write_text("x")
+    err = run(capsys, "train", "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "afile"),
+              "--max-steps", "1", "--device", "cpu", "--progress", "false")
+    assert "afile" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--weight-decay", "-1"), ("--grad-clip", "-1"), ("--beta1", "1"),
+                                        ("--beta2", "-0.1"), ("--peak-tflops", "-1"), ("--peak-tflops", "0")])
+def test_optimizer_and_mfu_values_out_of_range(capsys, flag, value):
+    err = run(capsys, "train", flag, value)
+    assert flag in err
+
+
+def test_task_steps_and_lr_out_of_range(capsys, tmp_path):
+    for argv, flag in ((("finetune", "classify", "--steps", "-5"), "--steps"),
+                       (("train", "seq2seq", "--steps", "-1"), "--steps"),
+                       (("train", "seq2seq", "--lr", "0"), "--lr")):
+        (tmp_path / "pairs.tsv").write_text("ab\tba\ncd\tdc\nef\tfe\n")
+        extra = ["--data", str(tmp_path / "pairs.tsv")] if argv[0] == "train" else \
+            ["--init", str(tmp_path), "--data", "x.csv", "--val", "y.csv"]
+        err = run(capsys, *argv, *extra)
+        assert flag in err, err
+
+
+def test_deeply_nested_jsonl_line_is_named(capsys, tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    status = cli.main(["prepare", "--input", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "deep.jsonl:1: not a valid JSON line" in err and "Traceback" not in err
+
+
+def test_prepare_negative_seed_names_the_flag(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", "--out", str(tmp_path / "out"), "--seed", "-1"])
+    assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err

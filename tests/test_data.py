@@ -193,6 +193,7 @@ def test_prepare_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "empty" / "b.md").write_text("  \n\n")
+    (tmp_path / "empty" / "c.txt").write_bytes(b"\xef\xbb\xbf \r\n")  # a byte order mark alone
     with pytest.raises(ValueError, match="no text to tokenize"):
         prepare([tmp_path / "empty"], tmp_path / "o", progress=False, log=lambda m: None)
     (tmp_path / "x.bin").write_bytes(b"\x00\x01binary")

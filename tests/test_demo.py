@@ -26,3 +26,24 @@ def test_demo_trains_and_samples(tmp_path):
     assert "tokens/s decode" in out.stdout and "correctness: all ok" in out.stdout
     assert (tmp_path / "train" / "loss.png").is_file()
     assert list((tmp_path / "train" / "checkpoints").glob("step_*"))
+
+
+def test_demo_flags_and_a_corpus_prepared_with_another_cap(tmp_path, capsys):
+    """--minutes and --corpus-chars are checked before any work; data prepared with one cap is
+    kept for the same cap and prepared again for another."""
+    import pytest
+
+    from gptkern import demo
+
+    for argv, flag in ((["--minutes", "0"], "--minutes"), (["--minutes", "-1"], "--minutes"),
+                       (["--corpus-chars", "0"], "--corpus-chars")):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main([*argv, "--out", str(tmp_path / "unused")])
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists()
+    small = demo.prepare_corpus(tmp_path / "data", 20_000)
+    (tmp_path / "data" / "marker").write_text("")
+    assert demo.prepare_corpus(tmp_path / "data", 20_000) == small and (tmp_path / "data" / "marker").exists()
+    larger = demo.prepare_corpus(tmp_path / "data", 40_000)
+    assert larger["source"] != small["source"] and not (tmp_path / "data" / "marker").exists()
+    assert larger["splits"]["train"]["tokens"] > small["splits"]["train"]["tokens"]

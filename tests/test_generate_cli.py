@@ -59,3 +59,36 @@ def test_top_k_0_turns_top_k_off_and_ids_past_the_tokenizer_are_skipped(tmp_path
     monkeypatch.setattr(cli, "generate", fake_generate)
     assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-k", "0", "--max-new-tokens", "3"]) == 0
     assert seen["top_k"] is None and capsys.readouterr().out == "xAB\n"
+
+
+def test_bytes_that_are_not_utf8_print_replaced_and_reach_the_model_as_bytes(tmp_path, monkeypatch, capsys):
+    """A byte-level model may emit the bytes of a lone surrogate (ED A0 80): the output shows a
+    replacement and goes on instead of failing midway. A prompt byte that is not UTF-8 (argv holds
+    it as an escaped surrogate) reaches the model as that one byte."""
+    from gptkern.generation import cli
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=257)).eval()
+    save_pretrained(model, tmp_path, ByteTokenizer())
+    seen = {}
+
+    def fake_generate(model, prompt, max_new_tokens, **kwargs):
+        seen["prompt"] = prompt[0].tolist()
+        return iter(torch.tensor([t]) for t in (0x68, 0xED, 0xA0, 0x80, 0x69))
+
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    prompt = b"a\xff".decode("utf-8", errors="surrogateescape")  # as Python reads such an argument
+    assert cli.main(["--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert seen["prompt"] == [0x61, 0xFF]
+    assert out.startswith("a") and out.endswith("i\n") and "h" in out and "?" in out
+
+
+def test_a_prompt_outside_the_models_vocabulary(tmp_path, capsys):
+    """A tokenizer larger than the model's vocabulary (the wrong one in a directory) is one error line."""
+    from gptkern import cli
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=100)).eval()
+    save_pretrained(model, tmp_path, ByteTokenizer())  # ids up to 256
+    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "z", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "token id 122" in err and "vocab_size 100" in err and "Traceback" not in err

@@ -413,3 +413,25 @@ def test_cuda_generator_state_is_this_ranks_device(monkeypatch):
     del old["cuda_device"]
     ckpt.set_rng_state(old)
     assert calls == [([0], 0)]
+
+
+def test_resume_takes_this_runs_weight_decay_and_betas(data_dir, tmp_path, capsys):
+    """The optimizer state brings the saved hyperparameters back: the run's own weight decay and
+    betas are set again (the learning rate follows the schedule), and changing them changes the
+    steps; a resume already at max_steps says so."""
+    train(config(data_dir, tmp_path / "a", max_steps=4))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = Trainer(config(data_dir, tmp_path / "a", max_steps=6, resume=True))
+    other = Trainer(config(data_dir, tmp_path / "b", max_steps=6, resume=True, weight_decay=0.0, beta1=0.5,
+                           beta2=0.6))
+    assert [g["weight_decay"] for g in other.optimizer.param_groups] == [0.0, 0.0]
+    assert all(g["betas"] == (0.5, 0.6) for g in other.optimizer.param_groups)
+    assert same.optimizer.param_groups[0]["weight_decay"] == TrainConfig().weight_decay
+    assert same.optimizer.param_groups[1]["weight_decay"] == 0.0
+    same.fit()
+    other.fit()
+    a, b = (load_pretrained(ckpt.latest_checkpoint(str(tmp_path / d)))[0].state_dict() for d in "ab")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    train(config(data_dir, tmp_path / "a", max_steps=6, resume=True))
+    assert "nothing to train" in capsys.readouterr().err

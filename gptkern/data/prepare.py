@@ -67,8 +67,8 @@ def _jsonl_documents(path: Path, data: bytes, log: Log) -> list[str]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-            raise ValueError(f"{path}:{lineno}: not a valid JSON line ({err})") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise ValueError(f"{path}:{lineno}: not a valid JSON line ({type(err).__name__}: {err})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
         if obj["text"].strip():
@@ -84,7 +84,7 @@ def _file_documents(path: Path, named: bool, log: Log) -> list[str]:
     """A file's documents: one per JSONL line, else the whole file. Binaries named on the command
     line are an error; binaries found in a folder are skipped."""
     data = path.read_bytes()
-    if not data.strip():
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():  # a byte order mark alone counts as empty
         log(f"note: skipping empty file {path}")
         return []
     if path.suffix.lower() in JSONL_SUFFIXES:
@@ -478,7 +478,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.seed < 0:  # numpy's generator takes non-negative seeds
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
         meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.workers,
                        args.seed, args.max_chars, progress=not args.quiet)

@@ -44,6 +44,24 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     return model, gpt2_tokenizer(args.hf_dir)
 
 
+def _encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids: a byte tokenizer gets the command line's own bytes (Python holds bytes
+    that are not UTF-8 as escaped surrogates, which would encode as three other bytes)."""
+    if hasattr(tokenizer, "encode_bytes"):
+        try:
+            return tokenizer.encode_bytes(prompt.encode("utf-8", errors="surrogateescape"))
+        except UnicodeEncodeError:  # a lone surrogate that came from elsewhere than argv
+            pass
+    return tokenizer.encode(prompt)
+
+
+def _show(text: str) -> None:
+    """Write text to stdout; what its encoding cannot hold (a lone surrogate a byte-level model
+    produced) is replaced, never an error midway through the output."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    sys.stdout.write(text.encode(encoding, errors="replace").decode(encoding))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.device == "auto":
@@ -53,15 +71,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model, tokenizer = load(args, device, dtype)
-    ids = tokenizer.encode(args.prompt)
+    ids = _encode_prompt(tokenizer, args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
+    if max(ids) >= model.config.vocab_size:
+        raise ValueError(f"the prompt has token id {max(ids)}, outside the model's vocabulary (vocab_size "
+                         f"{model.config.vocab_size}): the tokenizer does not belong to this model")
     prompt = torch.tensor([ids], device=device)
     start = time.perf_counter()
     steps = generate(model, prompt, args.max_new_tokens, do_sample=args.temperature > 0,
                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                      eos_token_id=tokenizer.eos_id, stream=True)
-    sys.stdout.write(args.prompt)
+    _show(args.prompt)
     new: list[int] = []
     shown = ""
     first_token_s = None
@@ -74,11 +95,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             new.append(int(token[0]))
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
+            _show(text[len(shown):])
             sys.stdout.flush()
             shown = text
     total_s = time.perf_counter() - start
-    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    _show(tokenizer.decode(new)[len(shown):] + "\n")
     if args.bench:
         decode_s = total_s - (first_token_s or 0.0)
         rate = (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else float("nan")

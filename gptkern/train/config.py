@@ -82,6 +82,17 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
                 raise ValueError(f"{name} ({_flag(name)}) must be a finite number at most {FLOAT32_MAX:.4g} "
                                  f"(float32), got {value!r}")
+        for name in ("weight_decay", "grad_clip"):  # AdamW checks only its default weight decay
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({_flag(name)}) must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} ({_flag(name)}) must be in [0, 1), got {getattr(self, name)!r}")
+        if self.peak_tflops is not None and (isinstance(self.peak_tflops, bool)
+                                             or not isinstance(self.peak_tflops, numbers.Real)
+                                             or not 0 < self.peak_tflops < float("inf")):
+            raise ValueError(f"peak_tflops ({_flag('peak_tflops')}) must be a positive number, got "
+                             f"{self.peak_tflops!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need warmup_steps >= 0, lr > 0 and min_lr >= 0, got {self.warmup_steps}, {self.lr}, "
                              f"{self.min_lr}")

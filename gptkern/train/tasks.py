@@ -36,6 +36,10 @@ def _check_config(c: TaskConfig, min_len: int) -> None:
         raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {c.batch_size!r}")
     if isinstance(c.max_len, bool) or not isinstance(c.max_len, int) or c.max_len < min_len:
         raise ValueError(f"max_len (--max-len) must be an integer of at least {min_len}, got {c.max_len!r}")
+    if isinstance(c.steps, bool) or not isinstance(c.steps, int) or c.steps < 0:
+        raise ValueError(f"steps (--steps) must be an integer >= 0, got {c.steps!r}")
+    if not (isinstance(c.lr, (int, float)) and 0 < c.lr < float("inf")):
+        raise ValueError(f"lr (--lr) must be a positive number, got {c.lr!r}")
 
 
 def _schedule(step: int, c: TaskConfig) -> float:

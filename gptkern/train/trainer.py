@@ -188,6 +188,7 @@ class Trainer:
             raise ValueError(f"checkpoint file {path / 'model.safetensors'} does not match its config.json: "
                              f"{err}") from err
         saved = load_training_state(path, self._load_optimizer_state)
+        self._set_optimizer_hyperparameters()  # the loaded state brought the saved ones back
         self.step = saved["step"]
         if self.scaler.is_enabled() and "grad_scaler" in saved:
             self.scaler.load_state_dict(saved["grad_scaler"])
@@ -195,6 +196,13 @@ class Trainer:
                                     else saved["loader"])
         self.metrics.truncate_after(self.step)
         self.metrics.note(f"resumed from {path} at step {self.step}")
+
+    def _set_optimizer_hyperparameters(self) -> None:
+        """This run's weight decay and betas on make_optimizer's groups (decayed, not decayed); the
+        learning rate is set at every step."""
+        c = self.config
+        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):
+            group["weight_decay"], group["betas"] = decay, (c.beta1, c.beta2)
 
     def _load_model_state(self, state) -> None:
         if self.config.fsdp and self.env.world_size > 1:
@@ -341,6 +349,9 @@ class Trainer:
         window_start, window_steps = started, 0
         if self.env.main:
             write_atomic(str(Path(c.out_dir) / "config.json"), json.dumps(c.to_dict(), indent=1) + "\n")
+        if self.step >= c.max_steps:
+            self.metrics.note(f"the checkpoint is at step {self.step}, at or past max_steps ({c.max_steps}): "
+                              f"nothing to train (raise --max-steps to go on)")
         while self.step < c.max_steps:
             loss_tensor = self.train_step()
             losses.append(loss_tensor)
