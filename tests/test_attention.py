@@ -381,6 +381,18 @@ def test_autocast(backend):
     assert_close(got, want.double(), got.dtype)
 
 
+def test_autocast_leaves_float64_alone_as_torch():
+    """torch's autocast casts floating-point inputs other than float64: a float64 call stays in
+    float64, and a float64 mask beside float32 inputs is refused as torch refuses it."""
+    q = rand(1, 2, 6, 8).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sdpa(q, q, q).dtype == F.scaled_dot_product_attention(q, q, q).dtype == torch.float64
+        x, mask = q.float(), torch.zeros(6, 6, dtype=torch.float64)
+        for fn in (sdpa, F.scaled_dot_product_attention):
+            with pytest.raises(RuntimeError, match="attn_mask dtype"):
+                fn(x, x, x, attn_mask=mask)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_value_dim_and_bad_mask_rank(backend):
     q, k = rand(1, 2, 5, 8, ), rand(1, 2, 6, 8)

@@ -255,3 +255,19 @@ def test_cuda_declines_grids_it_cannot_launch():
     assert _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8, 64)), kv) is None  # 2097120 rows
     assert "2097124 query rows" in _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8 + 1, 64)), kv)
     assert "2147483648 in all" in _cuda_grid_limits(SimpleNamespace(shape=(2**16, 2, 2**14, 64)), kv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_as_torch_sdpa(backend):
+    """Under autocast decode computes in the autocast dtype on every backend, as torch's SDPA (and
+    the torch backend, which calls it) does, and takes an fp32 query over a cache in that dtype."""
+    q, (k_cache, v_cache) = rand(2, 4, 1, 16), caches(2, 2, 9, 16, 16)
+    seqlens = torch.tensor([4, 9], dtype=torch.int32)
+    want = decode_attention_ref(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), seqlens)
+    with torch.autocast("cpu", dtype=torch.bfloat16), gptkern.backend(backend):
+        for k_c, v_c in ((k_cache, v_cache), (k_cache.bfloat16(), v_cache.bfloat16())):
+            out = decode(q, k_c, v_c, seqlens)
+            assert out.dtype == torch.bfloat16
+            assert_close(out, want, torch.bfloat16, msg=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast (served by torch)
+        assert decode(q.double(), k_cache.double(), v_cache.double(), seqlens).dtype == torch.float64

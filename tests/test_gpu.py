@@ -2,6 +2,7 @@
 GPU against the float64 reference and against torch. Skipped (and reported) without one."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gptkern
 from gptkern.ops.reference import layer_norm_ref, rms_norm_ref, softmax_ref
@@ -142,3 +143,20 @@ def test_large_strided_softmax_int64_offsets_cuda():
         y = gptkern.ops.softmax(x, 0)
     cols = [0, 12345, 32767]
     torch.testing.assert_close(y[:, cols].float(), torch.softmax(x[:, cols].float(), 0), atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_cuda_autocast_runs_softmax_and_norms_in_float32_as_torch(backend):
+    if backend not in gptkern.available_backends():
+        pytest.skip(f"{backend} not built here")
+    x = torch.randn(6, 256, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with gptkern.backend(backend):
+            got = [gptkern.ops.softmax(x, -1), gptkern.ops.log_softmax(x, -1),
+                   gptkern.ops.layer_norm(x, (256,), w.bfloat16(), b), gptkern.ops.rms_norm(x, (256,), w)]
+        want = [torch.softmax(x, -1), torch.log_softmax(x, -1), F.layer_norm(x, (256,), w.bfloat16(), b),
+                F.rms_norm(x, (256,), w)]
+    for a, r in zip(got, want):
+        assert a.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)

@@ -260,3 +260,24 @@ def test_sliding_window_attention_edges():
         sliding_window_attention(x, x[:, :, :4], x, (2, -1), True)
     with pytest.raises(RuntimeError, match="sliding_window_attention: q, k, v must be"):
         sliding_window_attention(x[0], x[0], x[0], (2, -1), True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_gives_zeros_with_zero_gradients(backend):
+    """Sequences without keys, and no sequences at all, give zeros that stay in the autograd graph
+    on every backend (a NaN query row included): backward runs and gives zero gradients."""
+    for cu_q, cu_k in (([0, 3], [0, 0]), ([0], [0]), ([0, 2, 3], [0, 0, 4])):
+        q = torch.randn(cu_q[-1], 2, 8, device=DEVICE)
+        if cu_q[-1]:
+            q[0] = float("nan")
+        q.requires_grad_()
+        k = torch.randn(cu_k[-1], 2, 8, device=DEVICE, requires_grad=True)
+        v = torch.randn(cu_k[-1], 2, 6, device=DEVICE, requires_grad=True)
+        offsets = [torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k)]
+        with gptkern.backend(backend):
+            out = gptkern.ops.flash_attn_varlen(q, k, v, *offsets, 3, max(cu_k[-1], 1))
+        assert out.shape == (cu_q[-1], 2, 6) and out.requires_grad
+        empty_rows = cu_q[1] if len(cu_q) > 1 else 0  # the first sequence has no keys
+        assert torch.equal(out[:empty_rows], torch.zeros_like(out[:empty_rows]))
+        grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+        assert torch.equal(grads[0][:empty_rows], torch.zeros_like(grads[0][:empty_rows]))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autograd, _checks, cuda_attention
+from gptkern.ops import _autocast, _autograd, _checks, cuda_attention
 from gptkern.ops import attention_double_backward as double_backward
 from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
 
@@ -144,16 +144,6 @@ def _cpu_limits(q: torch.Tensor) -> Optional[str]:
     return triton_dtype_support(q.dtype)  # fp16, bf16, fp32 as the Triton kernels
 
 
-def _autocast(*tensors: Optional[torch.Tensor]) -> tuple:
-    """Under torch.autocast, the floating-point inputs in the autocast dtype (as torch's SDPA)."""
-    device = tensors[0].device.type
-    # meta tensors: autocast has no meta device (and Dynamo cannot trace torch.amp.is_autocast_available)
-    if device == "meta" or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
 def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
@@ -280,7 +270,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if scale is not None:
         check_float_arg(scale, "scale", "scaled_dot_product_attention")
     check_bool_arg(enable_gqa, "enable_gqa", "scaled_dot_product_attention")
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    query, key, value, attn_mask = _autocast.lower_precision(query, key, value, attn_mask)
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if enable_gqa and key.dim() >= 3 and value.dim() >= 3 and key.shape[-3] != value.shape[-3]:
         # torch repeats key and value heads separately; the kernels share one count: repeat both to Hq
@@ -446,13 +436,18 @@ def _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)
     for (q0, q1), (k0, k1) in zip(bounds_q, bounds_k):
         qb, kb, vb = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
         mask = varlen_visibility(q1 - q0, k1 - k0, causal, window, q.device)
-        if k1 == k0:
-            out = qb.new_zeros(qb.shape[0], q1 - q0, vb.shape[-1])
+        if k1 == k0:  # zeros, (H, Lq, Dv), that stay in the autograd graph (zero gradients), NaN or not
+            out = _empty_sum(qb) + vb.sum((0, 1))
         else:
             out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                                  enable_gqa=qb.shape[0] != kb.shape[0])
         outs.append(out.transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[-1])
+    return torch.cat(outs) if outs else _empty_sum(q) + v.sum((0, 1))  # no sequence: (0, H, Dv)
+
+
+def _empty_sum(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of t's shape with a last dim of 1, computed from t (a sum over no columns)."""
+    return t[..., :0].sum(-1, keepdim=True)
 
 
 def _check_offsets_tensor(cu: torch.Tensor, name: str, device: torch.device) -> None:
@@ -503,7 +498,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not q.shape[2] == k.shape[2] == v.shape[2]:
         raise RuntimeError(f"sliding_window_attention: q, k, v must be (B, heads, L, dim) with one L, got "
                            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    q, k, v = _autocast(q, k, v)  # the backend is chosen for the dtype the kernels will see
+    q, k, v = _autocast.lower_precision(q, k, v)  # the backend is chosen for the dtype the kernels will see
     b, h, l, _ = q.shape
     if _varlen_backend(q, k, v, dropout_p, (l, l)) == "torch":
         mask = varlen_visibility(l, l, causal, tuple(window_size), q.device)  # (L, L) or None
@@ -540,7 +535,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name)
-    q, k, v = _autocast(q, k, v)
+    q, k, v = _autocast.lower_precision(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise RuntimeError(f"flash_attn_varlen: {name} must be (total, heads, dim), got {list(t.shape)}")

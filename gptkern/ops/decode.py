@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autograd, _checks, cuda_attention
+from gptkern.ops import _autocast, _autograd, _checks, cuda_attention
 from gptkern.ops._checks import check_float_arg, check_tensor, triton_dtype_support
 
 
@@ -140,8 +140,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale: defaults to 1 / sqrt(D).
         block_table: (B, max_blocks) int32: block i of sequence b is k_cache[block_table[b, i]].
     Returns:
-        (B, H, Lq, Dv), in q's dtype.
+        (B, H, Lq, Dv), in q's dtype (under autocast, the autocast dtype, as torch's SDPA).
     """
+    if isinstance(q, torch.Tensor):  # else _check names the argument
+        q, k_cache, v_cache = _autocast.lower_precision(q, k_cache, v_cache)
     _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)
     scale_value = _checks.attention_scale(scale, q.shape[-1])
 

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
-from gptkern.ops import _autograd
+from gptkern.ops import _autocast, _autograd
 from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
                                  triton_dtype_support, wrap_dim)
 
@@ -79,6 +79,8 @@ def register_cpu_ops() -> None:
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
     check_tensor(input, "input")
     check_dtype_arg(dtype, op)
+    if dtype is None and _autocast.runs_in_float32(input):  # torch's autocast on CUDA: a float32 result
+        dtype = torch.float32
     if dtype is None:
         check_floating(input, "input", op)
     dim = wrap_dim(dim, input.dim(), op)
