@@ -148,13 +148,19 @@ def test_prepare_bpe_is_independent_of_workers_and_pieces(tree, tmp_path):
 
 
 def test_split_text_cuts_at_pretoken_boundaries():
-    words = ["alpha", "be", "  gamma", "\n\ndelta", "12345", "e's", "\tzeta", "...", "ünï", "  \n x"]
-    text = "".join(words[(i * 7) % len(words)] for i in range(400))
+    # \x1c-\x1f are whitespace to Python's re but not to the tokenizers library's pre-tokenizer
+    words = ["alpha", "be", "  gamma", "\n\ndelta", "12345", "e's", "\tzeta", "...", "ünï", "  \n x", " \x1cf",
+             "\x1f\x1e g", "\u3000h", "\x85i"]
+    text = "".join(words[(i * 5) % len(words)] for i in range(400))
     pieces = split_text(text, 64)  # the longest run without whitespace (26) fits in half a window
-    assert "".join(pieces) == text and all(len(p) <= 64 for p in pieces) and len(pieces) > 30
+    assert "".join(pieces) == text and all(len(p) <= 64 for p in pieces) and len(pieces) > 25
     tok = train_bpe([text], 300)
     assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text)
     assert split_text("x" * 100, 30) == ["x" * 30] * 3 + ["x" * 10]  # no whitespace: hard cuts
+    separators = "abcdefghij \x1cklm \x1d\x1enop\x1f " * 20  # every cut must go before a space
+    pieces = split_text(separators, 40)
+    assert all(p.startswith(" ") for p in pieces[1:])
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(separators)
 
 
 def test_prepare_huge_single_line_files(tmp_path):

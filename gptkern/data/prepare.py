@@ -41,8 +41,9 @@ PIECE_CHARS = 1 << 20  # documents are encoded in pieces of at most this many ch
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 # The last whitespace character of a run that is followed by a non-space: cutting just before it
-# gives the same GPT-2 / byte-level BPE pre-tokens on both sides as the uncut text.
-_LAST_CUT = re.compile(r"(?s:.*)\s(?=\S)")
+# gives the same GPT-2 / byte-level BPE pre-tokens on both sides as the uncut text. Whitespace as
+# the tokenizers library's pre-tokenizer sees it: Python's \s also takes \x1c-\x1f.
+_LAST_CUT = re.compile(r"(?s:.*)[^\S\x1c-\x1f](?=\S|[\x1c-\x1f])")
 
 Log = Callable[[str], None]
 
