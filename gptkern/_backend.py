@@ -43,6 +43,8 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA device is available here (torch {torch.__version__}, "
                          f"built with CUDA {torch.version.cuda})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: where torch has one; meta holds no data
         available = torch.backends.mps.is_available if device.type == "mps" else \
             getattr(getattr(torch, device.type, None), "is_available", None)

@@ -156,15 +156,22 @@ def _row(op: str, shape: str, backend: str, dtype: torch.dtype, measure: Callabl
 
 def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
     """The embedded corpus tokenized into ``data`` (a pathlib.Path), capped at ``corpus_chars``;
-    kept from an earlier run with the same cap, prepared again for another. Returns its meta."""
+    kept from an earlier run with the same cap, prepared again (over its own files) for another.
+    A folder holding another dataset is refused, never overwritten. Returns its meta."""
     from gptkern.data.corpus import corpus_description
     from gptkern.data.prepare import prepare
 
     meta_file = data / "meta.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()).get("source") != corpus_description(corpus_chars):
-        shutil.rmtree(data)
-    if not meta_file.is_file():
-        prepare([], data, "byte", max_chars=corpus_chars, progress=False)
+    wanted = corpus_description(corpus_chars)
+    if meta_file.is_file():
+        source = json.loads(meta_file.read_text()).get("source", "")
+        if source == wanted:
+            return json.loads(meta_file.read_text())
+        if not source.startswith("embedded corpus:"):
+            raise ValueError(f"{data} holds another dataset ({source}); give the demo another --out")
+    elif data.exists() and any(data.iterdir()):
+        raise ValueError(f"{data} is not empty and holds no prepared dataset; give the demo another --out")
+    prepare([], data, "byte", max_chars=corpus_chars, progress=False)
     return json.loads(meta_file.read_text())
 
 

@@ -1,7 +1,7 @@
 """torch's autocast rules on gptkern's ops, whose custom ops have no autocast kernels: on CUDA,
-softmax, log_softmax, layer_norm and rms_norm run in float32 (the ``fp32`` and
-``fp32_set_opt_dtype`` rules). Here the rule is pointed at CPU autocast, which exercises the same
-code on every CPU backend; tests/test_gpu.py checks it against torch on CUDA."""
+softmax, log_softmax, layer_norm (and rms_norm from torch 2.12) run in float32 (the ``fp32`` and
+``fp32_set_opt_dtype`` rules). Here CUDA's rules are pointed at CPU autocast, which exercises the
+same code on every CPU backend; tests/test_gpu.py checks them against torch on CUDA."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,16 @@ BACKENDS = backends_here(torch.device("cpu"))
 
 @pytest.fixture
 def cpu_runs_fp32(monkeypatch):
-    monkeypatch.setattr(_autocast, "FLOAT32_DEVICES", ("cpu",))
+    monkeypatch.setattr(_autocast, "AUTOCAST_KEYS", {"cpu": "AutocastCUDA"})
+
+
+def test_the_rules_are_the_installed_torchs():
+    """Read from torch's dispatcher: CUDA autocast has float32 kernels for the four ops (rms_norm
+    from torch 2.12), CPU autocast for none."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    for op in ("softmax", "log_softmax", "layer_norm", "rms_norm"):
+        assert _autocast.FLOAT32_RULES[(op, "AutocastCUDA")] == (op != "rms_norm" or version >= (2, 12))
+        assert not _autocast.FLOAT32_RULES[(op, "AutocastCPU")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,7 +41,9 @@ def test_softmax_and_norms_run_in_float32(cpu_runs_fp32, backend, dtype):
          (x, w, b)),
         (lambda x, w, b: gptkern.ops.rms_norm(x, (40,), w), lambda x, w, b: F.rms_norm(x, (40,), w), (x, w)),
     ]
-    for ours, theirs, leaves in cases:
+    for (ours, theirs, leaves), op in zip(cases, ("softmax", "log_softmax", "layer_norm", "rms_norm")):
+        if not _autocast.FLOAT32_RULES[(op, "AutocastCUDA")]:
+            continue  # rms_norm before torch 2.12
         with torch.autocast("cpu", dtype=torch.bfloat16), gptkern.backend(backend):
             got = ours(x, w, b)
         want = theirs(ref_x, ref_w, ref_b)  # torch's CUDA autocast: the same op on float32 inputs

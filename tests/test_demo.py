@@ -45,5 +45,16 @@ def test_demo_flags_and_a_corpus_prepared_with_another_cap(tmp_path, capsys):
     (tmp_path / "data" / "marker").write_text("")
     assert demo.prepare_corpus(tmp_path / "data", 20_000) == small and (tmp_path / "data" / "marker").exists()
     larger = demo.prepare_corpus(tmp_path / "data", 40_000)
-    assert larger["source"] != small["source"] and not (tmp_path / "data" / "marker").exists()
+    assert larger["source"] != small["source"] and (tmp_path / "data" / "marker").exists()  # over its files
     assert larger["splits"]["train"]["tokens"] > small["splits"]["train"]["tokens"]
+    # a folder with the user's own dataset, or other files, is refused and left as it was
+    from gptkern.data.prepare import prepare
+
+    (tmp_path / "mine" / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "mine" / "data" / "raw" / "notes.txt").write_text("my own notes " * 50)
+    with pytest.raises(ValueError, match="not empty"):
+        demo.prepare_corpus(tmp_path / "mine" / "data", 20_000)
+    prepare([tmp_path / "mine" / "data" / "raw"], tmp_path / "mine" / "data", "byte", progress=False)
+    with pytest.raises(ValueError, match="holds another dataset"):
+        demo.prepare_corpus(tmp_path / "mine" / "data", 20_000)
+    assert (tmp_path / "mine" / "data" / "raw" / "notes.txt").is_file()

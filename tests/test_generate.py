@@ -429,4 +429,7 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype():
         cache = gptkern.generation.kv_cache.make_cache(model, "paged", 2, 16)
         static, paged = (generate(model, prompt, 8, attention_mask=mask, cache=kind) for kind in ("static", "paged"))
     assert cache.k[0].dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):  # a bf16 model: autocast makes fp16 keys and values
+        assert gptkern.generation.kv_cache.make_cache(model.bfloat16(), "static", 2, 16).k[0].dtype == torch.float16
+        assert gptkern.generation.kv_cache.make_cache(model.double(), "static", 2, 16).k[0].dtype == torch.float64
     assert torch.equal(static, paged) and static.shape == (2, 14)

@@ -416,10 +416,15 @@ def test_cuda_generator_state_is_this_ranks_device(monkeypatch):
 
 
 def test_resume_takes_this_runs_weight_decay_and_betas(data_dir, tmp_path, capsys):
-    """The optimizer state brings the saved hyperparameters back: the run's own weight decay and
-    betas are set again (the learning rate follows the schedule), and changing them changes the
-    steps; a resume already at max_steps says so."""
+    """The optimizer state brings the saved group settings back: the run's own weight decay, betas,
+    eps and fused / foreach choice are set again (the learning rate follows the schedule), and
+    changing them changes the steps; a resume already at max_steps says so."""
     train(config(data_dir, tmp_path / "a", max_steps=4))
+    saved = ckpt.latest_checkpoint(str(tmp_path / "a")) / "optimizer.pt"
+    state = torch.load(saved, weights_only=True)
+    for group in state["param_groups"]:  # as if written by another machine's optimizer (fused, eps)
+        group.update(eps=1e-3, foreach=not group["foreach"])
+    torch.save(state, saved)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     same = Trainer(config(data_dir, tmp_path / "a", max_steps=6, resume=True))
     other = Trainer(config(data_dir, tmp_path / "b", max_steps=6, resume=True, weight_decay=0.0, beta1=0.5,
@@ -428,6 +433,9 @@ def test_resume_takes_this_runs_weight_decay_and_betas(data_dir, tmp_path, capsy
     assert all(g["betas"] == (0.5, 0.6) for g in other.optimizer.param_groups)
     assert same.optimizer.param_groups[0]["weight_decay"] == TrainConfig().weight_decay
     assert same.optimizer.param_groups[1]["weight_decay"] == 0.0
+    fresh = Trainer(config(data_dir, tmp_path / "c", max_steps=6)).optimizer.param_groups
+    for group, own in zip(same.optimizer.param_groups, fresh):
+        assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in own.items() if k != "params"}
     same.fit()
     other.fit()
     a, b = (load_pretrained(ckpt.latest_checkpoint(str(tmp_path / d)))[0].state_dict() for d in "ab")

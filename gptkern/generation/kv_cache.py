@@ -234,11 +234,11 @@ class PagedKVCache(StaticKVCache):
 def make_cache(model: torch.nn.Module, kind: str, batch_size: int, max_seq_len: int,
                num_blocks: Optional[int] = None) -> StaticKVCache:
     """A ``static`` or ``paged`` cache for ``model``'s layers on its device, in its dtype (under
-    autocast of an fp32 model, in the autocast dtype)."""
+    autocast, in the autocast dtype, as the keys and values are made, float64 models excepted)."""
     check_cache_kind(kind)
     weight = next(model.parameters())
     dtype = weight.dtype
-    if torch.is_autocast_enabled(weight.device.type) and dtype == torch.float32:
+    if torch.is_autocast_enabled(weight.device.type) and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(weight.device.type)  # the keys and values autocast makes
     if kind == "static":
         return StaticKVCache.for_model(model, batch_size, max_seq_len, dtype=dtype)

@@ -7,9 +7,25 @@ from typing import Optional
 
 import torch
 
-# Where torch's autocast runs softmax, log_softmax, layer_norm and rms_norm in float32 (its CPU
-# autocast leaves them in the input's dtype).
-FLOAT32_DEVICES = ("cuda",)
+# torch's autocast dispatch key per device type. Where one of the ops below has an autocast kernel
+# under it, torch runs the op in float32 there (its fp32 and fp32_set_opt_dtype rules): on CUDA for
+# softmax, log_softmax and layer_norm, and rms_norm from torch 2.12; CPU autocast leaves them alone.
+AUTOCAST_KEYS = {"cuda": "AutocastCUDA", "xpu": "AutocastXPU"}
+_ATEN_OPS = {"softmax": "aten::softmax.int", "log_softmax": "aten::log_softmax.int",
+             "layer_norm": "aten::layer_norm", "rms_norm": "aten::rms_norm"}
+
+
+def _has_autocast_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(_ATEN_OPS[op], key)
+    except (AttributeError, RuntimeError):  # a torch without the query: its documented lists
+        version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+        return key == "AutocastCUDA" and (op != "rms_norm" or version >= (2, 12))
+
+
+# read once (a dict lookup at each call, which Dynamo traces)
+FLOAT32_RULES = {(op, key): _has_autocast_kernel(op, key) for op in _ATEN_OPS
+                 for key in ("AutocastCUDA", "AutocastCPU", "AutocastXPU")}
 
 
 def _enabled(device_type: str) -> bool:
@@ -34,17 +50,19 @@ def lower_precision(*tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(t.to(dtype) if _eligible(t, device) else t for t in tensors)
 
 
-def runs_in_float32(first: torch.Tensor) -> bool:
-    """Whether autocast runs softmax / normalization on ``first`` in float32 (its ``fp32`` and
-    ``fp32_set_opt_dtype`` rules: on CUDA, for an eligible first input)."""
+def runs_in_float32(op: str, first: torch.Tensor) -> bool:
+    """Whether torch's autocast runs ``op`` (softmax, log_softmax, layer_norm or rms_norm) on
+    ``first`` in float32: autocast on, an eligible first input, and a float32 rule for the op on
+    that device (see AUTOCAST_KEYS)."""
     device = first.device.type
-    return device in FLOAT32_DEVICES and _enabled(device) and _eligible(first, device)
+    key = AUTOCAST_KEYS.get(device)
+    return key is not None and _enabled(device) and _eligible(first, device) and FLOAT32_RULES[(op, key)]
 
 
-def float32(*tensors: Optional[torch.Tensor]) -> tuple:
+def float32(op: str, *tensors: Optional[torch.Tensor]) -> tuple:
     """torch's ``fp32`` rule (layer_norm, rms_norm): the eligible inputs in float32 when
-    :func:`runs_in_float32` holds for the first."""
-    if not runs_in_float32(tensors[0]):
+    :func:`runs_in_float32` holds for ``op`` and the first."""
+    if not runs_in_float32(op, tensors[0]):
         return tensors
     device = tensors[0].device.type
     return tuple(t.float() if _eligible(t, device) else t for t in tensors)

@@ -160,10 +160,10 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
         weight, bias: optional (*normalized_shape) tensors.
         eps: added to the biased variance.
     Returns:
-        a tensor of ``input``'s shape and dtype (float32 under CUDA autocast, as in torch).
+        a tensor of ``input``'s shape and dtype (float32 under autocast where torch's is).
     """
     check_tensor(input, "input")
-    input, weight, bias = _autocast.float32(input, weight, bias)  # torch's autocast on CUDA
+    input, weight, bias = _autocast.float32("layer_norm", input, weight, bias)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("layer_norm", input, shape, weight, bias)
     check_float_arg(eps, "eps", "layer_norm")
@@ -184,10 +184,10 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
         eps: added to the mean square; None means the machine epsilon of the compute type
             (``torch.finfo(torch.float32).eps`` for fp16/bf16/fp32 inputs), as in PyTorch.
     Returns:
-        a tensor of ``input``'s shape and dtype (float32 under CUDA autocast, as in torch).
+        a tensor of ``input``'s shape and dtype (float32 under autocast where torch's is).
     """
     check_tensor(input, "input")
-    input, weight = _autocast.float32(input, weight)  # torch's autocast on CUDA
+    input, weight = _autocast.float32("rms_norm", input, weight)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape)
     check_norm_args("rms_norm", input, shape, weight)
     if eps is not None:

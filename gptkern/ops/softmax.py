@@ -79,7 +79,7 @@ def register_cpu_ops() -> None:
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
     check_tensor(input, "input")
     check_dtype_arg(dtype, op)
-    if dtype is None and _autocast.runs_in_float32(input):  # torch's autocast on CUDA: a float32 result
+    if dtype is None and _autocast.runs_in_float32(op, input):  # torch's autocast on CUDA: a float32 result
         dtype = torch.float32
     if dtype is None:
         check_floating(input, "input", op)

@@ -187,8 +187,10 @@ class Trainer:
         except RuntimeError as err:  # missing or misshapen tensors though config.json agrees
             raise ValueError(f"checkpoint file {path / 'model.safetensors'} does not match its config.json: "
                              f"{err}") from err
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         saved = load_training_state(path, self._load_optimizer_state)
-        self._set_optimizer_hyperparameters()  # the loaded state brought the saved ones back
+        for group, own in zip(self.optimizer.param_groups, settings):  # the loaded state brought the saved
+            group.update(own)  # settings back (weight decay, betas, fused / foreach): this run's instead
         self.step = saved["step"]
         if self.scaler.is_enabled() and "grad_scaler" in saved:
             self.scaler.load_state_dict(saved["grad_scaler"])
@@ -196,13 +198,6 @@ class Trainer:
                                     else saved["loader"])
         self.metrics.truncate_after(self.step)
         self.metrics.note(f"resumed from {path} at step {self.step}")
-
-    def _set_optimizer_hyperparameters(self) -> None:
-        """This run's weight decay and betas on make_optimizer's groups (decayed, not decayed); the
-        learning rate is set at every step."""
-        c = self.config
-        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):
-            group["weight_decay"], group["betas"] = decay, (c.beta1, c.beta2)
 
     def _load_model_state(self, state) -> None:
         if self.config.fsdp and self.env.world_size > 1:
