@@ -23,9 +23,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query (B, H, L, D), key/value (B, Hkv, S, D), mask a bool
     (True = attend) or additive (B or 1, 1 or H, L, S) tensor or None. Returns (B, L, H, Dv), None."""
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("gptkern attention supports neither softcap, position_bias nor sinks; "
-                                  "use attn_implementation='eager'")
+    # attention sinks come as sinks or as s_aux (GPT-OSS and others)
+    unsupported = [name for name in ("softcap", "position_bias", "sinks", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"gptkern attention does not support {', '.join(unsupported)} (softcap, "
+                                  f"position biases or attention sinks); use attn_implementation='eager'")
     l = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # the causal hint only holds for a prompt (L > 1) with no explicit mask, as in transformers' sdpa

@@ -343,9 +343,9 @@ def test_paged_cache_allocator():
 
 
 def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():
-    """Writes before any allocate() raise (they would all land in the scratch block); a token
-    past a sequence's table goes to scratch, and decode attention rejects the length, with the
-    sequence's own blocks intact."""
+    """Writes before any allocate() raise (they would all land in the scratch block), and so do
+    writes past a sequence's blocks, whether its table has columns left or not, with every
+    block intact; a freed sequence's writes go to scratch."""
     from gptkern.generation import PagedKVCache
 
     cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=3, block_size=2,
@@ -364,6 +364,19 @@ def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():
         cache.decode(0, kv, kv, kv + 1)
     for before, after in zip(kept, cache.k + cache.v):
         assert torch.equal(before[1:], after[1:])  # block 0 is scratch
+    wide = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=5, block_size=2,
+                        max_seq_len=8)  # 4 table columns per sequence
+    wide.allocate([2, 2])
+    wide.write_prompt(0, kv.expand(2, 1, 2, 4), kv.expand(2, 1, 2, 4), torch.full((2,), 2, dtype=torch.int32))
+    wide.seqlens.fill_(2)
+    kept = [t.clone() for t in wide.k + wide.v]
+    with pytest.raises(RuntimeError, match="sequence 0 needs 3 positions .* has 2 allocated"):
+        wide.decode(0, kv, kv, kv + 1)  # column 1 of the table is unallocated (0, the scratch block)
+    for before, after in zip(kept, wide.k + wide.v):
+        assert torch.equal(before, after)
+    wide.free(0)
+    wide.allocate([0, 3])
+    wide.decode(0, kv, kv, kv + 1)  # row 0 freed: to scratch; row 1 has a new block
 
 
 def test_an_explicit_block_count_of_zero_is_refused():

@@ -154,6 +154,15 @@ def test_attention_interface_runs_gptkern(monkeypatch):
     assert calls == [True, True]  # one call per layer, the causal hint instead of a mask
 
 
+@pytest.mark.parametrize("name", ["sinks", "s_aux", "softcap", "position_bias"])
+def test_what_the_interface_cannot_serve_is_refused(name):
+    """Attention sinks reach the interface as ``sinks`` or, from GPT-OSS and others, ``s_aux``:
+    both are refused rather than dropped (the output would silently differ from eager's)."""
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=name):
+        gptkern.hf.attention_forward(torch.nn.Module(), q, q, q, None, **{name: torch.zeros(2)})
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_a_float_mask_keeps_its_dtype_in_a_16_bit_model(backend):
     """As transformers' sdpa path: an fp32 additive mask is not cast to an fp16 query's dtype,

@@ -1,6 +1,7 @@
 """Seq2SeqTransformer decoding: greedy with the cache equals the uncached model; beam search
 finds the exhaustive best on a tiny vocabulary."""
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -136,3 +137,32 @@ def test_zero_new_tokens_and_padding():
             assert all(t == 11 for t in row[row.index(EOS, 1) + 1:])
         else:
             assert len(row) == 6
+
+
+class _BigramDecoder(torch.nn.Module):
+    """A stand-in Seq2Seq model whose next-token probabilities depend on the last token only
+    (PROBS), so beam scores are exact: p(next | BOS) = (0, .5, .2, .3), and so on."""
+    BOS, A, B, EOS = 0, 1, 2, 3
+    PROBS = {0: [0, .5, .2, .3], 1: [0, .6, 0, .4], 2: [0, .3, .3, .4]}
+    config = types.SimpleNamespace(max_len=8, n_decoder_layer=1, n_head=1, n_embd=2)
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = [types.SimpleNamespace(cross_attn=types.SimpleNamespace(project_memory=lambda m: (m, m)))]
+
+    def encode(self, src, mask):
+        return torch.zeros(src.shape[0], 1, 2)
+
+    def decode(self, tgt, memory, mask, cache=None, memory_kv=None):
+        return (torch.tensor([self.PROBS[t] for t in tgt[:, -1].tolist()]) + 1e-30).log()[:, None, :]
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beams_running_at_the_last_step_are_scored_whatever_early_stopping(early_stopping):
+    """Two beams, two steps: EOS hypotheses fill the beam at the last step, but the running beam
+    A A (log 0.3 = -1.20, penalized -0.60) beats A EOS (-0.81): transformers returns it for every
+    early_stopping, since a source counts as done only if it was full before that step."""
+    m = _BigramDecoder()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 2, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=1.0, early_stopping=early_stopping)
+    assert out.tolist() == [[m.BOS, m.A, m.A]]

@@ -136,6 +136,8 @@ class PagedKVCache(StaticKVCache):
         self.block_table = torch.zeros(batch_size, -(-max_seq_len // block_size), dtype=torch.int32, device=device)
         self.free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is scratch
         self.owned: list[list[int]] = [[] for _ in range(batch_size)]
+        self.freed: set[int] = set()  # rows given back by free(): their writes go to the scratch block
+        self.host_seqlens = [0] * batch_size  # seqlens as the host saw them written (for the checks)
         self.filled = False
 
     @classmethod
@@ -156,6 +158,8 @@ class PagedKVCache(StaticKVCache):
             if n > self.max_seq_len:
                 raise ValueError(f"sequence {row} needs {n} cache positions, more than max_seq_len {self.max_seq_len}")
             need = -(-n // self.block_size)
+            if n > 0:
+                self.freed.discard(row)
             while len(self.owned[row]) < need:
                 if not self.free_blocks:
                     raise RuntimeError(f"the paged KV cache is out of blocks ({self.k[0].shape[0] - 1} blocks of "
@@ -169,6 +173,7 @@ class PagedKVCache(StaticKVCache):
         """Return sequence ``row``'s blocks to the pool; its table row points at the scratch block."""
         self.free_blocks.extend(reversed(self.owned[row]))
         self.owned[row] = []
+        self.freed.add(row)
         self._sync_table()
 
     @property
@@ -188,8 +193,14 @@ class PagedKVCache(StaticKVCache):
         """Empty: every block back in the pool (the tensors stay the same objects)."""
         self.free_blocks = list(range(self.k[0].shape[0] - 1, 0, -1))
         self.owned = [[] for _ in self.owned]
+        self.freed = set()
+        self.host_seqlens = [0] * len(self.owned)
         self._sync_table()
         super().reset()
+
+    def advance(self, n: int) -> None:
+        super().advance(n)
+        self.host_seqlens = [length + n for length in self.host_seqlens]
 
     def _slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> (block ids, offsets in the block), each (B, T). Positions past the
@@ -200,14 +211,21 @@ class PagedKVCache(StaticKVCache):
         blocks = torch.where(index < self.block_table.shape[1], blocks, 0)
         return blocks.long(), positions % self.block_size
 
-    def _check_allocated(self) -> None:
-        """Writing with no block taken would put every sequence in the scratch block."""
-        if not any(self.owned):
-            raise RuntimeError("the paged KV cache has no blocks allocated: call allocate(lengths) before "
-                               "writing to it")
+    def _check_allocated(self, needed: list[int]) -> None:
+        """Each sequence not freed has blocks for the ``needed`` positions: else its tokens would
+        go to the scratch block, which decode attention would read as its keys (host-side lengths:
+        under a CUDA graph this runs at the capture, and generate allocates before every step)."""
+        for row, n in enumerate(needed):
+            if row not in self.freed and n > len(self.owned[row]) * self.block_size:
+                raise RuntimeError(f"sequence {row} needs {n} positions of the paged KV cache but has "
+                                   f"{len(self.owned[row]) * self.block_size} allocated: call allocate(lengths) "
+                                   f"before writing to it")
 
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
-        self._check_allocated()
+        if layer == 0:
+            needed = [int(n) for n in lengths.tolist()]
+            self._check_allocated(needed)
+            self.host_seqlens = needed  # the model sets seqlens to them
         b, _, l, _ = k.shape
         start = (l - lengths).to(torch.long)[:, None]  # (B, 1) left padding
         positions = torch.arange(l, device=k.device)[None, :].expand(b, l)  # (B, L) cache positions
@@ -222,8 +240,9 @@ class PagedKVCache(StaticKVCache):
                window: Optional[int] = None) -> torch.Tensor:
         if window is not None:
             raise NotImplementedError("sliding-window attention over a paged cache; use the static cache")
-        self._check_allocated()
         lq = k.shape[2]
+        if layer == 0:
+            self._check_allocated([n + lq for n in self.host_seqlens])
         positions = self.seqlens.to(torch.long)[:, None] + torch.arange(lq, device=k.device)  # (B, Lq)
         blocks, offsets = self._slots(positions)
         self.k[layer][blocks, :, offsets] = k.transpose(1, 2)

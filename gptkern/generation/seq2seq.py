@@ -130,7 +130,8 @@ def _beam_search(model, src, src_pad_mask, max_new_tokens, bos, eos, k, length_p
                         chosen.append((s * k + beam, token, score))
                     if len(chosen) == k:
                         break
-                done[s] = _source_done(hyps[s], k, chosen, length, penalized, early_stopping)
+                if step < max_new_tokens - 1:  # at the last step the running beams are scored too (below),
+                    done[s] = _source_done(hyps[s], k, chosen, length, penalized, early_stopping)  # as in HF
             if done[s] or len(chosen) < k:  # finished or out of candidates: dead beams fill the rest
                 chosen += [(s * k, eos, -float("inf"))] * (k - len(chosen))
             for row, token, score in chosen:
