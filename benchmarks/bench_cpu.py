@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +34,8 @@ from gptkern.benchmark import metadata, write_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in distribution alike)
+
+CASES = ("softmax", "layer_norm", "rms_norm", "attention", "decode", "linear")  # the rows' first words
 
 
 @dataclass(frozen=True)
@@ -253,15 +256,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one untimed call, 5 rounds (< 60 s)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests)")
     parser.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=None,
-                        help="only these rows: softmax,layer_norm,rms_norm,attention,decode")
+                        help=f"only these rows: {','.join(CASES)}")
     parser.add_argument("--row-shapes", type=row_shapes, default=None,
                         help="ROWSxCOLS[,ROWSxCOLS...] for the softmax / norm rows (default 8192x4096)")
     parser.add_argument("--json", help="write the report as JSON here (atomically)")
     args = parser.parse_args(argv)
     if "cpu" not in gptkern.available_backends():
         parser.error("the cpu backend is not available: gptkern._C is not built")
-    if args.repeats < 5 or any(d not in DTYPES for d in args.dtype):
-        parser.error(f"--repeats must be >= 5 and --dtype a subset of {list(DTYPES)}")
+    if args.repeats < 5 or not args.dtype or any(d not in DTYPES for d in args.dtype):
+        parser.error(f"--repeats must be >= 5 and --dtype a non-empty subset of {list(DTYPES)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.cases is not None and (not args.cases or any(c not in CASES for c in args.cases)):
+        parser.error(f"--cases must name some of {', '.join(CASES)}, got {args.cases}")
+    args.dtype = list(dict.fromkeys(args.dtype))  # each once
+    if args.json and os.path.exists(os.path.dirname(os.path.abspath(args.json))) and \
+            not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: its folder is a file")
     report = run(args)
     print(table(report))
     if args.json:

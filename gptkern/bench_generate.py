@@ -11,13 +11,14 @@ Rows (ratios measured in one run; never asserted):
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Optional, Sequence
 
 import torch
 
 import gptkern
-from gptkern.benchmark import _save, add_common_args, device_from_args, metadata, time_fn
+from gptkern.benchmark import _save, add_common_args, check_common_args, device_from_args, metadata, time_fn
 from gptkern.generation import generate
 from gptkern.models import GPT, GPTConfig
 
@@ -27,9 +28,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
+def _timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -37,7 +39,7 @@ def _timed(fn, device, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 # Tokens a generate call makes before its steady state: the prefill's and, on a model's first call
@@ -46,18 +48,19 @@ def _timed(fn, device, repeats: int) -> float:
 WARM_TOKENS = 3
 
 
-def decode_rate(run, prompt_len: int, new: int, device, repeats: int) -> dict:
+def decode_rate(run, prompt_len: int, new: int, device, repeats: int, warmup: int = 1) -> dict:
     """Steady-state decode tokens/s: (time of prompt + new tokens - time of prompt + w tokens) /
     (new - w), w = min(WARM_TOKENS, new - 1); ``start_ms`` is the time of the first w tokens."""
     warm = min(WARM_TOKENS, new - 1)
-    full = _timed(lambda: run(prompt_len, new), device, repeats)
-    start = _timed(lambda: run(prompt_len, warm), device, repeats)
+    full = _timed(lambda: run(prompt_len, new), device, repeats, warmup)
+    start = _timed(lambda: run(prompt_len, warm), device, repeats, warmup)
     per_token = max(full - start, 1e-9) / (new - warm)
     return {"start_ms": start * 1e3, "warm_tokens": warm, "total_ms": full * 1e3,
             "decode_tokens_per_s": 1.0 / per_token}
 
 
-def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch, repeats) -> list[dict]:
+def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch, repeats, warmup: int = 1,
+                          transformers: bool = True) -> list[dict]:
     torch.manual_seed(0)
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len + new), device=device)
@@ -66,7 +69,10 @@ def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch,
     def ours(p, n):
         return generate(model, ids[:, :p], n)
 
-    rows.append({"case": "generate", "provider": "gptkern", **decode_rate(ours, prompt_len, new, device, repeats)})
+    rows.append({"case": "generate", "provider": "gptkern",
+                 **decode_rate(ours, prompt_len, new, device, repeats, warmup)})
+    if not transformers:  # not asked for (--providers)
+        return rows
     try:
         hf = model.to_hf().to(device=device, dtype=dtype).eval()
     except ImportError as err:
@@ -79,13 +85,13 @@ def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch,
                                pad_token_id=0, eos_token_id=None)
 
     rows.append({"case": "generate", "provider": "transformers",
-                 **decode_rate(theirs, prompt_len, new, device, repeats)})
+                 **decode_rate(theirs, prompt_len, new, device, repeats, warmup)})
     if "decode_tokens_per_s" in rows[1]:
         rows[0]["speedup"] = rows[0]["decode_tokens_per_s"] / rows[1]["decode_tokens_per_s"]
     return rows
 
 
-def bench_cache(cfg: GPTConfig, dtype, device, total: int, new: int, repeats: int) -> list[dict]:
+def bench_cache(cfg: GPTConfig, dtype, device, total: int, new: int, repeats: int, warmup: int = 1) -> list[dict]:
     """Per-token cost at a ``total``-token context: a decode step over the KV cache against
     recomputing the whole sequence (``use_cache=False``), both from a ``total - new`` prompt."""
     torch.manual_seed(0)
@@ -96,8 +102,8 @@ def bench_cache(cfg: GPTConfig, dtype, device, total: int, new: int, repeats: in
     def run(use_cache):
         return lambda p, n: generate(model, ids[:, :p], n, use_cache=use_cache)
 
-    cached = decode_rate(run(True), prompt, new, device, repeats)
-    uncached = decode_rate(run(False), prompt, new, device, max(1, repeats // 2))
+    cached = decode_rate(run(True), prompt, new, device, repeats, warmup)
+    uncached = decode_rate(run(False), prompt, new, device, max(1, repeats // 2), warmup)
     return [{"case": f"cache vs none, {total}-token context", "provider": "gptkern",
              "with_cache_tokens_per_s": cached["decode_tokens_per_s"],
              "without_cache_tokens_per_s": uncached["decode_tokens_per_s"],
@@ -157,31 +163,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0])
     add_common_args(p, "gptkern,transformers", "tiny model and short runs (seconds)")
     p.add_argument("--preset", default=None, help="model preset (default: gpt2-small, gpt2-tiny with --quick)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128, 16 with --quick)")
     p.add_argument("--new", type=int, default=None, help="tokens to generate (default 64, 8 with --quick)")
     p.add_argument("--total", type=int, default=None, help="tokens for the cache comparison (default 1024)")
     args = p.parse_args(argv)
+    check_common_args(p, args, ("gptkern", "transformers"))
+    if args.providers is not None and "gptkern" not in args.providers:
+        p.error("argument --providers: this benchmark times gptkern (against transformers): include gptkern")
     if args.threads is None and args.device != "cuda" and not torch.cuda.is_available():
         args.threads = 2
     device = device_from_args(p, args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     preset = args.preset or ("gpt2-tiny" if args.quick else "gpt2-small")
-    cfg = GPTConfig.from_name(preset)
-    prompt = min(args.prompt, 16) if args.quick else args.prompt
-    new = args.new or (8 if args.quick else 64)
+    try:
+        cfg = GPTConfig.from_name(preset)
+    except ValueError as err:
+        p.error(f"argument --preset: {err}")
+    prompt = args.prompt if args.prompt is not None else (16 if args.quick else 128)
+    new = args.new if args.new is not None else (8 if args.quick else 64)
+    total = args.total if args.total is not None else (64 if args.quick else 1024)
+    cache_new = 3 if args.quick else 8
     if new < 2:
         p.error(f"--new must be at least 2 (decode tokens/s needs a decode step), got {new}")
-    total = args.total or (64 if args.quick else 1024)
-    repeats = args.repeats or (2 if args.quick else 3)
-    sections = [lambda: bench_vs_transformers(cfg, dtype, device, prompt, new, 1, repeats),
-                lambda: bench_cache(cfg, dtype, device, min(total, cfg.block_size), 8 if not args.quick else 3,
-                                    repeats)]
+    if prompt < 1 or prompt + new > cfg.block_size:
+        p.error(f"--prompt and --new: need 1 <= prompt and prompt + new <= the model's block_size "
+                f"{cfg.block_size}, got {prompt} + {new}")
+    if not cache_new < total:
+        p.error(f"--total must be more than the {cache_new} tokens the cache comparison decodes, got {total}")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    warmup = args.warmup if args.warmup is not None else 1
+    transformers = args.providers is None or "transformers" in args.providers
+    sections = [lambda: bench_vs_transformers(cfg, dtype, device, prompt, new, 1, repeats, warmup, transformers),
+                lambda: bench_cache(cfg, dtype, device, min(total, cfg.block_size), cache_new, repeats, warmup)]
     if device.type == "cuda":
         sections += [lambda: bench_decode_kernel(device, dtype, (8192,) if args.quick else (8192, 16384, 32768),
                                                  repeats * 5),
                      lambda: bench_paged_batch(cfg, dtype, device, 64, prompt, new)]
-    report = {"meta": metadata(device, list(argv or []), 1, repeats), "complete": False,
+    report = {"meta": metadata(device, list(argv or []), warmup, repeats), "complete": False,
               "dtype": str(dtype).replace("torch.", ""), "model": preset, "results": []}
     for section in sections:  # the files are rewritten after each section (a run cut short keeps them)
         report["results"] += section()

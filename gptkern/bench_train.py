@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 import gptkern
-from gptkern.benchmark import _save, add_common_args, device_from_args, metadata
+from gptkern.benchmark import _save, add_common_args, check_common_args, device_from_args, metadata
 from gptkern.models import GPT, GPTConfig
 from gptkern.train.metrics import peak_flops
 from gptkern.train.trainer import PEAK_FLOPS
@@ -93,16 +93,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--block", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None)
     args = p.parse_args(argv)
+    check_common_args(p, args, PROVIDERS)
+    for name in ("batch", "block"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        p.error(f"argument --peak-tflops: must be a positive number, got {args.peak_tflops}")
     if args.threads is None and args.device != "cuda" and not torch.cuda.is_available():
         args.threads = 2
     device = device_from_args(p, args)
     gpu = device.type == "cuda"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if gpu else "fp32")]
     preset = args.preset or ("gpt2-small" if gpu and not args.quick else "gpt2-tiny")
-    cfg = GPTConfig.from_name(preset, **({"n_layer": 2} if args.quick else {}))
-    batch = args.batch or (2 if args.quick else 16 if gpu else 8)
-    block = args.block or (32 if args.quick else min(cfg.block_size, 1024 if gpu else 256))
-    repeats = args.repeats or (2 if args.quick else 10)
+    try:
+        cfg = GPTConfig.from_name(preset, **({"n_layer": 2} if args.quick else {}))
+    except ValueError as err:
+        p.error(f"argument --preset: {err}")
+    batch = args.batch if args.batch is not None else (2 if args.quick else 16 if gpu else 8)
+    block = args.block if args.block is not None else (32 if args.quick else min(cfg.block_size, 1024 if gpu else 256))
+    if block > cfg.block_size:
+        p.error(f"argument --block: at most the model's block_size {cfg.block_size}, got {block}")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     providers = args.providers or [p_ for p_ in PROVIDERS if gpu or not p_.endswith("+compile")]
     peak = peak_flops(device, args.peak_tflops, PEAK_FLOPS)

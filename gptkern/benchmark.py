@@ -368,6 +368,20 @@ def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_he
     p.add_argument("--out-md", metavar="PATH", help="write the Markdown tables")
 
 
+def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      providers: Sequence[str]) -> None:
+    """--providers names only ``providers`` (and at least one), --repeats >= 2 and --warmup >= 0
+    when given: else one argparse error line."""
+    if args.providers is not None:
+        unknown = [name for name in args.providers if name not in providers]
+        if unknown or not args.providers:
+            parser.error(f"argument --providers: unknown {unknown or 'empty list'}; choose from {', '.join(providers)}")
+    if args.repeats is not None and args.repeats < 2:
+        parser.error(f"argument --repeats: must be >= 2, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"argument --warmup: must be >= 0, got {args.warmup}")
+
+
 def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """The device ``--device`` names (auto: CUDA when there is one); applies ``--threads``."""
     if args.threads is not None:

@@ -46,3 +46,19 @@ def test_bench_cpu_refuses_bad_row_shapes(shapes, capsys):
     with pytest.raises(SystemExit) as err:
         bench_cpu.main(["--row-shapes", shapes])
     assert err.value.code == 2 and "--row-shapes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,flag", [(["--threads", "0"], "--threads"), (["--cases", "foo"], "--cases"),
+                                       (["--dtype", ","], "--dtype"), (["--json", __file__ + "/x.json"], "--json")])
+def test_bench_cpu_refuses_bad_flags_before_timing(argv, flag, capsys):
+    """Bad flags, and a JSON path under a file, fail before anything is timed (they had crashed
+    with a traceback, the JSON one after the whole run)."""
+    pytest.importorskip("gptkern._C")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as err:
+        bench_cpu.main(["--quick", "--tiny", *argv])
+    assert err.value.code == 2 and flag in capsys.readouterr().err

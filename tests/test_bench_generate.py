@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from gptkern import bench_generate
 
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     out_json, out_md = tmp_path / "generate.json", tmp_path / "generate.md"
     rc = bench_generate.main(["--quick", "--device", "cpu", "--threads", "1", "--prompt", "4", "--new", "3",
-                              "--total", "6", "--repeats", "1", "--out-json", str(out_json), "--out-md", str(out_md)])
+                              "--total", "6", "--repeats", "2", "--out-json", str(out_json), "--out-md", str(out_md)])
     assert rc == 0
     report = json.loads(out_json.read_text())
     assert report["model"] == "gpt2-tiny" and report["dtype"] == "float32"
@@ -29,9 +30,29 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
 def test_decode_rate_leaves_out_the_warm_tokens(monkeypatch):
     """Tokens/s over the tokens after the first WARM_TOKENS (prefill, eager step, graph capture)."""
     seconds = {3: 40.0, 19: 40.0 + 16 * 2.0}  # a slow start (the capture), then 2 s per token
-    monkeypatch.setattr(bench_generate, "_timed", lambda fn, device, repeats: fn())
+    monkeypatch.setattr(bench_generate, "_timed", lambda fn, device, repeats, warmup=1: fn())
     rate = bench_generate.decode_rate(lambda prompt, n: seconds[n], 4, 19, "cpu", 1)
     assert rate["warm_tokens"] == 3 and rate["decode_tokens_per_s"] == pytest.approx(0.5)
+
+
+def test_timed_is_the_median_after_the_warmup_calls(monkeypatch):
+    """An even number of repeats gives the mean of the middle two, not the slower one; warm-up
+    calls are not timed."""
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # two timed calls: 1 s and 3 s
+    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert bench_generate._timed(lambda: calls.append(1), torch.device("cpu"), 2, warmup=3) == pytest.approx(2.0)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("argv,flag", [(["--providers", "foo"], "--providers"), (["--providers", "transformers"],
+                                       "--providers"), (["--repeats", "1"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+                                       (["--prompt", "0"], "--prompt"), (["--prompt", "300"], "--prompt"),
+                                       (["--total", "3"], "--total"), (["--preset", "foo"], "--preset")])
+def test_bad_flags_are_one_error_line(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_generate.main(["--quick", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_new_below_two_is_an_error(capsys):
@@ -49,6 +70,6 @@ def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_generate, "bench_cache", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bench_generate.main(["--quick", "--device", "cpu", "--threads", "1", "--prompt", "4", "--new", "3",
-                             "--repeats", "1", "--out-json", str(out_json)])
+                             "--repeats", "2", "--out-json", str(out_json)])
     report = json.loads(out_json.read_text())
     assert not report["complete"] and [r["provider"] for r in report["results"]] == ["gptkern", "transformers"]

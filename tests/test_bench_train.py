@@ -68,3 +68,13 @@ def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monke
     assert [r["provider"] for r in report["results"]] == ["gptkern"] and "speedup" not in report["results"][0]
     text = out_md.read_text()
     assert "(incomplete)" in text and "speedup: none" in text and "nan" not in text
+
+
+@pytest.mark.parametrize("argv,flag", [(["--providers", "foo"], "--providers"), (["--providers", ","], "--providers"),
+                                       (["--repeats", "0"], "--repeats"), (["--warmup", "-3"], "--warmup"),
+                                       (["--batch", "0"], "--batch"), (["--block", "100000"], "--block"),
+                                       (["--peak-tflops", "-5"], "--peak-tflops"), (["--preset", "foo"], "--preset")])
+def test_bad_flags_are_one_error_line(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--quick", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
