@@ -243,9 +243,8 @@ def row_kernel_pays(op: str, input: torch.Tensor, width: int, grad: bool) -> Opt
     gradients 1.1-2.1x, bf16 softmax medians 0.92-1.17x); from 250K to 1M the forward ran 0.8-1.8x
     on a quiet VM and 0.7-1.2x on a loaded one, no clear winner, so it stays on torch. fp32
     forward+backward stays on torch (0.74-1.4x), but from HUGE_PAGE_ELEMENTS with huge pages on
-    (2.4-2.7x); softmax rows
-    under 128 wide too (0.8-1.0x: torch's kernel is as fast there), and softmax over a strided dim
-    (the C++ op copies it: 0.2-0.8x)."""
+    (2.4-2.7x); softmax rows under 128 wide too (0.8-1.0x: torch's kernel is as fast there), and
+    softmax over a strided dim (the C++ op copies it: 0.2-0.8x)."""
     # fixed reasons: formatting a size would make torch.compile specialize on it
     if not isinstance(input.numel(), int) or not isinstance(width, int):
         return "symbolic sizes (torch.compile / export with dynamic shapes: no size guard)"

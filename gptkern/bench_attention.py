@@ -453,9 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.providers is not None:
         known = set(dense) | set(varlen) | set(skipped)
         anywhere = known | {f"gptkern:{name}" for name in _backend.BACKENDS if name != "auto"}
-        unknown = sorted(set(args.providers) - anywhere)
-        if unknown:
-            parser.error(f"--providers: unknown {unknown}; here: {sorted(known)}")
+        benchmark.check_providers(parser, args.providers, sorted(anywhere), shown=sorted(known))
         for name in sorted(set(args.providers) - known):  # a gptkern backend not built or not usable here
             skipped[name] = "not available here"
         dense = {k: v for k, v in dense.items() if k in args.providers}

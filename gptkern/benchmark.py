@@ -368,14 +368,23 @@ def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_he
     p.add_argument("--out-md", metavar="PATH", help="write the Markdown tables")
 
 
+def check_providers(parser: argparse.ArgumentParser, chosen: Optional[Sequence[str]], known: Sequence[str],
+                    shown: Optional[Sequence[str]] = None) -> None:
+    """--providers (``chosen``, None: all) names only ``known`` providers, at least one: else one
+    argparse error line listing ``shown`` (default: ``known``)."""
+    if chosen is None:
+        return
+    unknown = sorted(set(chosen) - set(known))
+    if unknown or not chosen:
+        parser.error(f"argument --providers: unknown {unknown or 'empty list'}; "
+                     f"choose from {', '.join(shown if shown is not None else known)}")
+
+
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       providers: Sequence[str]) -> None:
     """--providers names only ``providers`` (and at least one), --repeats >= 2 and --warmup >= 0
     when given: else one argparse error line."""
-    if args.providers is not None:
-        unknown = [name for name in args.providers if name not in providers]
-        if unknown or not args.providers:
-            parser.error(f"argument --providers: unknown {unknown or 'empty list'}; choose from {', '.join(providers)}")
+    check_providers(parser, args.providers, providers)
     if args.repeats is not None and args.repeats < 2:
         parser.error(f"argument --repeats: must be >= 2, got {args.repeats}")
     if args.warmup is not None and args.warmup < 0:
@@ -420,10 +429,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "gptkern bench",
     dtype, warmup, repeats = dtype_and_repeats(parser, args, device)
 
     timed, skipped = providers(device)
+    check_providers(parser, args.providers, sorted(timed) + sorted(skipped))
     if args.providers is not None:
-        unknown = sorted(set(args.providers) - set(timed) - set(skipped))
-        if unknown:
-            parser.error(f"--providers: unknown {unknown}; here: {sorted(timed) + sorted(skipped)}")
         timed = {k: v for k, v in timed.items() if k in args.providers}
         skipped = {k: v for k, v in skipped.items() if k in args.providers}
     if "torch" not in timed:

@@ -99,3 +99,12 @@ def check_compiled_causal_sdpa(backend: str, q, k, v, reference) -> None:
     assert_close(y, ref, torch.float32)
     for got, want in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
         assert_close(got, want, torch.float32, grad=True)
+
+
+def assert_argument_error(main, argv: list[str], flag: str, capsys) -> None:
+    """``main(argv)`` exits with argparse's status 2 and an error line naming ``flag``."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err

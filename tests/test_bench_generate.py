@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gptkern import bench_generate
+from helpers import assert_argument_error
 
 pytest.importorskip("transformers")
 
@@ -50,9 +51,7 @@ def test_timed_is_the_median_after_the_warmup_calls(monkeypatch):
                                        (["--prompt", "0"], "--prompt"), (["--prompt", "300"], "--prompt"),
                                        (["--total", "3"], "--total"), (["--preset", "foo"], "--preset")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench_generate.main(["--quick", "--device", "cpu", *argv])
-    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    assert_argument_error(bench_generate.main, ["--quick", "--device", "cpu", *argv], flag, capsys)
 
 
 def test_new_below_two_is_an_error(capsys):

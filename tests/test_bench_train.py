@@ -4,6 +4,7 @@ import json
 import pytest
 
 from gptkern import bench_train
+from helpers import assert_argument_error
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
@@ -75,6 +76,4 @@ def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monke
                                        (["--batch", "0"], "--batch"), (["--block", "100000"], "--block"),
                                        (["--peak-tflops", "-5"], "--peak-tflops"), (["--preset", "foo"], "--preset")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench_train.main(["--quick", "--device", "cpu", *argv])
-    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    assert_argument_error(bench_train.main, ["--quick", "--device", "cpu", *argv], flag, capsys)
