@@ -1,8 +1,10 @@
 // gptkern._C: loading it registers the kernels (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); the module
 // itself only reports how it was built.
+#include <dlfcn.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <locale>
 #include <string>
 
 #ifdef GPTKERN_WITH_CUDA
@@ -30,7 +32,19 @@ namespace py = pybind11;
 extern "C" __attribute__((used, visibility("default"))) const char gptkern_cpu_capability_tag[] =
     "gptkern-cpu-capability=" GPTKERN_CPU_CAPABILITY_NAME;
 
+// The file holding the code at addr ("" if unknown).
+static std::string file_of(const void* addr) {
+  Dl_info info{};
+  return dladdr(addr, &info) && info.dli_fname ? info.dli_fname : "";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The C++ runtime this module calls: the shared libstdc++ torch uses, or this file itself when
+  // the compiler linked libstdc++ statically. Such a second runtime mixes with torch's and crashed
+  // formatting a number into an error message (an H200 image whose CXX linked it so).
+  const std::string runtime = file_of(reinterpret_cast<const void*>(&std::locale::classic));
+  m.attr("cxx_runtime") = runtime;
+  m.attr("cxx_runtime_private") = !runtime.empty() && runtime == file_of(gptkern_cpu_capability_tag);
 #ifdef GPTKERN_WITH_CUDA
   m.attr("devices") = py::make_tuple("cpu", "cuda");
   m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);

@@ -120,13 +120,27 @@ def _extension(jit: bool = False):
                                 else f"gptkern._C does not import ({err})")
         _EXT = _C
         if _C is not None:
+            check_cxx_runtime(_C)
             _run_load_hooks()
     if _EXT is None and jit:
         from gptkern import _jit
 
         _EXT = _jit.build(_EXT_MISSING)
+        check_cxx_runtime(_EXT)
         _run_load_hooks()
     return _EXT
+
+
+def check_cxx_runtime(ext) -> None:
+    """Warn when ``ext`` (gptkern._C) carries its own copy of libstdc++: a compiler that links it
+    statically (seen on a GPU image: CXX=/opt/gcc/bin/g++) gives a second C++ runtime beside
+    torch's, and formatting a number into an error message then crashed the process."""
+    if getattr(ext, "cxx_runtime_private", False):
+        warnings.warn(
+            f"gptkern._C ({getattr(ext, '__file__', '?')}) carries its own copy of libstdc++, linked statically "
+            f"by the compiler that built it (CXX={os.environ.get('CXX', 'unset')}); its argument checks can crash "
+            f"the process. Rebuild it with a compiler that links libstdc++ dynamically, e.g. CC=/usr/bin/gcc "
+            f"CXX=/usr/bin/g++ pip install --no-build-isolation -e .", RuntimeWarning, stacklevel=3)
 
 
 def _capability_problem() -> str:

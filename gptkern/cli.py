@@ -61,6 +61,10 @@ def _extension_info(ext) -> str:
         " with OpenMP" if getattr(ext, "openmp", False) else "")
     if getattr(ext, "cuda_version", None):
         text += f"; CUDA {ext.cuda_version} kernels for {', '.join(ext.cuda_archs)}"
+    if getattr(ext, "cxx_runtime_private", False):
+        text += "; C++ runtime: its own static copy of libstdc++ (rebuild: see the warning)"
+    elif getattr(ext, "cxx_runtime", ""):
+        text += f"; C++ runtime: {ext.cxx_runtime}"
     jit_dir = getattr(ext, "jit_build_dir", None)
     return text + (f" (JIT build in {jit_dir})" if jit_dir else "")
 

@@ -1,6 +1,10 @@
 """The C++ CPU kernels of gptkern._C: build info, custom-op registrations, compile, and
 dW/dB that do not depend on the thread count. (Their numerics run in every op test: 'cpu'
 is one of the backends those parametrize over, and auto's choice for CPU tensors.)"""
+import os
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -20,6 +24,32 @@ def test_build_info():
         assert ext.cuda_version.count(".") == 1 and all(a.startswith(("sm_", "compute_")) for a in ext.cuda_archs)
     else:
         assert ext.cuda_version is None and ext.cuda_archs == ()
+
+
+def test_uses_the_shared_cxx_runtime():
+    """gptkern._C calls the libstdc++ torch uses, not a static copy of its own."""
+    ext = _backend._extension()
+    assert ext.cxx_runtime_private is False
+    assert os.path.basename(ext.cxx_runtime).startswith("libstdc++"), ext.cxx_runtime
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[0\] = 9 is outside"):  # formats numbers
+        torch.ops.gptkern.decode_attention(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
+                                           torch.tensor([9], dtype=torch.int32), 1.0, None)
+
+
+def test_a_private_cxx_runtime_is_reported(monkeypatch, capsys):
+    from gptkern import cli
+
+    private = SimpleNamespace(devices=("cpu",), cpu_capability="avx2", openmp=True, cuda_version=None,
+                              cxx_runtime="/x/gptkern/_C.so", cxx_runtime_private=True, __file__="/x/gptkern/_C.so")
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    with pytest.warns(RuntimeWarning, match=r"own copy of libstdc\+\+.*CXX=/opt/gcc/bin/g\+\+"):
+        _backend.check_cxx_runtime(private)
+    assert "its own static copy of libstdc++" in cli._extension_info(private)
+    shared = SimpleNamespace(**{**vars(private), "cxx_runtime": "/usr/lib/libstdc++.so.6", "cxx_runtime_private": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _backend.check_cxx_runtime(shared)
+    assert "C++ runtime: /usr/lib/libstdc++.so.6" in cli._extension_info(shared)
 
 
 def test_build_names_its_cpu_capability(monkeypatch):

@@ -324,6 +324,13 @@ def test_decode_static_and_paged(dtype, d, b, h, hkv, lq, s_max):
         torch.testing.assert_close(out_p, out, atol=2e-3, rtol=0)
 
 
+def test_extension_uses_the_shared_cxx_runtime():
+    """A gptkern._C linked with its own static libstdc++ crashed in the next test's first check
+    (formatting a number into the message; H200 image, CXX=/opt/gcc/bin/g++, 2026-11-30)."""
+    ext = _backend._extension()
+    assert not ext.cxx_runtime_private, f"gptkern._C carries its own libstdc++ ({ext.cxx_runtime}): rebuild it"
+
+
 def test_decode_checks_and_fake():
     q = torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.float16)
     k = torch.randn(2, 2, 32, 64, device="cuda", dtype=torch.float16)
