@@ -46,7 +46,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import gptkern
 from gptkern import _backend, benchmark
 from gptkern.benchmark import _error, _parse_list, add_common_args, device_from_args, metadata, time_fn
-from gptkern.kernels import autotune
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 SUITES = ("dense", "varlen")
@@ -392,8 +391,7 @@ def markdown(report: dict) -> str:
 
 
 def _save(report: dict, args: argparse.Namespace) -> str:
-    report["autotune"] = autotune.choices()  # what first-call autotuning chose so far (CUDA)
-    return benchmark._save(report, args, markdown)
+    return benchmark._save(report, args, markdown)  # with report["autotune"]: what autotuning chose
 
 
 # ---------------------------------------------------------------- entry point

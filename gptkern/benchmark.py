@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import gptkern
 from gptkern._files import write_atomic  # noqa: F401  (re-exported: the bench modules use it)
 from gptkern import _backend
+from gptkern.kernels import autotune
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("softmax", "log_softmax", "layer_norm", "rms_norm")
@@ -299,12 +300,17 @@ def markdown(report: dict) -> str:
                      f"| {r['gbps']:.1f} | {100 * r['copy_fraction']:.0f}% | {speedup} |")
     if report["skipped"]:
         lines += [""] + [f"Not timed: {name} ({reason})." for name, reason in report["skipped"].items()]
+    if report.get("autotune"):  # the fused row kernels' warps (launch.RowKernel.warp_choices)
+        lines += ["", "Autotuning chose (key: kernel, dtypes, flags, constexprs, aligned, pow2 rows; then the "
+                  "device): warps"]
+        lines += [f"- `{key}`: {warps}" for key, warps in report["autotune"].items()]
     return "\n".join(lines) + "\n"
 
 
 def _save(report: dict, args: argparse.Namespace, render: Optional[Callable[[dict], str]] = None) -> str:
     """Write the JSON and Markdown files asked for; returns the Markdown (``render``, by default
     this module's table)."""
+    report["autotune"] = autotune.choices()  # what first-call autotuning chose so far (CUDA)
     text = (render or markdown)(report)
     if args.out_json:
         write_atomic(args.out_json, json.dumps(report, indent=1) + "\n")

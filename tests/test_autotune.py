@@ -155,3 +155,56 @@ def test_a_remembered_choice_no_longer_offered_is_timed_again(monkeypatch):
     timer, calls = fake_timer({"a": 3.0, "b": 1.0, "c": 2.0})
     assert autotune.pick("k", cands, run, CPU, timer) == "b"
     assert autotune.pick("k", ["a", "c"], run, CPU, timer) == "c" and calls[3:] == ["a", "c"]
+
+
+def test_row_kernels_tune_their_warps_and_stay_correct(monkeypatch):
+    """The fused softmax and norm forwards time each warp count of warp_choices (default first),
+    launch the fastest (here the last timed) and give correct outputs."""
+    from gptkern.kernels import launch
+    from gptkern.ops.reference import layer_norm_ref, softmax_ref
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(len(timed))
+        return 10.0 - len(timed)  # each candidate faster than the one before
+
+    monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
+    x = 3 * torch.randn(5, 1024)
+    w, b = torch.randn(1024), torch.randn(1024)
+    with gptkern.backend("triton"), poisoned_allocations():
+        y = gptkern.ops.softmax(x, -1)
+        z = gptkern.ops.layer_norm(x, (1024,), w, b)
+    torch.testing.assert_close(y.double(), softmax_ref(x.double(), -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(z.double(), layer_norm_ref(x.double(), (1024,), w.double(), b.double()),
+                               atol=1e-5, rtol=1e-5)
+    softmax_choices = launch.SOFTMAX_FWD.warp_choices(1024, True, True, 4)
+    norm_choices = launch.NORM_FWD.warp_choices(1024, True, True, 4)
+    assert len(softmax_choices) > 1 and len(norm_choices) > 1
+    assert len(timed) == len(softmax_choices) + len(norm_choices)
+    chosen = autotune.choices()
+    assert sorted(chosen.values()) == sorted([repr(softmax_choices[-1]), repr(norm_choices[-1])])
+    assert any("_softmax_fwd_kernel" in key for key in chosen) and any("_norm_fwd_kernel" in key for key in chosen)
+
+
+def test_warp_choices_keep_to_what_the_largest_block_holds():
+    """Fewer warps only up to the elements a thread holds at the kind's largest fused block; the
+    looped kernels and the untuned kinds keep their one count."""
+    from gptkern.kernels import launch
+
+    for kind in (launch.SOFTMAX_FWD, launch.NORM_FWD):
+        for aligned in (True, False):
+            for elem_bytes in (2, 4):
+                limit = kind.max_fused(aligned, elem_bytes)
+                most = limit // (32 * kind.warps(limit))
+                block = 16
+                while block <= limit:
+                    choices = kind.warp_choices(block, True, aligned, elem_bytes)
+                    assert choices[0] == kind.warps(block) and len(set(choices)) == len(choices) <= 3
+                    assert all(block // (32 * w) <= max(most, block // (32 * choices[0])) for w in choices)
+                    block *= 2
+    assert launch.SOFTMAX_FWD.warp_choices(8192, True, True, 2) == (32, 16, 8)
+    assert launch.SOFTMAX_FWD.warp_choices(4096, False, True, 2) == (launch.SOFTMAX_FWD.loop_warps,)
+    assert launch.NORM_BWD.warp_choices(4096, True, True, 2) == (launch.NORM_BWD.warps(4096),)

@@ -103,7 +103,8 @@ def softmax_configs():
                         types.update({p: "*" + dtype for p in ptrs})
                         constexprs = {"LOG": log, "BLOCK_N": block, "WIDE": wide,
                                       **({a: 1 for a in unit_args} if unit else {})}
-                        yield kernel, types, constexprs, kind.warps(block, fused), aligned
+                        for warps in kind.warp_choices(block, fused, aligned, BYTES[dtype]):
+                            yield kernel, types, constexprs, warps, aligned
 
 
 def norm_configs():
@@ -119,9 +120,10 @@ def norm_configs():
                 fwd_types.update(X=ptr, Y=ptr, W=ptr, B=ptr, Mean="*fp32", Rstd="*fp32", eps="fp32")
                 blocks = [(b, True) for b in fused_blocks(launch.NORM_FWD, aligned, dtype)]
                 for block, fused in blocks + [(launch.LOOP_BLOCK, False)]:
-                    yield (norms._norm_fwd_kernel, fwd_types,
-                           dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, BLOCK_N=block, FUSED=fused),
-                           launch.NORM_FWD.warps(block, fused), aligned)
+                    for warps in launch.NORM_FWD.warp_choices(block, fused, aligned, BYTES[dtype]):
+                        yield (norms._norm_fwd_kernel, fwd_types,
+                               dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, BLOCK_N=block, FUSED=fused),
+                               warps, aligned)
                 bwd_types = {n: "i32" for n in norms._norm_bwd_kernel.arg_names}
                 bwd_types.update(X=ptr, DY=ptr, DX=ptr, W=ptr, Mean="*fp32", Rstd="*fp32", C1="*fp32",
                                  C2="*fp32", DW_part="*fp32", DB_part="*fp32")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkern.kernels.launch import NORM_BWD, NORM_FWD, is_aligned, reduction_programs, row_block
+from gptkern.kernels.launch import NORM_BWD, NORM_FWD, is_aligned, reduction_programs, row_block, tune_fused_rows
 
 
 @triton.jit
@@ -215,11 +215,12 @@ def norm_fwd(x: torch.Tensor, n: int, weight: Optional[torch.Tensor], bias: Opti
     w = weight.reshape(-1).contiguous() if weight is not None else x2
     b = bias.reshape(-1).contiguous() if bias is not None else x2
     aligned = is_aligned(n, x2, y2, w, b, x2.stride(0), y2.stride(0))
-    block, fused = row_block(NORM_FWD, n, aligned, max(t.element_size() for t in (x2, w, b)))
-    _norm_fwd_kernel[(x2.shape[0],)](
-        x2, y2, w, b, mean, rstd, x2.stride(0), y2.stride(0), n, eps,
-        IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_N=block, FUSED=fused, num_warps=NORM_FWD.warps(block, fused))
+    elem_bytes = max(t.element_size() for t in (x2, w, b))
+    block, fused = row_block(NORM_FWD, n, aligned, elem_bytes)
+    tune_fused_rows(NORM_FWD, _norm_fwd_kernel, (x2.shape[0],),
+                    (x2, y2, w, b, mean, rstd, x2.stride(0), y2.stride(0), n, eps),
+                    dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block,
+                         FUSED=fused), fused, aligned, elem_bytes, (x2.dtype, w.dtype, y2.dtype), x2.device)
 
 
 def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[torch.Tensor],

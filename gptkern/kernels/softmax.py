@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptkern.kernels.launch import SOFTMAX_BWD, SOFTMAX_FWD, is_aligned, row_block
+from gptkern.kernels.launch import SOFTMAX_BWD, SOFTMAX_FWD, is_aligned, row_block, tune_fused_rows
 
 
 @triton.jit
@@ -171,11 +171,12 @@ def softmax_fwd(x: torch.Tensor, dim: int, log: bool, out: torch.Tensor) -> torc
         return out
     x3, y3 = as_3d(x, dim), as_3d(out, dim)
     outer, n, inner = x3.shape
-    block, fused = row_block(SOFTMAX_FWD, n, _rows_aligned(n, x3, y3), _elem_bytes(x3, y3))
+    aligned, elem_bytes = _rows_aligned(n, x3, y3), _elem_bytes(x3, y3)
+    block, fused = row_block(SOFTMAX_FWD, n, aligned, elem_bytes)
     kernel = _softmax_fwd_kernel if fused else _softmax_fwd_looped_kernel
-    kernel[(outer * inner,)](
-        x3, y3, inner, n, *x3.stride(), *y3.stride(),
-        LOG=log, BLOCK_N=block, WIDE=_wide(n, x3, y3), num_warps=SOFTMAX_FWD.warps(block, fused))
+    tune_fused_rows(SOFTMAX_FWD, kernel, (outer * inner,), (x3, y3, inner, n, *x3.stride(), *y3.stride()),
+                    dict(LOG=log, BLOCK_N=block, WIDE=_wide(n, x3, y3)), fused, aligned, elem_bytes,
+                    (x3.dtype, y3.dtype, inner == 1), x3.device)
     return out
 
 
