@@ -158,8 +158,8 @@ def test_a_remembered_choice_no_longer_offered_is_timed_again(monkeypatch):
 
 
 def test_row_kernels_tune_their_warps_and_stay_correct(monkeypatch):
-    """The fused softmax and norm forwards time each warp count of warp_choices (default first),
-    launch the fastest (here the last timed) and give correct outputs."""
+    """The fused softmax (forward, backward) and norm forward kernels time each warp count of
+    warp_choices (default first), launch the fastest (here the last timed), give correct outputs."""
     from gptkern.kernels import launch
     from gptkern.ops.reference import layer_norm_ref, softmax_ref
 
@@ -172,21 +172,29 @@ def test_row_kernels_tune_their_warps_and_stay_correct(monkeypatch):
         return 10.0 - len(timed)  # each candidate faster than the one before
 
     monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
-    x = 3 * torch.randn(5, 1024)
+    x = (3 * torch.randn(5, 1024)).requires_grad_()
     w, b = torch.randn(1024), torch.randn(1024)
+    g = torch.randn(5, 1024)
     with gptkern.backend("triton"), poisoned_allocations():
         y = gptkern.ops.softmax(x, -1)
-        z = gptkern.ops.layer_norm(x, (1024,), w, b)
-    torch.testing.assert_close(y.double(), softmax_ref(x.double(), -1), atol=1e-6, rtol=1e-5)
+        (dx,) = torch.autograd.grad(y, x, g)
+        z = gptkern.ops.layer_norm(x.detach(), (1024,), w, b)
+    xd = x.detach().double().requires_grad_()
+    ref = softmax_ref(xd, -1)
+    torch.testing.assert_close(y.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), torch.autograd.grad(ref, xd, g.double())[0], atol=1e-5, rtol=1e-4)
+    x = x.detach()
     torch.testing.assert_close(z.double(), layer_norm_ref(x.double(), (1024,), w.double(), b.double()),
                                atol=1e-5, rtol=1e-5)
-    softmax_choices = launch.SOFTMAX_FWD.warp_choices(1024, True, True, 4)
-    norm_choices = launch.NORM_FWD.warp_choices(1024, True, True, 4)
-    assert len(softmax_choices) > 1 and len(norm_choices) > 1
-    assert len(timed) == len(softmax_choices) + len(norm_choices)
+    kinds = {"_softmax_fwd_kernel": launch.SOFTMAX_FWD, "_softmax_bwd_kernel": launch.SOFTMAX_BWD,
+             "_norm_fwd_kernel": launch.NORM_FWD}
+    choices = {name: kind.warp_choices(1024, True, True, 4) for name, kind in kinds.items()}
+    assert all(len(c) > 1 for c in choices.values())
+    assert len(timed) == sum(len(c) for c in choices.values())
     chosen = autotune.choices()
-    assert sorted(chosen.values()) == sorted([repr(softmax_choices[-1]), repr(norm_choices[-1])])
-    assert any("_softmax_fwd_kernel" in key for key in chosen) and any("_norm_fwd_kernel" in key for key in chosen)
+    assert len(chosen) == 3
+    for name, c in choices.items():
+        assert [warps for key, warps in chosen.items() if name in key] == [repr(c[-1])]
 
 
 def test_warp_choices_keep_to_what_the_largest_block_holds():
@@ -194,7 +202,7 @@ def test_warp_choices_keep_to_what_the_largest_block_holds():
     looped kernels and the untuned kinds keep their one count."""
     from gptkern.kernels import launch
 
-    for kind in (launch.SOFTMAX_FWD, launch.NORM_FWD):
+    for kind in (launch.SOFTMAX_FWD, launch.SOFTMAX_BWD, launch.NORM_FWD):
         for aligned in (True, False):
             for elem_bytes in (2, 4):
                 limit = kind.max_fused(aligned, elem_bytes)

@@ -559,7 +559,9 @@ _CONFIGS = {
              (True, DROPOUT): (None, None, None)},
 }
 # More spill-free candidates for the common 16-bit cases, timed against the default above on the
-# first call for each problem size on a GPU (gptkern/kernels/autotune.py).
+# first call for each problem size on a GPU (gptkern/kernels/autotune.py). dK/dV at head dim 128:
+# the H200 run (2026-11-30) chose 16 x 128 and ran the backward at 0.4x cuDNN's; the wider query
+# blocks after it (32 or 64 rows per step) compile without spills too, as do three-stage dQ tiles.
 _ALTERNATIVES = {
     # kernel: {(fp32, weight): (alternatives for d <= 64, for d <= 128)}
     # (True: through TMA tensor descriptors, where the inputs allow)
@@ -571,10 +573,12 @@ _ALTERNATIVES = {
     "dq": {(False, PLAIN): (((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2, True),
                              (128, 64, 8, 2, True)),
                             ((128, 32, 8, 2), (32, 64, 8, 2), (128, 64, 8, 2, True), (64, 64, 8, 2, True),
-                             (64, 64, 4, 2, True), (128, 32, 8, 2, True)))},
+                             (64, 64, 4, 2, True), (128, 32, 8, 2, True), (128, 64, 8, 3, True),
+                             (64, 64, 8, 3, True)))},
     "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (16, 64, 4, 2),
                                (64, 128, 8, 2, True), (32, 128, 8, 2, True), (64, 64, 8, 2, True)),
-                              ((32, 64, 8, 2, True), (16, 128, 8, 2, True)))},
+                              ((32, 64, 8, 2, True), (16, 128, 8, 2, True), (32, 128, 8, 2, True),
+                               (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, True)))},
 }
 # The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
 # with Triton 3.7 (head dims 16 and 80) and 32x32 tiles with 3.6 (causal, head dim 16); this one

@@ -58,7 +58,7 @@ class RowKernel:
 
 
 SOFTMAX_FWD = RowKernel(max_fused_aligned=32768, max_fused_unaligned=16384, tune_warps=True)
-SOFTMAX_BWD = RowKernel(max_fused_aligned=16384, max_fused_unaligned=16384)
+SOFTMAX_BWD = RowKernel(max_fused_aligned=16384, max_fused_unaligned=16384, tune_warps=True)
 NORM_FWD = RowKernel(max_fused_aligned=32768, max_fused_unaligned=16384, max_fused_fp32=16384,
                      loop_warps=8, tune_warps=True)
 NORM_BWD = RowKernel(max_fused_aligned=8192, max_fused_unaligned=4096, elems_per_warp=128, max_warps=16)

@@ -195,9 +195,10 @@ def softmax_bwd(grad_out: torch.Tensor, out: torch.Tensor, dim: int, log: bool,
         y3 = as_3d(out.contiguous(), dim)
     dx3 = as_3d(grad_in, dim)
     outer, n, inner = y3.shape
-    block, fused = row_block(SOFTMAX_BWD, n, _rows_aligned(n, dy3, y3, dx3), _elem_bytes(dy3, y3, dx3))
+    aligned, elem_bytes = _rows_aligned(n, dy3, y3, dx3), _elem_bytes(dy3, y3, dx3)
+    block, fused = row_block(SOFTMAX_BWD, n, aligned, elem_bytes)
     kernel = _softmax_bwd_kernel if fused else _softmax_bwd_looped_kernel
-    kernel[(outer * inner,)](
-        dy3, y3, dx3, inner, n, *y3.stride(), *dx3.stride(),
-        LOG=log, BLOCK_N=block, WIDE=_wide(n, dy3, y3, dx3), num_warps=SOFTMAX_BWD.warps(block, fused))
+    tune_fused_rows(SOFTMAX_BWD, kernel, (outer * inner,), (dy3, y3, dx3, inner, n, *y3.stride(), *dx3.stride()),
+                    dict(LOG=log, BLOCK_N=block, WIDE=_wide(n, dy3, y3, dx3)), fused, aligned, elem_bytes,
+                    (dy3.dtype, y3.dtype, dx3.dtype, inner == 1), y3.device)
     return grad_in
