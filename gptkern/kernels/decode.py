@@ -13,13 +13,14 @@ j <= seqlen - Lq + i. A sequence with seqlen 0 gets zeros.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from gptkern.kernels import autotune
 from gptkern.kernels.attention import LOG2E, _precision, head_block
 
 
@@ -154,13 +155,29 @@ def combine_warps(block_s: int, block_dv: int) -> int:
     return max(1, min(8, block_s * block_dv // 1024))
 
 
-def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about twice, no more splits than key blocks."""
+def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device, fill: int = 2) -> int:
+    """Enough programs to fill the GPU about ``fill`` times, no more splits than key blocks."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = fill * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: few programs
     return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(capacity, block_n), 64))
+
+
+def launch_candidates(cfg: DecodeConfig, batch_heads: int, capacity: int, device: torch.device,
+                      fp32: bool = False) -> tuple[tuple[DecodeConfig, int], ...]:
+    """(config, splits) pairs autotuning times on a GPU, the default first: for 16-bit caches the
+    key loop software-pipelined over 2 or 3 stages, and twice the programs (the first H200 run
+    read a 16K-32K cache at 57-58% of copy bandwidth with one stage and the GPU filled twice);
+    float32 keeps one stage (its tiles spill with more) and tries twice the programs."""
+    splits = _num_splits(batch_heads, capacity, cfg.block_n, device)
+    more = _num_splits(batch_heads, capacity, cfg.block_n, device, fill=4)
+    if fp32:
+        found = [(cfg, splits), (cfg, more)]
+    else:
+        found = [(cfg, splits), (replace(cfg, num_stages=2), splits), (replace(cfg, num_stages=3), splits),
+                 (replace(cfg, num_stages=2), more)]
+    return tuple(dict.fromkeys(found))  # (fewer when ``more`` is ``splits``)
 
 
 def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -176,21 +193,28 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     page = k_cache.shape[2] if block_table is not None else 0
     capacity = block_table.shape[1] * page if block_table is not None else k_cache.shape[2]
     cfg = launch_config(g, lq, d, dv, page, q.dtype == torch.float32)
-    splits = _num_splits(b * hkv, max(capacity, 1), cfg.block_n, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(max(capacity, 1), splits), cfg.block_n) * cfg.block_n
-    row_blocks = triton.cdiv(g * lq, cfg.block_m)
-    m_pad = row_blocks * cfg.block_m
-    o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
     table = block_table if block_table is not None else cache_seqlens
     table_strides = block_table.stride() if block_table is not None else (0, 0)
-    _decode_split_kernel[(b * hkv, splits, row_blocks)](
-        q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv, capacity,
-        G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    block_s = triton.next_power_of_2(splits)
-    _decode_combine_kernel[(b * hkv, g * lq)](
-        o_part, lse_part, out, *out.stride(), hkv, G=g, LQ=lq, DV=dv, SPLITS=splits,
-        BLOCK_S=block_s, M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=combine_warps(block_s, cfg.block_dv))
+    row_blocks = triton.cdiv(g * lq, cfg.block_m)
+    m_pad = row_blocks * cfg.block_m
+
+    def run(candidate: tuple[DecodeConfig, int]) -> None:
+        cfg, splits = candidate
+        keys_per_split = triton.cdiv(triton.cdiv(max(capacity, 1), splits), cfg.block_n) * cfg.block_n
+        o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
+        _decode_split_kernel[(b * hkv, splits, row_blocks)](
+            q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
+            *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv, capacity,
+            G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
+            **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        block_s = triton.next_power_of_2(splits)
+        _decode_combine_kernel[(b * hkv, g * lq)](
+            o_part, lse_part, out, *out.stride(), hkv, G=g, LQ=lq, DV=dv, SPLITS=splits,
+            BLOCK_S=block_s, M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=combine_warps(block_s, cfg.block_dv))
+
+    candidates = launch_candidates(cfg, b * hkv, max(capacity, 1), q.device, q.dtype == torch.float32)
+    key = ("decode", q.dtype, g, lq, d, dv, page, triton.next_power_of_2(b * hkv),
+           triton.next_power_of_2(max(capacity, 1)))
+    run(autotune.pick(key, candidates, run, q.device))
     return out
