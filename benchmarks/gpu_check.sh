@@ -74,7 +74,7 @@ except ImportError:
     print("triton: not installed")
 PY
   if command -v nvcc > /dev/null; then timeout 20 nvcc --version | tail -n 2; else echo "nvcc: none"; fi
-  echo "CC=${CC:-unset} CXX=${CXX:-unset}"
+  echo "CC=${CC:-unset} CXX=${CXX:-unset} CFLAGS=${CFLAGS:-unset} CXXFLAGS=${CXXFLAGS:-unset} LDFLAGS=${LDFLAGS:-unset} LDSHARED=${LDSHARED:-unset}"
   if [ -n "${CXX:-}" ]; then
     echo "CXX is $(readlink -f "$(command -v "$CXX")" 2>&1): $(timeout 10 "$CXX" --version 2>&1 | head -n 1)"
   fi
@@ -89,7 +89,7 @@ cat "$WORK/env.txt"
 # first call, and a fresh machine has no build.
 ARCH=$(timeout 60 "$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
 if [ -n "${GPU_CHECK_STEPS:-}" ] && [ -n "$ARCH" ]; then
-  GPU_CHECK_STEPS="$GPU_CHECK_STEPS,build"
+  GPU_CHECK_STEPS="$GPU_CHECK_STEPS,build,linkage"
 fi
 # The system's gcc / g++ where there are: the H200 image's CC / CXX (/opt/gcc/bin) linked libstdc++
 # statically into gptkern._C, a second C++ runtime beside torch's that crashed formatting an error
@@ -98,6 +98,8 @@ COMPILERS=()
 [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ] && COMPILERS=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
 step build 120 env "${COMPILERS[@]}" GPTKERN_BUILD_CUDA=1 GPTKERN_CUDA_ARCHS="${ARCH:-9.0}" MAX_JOBS="$(nproc)" \
   "$PY" setup.py -q build_ext --inplace
+# the C++ runtime the build links to (a static libstdc++ shows no libstdc++.so line)
+step linkage 15 sh -c 'for f in gptkern/_C*.so; do echo "$f"; ldd "$f" | grep -E "stdc|gcc_s|omp"; done'
 
 # ---- tests, untuned (GPTKERN_AUTOTUNE=0: compiling every candidate for every flag set would not
 # fit; one test forces each candidate): the CUDA kernels' own, then attention and generation

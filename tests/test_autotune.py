@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gptkern
 from gptkern.kernels import autotune
-from helpers import poisoned_allocations
+from helpers import TOLERANCES, poisoned_allocations
 
 CPU = torch.device("cpu")
 
@@ -216,3 +216,79 @@ def test_warp_choices_keep_to_what_the_largest_block_holds():
     assert launch.SOFTMAX_FWD.warp_choices(8192, True, True, 2) == (32, 16, 8)
     assert launch.SOFTMAX_FWD.warp_choices(4096, False, True, 2) == (launch.SOFTMAX_FWD.loop_warps,)
     assert launch.NORM_BWD.warp_choices(4096, True, True, 2) == (launch.NORM_BWD.warps(4096),)
+
+
+def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
+    """Triton decode attention times each (config, splits) candidate, default first, launches the
+    fastest (here the last timed) and gives the reference's output, static and paged."""
+    from gptkern.kernels import decode
+    from gptkern.ops.reference import decode_attention_ref
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(len(timed))
+        return 10.0 - len(timed)
+
+    monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
+    q = torch.randn(2, 4, 1, 16, dtype=torch.float16)  # 16-bit: float32 tries no more stages
+    k, v = torch.randn(2, 2, 40, 16, dtype=torch.float16), torch.randn(2, 2, 40, 16, dtype=torch.float16)
+    seqlens = torch.tensor([40, 7], dtype=torch.int32)
+    with gptkern.backend("triton"), poisoned_allocations():
+        out = gptkern.ops.decode_attention(q, k, v, seqlens)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), seqlens, 0.25)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float16])
+    cfg = decode.launch_config(2, 1, 16, 16, 0, False)
+    candidates = decode.launch_candidates(cfg, 4, 40, torch.device("cpu"))
+    assert candidates[0] == (cfg, decode._num_splits(4, 40, cfg.block_n, torch.device("cpu")))
+    assert len(candidates) == 3 and len(timed) == 3
+    assert [c[0].num_stages for c in candidates] == [1, 2, 3]
+    (chosen,) = autotune.choices().values()
+    assert chosen == repr(candidates[-1])
+    # paged: blocks of 8 tokens, sequence b's i-th block at b * 5 + i
+    kp = k.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
+    vp = v.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
+    table = torch.arange(10, dtype=torch.int32).view(2, 5)
+    with gptkern.backend("triton"), poisoned_allocations():
+        out_paged = gptkern.ops.decode_attention(q, kp, vp, seqlens, block_table=table)
+    torch.testing.assert_close(out_paged.double(), ref, **TOLERANCES[torch.float16])
+    assert decode.launch_candidates(cfg, 4, 40, torch.device("cpu"), fp32=True) == (candidates[0],)
+    assert len(timed) == 6 and len(autotune.choices()) == 2  # the page size is in the key
+
+
+def test_tune_fused_rows_launches_the_pick_last(monkeypatch):
+    """Every warp count is timed, then the fastest is launched once more (the interpreter ignores
+    num_warps, so the launches are recorded from a stand-in kernel)."""
+    from types import SimpleNamespace
+
+    from gptkern.kernels import launch
+
+    launched = []
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="stand_in")
+
+        def __getitem__(self, grid):
+            return lambda *args, num_warps, **constexprs: launched.append(num_warps)
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    choices = launch.SOFTMAX_FWD.warp_choices(8192, True, True, 2)
+    speed = dict(zip(choices, (2.0, 1.0, 3.0)))  # the middle one is fastest
+
+    def timer(fn):
+        fn()
+        return speed[launched[-1]]
+
+    monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
+    args = (Kernel(), (64,), (), {"BLOCK_N": 8192}, True, True, 2, ("k",), CPU)
+    assert launch.tune_fused_rows(launch.SOFTMAX_FWD, *args) == choices[1]
+    assert launched == [*choices, choices[1]]
+    launched.clear()
+    assert launch.tune_fused_rows(launch.SOFTMAX_FWD, *args) == choices[1]  # remembered
+    assert launched == [choices[1]]
+    monkeypatch.setattr(autotune, "enabled", lambda device: False)
+    autotune.reset()
+    launched.clear()
+    assert launch.tune_fused_rows(launch.SOFTMAX_FWD, *args) == choices[0] and launched == [choices[0]]

@@ -34,17 +34,22 @@ def enabled(device: torch.device) -> bool:
 
 
 def _cuda_time_ms(fn: Callable[[], None]) -> float:
-    """Median of TIMED_RUNS timed runs of ``fn`` after one untimed run (which compiles it)."""
+    """Median of TIMED_RUNS timed runs of ``fn`` after one untimed run (which compiles it).
+
+    A sleep kernel holds the GPU while the host queues the timed runs, so that the events time
+    the kernels and not their launches from Python: a row kernel of 10-20 us takes about as
+    long to launch, which would decide the choice (as benchmark.time_fn's queue_ahead)."""
     fn()
-    times = []
-    for _ in range(TIMED_RUNS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(TIMED_RUNS)]
+    torch.cuda._sleep(200_000 * TIMED_RUNS)  # about 0.1 ms per run at 2 GHz
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def pick(key: Hashable, candidates: Sequence[C], run: Callable[[C], None], device: torch.device,

@@ -220,7 +220,8 @@ def norm_fwd(x: torch.Tensor, n: int, weight: Optional[torch.Tensor], bias: Opti
     tune_fused_rows(NORM_FWD, _norm_fwd_kernel, (x2.shape[0],),
                     (x2, y2, w, b, mean, rstd, x2.stride(0), y2.stride(0), n, eps),
                     dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=block,
-                         FUSED=fused), fused, aligned, elem_bytes, (x2.dtype, w.dtype, y2.dtype), x2.device)
+                         FUSED=fused), fused, aligned, elem_bytes, (x2.dtype, w.dtype, b.dtype, y2.dtype),
+                    x2.device)
 
 
 def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[torch.Tensor],
