@@ -38,13 +38,29 @@ static std::string file_of(const void* addr) {
   return dladdr(addr, &info) && info.dli_fname ? info.dli_fname : "";
 }
 
+// Whether the file `self` defines `symbol` itself: dlsym on its own handle looks there first,
+// whatever was loaded into the global scope before it.
+static bool defines(const std::string& self, const char* symbol) {
+  void* handle = dlopen(self.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) return false;
+  const void* addr = dlsym(handle, symbol);
+  const bool own = addr != nullptr && file_of(addr) == self;
+  dlclose(handle);
+  return own;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The C++ runtime this module calls: the shared libstdc++ torch uses, or this file itself when
   // the compiler linked libstdc++ statically. Such a second runtime mixes with torch's and crashed
   // formatting a number into an error message (an H200 image whose CXX linked it so).
+  // Both ways: the address this module calls (bound to its own copy under -Bsymbolic-functions),
+  // and the definition its own handle finds (a copy that a libstdc++ already loaded globally
+  // shadows in the first check).
   const std::string runtime = file_of(reinterpret_cast<const void*>(&std::locale::classic));
+  const std::string self = file_of(gptkern_cpu_capability_tag);
   m.attr("cxx_runtime") = runtime;
-  m.attr("cxx_runtime_private") = !runtime.empty() && runtime == file_of(gptkern_cpu_capability_tag);
+  m.attr("cxx_runtime_private") =
+      !self.empty() && (runtime == self || defines(self, "_ZNSt6locale7classicEv"));
 #ifdef GPTKERN_WITH_CUDA
   m.attr("devices") = py::make_tuple("cpu", "cuda");
   m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
