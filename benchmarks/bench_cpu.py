@@ -239,7 +239,8 @@ def table(report: dict) -> str:
 
 def row_shapes(text: str) -> list[tuple[int, int]]:
     try:
-        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item]
+        shapes = list(dict.fromkeys(tuple(int(n) for n in item.lower().split("x"))  # each once
+                                    for item in text.split(",") if item))
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):

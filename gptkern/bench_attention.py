@@ -398,7 +398,7 @@ def _save(report: dict, args: argparse.Namespace) -> str:
 
 def _parse_ints(text: str) -> list[int]:
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = benchmark._unique(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         values = []
     if not values or min(values) < 1:
@@ -446,6 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype, warmup, repeats = benchmark.dtype_and_repeats(parser, args, device)
     if tokens < 1 or any(width // d < 1 for d in head_dims):
         parser.error("--tokens must be positive and --width at least the largest head dim")
+    if args.matmul_n is not None and args.matmul_n < 1:
+        parser.error(f"argument --matmul-n: must be a positive int, got {args.matmul_n}")
 
     dense, varlen, skipped = providers(device)
     if args.providers is not None:
@@ -458,7 +460,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         varlen = {k: v for k, v in varlen.items() if k in args.providers}
         skipped = {k: v for k, v in skipped.items() if k in args.providers}
 
-    matmul = measure_matmul(args.matmul_n or defaults["matmul_n"], dtype, device, warmup, repeats)
+    matmul = measure_matmul(defaults["matmul_n"] if args.matmul_n is None else args.matmul_n, dtype, device,
+                            warmup, repeats)
     lengths = varlen_lengths(tokens)
     report = {"meta": {**metadata(device, argv, warmup, repeats), "bwd_timing": BWD_TIMING},
               "complete": False, "tokens": tokens, "width": width, "matmul": matmul,

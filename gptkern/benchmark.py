@@ -321,9 +321,14 @@ def _save(report: dict, args: argparse.Namespace, render: Optional[Callable[[dic
 
 # ---------------------------------------------------------------- entry point
 
+def _unique(items) -> list:
+    """``items`` in order, each once (a name or shape given twice is timed once)."""
+    return list(dict.fromkeys(items))
+
+
 def _parse_list(choices: Sequence[str]):
     def parse(text: str) -> list[str]:
-        names = list(choices) if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+        names = list(choices) if text == "all" else _unique(s.strip() for s in text.split(",") if s.strip())
         bad = [n for n in names if n not in choices]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"expected 'all' or a comma-separated subset of "
@@ -334,7 +339,7 @@ def _parse_list(choices: Sequence[str]):
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
-        shapes = [tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s.strip()]
+        shapes = _unique(tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s.strip())
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
@@ -363,7 +368,7 @@ def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_he
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--providers", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
+    p.add_argument("--providers", type=lambda s: _unique(n.strip() for n in s.split(",") if n.strip()),
                    default=None, help=f"comma-separated subset of providers to time, "
                                       f"e.g. {providers_example} (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per provider (>= 2)")

@@ -111,3 +111,11 @@ def test_zero_width_or_tokens_is_an_error(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_attention.main([flag, "0"])
     assert exit_info.value.code == 2 and "--width" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_matmul_n_out_of_range_is_an_error(n, capsys):
+    """--matmul-n 0 had fallen back to the default roof size."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_attention.main(["--matmul-n", n])
+    assert exit_info.value.code == 2 and "argument --matmul-n: must be a positive int" in capsys.readouterr().err

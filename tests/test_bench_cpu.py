@@ -46,6 +46,7 @@ def test_bench_cpu_refuses_bad_row_shapes(shapes, capsys):
     with pytest.raises(SystemExit) as err:
         bench_cpu.main(["--row-shapes", shapes])
     assert err.value.code == 2 and "--row-shapes" in capsys.readouterr().err
+    assert bench_cpu.row_shapes("64x256,3x7,64X256") == [(64, 256), (3, 7)]  # each shape timed once
 
 
 @pytest.mark.parametrize("argv,flag", [(["--threads", "0"], "--threads"), (["--cases", "foo"], "--cases"),

@@ -55,3 +55,13 @@ def test_cli_info_runs():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "available backends" in proc.stdout and "torch" in proc.stdout
+
+
+def test_a_list_entry_given_twice_is_timed_once():
+    from gptkern import bench_attention
+
+    assert benchmark._parse_list(benchmark.OPS)("softmax, rms_norm,softmax") == ["softmax", "rms_norm"]
+    assert benchmark._parse_shapes("8x16,4x4,8X16") == [(8, 16), (4, 4)]
+    assert bench_attention._parse_ints("512,1024,512") == [512, 1024]
+    args = benchmark._parser().parse_args(["--providers", "torch,gptkern:triton,torch"])
+    assert args.providers == ["torch", "gptkern:triton"]
