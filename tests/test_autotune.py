@@ -241,12 +241,16 @@ def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
     ref = decode_attention_ref(q.double(), k.double(), v.double(), seqlens, 0.25)
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float16])
     cfg = decode.launch_config(2, 1, 16, 16, 0, False)
-    candidates = decode.launch_candidates(cfg, 4, 40, torch.device("cpu"))
-    assert candidates[0] == (cfg, decode._num_splits(4, 40, cfg.block_n, torch.device("cpu")))
-    assert len(candidates) == 3 and len(timed) == 3
-    assert [c[0].num_stages for c in candidates] == [1, 2, 3]
+    candidates = decode.launch_candidates(cfg)
+    assert candidates[0] == (cfg, 2)  # (config, GPU fill): the default first
+    assert len(candidates) == 4 and len(timed) == 4
+    assert [(c.num_stages, fill) for c, fill in candidates] == [(1, 2), (2, 2), (3, 2), (2, 4)]
     (chosen,) = autotune.choices().values()
     assert chosen == repr(candidates[-1])
+    # another capacity in the same power-of-two bucket reuses the choice: no timing
+    with gptkern.backend("triton"):
+        gptkern.ops.decode_attention(q, torch.cat([k, k[:, :, :8]], 2), torch.cat([v, v[:, :, :8]], 2), seqlens)
+    assert len(timed) == 4
     # paged: blocks of 8 tokens, sequence b's i-th block at b * 5 + i
     kp = k.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
     vp = v.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
@@ -254,8 +258,40 @@ def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
     with gptkern.backend("triton"), poisoned_allocations():
         out_paged = gptkern.ops.decode_attention(q, kp, vp, seqlens, block_table=table)
     torch.testing.assert_close(out_paged.double(), ref, **TOLERANCES[torch.float16])
-    assert decode.launch_candidates(cfg, 4, 40, torch.device("cpu"), fp32=True) == (candidates[0],)
-    assert len(timed) == 6 and len(autotune.choices()) == 2  # the page size is in the key
+    assert len(timed) == 8 and len(autotune.choices()) == 2  # the page size is in the key
+    assert decode.launch_candidates(cfg, fp32=True) == ((cfg, 2), (cfg, 4))
+
+
+def test_decode_candidates_with_other_split_counts_stay_correct(monkeypatch):
+    """Each candidate sizes its partials and its combine from its own split count (here 1 for the
+    default and 3 for the fuller grid), over ragged lengths including 0 and 1."""
+    from gptkern.kernels import decode
+    from gptkern.ops.reference import decode_attention_ref
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    monkeypatch.setattr(decode, "_num_splits", lambda bh, cap, block_n, device, fill=2: fill - 1)
+    q = torch.randn(3, 4, 1, 16, dtype=torch.float16)
+    k, v = torch.randn(3, 2, 70, 16, dtype=torch.float16), torch.randn(3, 2, 70, 16, dtype=torch.float16)
+    seqlens = torch.tensor([70, 0, 1], dtype=torch.int32)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), seqlens, 0.25)
+    for best in (0, 3):  # the default (1 split) chosen, then the fuller grid (3 splits)
+        autotune.reset()
+        monkeypatch.setattr(autotune, "_cuda_time_ms", lambda fn, best=best: (fn(), 1.0)[1]
+                            if len(launched) != best else (fn(), 0.5)[1])
+        launched = []
+        original = decode._decode_split_kernel
+
+        class Recorder:
+            def __getitem__(self, grid):
+                launched.append(grid[1])
+                return original[grid]
+
+        monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
+        with gptkern.backend("triton"), poisoned_allocations():
+            out = gptkern.ops.decode_attention(q, k, v, seqlens)
+        torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float16])
+        assert launched == [1, 1, 1, 3, 1 if best == 0 else 3]  # the splits of each run, the pick last
+        monkeypatch.setattr(decode, "_decode_split_kernel", original)
 
 
 def test_tune_fused_rows_launches_the_pick_last(monkeypatch):

@@ -224,11 +224,7 @@ def decode_variants():
 
 
 def decode_configs():
-    import torch
-
     from gptkern.kernels import decode
-
-    cpu = torch.device("cpu")  # (the stages a GPU's candidates use do not depend on the device)
 
     for d, dtype, page, g, lq in decode_variants():
         cfg = decode.launch_config(g, lq, d, d, page, dtype == "fp32")
@@ -237,7 +233,7 @@ def decode_configs():
         types.update(Q="*" + dtype, K="*" + dtype, V="*" + dtype, SEQLENS="*i32", TABLE="*i32",
                      O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32")
         m_pad = -(-g * lq // cfg.block_m) * cfg.block_m
-        for stages in sorted({c.num_stages for c, _ in decode.launch_candidates(cfg, 1, 1 << 20, cpu, dtype == "fp32")}):
+        for stages in sorted({c.num_stages for c, _ in decode.launch_candidates(cfg, dtype == "fp32")}):
             yield split, types, dict(G=g, LQ=lq, D=d, DV=d, PAGE=page, SPLITS=8, M_PAD=m_pad,
                                      PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.constexprs()), \
                 cfg.num_warps, True, stages

@@ -13,6 +13,7 @@ j <= seqlen - Lq + i. A sequence with seqlen 0 gets zeros.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from gptkern.kernels import autotune
 from gptkern.kernels.attention import LOG2E, _precision, head_block
+from gptkern.kernels.launch import sm_count
 
 
 @triton.jit
@@ -158,26 +160,23 @@ def combine_warps(block_s: int, block_dv: int) -> int:
 def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device, fill: int = 2) -> int:
     """Enough programs to fill the GPU about ``fill`` times, no more splits than key blocks."""
     if device.type == "cuda":
-        target = fill * torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = fill * sm_count(index)
     else:
         target = 4  # the interpreter: few programs
     return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(capacity, block_n), 64))
 
 
-def launch_candidates(cfg: DecodeConfig, batch_heads: int, capacity: int, device: torch.device,
-                      fp32: bool = False) -> tuple[tuple[DecodeConfig, int], ...]:
-    """(config, splits) pairs autotuning times on a GPU, the default first: for 16-bit caches the
-    key loop software-pipelined over 2 or 3 stages, and twice the programs (the first H200 run
-    read a 16K-32K cache at 57-58% of copy bandwidth with one stage and the GPU filled twice);
-    float32 keeps one stage (its tiles spill with more) and tries twice the programs."""
-    splits = _num_splits(batch_heads, capacity, cfg.block_n, device)
-    more = _num_splits(batch_heads, capacity, cfg.block_n, device, fill=4)
+@functools.lru_cache(maxsize=None)
+def launch_candidates(cfg: DecodeConfig, fp32: bool = False) -> tuple[tuple[DecodeConfig, int], ...]:
+    """(config, fill) recipes autotuning times on a GPU, the default first (the splits follow from
+    the fill and the problem: _num_splits): for 16-bit caches the key loop software-pipelined over
+    2 or 3 stages, and the GPU filled four times rather than twice (the first H200 run read a
+    16K-32K cache at 57-58% of copy bandwidth with one stage, filled twice); float32 keeps one
+    stage (its tiles spill with more) and tries the fuller grid."""
     if fp32:
-        found = [(cfg, splits), (cfg, more)]
-    else:
-        found = [(cfg, splits), (replace(cfg, num_stages=2), splits), (replace(cfg, num_stages=3), splits),
-                 (replace(cfg, num_stages=2), more)]
-    return tuple(dict.fromkeys(found))  # (fewer when ``more`` is ``splits``)
+        return ((cfg, 2), (cfg, 4))
+    return ((cfg, 2), (replace(cfg, num_stages=2), 2), (replace(cfg, num_stages=3), 2), (replace(cfg, num_stages=2), 4))
 
 
 def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -195,12 +194,13 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     cfg = launch_config(g, lq, d, dv, page, q.dtype == torch.float32)
     table = block_table if block_table is not None else cache_seqlens
     table_strides = block_table.stride() if block_table is not None else (0, 0)
-    row_blocks = triton.cdiv(g * lq, cfg.block_m)
-    m_pad = row_blocks * cfg.block_m
 
     def run(candidate: tuple[DecodeConfig, int]) -> None:
-        cfg, splits = candidate
+        cfg, fill = candidate
+        splits = _num_splits(b * hkv, max(capacity, 1), cfg.block_n, q.device, fill)
         keys_per_split = triton.cdiv(triton.cdiv(max(capacity, 1), splits), cfg.block_n) * cfg.block_n
+        row_blocks = triton.cdiv(g * lq, cfg.block_m)
+        m_pad = row_blocks * cfg.block_m
         o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
         _decode_split_kernel[(b * hkv, splits, row_blocks)](
@@ -213,7 +213,7 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
             o_part, lse_part, out, *out.stride(), hkv, G=g, LQ=lq, DV=dv, SPLITS=splits,
             BLOCK_S=block_s, M_PAD=m_pad, BLOCK_DV=cfg.block_dv, num_warps=combine_warps(block_s, cfg.block_dv))
 
-    candidates = launch_candidates(cfg, b * hkv, max(capacity, 1), q.device, q.dtype == torch.float32)
+    candidates = launch_candidates(cfg, q.dtype == torch.float32)
     key = ("decode", q.dtype, g, lq, d, dv, page, triton.next_power_of_2(b * hkv),
            triton.next_power_of_2(max(capacity, 1)))
     run(autotune.pick(key, candidates, run, q.device))
