@@ -359,7 +359,8 @@ def markdown(report: dict) -> str:
     dense = [r for r in report["results"] if r["suite"] == "dense"]
     varlen = [r for r in report["results"] if r["suite"] == "varlen"]
     if dense:
-        lines += [f"Dense: B·L = {report['tokens']} tokens, H·D = {report['width']}; speedup: "
+        lines += [f"Dense: B = max(1, {report['tokens']} // L) sequences (B·L = {report['tokens']} tokens where L "
+                  f"divides it), H·D = {report['width']}; speedup: "
                   f"{DENSE_BASELINE} (PyTorch's default SDPA) time / time.", "",
                   "| op | mode | causal | B | H | L | D | provider | median ms | p20-p80 ms | TFLOP/s "
                   "| % matmul | speedup |", "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]

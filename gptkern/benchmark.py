@@ -209,8 +209,13 @@ def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, devic
              timed: dict[str, Callable[[str], Fn]], warmup: int, repeats: int,
              copy_gbps: float) -> list[dict]:
     """One result dict per provider; failures become ``status: error`` entries."""
-    x, params, grad_out = _inputs(op, mode, rows, cols, dtype, device)
-    nbytes = traffic_bytes(op, mode, rows, cols, x.element_size())
+    nbytes = traffic_bytes(op, mode, rows, cols, dtype.itemsize)
+    try:
+        x, params, grad_out = _inputs(op, mode, rows, cols, dtype, device)
+    except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+        return [{"op": op, "mode": mode, "shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
+                 "provider": name, "bytes": nbytes, "status": "error",
+                 "error": "the inputs do not fit: " + _error(exc)} for name in timed]
     results = []
     for name, make in timed.items():
         print(f"[bench] {op} {mode} {rows}x{cols} {name}", file=sys.stderr, flush=True)
@@ -447,7 +452,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "gptkern bench",
     if "torch" not in timed:
         print("[bench] note: 'torch' not among the providers, no speedups", file=sys.stderr)
 
-    copies = [measure_copy(rows, cols, dtype, device, warmup, repeats) for rows, cols in shapes]
+    copies = []
+    for rows, cols in shapes:
+        try:
+            copies.append(measure_copy(rows, cols, dtype, device, warmup, repeats))
+        except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+            parser.error(f"argument --shapes: {rows}x{cols} in {str(dtype).removeprefix('torch.')} does not fit "
+                         f"on {device}: {_error(exc)}")
     report = {"meta": metadata(device, argv, warmup, repeats), "complete": False, "copy": copies,
               "results": [], "skipped": skipped, "bytes_model": traffic_bytes.__doc__.strip()}
     for op in args.op:

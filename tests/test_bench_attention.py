@@ -45,6 +45,7 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
                                      for n in lengths)
     markdown = out_md.read_text()
     assert "| op | mode | causal | B | H | L | D | provider | median ms |" in markdown
+    assert "Dense: B = max(1, 48 // L) sequences (B·L = 48 tokens where L divides it), H·D = 16" in markdown
     assert "| sdpa | bwd | yes | 3 | 2 | 16 | 8 | torch:math |" in markdown
     assert f"| varlen | fwd+bwd | no | {len(lengths)} | 2 | {max(lengths)} | 8 | torch:loop |" in markdown
     assert "Not timed: torch:efficient (CUDA-only SDPA backend)." in markdown

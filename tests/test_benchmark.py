@@ -65,3 +65,28 @@ def test_a_list_entry_given_twice_is_timed_once():
     assert bench_attention._parse_ints("512,1024,512") == [512, 1024]
     args = benchmark._parser().parse_args(["--providers", "torch,gptkern:triton,torch"])
     assert args.providers == ["torch", "gptkern:triton"]
+
+
+def test_a_shape_that_does_not_fit_is_an_argument_error(capsys):
+    """It had ended in an allocation traceback."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--device", "cpu", "--shapes", "100000000000x100000", "--op", "softmax", "--mode", "fwd"])
+    assert exit_info.value.code == 2
+    assert "argument --shapes: 100000000000x100000 in float32 does not fit on cpu" in capsys.readouterr().err
+
+
+def test_inputs_that_do_not_fit_are_table_cells(monkeypatch):
+    def no_memory(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(benchmark, "_inputs", no_memory)
+    rows = benchmark.run_case("softmax", "fwd", 4, 8, torch.float32, torch.device("cpu"),
+                              {"torch": None, "gptkern:torch": None}, 0, 2, 1.0)
+    assert [r["provider"] for r in rows] == ["torch", "gptkern:torch"]
+    assert all(r["status"] == "error" and r["error"] == "the inputs do not fit: RuntimeError: out of memory"
+               for r in rows)
+    assert "error: the inputs do not fit" in benchmark.markdown(
+        {"meta": benchmark.metadata(torch.device("cpu"), [], 0, 2), "complete": True, "copy": [], "results": rows,
+         "skipped": {}})
