@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
-from gptkern.benchmark import metadata, write_atomic
+from gptkern.benchmark import _unique, metadata, write_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in distribution alike)
@@ -239,8 +239,7 @@ def table(report: dict) -> str:
 
 def row_shapes(text: str) -> list[tuple[int, int]]:
     try:
-        shapes = list(dict.fromkeys(tuple(int(n) for n in item.lower().split("x"))  # each once
-                                    for item in text.split(",") if item))
+        shapes = _unique(tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item)
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
@@ -270,7 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.cases is not None and (not args.cases or any(c not in CASES for c in args.cases)):
         parser.error(f"--cases must name some of {', '.join(CASES)}, got {args.cases}")
-    args.dtype = list(dict.fromkeys(args.dtype))  # each once
+    args.dtype = _unique(args.dtype)  # each once
     if args.json and os.path.exists(os.path.dirname(os.path.abspath(args.json))) and \
             not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: its folder is a file")

@@ -160,8 +160,7 @@ def combine_warps(block_s: int, block_dv: int) -> int:
 def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.device, fill: int = 2) -> int:
     """Enough programs to fill the GPU about ``fill`` times, no more splits than key blocks."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = fill * sm_count(index)
+        target = fill * sm_count(device)
     else:
         target = 4  # the interpreter: few programs
     return max(1, min(triton.cdiv(target, batch_heads), triton.cdiv(capacity, block_n), 64))

@@ -108,15 +108,19 @@ def tune_fused_rows(kind: RowKernel, kernel, grid: tuple, args: tuple, constexpr
 
 
 @functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The multiprocessors of a CUDA ``device`` (no index: the current one), cached."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def reduction_programs(device: torch.device, n_rows: int) -> int:
     """Programs for a kernel that accumulates per-column partial sums over rows."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = 4 * sm_count(index)
+        target = 4 * sm_count(device)
     else:  # interpreter: programs run one after another, few are enough
         target = 4
     return max(1, min(n_rows, target))
