@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 import gptkern
+from gptkern import kernel_profile
 from gptkern.benchmark import _save, add_common_args, check_common_args, device_from_args, metadata
 from gptkern.models import GPT, GPTConfig
 from gptkern.train.metrics import peak_flops
@@ -57,11 +58,14 @@ def step_times(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, dev
         yield step()
 
 
-def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device, steps: int, warmup: int) -> float:
-    """Median seconds of ``steps`` optimizer steps of one provider, timed alone."""
+def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device, steps: int, warmup: int,
+              profile: int = 0) -> tuple[float, Optional[dict]]:
+    """Median seconds of ``steps`` optimizer steps of one provider, timed alone; then, with
+    ``profile`` > 0, where the time of that many more steps goes (kernel_profile), else None."""
     run = step_times(provider, cfg, batch, block, dtype, device, warmup)
     next(run)
-    return statistics.median(next(run) for _ in range(steps))
+    seconds = statistics.median(next(run) for _ in range(steps))
+    return seconds, kernel_profile.profile_steps(lambda: next(run), profile, device) if profile else None
 
 
 def markdown(report: dict) -> str:
@@ -82,6 +86,9 @@ def markdown(report: dict) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         lines.append(f"| {r['provider']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {speedup} |")
+    if report.get("profile"):
+        lines += [""] + kernel_profile.markdown(
+            report["profile"], "GPU kernels" if meta["device"] == "cuda" else "CPU ops' self time")
     return "\n".join(lines) + "\n"
 
 
@@ -92,11 +99,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--block", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many more steps of each provider and report where "
+                        "their time goes, by kernel category (default: 0, none)")
     args = p.parse_args(argv)
     check_common_args(p, args, PROVIDERS)
     for name in ("batch", "block"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"argument --{name}: must be >= 1, got {getattr(args, name)}")
+    if args.profile < 0:
+        p.error(f"argument --profile: must be >= 0, got {args.profile}")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
         p.error(f"argument --peak-tflops: must be a positive number, got {args.peak_tflops}")
     if args.threads is None and args.device != "cuda" and not torch.cuda.is_available():
@@ -123,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {"meta": metadata(device, list(argv or []), warmup, repeats), "complete": False, "model": preset,
               "batch": batch, "reference": None, "block": block,
               "dtype": str(dtype).replace("torch.", "") if dtype else "float32",
-              "results": results}
+              "results": results, "profile": {}}
 
     def record(provider: str, seconds: float) -> None:
         tokens = batch * block / seconds
@@ -141,7 +153,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type not in ALTERNATE_ON:  # one provider after another, saved after each
         for provider in providers:
             try:
-                record(provider, step_time(provider, cfg, batch, block, dtype, device, repeats, warmup))
+                seconds, profile = step_time(provider, cfg, batch, block, dtype, device, repeats, warmup, args.profile)
+                record(provider, seconds)
+                if profile is not None:
+                    report["profile"][provider] = profile
             except Exception as err:
                 failed(provider, err)
             _add_speedups(report)
@@ -167,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.sort(key=lambda r: providers.index(r["provider"]))
             _add_speedups(report)
             _save(report, args, markdown)
+        for provider, run in runs.items() if args.profile else ():
+            report["profile"][provider] = kernel_profile.profile_steps(lambda: next(run), args.profile, device)
     report["complete"] = True
     print(_save(report, args, markdown))
     return 0

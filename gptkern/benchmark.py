@@ -8,8 +8,10 @@ Every (op, mode, shape) case is timed for each provider:
 * ``torch``: the PyTorch eager function (``torch.softmax``, ``F.layer_norm``, ``F.rms_norm``);
 * ``torch.compile``: ``torch.compile`` of that eager function.
 
-CUDA times come from CUDA events around each call, CPU times from ``time.perf_counter``;
-both report the median and the 20th/80th percentiles over a fixed number of repeats. A
+CUDA times come from CUDA events around each call, queued behind a sleep kernel so that they
+time the kernels and not their launches (``host_ms``: what queueing one call costs the host),
+CPU times from ``time.perf_counter``; both report the median and the 20th/80th percentiles
+over a fixed number of repeats. A
 ``y.copy_(x)`` of the same size is timed too, as the bandwidth roof.
 
 Usage: ``python -m gptkern bench [--op softmax,rms_norm] [--mode fwd] [--shapes 8192x8192]
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 import gptkern
 from gptkern._files import write_atomic  # noqa: F401  (re-exported: the bench modules use it)
 from gptkern import _backend
-from gptkern.kernels import autotune
+from gptkern.kernels import autotune, timing
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("softmax", "log_softmax", "layer_norm", "rms_norm")
@@ -67,7 +69,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int,
     The first call is timed on its own (``first_call_ms``: JIT and compile time included). On
     CUDA each call is timed between two events; with ``queue_ahead`` (kernels shorter than their
     launch from Python, ``fn`` without host syncs) a sleep kernel holds the GPU while the host
-    queues every call, so the events time the kernels, not the host.
+    queues every call, so the events time the kernels, not the host (kernels.timing), and
+    ``host_ms`` reports what queueing one call costs the host.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
@@ -78,22 +81,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int,
         fn()
     sync()
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
+        extra = {}
         if queue_ahead:
-            torch.cuda._sleep(200_000 * repeats)  # about 0.1 ms per call at 2 GHz
-        for begin, end in events:
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        times = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
+            extra["host_ms"] = timing.host_ms(fn)
+            sync()
+        times = timing.event_times_ms(fn, repeats, queue_ahead, extra.get("host_ms", 0.0))
+        return {**_quantiles(times), "first_call_ms": first_ms, **extra}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
     return {**_quantiles(times), "first_call_ms": first_ms}
 
 
@@ -199,7 +197,7 @@ def measure_copy(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
                  repeats: int) -> dict:
     x = torch.randn(rows, cols, dtype=dtype, device=device)
     y = torch.empty_like(x)
-    stats = time_fn(lambda: y.copy_(x), device, warmup, repeats)
+    stats = time_fn(lambda: y.copy_(x), device, warmup, repeats, queue_ahead=True)
     nbytes = 2 * x.numel() * x.element_size()
     return {"shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes,
             **stats, "gbps": nbytes / stats["median_ms"] / 1e6}
@@ -222,7 +220,7 @@ def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, devic
         entry = {"op": op, "mode": mode, "shape": [rows, cols],
                  "dtype": str(dtype).removeprefix("torch."), "provider": name, "bytes": nbytes}
         try:
-            stats = time_fn(_step(make(op), x, params, grad_out), device, warmup, repeats)
+            stats = time_fn(_step(make(op), x, params, grad_out), device, warmup, repeats, queue_ahead=True)
         except NotImplementedError as exc:
             entry.update(status="unsupported", error=_error(exc))
         except Exception as exc:  # a provider failing (compile error, OOM) is a table cell
@@ -289,20 +287,22 @@ def markdown(report: dict) -> str:
              f"torch {meta['torch']}, triton {meta['triton']}, gptkern {meta['gptkern']}. "
              f"Median and p20-p80 of {meta['repeats']} runs. GB/s: bytes an ideal fused kernel "
              f"moves (`gptkern.benchmark.traffic_bytes`) / time; % copy: of `y.copy_(x)` GB/s; "
-             f"speedup: torch eager time / time.",
+             f"speedup: torch eager time / time. On CUDA the timed calls are queued behind a sleep "
+             f"kernel, so the times are the kernels'; host ms: what queueing one call costs the host.",
              "", "| copy shape | median ms | GB/s |", "|---|---:|---:|"]
     for c in report["copy"]:
         lines.append(f"| {c['shape'][0]}x{c['shape'][1]} | {c['median_ms']:.4f} | {c['gbps']:.1f} |")
     lines += ["", "| op | mode | shape | provider | median ms | p20-p80 ms | GB/s | % copy "
-              "| speedup |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+              "| speedup | host ms |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         head = f"| {r['op']} | {r['mode']} | {r['shape'][0]}x{r['shape'][1]} | {r['provider']} |"
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']}: {r['error'].replace('|', '/')} | | | | |")
+            lines.append(f"{head} {r['status']}: {r['error'].replace('|', '/')} | | | | | |")
             continue
         speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
+        host = f"{r['host_ms']:.4f}" if "host_ms" in r else ""
         lines.append(f"{head} {r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} "
-                     f"| {r['gbps']:.1f} | {100 * r['copy_fraction']:.0f}% | {speedup} |")
+                     f"| {r['gbps']:.1f} | {100 * r['copy_fraction']:.0f}% | {speedup} | {host} |")
     if report["skipped"]:
         lines += [""] + [f"Not timed: {name} ({reason})." for name, reason in report["skipped"].items()]
     if report.get("autotune"):  # the fused row kernels' warps (launch.RowKernel.warp_choices)

@@ -74,6 +74,7 @@ def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monke
 @pytest.mark.parametrize("argv,flag", [(["--providers", "foo"], "--providers"), (["--providers", ","], "--providers"),
                                        (["--repeats", "0"], "--repeats"), (["--warmup", "-3"], "--warmup"),
                                        (["--batch", "0"], "--batch"), (["--block", "100000"], "--block"),
-                                       (["--peak-tflops", "-5"], "--peak-tflops"), (["--preset", "foo"], "--preset")])
+                                       (["--peak-tflops", "-5"], "--peak-tflops"), (["--preset", "foo"], "--preset"),
+                                       (["--profile", "-1"], "--profile")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):
     assert_argument_error(bench_train.main, ["--quick", "--device", "cpu", *argv], flag, capsys)

@@ -20,6 +20,8 @@ from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
+from gptkern.kernels import timing
+
 log = logging.getLogger("gptkern")
 C = TypeVar("C")
 _CHOICES: dict[Hashable, object] = {}
@@ -36,20 +38,14 @@ def enabled(device: torch.device) -> bool:
 def _cuda_time_ms(fn: Callable[[], None]) -> float:
     """Median of TIMED_RUNS timed runs of ``fn`` after one untimed run (which compiles it).
 
-    A sleep kernel holds the GPU while the host queues the timed runs, so that the events time
-    the kernels and not their launches from Python: a row kernel of 10-20 us takes about as
-    long to launch, which would decide the choice (as benchmark.time_fn's queue_ahead)."""
+    The timed runs are queued behind a sleep kernel sized from the host time of two more
+    untimed runs (timing.event_times_ms), so that the events time the kernels and not their
+    launches from Python, which for a row kernel take about as long."""
     fn()
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(TIMED_RUNS)]
-    torch.cuda._sleep(200_000 * TIMED_RUNS)  # about 0.1 ms per run at 2 GHz
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
+    per_call = timing.host_ms(fn, calls=2)
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return statistics.median(timing.event_times_ms(fn, TIMED_RUNS, queue_ahead=True, per_call_host_ms=per_call))
 
 
 def pick(key: Hashable, candidates: Sequence[C], run: Callable[[C], None], device: torch.device,

@@ -1,0 +1,73 @@
+"""kernel_profile: profiler entries summed by category, and bench_train's --profile on the CPU."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gptkern import bench_train, kernel_profile
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("_attn_fwd_kernel", "attention forward"),
+    ("_attn_bwd_dkdv_kernel", "attention backward"),
+    ("_attn_bwd_dq_kernel", "attention backward"),
+    ("_attn_bwd_delta_kernel", "attention backward"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1", "attention forward"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_1_128x128x64", "attention backward"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention backward"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention forward"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("nvjet_tst_128x192_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("aten::mm", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("triton_red_fused_native_layer_norm_native_layer_norm_backward_3", "norms"),
+    ("_norm_fwd_kernel", "norms"),
+    ("triton_per_fused__log_softmax__to_copy_nll_loss_forward_5", "softmax / cross-entropy"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("triton_poi_fused_add_gelu_7", "other"),
+    ("aten::mul_", "other"),
+])
+def test_kernel_names_fall_into_their_category(name, expected):
+    assert kernel_profile.category(name) == expected
+
+
+def _entry(key, us, count, cuda):
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return SimpleNamespace(key=key, count=count, device_type=device, self_device_time_total=us if cuda else 0,
+                           self_cpu_time_total=0 if cuda else us)
+
+
+def test_summarize_takes_gpu_kernels_only_on_cuda_per_step():
+    entries = [_entry("_attn_fwd_kernel", 3000, 4, True), _entry("nvjet_tst_gemm", 5000, 8, True),
+               _entry("gptkern::attention_fwd", 9000, 4, False),  # the CPU op that launched it: not counted
+               _entry("triton_poi_fused_add_0", 1000, 2, True)]
+    s = kernel_profile.summarize(entries, 2, "cuda")
+    assert s["total_ms"] == pytest.approx(4.5)
+    assert s["categories"]["attention forward"] == pytest.approx(1.5)
+    assert s["categories"]["matmul"] == pytest.approx(2.5) and s["categories"]["other"] == pytest.approx(0.5)
+    assert [r["name"] for r in s["top"]] == ["nvjet_tst_gemm", "_attn_fwd_kernel", "triton_poi_fused_add_0"]
+    assert s["top"][0]["calls"] == 4
+    on_cpu = kernel_profile.summarize(entries, 1, "cpu")
+    assert on_cpu["total_ms"] == pytest.approx(9.0) and on_cpu["categories"]["attention forward"] == pytest.approx(9.0)
+
+
+def test_a_failing_profiler_is_a_report_line():
+    def step():
+        raise RuntimeError("no CUPTI")
+    result = kernel_profile.profile_steps(step, 1, torch.device("cpu"))
+    assert result == {"error": "RuntimeError: no CUPTI"}
+    assert kernel_profile.markdown({"gptkern": result}, "x") == ["Profile of gptkern failed: RuntimeError: no CUPTI"]
+
+
+def test_bench_train_profile_reports_each_provider(tmp_path):
+    out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
+    assert bench_train.main(["--quick", "--device", "cpu", "--threads", "1", "--profile", "1",
+                             "--out-json", str(out_json), "--out-md", str(out_md)]) == 0
+    profile = json.loads(out_json.read_text())["profile"]
+    assert set(profile) == {"gptkern", "torch"}
+    for p in profile.values():
+        assert p["total_ms"] == pytest.approx(sum(p["categories"].values()))
+        assert p["categories"]["matmul"] > 0 and p["categories"]["attention forward"] > 0
+    text = out_md.read_text()
+    assert "| category | gptkern | torch |" in text and "Top of gptkern:" in text
