@@ -252,6 +252,34 @@ def test_causal_hint_drops_attn_mask_unread_as_torch():
             module(x, x, x, attn_mask=wrong, key_padding_mask=kpm, is_causal=True, need_weights=False)
 
 
+@pytest.mark.parametrize("case", ["fast", "training", "grad", "odd heads", "sequence first", "separate kv",
+                                  "float mask", "bias off"])
+def test_a_misfit_mask_with_the_causal_hint_raises_where_torch_fast_path_reads_it(case):
+    """torch's fused fast path (eval, nothing requiring grad, batched self-attention, ...) views
+    attn_mask as (1, 1, L, L) even with is_causal: a mask that does not fit raises there. Elsewhere
+    torch drops it unread; gptkern raises exactly where torch does."""
+    heads = 3 if case == "odd heads" else 2
+    ours, theirs = pair(embed_dim=6, num_heads=heads, batch_first=case != "sequence first", bias=case != "bias off")
+    for module in (ours, theirs):
+        module.train(case == "training")
+    x = torch.randn(2, 5, 6, device=DEVICE)
+    kv = x.clone() if case == "separate kv" else x
+    wrong = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).triu(1)
+    if case == "float mask":
+        wrong = torch.zeros(3, 3, device=DEVICE).masked_fill(wrong, float("-inf"))
+    outcomes = []
+    for module in (theirs, ours):
+        with torch.set_grad_enabled(case == "grad"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                module(x, kv, kv, attn_mask=wrong, is_causal=True, need_weights=False)
+                outcomes.append("ok")
+            except RuntimeError as err:
+                outcomes.append("raised")
+                assert module is theirs or "attn_mask" in str(err)
+    assert outcomes[1] == outcomes[0] and outcomes[0] == ("raised" if case in ("fast", "bias off") else "ok")
+
+
 def test_nested_tensor_input_takes_torch_fast_path():
     ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
     ours.eval(), theirs.eval()

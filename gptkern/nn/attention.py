@@ -56,6 +56,18 @@ def _padding_mask_for_causal(kpm: Optional[torch.Tensor], am: Optional[torch.Ten
     return kpm if kpm.dtype == torch.bool else kpm.to(merged)
 
 
+def _check_fast_path_mask(attn_mask: torch.Tensor, query: torch.Tensor) -> None:
+    """torch's fast path views attn_mask as (1, 1, L, L) (2-D) or (B, -1, L, L) (3-D): a mask that
+    does not fit is a RuntimeError there, even with the is_causal hint (which the slow path
+    honours by dropping the mask unread)."""
+    b, l = query.shape[:2]
+    fits = attn_mask.numel() == l * l if attn_mask.dim() == 2 else attn_mask.numel() % max(1, b * l * l) == 0
+    if not fits:
+        view = (1, 1, l, l) if attn_mask.dim() == 2 else (b, -1, l, l)
+        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be viewed as {view} (torch's "
+                           f"fast path reads it even with is_causal=True)")
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for ``torch.nn.MultiheadAttention``: same arguments, forward and ``state_dict``.
 
@@ -78,9 +90,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
         # torch's own shape checks (AssertionError on a mismatch), before anything is reshaped
         F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
-        if is_causal and attn_mask is None:
+        if is_causal and attn_mask is None:  # (torch's fast path ignores the hint and attends to every key)
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
+        if is_causal and key_padding_mask is None and self._torch_fast_path(query, key, value, attn_mask):
+            _check_fast_path_mask(attn_mask, query)
         if (key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype
                 and all(m.dtype == torch.bool or m.is_floating_point() for m in (key_padding_mask, attn_mask))):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
@@ -101,6 +115,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+    def _torch_fast_path(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_mask: Optional[torch.Tensor]) -> bool:
+        """Whether torch's module would enter its fused fast path (eval-mode batched self-attention
+        with nothing requiring grad), which reads attn_mask even with the is_causal hint (without
+        biases too: it merges the masks before it finds none and turns back)."""
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key
+                and key is value and not self.training and self.num_heads % 2 == 0 and self.batch_first
+                and self._qkv_same_embed_dim and query.dtype == self.in_proj_weight.dtype
+                and (self.in_proj_bias is None or query.dtype == self.in_proj_bias.dtype)
+                and not (attn_mask is not None and attn_mask.is_floating_point())
+                and not torch.is_autocast_enabled()
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (query, *params))))
 
     def _torch_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        key_padding_mask: Optional[torch.Tensor], need_weights: bool,
