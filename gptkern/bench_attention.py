@@ -274,8 +274,11 @@ def run_dense_case(mode: str, causal: bool, batch: int, heads: int, seqlen: int,
                    matmul_tflops: float) -> list[dict]:
     """One result dict per provider for q, k, v of shape (batch, heads, seqlen, head_dim)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    qkv = [torch.randn(batch, heads, seqlen, head_dim, dtype=dtype, device=device,
-                       generator=gen).requires_grad_(mode != "fwd") for _ in range(3)]
+    try:
+        qkv, failed = [torch.randn(batch, heads, seqlen, head_dim, dtype=dtype, device=device,
+                                   generator=gen).requires_grad_(mode != "fwd") for _ in range(3)], None
+    except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+        qkv, failed = None, benchmark.inputs_error(exc, device)
     flops = attention_flops(mode, batch, heads, seqlen, seqlen, head_dim, causal)
     results = []
     for name, make in timed.items():
@@ -284,7 +287,7 @@ def run_dense_case(mode: str, causal: bool, batch: int, heads: int, seqlen: int,
                  "heads": heads, "seqlen": seqlen, "head_dim": head_dim,
                  "dtype": str(dtype).removeprefix("torch."), "provider": name, "flops": flops,
                  "tokens": batch * seqlen}
-        entry.update(_measure(lambda: (make(causal), qkv), mode, device, warmup, repeats))
+        entry.update(failed or _measure(lambda: (make(causal), qkv), mode, device, warmup, repeats))
         results.append(entry)
     return _finish(results, flops, matmul_tflops, DENSE_BASELINE)
 
@@ -310,7 +313,10 @@ def run_varlen_case(mode: str, causal: bool, lengths: Sequence[int], heads: int,
                     dtype: torch.dtype, device: torch.device, timed: dict, warmup: int, repeats: int,
                     matmul_tflops: float) -> list[dict]:
     """One result dict per provider for packed sequences of ``lengths``."""
-    batch = VarlenBatch(lengths, heads, head_dim, dtype, device, mode != "fwd")
+    try:
+        batch, failed = VarlenBatch(lengths, heads, head_dim, dtype, device, mode != "fwd"), None
+    except (RuntimeError, MemoryError) as exc:
+        batch, failed = None, benchmark.inputs_error(exc, device)
     flops = sum(attention_flops(mode, 1, heads, n, n, head_dim, causal) for n in lengths)
     tokens = sum(lengths)
     results = []
@@ -320,7 +326,7 @@ def run_varlen_case(mode: str, causal: bool, lengths: Sequence[int], heads: int,
                  "batch": len(lengths), "heads": heads, "seqlen": max(lengths), "head_dim": head_dim,
                  "dtype": str(dtype).removeprefix("torch."), "provider": name, "flops": flops,
                  "tokens": tokens}
-        entry.update(_measure(lambda: make(batch, causal), mode, device, warmup, repeats))
+        entry.update(failed or _measure(lambda: make(batch, causal), mode, device, warmup, repeats))
         if entry["status"] == "ok":
             entry["tokens_per_s"] = tokens / entry["median_ms"] * 1e3
         results.append(entry)

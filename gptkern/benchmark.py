@@ -203,6 +203,13 @@ def measure_copy(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
             **stats, "gbps": nbytes / stats["median_ms"] / 1e6}
 
 
+def inputs_error(exc: BaseException, device: torch.device) -> dict:
+    """The table cell of a case whose inputs cannot be allocated (frees CUDA's cached blocks)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"status": "error", "error": "the inputs do not fit: " + _error(exc)}
+
+
 def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
              timed: dict[str, Callable[[str], Fn]], warmup: int, repeats: int,
              copy_gbps: float) -> list[dict]:
@@ -212,8 +219,7 @@ def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, devic
         x, params, grad_out = _inputs(op, mode, rows, cols, dtype, device)
     except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
         return [{"op": op, "mode": mode, "shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
-                 "provider": name, "bytes": nbytes, "status": "error",
-                 "error": "the inputs do not fit: " + _error(exc)} for name in timed]
+                 "provider": name, "bytes": nbytes, **inputs_error(exc, device)} for name in timed]
     results = []
     for name, make in timed.items():
         print(f"[bench] {op} {mode} {rows}x{cols} {name}", file=sys.stderr, flush=True)

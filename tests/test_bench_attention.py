@@ -84,6 +84,22 @@ def test_failures_are_table_cells():
     assert "- `(('fwd', 128), 'cuda:0')`: `AttnConfig(block_m=128, tma=True)`" in bench_attention.markdown(report)
 
 
+def test_inputs_that_do_not_fit_are_table_cells(monkeypatch):
+    """A --tokens too large for the device: each provider's row says so (no traceback)."""
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench_attention.torch, "randn", no_memory)
+    timed = {"torch:sdpa": bench_attention._sdpa_dense(None), "torch:math": bench_attention._sdpa_dense(None)}
+    dense = bench_attention.run_dense_case("fwd", False, 1, 2, 8, 4, torch.float32, CPU, timed,
+                                           warmup=0, repeats=2, matmul_tflops=1.0)
+    varlen = bench_attention.run_varlen_case("fwd", False, [3, 5], 2, 4, torch.float32, CPU,
+                                             {"torch:loop": None}, warmup=0, repeats=2, matmul_tflops=1.0)
+    assert [r["provider"] for r in dense + varlen] == ["torch:sdpa", "torch:math", "torch:loop"]
+    assert all(r["status"] == "error" and r["error"] == "the inputs do not fit: RuntimeError: out of memory"
+               for r in dense + varlen)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_math_attention_matches_sdpa(causal):
     q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
