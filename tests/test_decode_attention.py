@@ -257,6 +257,22 @@ def test_cuda_declines_grids_it_cannot_launch():
     assert "2147483648 in all" in _cuda_grid_limits(SimpleNamespace(shape=(2**16, 2, 2**14, 64)), kv)
 
 
+def test_cuda_declines_a_cache_it_would_copy_whole():
+    """The CUDA kernel reads 16-byte rows in place; a cache view it cannot (an odd head-dim slice, a
+    misaligned start, a strided last dim) would be copied whole at every call: `auto` moves on."""
+    from gptkern.ops.decode import _cuda_cache_layout
+
+    base = torch.randn(2, 4, 64, 72, dtype=torch.float16)
+    good = base[..., :64]  # row stride 72 elements: 144 bytes, a multiple of 16
+    assert _cuda_cache_layout(good, good) is None
+    assert _cuda_cache_layout(base[:, :1], base[:1]) is None  # size-1 dims need no aligned stride
+    odd = torch.randn(2, 4, 64, 68, dtype=torch.float16)[..., :64]  # 136-byte rows
+    assert "k_cache of strides (17408, 4352, 68, 1)" in _cuda_cache_layout(odd, good)
+    assert "v_cache" in _cuda_cache_layout(good, base[..., 1:65])  # starts 2 bytes past alignment
+    assert "2 bytes past" in _cuda_cache_layout(good, base[..., 1:65])
+    assert "v_cache" in _cuda_cache_layout(good, base.transpose(-1, -2)[..., :64, :64])  # strided last dim
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_as_torch_sdpa(backend):
     """Under autocast decode computes in the autocast dtype on every backend, as torch's SDPA (and

@@ -108,6 +108,19 @@ def _cuda_grid_limits(q, k_cache) -> Optional[str]:
     return None
 
 
+def _cuda_cache_layout(k_cache, v_cache) -> Optional[str]:
+    """Why the CUDA decode kernel cannot read a cache in place, or None. Its 16-byte row copies
+    need a unit last stride, 16-byte aligned data and other strides multiples of 8 (2-byte)
+    elements (csrc/cuda/register.cpp's rows_16b); it would copy any other cache whole at every
+    call, so such a cache goes to the next backend instead."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(t.dim() - 1))):
+            return (f"{name} of strides {tuple(t.stride())} at a data address {t.data_ptr() % 16} bytes past "
+                    f"16-byte alignment: not 16-byte aligned rows (it would be copied whole at every call)")
+    return None
+
+
 def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
     """Sizes the Triton decode kernels' launch grid or 32-bit offsets cannot take, or None."""
     def span(t, dims) -> int:  # elements from a view's first to its last, over these dims
@@ -157,7 +170,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
         return (cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
-                or _cuda_grid_limits(q, k_cache))
+                or _cuda_grid_limits(q, k_cache) or _cuda_cache_layout(k_cache, v_cache))
 
     name = _backend.choose("decode_attention", q.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
