@@ -479,21 +479,37 @@ def test_meta_tensors_give_meta_results():
     assert mha(x, x, x, need_weights=False)[0].shape == (2, 3, 8)
 
 
-def test_dropout_seed_is_drawn_on_the_cpu_whatever_the_default_device():
-    """The kernels take the seed as a launch argument: on a GPU default device a CUDA seed would
-    cost a host sync per call and break CUDA-graph capture. It still comes from torch's generator."""
+def test_dropout_seed_is_drawn_on_the_inputs_device_whatever_the_default_device():
+    """The kernels read the seed on their device (no host sync; a CUDA graph replay draws anew).
+    It comes from torch's generator for that device."""
     from gptkern.ops.attention import draw_seed
 
     torch.manual_seed(3)
-    expected = draw_seed(0.1)
+    expected = draw_seed(0.1, DEVICE)
     torch.set_default_device("meta")
     try:
         torch.manual_seed(3)
-        seed = draw_seed(0.1)
+        seed = draw_seed(0.1, DEVICE)
     finally:
         torch.set_default_device(None)
-    assert seed.device.type == "cpu" and torch.equal(seed, expected)
-    assert draw_seed(0.0) is None
+    assert seed.device == expected.device and seed.device.type == DEVICE.type and torch.equal(seed, expected)
+    assert seed.shape == (1,) and seed.dtype == torch.int64
+    assert draw_seed(0.0, DEVICE) is None
+
+
+@pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="needs the triton backend")
+def test_triton_op_takes_a_seed_from_another_device_and_refuses_a_bad_one():
+    """A seed given on the CPU for inputs elsewhere is copied to them (the kernels read it there);
+    dropout with no seed, or a seed that is not one integer, is an error, not seed 0."""
+    q = rand(1, 2, 16, 16)
+    args = (q, q, q, None, False, 0.25, 0.3)
+    with gptkern.backend("triton"):
+        a = torch.ops.gptkern.triton_attention(*args, torch.tensor([5]))[0]
+        b = torch.ops.gptkern.triton_attention(*args, torch.tensor([5], device=DEVICE))[0]
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        for bad in (None, torch.tensor([1, 2]), torch.tensor([0.5])):
+            with pytest.raises(RuntimeError, match="needs seed"):
+                torch.ops.gptkern.triton_attention(*args, bad)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in gptkern.available_backends()])

@@ -171,19 +171,20 @@ def test_triton_dropout_factors_are_the_forward_mask():
     from gptkern.kernels.attention import dropout_factors
 
     p, seed = 0.4, 123456789012
+    seed_t = torch.tensor([seed], device=DEVICE)
     q, k = rand(2, 3, 37, 16, dtype=DROPOUT_DTYPE), rand(2, 3, 70, 16, dtype=DROPOUT_DTYPE)
     eye = torch.eye(70, device=DEVICE, dtype=DROPOUT_DTYPE).expand(2, 3, 70, 70)
     with gptkern.backend("triton"):
         weights = torch.ops.gptkern.triton_attention(q, k, eye, None, False, 0.25, p,
                                                      torch.tensor([seed]))[0]  # softmax * Z
     z = (weights.double() / F.scaled_dot_product_attention(q.double(), k.double(), eye.double(), scale=0.25))
-    factors = dropout_factors(seed, p, 6, 37, 70, DEVICE)
+    factors = dropout_factors(seed_t, p, 6, 37, 70, DEVICE)
     assert factors.shape == (6, 37, 70) and factors.dtype == torch.float32
     assert torch.all((factors == 0) | ((factors - 1 / (1 - p)).abs() < 1e-6))
     torch.testing.assert_close(factors.view(2, 3, 37, 70).double(), z, atol=1e-2, rtol=0)  # 0 or 1.67
     # a range of batch-heads starting past 0, with other sizes (varlen asks per sequence)
-    assert torch.equal(dropout_factors(seed, p, 2, 37, 70, DEVICE, first_batch_head=3), factors[3:5])
-    assert torch.equal(dropout_factors(seed, p, 2, 5, 9, DEVICE, first_batch_head=3), factors[3:5, :5, :9])
+    assert torch.equal(dropout_factors(seed_t, p, 2, 37, 70, DEVICE, first_batch_head=3), factors[3:5])
+    assert torch.equal(dropout_factors(seed_t, p, 2, 5, 9, DEVICE, first_batch_head=3), factors[3:5, :5, :9])
     if "cpu" in gptkern.available_backends():
         cpp = torch.ops.gptkern.attention_dropout_factors(torch.tensor([seed]), p, 6, 37, 70)
         assert torch.equal(factors.cpu(), cpp)

@@ -254,7 +254,7 @@ def test_dropout_statistics_and_reproducibility():
     dropped = (z.abs() < 1e-4).double().mean().item()
     assert abs(dropped - p) < 0.02, dropped
     torch.manual_seed(9)
-    seed = gptkern.ops.attention.draw_seed(p)  # the seed the calls above drew
+    seed = gptkern.ops.attention.draw_seed(p, torch.device("cpu"))  # the seed the calls above drew
     factors = torch.ops.gptkern.attention_dropout_factors(seed, p, 2 * 4, 64, s).view(2, 4, 64, s)
     torch.testing.assert_close(factors.double(), z, atol=1e-3, rtol=0)
 

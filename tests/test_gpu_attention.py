@@ -113,6 +113,48 @@ def test_dropout_rate_cuda():
     assert abs(dropped - 0.25) < 0.02
 
 
+def test_dropout_in_a_captured_cuda_graph_draws_a_new_mask_each_replay():
+    """The seed is drawn on the GPU from torch's graph-safe generator and read by the kernels
+    there: a forward and backward with dropout captured by hand replay with other masks each time,
+    without a host sync, and the first replay after the same torch.manual_seed repeats."""
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = gptkern.ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+    with gptkern.backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile and autotune outside the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                static = step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    runs = []
+    for seed in (5, 5, None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        graph.replay()
+        runs.append([t.clone() for t in static])
+        graph.replay()
+        runs.append([t.clone() for t in static])
+    first, second, again, _, third, _ = runs
+    for a, b in zip(first, second):
+        assert not torch.equal(a, b)  # each replay drops other weights
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # reproducible from torch.manual_seed
+    assert not torch.equal(first[0], third[0])
+
+
 def test_varlen_does_not_sync_the_host():
     """On a GPU the offsets' values are not read (no host sync per call), as in flash-attn."""
     q, k, v = (torch.randn(300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -50,7 +50,7 @@ def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligne
     # to divide by 16, and they change no load's width.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and n not in constexprs and (types[n] == "i32" or types[n].startswith("*"))
-             and n not in ("n_rows", "rows_per_program", "G", "seed", "threshold")}
+             and n not in ("n_rows", "rows_per_program", "G", "threshold")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -184,7 +184,7 @@ def attention_configs():
                                       if n in types})
                         types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
                         types.update(CU_Q="*i32", CU_K="*i32", MASK=mask_type, qk_scale="fp32", inv_keep="fp32",
-                                     seed="i64")
+                                     SEED="*i64")
                         if "sm_scale" in types:
                             types["sm_scale"] = "fp32"
                         block_d = attention.head_block(d)
@@ -210,7 +210,7 @@ def attention_configs():
                 yield (delta, types, dict(DV=d, VARLEN=varlen, BLOCK_M=attention.delta_block_m(d),
                                           BLOCK_DV=attention.head_block(d)), 4, True, 3)
     factors = attention._dropout_factors_kernel  # double backward with dropout
-    yield (factors, {"Z": "*fp32", "seed": "i64", "first_bh": "i32", "rows": "i32", "cols": "i32",
+    yield (factors, {"Z": "*fp32", "SEED": "*i64", "first_bh": "i32", "rows": "i32", "cols": "i32",
                      "threshold": "i32", "inv_keep": "fp32"}, attention.FACTOR_BLOCKS, 4, True, 3)
 
 

@@ -68,6 +68,16 @@ def _dropout_scale(seed, bh, qi, kj, threshold, inv_keep):
 
 
 @triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read from its (1,) int64 tensor on the kernel's device (no host sync, and
+    a CUDA graph replays with the seed drawn anew into it), or 0 without dropout."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
     """(first query row, first key row, L, S, diag) of sequence b."""
     if VARLEN:
@@ -179,13 +189,14 @@ def _attn_fwd_kernel(
     CU_Q, CU_K,            # (B + 1,) int32 sequence starts (VARLEN), or unused
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, SEED, threshold, inv_keep,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DESC: tl.constexpr = False,  # Q, K, V, O are (B, H, seq, dim) tensor descriptors (TMA), dense only
 ):
     # Tile bases are int64; offsets inside a tile are int32.
+    seed = _load_seed(SEED, DROPOUT)
     bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -327,7 +338,7 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, sm_scale,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, SEED, threshold, inv_keep, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -336,6 +347,7 @@ def _attn_bwd_dkdv_kernel(
     """One program: a block of keys of one KV head, summed over the GROUP query heads. Tiles are
     key-major, (BLOCK_N, BLOCK_M): every product then has BLOCK_N rows, which Hopper's warpgroup
     MMA wants (64 per 4 warps) while the query block stays small."""
+    seed = _load_seed(SEED, DROPOUT)
     pid_n = tl.program_id(1)
     bhk = tl.program_id(0)
     hkv = H // GROUP
@@ -451,13 +463,14 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn, slb, slh,
-    H, L, S, GROUP, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, sm_scale,
+    H, L, S, GROUP, diag, win_left, win_right, qk_scale, SEED, threshold, inv_keep, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DESC: tl.constexpr = False,  # Q, K, V, DO, DQ are tensor descriptors (TMA), as in the forward
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
+    seed = _load_seed(SEED, DROPOUT)
     bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -681,7 +694,7 @@ class Problem:
     cu_q: Optional[torch.Tensor] = None
     cu_k: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
-    seed: int = 0
+    seed: Optional[torch.Tensor] = None  # (1,) int64 on the inputs' device when dropout_p > 0
 
     @property
     def varlen(self) -> bool:
@@ -697,10 +710,12 @@ class Problem:
         """(batch, head) strides of the LSE / delta: (B, H, L) dense, (H, total) varlen."""
         return (0, stat.stride(0)) if self.varlen else (stat.stride(0), stat.stride(1))
 
-    def scalars(self) -> tuple:
+    def scalars(self, q: torch.Tensor) -> tuple:
+        """The kernels' scalar arguments, H to inv_keep (the seed's tensor, or q as an unread stand-in)."""
         left, right = (UNBOUNDED if w < 0 else w for w in self.window)
+        seed = self.seed if self.dropout_p > 0.0 else q
         return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E,
-                self.seed, *_dropout_scalars(self.dropout_p))
+                seed, *_dropout_scalars(self.dropout_p))
 
     def flags(self, q: torch.Tensor, mask_kind: int) -> dict:
         return dict(D=self.d, DV=self.dv, CAUSAL=self.causal, WINDOW=self.window != (-1, -1),
@@ -781,7 +796,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
         tensors = _descriptors(cfg, p, "fwd", q, k, v, out) if cfg.tma else (q, k, v, out)
         _attn_fwd_kernel[(p.batch * p.heads, triton.cdiv(p.l, cfg.block_m))](
             *tensors, lse, mask_ptr, *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out),
-            *mask_strides, *p.row_stat_strides(lse), *p.scalars(), **p.flags(q, kind), **cfg.launch(),
+            *mask_strides, *p.row_stat_strides(lse), *p.scalars(q), **p.flags(q, kind), **cfg.launch(),
             DESC=cfg.tma)
 
     run(_tuned("fwd", p, kind, run, q, k, v, out))
@@ -810,7 +825,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _attn_bwd_delta_kernel[(p.batch * p.heads, triton.cdiv(p.l, delta_rows))](
         out, do, delta, p.cu(q)[0], *p.strides(out), *p.strides(do), *p.row_stat_strides(lse), p.heads, p.l,
         DV=p.dv, VARLEN=p.varlen, BLOCK_M=delta_rows, BLOCK_DV=head_block(p.dv), num_warps=4)
-    scalars = (*p.row_stat_strides(lse), *p.scalars(), p.scale)
+    scalars = (*p.row_stat_strides(lse), *p.scalars(q), p.scale)
 
     def run_dkdv(cfg: AttnConfig) -> None:
         tensors = (q, k, v, do, dk, dv)
@@ -841,10 +856,11 @@ FACTOR_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64)
 
 
 @triton.jit
-def _dropout_factors_kernel(Z, seed, first_bh, rows, cols, threshold, inv_keep,
+def _dropout_factors_kernel(Z, SEED, first_bh, rows, cols, threshold, inv_keep,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Z (batch-heads, rows, cols) fp32: the factor _dropout_scale gives each score of batch-head
-    first_bh + z; grid (batch-heads, row blocks, column blocks)."""
+    first_bh + z under the seed in SEED (1,) int64; grid (batch-heads, row blocks, column blocks)."""
+    seed = tl.load(SEED)
     z_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -854,9 +870,10 @@ def _dropout_factors_kernel(Z, seed, first_bh, rows, cols, threshold, inv_keep,
              mask=(offs_m[:, None] < rows) & (offs_n[None, :] < cols))
 
 
-def dropout_factors(seed: int, dropout_p: float, batch_heads: int, rows: int, cols: int,
+def dropout_factors(seed: torch.Tensor, dropout_p: float, batch_heads: int, rows: int, cols: int,
                     device: torch.device, first_batch_head: int = 0) -> torch.Tensor:
-    """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed``,
+    """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed`` ((1,) int64
+    on ``device``),
     (batch_heads, rows, cols) fp32: for batch-head first_batch_head + bh, query row i and key j
     (counted inside their sequence when varlen)."""
     z = torch.empty((batch_heads, rows, cols), device=device, dtype=torch.float32)

@@ -18,12 +18,13 @@ MAX_HEAD_DIM = 256
 MAX_TRITON_ROWS = 65535 * 16
 
 
-def draw_seed(dropout_p: float) -> Optional[torch.Tensor]:
-    """A dropout seed from torch's default generator (reproducible under torch.manual_seed), drawn
-    outside the custom op so that the op stays a pure function of its inputs; None without dropout.
-    On the CPU whatever the default device: the kernels take it as a launch argument, and a CUDA
-    seed would cost a host sync per call (and break a CUDA-graph capture)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu") if dropout_p > 0 else None
+def draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]:
+    """A (1,) int64 dropout seed on the inputs' ``device`` (whatever the default device), from
+    torch's generator for it (reproducible under torch.manual_seed); None without dropout. Drawn
+    outside the custom op so that the op stays a pure function of its inputs. The kernels read it
+    on the device: no host sync, and a step captured into a CUDA graph draws a new seed at each
+    replay (torch's CUDA generator is graph-safe), so each replay drops other weights."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device) if dropout_p > 0 else None
 
 
 @torch.library.custom_op("gptkern::triton_attention", mutates_args=())
@@ -43,16 +44,22 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     return out, lse
 
 
-def _seed_value(seed: Optional[torch.Tensor]) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 def _dense_problem(q, k, v, causal, scale, dropout_p, seed):
     from gptkern.kernels.attention import Problem
 
     b, h, l, d = q.shape
     return Problem(batch=b, heads=h, kv_heads=k.shape[1], l=l, s=k.shape[2], d=d, dv=v.shape[-1],
-                   causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed))
+                   causal=causal, scale=scale, dropout_p=dropout_p, seed=_kernel_seed(seed, dropout_p, q))
+
+
+def _kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The seed as the Triton kernels read it: (1,) int64 on q's device (copied there if given
+    elsewhere); None without dropout."""
+    if dropout_p == 0:
+        return None
+    if seed is None or seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+        raise RuntimeError("gptkern::triton_attention: dropout_p > 0 needs seed, a one-element integer tensor")
+    return seed.reshape(1).to(device=q.device, dtype=torch.int64)
 
 
 @triton_attention.register_fake
@@ -310,7 +317,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         else:
             op = torch.ops.gptkern.triton_attention
         out, _ = _autograd.call(op, q4, k4, v4, m4, bool(is_causal), scale_value, float(dropout_p),
-                                draw_seed(dropout_p))
+                                draw_seed(dropout_p, q4.device))
         return out.reshape(out_shape)
     if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
@@ -342,7 +349,7 @@ def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dr
                    s=min(max_k, k.shape[0]),
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
                    cu_q=cu_q.contiguous(), cu_k=cu_k.contiguous(),  # the kernels read them as (B + 1,) arrays
-                   dropout_p=dropout_p, seed=_seed_value(seed))
+                   dropout_p=dropout_p, seed=_kernel_seed(seed, dropout_p, q))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())
@@ -589,7 +596,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
         op = torch.ops.gptkern.attention_varlen_fwd if name == "cpu" else torch.ops.gptkern.triton_attention_varlen
-        return _autograd.call(op, *args, float(dropout_p), draw_seed(dropout_p))[0]
+        return _autograd.call(op, *args, float(dropout_p), draw_seed(dropout_p, q.device))[0]
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
                                   "be traced by torch.compile; use the triton or cpu backend")
