@@ -1,7 +1,7 @@
 // Decode attention against a KV cache (static or paged), split-KV, on CUDA cores in fp32.
 // A block takes one (batch, KV head) and up to kRows query rows: the H / Hkv query heads of
 // the KV head times the Lq new queries, so every K / V tile is loaded once per GQA group. The
-// keys are cut into num_splits ranges (grid axis 1); each block walks its range in tiles of
+// filled keys of each sequence are cut into num_splits ranges (grid axis 1); each block walks its range in tiles of
 // kTileN keys (cp.async into padded shared rows) with an online softmax (log2 domain). With one
 // split the block writes the output; otherwise it writes its normalized partial output and
 // log-sum-exp, and a combine kernel merges the splits.
@@ -27,7 +27,7 @@ struct DecodeParams {
   float* o_part;          // (num_splits, B, H, Lq, D) fp32, when num_splits > 1
   float* lse_part;        // (num_splits, B, H, Lq) fp32, when num_splits > 1
   int64_t sqb, sqh, sqm, skb, skh, skn, svb, svh, svn;
-  int batch, heads, kv_heads, lq, capacity, block_size, max_blocks, split_keys, num_splits;
+  int batch, heads, kv_heads, lq, capacity, block_size, max_blocks, num_splits;
   float scale_log2;
 };
 
@@ -70,7 +70,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int group = p.heads / p.kv_heads, rows = group * p.lq, row0 = blockIdx.z * kRows;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int seqlen = max(0, min(p.seqlens[b], p.capacity));
-  const int lo = split * p.split_keys, hi = min(seqlen, lo + p.split_keys);
+  // Each split takes an equal run of tiles of this sequence's filled length (not of the capacity:
+  // a mostly empty cache still spreads over every split).
+  const int split_keys = ((seqlen + p.num_splits - 1) / p.num_splits + kTileN - 1) / kTileN * kTileN;
+  const int lo = split * split_keys, hi = min(seqlen, lo + split_keys);
 
   // Row r of the block is query i = (row0 + r) % Lq of head hk * group + (row0 + r) / Lq.
   for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
@@ -250,8 +253,6 @@ void decode_attention(const at::TensorBase& q, const at::TensorBase& k_cache, co
   p.block_size = paged ? static_cast<int>(k_cache.size(2)) : 1;
   p.max_blocks = paged ? static_cast<int>(block_table.size(1)) : 0;
   p.capacity = paged ? p.block_size * p.max_blocks : static_cast<int>(k_cache.size(2));
-  const int64_t tiles = (p.capacity + num_splits - 1) / num_splits;
-  p.split_keys = static_cast<int>((tiles + kTileN - 1) / kTileN * kTileN);
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = scale * kLog2e;
   const int64_t d = q.size(3);
