@@ -278,7 +278,9 @@ def run_dense_case(mode: str, causal: bool, batch: int, heads: int, seqlen: int,
         qkv, failed = [torch.randn(batch, heads, seqlen, head_dim, dtype=dtype, device=device,
                                    generator=gen).requires_grad_(mode != "fwd") for _ in range(3)], None
     except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
-        qkv, failed = None, benchmark.inputs_error(exc, device)
+        qkv, failed = None, benchmark.inputs_error(exc)
+    if failed is not None:
+        benchmark.free_cached(device)
     flops = attention_flops(mode, batch, heads, seqlen, seqlen, head_dim, causal)
     results = []
     for name, make in timed.items():
@@ -316,7 +318,9 @@ def run_varlen_case(mode: str, causal: bool, lengths: Sequence[int], heads: int,
     try:
         batch, failed = VarlenBatch(lengths, heads, head_dim, dtype, device, mode != "fwd"), None
     except (RuntimeError, MemoryError) as exc:
-        batch, failed = None, benchmark.inputs_error(exc, device)
+        batch, failed = None, benchmark.inputs_error(exc)
+    if failed is not None:
+        benchmark.free_cached(device)
     flops = sum(attention_flops(mode, 1, heads, n, n, head_dim, causal) for n in lengths)
     tokens = sum(lengths)
     results = []

@@ -203,11 +203,15 @@ def measure_copy(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
             **stats, "gbps": nbytes / stats["median_ms"] / 1e6}
 
 
-def inputs_error(exc: BaseException, device: torch.device) -> dict:
-    """The table cell of a case whose inputs cannot be allocated (frees CUDA's cached blocks)."""
+def inputs_error(exc: BaseException) -> dict:
+    """The table cell of a case whose inputs cannot be allocated (call free_cached after the
+    ``except`` block, once the traceback no longer holds the partial inputs)."""
+    return {"status": "error", "error": "the inputs do not fit: " + _error(exc)}
+
+
+def free_cached(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"status": "error", "error": "the inputs do not fit: " + _error(exc)}
 
 
 def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
@@ -217,9 +221,13 @@ def run_case(op: str, mode: str, rows: int, cols: int, dtype: torch.dtype, devic
     nbytes = traffic_bytes(op, mode, rows, cols, dtype.itemsize)
     try:
         x, params, grad_out = _inputs(op, mode, rows, cols, dtype, device)
+        failed = None
     except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+        failed = inputs_error(exc)
+    if failed is not None:
+        free_cached(device)
         return [{"op": op, "mode": mode, "shape": [rows, cols], "dtype": str(dtype).removeprefix("torch."),
-                 "provider": name, "bytes": nbytes, **inputs_error(exc, device)} for name in timed]
+                 "provider": name, "bytes": nbytes, **failed} for name in timed]
     results = []
     for name, make in timed.items():
         print(f"[bench] {op} {mode} {rows}x{cols} {name}", file=sys.stderr, flush=True)

@@ -15,8 +15,8 @@ CATEGORIES = (
     ("optimizer", r"adam|optimizer|multi_tensor"),
     ("attention backward", r"(attn|attention|flash|fmha|sdpa|cudnn).*(bwd|backward|bprop|dkdv|_dq_)"),
     ("attention forward", r"attn|attention|flash|fmha|sdpa|cudnn"),
-    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|sm90_"),
-    ("norms", r"norm"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|sm90_|linear"),
+    ("norms", r"norm|_sum_rows_kernel|sum_partials_kernel"),  # (the norm backward's dW / dB sums)
     ("softmax / cross-entropy", r"softmax|cross_entropy|nll"),
     ("other", r""),
 )

@@ -259,7 +259,8 @@ def test_cuda_declines_grids_it_cannot_launch():
 
 def test_cuda_declines_a_cache_it_would_copy_whole():
     """The CUDA kernel reads 16-byte rows in place; a cache view it cannot (an odd head-dim slice, a
-    misaligned start, a strided last dim) would be copied whole at every call: `auto` moves on."""
+    misaligned start, a strided last dim) it copies whole at every call: `auto` moves on (an
+    explicit `cuda` backend still serves it)."""
     from gptkern.ops.decode import _cuda_cache_layout
 
     base = torch.randn(2, 4, 64, 72, dtype=torch.float16)
@@ -269,7 +270,7 @@ def test_cuda_declines_a_cache_it_would_copy_whole():
     odd = torch.randn(2, 4, 64, 68, dtype=torch.float16)[..., :64]  # 136-byte rows
     assert "k_cache of strides (17408, 4352, 68, 1)" in _cuda_cache_layout(odd, good)
     assert "v_cache" in _cuda_cache_layout(good, base[..., 1:65])  # starts 2 bytes past alignment
-    assert "2 bytes past" in _cuda_cache_layout(good, base[..., 1:65])
+    assert "starting 2 bytes past" in _cuda_cache_layout(good, base[..., 1:65])
     assert "v_cache" in _cuda_cache_layout(good, base.transpose(-1, -2)[..., :64, :64])  # strided last dim
 
 

@@ -25,6 +25,9 @@ from gptkern import bench_train, kernel_profile
     ("_norm_fwd_kernel", "norms"),
     ("triton_per_fused__log_softmax__to_copy_nll_loss_forward_5", "softmax / cross-entropy"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("gptkern::linear_small_m", "matmul"),
+    ("_sum_rows_kernel", "norms"),
+    ("void gptkern::cuda::sum_partials_kernel<float>(float const*, float*, int, int)", "norms"),
     ("triton_poi_fused_add_gelu_7", "other"),
     ("aten::mul_", "other"),
 ])
@@ -60,7 +63,11 @@ def test_a_failing_profiler_is_a_report_line():
     assert kernel_profile.markdown({"gptkern": result}, "x") == ["Profile of gptkern failed: RuntimeError: no CUPTI"]
 
 
-def test_bench_train_profile_reports_each_provider(tmp_path):
+@pytest.mark.parametrize("alternate", [True, False], ids=["alternating", "one-after-another"])
+def test_bench_train_profile_reports_each_provider(tmp_path, monkeypatch, alternate):
+    """Both timing orders (the CPU's alternating steps, a GPU's provider after provider) profile."""
+    if not alternate:
+        monkeypatch.setattr(bench_train, "ALTERNATE_ON", ())
     out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
     assert bench_train.main(["--quick", "--device", "cpu", "--threads", "1", "--profile", "1",
                              "--out-json", str(out_json), "--out-md", str(out_md)]) == 0

@@ -55,8 +55,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", gpu.event_class())
     monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
     monkeypatch.setattr(torch.cuda, "synchronize", gpu.synchronize)
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: gpu.host / 1e3)
-    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: gpu.host / 1e3)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: gpu.host / 1e3)  # (benchmark's time too)
     return gpu
 
 
@@ -65,15 +64,23 @@ def test_queued_calls_time_the_kernel_not_the_host(fake_gpu):
     assert per_call == pytest.approx(HOST_MS)
     fake_gpu.synchronize()
     times = timing.event_times_ms(fake_gpu.call, 100, queue_ahead=True, per_call_host_ms=per_call)
-    assert statistics.median(times) == pytest.approx(KERNEL_MS)
-    assert fake_gpu.sleeps == [timing.sleep_cycles(HOST_MS, 100)]
+    assert len(times) == 100 and statistics.median(times) == pytest.approx(KERNEL_MS)
+    # QUEUE_CALLS calls behind each sleep of twice their host time plus 1 ms (CUDA's launch queue is finite)
+    assert [c / timing.CYCLES_PER_MS for c in fake_gpu.sleeps] == pytest.approx(
+        [2 * HOST_MS * 32 + 1] * 3 + [2 * HOST_MS * 4 + 1])
     back_to_back = timing.event_times_ms(fake_gpu.call, 100, queue_ahead=False)
     assert statistics.median(back_to_back) == pytest.approx(HOST_MS)
 
 
+def test_the_sleep_is_capped():
+    """A call that syncs measures its GPU time as host time: seconds of sleep are not added."""
+    assert timing.sleep_cycles(10.0, 32) == timing.MAX_SLEEP_MS * timing.CYCLES_PER_MS
+
+
 def test_a_sleep_too_short_for_the_host_would_time_the_host(fake_gpu):
-    """What the sizing prevents: the old fixed 0.1 ms a call, with a 0.3 ms host."""
-    times = timing.event_times_ms(fake_gpu.call, 100, queue_ahead=True, per_call_host_ms=0.1 / 2)
+    """What the sizing prevents: a sleep sized for a host that queues at no cost (1 ms for each
+    32 calls) runs out after 3 calls of a 0.3 ms host; the rest are paced by the host."""
+    times = timing.event_times_ms(fake_gpu.call, 100, queue_ahead=True, per_call_host_ms=0.0)
     assert statistics.median(times) == pytest.approx(HOST_MS)
 
 
@@ -87,4 +94,5 @@ def test_time_fn_queues_ahead_and_reports_the_host_time(fake_gpu):
 
 def test_autotune_times_kernels_behind_a_sized_sleep(fake_gpu):
     assert autotune._cuda_time_ms(fake_gpu.call) == pytest.approx(KERNEL_MS)
-    assert fake_gpu.sleeps == [timing.sleep_cycles(HOST_MS, autotune.TIMED_RUNS)]
+    assert [c / timing.CYCLES_PER_MS for c in fake_gpu.sleeps] == pytest.approx(
+        [2 * HOST_MS * autotune.TIMED_RUNS + 1])

@@ -17,6 +17,13 @@ import torch
 # SM clock cycles per ms assumed when sizing the sleep: 2 GHz, about an H100/H200's boost clock
 # (a slower clock sleeps longer, which only costs time).
 CYCLES_PER_MS = 2_000_000
+# Calls queued behind one sleep: CUDA's launch queue holds about a thousand pending launches, and a
+# backward call with its two events takes tens; past a full queue the host waits, and the calls
+# after it would be paced by the host again.
+QUEUE_CALLS = 32
+# The longest sleep (ms): a call that syncs with the GPU measures as long as its kernels, which
+# must not turn into seconds of sleep.
+MAX_SLEEP_MS = 200.0
 
 
 def host_ms(fn: Callable[[], object], calls: int = 3) -> float:
@@ -32,22 +39,26 @@ def host_ms(fn: Callable[[], object], calls: int = 3) -> float:
 
 def sleep_cycles(per_call_host_ms: float, calls: int) -> int:
     """Cycles of the sleep that holds the GPU while ``calls`` calls are queued: twice their host
-    time, plus 1 ms."""
-    return int((2.0 * per_call_host_ms * calls + 1.0) * CYCLES_PER_MS)
+    time plus 1 ms, at most MAX_SLEEP_MS."""
+    return int(min(2.0 * per_call_host_ms * calls + 1.0, MAX_SLEEP_MS) * CYCLES_PER_MS)
 
 
 def event_times_ms(fn: Callable[[], object], repeats: int, queue_ahead: bool,
                    per_call_host_ms: float = 0.0) -> list[float]:
     """GPU times in ms of ``repeats`` calls of ``fn``, each between two CUDA events. With
-    ``queue_ahead`` (``fn`` must not sync with the host) the calls are queued behind a sleep
-    sized by ``per_call_host_ms`` (see host_ms)."""
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
-    if queue_ahead:
-        torch.cuda._sleep(sleep_cycles(per_call_host_ms, repeats))
-    for begin, end in events:
-        begin.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [begin.elapsed_time(end) for begin, end in events]
+    ``queue_ahead`` (``fn`` must not sync with the host) the calls are queued QUEUE_CALLS at a
+    time, each batch behind a sleep sized by ``per_call_host_ms`` (see host_ms)."""
+    times: list[float] = []
+    batch = QUEUE_CALLS if queue_ahead else repeats
+    for first in range(0, repeats, max(1, batch)):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(min(batch, repeats - first))]
+        if queue_ahead:
+            torch.cuda._sleep(sleep_cycles(per_call_host_ms, len(events)))
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times += [begin.elapsed_time(end) for begin, end in events]
+    return times

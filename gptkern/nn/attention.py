@@ -61,7 +61,8 @@ def _check_fast_path_mask(attn_mask: torch.Tensor, query: torch.Tensor) -> None:
     does not fit is a RuntimeError there, even with the is_causal hint (which the slow path
     honours by dropping the mask unread)."""
     b, l = query.shape[:2]
-    fits = attn_mask.numel() == l * l if attn_mask.dim() == 2 else attn_mask.numel() % max(1, b * l * l) == 0
+    # (a view with -1 of an empty tensor is ambiguous: torch raises)
+    fits = attn_mask.numel() == l * l if attn_mask.dim() == 2 else b * l * l > 0 and attn_mask.numel() % (b * l * l) == 0
     if not fits:
         view = (1, 1, l, l) if attn_mask.dim() == 2 else (b, -1, l, l)
         raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be viewed as {view} (torch's "
@@ -122,7 +123,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         with nothing requiring grad), which reads attn_mask even with the is_causal hint (without
         biases too: it merges the masks before it finds none and turns back)."""
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        devices = ("cpu", "cuda", torch._C._get_privateuse1_backend_name())
         return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key
+                and all(t is None or t.device.type in devices for t in (query, *params))
                 and key is value and not self.training and self.num_heads % 2 == 0 and self.batch_first
                 and self._qkv_same_embed_dim and query.dtype == self.in_proj_weight.dtype
                 and (self.in_proj_bias is None or query.dtype == self.in_proj_bias.dtype)

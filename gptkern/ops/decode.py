@@ -111,13 +111,15 @@ def _cuda_grid_limits(q, k_cache) -> Optional[str]:
 def _cuda_cache_layout(k_cache, v_cache) -> Optional[str]:
     """Why the CUDA decode kernel cannot read a cache in place, or None. Its 16-byte row copies
     need a unit last stride, 16-byte aligned data and other strides multiples of 8 (2-byte)
-    elements (csrc/cuda/register.cpp's rows_16b); it would copy any other cache whole at every
-    call, so such a cache goes to the next backend instead."""
+    elements (csrc/cuda/register.cpp's rows_16b); it copies any other cache whole at every call,
+    so under ``auto`` such a cache goes to the next backend. (The data's alignment is read from
+    the storage offset, which torch.compile traces: torch's allocations start 16-byte aligned.)"""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+        offset = t.storage_offset() * t.element_size() % 16
+        if not (t.stride(-1) == 1 and offset == 0
                 and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(t.dim() - 1))):
-            return (f"{name} of strides {tuple(t.stride())} at a data address {t.data_ptr() % 16} bytes past "
-                    f"16-byte alignment: not 16-byte aligned rows (it would be copied whole at every call)")
+            return (f"{name} of strides {tuple(t.stride())} starting {offset} bytes past 16-byte alignment: "
+                    f"not 16-byte aligned rows (it would be copied whole at every call)")
     return None
 
 
@@ -170,11 +172,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
         return (cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
-                or _cuda_grid_limits(q, k_cache) or _cuda_cache_layout(k_cache, v_cache))
+                or _cuda_grid_limits(q, k_cache))
 
     name = _backend.choose("decode_attention", q.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},
-                           inputs=(q, k_cache, v_cache))
+                           {"cuda": lambda: _cuda_cache_layout(k_cache, v_cache)}, inputs=(q, k_cache, v_cache))
     if name == "triton":
         from gptkern.ops.triton_decode import triton_decode_attention
 
