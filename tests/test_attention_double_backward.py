@@ -184,10 +184,16 @@ def test_triton_dropout_factors_are_the_forward_mask():
     torch.testing.assert_close(factors.view(2, 3, 37, 70).double(), z, atol=1e-2, rtol=0)  # 0 or 1.67
     # a range of batch-heads starting past 0, with other sizes (varlen asks per sequence)
     assert torch.equal(dropout_factors(seed_t, p, 2, 37, 70, DEVICE, first_batch_head=3), factors[3:5])
+    assert torch.equal(dropout_factors(seed_t + 2**32, p, 6, 37, 70, DEVICE), factors)  # the low 32 bits key it
+    assert not torch.equal(dropout_factors(seed_t + 1, p, 6, 37, 70, DEVICE), factors)
     assert torch.equal(dropout_factors(seed_t, p, 2, 5, 9, DEVICE, first_batch_head=3), factors[3:5, :5, :9])
     if "cpu" in gptkern.available_backends():
         cpp = torch.ops.gptkern.attention_dropout_factors(torch.tensor([seed]), p, 6, 37, 70)
         assert torch.equal(factors.cpu(), cpp)
         cpp = torch.ops.gptkern.attention_dropout_factors(torch.tensor([seed]), p, 2, 5, 9, 3)
         assert torch.equal(factors[3:5, :5, :9].cpu(), cpp)
+        cpp = torch.ops.gptkern.attention_dropout_factors(torch.tensor([seed + 2**32]), p, 6, 37, 70)
+        assert torch.equal(factors.cpu(), cpp)
     assert attention_double_backward.dropout_factors(torch.tensor([seed]), 0.0, 6, 37, 70, DEVICE) is None
+    with pytest.raises(ValueError, match="seed must be a"):  # the kernel reads it on its device
+        dropout_factors(seed_t.to(torch.int32), p, 6, 37, 70, DEVICE)

@@ -108,3 +108,33 @@ def test_decode_kernel_never_reads_past_the_cache(device):
         past = torch.tensor([7, capacity + 10_000_000], dtype=torch.int32, device=device)
         want = decode_fwd(q, *cache, at_capacity, 0.25, tbl)
         torch.testing.assert_close(decode_fwd(q, *cache, past, 0.25, tbl), want, atol=0, rtol=0)
+
+
+def test_every_split_reads_keys_of_a_mostly_empty_cache(monkeypatch, device):
+    """Key blocks are dealt to the splits round-robin up to the filled length: with a quarter of a
+    1024-key cache filled, each of the 4 splits sees keys (a finite partial log-sum-exp), where
+    contiguous quarters of the capacity left the work to one split."""
+    from gptkern.kernels import decode
+
+    seen = []
+    original = decode._decode_combine_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(o_part, lse_part, *args, **kwargs):
+                seen.append((lse_part.clone(), kwargs["SPLITS"], kwargs["M_PAD"]))
+                return original[grid](o_part, lse_part, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_combine_kernel", Recorder())
+    monkeypatch.setattr(decode, "_num_splits", lambda bh, cap, block_n, device, fill=2: 4)
+    monkeypatch.setattr(decode.autotune, "enabled", lambda device: False)  # one launch to look at
+    q = torch.randn(1, 2, 1, 16, device=device)
+    k, v = torch.randn(1, 2, 1024, 16, device=device), torch.randn(1, 2, 1024, 16, device=device)
+    seqlens = torch.tensor([256], dtype=torch.int32, device=device)
+    with gptkern.backend("triton"):
+        out = gptkern.ops.decode_attention(q, k, v, seqlens)
+    assert_close(out, reference(q, k, v, seqlens), torch.float32)
+    (lse, splits, m_pad), = seen
+    per_split = lse.view(2, splits, m_pad)[:, :, 0]  # (kv heads, splits): the one query row
+    assert splits == 4 and torch.isfinite(per_split).all(), per_split

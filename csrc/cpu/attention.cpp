@@ -29,7 +29,8 @@ constexpr int64_t kBN = 64;  // keys per tile (a multiple of 2 * kW)
 constexpr float kMinBias = -2.0e38f;  // the lowest finite float mask value used (see Mask)
 
 // Philox4x32-10 as triton.language.philox: the first output word for counters c0..c3 and a
-// 64-bit seed (key: its low and high words). The Triton kernels draw the same stream.
+// 64-bit key (its low and high words). The attention seed is the low 32 bits of the seed tensor
+// (high key word 0), as the Triton kernels read it: both draw the same stream.
 inline uint32_t philox_first(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
@@ -133,7 +134,7 @@ Dropout make_dropout(const char* op, double p, const std::optional<at::Tensor>& 
                   seed->numel() == 1,
               "gptkern::", op, ": dropout_p > 0 needs seed, a one-element integer CPU tensor");
   d.on = true;
-  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  d.seed = static_cast<uint32_t>(seed->item<int64_t>());  // the low 32 bits, as the Triton kernels
   d.threshold = static_cast<int32_t>(std::min<double>(std::floor(p * 2147483648.0), 2147483647.0));
   d.inv_keep = static_cast<float>(1.0 / (1.0 - p));
   return d;

@@ -69,10 +69,12 @@ def _dropout_scale(seed, bh, qi, kj, threshold, inv_keep):
 
 @triton.jit
 def _load_seed(SEED, DROPOUT: tl.constexpr):
-    """The dropout seed, read from its (1,) int64 tensor on the kernel's device (no host sync, and
-    a CUDA graph replays with the seed drawn anew into it), or 0 without dropout."""
+    """The dropout seed: the low 32 bits of the (1,) int64 tensor SEED on the kernel's device (read
+    there: no host sync, and a CUDA graph replay reads the seed drawn anew into it), or 0 without
+    dropout. As uint32, Philox's high key word is the constant 0: one register held across the key
+    loop, not two (a 64-bit seed pushed 255-register backward tiles into spills)."""
     if DROPOUT:
-        return tl.load(SEED)
+        return tl.load(SEED).to(tl.uint32)
     else:
         return 0
 
@@ -566,7 +568,7 @@ _CONFIGS = {
            (True, DROPOUT): (None, None, None)},
     "dkdv": {(False, PLAIN): ((32, 128, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)),
              (False, MASKED): ((32, 64, 8, 2), (16, 64, 8, 2), None),
-             (False, DROPOUT): ((32, 64, 8, 2), (16, 32, 8, 1), None),
+             (False, DROPOUT): ((16, 64, 8, 2), (16, 32, 8, 1), None),  # 32 x 64 spills with the seed read on the GPU
              (True, PLAIN): ((16, 32, 8, 1), (16, 16, 8, 1), None),
              (True, MASKED): ((16, 32, 8, 1), (16, 16, 8, 1), None),
              (True, DROPOUT): (None, None, None)},
@@ -859,8 +861,8 @@ FACTOR_BLOCKS = dict(BLOCK_M=32, BLOCK_N=64)
 def _dropout_factors_kernel(Z, SEED, first_bh, rows, cols, threshold, inv_keep,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Z (batch-heads, rows, cols) fp32: the factor _dropout_scale gives each score of batch-head
-    first_bh + z under the seed in SEED (1,) int64; grid (batch-heads, row blocks, column blocks)."""
-    seed = tl.load(SEED)
+    first_bh + z under the seed in SEED ((1,) int64); grid (batch-heads, row blocks, column blocks)."""
+    seed = _load_seed(SEED, True)
     z_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -876,6 +878,11 @@ def dropout_factors(seed: torch.Tensor, dropout_p: float, batch_heads: int, rows
     on ``device``),
     (batch_heads, rows, cols) fp32: for batch-head first_batch_head + bh, query row i and key j
     (counted inside their sequence when varlen)."""
+    device = torch.device(device)
+    elsewhere = seed.device.type != device.type or device.index not in (None, seed.device.index)
+    if elsewhere or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"dropout_factors: seed must be a (1,) int64 tensor on {device} (the kernel reads it "
+                         f"there), got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
     z = torch.empty((batch_heads, rows, cols), device=device, dtype=torch.float32)
     if z.numel():
         grid = (batch_heads, triton.cdiv(rows, FACTOR_BLOCKS["BLOCK_M"]), triton.cdiv(cols, FACTOR_BLOCKS["BLOCK_N"]))

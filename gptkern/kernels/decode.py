@@ -1,6 +1,7 @@
 """Decode attention in Triton: a few new query tokens against a long KV cache (flash-decoding).
 
-The cache is split along its length; one program handles one (batch, kv head, split) and
+The cache's key blocks are dealt round-robin to the splits, up to each sequence's filled length;
+one program handles one (batch, kv head, split) and
 the query heads of that kv head's GQA group together, so each key/value block is loaded once
 per group (once per row block when a group has more rows than a tile). Its rows are (group
 head g, query i) pairs: M = G * Lq, padded to a tensor-core tile. Each split writes a partial output normalised by its own sum plus its log-sum-exp
@@ -30,7 +31,7 @@ from gptkern.kernels.launch import sm_count
 def _decode_split_kernel(
     Q, K, V, SEQLENS, TABLE, O_PART, LSE_PART,
     sqb, sqh, sql, sqd, skb, skh, sks, skd, svb, svh, svs, svd, stb, stn,
-    keys_per_split, qk_scale, HKV, capacity,
+    qk_scale, HKV, capacity,
     G: tl.constexpr, LQ: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, M_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -55,16 +56,17 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, seqlen)
     if PAGE == 0:  # this sequence's cache: 32-bit offsets from here
         K += b.to(tl.int64) * skb
         V += b.to(tl.int64) * svb
     K += hk.to(tl.int64) * skh  # a head's cache may pass 2**31 elements (say 1M keys x 8 heads x 256)
     V += hk.to(tl.int64) * svh
-    for n0 in range(start, end, BLOCK_N):
+    # Split s takes key blocks s, s + SPLITS, s + 2 * SPLITS, ... of the filled length: every split
+    # gets a share however full the cache is (contiguous ranges of the capacity left a mostly empty
+    # cache to one split).
+    for n0 in range(split * BLOCK_N, seqlen, SPLITS * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs_n < end
+        in_range = offs_n < seqlen
         if PAGE > 0:
             block = tl.load(TABLE + b * stb + (offs_n // PAGE) * stn, mask=in_range, other=0).to(tl.int64)
             k_rows = block * skb + (offs_n % PAGE) * sks
@@ -197,14 +199,13 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     def run(candidate: tuple[DecodeConfig, int]) -> None:
         cfg, fill = candidate
         splits = _num_splits(b * hkv, max(capacity, 1), cfg.block_n, q.device, fill)
-        keys_per_split = triton.cdiv(triton.cdiv(max(capacity, 1), splits), cfg.block_n) * cfg.block_n
         row_blocks = triton.cdiv(g * lq, cfg.block_m)
         m_pad = row_blocks * cfg.block_m
         o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
         _decode_split_kernel[(b * hkv, splits, row_blocks)](
             q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
-            *v_cache.stride(), *table_strides, keys_per_split, scale * LOG2E, hkv, capacity,
+            *v_cache.stride(), *table_strides, scale * LOG2E, hkv, capacity,
             G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
             **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         block_s = triton.next_power_of_2(splits)

@@ -27,6 +27,17 @@ def checks_read_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device, op: str
+                ) -> Optional[torch.Tensor]:
+    """A dropout seed as the Triton kernels read it: (1,) int64 on ``device`` (copied there if
+    given elsewhere: the kernels read it on the GPU); None without dropout."""
+    if dropout_p == 0:
+        return None
+    if seed is None or seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+        raise RuntimeError(f"gptkern::{op}: dropout_p > 0 needs seed, a one-element integer tensor")
+    return seed.reshape(1).to(device=device, dtype=torch.int64)
+
+
 def check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from gptkern import _backend
 from gptkern.ops import _autocast, _autograd, _checks, cuda_attention
 from gptkern.ops import attention_double_backward as double_backward
-from gptkern.ops._checks import check_bool_arg, check_float_arg, check_tensor, device_guard, triton_dtype_support
+from gptkern.ops._checks import (check_bool_arg, check_float_arg, check_tensor, device_guard, kernel_seed,
+                                 triton_dtype_support)
 
 MAX_HEAD_DIM = 256
 # A CUDA grid's second axis holds at most 65535 blocks; the kernels' smallest block of rows is 16.
@@ -19,12 +20,13 @@ MAX_TRITON_ROWS = 65535 * 16
 
 
 def draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]:
-    """A (1,) int64 dropout seed on the inputs' ``device`` (whatever the default device), from
+    """A (1,) int64 dropout seed in [0, 2**32) (the kernels key Philox with its low 32 bits) on
+    the inputs' ``device`` (whatever the default device), from
     torch's generator for it (reproducible under torch.manual_seed); None without dropout. Drawn
     outside the custom op so that the op stays a pure function of its inputs. The kernels read it
     on the device: no host sync, and a step captured into a CUDA graph draws a new seed at each
     replay (torch's CUDA generator is graph-safe), so each replay drops other weights."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device) if dropout_p > 0 else None
+    return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device) if dropout_p > 0 else None
 
 
 @torch.library.custom_op("gptkern::triton_attention", mutates_args=())
@@ -49,17 +51,8 @@ def _dense_problem(q, k, v, causal, scale, dropout_p, seed):
 
     b, h, l, d = q.shape
     return Problem(batch=b, heads=h, kv_heads=k.shape[1], l=l, s=k.shape[2], d=d, dv=v.shape[-1],
-                   causal=causal, scale=scale, dropout_p=dropout_p, seed=_kernel_seed(seed, dropout_p, q))
-
-
-def _kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, q: torch.Tensor) -> Optional[torch.Tensor]:
-    """The seed as the Triton kernels read it: (1,) int64 on q's device (copied there if given
-    elsewhere); None without dropout."""
-    if dropout_p == 0:
-        return None
-    if seed is None or seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
-        raise RuntimeError("gptkern::triton_attention: dropout_p > 0 needs seed, a one-element integer tensor")
-    return seed.reshape(1).to(device=q.device, dtype=torch.int64)
+                   causal=causal, scale=scale, dropout_p=dropout_p,
+                   seed=kernel_seed(seed, dropout_p, q.device, "triton_attention"))
 
 
 @triton_attention.register_fake
@@ -349,7 +342,7 @@ def _varlen_problem(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, dr
                    s=min(max_k, k.shape[0]),
                    d=q.shape[2], dv=v.shape[2], causal=causal, scale=scale, window=window,
                    cu_q=cu_q.contiguous(), cu_k=cu_k.contiguous(),  # the kernels read them as (B + 1,) arrays
-                   dropout_p=dropout_p, seed=_kernel_seed(seed, dropout_p, q))
+                   dropout_p=dropout_p, seed=kernel_seed(seed, dropout_p, q.device, "triton_attention_varlen"))
 
 
 @torch.library.custom_op("gptkern::triton_attention_varlen", mutates_args=())

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
-from gptkern.ops._checks import device_guard
+from gptkern.ops._checks import device_guard, kernel_seed
 from gptkern.ops.reference import attention_ref
 
 
@@ -28,8 +28,8 @@ def dropout_factors(seed: Optional[torch.Tensor], dropout_p: float, batch_heads:
     from gptkern.kernels.attention import dropout_factors as triton_factors
 
     with device_guard(device):  # Triton launches on the current device
-        return triton_factors(seed.reshape(1).to(device=device, dtype=torch.int64), dropout_p, batch_heads, rows,
-                              cols, device, first_batch_head)
+        return triton_factors(kernel_seed(seed, dropout_p, device, "attention (double backward)"), dropout_p,
+                              batch_heads, rows, cols, device, first_batch_head)
 
 
 def dense_grads(ctx, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
