@@ -17,7 +17,7 @@ TORCH_LIBRARY(gptkern, m) {
   // Attention: q (B, H, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv); mask None or (B, H, L, S)
   // bool (True = attend) or additive float, read through its strides. Returns out (B, H, L, Dv)
   // and the log2-domain LSE (B, H, L) fp32; a row that sees no key gives 0 and LSE -inf.
-  // dropout_p > 0: the Triton kernels' Philox stream from seed, a (1,) int64 tensor.
+  // dropout_p > 0: the Triton kernels' Philox stream from seed, a (1,) int64 tensor (its low 32 bits key it).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale, float dropout_p=0., "
         "Tensor? seed=None) -> (Tensor, Tensor)");
   // mask_grad: the fourth output is the (B, H, L, S) gradient of a float mask in its dtype (else empty).

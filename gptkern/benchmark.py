@@ -69,7 +69,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int,
     The first call is timed on its own (``first_call_ms``: JIT and compile time included). On
     CUDA each call is timed between two events; with ``queue_ahead`` (kernels shorter than their
     launch from Python, ``fn`` without host syncs) a sleep kernel holds the GPU while the host
-    queues every call, so the events time the kernels, not the host (kernels.timing), and
+    queues the calls (kernels.timing), so the events time the kernels, not the host, and
     ``host_ms`` reports what queueing one call costs the host.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -239,7 +239,7 @@ def test_triton_declines_grids_and_offsets_it_cannot_take():
     transposed = t((2, 2, 2**24, 256), (0, 0, 1, 2**24))  # (B, Hkv, D, S) seen as (B, Hkv, S, D)
     assert "span 4294967296 elements" in _triton_grid_limits(q, transposed, transposed, None)
     assert "queries or outputs of 2147483648" in _triton_grid_limits(t((2**16, 8, 64, 64)), k, k, None)
-    assert _triton_grid_limits(q, big, big, object()) is None  # paged: 64-bit block offsets
+    assert _triton_grid_limits(q, big, big, SimpleNamespace(shape=(2, 8))) is None  # paged: 64-bit block offsets
     assert "65540 query rows" in _triton_grid_limits(t((2, 8, 16385, 64)), k, k, None)
     assert _triton_grid_limits(t((2, 8, 16385, 64), device="cpu"), k, k, None) is None  # the interpreter
 
@@ -255,6 +255,19 @@ def test_cuda_declines_grids_it_cannot_launch():
     assert _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8, 64)), kv) is None  # 2097120 rows
     assert "2097124 query rows" in _cuda_grid_limits(SimpleNamespace(shape=(1, 8, 65535 * 8 + 1, 64)), kv)
     assert "2147483648 in all" in _cuda_grid_limits(SimpleNamespace(shape=(2**16, 2, 2**14, 64)), kv)
+
+
+def test_triton_declines_a_capacity_its_int32_key_loop_could_overflow():
+    """The Triton key loop steps an int32 position by up to 64 splits x 64 keys: a paged cache of
+    2**31 slots (the table is never read here) goes to another backend."""
+    from types import SimpleNamespace
+
+    from gptkern.ops.decode import MAX_TRITON_CAPACITY, _triton_grid_limits
+
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(4, 2, 16, 16)
+    assert _triton_grid_limits(q, k, k, SimpleNamespace(shape=(1, 4))) is None
+    huge = SimpleNamespace(shape=(1, 2**27))  # 2**27 pages of 16 keys
+    assert f"2147483648 keys per sequence (at most {MAX_TRITON_CAPACITY})" in _triton_grid_limits(q, k, k, huge)
 
 
 def test_cuda_declines_a_cache_it_would_copy_whole():

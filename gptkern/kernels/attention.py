@@ -874,14 +874,14 @@ def _dropout_factors_kernel(Z, SEED, first_bh, rows, cols, threshold, inv_keep,
 
 def dropout_factors(seed: torch.Tensor, dropout_p: float, batch_heads: int, rows: int, cols: int,
                     device: torch.device, first_batch_head: int = 0) -> torch.Tensor:
-    """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed`` ((1,) int64
-    on ``device``),
-    (batch_heads, rows, cols) fp32: for batch-head first_batch_head + bh, query row i and key j
-    (counted inside their sequence when varlen)."""
+    """The dropout factors (0 or 1 / (1 - p)) the attention kernels apply under ``seed``, a (1,)
+    int64 tensor on ``device``: (batch_heads, rows, cols) fp32, for batch-head first_batch_head + bh,
+    query row i and key j (counted inside their sequence when varlen)."""
     device = torch.device(device)
-    elsewhere = seed.device.type != device.type or device.index not in (None, seed.device.index)
-    if elsewhere or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"dropout_factors: seed must be a (1,) int64 tensor on {device} (the kernel reads it "
+    if device.type == "cuda" and device.index is None:  # the kernel launches on the current device
+        device = torch.device("cuda", torch.cuda.current_device())
+    if seed.device != device or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise RuntimeError(f"dropout_factors: seed must be a (1,) int64 tensor on {device} (the kernel reads it "
                          f"there), got {seed.dtype} {tuple(seed.shape)} on {seed.device}")
     z = torch.empty((batch_heads, rows, cols), device=device, dtype=torch.float32)
     if z.numel():

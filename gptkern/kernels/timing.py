@@ -2,9 +2,10 @@
 
 A call of a short kernel can take as long to launch from Python as to run (a row kernel of
 10-60 us, launched through a custom op and Triton's launcher). Timed back to back, the events
-would then measure the host. So a sleep kernel first holds the GPU while the host queues every
-timed call; the events around each call then time its kernels. The sleep is sized from the
-host time of a call measured just before, so that it outlasts the queueing.
+would then measure the host. So a sleep kernel first holds the GPU while the host queues the
+timed calls (QUEUE_CALLS at a time, each batch behind its own sleep); the events around each call
+then time its kernels. The sleep is sized from the host time of a call measured just before, so
+that it outlasts the queueing (at most MAX_SLEEP_MS).
 """
 from __future__ import annotations
 

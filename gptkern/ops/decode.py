@@ -123,6 +123,9 @@ def _cuda_cache_layout(k_cache, v_cache) -> Optional[str]:
     return None
 
 
+MAX_TRITON_CAPACITY = 2**31 - 1 - 64 * 64
+
+
 def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
     """Sizes the Triton decode kernels' launch grid or 32-bit offsets cannot take, or None."""
     def span(t, dims) -> int:  # elements from a view's first to its last, over these dims
@@ -135,6 +138,9 @@ def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
         keys = max(span(k_cache, (2, 3)), span(v_cache, (2, 3)))
         if keys >= 2**31:
             return f"a static cache whose keys of one head span {keys} elements (at most 2**31 - 1)"
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    if capacity > MAX_TRITON_CAPACITY:  # the key loop's int32 position steps by up to 64 splits x 64 keys
+        return f"a cache of {capacity} keys per sequence (at most {MAX_TRITON_CAPACITY})"
     queries = max(span(q, range(4)), q.shape[0] * q.shape[1] * q.shape[2] * v_cache.shape[3])  # q, the output
     if queries >= 2**31:
         return f"queries or outputs of {queries} elements (32-bit offsets: at most 2**31 - 1)"
