@@ -72,3 +72,12 @@ def test_a_run_cut_short_keeps_the_sections_it_finished(tmp_path, monkeypatch):
                              "--repeats", "2", "--out-json", str(out_json)])
     report = json.loads(out_json.read_text())
     assert not report["complete"] and [r["provider"] for r in report["results"]] == ["gptkern", "transformers"]
+
+
+def test_decode_kernel_rows_include_a_partly_filled_cache():
+    """Full caches, then the longest filled to an eighth, each against a copy of what it reads
+    (run on the CPU here at a tiny size; a CUDA section of the benchmark)."""
+    rows = bench_generate.bench_decode_kernel(torch.device("cpu"), torch.float32, (64, 128), 2)
+    assert [r["case"] for r in rows] == ["decode kernel, cache 64", "decode kernel, cache 128",
+                                         "decode kernel, cache 128 filled to 16"]
+    assert all(r["median_ms"] > 0 and r["read_gbps"] > 0 and r["fraction_of_copy"] > 0 for r in rows)
