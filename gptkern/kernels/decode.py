@@ -1,11 +1,11 @@
 """Decode attention in Triton: a few new query tokens against a long KV cache (flash-decoding).
 
 The cache's key blocks are dealt round-robin to the splits, up to each sequence's filled length;
-one program handles one (batch, kv head, split) and
-the query heads of that kv head's GQA group together, so each key/value block is loaded once
-per group (once per row block when a group has more rows than a tile). Its rows are (group
-head g, query i) pairs: M = G * Lq, padded to a tensor-core tile. Each split writes a partial output normalised by its own sum plus its log-sum-exp
-(log2 domain); a combine kernel merges the splits.
+one program handles one (batch, kv head, split) and the query heads of that kv head's GQA group
+together, so each key/value block is loaded once per group (once per row block when a group has
+more rows than a tile). Its rows are (group head g, query i) pairs: M = G * Lq, padded to a
+tensor-core tile. Each split writes a partial output normalised by its own sum plus its
+log-sum-exp (log2 domain); a combine kernel merges the splits.
 
 Layouts: Q (B, H, Lq, D); a static cache K (B, Hkv, S_max, D), V (B, Hkv, S_max, Dv); a paged
 cache K (num_blocks, Hkv, PAGE, D) with a block table (B, max_blocks) int32. SEQLENS (B,) int32

@@ -20,12 +20,12 @@ MAX_TRITON_ROWS = 65535 * 16
 
 
 def draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]:
-    """A (1,) int64 dropout seed in [0, 2**32) (the kernels key Philox with its low 32 bits) on
-    the inputs' ``device`` (whatever the default device), from
-    torch's generator for it (reproducible under torch.manual_seed); None without dropout. Drawn
-    outside the custom op so that the op stays a pure function of its inputs. The kernels read it
-    on the device: no host sync, and a step captured into a CUDA graph draws a new seed at each
-    replay (torch's CUDA generator is graph-safe), so each replay drops other weights."""
+    """A (1,) int64 dropout seed in [0, 2**32) (the kernels key Philox with its low 32 bits) on the
+    inputs' ``device`` (whatever the default device), from torch's generator for it (reproducible
+    under torch.manual_seed); None without dropout. Drawn outside the custom op so that the op
+    stays a pure function of its inputs. The kernels read it on the device: no host sync, and a
+    step captured into a CUDA graph draws a new seed at each replay (torch's CUDA generator is
+    graph-safe), so each replay drops other weights."""
     return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device) if dropout_p > 0 else None
 
 
