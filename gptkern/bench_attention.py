@@ -239,8 +239,7 @@ def _measure(build: Callable[[], tuple[Forward, list[torch.Tensor]]], mode: str,
             forward, inputs = build()
             stats = time_fn(_step(forward, inputs, mode), device, warmup, repeats)
         except Exception as exc:  # a provider failing (no kernel, compile error, OOM) is a table cell
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            benchmark.free_cached(device)
             reason = _error(exc)
             if _unsupported(exc):
                 # torch's warnings say why each SDPA backend refused ("... requires ..."); the

@@ -11,8 +11,8 @@ Every (op, mode, shape) case is timed for each provider:
 CUDA times come from CUDA events around each call, queued behind a sleep kernel so that they
 time the kernels and not their launches (``host_ms``: what queueing one call costs the host),
 CPU times from ``time.perf_counter``; both report the median and the 20th/80th percentiles
-over a fixed number of repeats. A
-``y.copy_(x)`` of the same size is timed too, as the bandwidth roof.
+over a fixed number of repeats. A ``y.copy_(x)`` of the same size is timed too, as the
+bandwidth roof.
 
 Usage: ``python -m gptkern bench [--op softmax,rms_norm] [--mode fwd] [--shapes 8192x8192]
 [--dtype bf16] [--out-json PATH] [--out-md PATH] [--quick]``.
@@ -210,6 +210,7 @@ def inputs_error(exc: BaseException) -> dict:
 
 
 def free_cached(device: torch.device) -> None:
+    """Hand CUDA's cached blocks back after a failed allocation (nothing on the CPU)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
