@@ -218,7 +218,7 @@ def test_warp_choices_keep_to_what_the_largest_block_holds():
     assert launch.NORM_BWD.warp_choices(4096, True, True, 2) == (launch.NORM_BWD.warps(4096),)
 
 
-def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
+def test_decode_kernel_tunes_stages_splits_and_key_blocks_and_stays_correct(monkeypatch):
     """Triton decode attention times each (config, splits) candidate, default first, launches the
     fastest (here the last timed) and gives the reference's output, static and paged."""
     from gptkern.kernels import decode
@@ -243,14 +243,15 @@ def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
     cfg = decode.launch_config(2, 1, 16, 16, 0, False)
     candidates = decode.launch_candidates(cfg)
     assert candidates[0] == (cfg, 2)  # (config, GPU fill): the default first
-    assert len(candidates) == 4 and len(timed) == 4
-    assert [(c.num_stages, fill) for c, fill in candidates] == [(1, 2), (2, 2), (3, 2), (2, 4)]
+    assert len(candidates) == 6 and len(timed) == 6
+    assert [(c.block_n, c.num_stages, fill) for c, fill in candidates] == \
+        [(64, 1, 2), (64, 2, 2), (64, 3, 2), (64, 2, 4), (128, 3, 2), (128, 3, 4)]
     (chosen,) = autotune.choices().values()
     assert chosen == repr(candidates[-1])
     # another capacity in the same power-of-two bucket reuses the choice: no timing
     with gptkern.backend("triton"):
         gptkern.ops.decode_attention(q, torch.cat([k, k[:, :, :8]], 2), torch.cat([v, v[:, :, :8]], 2), seqlens)
-    assert len(timed) == 4
+    assert len(timed) == 6
     # paged: blocks of 8 tokens, sequence b's i-th block at b * 5 + i
     kp = k.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
     vp = v.view(2, 2, 5, 8, 16).permute(0, 2, 1, 3, 4).reshape(10, 2, 8, 16)
@@ -258,7 +259,7 @@ def test_decode_kernel_tunes_stages_and_splits_and_stays_correct(monkeypatch):
     with gptkern.backend("triton"), poisoned_allocations():
         out_paged = gptkern.ops.decode_attention(q, kp, vp, seqlens, block_table=table)
     torch.testing.assert_close(out_paged.double(), ref, **TOLERANCES[torch.float16])
-    assert len(timed) == 8 and len(autotune.choices()) == 2  # the page size is in the key
+    assert len(timed) == 12 and len(autotune.choices()) == 2  # the page size is in the key
     assert decode.launch_candidates(cfg, fp32=True) == ((cfg, 2), (cfg, 4))
 
 
@@ -290,7 +291,7 @@ def test_decode_candidates_with_other_split_counts_stay_correct(monkeypatch):
         with gptkern.backend("triton"), poisoned_allocations():
             out = gptkern.ops.decode_attention(q, k, v, seqlens)
         torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float16])
-        assert launched == [1, 1, 1, 3, 1 if best == 0 else 3]  # the splits of each run, the pick last
+        assert launched == [1, 1, 1, 3, 1, 3, 1 if best == 0 else 3]  # the splits of each run, the pick last
         monkeypatch.setattr(decode, "_decode_split_kernel", original)
 
 

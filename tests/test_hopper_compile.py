@@ -233,10 +233,10 @@ def decode_configs():
         types.update(Q="*" + dtype, K="*" + dtype, V="*" + dtype, SEQLENS="*i32", TABLE="*i32",
                      O_PART="*fp32", LSE_PART="*fp32", qk_scale="fp32")
         m_pad = -(-g * lq // cfg.block_m) * cfg.block_m
-        for stages in sorted({c.num_stages for c, _ in decode.launch_candidates(cfg, dtype == "fp32")}):
+        for tiles in sorted({c for c, _ in decode.launch_candidates(cfg, dtype == "fp32")}, key=repr):
             yield split, types, dict(G=g, LQ=lq, D=d, DV=d, PAGE=page, SPLITS=8, M_PAD=m_pad,
-                                     PRECISION="ieee" if dtype == "fp32" else "tf32", **cfg.constexprs()), \
-                cfg.num_warps, True, stages
+                                     PRECISION="ieee" if dtype == "fp32" else "tf32", **tiles.constexprs()), \
+                tiles.num_warps, True, tiles.num_stages
         combine = decode._decode_combine_kernel
         types = {n: "i32" for n in combine.arg_names}
         types.update(O_PART="*fp32", LSE_PART="*fp32", OUT="*" + dtype)

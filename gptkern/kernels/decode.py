@@ -172,12 +172,18 @@ def _num_splits(batch_heads: int, capacity: int, block_n: int, device: torch.dev
 def launch_candidates(cfg: DecodeConfig, fp32: bool = False) -> tuple[tuple[DecodeConfig, int], ...]:
     """(config, fill) recipes autotuning times on a GPU, the default first (the splits follow from
     the fill and the problem: _num_splits): for 16-bit caches the key loop software-pipelined over
-    2 or 3 stages, and the GPU filled four times rather than twice (the first H200 run read a
-    16K-32K cache at 57-58% of copy bandwidth with one stage, filled twice); float32 keeps one
-    stage (its tiles spill with more) and tries the fuller grid."""
+    2 or 3 stages, the GPU filled four times rather than twice, and, for 4-warp tiles, twice the
+    keys per step on twice the warps over 3 stages, so that more bytes are in flight per program
+    (the first H200 run read a 16K-32K cache at 57-58% of copy bandwidth with one stage of 32 keys
+    on 4 warps, filled twice; twice the keys on 4 warps spill). float32 keeps one stage (its tiles
+    spill with more) and tries the fuller grid."""
     if fp32:
         return ((cfg, 2), (cfg, 4))
-    return ((cfg, 2), (replace(cfg, num_stages=2), 2), (replace(cfg, num_stages=3), 2), (replace(cfg, num_stages=2), 4))
+    found = ((cfg, 2), (replace(cfg, num_stages=2), 2), (replace(cfg, num_stages=3), 2), (replace(cfg, num_stages=2), 4))
+    if cfg.num_warps > 4:
+        return found
+    wide = replace(cfg, block_n=2 * cfg.block_n, num_warps=2 * cfg.num_warps, num_stages=3)
+    return found + ((wide, 2), (wide, 4))
 
 
 def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
