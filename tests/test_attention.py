@@ -151,6 +151,23 @@ def test_triton_unsupported_configs_raise_and_auto_falls_back():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
 
 
+def test_eager_broadcast_rule_matches_torch():
+    """The plain-Python broadcast of eager calls gives torch.broadcast_shapes' result, and its error."""
+    from gptkern.ops.attention import _broadcast_shapes
+
+    cases = [((2, 3), (2, 3)), ((1, 3), (4, 1)), ((), (2, 1)), ((0,), (1,)), ((5, 0, 2), (0, 1)),
+             ((2, 1, 4), (3, 1), (1,)), ((3,), (4,)), ((0,), (2,)), ((2, 3), (3, 2)), ((1,), ())]
+    for shapes in cases:
+        try:
+            want = torch.broadcast_shapes(*shapes)
+        except RuntimeError as err:
+            with pytest.raises(RuntimeError, match=str(err)[:30]):
+                _broadcast_shapes(*shapes)
+        else:
+            got = _broadcast_shapes(*shapes)
+            assert got == want and isinstance(got, torch.Size), shapes
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
     q, k, v = rand(2, 4, 5, 8), rand(2, 4, 6, 8), rand(2, 4, 6, 8)

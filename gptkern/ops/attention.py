@@ -187,9 +187,24 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
                                   f"{query.dtype}")
 
 
+def _broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes``; in eager code (sizes are ints) its rule in plain Python, which
+    costs a tenth as much, and torch's own call for its error message."""
+    if torch.compiler.is_compiling():  # symbolic sizes: torch's guards
+        return torch.broadcast_shapes(*shapes)
+    out = [1] * max(map(len, shapes), default=0)
+    for shape in shapes:
+        for i, n in enumerate(shape, len(out) - len(shape)):
+            if n != 1:
+                if out[i] != 1 and out[i] != n:
+                    return torch.broadcast_shapes(*shapes)  # raises
+                out[i] = n
+    return torch.Size(out)
+
+
 def _broadcast(what: str, *shapes) -> torch.Size:
     try:
-        return torch.broadcast_shapes(*shapes)
+        return _broadcast_shapes(*shapes)
     except RuntimeError as err:
         raise RuntimeError(f"scaled_dot_product_attention: the {what} of query, key and value "
                            f"({', '.join(str(list(s)) for s in shapes)}) do not broadcast: {err}") from None
@@ -212,7 +227,7 @@ def _sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Option
     if mask is not None:
         target = (*batch, hq, l, s)
         try:
-            ok = torch.broadcast_shapes(mask.shape, target) == torch.Size(target)
+            ok = _broadcast_shapes(mask.shape, target) == torch.Size(target)
         except RuntimeError:
             ok = False
         if not ok:
@@ -232,6 +247,8 @@ def _as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
 
     def four_d(t: torch.Tensor, heads: int) -> torch.Tensor:
         seq, dim = t.shape[-2:]
+        if len(batch) == 1 and not torch.compiler.is_compiling() and t.shape == (nb, heads, seq, dim):
+            return t  # already (B, H, seq, dim) (eager: no guards on the sizes)
         return t.expand(*batch, heads, seq, dim).reshape(nb, heads, seq, dim)
 
     m4 = None
