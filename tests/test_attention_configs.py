@@ -219,3 +219,81 @@ def test_triton_declines_sequences_beyond_the_launch_grid():
     assert attention._triton_limits(tensor(limit + 1), tensor(limit + 1), False, 0.0, lengths=(4096, 4096)) is None
     cpu = SimpleNamespace(dtype=torch.float16, shape=(1, 2, limit + 1, 64), device=torch.device("cpu"))
     assert attention._triton_limits(cpu, cpu, False, 0.0) is None  # the interpreter has no such grid limit
+
+
+def atomic_configs() -> list[tuple[int, int]]:
+    """(block_m, block_n) of every atomic dQ candidate in the tables."""
+    from gptkern.kernels import attention
+
+    return sorted({c[:2] for widths in attention._ALTERNATIVES["dkdv"].values() for width in widths for c in width
+                   if len(c) > 5 and c[5]})
+
+
+def test_tables_have_atomic_dq_candidates():
+    assert atomic_configs()
+
+
+@pytest.mark.parametrize("block", atomic_configs(), ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_backward_is_correct(block, causal, monkeypatch):
+    """dQ added up atomically by the dK/dV kernel (no dQ kernel runs), through descriptors: L, S and
+    head dims not block multiples, L != S, Dv != D, GQA (each KV program adds into GROUP heads),
+    against float64, fp16 under the interpreter."""
+    from gptkern.kernels import attention
+    from test_attention import check as check_dense
+
+    chosen = attention.AttnConfig(*block, 4, 1, tma=True, atomic_dq=True)
+    monkeypatch.setattr(attention, "configs", lambda name, *args: (chosen if name == "dkdv" else
+                                                                   attention.INTERPRETER_CONFIG,))
+    launched = []
+    for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        original = getattr(attention, name)
+        monkeypatch.setattr(attention, name, type("Recorder", (), {
+            "__getitem__": lambda self, grid, name=name, original=original: launched.append(name) or original[grid]})())
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE, dtype=torch.float16)  # noqa: E731
+    check_dense("triton", rand(2, 4, 150, 24), rand(2, 2, 139, 24), rand(2, 2, 139, 40), is_causal=causal,
+                enable_gqa=True)
+    assert launched == ["_attn_bwd_dkdv_kernel"]  # dQ came from it alone
+
+
+def test_atomic_dq_is_timed_as_a_whole_backward_and_never_deterministic(monkeypatch):
+    """With atomic candidates, the dQ kernel is tuned first and every plain dK/dV candidate is timed
+    together with it, against the atomic one alone; torch's deterministic mode never gets the atomic
+    path (autotuning is off there and the candidates drop it)."""
+    from gptkern.kernels import attention, autotune
+
+    plain, atomic = attention.AttnConfig(64, 64, 4, 1, tma=True), attention.AttnConfig(64, 64, 4, 1, tma=True,
+                                                                                        atomic_dq=True)
+    monkeypatch.setattr(attention, "configs", lambda kernel, *args: (attention.INTERPRETER_CONFIG,) if kernel == "fwd"
+                        else (plain, atomic) if kernel == "dkdv" else (plain,))
+    monkeypatch.setattr(autotune, "enabled", lambda device: not torch.are_deterministic_algorithms_enabled())
+    runs, launched = [], []  # the kernels of each timed run; every launch
+    monkeypatch.setattr(autotune, "_cuda_time_ms", lambda fn: (runs.append([]), fn(), 1.0 if len(runs[-1]) == 1
+                                                               else 2.0)[-1])
+    for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        original = getattr(attention, name)
+        monkeypatch.setattr(attention, name, type("Recorder", (), {
+            "__getitem__": lambda self, grid, name=name, original=original:
+            launched.append(name) or (runs[-1].append(name) if runs else None) or original[grid]})())
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 2, 40, 16, dtype=torch.float16)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves)
+    want = torch.autograd.grad(ref, leaves, g.double())
+    for deterministic in (False, True):
+        autotune.reset()
+        runs.clear()
+        launched.clear()
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda d=deterministic: d)
+        with gptkern.backend("triton"):
+            out = gptkern.ops.scaled_dot_product_attention(q, k, v)
+            grads = torch.autograd.grad(out, (q, k, v), g)
+        for got, w in zip(grads, want):
+            torch.testing.assert_close(got.double(), w, atol=1e-2, rtol=1e-2)
+        if deterministic:
+            assert runs == [] and launched == ["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]  # the plain default
+        else:  # dq alone (one candidate: not timed), then plain dK/dV + dQ, then atomic dK/dV alone (and
+            # once more, as the choice)
+            assert runs == [["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"], ["_attn_bwd_dkdv_kernel"] * 2]
+            assert any(cfg == repr(atomic) for cfg in autotune.choices().values())
+    autotune.reset()

@@ -184,7 +184,7 @@ def attention_configs():
                                       if n in types})
                         types.update({n: "*fp32" for n in ("LSE", "DELTA") if n in types})
                         types.update(CU_Q="*i32", CU_K="*i32", MASK=mask_type, qk_scale="fp32", inv_keep="fp32",
-                                     SEED="*i64")
+                                     SEED="*i64", DQ_ACC="*fp32")
                         if "sm_scale" in types:
                             types["sm_scale"] = "fp32"
                         block_d = attention.head_block(d)
@@ -195,7 +195,8 @@ def attention_configs():
                         constexprs = dict(flags, D=d, DV=d, PRECISION="ieee" if dtype == "fp32" else "tf32",
                                           BLOCK_D=block_d, BLOCK_DV=block_d, BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, DESC=cfg.tma,
-                                          **({"DMASK": None} if name == "dq" else {}))
+                                          **({"DMASK": None} if name == "dq" else {}),
+                                          **({"ATOMIC_DQ": cfg.atomic_dq} if name == "dkdv" else {}))
                         yield kernel, types, constexprs, cfg.num_warps, True, cfg.num_stages
                         if name == "dq" and flags["MASK_KIND"] == 2:  # writing the float mask's gradient
                             grad_cfg = attention.DQ_MASK_GRAD_DROPOUT if flags["DROPOUT"] else cfg

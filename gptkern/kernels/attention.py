@@ -1,6 +1,8 @@
 """Flash attention in Triton: forward (online softmax, exp2, saves the log-sum-exp; the key
 blocks that every query of a block sees whole are read without visibility checks) and backward
-(dK/dV per key block on key-major tiles, dQ per query block: no atomics, so deterministic).
+(dK/dV per key block on key-major tiles, dQ per query block: no atomics, so deterministic; or,
+where autotuning finds it faster and determinism is not asked for, dQ added up atomically in
+fp32 by the dK/dV kernel, which then recomputes no scores for it).
 
 Dense layouts are 4-D with arbitrary strides: Q (B, H, L, D), K (B, Hkv, S, D),
 V (B, Hkv, S, Dv), O (B, H, L, Dv). Varlen (VARLEN) layouts are packed (total, heads, dim)
@@ -287,17 +289,18 @@ def _unchecked_queries(lo, hi, start_n, S, diag, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_src, do_src, mask_base, start, end, b32, h32, bh32, LSE, DELTA, row_base,
-                       offs_n, rows, offs_d, offs_dv, q_offs, do_offs, mask_offs, sqm, sdom, smm, L, S, diag,
-                       win_left, win_right, qk_scale, seed, threshold, inv_keep,
+def _dkdv_query_blocks(dk, dv, k, v, q_src, do_src, mask_base, dq_acc, start, end, b32, h32, bh32, LSE, DELTA,
+                       row_base, offs_n, rows, offs_d, offs_dv, q_offs, do_offs, mask_offs, sqm, sdom, smm, L, S,
+                       diag, win_left, win_right, qk_scale, seed, threshold, inv_keep,
                        D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                        MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DESC: tl.constexpr,
-                       CHECKED: tl.constexpr):
+                       CHECKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK and dV of one key block (k, v) summed over query blocks [start, end) of one head, on
     key-major (BLOCK_N, BLOCK_M) tiles. q_src and do_src are descriptors or pointers at start,
     returned past end as mask_base is. CHECKED: hide the keys a query may not see; else every
-    query sees every key (queries past L get weight 0 through their LSE)."""
+    query sees every key (queries past L get weight 0 through their LSE). ATOMIC_DQ: also add
+    each block's dS K into dq_acc (this head's fp32 (L, D) rows, row stride D)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + rows
         if DESC:
@@ -325,6 +328,10 @@ def _dkdv_query_blocks(dk, dv, k, v, q_src, do_src, mask_base, start, end, b32, 
         delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ:  # (BLOCK_M, BLOCK_D): this key block's share of dQ, unscaled
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION)
+            tl.atomic_add(dq_acc + offs_m[:, None] * D + offs_d[None, :], dq,
+                          mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), sem="relaxed")
         if not DESC:
             q_src += BLOCK_M * sqm
             do_src += BLOCK_M * sdom
@@ -335,6 +342,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_src, do_src, mask_base, start, end, b32, 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_,  # Q, dO as in the forward (DO strides sdo*); DK, DV_ as K, V
+    DQ_ACC,                # ATOMIC_DQ: contiguous fp32 (B, H, L, D), zeroed, gets unscaled dQ; else unused
     LSE, DELTA,            # fp32, laid out as the forward's LSE
     MASK, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
@@ -345,6 +353,7 @@ def _attn_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DESC: tl.constexpr = False,  # Q, K, V, DO, DK, DV_ are tensor descriptors (TMA), as in the forward
+    ATOMIC_DQ: tl.constexpr = False,  # also dQ, added up atomically (dense only): no dQ kernel to run
 ):
     """One program: a block of keys of one KV head, summed over the GROUP query heads. Tiles are
     key-major, (BLOCK_N, BLOCK_M): every product then has BLOCK_N rows, which Hopper's warpgroup
@@ -401,12 +410,13 @@ def _attn_bwd_dkdv_kernel(
         mask_base = MASK + b * smb + h * smh + start_n.to(tl.int64) * smn + lo64 * smm
         row_base = b * slb + h * slh + q0
         bh32 = (b * H + h).to(tl.int32)
+        dq_acc = DQ_ACC + (b * H + h) * L * D  # (only read when ATOMIC_DQ, dense)
         for run in tl.static_range(2 if SPLIT else 1):
             dk, dv, q_src, do_src, mask_base = _dkdv_query_blocks(
-                dk, dv, k, v, q_src, do_src, mask_base, lo if run == 0 else mid, mid if run == 0 else hi, b32,
-                h.to(tl.int32), bh32, LSE, DELTA, row_base, offs_n, rows, offs_d, offs_dv, q_offs, do_offs, mask_offs,
-                sqm, sdom, smm, L, S, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, D, DV, CAUSAL,
-                WINDOW, MASK_KIND, DROPOUT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, DESC, run == 0)
+                dk, dv, k, v, q_src, do_src, mask_base, dq_acc, lo if run == 0 else mid, mid if run == 0 else hi,
+                b32, h.to(tl.int32), bh32, LSE, DELTA, row_base, offs_n, rows, offs_d, offs_dv, q_offs, do_offs,
+                mask_offs, sqm, sdom, smm, L, S, diag, win_left, win_right, qk_scale, seed, threshold, inv_keep, D, DV,
+                CAUSAL, WINDOW, MASK_KIND, DROPOUT, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV, DESC, run == 0, ATOMIC_DQ)
     dk *= sm_scale
     if DESC:  # the stores drop rows past S and columns past the head dims
         DK.store([b32, hk32, start_n, 0], dk.to(k.dtype).reshape(1, 1, BLOCK_N, BLOCK_D))
@@ -530,6 +540,7 @@ class AttnConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # the tensors through TMA tensor descriptors (dense, unmasked 16-bit inputs)
+    atomic_dq: bool = False  # dK/dV only: dQ added up atomically there, no dQ kernel (not deterministic)
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
@@ -591,10 +602,14 @@ _ALTERNATIVES = {
                              (64, 64, 4, 2, True), (128, 32, 8, 2, True), (128, 64, 8, 3, True),
                              (64, 64, 8, 3, True)))},
     "dkdv": {(False, PLAIN): (((32, 64, 4, 2), (16, 64, 4, 2),
-                               (64, 128, 8, 2, True), (32, 128, 8, 2, True), (64, 64, 8, 2, True)),
+                               (64, 128, 8, 2, True), (32, 128, 8, 2, True), (64, 64, 8, 2, True),
+                               (64, 128, 8, 2, True, True), (32, 128, 8, 2, True, True), (64, 64, 8, 2, True, True)),
                               ((32, 64, 8, 2, True), (16, 128, 8, 2, True), (32, 128, 8, 2, True),
-                               (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, True)))},
+                               (64, 64, 8, 2, True), (64, 64, 8, 3, True), (32, 64, 4, 2, True),
+                               (16, 128, 8, 2, True, True)))},
 }
+# (the sixth flag: dQ added up atomically in the dK/dV kernel, 5 products a tile rather than 7, timed
+# as a whole backward against dK/dV plus the dQ kernel; wider atomic tiles spill at head dim 128)
 # The dQ kernel writing a float mask's gradient (dS) under dropout: the DROPOUT entries spill there
 # with Triton 3.7 (head dims 16 and 80) and 32x32 tiles with 3.6 (causal, head dim 16); this one
 # does not, at any head dim up to 128.
@@ -769,16 +784,25 @@ def _descriptors(cfg: AttnConfig, p: Problem, kernel: str, *tensors: torch.Tenso
                  for t, (rows, dim) in zip(tensors, tiles))
 
 
-def _tuned(kernel: str, p: Problem, kind: int, run: Callable[[AttnConfig], None],
-           *tensors: torch.Tensor) -> AttnConfig:
-    """The configuration of ``kernel`` for this problem: its candidates (less the descriptor ones
-    when ``tensors``, q first, cannot take descriptors), autotuned on a GPU."""
+def _candidates(kernel: str, p: Problem, kind: int, *tensors: torch.Tensor) -> tuple[tuple[AttnConfig, ...], bool]:
+    """(``kernel``'s candidates for this problem, whether descriptors fit): less the descriptor ones
+    when ``tensors``, q first, cannot take descriptors, and the atomic dQ ones (which need descriptors)
+    when results must be deterministic."""
     q = tensors[0]
     candidates = configs(kernel, p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
     descriptors = _descriptors_fit(p, kind, *tensors)
     if not descriptors:
         candidates = tuple(c for c in candidates if not c.tma)
-    return autotune.pick(_tune_key(kernel, p, q, kind, descriptors), candidates, run, q.device)
+    if torch.are_deterministic_algorithms_enabled():
+        candidates = tuple(c for c in candidates if not c.atomic_dq)
+    return candidates, descriptors
+
+
+def _tuned(kernel: str, p: Problem, kind: int, run: Callable[[AttnConfig], None],
+           *tensors: torch.Tensor) -> AttnConfig:
+    """The configuration of ``kernel`` for this problem (:func:`_candidates`), autotuned on a GPU."""
+    candidates, descriptors = _candidates(kernel, p, kind, *tensors)
+    return autotune.pick(_tune_key(kernel, p, tensors[0], kind, descriptors), candidates, run, tensors[0].device)
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -831,10 +855,14 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     def run_dkdv(cfg: AttnConfig) -> None:
         tensors = (q, k, v, do, dk, dv)
+        dq_acc = torch.zeros((p.batch, p.heads, p.l, p.d), device=q.device, dtype=torch.float32) \
+            if cfg.atomic_dq else lse  # (unused)
         _attn_bwd_dkdv_kernel[(p.batch * p.kv_heads, triton.cdiv(p.s, cfg.block_n))](
-            *(_descriptors(cfg, p, "dkdv", *tensors) if cfg.tma else tensors), lse, delta, mask_ptr, *p.cu(q),
-            *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk), *p.strides(dv),
-            *mask_strides, *scalars, **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
+            *(_descriptors(cfg, p, "dkdv", *tensors) if cfg.tma else tensors), dq_acc, lse, delta, mask_ptr,
+            *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk), *p.strides(dv),
+            *mask_strides, *scalars, **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma, ATOMIC_DQ=cfg.atomic_dq)
+        if cfg.atomic_dq:
+            torch.mul(dq_acc, p.scale, out=dq)  # the dQ kernel's scaling, and its cast
 
     def run_dq(cfg: AttnConfig) -> None:
         tensors = (q, k, v, do, dq)
@@ -843,8 +871,20 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             *p.cu(q), *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq),
             *mask_strides, *scalars, **p.flags(q, kind), **cfg.launch(), DESC=cfg.tma)
 
+    dkdv_tensors = (q, k, v, do, dk, dv)
+    if p.s > 0 and any(c.atomic_dq for c in _candidates("dkdv", p, kind, *dkdv_tensors)[0]):
+        # dQ atomically inside dK/dV, or by its own kernel: timed as whole backwards (dQ's tiles first)
+        dq_cfg = _tuned("dq", p, kind, run_dq, q, k, v, do, dq)
+
+        def run_backward(cfg: AttnConfig) -> None:
+            run_dkdv(cfg)
+            if not cfg.atomic_dq:
+                run_dq(dq_cfg)
+
+        run_backward(_tuned("dkdv", p, kind, run_backward, *dkdv_tensors))
+        return
     if p.s > 0:
-        run_dkdv(_tuned("dkdv", p, kind, run_dkdv, q, k, v, do, dk, dv))
+        run_dkdv(_tuned("dkdv", p, kind, run_dkdv, *dkdv_tensors))
     else:
         dk.zero_()
         dv.zero_()
