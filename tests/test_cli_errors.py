@@ -42,6 +42,10 @@ def test_a_csv_row_without_a_label(tmp_path):
     bad.write_text("text,label\nhello,a\nworld\n")
     with pytest.raises(ValueError, match=r"bad\.csv:3: a row without a text or a label"):
         read_labelled_csv(str(bad))
+    extra = tmp_path / "extra.csv"  # an unquoted comma in the text: a third field, not a label
+    extra.write_text("text,label\nfine,a\ngood, really good,pos\n")
+    with pytest.raises(ValueError, match=r"extra\.csv:3: a row with more fields than the header"):
+        read_labelled_csv(str(extra))
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"text,label\nhello,a\n\xff\xfe,b\n")
     with pytest.raises(ValueError, match=r"binary\.csv: not a UTF-8 text file"):

@@ -222,6 +222,29 @@ def test_stop_strings_and_streaming():
     for bad in ([""], ["ok", 3]):
         with pytest.raises(ValueError, match="non-empty strings"):
             generate(model, prompt, 3, stop_strings=bad, tokenizer=CharTokenizer())
+    with pytest.raises(TypeError, match="stop_strings"):
+        generate(model, prompt, 3, stop_strings=5, tokenizer=CharTokenizer())
+
+
+class SmallTokenizer(CharTokenizer):
+    """Knows ids 0-9 only, as a tokenizer whose model's vocabulary was padded past it."""
+    vocab_size = 10
+
+    def decode(self, ids):
+        if any(i >= self.vocab_size for i in ids):
+            raise ValueError(f"token id out of range: {ids}")
+        return super().decode(ids)
+
+
+def test_stop_strings_skip_ids_past_the_tokenizer():
+    """Ids of a padded vocabulary (past the tokenizer's) are left out of the stop-string text, as
+    the CLI leaves them out of what it shows; the tokens themselves are generated as without."""
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    full = generate(model, prompt, 12)
+    assert (full[0, 5:] >= SmallTokenizer.vocab_size).any()  # the case: ids the tokenizer cannot decode
+    out = generate(model, prompt, 12, stop_strings=["never there"], tokenizer=SmallTokenizer())
+    assert torch.equal(out, full)
 
 
 def test_bad_arguments():
@@ -251,6 +274,12 @@ def test_bad_arguments():
         generate(model, prompt.float(), 2, attention_mask=mask)
     with pytest.raises(TypeError, match="eos_token_id"):
         generate(model, prompt, 2, attention_mask=mask, eos_token_id=1.5)
+    for bad in ("a", ["a"], object()):
+        with pytest.raises(TypeError, match="eos_token_id"):
+            generate(model, prompt, 2, attention_mask=mask, eos_token_id=bad)
+    for bad in ("x", 1.5, True):
+        with pytest.raises(TypeError, match="pad_token_id"):
+            generate(model, prompt, 2, attention_mask=mask, eos_token_id=3, pad_token_id=bad)
     for args, kwargs, match in (((None, 2), {}, "input_ids"), (([[1, 2]], 2), {}, "input_ids"),
                                 ((prompt, 2), dict(attention_mask=[[1, 1, 1]]), "attention_mask"),
                                 ((prompt, 2), dict(temperature="1"), "temperature"),

@@ -119,6 +119,13 @@ def test_bad_arguments():
         kwargs = {"max_new_tokens": 3, "num_beams": 2, name: bad}
         with pytest.raises(ValueError, match=name):
             generate_seq2seq(model, src, kwargs.pop("max_new_tokens"), bos_token_id=BOS, eos_token_id=EOS, **kwargs)
+    with pytest.raises(TypeError, match="src"):
+        generate_seq2seq(model, src.tolist(), 3, bos_token_id=BOS, eos_token_id=EOS)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for bad in ("x", 1.5, [EOS, 3]):
+            ids = {"bos_token_id": BOS, "eos_token_id": EOS, name: bad}
+            with pytest.raises(TypeError, match=name):
+                generate_seq2seq(model, src, 3, **ids)
     # numpy integers are ints, as generate() takes them
     out = generate_seq2seq(model, src, np.int64(3), bos_token_id=BOS, eos_token_id=EOS, num_beams=np.int64(2))
     assert torch.equal(out, generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=2))

@@ -144,6 +144,16 @@ def test_corrupt_checkpoint_file_is_named(data_dir, tmp_path, name):
         train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
 
 
+def test_a_state_file_without_the_loader_position_is_named(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, max_steps=1))
+    file = ckpt.latest_checkpoint(str(tmp_path)) / "state.json"
+    state = json.loads(file.read_text())
+    del state["loader"]
+    file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=f"{file} is corrupt"):
+        train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
+
+
 def test_resume_compares_resolved_settings(data_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -289,6 +299,9 @@ def test_cli_flags_and_config_files(tmp_path):
         parse(["--compile", "maybe"])
     with pytest.raises(ValueError, match="--lr needs a value"):
         parse(["--lr"])
+    for empty in (["--out-dir=", "--resume"], ["--compile="], ["--lr="]):  # never the next flag as its value
+        with pytest.raises(ValueError, match=f"{empty[0][:-1]} needs a value after ="):
+            parse(empty)
     with pytest.raises(ValueError, match="n_embd .* divisible"):
         parse(["--n-embd", "130"])
 

@@ -49,12 +49,25 @@ def _stop_ids(eos_token_id: Union[int, Sequence[int], torch.Tensor, None], devic
     """The EOS ids (an int, a sequence of them, or a tensor of any shape) as a 1-D LongTensor."""
     if eos_token_id is None:
         return None
-    ids = torch.as_tensor(eos_token_id).flatten()
+    try:
+        ids = torch.as_tensor(eos_token_id).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"eos_token_id must be a token id (int), a sequence of them or None, got "
+                        f"{eos_token_id!r}") from None
     if ids.numel() == 0:  # [] or (): no EOS
         return None
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"eos_token_id must be token ids (ints), got {eos_token_id!r}")
     return ids.to(device=device, dtype=torch.long)
+
+
+def _tokenizer_size(tokenizer) -> Optional[int]:
+    """How many ids ``tokenizer`` decodes (transformers': with its added tokens), or None if unknown."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = getattr(tokenizer, "vocab_size", None)
+    return size if is_int(size) else None
 
 
 @torch.no_grad()
@@ -71,6 +84,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
         lengths = mask.sum(-1).tolist()
         cache.allocate(lengths)
     done = [False] * b
+    known_ids = _tokenizer_size(tokenizer) if stop_strings else None
     step_input, step_mask = input_ids, mask
     modules = list(model.modules())
     for step in range(max_new_tokens):
@@ -89,7 +103,8 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
             for i, t in enumerate(token.tolist()):
                 if done[i]:
                     continue
-                generated[i].append(t)
+                if known_ids is None or t < known_ids:  # a padded vocabulary's ids have no text
+                    generated[i].append(t)
                 text = tokenizer.decode(generated[i])  # whole: a character may span tokens
                 if any(s in text for s in stop_strings):  # (a match found earlier would have stopped it)
                     finished[i] = True
@@ -160,7 +175,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     if isinstance(stop_strings, str):  # one string, as transformers takes it (not its characters)
         stop_strings = [stop_strings]
     if stop_strings is not None:
-        stop_strings = list(stop_strings)
+        try:
+            stop_strings = list(stop_strings)
+        except TypeError:
+            raise TypeError(f"stop_strings must be a string, a sequence of strings or None, got "
+                            f"{stop_strings!r}") from None
         if not all(isinstance(s, str) and s for s in stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
@@ -168,6 +187,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     eos = _stop_ids(eos_token_id, model_device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
+    elif not is_int(pad_token_id):
+        raise TypeError(f"pad_token_id must be a token id (int) or None, got {pad_token_id!r}")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     generator = None

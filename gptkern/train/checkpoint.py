@@ -146,9 +146,10 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json."""
     state = read_file(path / "state.json", lambda f: json.loads(Path(f).read_text()))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config" not in state:
-        raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step and config); "
-                         f"{AN_EARLIER_ONE.format(path)}")
+    if (not isinstance(state, dict) or not isinstance(state.get("step"), int)
+            or not isinstance(state.get("config"), dict) or not isinstance(state.get("loader"), (dict, list))):
+        raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step, config and loader "
+                         f"position); {AN_EARLIER_ONE.format(path)}")
     return state
 
 

@@ -290,9 +290,11 @@ def apply_flags(values: dict[str, Any], flags: Sequence[str]) -> dict[str, Any]:
         flag = flags[i]
         if not flag.startswith("--"):
             raise ValueError(f"expected --key value, got {flag!r}")
-        typed, _, text = flag.partition("=")
+        typed, equals, text = flag.partition("=")
         key = typed[2:].replace("-", "_")
-        if not text:
+        if equals and not text:  # never the next flag as its value
+            raise ValueError(f"{typed} needs a value after =")
+        if not equals:
             is_bool = hints.get(key) is bool or model_hints.get(key) is bool
             if is_bool and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
                 text = "true"

@@ -68,6 +68,9 @@ def read_labelled_csv(path: str) -> list[tuple[str, str]]:
             for row in reader:
                 if row["text"] is None or row["label"] is None:
                     raise ValueError(f"{path}:{reader.line_num}: a row without a text or a label: {row}")
+                if None in row:  # csv puts the fields past the header's under None
+                    raise ValueError(f"{path}:{reader.line_num}: a row with more fields than the header (quote a "
+                                     f"text that holds commas): {row}")
                 rows.append((row["text"], row["label"]))
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
