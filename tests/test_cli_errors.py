@@ -46,6 +46,9 @@ def test_a_csv_row_without_a_label(tmp_path):
     extra.write_text("text,label\nfine,a\ngood, really good,pos\n")
     with pytest.raises(ValueError, match=r"extra\.csv:3: a row with more fields than the header"):
         read_labelled_csv(str(extra))
+    trailing = tmp_path / "trailing.csv"  # empty fields after the label (a spreadsheet export) are fine
+    trailing.write_text("text,label\nfine,a,\nok,b,,\n")
+    assert read_labelled_csv(str(trailing)) == [("fine", "a"), ("ok", "b")]
     binary = tmp_path / "binary.csv"
     binary.write_bytes(b"text,label\nhello,a\n\xff\xfe,b\n")
     with pytest.raises(ValueError, match=r"binary\.csv: not a UTF-8 text file"):

@@ -280,6 +280,9 @@ def test_bad_arguments():
     for bad in ("x", 1.5, True):
         with pytest.raises(TypeError, match="pad_token_id"):
             generate(model, prompt, 2, attention_mask=mask, eos_token_id=3, pad_token_id=bad)
+    assert torch.equal(generate(model, prompt, 4, attention_mask=mask, eos_token_id=torch.tensor(3),
+                                pad_token_id=torch.tensor(0)),
+                       generate(model, prompt, 4, attention_mask=mask, eos_token_id=3, pad_token_id=0))
     for args, kwargs, match in (((None, 2), {}, "input_ids"), (([[1, 2]], 2), {}, "input_ids"),
                                 ((prompt, 2), dict(attention_mask=[[1, 1, 1]]), "attention_mask"),
                                 ((prompt, 2), dict(temperature="1"), "temperature"),

@@ -122,10 +122,15 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="src"):
         generate_seq2seq(model, src.tolist(), 3, bos_token_id=BOS, eos_token_id=EOS)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        for bad in ("x", 1.5, [EOS, 3]):
+        for bad in ("x", 1.5, [EOS, 3], True):
             ids = {"bos_token_id": BOS, "eos_token_id": EOS, name: bad}
             with pytest.raises(TypeError, match=name):
                 generate_seq2seq(model, src, 3, **ids)
+    # 0-d integer tensors are ids too
+    as_tensors = generate_seq2seq(model, src, 3, bos_token_id=torch.tensor(BOS), eos_token_id=torch.tensor(EOS),
+                                  pad_token_id=torch.tensor(0), num_beams=2)
+    assert torch.equal(as_tensors, generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
+                                                    num_beams=2))
     # numpy integers are ints, as generate() takes them
     out = generate_seq2seq(model, src, np.int64(3), bos_token_id=BOS, eos_token_id=EOS, num_beams=np.int64(2))
     assert torch.equal(out, generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=2))

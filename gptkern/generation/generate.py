@@ -9,7 +9,7 @@ from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import check_cache_kind, make_cache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
-from gptkern.ops._checks import is_int
+from gptkern.ops._checks import int_arg, is_int
 
 
 def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -187,8 +187,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     eos = _stop_ids(eos_token_id, model_device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
-    elif not is_int(pad_token_id):
-        raise TypeError(f"pad_token_id must be a token id (int) or None, got {pad_token_id!r}")
+    else:  # an int, numpy integer or 0-d integer tensor
+        pad_token_id = int_arg(pad_token_id, "pad_token_id", "generate")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     generator = None

@@ -10,7 +10,7 @@ import torch
 
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import StaticKVCache
-from gptkern.ops._checks import is_int
+from gptkern.ops._checks import int_arg, is_int
 
 
 def _setup(model, src, src_pad_mask, rows_per_source: int, max_new_tokens: int):
@@ -26,12 +26,9 @@ def _setup(model, src, src_pad_mask, rows_per_source: int, max_new_tokens: int):
     return memory_kv, src_pad_mask, cache
 
 
-def _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping, **token_ids):
+def _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping):
     if not isinstance(src, torch.Tensor):
         raise TypeError(f"src must be a (batch, source_len) tensor of token ids, got {type(src).__name__}")
-    for name, value in token_ids.items():
-        if not is_int(value) and not (name == "pad_token_id" and value is None):
-            raise TypeError(f"{name} must be a token id (int), got {value!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if max_new_tokens + 1 > model.config.max_len:
@@ -61,8 +58,12 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     also stops when no running beam can still beat the worst of them at its current length;
     ``"never"`` runs to ``max_new_tokens``.
     """
-    _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping, bos_token_id=bos_token_id,
-           eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping)
+    # token ids: ints, numpy integers or 0-d integer tensors, as ints
+    bos_token_id = int_arg(bos_token_id, "bos_token_id", "generate_seq2seq")
+    eos_token_id = int_arg(eos_token_id, "eos_token_id", "generate_seq2seq")
+    if pad_token_id is not None:
+        pad_token_id = int_arg(pad_token_id, "pad_token_id", "generate_seq2seq")
     max_new_tokens, num_beams, length_penalty = int(max_new_tokens), int(num_beams), float(length_penalty)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     if max_new_tokens == 0:

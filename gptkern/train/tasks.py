@@ -68,7 +68,8 @@ def read_labelled_csv(path: str) -> list[tuple[str, str]]:
             for row in reader:
                 if row["text"] is None or row["label"] is None:
                     raise ValueError(f"{path}:{reader.line_num}: a row without a text or a label: {row}")
-                if None in row:  # csv puts the fields past the header's under None
+                if any(field.strip() for field in row.get(None, ())):  # csv puts fields past the header's
+                    # under None (empty ones, as from a trailing comma, are ignored)
                     raise ValueError(f"{path}:{reader.line_num}: a row with more fields than the header (quote a "
                                      f"text that holds commas): {row}")
                 rows.append((row["text"], row["label"]))
