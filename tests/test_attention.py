@@ -188,6 +188,7 @@ def test_bad_input(backend):
         (TypeError, "is_causal", lambda: sdpa(q, k, v, is_causal=1)),
         (TypeError, "enable_gqa", lambda: sdpa(q, k, v, enable_gqa=None)),
         (TypeError, "scale", lambda: sdpa(q, k, v, scale="a")),
+        (TypeError, "positional", lambda: sdpa(q, k, v, None, 0.0, False, 0.5)),  # keyword-only, as torch's
         (TypeError, "attn_mask", lambda: sdpa(q, k, v, attn_mask=[[True]])),
         (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=-0.1)),
         (RuntimeError, "query", lambda: sdpa(q.long(), k.long(), v.long())),

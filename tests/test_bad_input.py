@@ -59,6 +59,8 @@ def test_dim_out_of_range(backend):
     raises(IndexError, "dim", lambda: ops.softmax(x, 2), backend)
     raises(IndexError, "dim", lambda: ops.log_softmax(x, -3), backend)
     raises(IndexError, "dim", lambda: ops.softmax(torch.tensor(1.0, device=DEVICE), 1), backend)
+    # the dim is checked first, as torch does: an integer input with a bad dim is an IndexError
+    raises(IndexError, "dim", lambda: ops.log_softmax(torch.ones(2, 3, dtype=torch.long, device=DEVICE), 2), backend)
     raises(TypeError, "dim", lambda: ops.softmax(x, 1.0), backend)
     raises(TypeError, "dim", lambda: ops.softmax(x, True), backend)
     raises(TypeError, "dim", lambda: ops.softmax(x, torch.tensor(1.0)), backend)
@@ -86,6 +88,7 @@ def test_wrong_normalized_shape(backend, op):
            backend)
     raises(RuntimeError, "normalized_shape", lambda: op(x, ()), backend)
     raises(TypeError, "normalized_shape", lambda: op(x, "4"), backend)
+    raises(TypeError, "normalized_shape", lambda: op(x, 4), backend)  # an int: F's refuse it (nn's take one)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

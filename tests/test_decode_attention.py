@@ -92,6 +92,18 @@ def test_paged_equals_static(backend, block_size):
     torch.testing.assert_close(pages, static, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_paged_pool_gives_zeros(backend):
+    """No blocks at all (every sequence empty): zeros of q's dtype and (B, H, Lq, Dv), on every backend."""
+    q = rand(2, 4, 1, 8)
+    pool = rand(0, 2, 4, 8), rand(0, 2, 4, 6)
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    with gptkern.backend(backend):
+        out = gptkern.ops.decode_attention(q, *pool, torch.zeros(2, dtype=torch.int32),
+                                           block_table=table)
+    assert out.shape == (2, 4, 1, 6) and out.dtype == q.dtype and not out.any()
+
+
 @needs_cpu
 def test_long_cache_splits():
     """One sequence and one KV head: the cache is split across tasks and the splits combined."""

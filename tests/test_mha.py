@@ -336,3 +336,29 @@ def test_out_projection_hooks_do_not_run_as_in_torch():
         for need_weights in (False, True):
             assert not (module(x, x, x, need_weights=need_weights)[0] == 0).all()
         assert calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_queries_that_see_no_key_as_torch(backend):
+    """A query that may attend to no key (a fully padded sequence, an attn_mask row of True, or under
+    the causal hint only padding at or before it) gets NaN where torch's fast path runs (eval, no
+    grad, batched self-attention), 0 on torch's other paths (training, gradients): as torch, each."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    kpm = torch.tensor([[False] * 3, [True] * 3], device=DEVICE)
+    am = torch.tensor([[True] * 3, [False, True, False], [False] * 3], device=DEVICE)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).triu(1)
+    left_padded = torch.tensor([[True, False, False], [False] * 3], device=DEVICE)
+    cases = (dict(key_padding_mask=kpm), dict(attn_mask=am), dict(key_padding_mask=kpm, attn_mask=am),
+             dict(attn_mask=causal, is_causal=True, key_padding_mask=left_padded), dict(attn_mask=causal | am))
+    for kwargs in cases:
+        for train in (False, True):
+            ours.train(train)
+            theirs.train(train)
+            with torch.no_grad(), gptkern.backend(backend):
+                out = ours(x, x, x, need_weights=False, **kwargs)[0]
+            with torch.no_grad():
+                ref = theirs(x, x, x, need_weights=False, **kwargs)[0]
+            assert torch.equal(out.isnan(), ref.isnan()), (kwargs, train)
+            assert out.isnan().any() != train  # the case is one: NaN in eval, none in training
+            torch.testing.assert_close(out.nan_to_num(7.0), ref.nan_to_num(7.0), atol=2e-5, rtol=2e-5)

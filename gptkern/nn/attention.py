@@ -100,6 +100,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 and all(m.dtype == torch.bool or m.is_floating_point() for m in (key_padding_mask, attn_mask))):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
                           "Use same type for both instead.")
+        nan_rows = self._torch_fast_path(query, key, value, attn_mask, key_padding_mask)  # (on the inputs as given)
         unbatched = query.dim() == 2
         same = query is key and key is value  # self-attention, one input projection: kept through the reshape
         if unbatched:  # (L, E) -> (1, L, E)
@@ -110,7 +111,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if same:
             key = value = query
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows)
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -118,10 +119,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return out, None
 
     def _torch_fast_path(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attn_mask: Optional[torch.Tensor]) -> bool:
+                         attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor] = None) -> bool:
         """Whether torch's module would enter its fused fast path (eval-mode batched self-attention
         with nothing requiring grad), which reads attn_mask even with the is_causal hint (without
-        biases too: it merges the masks before it finds none and turns back)."""
+        biases too: it merges the masks before it finds none and turns back), and gives NaN to a
+        query that may attend to no key (its other paths give 0)."""
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         devices = ("cpu", "cuda", torch._C._get_privateuse1_backend_name())
         return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key
@@ -130,6 +132,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 and self._qkv_same_embed_dim and query.dtype == self.in_proj_weight.dtype
                 and (self.in_proj_bias is None or query.dtype == self.in_proj_bias.dtype)
                 and not (attn_mask is not None and attn_mask.is_floating_point())
+                and not (key_padding_mask is not None and key_padding_mask.is_floating_point())
                 and not torch.is_autocast_enabled()
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                          for t in (query, *params))))
@@ -162,7 +165,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows: bool = False):
+        """nan_rows: a query that may attend to no key gets NaN (torch's fast path), else 0."""
         b, l, e = query.shape
         s = key.shape[1]
         h, dh = self.num_heads, self.head_dim
@@ -204,4 +208,24 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=bool(is_causal))
         out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
-        return F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as torch: out_proj's hooks do not run
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as torch: out_proj's hooks do not run
+        if nan_rows and mask is not None:
+            dead = _rows_seeing_nothing(mask, bool(is_causal), b, l)
+            if bool(dead.any()):
+                out = out.masked_fill(dead[..., None], float("nan"))
+        return out
+
+
+def _rows_seeing_nothing(mask: torch.Tensor, is_causal: bool, b: int, l: int) -> torch.Tensor:
+    """(B, L) bool: the queries for which ``mask`` (an SDPA mask broadcastable to (B, H, L, S): bool
+    True = attend, or additive) leaves no key in some head; with ``is_causal`` (self-attention, the
+    mask then (B, 1, 1, S)), also none at or before the query's own position."""
+    allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
+    allowed = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape))
+    if is_causal:  # query i sees keys j <= i: nothing if the first allowed key comes after i
+        keys = allowed[:, 0, 0]  # (B or 1, S)
+        first = torch.where(keys.any(-1), keys.int().argmax(-1), keys.shape[-1])  # (B or 1,)
+        dead = torch.arange(l, device=mask.device) < first[:, None]
+    else:
+        dead = (~allowed.any(-1)).any(1)  # (B or 1, L or 1)
+    return dead.expand(b, l)

@@ -121,13 +121,16 @@ def _as_int(value: object) -> int:
     return operator.index(value)  # int, numpy integers, integer 0-d tensors
 
 
-def normalized_shape_tuple(normalized_shape: object) -> tuple[int, ...]:
+def normalized_shape_tuple(normalized_shape: object, op: str) -> tuple[int, ...]:
+    """A sequence of ints (a tuple, list or torch.Size), as F.layer_norm / F.rms_norm take it: a bare
+    int is refused there (nn.LayerNorm takes one; its module passes a tuple)."""
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not "
+                        f"{type(normalized_shape).__name__}")
     try:
-        if isinstance(normalized_shape, (tuple, list, torch.Size)):
-            return tuple(_as_int(s) for s in normalized_shape)
-        return (_as_int(normalized_shape),)
+        return tuple(_as_int(s) for s in normalized_shape)
     except TypeError:
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+        raise TypeError(f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, "
                         f"got {normalized_shape!r}") from None
 
 

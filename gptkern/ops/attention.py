@@ -260,7 +260,7 @@ def _as_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention``: softmax(q kᵀ · scale + mask) v, in O(L) memory.
 

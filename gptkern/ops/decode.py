@@ -75,6 +75,8 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The pure-PyTorch composition (the ``torch`` backend): gather the cache, mask, SDPA."""
     batch, _, lq, _ = q.shape
+    if block_table is not None and k_cache.shape[0] == 0:  # an empty pool: every sequence is empty
+        return q.new_zeros((*q.shape[:-1], v_cache.shape[-1]))
     if block_table is not None:  # (num_blocks, Hkv, bs, D) -> (B, Hkv, max_blocks * bs, D)
         blocks = block_table.long().clamp(0, k_cache.shape[0] - 1)  # unused entries may hold anything
 

@@ -147,7 +147,7 @@ def _norm_op(backend: str):
     return torch.ops.gptkern.triton_norm if backend == "triton" else torch.ops.gptkern.norm_fwd
 
 
-ShapeArg = Union[int, Sequence[int], torch.Size]
+ShapeArg = Union[Sequence[int], torch.Size]
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[torch.Tensor] = None,
@@ -164,7 +164,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     """
     check_tensor(input, "input")
     input, weight, bias = _autocast.float32("layer_norm", input, weight, bias)  # torch's autocast on CUDA
-    shape = normalized_shape_tuple(normalized_shape)
+    shape = normalized_shape_tuple(normalized_shape, "layer_norm")
     check_norm_args("layer_norm", input, shape, weight, bias)
     check_float_arg(eps, "eps", "layer_norm")
     name = _choose("layer_norm", input, weight, bias, width=math.prod(shape))
@@ -188,7 +188,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     """
     check_tensor(input, "input")
     input, weight = _autocast.float32("rms_norm", input, weight)  # torch's autocast on CUDA
-    shape = normalized_shape_tuple(normalized_shape)
+    shape = normalized_shape_tuple(normalized_shape, "rms_norm")
     check_norm_args("rms_norm", input, shape, weight)
     if eps is not None:
         check_float_arg(eps, "eps", "rms_norm")

@@ -78,12 +78,12 @@ def register_cpu_ops() -> None:
 
 def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype]) -> torch.Tensor:
     check_tensor(input, "input")
+    dim = wrap_dim(dim, input.dim(), op)  # (first, as torch: a bad dim is an IndexError whatever the dtypes)
     check_dtype_arg(dtype, op)
     if dtype is None and _autocast.runs_in_float32(op, input):  # torch's autocast on CUDA: a float32 result
         dtype = torch.float32
     if dtype is None:
         check_floating(input, "input", op)
-    dim = wrap_dim(dim, input.dim(), op)
     log = op == "log_softmax"
     out_dtype = dtype if dtype is not None else input.dtype
     # torch casts the input to ``dtype`` first; the kernel upcasts fp16/bf16 to fp32 itself.
