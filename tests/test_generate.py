@@ -51,6 +51,22 @@ def test_greedy_matches_transformers_left_padded_batch(use_cache):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("cache", ["static", "paged"])
+def test_up_to_block_size_plus_one_tokens_as_transformers(use_cache, cache):
+    """The last new token is never fed back: prompt + new may reach block_size + 1 (64 + 1 here, and
+    a left-padded batch ending there), as transformers generates; one more is refused."""
+    hf, model = hf_and_gpt()
+    for lengths, new in (([64], 1), ([60, 57], 5)):
+        prompt, mask = left_padded(lengths)
+        expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)
+        got = generate(model, prompt, new, attention_mask=mask, use_cache=use_cache, cache=cache)
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 6 .*block_size 64"):
+        generate(model, left_padded([60])[0], 6, use_cache=use_cache, cache=cache)
+
+
 def test_cached_equals_uncached_on_every_attention_backend(device):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("llama-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=61,
@@ -155,8 +171,8 @@ def test_padding_takes_no_context(use_cache):
     got = generate(model, wide, 10, attention_mask=wide_mask, use_cache=use_cache)
     assert got.shape == (2, 70) and torch.equal(got[:, :60], wide)
     assert torch.equal(got[:, 60:], generate(model, prompt, 10, attention_mask=mask)[:, 8:])
-    with pytest.raises(ValueError, match="prompt length 8 plus max_new_tokens 57"):
-        generate(model, wide, 57, attention_mask=wide_mask)
+    with pytest.raises(ValueError, match="prompt length 8 plus max_new_tokens 58"):
+        generate(model, wide, 58, attention_mask=wide_mask)  # 8 + 57 fit: the last is not fed
 
 
 def test_a_fixed_width_that_fits_keeps_its_cache_length(monkeypatch):

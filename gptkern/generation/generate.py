@@ -39,10 +39,16 @@ def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch
         raise ValueError("prompts must be left-padded: attention_mask has padding after a real token")
     c = model.config
     longest = int(mask.sum(-1).max())  # positions count real tokens: padding takes none
-    if c.pos_embedding == "learned" and longest + max_new_tokens > c.block_size:
+    if c.pos_embedding == "learned" and fed_length(longest, max_new_tokens) > c.block_size:
         raise ValueError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} is longer than "
-                         f"the model's context (block_size {c.block_size})")
+                         f"the model's context (block_size {c.block_size}; the last new token is not fed back)")
     return mask
+
+
+def fed_length(prompt_len: int, max_new_tokens: int) -> int:
+    """The longest sequence the model runs on: the prompt and every new token but the last, which
+    is returned, never fed back (so, as in transformers, block_size + 1 tokens in all fit)."""
+    return prompt_len + max(max_new_tokens - 1, 0)
 
 
 def _stop_ids(eos_token_id: Union[int, Sequence[int], torch.Tensor, None], device) -> Optional[torch.Tensor]:
@@ -163,7 +169,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     mask = mask.to(model_device)
     prompt = input_ids  # returned in full
     c = model.config
-    if c.pos_embedding == "learned" and input_ids.shape[1] + max_new_tokens > c.block_size:
+    if c.pos_embedding == "learned" and fed_length(input_ids.shape[1], max_new_tokens) > c.block_size:
         # the padded width would pass the context: the steps skip the columns that are padding in
         # every row (only then: a fixed width keeps the CUDA-graph session's key from call to call)
         lead = input_ids.shape[1] - int(mask.sum(-1).max())
