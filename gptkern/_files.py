@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def holds_working_directory(target: Path) -> bool:
     return Path.cwd().resolve().is_relative_to(target.resolve())
 
 
+def _umask() -> int:
+    """The process's umask, read from a probe directory's mode (os.umask would set it, racing threads)."""
+    probe = Path(tempfile.mkdtemp())
+    try:
+        (probe / "d").mkdir(mode=0o777)
+        return 0o777 & ~stat.S_IMODE((probe / "d").stat().st_mode)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def save_into_directory(target, write, keep) -> None:
     """``write(folder)`` into a new hidden folder on ``target``'s filesystem, which then replaces
     ``target`` (:func:`replace_directory`, keeping the old entries ``keep(name)`` accepts). The
@@ -48,6 +59,9 @@ def save_into_directory(target, write, keep) -> None:
     inside = target.is_dir() and holds_working_directory(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target if inside else target.parent))
     try:
+        # mkdtemp makes 0700: the saved directory gets the mode of the one it replaces, else the
+        # umask's, as os.mkdir (and transformers' save_pretrained) give
+        os.chmod(staging, stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~_umask())
         write(staging)
         replace_directory(staging, target, keep)
     finally:

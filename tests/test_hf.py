@@ -1,5 +1,6 @@
 """Hugging Face interop: GPT-2 import/export parity and the "gptkern" attention implementation."""
 import json
+import os
 import subprocess
 import sys
 
@@ -213,3 +214,20 @@ def test_from_hf_copies_and_to_hf_replaces_the_directory(tmp_path):
     idx = ids()
     torch.testing.assert_close(GPT.from_hf(tmp_path / "export").eval()(idx)[0], model.eval()(idx)[0])
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left
+
+
+def test_saved_directories_get_the_usual_mode(tmp_path):
+    """A new export directory gets the umask's mode (not tempfile's 0700), as transformers'
+    save_pretrained gives; a replaced one keeps its mode."""
+    import stat
+
+    model = GPT.from_hf(hf_gpt2())
+    old = os.umask(0o022)
+    try:
+        model.to_hf(tmp_path / "new")
+        assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
+        (tmp_path / "kept").mkdir(mode=0o750)
+        model.to_hf(tmp_path / "kept")
+        assert stat.S_IMODE((tmp_path / "kept").stat().st_mode) == 0o750
+    finally:
+        os.umask(old)

@@ -47,7 +47,7 @@ def test_config_checks_and_round_trip():
                 dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0), dict(window=2.5),
                 dict(mlp_hidden=0), dict(mlp_hidden=-4), dict(mlp_hidden=2.5), dict(n_kv_head=True),
                 dict(tie_weights="no"), dict(bias=1), dict(norm_eps=-1.0), dict(rope_base=0.0),
-                dict(init_std=-1.0), dict(init_std=float("nan"))):
+                dict(init_std=-1.0), dict(init_std=float("nan")), dict(dropout="0.1"), dict(dropout=None)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GPTConfig(**bad)
     with pytest.raises(ValueError, match="unknown GPTConfig fields.*n_layers"):

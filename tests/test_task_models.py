@@ -53,6 +53,8 @@ def test_classifier_loads_pretrained_gpt():
         assert torch.equal(model.transformer.state_dict()[key], value), key
     x = ids((2, 5), 50)
     torch.testing.assert_close(model.transformer(x), gpt.transformer(x))
+    half = GPTForSequenceClassification.from_gpt(gpt.to(torch.bfloat16), num_labels=2)  # the GPT's dtype
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     bad = {k: v for k, v in gpt.state_dict().items() if "h.1.ln_2" not in k}
     with pytest.raises(ValueError, match=r"missing keys \['h.1.ln_2.bias', 'h.1.ln_2.weight'\]"):
         model.load_gpt_state_dict(bad)
@@ -103,6 +105,10 @@ def test_seq2seq_vocabularies_and_checks():
     for bad in (2.5, True, 0):
         with pytest.raises(ValueError, match="tgt_vocab_size must be a positive int or None"):
             Seq2SeqConfig(tgt_vocab_size=bad)
+    for bad in (dict(mlp_hidden=0), dict(mlp_hidden=-5), dict(mlp_hidden=2.5), dict(norm_eps=-1.0),
+                dict(init_std=float("nan")), dict(bias=1), dict(dropout="0.1"), dict(dropout=None)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Seq2SeqConfig(**bad)
     for src_batch, tgt_batch in ((1, 3), (3, 1)):  # no broadcasting of one source over targets
         with pytest.raises(ValueError, match="batch sizes"):
             separate(ids((src_batch, 4), 40), ids((tgt_batch, 3), 17))

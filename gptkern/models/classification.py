@@ -31,8 +31,10 @@ class GPTForSequenceClassification(nn.Module):
 
     @classmethod
     def from_gpt(cls, gpt: GPT, num_labels: int, pad_token_id: Optional[int] = None) -> "GPTForSequenceClassification":
-        """A classifier whose body starts from a pretrained GPT's weights (copied); the head is new."""
-        model = cls(gpt.config, num_labels, pad_token_id)
+        """A classifier whose body starts from a pretrained GPT's weights (copied), on the GPT's device
+        and in its dtype; the head is new."""
+        weight = next(gpt.parameters())
+        model = cls(gpt.config, num_labels, pad_token_id).to(device=weight.device, dtype=weight.dtype)
         model.load_gpt_state_dict(gpt.state_dict())
         return model
 

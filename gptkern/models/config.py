@@ -82,8 +82,9 @@ class GPTConfig:
         for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("pos_embedding", POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if (not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.window is not None:

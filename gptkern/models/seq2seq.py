@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -46,9 +48,21 @@ class Seq2SeqConfig:
         if self.activation not in ACTIVATIONS or self.norm not in NORMS:
             raise ValueError(f"activation must be one of {ACTIVATIONS} and norm one of {NORMS}, got "
                              f"{self.activation!r}, {self.norm!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        if (not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd
+        if not is_int(self.mlp_hidden) or self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be a positive int or None, got {self.mlp_hidden!r}")
+        self.mlp_hidden = int(self.mlp_hidden)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be True or False, got {self.bias!r}")
+        for name in ("norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
 
     @property
     def shared_vocab(self) -> bool:
