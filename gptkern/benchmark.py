@@ -152,9 +152,12 @@ def providers(device: torch.device) -> tuple[dict[str, Callable[[str], Fn]], dic
     """(providers that are timed: name -> factory(op) -> forward, skipped: name -> reason)."""
     timed: dict[str, Callable[[str], Fn]] = {}
     skipped: dict[str, str] = {}
-    for name in gptkern.available_backends():
+    available = gptkern.available_backends()
+    for name in (b for b in _backend.BACKENDS if b != "auto"):
         key = f"gptkern:{name}"
-        if not _backend._backend_runs_on(name, device.type):
+        if name not in available:
+            skipped[key] = "not available here; `gptkern info` says why"
+        elif not _backend._backend_runs_on(name, device.type):
             skipped[key] = f"does not run on {device.type} tensors"
         elif name == "triton" and device.type == "cpu":
             skipped[key] = "runs only in the Triton interpreter on CPU"
@@ -442,8 +445,10 @@ def dtype_and_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace,
     warmup, repeats = REPEATS[device.type][1 if args.quick else 0]
     warmup = warmup if args.warmup is None else args.warmup
     repeats = repeats if args.repeats is None else args.repeats
-    if repeats < 2 or warmup < 0:
-        parser.error("--repeats must be at least 2 and --warmup at least 0")
+    if repeats < 2:
+        parser.error(f"argument --repeats: must be >= 2, got {repeats}")
+    if warmup < 0:
+        parser.error(f"argument --warmup: must be >= 0, got {warmup}")
     return dtype, warmup, repeats
 
 

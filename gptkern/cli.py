@@ -135,12 +135,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What a user's input can cause (a missing file, a bad value): one line, not a traceback.
+# What a user's input can cause (a missing file, a bad value, a backend named that cannot serve
+# the call): one line, not a traceback.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ValueError)
+               ValueError, NotImplementedError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader went away (`gptkern generate ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush cannot fail again
+        return 1
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         try:

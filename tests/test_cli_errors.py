@@ -168,3 +168,47 @@ def test_prepare_negative_seed_names_the_flag(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "--out", str(tmp_path / "out"), "--seed", "-1"])
     assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_a_backend_that_cannot_serve_the_call_is_one_line(capsys, tmp_path, monkeypatch):
+    """GPTKERN_BACKEND=cuda on a CPU machine: the op's NotImplementedError is one line, exit 2."""
+    from gptkern.models import GPT, GPTConfig
+    from gptkern.models.io import save_pretrained
+    from gptkern.data import ByteTokenizer
+
+    save_pretrained(GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=257)).eval(), tmp_path, ByteTokenizer())
+    import gptkern
+
+    gptkern.set_backend("cuda")  # (conftest puts 'auto' back for the next test)
+    if torch.cuda.is_available():
+        pytest.skip("cuda serves here")
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "a", "--max-new-tokens", "2",
+              "--device", "cpu")
+    assert "cuda" in err and "backend" in err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`gptkern generate ... | head`: the reader goes away; no traceback, exit status 1 (as Python's own
+    recipe for SIGPIPE)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from gptkern import cli\n"
+            "def boom(argv):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "cli.FORWARDED['generate'] = boom\nsys.exit(cli.main(['generate']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_flags_named_and_every_backend_a_provider(capsys):
+    """--repeats and --warmup are named in their own errors; any gptkern backend is a --providers
+    name (one not available here is reported as not timed, as the help's example implies)."""
+    from gptkern import benchmark
+
+    for flags, message in ((["--repeats", "1"], "argument --repeats: must be >= 2, got 1"),
+                           (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as exit_:
+            benchmark.main(flags + ["--quick", "--shapes", "4x8"])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    timed, skipped = benchmark.providers(torch.device("cpu"))
+    assert {f"gptkern:{b}" for b in ("triton", "cuda", "cpu", "torch")} <= set(timed) | set(skipped)

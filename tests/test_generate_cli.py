@@ -83,6 +83,21 @@ def test_bytes_that_are_not_utf8_print_replaced_and_reach_the_model_as_bytes(tmp
     assert out.startswith("a") and out.endswith("i\n") and "h" in out and "?" in out
 
 
+def test_streamed_text_is_the_decoded_text(tmp_path, monkeypatch, capsys):
+    """A surrogate's bytes, then an invalid byte: what is printed equals the prompt plus the decoded
+    new tokens (a decode that switched modes midway used to shift the printed slices)."""
+    from gptkern.generation import cli
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=257)).eval()
+    save_pretrained(model, tmp_path, ByteTokenizer())
+    new = (0x41, 0xED, 0xA0, 0x80, 0x42, 0xFF, 0x43)
+    monkeypatch.setattr(cli, "generate", lambda *args, **kwargs: iter(torch.tensor([t]) for t in new))
+    shown = []
+    monkeypatch.setattr(cli, "_show", shown.append)  # the text itself, before stdout's encoding
+    assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "X", "--max-new-tokens", "7"]) == 0
+    assert "".join(shown) == "X" + ByteTokenizer().decode(list(new)) + "\n"
+
+
 def test_a_prompt_outside_the_models_vocabulary(tmp_path, capsys):
     """A tokenizer larger than the model's vocabulary (the wrong one in a directory) is one error line."""
     from gptkern import cli

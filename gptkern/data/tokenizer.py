@@ -7,6 +7,7 @@ Every tokenizer has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``voc
 """
 from __future__ import annotations
 
+import codecs
 import json
 import operator
 import os
@@ -30,6 +31,19 @@ def _check_id(i, vocab_size: int, name: str) -> int:
     return i
 
 
+def _surrogate_or_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    """A UTF-8 decode error handler: an encoded surrogate as ``surrogatepass`` decodes it, anything
+    else as ``replace`` does (a global fallback to ``replace`` would change text before the error)."""
+    try:
+        return codecs.lookup_error("surrogatepass")(err)
+    except UnicodeDecodeError:
+        return codecs.lookup_error("replace")(err)
+
+
+_SURROGATE_OR_REPLACE = "gptkern.surrogatepass_or_replace"
+codecs.register_error(_SURROGATE_OR_REPLACE, _surrogate_or_replace)
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, then ``<|endoftext|>`` (256). Needs no files; any string and any
     byte sequence round-trips (strings with lone surrogates too, via ``surrogatepass``)."""
@@ -49,12 +63,10 @@ class ByteTokenizer:
         return bytes(i for i in (_check_id(i, self.vocab_size, "byte") for i in ids) if i != self.eos_id)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of the byte ids (``<|endoftext|>`` dropped); invalid UTF-8 becomes U+FFFD."""
-        data = self.decode_bytes(ids)
-        try:
-            return data.decode("utf-8", errors="surrogatepass")
-        except UnicodeDecodeError:
-            return data.decode("utf-8", errors="replace")
+        """Text of the byte ids (``<|endoftext|>`` dropped): encoded lone surrogates come back as
+        themselves, other invalid UTF-8 as U+FFFD, each where it stands (so the text of a prefix of
+        ``ids`` is a prefix of the text of ``ids``, but for a character still incomplete at its end)."""
+        return self.decode_bytes(ids).decode("utf-8", errors=_SURROGATE_OR_REPLACE)
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         write_atomic(str(Path(directory) / META_FILE), json.dumps({"kind": self.kind}) + "\n")

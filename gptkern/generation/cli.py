@@ -107,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         memory = f"weights {params / 2**20:.1f} MiB"
         if device.type == "cuda":
             memory += f", peak allocated {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB"
-        print(f"prompt {len(ids)} tokens, prefill {1e3 * (first_token_s or 0):.1f} ms, {len(new)} new tokens, "
-              f"decode {rate:.1f} tokens/s, {memory}", file=sys.stderr)
+        if first_token_s is None:  # --max-new-tokens 0: the model never ran
+            print(f"prompt {len(ids)} tokens, no new tokens (nothing timed), {memory}", file=sys.stderr)
+        else:
+            print(f"prompt {len(ids)} tokens, prefill {1e3 * first_token_s:.1f} ms, {len(new)} new tokens, "
+                  f"decode {rate:.1f} tokens/s, {memory}", file=sys.stderr)
     return 0
