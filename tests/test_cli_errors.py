@@ -111,7 +111,7 @@ def test_generate_without_a_tokenizer_or_with_an_empty_prompt(capsys, tmp_path):
     assert err.startswith("gptkern generate: error: ") and "has no tokenizer files" in err
     save_pretrained(model, tmp_path / "full", ByteTokenizer())
     err = run(capsys, "generate", "--checkpoint", str(tmp_path / "full"), "--prompt", "", "--device", "cpu")
-    assert err.startswith("gptkern generate: error: the prompt encodes to no tokens")
+    assert err.startswith("gptkern generate: error: --prompt encodes to no tokens")
 
 
 def test_traceback_setting_shows_train_flag_errors(monkeypatch):
@@ -212,3 +212,13 @@ def test_bench_flags_named_and_every_backend_a_provider(capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     timed, skipped = benchmark.providers(torch.device("cpu"))
     assert {f"gptkern:{b}" for b in ("triton", "cuda", "cpu", "torch")} <= set(timed) | set(skipped)
+
+
+@pytest.mark.parametrize("flags,message", [(["--top-k", "-1"], "--top-k must be >= 0"),
+                                           (["--temperature", "nan"], "--temperature must be"),
+                                           (["--top-p", "0"], "--top-p must be in"),
+                                           (["--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
+                                           (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0")])
+def test_generate_names_its_flags(capsys, flags, message):
+    err = run(capsys, "generate", "--checkpoint", "/nonexistent", "--prompt", "a", *flags)  # (checked first)
+    assert message in err

@@ -44,6 +44,22 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     return model, gpt2_tokenizer(args.hf_dir)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The sampling flags, named as typed (generate() would name its own arguments)."""
+    import math
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        raise ValueError(f"--seed must fit in 64 bits, got {args.seed}")
+
+
 def _encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prompt's ids: a byte tokenizer gets the command line's own bytes (Python holds bytes
     that are not UTF-8 as escaped surrogates, which would encode as three other bytes)."""
@@ -70,10 +86,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = check_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    _check_flags(args)
     model, tokenizer = load(args, device, dtype)
     ids = _encode_prompt(tokenizer, args.prompt)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise ValueError("--prompt encodes to no tokens (an empty prompt)")
     if max(ids) >= model.config.vocab_size:
         raise ValueError(f"the prompt has token id {max(ids)}, outside the model's vocabulary (vocab_size "
                          f"{model.config.vocab_size}): the tokenizer does not belong to this model")
