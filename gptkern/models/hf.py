@@ -23,7 +23,9 @@ _ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 def config_from_hf(hf: dict) -> GPTConfig:
     """A GPTConfig from a GPT-2 ``config.json`` dictionary; unsupported options raise ValueError."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"only GPT-2 checkpoints can be imported, got model_type {hf.get('model_type')!r}")
+        raise ValueError(f"only GPT-2 checkpoints can be imported, got model_type {hf.get('model_type')!r}"
+                         + (" (a gptkern model directory: load_pretrained, or gptkern generate --checkpoint)"
+                            if hf.get("model_type") == "gptkern-gpt" else ""))
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _ACTIVATIONS_FROM_HF:
         raise ValueError(f"unsupported GPT-2 activation_function {activation!r}; supported: "

@@ -87,7 +87,7 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
                          f"{directory / 'checkpoints'}/step_N")
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{config_file}: model_type {meta.get('model_type')!r} is not {MODEL_TYPE!r} "
-                         f"(use GPT.from_hf for Hugging Face GPT-2 directories)")
+                         f"(a Hugging Face GPT-2 directory loads with GPT.from_hf, or gptkern generate --hf-dir)")
     if not isinstance(meta.get("config"), dict):
         raise ValueError(f"{config_file} is corrupt: its 'config' entry is missing or not an object")
     try:
