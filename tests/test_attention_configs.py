@@ -219,6 +219,10 @@ def test_triton_declines_sequences_beyond_the_launch_grid():
     assert attention._triton_limits(tensor(limit + 1), tensor(limit + 1), False, 0.0, lengths=(4096, 4096)) is None
     cpu = SimpleNamespace(dtype=torch.float16, shape=(1, 2, limit + 1, 64), device=torch.device("cpu"))
     assert attention._triton_limits(cpu, cpu, False, 0.0) is None  # the interpreter has no such grid limit
+    # offsets inside a tile are 32-bit: a row stride times 128 rows (a (1, 1, L, S) mask with S of 2**24)
+    assert "a row stride of 16777216" in attention._triton_limits(tensor(16), tensor(16), True, 0.0,
+                                                                   row_strides=[64, 1, 2**24, 1])
+    assert attention._triton_limits(tensor(16), tensor(16), True, 0.0, row_strides=[64, 1, 2**24 - 1]) is None
 
 
 def atomic_configs() -> list[tuple[int, int]]:

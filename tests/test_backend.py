@@ -318,3 +318,15 @@ def test_backend_blocks_are_per_thread():
         assert _backend.get_backend() == "torch"
     assert _backend.get_backend() == "cpu"
     gptkern.set_backend("auto")
+
+
+def test_row_kernels_decline_rows_their_counters_cannot_reach():
+    """The Triton row loop counts in int32 by 4096 (a row of 2**31 - 100 would wrap and store out of
+    bounds), a program per row on its grid's first axis; the CUDA kernels take rows under 2**30:
+    such calls go to the next backend under auto."""
+    from gptkern.ops._checks import row_size_limits
+
+    assert row_size_limits("triton", 2**31 - 100, 1) and row_size_limits("triton", 2**31 - 1 - 4096, 1) is None
+    assert row_size_limits("triton", 1024, 2**31) and row_size_limits("triton", 1024, 2**31 - 1) is None
+    assert row_size_limits("cuda", 2**30, 1) and row_size_limits("cuda", 2**30 - 1, 2**40) is None
+    assert row_size_limits("cpu", 2**40, 2**40) is None

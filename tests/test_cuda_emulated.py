@@ -273,6 +273,35 @@ def test_attention_rejects_what_the_kernel_does_not_take(emu):
         emu.attention_fwd(q, q, q, None, False, 0.1, 0.1, None)
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts 2 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype)
+    start = next(i for i in range(1, 8) if (flat.data_ptr() + i * t.element_size()) % 16 == 2)
+    out = flat[start:start + t.numel()].view(t.shape).copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 == 2
+    return out
+
+
+def test_contiguous_but_misaligned_inputs_are_copied_before_the_16_byte_copies(emu):
+    """contiguous() hands back a contiguous tensor as it is: the kernels' 16-byte cp.async would
+    fault on its data (the emulator checks each copy's alignment), so such inputs are copied fresh."""
+    q, k, v = (torch.randn(1, 2, 40, 64).to(torch.float16) for _ in range(3))
+    out, _ = emu.attention_fwd(misaligned(q), misaligned(k), misaligned(v), None, True, 0.125, 0.0, None)
+    assert_close(out, attention_ref(q, k, v, causal=True, scale=0.125), torch.float16)
+    dq, dk, dv, seqlens, table = decode_inputs(torch.float16, 64, False, 4, 2, 1, [0, 1, 37, 300])
+    got = emu.decode_attention(dq, misaligned(dk), misaligned(dv), seqlens, 0.125, table)
+    assert_close(got, decode_attention_ref(dq, dk, dv, seqlens, 0.125, table), torch.float16)
+
+
+def test_norm_bwd_checks_the_parameter_sizes(emu):
+    """dW / dB are written n elements long: a weight or bias of another size is refused, not overrun."""
+    x = torch.randn(3, 16)
+    y, mean, rstd = emu.norm_fwd(x, 1, torch.ones(16), torch.zeros(16), 1e-5, False)
+    for w, b, name in ((torch.ones(8), torch.zeros(16), "weight"), (torch.ones(16), torch.zeros(15), "bias")):
+        with pytest.raises(RuntimeError, match=f"{name} has"):
+            emu.norm_bwd(torch.ones_like(x), x, 1, w, b, mean, rstd, False, True, True)
+
+
 # ------------------------------------------------------------------------------------ decode
 
 def decode_inputs(dtype, head_dim, paged, heads, kv_heads, lq, seqlens, capacity=512, block_size=16):

@@ -280,6 +280,9 @@ def test_triton_declines_a_capacity_its_int32_key_loop_could_overflow():
     assert _triton_grid_limits(q, k, k, SimpleNamespace(shape=(1, 4))) is None
     huge = SimpleNamespace(shape=(1, 2**27))  # 2**27 pages of 16 keys
     assert f"2147483648 keys per sequence (at most {MAX_TRITON_CAPACITY})" in _triton_grid_limits(q, k, k, huge)
+    from gptkern.ops.decode import _capacity_limit  # the CUDA kernel's key loop: the same limit
+
+    assert _capacity_limit(k, huge) and _capacity_limit(k, SimpleNamespace(shape=(1, 4))) is None
 
 
 def test_cuda_declines_a_cache_it_would_copy_whole():

@@ -35,11 +35,12 @@ void check_kernel_dtype(at::ScalarType t, const char* op, const char* name) {
 bool half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // t itself when its last dim has unit stride, every other stride is a multiple of 8 elements and
-// its data is 16-byte aligned (what the attention kernels' 16-byte copies need), else a copy.
+// its data is 16-byte aligned (what the attention kernels' 16-byte copies need), else a copy: a
+// fresh one, since contiguous() hands back a contiguous tensor whose data is misaligned as it is.
 at::Tensor rows_16b(const at::Tensor& t) {
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.stride(i) % 8 == 0 || t.size(i) == 1);
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // ------------------------------------------------------------------------------- softmax
@@ -143,6 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_op(const at::Tensor& gra
   auto dx = at::empty(x.sizes(), x.options());
   auto w = as_floats(weight, x, "norm_bwd", "weight");
   if (need_db) as_floats(bias, x, "norm_bwd", "bias");  // checks only: the bias does not enter dx
+  for (const auto* p : {&weight, &bias}) {  // dW / dB are written n elements long
+    TORCH_CHECK(!p->has_value() || !(*p)->defined() || (*p)->numel() == n, "gptkern::norm_bwd: ",
+                p == &weight ? "weight" : "bias", " has ", (*p)->numel(), " elements, the normalized shape ", n);
+  }
   auto dw = need_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
   auto db = need_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
   if (x.numel() == 0) {  // sums over no row, or rows of no element
@@ -254,8 +259,10 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, c
   check_attention_dtypes(q, k_cache, v_cache, op);
   check_head_dims(D, Dv, decode_head_dim_supported(D), op);
   const int64_t capacity = table.defined() ? k_cache.size(2) * table.size(1) : k_cache.size(2);
-  TORCH_CHECK(capacity < (int64_t(1) << 31) && B * Hkv < (int64_t(1) << 31),
-              "gptkern::decode_attention: sizes beyond 2**31");
+  // (the key loop's int32 positions step past a split's end by up to 64 splits x 32 keys)
+  TORCH_CHECK(capacity <= (int64_t(1) << 31) - 1 - 64 * 64 && B * Hkv < (int64_t(1) << 31),
+              "gptkern::decode_attention: a cache of ", capacity, " keys per sequence (at most 2**31 - 4097) or ",
+              B * Hkv, " batch x KV heads (at most 2**31 - 1)");
   // Grid z: blocks of 32 query rows per KV head (at most 65535); the combine: one block per row.
   TORCH_CHECK_NOT_IMPLEMENTED(H / Hkv * Lq <= int64_t(65535) * 32 && B * H * Lq < (int64_t(1) << 31),
                               "gptkern::decode_attention on CUDA: ", H / Hkv * Lq,

@@ -19,6 +19,19 @@ def triton_dtype_support(*dtypes: torch.dtype) -> Optional[str]:
     return f"dtype {bad[0]} (supported: float16, bfloat16, float32)" if bad else None
 
 
+def row_size_limits(backend: str, n: int, rows: int) -> Optional[str]:
+    """Row sizes a row kernel (softmax, norms) cannot take on ``backend``, or None: the Triton row
+    loop counts in int32 by steps of 4096 and launches a program per row on its grid's first axis
+    (at most 2**31 - 1); the CUDA kernels take rows of fewer than 2**30 elements."""
+    if backend == "triton" and n > 2**31 - 1 - 4096:
+        return f"rows of {n} elements (the Triton row loop's int32 counter: at most {2**31 - 1 - 4096})"
+    if backend == "triton" and rows >= 2**31:
+        return f"{rows} rows (a program per row: at most 2**31 - 1)"
+    if backend == "cuda" and n >= 2**30:
+        return f"rows of {n} elements (the CUDA kernels: fewer than 2**30)"
+    return None
+
+
 def checks_read_values(t: torch.Tensor) -> bool:
     """Whether argument checks may read ``t``'s values on the host: on CPU tensors only, and not
     while torch.compile traces. On a GPU such a read would be a host sync per call, and is not

@@ -3,7 +3,7 @@ of gptkern._C: cpu_attention.py, cuda_attention.py)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +118,13 @@ _autograd.register("gptkern::triton_attention", _backward, _setup_context)
 
 
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float,
-                   lengths: Optional[tuple[int, int]] = None, grad: bool = True) -> Optional[str]:
+                   lengths: Optional[tuple[int, int]] = None, grad: bool = True,
+                   row_strides: Sequence[int] = ()) -> Optional[str]:
     """Why the Triton attention kernels cannot take these inputs, or None. ``lengths``: the query
     and key rows of the launch grids (default: q's and v's second-to-last dims); the keys' only
-    count with ``grad`` (the dK/dV kernel's grid; the forward loops over keys)."""
+    count with ``grad`` (the dK/dV kernel's grid; the forward loops over keys). ``row_strides``: the
+    row and column strides of q, k, v and the mask, which times a tile's 128 rows must fit the
+    kernels' 32-bit offsets inside a tile."""
     why = triton_dtype_support(q.dtype)
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
@@ -131,6 +134,9 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
     longest = max(rows) if grad else rows[0]
     if longest > MAX_TRITON_ROWS:
         return f"sequences of {longest} rows (at most {MAX_TRITON_ROWS}: 65535 blocks of 16 in the launch grid)"
+    widest = max(map(abs, row_strides), default=0)
+    if widest * 128 >= 2**31:
+        return f"a row stride of {widest} elements (32-bit offsets inside a tile of 128 rows: below 2**24)"
     # Cases without a spill-free Hopper configuration (the interpreter takes all).
     from gptkern.kernels import attention
 
@@ -301,7 +307,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                                  for t in (query, key, value, attn_mask))
 
     def triton_support():
-        return _triton_limits(query, value, attn_mask is not None, dropout_p, grad=needs_grad)
+        return _triton_limits(query, value, attn_mask is not None, dropout_p, grad=needs_grad,
+                              row_strides=[s for t in (query, key, value, attn_mask) if t is not None
+                                           for s in t.stride()[-2:]])
 
     def cpu_support():
         return _cpu_limits(query)
@@ -498,7 +506,8 @@ def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     """lengths: the longest query and key sequences (the launch grid's rows)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad),
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad,
+                                                             [s for t in (q, k, v) for s in (t.stride(0), t.stride(-1))]),
                             "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 

@@ -125,7 +125,16 @@ def _cuda_cache_layout(k_cache, v_cache) -> Optional[str]:
     return None
 
 
-MAX_TRITON_CAPACITY = 2**31 - 1 - 64 * 64
+MAX_TRITON_CAPACITY = 2**31 - 1 - 64 * 128  # the CUDA kernel needs less (64 x 32: csrc/cuda/register.cpp)
+
+
+def _capacity_limit(k_cache, block_table) -> Optional[str]:
+    """A cache too long for the kernels' 32-bit key positions, or None."""
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    if capacity > MAX_TRITON_CAPACITY:  # the key loop's int32 position steps past the end by up to 64 splits
+        # x 128 keys (the widest autotuning candidate)
+        return f"a cache of {capacity} keys per sequence (at most {MAX_TRITON_CAPACITY})"
+    return None
 
 
 def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
@@ -140,9 +149,8 @@ def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
         keys = max(span(k_cache, (2, 3)), span(v_cache, (2, 3)))
         if keys >= 2**31:
             return f"a static cache whose keys of one head span {keys} elements (at most 2**31 - 1)"
-    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
-    if capacity > MAX_TRITON_CAPACITY:  # the key loop's int32 position steps by up to 64 splits x 64 keys
-        return f"a cache of {capacity} keys per sequence (at most {MAX_TRITON_CAPACITY})"
+    if why := _capacity_limit(k_cache, block_table):
+        return why
     queries = max(span(q, range(4)), q.shape[0] * q.shape[1] * q.shape[2] * v_cache.shape[3])  # q, the output
     if queries >= 2**31:
         return f"queries or outputs of {queries} elements (32-bit offsets: at most 2**31 - 1)"
@@ -180,7 +188,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     def cuda_support():  # the CUDA decode kernel: fp16 / bf16, head dims 64 and 128
         return (cpu_support() or cuda_attention.cuda_attention_limits(q, v_cache)
-                or _cuda_grid_limits(q, k_cache))
+                or _cuda_grid_limits(q, k_cache) or _capacity_limit(k_cache, block_table))
 
     name = _backend.choose("decode_attention", q.device,
                            {"triton": triton_support, "cpu": cpu_support, "cuda": cuda_support, "torch": lambda: None},

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gptkern import _backend
 from gptkern.ops import _autocast, _autograd
 from gptkern.ops._checks import (check_float_arg, check_norm_args, check_tensor, device_guard,
-                                 normalized_shape_tuple, triton_dtype_support)
+                                 normalized_shape_tuple, row_size_limits, triton_dtype_support)
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -128,18 +128,22 @@ def register_cpu_ops() -> None:
                        _setup_context)
 
 
-def _choose(op: str, input: torch.Tensor, *params: Optional[torch.Tensor], width: Optional[int] = None) -> str:
-    """``width`` (layer_norm's normalized size) steers auto's size rule; rms_norm's C++ kernel wins
-    at every size (torch composes it of ops), so it passes none."""
+def _choose(op: str, input: torch.Tensor, n: int, *params: Optional[torch.Tensor],
+            width: Optional[int] = None) -> str:
+    """``n``: the normalized size (a row). ``width`` (layer_norm's n) steers auto's size rule;
+    rms_norm's C++ kernel wins at every size (torch composes it of ops), so it passes none."""
     def kernel_support():  # the Triton, C++ and CUDA kernels take the same dtypes
         return triton_dtype_support(input.dtype, *(p.dtype for p in params if p is not None))
+
+    def sized(backend: str):
+        return lambda: kernel_support() or row_size_limits(backend, n, input.numel() // n if n else 0)
 
     auto_only = None
     if width is not None:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params))
         auto_only = {"cpu": lambda: _backend.row_kernel_pays(op, input, width, grad)}
-    return _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "cuda": kernel_support, "torch": lambda: None}, auto_only,
+    return _backend.choose(op, input.device, {"triton": sized("triton"), "cpu": kernel_support,
+                                              "cuda": sized("cuda"), "torch": lambda: None}, auto_only,
                            inputs=(input, *params))
 
 
@@ -167,7 +171,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     shape = normalized_shape_tuple(normalized_shape, "layer_norm")
     check_norm_args("layer_norm", input, shape, weight, bias)
     check_float_arg(eps, "eps", "layer_norm")
-    name = _choose("layer_norm", input, weight, bias, width=math.prod(shape))
+    name = _choose("layer_norm", input, math.prod(shape), weight, bias, width=math.prod(shape))
     if name != "torch":
         return _autograd.call(_norm_op(name), input, len(shape), weight, bias, float(eps), False)[0]
     return F.layer_norm(input, shape, weight, bias, eps)
@@ -192,7 +196,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     check_norm_args("rms_norm", input, shape, weight)
     if eps is not None:
         check_float_arg(eps, "eps", "rms_norm")
-    name = _choose("rms_norm", input, weight)
+    name = _choose("rms_norm", input, math.prod(shape), weight)
     if name != "torch":
         eps_value = default_rms_eps(input.dtype) if eps is None else float(eps)
         return _autograd.call(_norm_op(name), input, len(shape), weight, None, eps_value, True)[0]

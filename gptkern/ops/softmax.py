@@ -8,7 +8,7 @@ import torch
 from gptkern import _backend
 from gptkern.ops import _autocast, _autograd
 from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
-                                 triton_dtype_support, wrap_dim)
+                                 row_size_limits, triton_dtype_support, wrap_dim)
 
 
 @torch.library.custom_op("gptkern::triton_softmax", mutates_args=())
@@ -95,8 +95,13 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
         return triton_dtype_support(kernel_in_dtype, out_dtype)
 
     width, grad = input.shape[dim] if input.dim() else 1, torch.is_grad_enabled() and input.requires_grad
-    name = _backend.choose(op, input.device, {"triton": kernel_support, "cpu": kernel_support,
-                                              "cuda": kernel_support, "torch": lambda: None},
+    rows = input.numel() // width if width else 0
+
+    def sized(backend: str):
+        return lambda: kernel_support() or row_size_limits(backend, width, rows)
+
+    name = _backend.choose(op, input.device, {"triton": sized("triton"), "cpu": kernel_support,
+                                              "cuda": sized("cuda"), "torch": lambda: None},
                            auto_only={"cpu": lambda: _strided_dim(input, dim) or
                                       _backend.row_kernel_pays(op, input, width, grad)},
                            inputs=(input,))
