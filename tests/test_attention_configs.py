@@ -311,3 +311,15 @@ def test_atomic_dq_is_timed_as_a_whole_backward_and_never_deterministic(monkeypa
             assert runs == [["_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"], ["_attn_bwd_dkdv_kernel"] * 2]
             assert any(cfg == repr(atomic) for cfg in autotune.choices().values())
     autotune.reset()
+
+
+def test_gpus_with_less_shared_memory_get_smaller_tiles():
+    """Hopper's tables (alternatives too) on sm_90 and B200's sm_100, whose multiprocessors have 228 KB
+    of shared memory; one smaller default elsewhere (Ampere, Ada, consumer Blackwell sm_120)."""
+    from gptkern.kernels import attention
+
+    hopper = attention.configs("fwd", 128, 128, False, attention.PLAIN, (9, 0))
+    assert len(hopper) > 1 and attention.configs("fwd", 128, 128, False, attention.PLAIN, (10, 0)) == hopper
+    for capability in ((8, 0), (8, 9), (12, 0)):
+        (small,) = attention.configs("fwd", 128, 128, False, attention.PLAIN, capability)
+        assert small.block_n <= 32 and small.num_stages <= 2 and not small.tma

@@ -643,7 +643,8 @@ def configs(kernel: str, d: int, dv: int, fp32: bool, weight: int,
     width = _width_index(d, dv)
     alternatives = _ALTERNATIVES[kernel].get((fp32, weight), ((), ()))
     found = (_CONFIGS[kernel][(fp32, weight)][width], *(alternatives[width] if width < 2 else ()))
-    if capability < (9, 0):  # less shared memory than Hopper: smaller tiles, no alternatives
+    if capability[0] not in (9, 10):  # less shared memory than Hopper's (and B200's) 228 KB (Ampere, Ada,
+        # consumer Blackwell sm_120): smaller tiles, no alternatives
         m, n, warps, stages = found[0]
         return (AttnConfig(min(m, 64), min(n, 32), min(warps, 4), min(stages, 2)),)
     return tuple(AttnConfig(*c) for c in found)
