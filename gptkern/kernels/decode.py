@@ -179,7 +179,8 @@ def launch_candidates(cfg: DecodeConfig, fp32: bool = False) -> tuple[tuple[Deco
     spill with more) and tries the fuller grid."""
     if fp32:
         return ((cfg, 2), (cfg, 4))
-    found = ((cfg, 2), (replace(cfg, num_stages=2), 2), (replace(cfg, num_stages=3), 2), (replace(cfg, num_stages=2), 4))
+    found = ((cfg, 2), (replace(cfg, num_stages=2), 2), (replace(cfg, num_stages=3), 2),
+             (replace(cfg, num_stages=2), 4))
     if cfg.num_warps > 4:
         return found
     wide = replace(cfg, block_n=2 * cfg.block_n, num_warps=2 * cfg.num_warps, num_stages=3)

@@ -506,8 +506,8 @@ def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     """lengths: the longest query and key sequences (the launch grid's rows)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _backend.choose("flash_attn_varlen", q.device,
-                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad,
-                                                             [s for t in (q, k, v) for s in (t.stride(0), t.stride(-1))]),
+                           {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad, [
+                               s for t in (q, k, v) for s in (t.stride(0), t.stride(-1))]),
                             "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 
