@@ -171,12 +171,13 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.split("\n\n")[0].replace("\n", " "))
     add_common_args(p, "gptkern,transformers", "tiny model and short runs (seconds)")
     p.add_argument("--preset", default=None, help="model preset (default: gpt2-small, gpt2-tiny with --quick)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128, 16 with --quick)")
     p.add_argument("--new", type=int, default=None, help="tokens to generate (default 64, 8 with --quick)")
-    p.add_argument("--total", type=int, default=None, help="tokens for the cache comparison (default 1024)")
+    p.add_argument("--total", type=int, default=None, help="tokens for the cache comparison (default 1024, 64 with --quick; at most the "
+                   "model's block_size)")
     args = p.parse_args(argv)
     check_common_args(p, args, ("gptkern", "transformers"))
     if args.providers is not None and "gptkern" not in args.providers:
