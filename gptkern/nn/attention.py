@@ -209,10 +209,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                                is_causal=bool(is_causal))
         out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as torch: out_proj's hooks do not run
-        if nan_rows and mask is not None:
-            dead = _rows_seeing_nothing(mask, bool(is_causal), b, l)
-            if bool(dead.any()):
-                out = out.masked_fill(dead[..., None], float("nan"))
+        if nan_rows and mask is not None:  # (no host sync: a GPU call, a compiled or captured one, runs on)
+            out = out.masked_fill(_rows_seeing_nothing(mask, bool(is_causal), b, l)[..., None], float("nan"))
         return out
 
 
