@@ -295,6 +295,49 @@ def test_decode_candidates_with_other_split_counts_stay_correct(monkeypatch):
         monkeypatch.setattr(decode, "_decode_split_kernel", original)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_timing_reads_the_whole_capacity(monkeypatch, paged):
+    """The choice is kept per capacity bucket and is made on the first decode step, when the cache
+    holds about the prompt: timing runs see every sequence filled to the capacity (a paged table of
+    distinct pool blocks in range), and the chosen launch then runs on the real lengths."""
+    from gptkern.kernels import decode
+    from gptkern.ops.reference import decode_attention_ref
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    monkeypatch.setattr(autotune, "_cuda_time_ms", lambda fn: (fn(), 1.0)[1])
+    q = torch.randn(2, 4, 1, 16, dtype=torch.float16)
+    k, v = torch.randn(2, 2, 48, 16, dtype=torch.float16), torch.randn(2, 2, 48, 16, dtype=torch.float16)
+    seqlens = torch.tensor([5, 1], dtype=torch.int32)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), seqlens, 0.25)
+    table = None
+    if paged:  # 3 pool blocks of 16 tokens; sequence 1 holds block 2 only, its other entries unset
+        k = k[:1].view(1, 2, 3, 16, 16).permute(0, 2, 1, 3, 4).reshape(3, 2, 16, 16)
+        v = v[:1].view(1, 2, 3, 16, 16).permute(0, 2, 1, 3, 4).reshape(3, 2, 16, 16)
+        table = torch.tensor([[0, 1, 2], [2, -7, 99]], dtype=torch.int32)
+        ref = decode_attention_ref(q.double(), k[[0, 2]].double(), v[[0, 2]].double(), seqlens, 0.25)
+    seen = []
+    original = decode._decode_split_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[3].tolist(), args[4].tolist() if paged else None))
+                return original[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", Recorder())
+    with gptkern.backend("triton"), poisoned_allocations():
+        out = gptkern.ops.decode_attention(q, k, v, seqlens, block_table=table)
+    candidates = decode.launch_candidates(decode.launch_config(2, 1, 16, 16, 16 if paged else 0, False))
+    assert len(seen) == len(candidates) + 1
+    for lengths, timing_table in seen[:-1]:
+        assert lengths == [48, 48]
+        if paged:
+            assert timing_table == [[0, 1, 2], [0, 1, 2]]  # in range of the 3-block pool
+    assert seen[-1] == ([5, 1], table.tolist() if paged else None)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float16])
+
+
 def test_tune_fused_rows_launches_the_pick_last(monkeypatch):
     """Every warp count is timed, then the fastest is launched once more (the interpreter ignores
     num_warps, so the launches are recorded from a stand-in kernel)."""

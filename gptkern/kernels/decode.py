@@ -201,17 +201,18 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     capacity = block_table.shape[1] * page if block_table is not None else k_cache.shape[2]
     cfg = launch_config(g, lq, d, dv, page, q.dtype == torch.float32)
     table = block_table if block_table is not None else cache_seqlens
-    table_strides = block_table.stride() if block_table is not None else (0, 0)
 
-    def run(candidate: tuple[DecodeConfig, int]) -> None:
+    def run(candidate: tuple[DecodeConfig, int], seqlens: torch.Tensor = cache_seqlens,
+            table: torch.Tensor = table) -> None:
         cfg, fill = candidate
+        table_strides = table.stride() if block_table is not None else (0, 0)
         splits = _num_splits(b * hkv, max(capacity, 1), cfg.block_n, q.device, fill)
         row_blocks = triton.cdiv(g * lq, cfg.block_m)
         m_pad = row_blocks * cfg.block_m
         o_part = torch.empty((b * hkv * splits * m_pad, cfg.block_dv), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((b * hkv * splits * m_pad,), device=q.device, dtype=torch.float32)
         _decode_split_kernel[(b * hkv, splits, row_blocks)](
-            q, k_cache, v_cache, cache_seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
+            q, k_cache, v_cache, seqlens, table, o_part, lse_part, *q.stride(), *k_cache.stride(),
             *v_cache.stride(), *table_strides, scale * LOG2E, hkv, capacity,
             G=g, LQ=lq, D=d, DV=dv, PAGE=page, SPLITS=splits, M_PAD=m_pad, PRECISION=_precision(q.dtype),
             **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -223,5 +224,28 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     candidates = launch_candidates(cfg, q.dtype == torch.float32)
     key = ("decode", q.dtype, g, lq, d, dv, page, triton.next_power_of_2(b * hkv),
            triton.next_power_of_2(max(capacity, 1)))
-    run(autotune.pick(key, candidates, run, q.device))
+    full: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def run_full(candidate: tuple[DecodeConfig, int]) -> None:
+        """Timing reads the whole capacity, so that the choice (kept for this key, typically made
+        on the first decode step, when the cache holds about the prompt) still holds as the cache
+        fills; the chosen candidate then runs on the real lengths."""
+        if not full:
+            full.append(_full_cache_view(cache_seqlens, block_table, k_cache.shape[0], capacity))
+        run(candidate, *full[0])
+
+    run(autotune.pick(key, candidates, run_full, q.device))
     return out
+
+
+def _full_cache_view(cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], pool_blocks: int,
+                     capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seqlens, table) of every sequence filled to ``capacity``: for a paged cache, a table of
+    distinct pool blocks in turn (the real table may hold unallocated entries past each length)."""
+    if block_table is not None and pool_blocks == 0:  # an empty pool: every length is 0
+        return cache_seqlens, block_table
+    seqlens = torch.full_like(cache_seqlens, capacity)
+    if block_table is None:
+        return seqlens, seqlens
+    table = torch.arange(block_table.numel(), device=block_table.device, dtype=torch.int64) % max(pool_blocks, 1)
+    return seqlens, table.to(block_table.dtype).view(block_table.shape)
