@@ -30,6 +30,7 @@ import contextlib
 from typing import Any
 
 import torch
+from gptkern.generation import cuda_graph
 from gptkern.ops import _checks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -201,4 +202,5 @@ def install(monkeypatch) -> Emulator:
     emulator = Emulator()
     monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
     monkeypatch.setattr(torch.cuda, "graph", emulator.graph)
+    monkeypatch.setattr(cuda_graph, "check_device", lambda device: None)
     return emulator

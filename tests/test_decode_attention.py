@@ -202,6 +202,8 @@ def test_bad_input(backend):
         (IndexError, "block_table", dict(block_table=table + 100)),
         (TypeError, "scale", dict(scale="0.1")),
         (RuntimeError, "device", dict(cache_seqlens=n.to("meta"))),
+        (RuntimeError, "blocks of at least one token", dict(k_cache=rand(3, 2, 0, 8), v_cache=rand(3, 2, 0, 8),
+                                                            block_table=table, cache_seqlens=n * 0)),
     ]
     for exc, match, override in cases:
         args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=n)
@@ -222,6 +224,11 @@ def test_bad_input_to_the_op_names_the_argument():
         ("contiguous in the head dim", lambda: op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, n, 1.0, None)),
         ("block_table", lambda: op(q, k, v, n, 1.0, torch.zeros(2, 3, dtype=torch.int64))),
         (r"block_table\[0, 1\]", lambda: op(q, k, v, n + 1, 1.0, torch.tensor([[0, 5, 0], [1, 1, 1]], dtype=torch.int32))),
+        # lengths are checked before the table is read up to them (a 2-column table here)
+        (r"cache_seqlens\[0\] = 100000 is outside \[0, 20\]",
+         lambda: op(q, k, v, torch.tensor([100000, 3], dtype=torch.int32), 1.0, torch.ones(2, 2, dtype=torch.int32))),
+        ("blocks of at least one token", lambda: op(q, k[:, :, :0], v[:, :, :0], n * 0, 1.0,
+                                                    torch.zeros(2, 2, dtype=torch.int32))),
     ]
     for match, fn in cases:
         with pytest.raises(RuntimeError, match=match):

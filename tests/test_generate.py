@@ -278,6 +278,10 @@ def test_bad_arguments():
             generate(model, prompt, attention_mask=mask, **args)
     with pytest.raises(ValueError, match="empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        generate(model, prompt, 3, attention_mask=mask, cuda_graph=True)  # before any step runs
+    with pytest.raises(TypeError, match="cuda_graph"):
+        generate(model, prompt, 3, attention_mask=mask, cuda_graph="yes")
     with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):
         generate(model, torch.ones(1, 60, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="left-padded"):

@@ -27,13 +27,15 @@ def sources(b=3, s=7, vocab=12, seed=1):
     return src, pad
 
 
-def test_greedy_equals_uncached_argmax():
+@pytest.mark.parametrize("new", [8, 16])  # 16 = max_len: the decoder reads the start token and 15 new ones
+def test_greedy_equals_uncached_argmax(new):
     model = model_with(12)
     src, pad = sources()
-    out = generate_seq2seq(model, src, 8, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, pad_token_id=11)
+    out = generate_seq2seq(model, src, new, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, pad_token_id=11)
+    assert out.shape == (3, new + 1)
     tokens = torch.full((3, 1), BOS)
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(new):
             tokens = torch.cat([tokens, model(src, tokens, pad)[:, -1].argmax(-1, keepdim=True)], 1)
     for row in range(3):
         ref = tokens[row].tolist()
@@ -105,8 +107,8 @@ def test_bad_arguments():
     src, _ = sources()
     with pytest.raises(ValueError, match="num_beams"):
         generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, num_beams=0)
-    with pytest.raises(ValueError, match="max_len 16"):
-        generate_seq2seq(model, src, 16, bos_token_id=BOS, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="max_new_tokens 17 is longer than max_len 16"):
+        generate_seq2seq(model, src, 17, bos_token_id=BOS, eos_token_id=EOS, num_beams=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_seq2seq(model, src, -1, bos_token_id=BOS, eos_token_id=EOS)
     with pytest.raises(ValueError, match="non-empty"):

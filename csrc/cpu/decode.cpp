@@ -365,6 +365,13 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
   });
 }
 
+void check_seqlens(const int32_t* seqlens, int64_t batch, int64_t capacity) {
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] <= capacity, "gptkern::decode_attention: cache_seqlens[", b, "] = ",
+                seqlens[b], " is outside [0, ", capacity, "]");
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_seqlens, double scale, const std::optional<at::Tensor>& block_table) {
   const char* op = "decode_attention";
@@ -401,10 +408,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                     table.size(0) == batch,
                 "gptkern::decode_attention: block_table must be a (B, max_blocks) int32 CPU tensor, got ",
                 table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK(k_cache.size(2) > 0, "gptkern::decode_attention: a paged k_cache needs blocks of at least one "
+                "token, got shape ", k_cache.sizes());
     capacity = table.size(1) * k_cache.size(2);
+    check_seqlens(seqlens, batch, capacity);  // before the table is read up to each length
     const int32_t* t = table.const_data_ptr<int32_t>();
     for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < ceil_div(std::max<int32_t>(seqlens[b], 0), k_cache.size(2)); ++i) {
+      for (int64_t i = 0; i < ceil_div(seqlens[b], k_cache.size(2)); ++i) {
         const int32_t blk = t[b * table.size(1) + i];
         TORCH_CHECK(blk >= 0 && blk < k_cache.size(0), "gptkern::decode_attention: block_table[", b, ", ", i,
                     "] = ", blk, " is not a block of k_cache (", k_cache.size(0), " blocks)");
@@ -419,10 +429,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     TORCH_CHECK(k_cache.size(0) == batch, "gptkern::decode_attention: k_cache must have q's batch size ", batch,
                 ", got ", k_cache.size(0));
   }
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] <= capacity, "gptkern::decode_attention: cache_seqlens[", b, "] = ",
-                seqlens[b], " is outside [0, ", capacity, "]");
-  }
+  check_seqlens(seqlens, batch, capacity);
   const int64_t dv = v_cache.size(3);
   auto out = empty_output({batch, heads, q.size(2), dv}, q.options());
   if (out.numel() == 0) return out;

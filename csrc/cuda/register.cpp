@@ -251,6 +251,8 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, c
     TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B && block_table->scalar_type() == at::kInt,
                 "gptkern::decode_attention: block_table must be a (", B, ", max_blocks) int32 tensor, got ",
                 block_table->scalar_type(), " ", block_table->sizes());
+    TORCH_CHECK(k_cache.size(2) > 0, "gptkern::decode_attention: a paged k_cache needs blocks of at least one "
+                "token, got shape ", k_cache.sizes());
     table = block_table->contiguous();
   } else {
     TORCH_CHECK(k_cache.size(0) == B, "gptkern::decode_attention: k_cache has batch ", k_cache.size(0),

@@ -14,6 +14,13 @@ from gptkern import _backend
 from gptkern.generation.kv_cache import StaticKVCache, make_cache
 
 
+def check_device(device: torch.device) -> None:
+    """``cuda_graph=True`` needs a model on a CUDA device (tests/cuda_graph_emu.py lifts this to
+    run the graphed path on the CPU; call it as ``cuda_graph.check_device``)."""
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got one on {device}")
+
+
 class GraphedDecodeStep:
     """``step(model, tokens (B,)) -> logits (B, V)`` of one decode step over a fixed KV cache.
 

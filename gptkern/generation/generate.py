@@ -5,6 +5,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from gptkern.generation import cuda_graph as graphs
 from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import check_cache_kind, make_cache
@@ -202,6 +203,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         generator = torch.Generator(device=model_device).manual_seed(int(seed))
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
+    elif not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
+    elif cuda_graph:
+        graphs.check_device(model_device)
     shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
     use_cache = use_cache and max_new_tokens > 0
     # the graphed path takes the model's kept cache when the generator starts, and gives it back

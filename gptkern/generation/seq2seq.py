@@ -31,9 +31,9 @@ def _check(model, src, max_new_tokens, num_beams, length_penalty, early_stopping
         raise TypeError(f"src must be a (batch, source_len) tensor of token ids, got {type(src).__name__}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens + 1 > model.config.max_len:
-        raise ValueError(f"max_new_tokens {max_new_tokens} plus the start token is longer than max_len "
-                         f"{model.config.max_len}")
+    if max_new_tokens > model.config.max_len:  # the decoder reads the start token and all but the last new one
+        raise ValueError(f"max_new_tokens {max_new_tokens} is longer than max_len {model.config.max_len}: the "
+                         f"decoder reads the start token and every new token but the last")
     if src.dim() != 2 or src.numel() == 0:
         raise ValueError(f"src must be a non-empty (batch, source_len) tensor, got shape {list(src.shape)}")
     if not is_int(num_beams) or num_beams < 1:

@@ -51,6 +51,9 @@ def _check(q, k_cache, v_cache, cache_seqlens, scale, block_table) -> None:
                                                                                               torch.int64):
         raise RuntimeError(f"decode_attention: block_table must be a (B, max_blocks) int32 tensor with B = {batch}, "
                            f"got {block_table.dtype} {list(block_table.shape)}")
+    elif k_cache.shape[2] == 0:
+        raise RuntimeError(f"decode_attention: a paged k_cache needs blocks of at least one token, got shape "
+                           f"{list(k_cache.shape)}")
     if scale is not None:
         check_float_arg(scale, "scale", "decode_attention")
     if not _checks.checks_read_values(q):
