@@ -338,12 +338,14 @@ def test_out_projection_hooks_do_not_run_as_in_torch():
         assert calls == []
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_queries_that_see_no_key_as_torch(backend):
+def test_queries_that_see_no_key_as_torch(backend, bias):
     """A query that may attend to no key (a fully padded sequence, an attn_mask row of True, or under
     the causal hint only padding at or before it) gets NaN where torch's fast path runs (eval, no
-    grad, batched self-attention), 0 on torch's other paths (training, gradients): as torch, each."""
-    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    grad, batched self-attention, with biases), 0 on torch's other paths (training, gradients, no
+    biases): as torch, each."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True, bias=bias)
     x = torch.randn(2, 3, 8, device=DEVICE)
     kpm = torch.tensor([[False] * 3, [True] * 3], device=DEVICE)
     am = torch.tensor([[True] * 3, [False, True, False], [False] * 3], device=DEVICE)
@@ -360,5 +362,5 @@ def test_queries_that_see_no_key_as_torch(backend):
             with torch.no_grad():
                 ref = theirs(x, x, x, need_weights=False, **kwargs)[0]
             assert torch.equal(out.isnan(), ref.isnan()), (kwargs, train)
-            assert out.isnan().any() != train  # the case is one: NaN in eval, none in training
+            assert out.isnan().any() == (bias and not train)  # the case is one: NaN on the fast path only
             torch.testing.assert_close(out.nan_to_num(7.0), ref.nan_to_num(7.0), atol=2e-5, rtol=2e-5)

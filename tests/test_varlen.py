@@ -86,6 +86,26 @@ def test_windows(backend, causal, window):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_windows_wider_than_every_sequence_are_unbounded(backend):
+    """A window side past every key (up to 2**63 - 1) sees what -1 sees: no kernel adds it to a
+    position and wraps around (Triton's int32 sums gave all zeros), with L != S either way."""
+    lens_q, lens_k = [3, 10, 5], [4, 6, 9]
+    q, k, v = (torch.randn(sum(n), 2, 16, device=DEVICE) for n in (lens_q, lens_k, lens_k))
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    ref = reference(q, k, v, lens_q, lens_k, False, (-1, -1))
+    for window in ((2**31 - 10, -1), (-1, 2**31 - 10), (2**31 - 1, 2**31 - 1), (2**63 - 1, 2**63 - 1), (9, 10)):
+        with gptkern.backend(backend):
+            out = varlen(q, k, v, cu_q, cu_k, 10, 9, window_size=window)
+        assert_close(out, ref, torch.float32)
+    assert_close(varlen(q, k, v, cu_q, cu_k, 10, 9, window_size=(7, 9)),
+                 reference(q, k, v, lens_q, lens_k, False, (7, 9)), torch.float32)  # (7 < 9 - 1 still bounds)
+    if backend in ("triton", "cpu"):  # the op itself, past the Python entry point: the kernel caps each side
+        op = torch.ops.gptkern.triton_attention_varlen if backend == "triton" else torch.ops.gptkern.attention_varlen_fwd
+        out = op(q, k, v, cu_q, cu_k, 10, 9, False, 0.25, 2**63 - 1, 2**63 - 1, 0.0, None)[0]
+        assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_attention_across_sequences(backend):
     """Changing one sequence's keys leaves every other sequence's output unchanged."""
     lens = [6, 9, 4]

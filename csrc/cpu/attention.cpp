@@ -655,8 +655,9 @@ Problem varlen_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.cu_q = cu_q.const_data_ptr<int32_t>();
   p.cu_k = cu_k.const_data_ptr<int32_t>();
   p.causal = causal;
-  p.left = left;
-  p.right = right;
+  // a side past every key is unbounded (it is added to positions: 2**63 - 1 would wrap around)
+  p.left = left >= k.size(0) ? -1 : left;
+  p.right = right >= q.size(0) ? -1 : right;
   for (const auto& [cu, name, total, mx] : {std::tuple{p.cu_q, "cu_seqlens_q", q.size(0), max_q},
                                             {p.cu_k, "cu_seqlens_k", k.size(0), max_k}}) {
     TORCH_CHECK(cu[0] == 0, "gptkern::", op, ": ", name, " must start at 0, got ", cu[0]);

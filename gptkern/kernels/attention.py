@@ -730,7 +730,7 @@ class Problem:
 
     def scalars(self, q: torch.Tensor) -> tuple:
         """The kernels' scalar arguments, H to inv_keep (the seed's tensor, or q as an unread stand-in)."""
-        left, right = (UNBOUNDED if w < 0 else w for w in self.window)
+        left, right = (UNBOUNDED if w < 0 else min(w, UNBOUNDED) for w in self.window)  # (int32 sums)
         seed = self.seed if self.dropout_p > 0.0 else q
         return (self.heads, self.l, self.s, self.heads // self.kv_heads, 0, left, right, self.scale * LOG2E,
                 seed, *_dropout_scalars(self.dropout_p))

@@ -100,7 +100,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 and all(m.dtype == torch.bool or m.is_floating_point() for m in (key_padding_mask, attn_mask))):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "
                           "Use same type for both instead.")
-        nan_rows = self._torch_fast_path(query, key, value, attn_mask, key_padding_mask)  # (on the inputs as given)
+        # (on the inputs as given; without biases torch's fast path turns back after merging the masks)
+        nan_rows = self.in_proj_bias is not None and self._torch_fast_path(query, key, value, attn_mask,
+                                                                            key_padding_mask)
         unbatched = query.dim() == 2
         same = query is key and key is value  # self-attention, one input projection: kept through the reshape
         if unbatched:  # (L, E) -> (1, L, E)

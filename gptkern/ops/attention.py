@@ -438,14 +438,23 @@ def _varlen_backward(ctx, grad_out, _grad_lse):
 _autograd.register("gptkern::triton_attention_varlen", _varlen_backward, _varlen_setup_context)
 
 
+def window_within(window: tuple[int, int], max_l: int, max_s: int) -> tuple[int, int]:
+    """``window`` (left, right) with a side that reaches past every key of sequences of at most
+    ``max_l`` queries and ``max_s`` keys made -1 (unbounded), so that no kernel adds it to a
+    position (int32 in Triton's, int64 elsewhere) and overflows: query i (bottom-right aligned)
+    sees every earlier key once left >= s - 1, every later one once right >= l - 1."""
+    left, right = window
+    return (-1 if left >= max_s else left, -1 if right >= max_l else right)
+
+
 def varlen_visibility(l: int, s: int, causal: bool, window: tuple[int, int], device) -> Optional[torch.Tensor]:
     """(l, s) bool mask, True = key visible, with flash-attn's bottom-right alignment; None if all visible."""
-    if not causal and window == (-1, -1):
+    left, right = window_within(window, l, s)
+    if not causal and (left, right) == (-1, -1):
         return None
     i = torch.arange(l, device=device)[:, None] + (s - l)
     j = torch.arange(s, device=device)[None, :]
     visible = torch.ones(l, s, dtype=torch.bool, device=device)
-    left, right = window
     if causal:
         visible &= j <= i
     if left >= 0:
@@ -591,7 +600,7 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(not _checks.is_int(w) or w < -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1, got {window_size!r}")
-    window = (int(window_size[0]), int(window_size[1]))
+    window = window_within((int(window_size[0]), int(window_size[1])), int(max_seqlen_q), int(max_seqlen_k))
     check_tensor(cu_seqlens_q, "cu_seqlens_q")
     check_tensor(cu_seqlens_k, "cu_seqlens_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
