@@ -182,3 +182,14 @@ def test_module_scripts():
     mod = Linear(K, N)
     x = torch.randn(3, K)
     torch.testing.assert_close(torch.jit.script(mod)(x), F.linear(x, mod.weight, mod.bias))
+
+
+def test_module_traces():
+    """torch.jit.trace records F.linear: its check reruns the module without grad, where the kernel
+    would otherwise serve few rows and give another graph."""
+    mod = Linear(K, N)
+    x = torch.randn(3, K)
+    traced = torch.jit.trace(mod, x)
+    torch.testing.assert_close(traced(x), F.linear(x, mod.weight, mod.bias))
+    with torch.no_grad():
+        torch.jit.trace(mod, x[:1])

@@ -102,6 +102,21 @@ def test_empty(op, backend, shape, dim):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_are_not_views(op, backend):
+    """As torch's, the result and the gradient are tensors of their own: in-place ops and detach_()
+    work on them under autograd (the C++ kernel returned a view of its row buffer)."""
+    for shape, dim in (((2, 5), -1), ((2, 5), 0), ((4, 1), 0), ((), 0), ((3, 1, 4), 1)):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        with gptkern.backend(backend):
+            y = OPS[op](x, dim)
+            (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+        assert not y._is_view() and not grad._is_view(), (shape, dim)
+        y.masked_fill_(y < -100.0, 0.0)
+        y.detach_()
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend,dtype", params())
 @pytest.mark.parametrize("monkey_loop", [False, True])
 def test_nan_inf_as_torch(op, backend, dtype, monkey_loop, monkeypatch):

@@ -149,6 +149,22 @@ void softmax_bwd_rows(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64
   });
 }
 
+// The result of a row op over `dim` of a tensor of `sizes` (a fresh tensor, never a view: a view
+// would refuse in-place ops under autograd) and the (..., n) row buffer the kernel writes: the
+// result itself, seen with dim last, when that view is contiguous (dim last, or size-1 dims
+// around it), else a scratch copied back by finish().
+struct RowsOutput {
+  at::Tensor result, target, rows;  // target: result with dim moved last
+  RowsOutput(at::IntArrayRef sizes, int64_t dim, const at::TensorOptions& options)
+      : result(empty_output(sizes, options)),
+        target((sizes.empty() ? result.view({1}) : result).movedim(dim, -1)),
+        rows(target.is_contiguous() ? target : empty_output(target.sizes(), options)) {}
+  at::Tensor finish() {
+    if (!rows.is_same(target)) target.copy_(rows);
+    return result;
+  }
+};
+
 at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarType out_dtype) {
   TORCH_CHECK(x.device().is_cpu(), "gptkern::softmax_fwd: x must be a CPU tensor");
   const int64_t rank = std::max<int64_t>(x.dim(), 1);
@@ -159,7 +175,8 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarTyp
                               "gptkern::softmax_fwd on CPU: out_dtype must be x's dtype or float32, got x ",
                               x.scalar_type(), " and out_dtype ", out_dtype);
   auto xt = (x.dim() == 0 ? x.reshape({1}) : x).movedim(dim, -1).contiguous();  // (..., n)
-  auto out = empty_output(xt.sizes(), xt.options().dtype(out_dtype));
+  RowsOutput output(x.sizes(), dim, xt.options().dtype(out_dtype));
+  const at::Tensor& out = output.rows;  // (..., n)
   const int64_t n = xt.dim() ? xt.size(-1) : 1;
   if (xt.numel() > 0) {
     GPTKERN_DISPATCH_16_32(xt.scalar_type(), "gptkern::softmax_fwd on CPU (x)", [&] {
@@ -172,8 +189,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, int64_t dim, bool log, at::ScalarTyp
       }
     });
   }
-  out = out.movedim(-1, dim).contiguous();
-  return x.dim() == 0 ? out.reshape({}) : out;
+  return output.finish();
 }
 
 at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log) {
@@ -184,7 +200,8 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
   auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
   auto yt = shape_1d(out).movedim(dim, -1).contiguous();
   auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
-  auto dx = empty_output(yt.sizes(), yt.options());
+  RowsOutput output(out.sizes(), dim, yt.options());
+  const at::Tensor& dx = output.rows;  // (..., n)
   const int64_t n = yt.dim() ? yt.size(-1) : 1;
   if (yt.numel() > 0) {
     GPTKERN_DISPATCH_16_32(yt.scalar_type(), "gptkern::softmax_bwd on CPU (out)", [&] {
@@ -192,8 +209,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
                                  dx.mutable_data_ptr<scalar_t>(), yt.numel() / n, n, log);
     });
   }
-  dx = dx.movedim(-1, dim).contiguous();
-  return out.dim() == 0 ? dx.reshape({}) : dx;
+  return output.finish();
 }
 
 }  // namespace

@@ -71,9 +71,10 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     too under the ``cpu`` backend), contiguous weight, the ``cpu`` backend (and ``auto``) runs
     gptkern's GEMV kernel, which
     reads the weights at close to the machine's bandwidth on every core; otherwise F.linear.
-    Under torch.compile or CPU autocast this is F.linear.
+    Under torch.compile, torch.jit.trace (whose check reruns without grad) or CPU autocast this is
+    F.linear.
     """
-    if torch.compiler.is_compiling() or not _use_kernel(input, weight, bias):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _use_kernel(input, weight, bias):
         return F.linear(input, weight, bias)
     y = _autograd.call(torch.ops.gptkern.linear_small_m, input.reshape(-1, weight.shape[1]), weight, bias)
     return y.view(*input.shape[:-1], weight.shape[0])
