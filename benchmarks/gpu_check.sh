@@ -123,7 +123,8 @@ step info 15 "$PY" -m gptkern info
 step bench_attention 80 "$PY" benchmarks/bench_attention.py --quick --suite dense --seqlens 16384,4096 \
   --mode fwd,bwd --providers gptkern:triton,gptkern:cuda,torch:sdpa,torch:flash,torch:cudnn \
   --out-json "$OUT/attention.json" --out-md "$WORK/bench/attention.md"
-step bench_train 130 "$PY" benchmarks/bench_train.py --repeats 20 --profile 2 --providers gptkern+compile,torch+compile,gptkern \
+step bench_train 170 "$PY" benchmarks/bench_train.py --repeats 20 --profile 2 \
+  --providers gptkern+compile,torch+compile,gptkern-attention+compile,gptkern \
   --out-json "$OUT/train.json" --out-md "$WORK/bench/train.md"
 step bench_generate 60 "$PY" benchmarks/bench_generate.py --new 32 --total 256 --repeats 2 \
   --out-json "$OUT/generate.json" --out-md "$WORK/bench/generate.md"

@@ -12,13 +12,16 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 import gptkern
+import gptkern.nn as gnn
 from gptkern import kernel_profile
 from gptkern.benchmark import _save, add_common_args, check_common_args, device_from_args, metadata
 from gptkern.models import GPT, GPTConfig
 from gptkern.train.metrics import peak_flops
 from gptkern.train.trainer import PEAK_FLOPS
 
-PROVIDERS = ("gptkern", "gptkern+compile", "torch", "torch+compile")
+# gptkern-attention+compile: gptkern's attention, the norms torch.nn's own, which Inductor fuses with
+# their neighbours (the residual adds): how much of the gap to torch+compile is attention's.
+PROVIDERS = ("gptkern", "gptkern+compile", "torch", "torch+compile", "gptkern-attention+compile")
 # Devices whose providers alternate step by step (a shared CPU drifts between blocks of steps;
 # a GPU is steady, and one provider after another keeps the finished ones if a run is cut short).
 ALTERNATE_ON = ("cpu",)
@@ -31,6 +34,8 @@ def step_times(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, dev
     The backend is set per step, so several of these can alternate."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
+    if provider.startswith("gptkern-attention"):
+        torch_norms(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     backend = "torch" if provider.startswith("torch") else "auto"
     forward = torch.compile(model) if provider.endswith("+compile") else model
@@ -56,6 +61,17 @@ def step_times(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, dev
     yield None
     while True:
         yield step()
+
+
+def torch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``'s gptkern LayerNorm / RMSNorm modules turned into torch.nn's own, in place (the
+    same parameters and state_dict: gptkern's subclass torch's and only override forward)."""
+    for module in model.modules():
+        if isinstance(module, gnn.LayerNorm):
+            module.__class__ = torch.nn.LayerNorm
+        elif isinstance(module, gnn.RMSNorm):
+            module.__class__ = torch.nn.RMSNorm
+    return model
 
 
 def step_time(provider: str, cfg: GPTConfig, batch: int, block: int, dtype, device, steps: int, warmup: int,

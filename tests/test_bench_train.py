@@ -78,3 +78,29 @@ def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monke
                                        (["--profile", "-1"], "--profile")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):
     assert_argument_error(bench_train.main, ["--quick", "--device", "cpu", *argv], flag, capsys)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_torch_norms_keeps_the_model_and_leaves_gptkern_its_attention(norm, monkeypatch):
+    """gptkern-attention+compile's model: the norms become torch.nn's (same state_dict, same loss),
+    gptkern's norm ops are no longer called, its attention still is."""
+    import torch
+
+    import gptkern
+    from gptkern.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16, norm=norm))
+    x = torch.randint(0, 64, (2, 16))
+    keys, (_, before) = model.state_dict().keys(), model(x, x)
+    assert bench_train.torch_norms(model) is model
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    assert len(norms) == 5 and not any(isinstance(m, (gptkern.nn.LayerNorm, gptkern.nn.RMSNorm)) for m in norms)
+    assert model.state_dict().keys() == keys
+    calls = []
+    for name in ("layer_norm", "rms_norm", "scaled_dot_product_attention"):
+        monkeypatch.setattr(gptkern.ops, name, lambda *a, _f=getattr(gptkern.ops, name), _n=name, **k:
+                            (calls.append(_n), _f(*a, **k))[1])
+    _, after = model(x, x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert set(calls) == {"scaled_dot_product_attention"}
