@@ -16,6 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from gptkern.train.checkpoint import CheckpointWriteError
+
 
 def info() -> int:
     import gptkern
@@ -135,10 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What a user's input can cause (a missing file, a bad value, a backend named that cannot serve
-# the call): one line, not a traceback.
+# What a user's input or machine can cause (a missing file, a bad value, a backend named that cannot
+# serve the call, a full disk under a checkpoint): one line, not a traceback.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ValueError, NotImplementedError)
+               ValueError, NotImplementedError, CheckpointWriteError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

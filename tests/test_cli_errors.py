@@ -55,6 +55,34 @@ def test_a_csv_row_without_a_label(tmp_path):
         read_labelled_csv(str(binary))
 
 
+def test_a_long_csv_text_is_read_and_a_bad_row_names_its_line(tmp_path, monkeypatch):
+    import contextlib
+    import csv
+
+    from gptkern.train import tasks
+
+    long = "word " * 40_000  # 200,000 characters: over the csv module's default field limit (131072)
+    path = tmp_path / "long.csv"
+    path.write_text(f'text,label\n"{long}",pos\nshort,neg\n')
+    limit = csv.field_size_limit()
+    assert tasks.read_labelled_csv(str(path)) == [(long, "pos"), ("short", "neg")]
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
+
+    @contextlib.contextmanager
+    def small_limit():  # a parse error, now that the limit is lifted
+        old = csv.field_size_limit(1000)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(old)
+
+    monkeypatch.setattr(tasks, "_no_csv_field_limit", small_limit, raising=False)
+    bad = tmp_path / "bad.csv"  # the error is on line 4 (row 2 spans lines 2-3), not the line of the row before
+    bad.write_text(f'text,label\n"two\nlines",a\n{"x" * 200_000},b\n')
+    with pytest.raises(ValueError, match=r"bad\.csv:4: not a valid CSV row \(field larger than field limit"):
+        tasks.read_labelled_csv(str(bad))
+
+
 def test_seq2seq_needs_a_pair_to_hold_out(tmp_path):
     """One pair cannot be both trained on and evaluated: evaluating on the training pair would
     report a score that means nothing."""

@@ -224,6 +224,46 @@ def test_meta_round_trip_and_checks(tmp_path):
         read_meta(tmp_path / "nothing")
 
 
+META = {"format": "gptkern-tokens", "version": 1, "tokenizer": "byte", "vocab_size": 257, "eos_id": 256,
+        "dtype": "uint16", "splits": {"train": {"file": "train.bin", "tokens": 40, "documents": 1}}}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"vocab_size": "257"}, "vocab_size"),
+    ({"vocab_size": None}, "vocab_size"),
+    ({"vocab_size": True}, "vocab_size"),
+    ({"vocab_size": 257.0}, "vocab_size"),
+    ({"vocab_size": 2**32 + 1}, "vocab_size"),
+    ({"eos_id": "256"}, "eos_id"),
+    ({"eos_id": 257}, "eos_id"),  # not an id of the vocabulary
+    ({"eos_id": -1}, "eos_id"),
+    ({"tokenizer": 3}, "tokenizer"),
+    ({"splits": []}, "splits"),
+    ({"splits": {"train": ["train.bin", 40, 1]}}, "splits.train"),
+    ({"splits": {"train": {"file": "train.bin", "tokens": "40", "documents": 1}}}, "splits.train.tokens"),
+    ({"splits": {"train": {"file": "train.bin", "tokens": False, "documents": 1}}}, "splits.train.tokens"),
+    ({"splits": {"train": {"file": "train.bin", "tokens": 40, "documents": None}}}, "splits.train.documents"),
+    ({"splits": {"train": {"file": 5, "tokens": 40, "documents": 1}}}, "splits.train.file"),
+])
+def test_meta_fields_of_the_wrong_type_name_the_file(tmp_path, change, field):
+    """A hand-edited or corrupt meta.json: an error naming the file and the field, never a TypeError."""
+    np.arange(40, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    write_meta(tmp_path, META)
+    assert TokenLoader(tmp_path, "train", 8, 1).num_tokens == 40
+    write_meta(tmp_path, {**META, **change})
+    message = rf"{tmp_path / 'meta.json'}: field {field!r} must be .*, got "
+    with pytest.raises(ValueError, match=message):
+        read_meta(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        TokenLoader(tmp_path, "train", 8, 1)
+
+
+def test_meta_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"meta\.json: not a JSON object"):
+        read_meta(tmp_path)
+
+
 def test_text_progress_bar():
     stream = io.StringIO()
     bar = progress_bar(10, "train", use_tqdm=False, stream=stream)
@@ -254,6 +294,23 @@ def test_prepare_rejects_unusable_vocab_sizes(tmp_path, capsys):
     argv = ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--tokenizer", "bpe"]
     assert prepare_module.main(argv + ["--vocab-size", "0"]) == 2
     assert "error: vocab_size (--vocab-size) must be" in capsys.readouterr().err
+
+
+def test_prepare_refuses_a_bpe_vocabulary_too_large_to_train(tmp_path):
+    """The tokenizers library's trainer preallocates per id: 2**32 - 1 ids aborted the process (SIGABRT)."""
+    (tmp_path / "in.txt").write_text("some text\n")
+    with pytest.raises(ValueError, match=r"vocab_size \(--vocab-size\) must be .* to 2\*\*24 = 16777216 .*"
+                                         r"got 16777217"):
+        prepare([tmp_path / "in.txt"], tmp_path / "out", "bpe", vocab_size=2**24 + 1, progress=False)
+    with pytest.raises(ValueError, match="vocab_size must be from 257 .* to 2\\*\\*24"):
+        train_bpe(["some text"], 2**24 + 1)
+    # in a subprocess: before the bound, this aborted the interpreter
+    cmd = [sys.executable, "-m", "gptkern", "prepare", "--input", str(tmp_path / "in.txt"), "--out",
+           str(tmp_path / "out"), "--tokenizer", "bpe", "--vocab-size", str(2**32 - 1)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1 and "--vocab-size" in out.stderr and "got 4294967295" in out.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def snapshot(folder):

@@ -1,5 +1,7 @@
 """The training loop: loss goes down, exact resume, atomic checkpoints, NaN stop, config checks, DDP."""
 import dataclasses
+import errno
+import io
 import json
 import os
 import shutil
@@ -154,6 +156,24 @@ def test_a_state_file_without_the_loader_position_is_named(data_dir, tmp_path):
         train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
 
 
+@pytest.mark.parametrize("state", [
+    {"step": 2, "config": {}, "loader": {}},  # no data folder in the config
+    {"step": 2, "config": {"data": 5}, "loader": {}},
+    {"step": 2, "config": {"data": "d"}, "loader": [1, 2]},
+    {"step": 2, "config": {"data": "d"}, "loader": [{}], "world_size": 2},
+    {"step": 2, "config": {"data": "d"}, "loader": {}, "world_size": "1"},
+    {"step": 2, "config": {"data": "d"}, "loader": {}, "data_realpath": 3},
+    {"step": True, "config": {"data": "d"}, "loader": {}},
+    {"step": -1, "config": {"data": "d"}, "loader": {}},
+])
+def test_a_state_file_missing_what_resuming_reads_is_named(data_dir, tmp_path, state):
+    train(tiny(data_dir, tmp_path, max_steps=1))
+    file = ckpt.latest_checkpoint(str(tmp_path)) / "state.json"
+    file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=f"checkpoint file {file} is corrupt"):
+        train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
+
+
 def test_resume_compares_resolved_settings(data_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -246,6 +266,78 @@ def test_failed_save_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypat
     assert ckpt.list_checkpoints(str(tmp_path)) == [first]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     load_pretrained(first)
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+REAL_TORCH_SAVE = torch.save
+
+
+def torch_save_on_a_full_disk(obj, f):
+    """torch.save's own failure there: "[enforce fail at inline_container.cc] unexpected pos", raised while
+    handling the OSError."""
+    REAL_TORCH_SAVE(obj, io.BufferedWriter(FullDisk()))
+
+
+def raise_enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("patch", ["_torch_save_atomic", "torch.save", "save_safetensors"])
+def test_a_full_disk_during_a_save_is_one_clear_error(data_dir, tmp_path, monkeypatch, patch):
+    trainer = Trainer(tiny(data_dir, tmp_path, max_steps=2))
+    trainer.train_step()
+    first = trainer.save()
+    trainer.train_step()
+    if patch == "_torch_save_atomic":
+        monkeypatch.setattr(ckpt, "_torch_save_atomic", raise_enospc)
+    elif patch == "torch.save":
+        monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    else:  # safetensors reports an OS error as SafetensorError("... I/O error: ... (os error 28)")
+        from safetensors import SafetensorError
+
+        import gptkern.models.io as model_io
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(model_io, "save_safetensors_atomic", full)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write checkpoint .*step_00000002: No space left "
+                                                        r"on device") as failed:
+        trainer.save()
+    assert isinstance(failed.value, OSError)
+    assert ckpt.list_checkpoints(str(tmp_path)) == [first]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    load_pretrained(first)
+    torch.load(first / "optimizer.pt", weights_only=True)
+
+
+def test_a_full_disk_is_one_line_on_the_command_line(data_dir, tmp_path, monkeypatch, capsys):
+    from gptkern import cli
+
+    flags = ["train", "--data", str(data_dir), "--out-dir", str(tmp_path), "--n-layer", "1", "--n-embd", "32",
+             "--n-head", "2", "--block-size", "16", "--batch-size", "2", "--eval-steps", "1", "--device", "cpu",
+             "--progress", "false"]
+    assert cli.main(flags + ["--max-steps", "1"]) == 0
+    first = ckpt.latest_checkpoint(str(tmp_path))
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    assert cli.main(flags + ["--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the run's notes and metrics lines
+    assert last.startswith("gptkern train: error: could not write checkpoint ") and err.count("error") == 1
+    assert "step_00000002: No space left on device" in last and "Traceback" not in err
+    assert ckpt.list_checkpoints(str(tmp_path)) == [first]
+    monkeypatch.undo()
+    assert cli.main(flags + ["--max-steps", "2", "--resume"]) == 0  # the earlier checkpoint resumes
 
 
 SAVER = """

@@ -96,3 +96,40 @@ def test_large_seeds_and_numpy_time_budgets_are_taken():
     for budget in (np.int64(5), np.float32(2.5), 7):
         value = TrainConfig(max_seconds=budget).max_seconds
         assert type(value) is float and value == float(budget)
+
+
+@pytest.mark.parametrize("ext, text", [(".toml", "max_steps = 3\n"), (".yaml", "max_steps: 3\n"),
+                                       (".json", '{"max_steps": 3}')])
+def test_config_files_with_a_byte_order_mark(tmp_path, ext, text):
+    path = tmp_path / f"run{ext}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Windows editors save UTF-8
+    assert parse(["--config", str(path)]).max_steps == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e38"], r"lr \(--lr\) is too large for AdamW in float32: lr / \(1 - beta1\)"),
+    (["--lr", "1e36", "--beta1", "0.999"], r"lr \(--lr\) is too large .* got 1e\+36 with beta1 0.999"),
+    (["--min-lr", "1e38"], r"min_lr \(--min-lr\) is too large"),
+    (["--lr", "1e38", "--beta1", "0", "--weight-decay", "10"], r"lr \* weight_decay must be at most 3.403e\+38"),
+])
+def test_learning_rates_that_overflow_adamw_are_refused(flags, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        parse(flags)
+    assert cli.main(["train", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptkern train: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("lr, beta1, weight_decay", [(3e37, 0.9, 0.1), (3.4e38, 0.0, 1.0), (3e-4, 0.9, 0.1)])
+def test_an_accepted_learning_rate_takes_an_adamw_step(lr, beta1, weight_decay):
+    """At the bound, the first AdamW step (foreach, as on CPU) runs: its factors fit float32."""
+    import torch
+
+    from gptkern.train.trainer import make_optimizer
+
+    cfg = TrainConfig(lr=lr, min_lr=0.0, beta1=beta1, weight_decay=weight_decay)
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer.step()  # raised "value cannot be converted to type float without overflow" at lr 1e38
+    assert TrainConfig(lr=1.0, min_lr=0.5).lr == 1.0  # large but sane rates stay accepted

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from gptkern._files import write_atomic
-from gptkern.data.tokenizer import ByteTokenizer, make_tokenizer
+from gptkern.data.tokenizer import MAX_BPE_VOCAB, ByteTokenizer, make_tokenizer
 from gptkern.ops._checks import is_int
 
 META_FILE = "meta.json"
@@ -321,18 +321,45 @@ def read_meta(data_dir: Union[str, os.PathLike]) -> dict:
         meta = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object of fields")
     for key in ("format", "tokenizer", "vocab_size", "eos_id", "dtype", "splits"):
         if key not in meta:
             raise ValueError(f"{path}: missing field {key!r}")
     if meta["format"] != FORMAT:
         raise ValueError(f"{path}: format is {meta['format']!r}, expected {FORMAT!r}")
-    if meta["dtype"] != token_dtype(meta["vocab_size"]).name:
-        raise ValueError(f"{path}: dtype {meta['dtype']!r} does not match vocab_size {meta['vocab_size']}")
+
+    def invalid(field: str, want: str, value) -> ValueError:
+        return ValueError(f"{path}: field {field!r} must be {want}, got {value!r}")
+
+    vocab_size, eos_id = meta["vocab_size"], meta["eos_id"]
+    if not _is_count(vocab_size) or not 1 <= vocab_size <= 2**32:  # any tokenizer's, as token_dtype takes
+        raise invalid("vocab_size", "an integer from 1 to 2**32", vocab_size)
+    if not _is_count(eos_id) or eos_id >= vocab_size:
+        raise invalid("eos_id", f"an integer from 0 to vocab_size - 1 = {vocab_size - 1}", eos_id)
+    if not isinstance(meta["tokenizer"], str):
+        raise invalid("tokenizer", "a string", meta["tokenizer"])
+    if meta["dtype"] != token_dtype(vocab_size).name:
+        raise ValueError(f"{path}: dtype {meta['dtype']!r} does not match vocab_size {vocab_size}")
+    if not isinstance(meta["splits"], dict):
+        raise invalid("splits", "an object of splits", meta["splits"])
     for name, split in meta["splits"].items():
+        if not isinstance(split, dict):
+            raise invalid(f"splits.{name}", "an object", split)
         missing = {"file", "tokens", "documents"} - set(split)
         if missing:
             raise ValueError(f"{path}: split {name!r} lacks {sorted(missing)}")
+        if not isinstance(split["file"], str) or not split["file"]:
+            raise invalid(f"splits.{name}.file", "a file name", split["file"])
+        for key in ("tokens", "documents"):
+            if not _is_count(split[key]):
+                raise invalid(f"splits.{name}.{key}", "an integer >= 0", split[key])
     return meta
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # ---------------------------------------------------------------- the job
@@ -345,9 +372,9 @@ def _check_vocab_size(tokenizer: str, vocab_size: Optional[int], log: Log) -> Op
         return None
     if vocab_size is None:
         return 8192
-    if not is_int(vocab_size) or not 257 <= vocab_size <= 2**32:
+    if not is_int(vocab_size) or not 257 <= vocab_size <= MAX_BPE_VOCAB:  # ids above 65535: uint32 shards
         raise ValueError(f"vocab_size (--vocab-size) must be an integer from 257 (the 256 bytes and "
-                         f"<|endoftext|>) to 2**32 for the bpe tokenizer, got {vocab_size!r}")
+                         f"<|endoftext|>) to 2**24 = {MAX_BPE_VOCAB} for the bpe tokenizer, got {vocab_size!r}")
     return vocab_size
 
 

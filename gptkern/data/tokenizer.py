@@ -22,6 +22,10 @@ META_FILE = "gptkern_tokenizer.json"
 HF_FILE = "tokenizer.json"
 TOKENIZER_FILES = (META_FILE, HF_FILE, "vocab.json", "merges.txt")  # what a model directory's tokenizer may be
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The largest BPE vocabulary trained here: 64 times the largest LLM vocabularies (~256K ids), beyond any
+# real use; the tokenizers library's trainer preallocates ~66 bytes per id and aborts the process (no
+# Python error) when that allocation fails (2**32 ids: 283 GB).
+MAX_BPE_VOCAB = 2**24
 
 
 def _check_id(i, vocab_size: int, name: str) -> int:
@@ -114,8 +118,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE of ``vocab_size`` ids (at least 257: the 256 bytes and EOS) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + {EOS}), got {vocab_size}")
+    if not 257 <= vocab_size <= MAX_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be from 257 (256 bytes + {EOS}) to 2**24 = {MAX_BPE_VOCAB}, "
+                         f"got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -29,6 +29,27 @@ STAGING_NAME = re.compile(r"\.(tmp|old)-(" + PREFIX + r"\d{8,})-\d+")
 AN_EARLIER_ONE = "move {} out of the checkpoints folder to resume from an earlier checkpoint"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a quota, an I/O error); the earlier ones are
+    intact. The CLI reports it in one line."""
+
+
+def _write_failure(err: Exception) -> Optional[tuple[Optional[int], str]]:
+    """(errno, what the OS said) when ``err`` comes from a failed write, else None: an OSError, an error
+    raised while handling one (torch.save's "[enforce fail at inline_container.cc] unexpected pos") or
+    safetensors' "I/O error"."""
+    cause, seen = err, set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause.errno, cause.strerror or str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    if type(err).__name__ == "SafetensorError" and "I/O error: " in text:
+        return None, text.split("I/O error: ", 1)[1]
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states as tensors and plain values. CUDA: the current
     device's generator (the trainer makes its rank's device current). Every rank seeds the same and
@@ -70,12 +91,12 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state:
                     keep_last: int) -> Path:
     """Write checkpoint ``step`` and delete all but the newest ``keep_last``. Returns its path."""
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     staging = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         write_model_files(model, staging, tokenizer)
         _torch_save_atomic(optimizer.state_dict(), staging / "optimizer.pt")
         _torch_save_atomic(rng_state(), staging / "rng.pt")
@@ -83,14 +104,24 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, tokenizer, state:
         if final.exists():  # the same step saved again: swap
             old = root / f".old-{final.name}-{os.getpid()}"
             os.rename(final, old)
-            os.rename(staging, final)
+            try:
+                os.rename(staging, final)
+            except BaseException:
+                os.rename(old, final)  # the one saved before, back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        failure = _write_failure(err) if isinstance(err, Exception) else None
+        if failure is None:
+            raise
+        failed = CheckpointWriteError(f"could not write checkpoint {final}: {failure[1]} (earlier checkpoints "
+                                      f"are intact)")
+        failed.errno = failure[0]
+        raise failed from err
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     _clean_leftovers(root)
@@ -146,11 +177,27 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json."""
     state = read_file(path / "state.json", lambda f: json.loads(Path(f).read_text()))
-    if (not isinstance(state, dict) or not isinstance(state.get("step"), int)
-            or not isinstance(state.get("config"), dict) or not isinstance(state.get("loader"), (dict, list))):
-        raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step, config and loader "
-                         f"position); {AN_EARLIER_ONE.format(path)}")
+    if not _valid_state(state):
+        raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step, training config with its "
+                         f"data folder, or loader position); {AN_EARLIER_ONE.format(path)}")
     return state
+
+
+def _valid_state(state) -> bool:
+    """state.json holds what resuming reads, each of its type: the step, the training config with its data
+    folder, the loader position (one, or one per rank); data_realpath, world_size, grad_scaler if there."""
+    def typed(value, kind) -> bool:  # a bool is no int here
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    if not isinstance(state, dict):
+        return False
+    loader = state.get("loader")
+    optional = {"data_realpath": str, "world_size": int, "grad_scaler": dict}
+    return (all(typed(state[key], kind) for key, kind in optional.items() if key in state)
+            and typed(state.get("step"), int) and state["step"] >= 0
+            and typed(state.get("config"), dict) and typed(state["config"].get("data"), str)
+            and (typed(loader, dict) or typed(loader, list) and all(typed(s, dict) for s in loader)
+                 and len(loader) == state.get("world_size", len(loader)) >= 1))  # one per rank
 
 
 def read_file(file: Path, load):

@@ -18,6 +18,16 @@ from gptkern.ops._checks import is_int
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
+def check_adamw_lr(lr: float, beta1: float, weight_decay: float, name: str = "lr") -> None:
+    """A learning rate whose AdamW step factors fit float32, the parameters' type: the first step's
+    ``lr / (1 - beta1)`` (its bias correction) and the decay factor ``1 - lr * weight_decay``; torch
+    raises "value cannot be converted to type float without overflow" (CPU) or writes inf (CUDA) beyond."""
+    if lr / (1 - beta1) > FLOAT32_MAX or lr * weight_decay > FLOAT32_MAX:
+        raise ValueError(f"{name} ({_flag(name)}) is too large for AdamW in float32: {name} / (1 - beta1) and "
+                         f"{name} * weight_decay must be at most {FLOAT32_MAX:.4g}, got {lr!r} with beta1 {beta1!r} "
+                         f"and weight_decay {weight_decay!r}")
+
+
 @dataclass
 class TrainConfig:
     """Training settings. ``model`` holds GPTConfig overrides of the ``preset``."""
@@ -96,6 +106,8 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need warmup_steps >= 0, lr > 0 and min_lr >= 0, got {self.warmup_steps}, {self.lr}, "
                              f"{self.min_lr}")
+        for name in ("lr", "min_lr"):  # the schedule's rates run between the two
+            check_adamw_lr(getattr(self, name), self.beta1, self.weight_decay, name)
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         self.model_config()  # checks the preset and overrides
@@ -128,7 +140,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     if kind is None:
         raise ValueError(f"config file must be .toml, .yaml, .yml or .json, got {path}")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) skipped
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err})") from None
     if kind == "TOML":

@@ -2,6 +2,7 @@
 checkpoint) and translation (Seq2SeqTransformer on tab-separated pairs, decoded with beam search)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import random
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern._backend import check_device
+from gptkern.train.config import check_adamw_lr
 
 
 @dataclass
@@ -40,6 +42,7 @@ def _check_config(c: TaskConfig, min_len: int) -> None:
         raise ValueError(f"steps (--steps) must be an integer >= 0, got {c.steps!r}")
     if not (isinstance(c.lr, (int, float)) and 0 < c.lr < float("inf")):
         raise ValueError(f"lr (--lr) must be a positive number, got {c.lr!r}")
+    check_adamw_lr(c.lr, 0.9, c.weight_decay)  # _optimizer's AdamW: the default betas
 
 
 def _schedule(step: int, c: TaskConfig) -> float:
@@ -57,9 +60,24 @@ def _optimizer(model, c: TaskConfig):
 
 # ---------------------------------------------------------------- classification
 
+@contextlib.contextmanager
+def _no_csv_field_limit():
+    """The csv module's field size limit (131072 characters by default, process-wide) lifted for the block:
+    a long text is a valid cell."""
+    old = csv.field_size_limit()
+    try:
+        csv.field_size_limit(sys.maxsize)
+    except OverflowError:  # the limit is a C long: 32 bits on Windows
+        csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 def read_labelled_csv(path: str) -> list[tuple[str, str]]:
     """Rows of a CSV with ``text`` and ``label`` columns (UTF-8, with or without a byte order mark)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f, _no_csv_field_limit():
         reader = csv.DictReader(f)
         rows = []
         try:
@@ -75,8 +93,8 @@ def read_labelled_csv(path: str) -> list[tuple[str, str]]:
                 rows.append((row["text"], row["label"]))
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
-        except csv.Error as err:
-            raise ValueError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
+        except csv.Error as err:  # the inner reader's line: DictReader's counts only rows parsed without error
+            raise ValueError(f"{path}:{reader.reader.line_num}: not a valid CSV row ({err})") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
