@@ -270,6 +270,30 @@ def test_atomic_dq_backward_is_correct(block, causal, monkeypatch):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("case", ["float mask", "varlen"])
+def test_atomic_dq_never_serves_masks_or_varlen(case, monkeypatch):
+    """The atomic dK/dV kernel writes a dense dQ and no mask gradient: a table offering it (here
+    first, without descriptors) is passed over for a float mask (its gradient too) and for varlen."""
+    from gptkern.kernels import attention
+
+    atomic = attention.AttnConfig(32, 16, 4, 1, atomic_dq=True)
+    monkeypatch.setattr(attention, "configs", lambda name, *args: (atomic, attention.INTERPRETER_CONFIG)
+                        if name == "dkdv" else (attention.INTERPRETER_CONFIG,))
+    if case == "varlen":
+        check_varlen("triton", torch.float16, [7, 13], [9, 11], causal=True)
+        return
+    leaves = [torch.randn(shape, device=DEVICE, dtype=torch.float16, requires_grad=True)
+              for shape in ((1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 16), (1, 2, 33, 33))]
+    with gptkern.backend("triton"):
+        out = gptkern.ops.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves[:3], attn_mask=ref_leaves[3])
+    for got, want in zip(grads, torch.autograd.grad(ref, ref_leaves, g.double())):  # dq, dk, dv, dmask
+        torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=1e-2)
+
+
 def test_atomic_dq_is_timed_as_a_whole_backward_and_never_deterministic(monkeypatch):
     """With atomic candidates, the dQ kernel is tuned first and every plain dK/dV candidate is timed
     together with it, against the atomic one alone; torch's deterministic mode never gets the atomic

@@ -787,13 +787,14 @@ def _descriptors(cfg: AttnConfig, p: Problem, kernel: str, *tensors: torch.Tenso
 
 def _candidates(kernel: str, p: Problem, kind: int, *tensors: torch.Tensor) -> tuple[tuple[AttnConfig, ...], bool]:
     """(``kernel``'s candidates for this problem, whether descriptors fit): less the descriptor ones
-    when ``tensors``, q first, cannot take descriptors, and the atomic dQ ones (which need descriptors)
-    when results must be deterministic."""
+    and the atomic dQ ones (dense and unmasked only: a dense fp32 dQ, no dmask written) when
+    ``tensors``, q first, cannot take descriptors, and the atomic dQ ones when results must be
+    deterministic."""
     q = tensors[0]
     candidates = configs(kernel, p.d, p.dv, q.dtype == torch.float32, p.weight(kind), device_capability(q.device))
     descriptors = _descriptors_fit(p, kind, *tensors)
     if not descriptors:
-        candidates = tuple(c for c in candidates if not c.tma)
+        candidates = tuple(c for c in candidates if not c.tma and not c.atomic_dq)
     if torch.are_deterministic_algorithms_enabled():
         candidates = tuple(c for c in candidates if not c.atomic_dq)
     return candidates, descriptors
