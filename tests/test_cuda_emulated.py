@@ -542,6 +542,14 @@ def test_grids_beyond_the_hardware_limits_are_refused(emu):
     q = one.expand(1, 1, 65535 * 64 + 1, 64)
     with pytest.raises(NotImplementedError, match="query length 4194241 beyond 4194240"):
         emu.attention_fwd(q, one, one, None, False, 0.1, 0.0, None)
+    # the key loop's int32 tile arithmetic, 2 tiles of 64 past S: so many keys would wrap around
+    from gptkern.ops.cuda_attention import cuda_attention_limits
+
+    kv = one.expand(1, 1, 2**31 - 128, 64)
+    with pytest.raises(NotImplementedError, match="2147483520 keys, beyond 2147483519"):
+        emu.attention_fwd(one, kv, kv, None, False, 0.1, 0.0, None)
+    assert cuda_attention_limits(one, kv) == "2147483520 keys (at most 2**31 - 129)"
+    assert cuda_attention_limits(one, kv[:, :, :-1]) is None
     k = torch.randn(1, 1, 16, 64, dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="2097121 query rows per key/value head"):
         emu.decode_attention(one.expand(1, 1, 65535 * 32 + 1, 64), k, k, torch.tensor([16], dtype=torch.int32),

@@ -14,6 +14,8 @@
 namespace gptkern::cuda {
 namespace {
 
+constexpr int64_t kMaxAttentionKeys = (int64_t(1) << 31) - 1 - 2 * 64;  // gptkern/ops/cuda_attention.py: the same
+
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), "gptkern::", op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
 }
@@ -213,6 +215,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
               "gptkern::attention_fwd: sizes beyond 2**31");
   TORCH_CHECK_NOT_IMPLEMENTED(L <= int64_t(65535) * 64, "gptkern::attention_fwd on CUDA: query length ", L,
                               " beyond 4194240 (65535 blocks of 64 rows); the triton and torch backends take it");
+  // (the key loop's int32 tile arithmetic steps up to 2 tiles of 64 past S)
+  TORCH_CHECK_NOT_IMPLEMENTED(S <= kMaxAttentionKeys, "gptkern::attention_fwd on CUDA: ", S, " keys, beyond ",
+                              kMaxAttentionKeys, " (2**31 - 129); the torch backend takes it");
   const c10::DeviceGuard guard(q.device());
   auto out = at::empty({B, H, L, Dv}, q.options());
   auto lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));

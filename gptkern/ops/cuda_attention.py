@@ -19,6 +19,7 @@ from gptkern.ops import _autograd
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
+MAX_KEYS = 2**31 - 1 - 2 * 64  # the forward's int32 key-tile arithmetic steps up to 2 tiles of 64 past S
 
 
 def cuda_attention_limits(q: torch.Tensor, v: torch.Tensor, masked: bool = False,
@@ -32,6 +33,8 @@ def cuda_attention_limits(q: torch.Tensor, v: torch.Tensor, masked: bool = False
         return "an attn_mask (is_causal is supported)"
     if dropout_p > 0:
         return "dropout"
+    if v.shape[-2] > MAX_KEYS:
+        return f"{v.shape[-2]} keys (at most 2**31 - 129)"
     return None
 
 
