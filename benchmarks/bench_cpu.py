@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
-from gptkern.benchmark import _unique, metadata, write_atomic
+from gptkern.benchmark import _unique, metadata, output_file_problem, write_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN_DROPOUT = 0.1  # the dropout row: both providers draw their own masks (in distribution alike)
@@ -270,9 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cases is not None and (not args.cases or any(c not in CASES for c in args.cases)):
         parser.error(f"--cases must name some of {', '.join(CASES)}, got {args.cases}")
     args.dtype = _unique(args.dtype)  # each once
-    if args.json and os.path.exists(os.path.dirname(os.path.abspath(args.json))) and \
-            not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: its folder is a file")
+    if args.json and output_file_problem(args.json):
+        parser.error(f"--json {args.json} {output_file_problem(args.json)}")
     report = run(args)
     print(table(report))
     if args.json:

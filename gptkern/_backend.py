@@ -112,12 +112,13 @@ def _extension(jit: bool = False):
     if _EXT is _UNSET:
         _C = None
         _EXT_MISSING = _capability_problem()  # checked on the file: loading it could die of SIGILL
+        if not _EXT_MISSING and importlib.util.find_spec("gptkern._C") is None:
+            _EXT_MISSING = "gptkern._C is not built"  # (importing it would blame a circular import)
         if not _EXT_MISSING:
             try:
                 from gptkern import _C  # type: ignore[attr-defined]
             except ImportError as err:
-                _EXT_MISSING = ("gptkern._C is not built" if getattr(err, "name", None) == "gptkern._C"
-                                else f"gptkern._C does not import ({err})")
+                _EXT_MISSING = f"gptkern._C does not import ({err})"
         _EXT = _C
         if _C is not None:
             check_cxx_runtime(_C)

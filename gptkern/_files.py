@@ -24,6 +24,17 @@ def write_atomic(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
+def output_file_problem(path: str) -> str | None:
+    """Why :func:`write_atomic` could not write ``path`` (checked before a long job that ends with
+    it), or None: a folder there, or a file where one of its folders would be."""
+    if os.path.isdir(path):
+        return "is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # write_atomic makes the missing folders
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else f"cannot be written: {folder} is a file"
+
+
 _WEIGHTS = re.compile(r"(pytorch_model|model|tf_model|flax_model)(-\d+-of-\d+)?"
                       r"\.(safetensors|bin|h5|msgpack)(\.index\.json)?")
 

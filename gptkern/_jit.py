@@ -96,6 +96,34 @@ def _digest(sources: list[str], headers: list[str], flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _load(reason: str, src: str, sources: list[str], flags: list[str], build_dir: str):
+    """Compile (once) and load the extension in ``build_dir``, under the cache's build lock."""
+    global _failed
+    done = os.path.join(build_dir, "built")
+    fresh = not os.path.exists(done)
+    if fresh:
+        print(f"gptkern: {reason}; building the C++ CPU kernels from {src} into {build_dir} "
+              f"(once per source version, about a minute)", file=sys.stderr, flush=True)
+    # torch's own lock in the build folder, left by a build that was killed, would make load() wait
+    # forever; build.lock, held here, already keeps every other build of this cache out
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(build_dir, "lock"))
+    start = time.monotonic()
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(name="_C", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                      extra_include_paths=[src], build_directory=build_dir, with_cuda=False, verbose=False)
+    except Exception as err:  # the compiler's output is in the message
+        _failed = f"gptkern: building the C++ extension gptkern._C from {src} failed:\n{err}\ngptkern: {DISABLE_HINT}"
+        raise JITBuildError(_failed) from None
+    if fresh:
+        with open(done, "w") as f:
+            f.write(f"{time.time()}\n")
+        print(f"gptkern: built gptkern._C in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
 def refuse(reason: str) -> None:
     """Make every later :func:`build` raise JITBuildError(reason)."""
     global _failed
@@ -122,29 +150,15 @@ def build(reason: str):
         _failed = f"gptkern: cannot build gptkern._C: {err}; {DISABLE_HINT}"
         raise JITBuildError(_failed) from None
     root = cache_dir()
-    os.makedirs(root, exist_ok=True)
     build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")
-    os.makedirs(build_dir, exist_ok=True)
-    done = os.path.join(build_dir, "built")
-    with build_lock(os.path.join(root, "build.lock")):
-        fresh = not os.path.exists(done)
-        if fresh:
-            print(f"gptkern: {reason}; building the C++ CPU kernels from {src} into {build_dir} "
-                  f"(once per source version, about a minute)", file=sys.stderr, flush=True)
-        start = time.monotonic()
-        try:
-            from torch.utils.cpp_extension import load
-
-            module = load(name="_C", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                          extra_include_paths=[src], build_directory=build_dir, with_cuda=False, verbose=False)
-        except Exception as err:  # the compiler's output is in the message
-            _failed = (f"gptkern: building the C++ extension gptkern._C from {src} failed:\n{err}\n"
-                       f"gptkern: {DISABLE_HINT}")
-            raise JITBuildError(_failed) from None
-        if fresh:
-            with open(done, "w") as f:
-                f.write(f"{time.time()}\n")
-            print(f"gptkern: built gptkern._C in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        with build_lock(os.path.join(root, "build.lock")):
+            module = _load(reason, src, sources, flags, build_dir)
+    except OSError as err:  # not a folder, read-only, full: under auto the torch backend serves
+        _failed = (f"gptkern: cannot build gptkern._C in the cache folder {root} ({err}); set GPTKERN_CACHE_DIR "
+                   f"to a writable folder, or {DISABLE_HINT}")
+        raise JITBuildError(_failed) from None
     module.jit_build_dir = build_dir
     sys.modules["gptkern._C"] = module
     return module

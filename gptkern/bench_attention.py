@@ -469,6 +469,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dense = {k: v for k, v in dense.items() if k in args.providers}
         varlen = {k: v for k, v in varlen.items() if k in args.providers}
         skipped = {k: v for k, v in skipped.items() if k in args.providers}
+    benchmark.check_output_files(parser, args)
 
     matmul = measure_matmul(defaults["matmul_n"] if args.matmul_n is None else args.matmul_n, dtype, device,
                             warmup, repeats)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
-from gptkern._files import write_atomic  # noqa: F401  (re-exported: the bench modules use it)
+from gptkern._files import output_file_problem, write_atomic  # noqa: F401  (write_atomic: the bench modules use it)
 from gptkern import _backend
 from gptkern.kernels import autotune, timing
 
@@ -414,11 +414,21 @@ def check_providers(parser: argparse.ArgumentParser, chosen: Optional[Sequence[s
                      f"choose from {', '.join(shown if shown is not None else known)}")
 
 
+def check_output_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--out-json and --out-md can be written (checked before any timing: they are written after)."""
+    for flag in ("out_json", "out_md"):
+        path = getattr(args, flag, None)
+        problem = path and output_file_problem(path)
+        if problem:
+            parser.error(f"argument --{flag.replace('_', '-')}: {path} {problem}")
+
+
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       providers: Sequence[str]) -> None:
     """--providers names only ``providers`` (and at least one), --repeats >= 2 and --warmup >= 0
     when given: else one argparse error line."""
     check_providers(parser, args.providers, providers)
+    check_output_files(parser, args)
     if args.repeats is not None and args.repeats < 2:
         parser.error(f"argument --repeats: must be >= 2, got {args.repeats}")
     if args.warmup is not None and args.warmup < 0:
@@ -466,6 +476,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "gptkern bench",
 
     timed, skipped = providers(device)
     check_providers(parser, args.providers, sorted(timed) + sorted(skipped))
+    check_output_files(parser, args)
     if args.providers is not None:
         timed = {k: v for k, v in timed.items() if k in args.providers}
         skipped = {k: v for k, v in skipped.items() if k in args.providers}

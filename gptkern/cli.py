@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from gptkern._jit import JITBuildError
 from gptkern.train.checkpoint import CheckpointWriteError
 
 
@@ -138,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # What a user's input or machine can cause (a missing file, a bad value, a backend named that cannot
-# serve the call, a full disk under a checkpoint): one line, not a traceback.
+# serve the call, a full disk under a checkpoint, a failed build of the C++ kernels, whose message
+# is the compiler's): the message, not a traceback.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ValueError, NotImplementedError, CheckpointWriteError)
+               ValueError, NotImplementedError, CheckpointWriteError, JITBuildError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -175,6 +175,25 @@ def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
     return json.loads(meta_file.read_text())
 
 
+# What a training run writes into its out_dir (gptkern/train/trainer.py, metrics.py, _files.py)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "loss.png", "tensorboard")
+
+
+def clear_training_run(out_dir: str) -> None:
+    """Delete the training run in ``out_dir`` (the demo's last one); a folder holding anything else
+    is refused, never deleted."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise ValueError(f"{out_dir} is not a folder; give the demo another --out")
+        return
+    other = sorted(name for name in os.listdir(out_dir)
+                   if name not in RUN_OUTPUTS and not name.startswith(tuple(f"{f}.tmp" for f in RUN_OUTPUTS)))
+    if other:
+        raise ValueError(f"{out_dir} holds files that are not a training run's ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); give the demo another --out")
+    shutil.rmtree(out_dir)
+
+
 def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], device: torch.device) -> None:
     """Steps 1-3: data, training, sampling."""
     import time
@@ -186,6 +205,7 @@ def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], d
     from gptkern.train.checkpoint import latest_checkpoint
 
     data = Path(out) / "data"
+    clear_training_run(str(Path(out) / "train"))  # a fresh run each time (checked before any work)
     print(f"== 1/4 data: the embedded corpus -> {data}")
     meta = prepare_corpus(data, corpus_chars)
     print(f"   {meta['splits']['train']['tokens']:,} training tokens, {meta['splits']['val']['tokens']:,} "
@@ -198,7 +218,6 @@ def pretrain_and_sample(out: str, minutes: float, corpus_chars: Optional[int], d
                          max_seconds=60 * minutes, seed=1337)
     print(f"\n== 2/4 training {config.preset} for up to {minutes:g} min on {device.type} "
           f"(loss, tokens/s{', MFU' if gpu else ''} in the bar)")
-    shutil.rmtree(config.out_dir, ignore_errors=True)  # a fresh run each time
     losses = train(config)
     print(f"   {len(losses)} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     path = latest_checkpoint(config.out_dir)

@@ -250,3 +250,42 @@ def test_bench_flags_named_and_every_backend_a_provider(capsys):
 def test_generate_names_its_flags(capsys, flags, message):
     err = run(capsys, "generate", "--checkpoint", "/nonexistent", "--prompt", "a", *flags)  # (checked first)
     assert message in err
+
+
+def test_a_failed_build_of_the_cpu_kernels_is_its_message_not_a_traceback(monkeypatch, capsys):
+    """A backend named explicitly whose JIT build fails (gptkern._jit.JITBuildError): the compiler's
+    message and the way out, exit status 2."""
+    from gptkern import cli
+    from gptkern._jit import JITBuildError
+
+    def boom(argv):
+        raise JITBuildError("gptkern: building the C++ extension gptkern._C failed:\nerror: broken\n"
+                            "gptkern: to run without the C++ kernels, use the torch backend")
+
+    monkeypatch.setitem(cli.FORWARDED, "generate", boom)
+    assert cli.main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert "gptkern generate: error: gptkern: building" in err and "error: broken" in err
+    assert "Traceback" not in err
+
+
+def test_finetune_help(capsys):
+    from gptkern import cli
+
+    assert cli.main(["finetune", "--help"]) == 0
+    assert "gptkern finetune classify --init CKPT" in capsys.readouterr().out
+    assert cli.main(["finetune"]) == 2
+
+
+def test_benchmark_output_files_are_checked_before_any_timing(tmp_path, capsys):
+    from gptkern import benchmark
+    from gptkern._files import output_file_problem
+
+    (tmp_path / "file").write_text("")
+    assert output_file_problem(str(tmp_path / "new" / "deeper" / "out.json")) is None  # folders made later
+    assert output_file_problem(str(tmp_path)) == "is a folder"
+    assert output_file_problem(str(tmp_path / "file" / "out.json")) == f"cannot be written: {tmp_path / 'file'} is a file"
+    for flag, path in (("--out-json", tmp_path), ("--out-md", tmp_path / "file" / "t.md")):
+        with pytest.raises(SystemExit) as exit_:
+            benchmark.main(["--quick", "--shapes", "4x8", flag, str(path)])
+        assert exit_.value.code == 2 and f"argument {flag}: {path} " in capsys.readouterr().err

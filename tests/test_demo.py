@@ -58,3 +58,28 @@ def test_demo_flags_and_a_corpus_prepared_with_another_cap(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds another dataset"):
         demo.prepare_corpus(tmp_path / "mine" / "data", 20_000)
     assert (tmp_path / "mine" / "data" / "raw" / "notes.txt").is_file()
+
+
+def test_demo_clears_only_a_training_run(tmp_path):
+    """The demo starts a fresh run over its last one; a train folder holding anything else (the
+    user's files) is refused and left as it was."""
+    import pytest
+
+    from gptkern import demo
+
+    run = tmp_path / "train"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json", "loss.png", "config.json.tmp123"):
+        (run / name).write_text("")
+    demo.clear_training_run(str(run))
+    assert not run.exists()
+    demo.clear_training_run(str(run))  # nothing there: nothing to do
+    run.mkdir()
+    (run / "checkpoints").mkdir()
+    (run / "precious.txt").write_text("important")
+    with pytest.raises(ValueError, match=r"holds files that are not a training run's \(precious.txt\)"):
+        demo.clear_training_run(str(run))
+    assert (run / "precious.txt").read_text() == "important"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a folder"):
+        demo.clear_training_run(str(tmp_path / "file"))

@@ -67,9 +67,11 @@ def test_import_never_builds(bare_package, broken_sources):
     env, cache = bare_package
     env["GPTKERN_SOURCE_DIR"] = broken_sources  # a build attempt would fail loudly
     out = run(env, "import gptkern; print(gptkern.available_backends()); "
-                   "from gptkern import _backend; print(_backend._EXT)")
+                   "from gptkern import _backend; print(_backend._EXT); _backend._extension(); "
+                   "print(_backend._EXT_MISSING)")
     assert out.returncode == 0, out.stderr
     assert "'cpu'" in out.stdout and "None" in out.stdout  # available through the fallback, not built
+    assert "gptkern._C is not built" in out.stdout  # (not a "circular import")
     assert "building" not in out.stderr
     assert not cache.exists() or not any(cache.iterdir())
 
@@ -121,3 +123,29 @@ def test_first_cpu_use_builds_then_reuses(bare_package):
     assert "OK module True" in again.stdout
     assert "building" not in again.stderr  # loaded from the cache
     assert len([d for d in cache.iterdir() if d.is_dir()]) == 1
+
+
+def test_a_killed_build_leaves_no_lock_that_hangs_the_next(bare_package, broken_sources):
+    """torch's own lock file in the build folder, left by a build that was killed, is cleared
+    under gptkern's lock: the next build runs (here it fails at once: broken sources) rather
+    than wait forever."""
+    env, cache = bare_package
+    env["GPTKERN_SOURCE_DIR"] = broken_sources
+    assert run(env, USE_CPU).returncode == 3
+    (build_dir,) = [d for d in cache.iterdir() if d.is_dir()]
+    (build_dir / "lock").write_text("")  # as a SIGKILL during torch's build leaves it
+    out = run(env, USE_CPU, timeout=120)
+    assert out.returncode == 3 and "broken on purpose" in out.stdout, out.stdout + out.stderr
+
+
+def test_an_unusable_cache_folder_is_a_build_error_and_auto_moves_on(bare_package, tmp_path):
+    env, _ = bare_package
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    env["GPTKERN_CACHE_DIR"] = str(not_a_folder / "cache")
+    out = run(env, USE_CPU)
+    assert out.returncode == 3 and "JITBuildError" in out.stdout and "cache folder" in out.stdout, out.stdout
+    assert "GPTKERN_CACHE_DIR" in out.stdout
+    out = run(env, "import torch, gptkern; q = torch.randn(1, 2, 8, 16); "
+                   "print(gptkern.ops.scaled_dot_product_attention(q, q, q).shape)")
+    assert out.returncode == 0 and "torch.Size([1, 2, 8, 16])" in out.stdout, out.stdout + out.stderr

@@ -70,9 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     """``gptkern finetune classify --init CKPT --data train.csv --val val.csv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: gptkern finetune classify --init CKPT --data train.csv --val val.csv [--steps N ...]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\nFine-tune a pretrained GPT checkpoint as a text classifier (CSV columns text, label); "
+              f"`gptkern finetune classify -h` lists its flags.")
+        return 0
     if argv[:1] != ["classify"]:
-        print("usage: gptkern finetune classify --init CKPT --data train.csv --val val.csv [--steps N ...]",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     from gptkern.train.tasks import main_classify
 
