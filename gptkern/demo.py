@@ -177,6 +177,7 @@ def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
 
 # What a training run writes into its out_dir (gptkern/train/trainer.py, metrics.py, _files.py)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "loss.png", "tensorboard")
+FILE_MANAGER_LEFTOVERS = (".DS_Store", "Thumbs.db", "desktop.ini")  # what browsing the folder may add
 
 
 def clear_training_run(out_dir: str) -> None:
@@ -187,7 +188,8 @@ def clear_training_run(out_dir: str) -> None:
             raise ValueError(f"{out_dir} is not a folder; give the demo another --out")
         return
     other = sorted(name for name in os.listdir(out_dir)
-                   if name not in RUN_OUTPUTS and not name.startswith(tuple(f"{f}.tmp" for f in RUN_OUTPUTS)))
+                   if name not in RUN_OUTPUTS + FILE_MANAGER_LEFTOVERS
+                   and not name.startswith(tuple(f"{f}.tmp" for f in RUN_OUTPUTS)))
     if other:
         raise ValueError(f"{out_dir} holds files that are not a training run's ({', '.join(other[:3])}"
                          f"{', ...' if len(other) > 3 else ''}); give the demo another --out")

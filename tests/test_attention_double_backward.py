@@ -140,6 +140,7 @@ def test_empty_with_dropout(backend, shapes):
 def test_with_dropout_uses_the_kernels_mask(backend, varlen_case):
     """create_graph=True with dropout: the composition applies the kernels' own factors, so its
     gradients equal the kernel backward's for the same seed, and they differentiate again."""
+    torch.manual_seed(0)  # (inputs of their own: not whatever the tests before left in the generator)
     dt = DROPOUT_DTYPE
     if varlen_case:
         leaves = leaves_of(rand(30, 4, 8, dtype=dt), rand(33, 2, 8, dtype=dt), rand(33, 2, 8, dtype=dt))
@@ -159,7 +160,10 @@ def test_with_dropout_uses_the_kernels_mask(backend, varlen_case):
         with gptkern.backend(backend):
             out = fn(*leaves)
         grads.append(torch.autograd.grad(out.float().square().sum(), leaves, create_graph=create_graph))
-    assert_all_close(grads[0], [g.detach() for g in grads[1]], tol=DROPOUT_TOL)
+    for got, want in zip(grads[0], grads[1]):  # (an entry that is 0 exactly in one: fp32 noise in the other)
+        scale = want.detach().double().abs().max().item()
+        torch.testing.assert_close(got.double(), want.detach().double(), atol=DROPOUT_TOL * max(scale, 1.0),
+                                   rtol=DROPOUT_TOL)
     second = torch.autograd.grad(sum(g.float().square().sum() for g in grads[1]), leaves)
     assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in second)
 

@@ -69,7 +69,7 @@ def test_demo_clears_only_a_training_run(tmp_path):
 
     run = tmp_path / "train"
     (run / "checkpoints" / "step_00000010").mkdir(parents=True)
-    for name in ("metrics.jsonl", "config.json", "loss.png", "config.json.tmp123"):
+    for name in ("metrics.jsonl", "config.json", "loss.png", "config.json.tmp123", ".DS_Store"):
         (run / name).write_text("")
     demo.clear_training_run(str(run))
     assert not run.exists()

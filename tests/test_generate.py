@@ -1,4 +1,5 @@
 """generate(): parity with transformers' greedy search, cache equivalence, sampling, stopping, streaming."""
+import numpy as np
 import pytest
 import torch
 
@@ -280,6 +281,9 @@ def test_bad_arguments():
         generate(model, torch.zeros(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         generate(model, prompt, 3, attention_mask=mask, cuda_graph=True)  # before any step runs
+    # nothing graphed without the cache: as asked, whatever the device
+    assert generate(model, prompt, 2, attention_mask=mask, cuda_graph=np.bool_(True), use_cache=False).shape[1] == \
+        prompt.shape[1] + 2
     with pytest.raises(TypeError, match="cuda_graph"):
         generate(model, prompt, 3, attention_mask=mask, cuda_graph="yes")
     with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):
@@ -313,8 +317,7 @@ def test_bad_arguments():
         generate(model, prompt, True, attention_mask=mask)
     with pytest.raises(TypeError, match="temperature"):
         generate(model, prompt, 2, attention_mask=mask, temperature=None)
-    import numpy as np  # numbers as numpy scalars and 0-d tensors are fine
-
+    # numbers as numpy scalars and 0-d tensors are fine
     sampled = [generate(model, prompt, 3, attention_mask=mask, do_sample=True, seed=seed, temperature=t)
                for seed, t in ((np.int64(3), torch.tensor(1)), (3, 1.0))]
     assert torch.equal(*sampled)
@@ -324,8 +327,6 @@ def test_bad_arguments():
 
 
 def test_eos_token_id_as_tensor_or_numpy_int():
-    import numpy as np
-
     _, model = hf_and_gpt()
     prompt, mask = left_padded([6, 2, 4], seed=3)
     free = generate(model, prompt, 10, attention_mask=mask)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from gptkern.generation import cuda_graph as graphs
@@ -203,12 +204,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         generator = torch.Generator(device=model_device).manual_seed(int(seed))
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
-    elif not isinstance(cuda_graph, bool):
+    elif not isinstance(cuda_graph, (bool, np.bool_)):
         raise TypeError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
-    elif cuda_graph:
-        graphs.check_device(model_device)
+    cuda_graph = bool(cuda_graph)
     shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
     use_cache = use_cache and max_new_tokens > 0
+    if cuda_graph and use_cache:  # (only the cached decode steps are graphed)
+        graphs.check_device(model_device)
     # the graphed path takes the model's kept cache when the generator starts, and gives it back
     # when it ends (a stream that is never iterated holds nothing)
     kv_cache = make_cache(model, *shape) if use_cache and not cuda_graph else None
