@@ -113,6 +113,9 @@ def test_unsupported_models_and_configs(tmp_path):
         GPT.from_hf(tmp_path / "missing")
     with pytest.raises(TypeError, match="GPT2LMHeadModel or a directory"):
         GPT.from_hf(42)
+    # one dropout rate: different ones are said, not silently merged
+    with pytest.warns(UserWarning, match="dropout rates .* differ"):
+        assert GPT.from_hf(hf_gpt2(resid_pdrop=0.0, attn_pdrop=0.3, embd_pdrop=0.3)).config.dropout == 0.0
 
 
 FAMILIES = {

@@ -68,6 +68,9 @@ def test_bad_inputs():
         model(torch.tensor([[1, -1, 2]]))
     with pytest.raises(TypeError, match="int64"):
         model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="attention_mask and doc_bounds cannot be combined"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4),
+              doc_bounds=(torch.tensor([0, 4], dtype=torch.int32), 4))
     # rope has no table of positions: longer sequences run
     rope = GPT(tiny("llama-tiny"))
     assert rope(torch.zeros(1, 40, dtype=torch.long))[0].shape == (1, 40, 97)
@@ -101,6 +104,14 @@ def test_initialisation_and_tying():
     untied = GPT(tiny("llama-tiny"))
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert untied.transformer.h[0].attn.c_attn.bias is None
+    # built on the meta device, then materialised and initialised: tied again, as built directly
+    for name in ("gpt2-tiny", "llama-tiny"):
+        with torch.device("meta"):
+            lazy = GPT(tiny(name))
+        lazy.to_empty(device="cpu")
+        lazy.reset_parameters()
+        assert (lazy.lm_head.weight is lazy.transformer.wte.weight) == lazy.config.tie_weights
+        assert lazy.num_params() == GPT(tiny(name)).num_params()
 
 
 def test_flops_per_token():
@@ -289,8 +300,10 @@ def test_models_pickle_and_numpy_config_values():
         buffer.seek(0)
         copy_ = torch.load(buffer, weights_only=False)
         assert copy_.lm_head.weight is (copy_.transformer.wte.weight if isinstance(copy_, GPT) else copy_.tgt_emb.weight)
-    cfg = GPTConfig.from_name("gpt2-tiny", n_layer=np.int64(2), norm_eps=np.float32(1e-5), window=np.int32(8))
+    cfg = GPTConfig.from_name("gpt2-tiny", n_layer=np.int64(2), norm_eps=np.float32(1e-5), window=np.int32(8),
+                              dropout=np.float32(0.1))
     assert type(cfg.n_layer) is int and type(cfg.norm_eps) is float and type(cfg.window) is int
+    assert type(cfg.dropout) is float and type(Seq2SeqConfig(dropout=np.float32(0.1)).dropout) is float
 
 
 def test_activation_checkpointing_recomputes_with_the_forward_backend():

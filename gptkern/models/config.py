@@ -85,6 +85,7 @@ class GPTConfig:
         if (not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool)
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)  # numpy numbers too, stored as a float (JSON)
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.window is not None:

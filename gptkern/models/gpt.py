@@ -101,6 +101,9 @@ class GPTBody(nn.Module):
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "
                              f"{list(attention_mask.shape)}")
+        if attention_mask is not None and doc_bounds is not None:  # (the document path reads no padding)
+            raise ValueError("attention_mask and doc_bounds cannot be combined: packed documents have no "
+                             "padding (give the real tokens' document bounds instead)")
         if decoding:  # new tokens follow each sequence's cached ones; no padding in the cache
             attention_mask = None
             position_ids = cache.seqlens.long()[:, None] + torch.arange(idx.shape[1], device=idx.device)
@@ -158,6 +161,7 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        self._tie()  # (a model materialised with to_empty() has lost its tie)
         gpt2_init_(self, self.config.n_layer, self.config.init_std)
 
     def _tie(self) -> None:

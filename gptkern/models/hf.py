@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,6 +36,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
         if hf.get(flag, supported) != supported:
             raise ValueError(f"GPT-2 option {flag}={hf[flag]} is not supported")
     n_embd = hf.get("n_embd", 768)
+    rates = {name: hf.get(name, 0.0) for name in ("resid_pdrop", "attn_pdrop", "embd_pdrop")}
+    if len(set(rates.values())) > 1:  # GPTConfig has one dropout rate (training only)
+        warnings.warn(f"GPT-2 dropout rates {rates} differ; gptkern's GPT applies one rate everywhere: "
+                      f"resid_pdrop={rates['resid_pdrop']} (set config.dropout to choose another)", stacklevel=2)
     return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
                      mlp_hidden=hf.get("n_inner") or 4 * n_embd, activation=_ACTIVATIONS_FROM_HF[activation],

@@ -51,6 +51,7 @@ class Seq2SeqConfig:
         if (not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool)
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)  # numpy numbers too, stored as a float (JSON)
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd
         if not is_int(self.mlp_hidden) or self.mlp_hidden < 1:
