@@ -23,6 +23,15 @@ if [ $# -ne 1 ]; then
   echo "usage: $0 OUTDIR" >&2
   exit 2
 fi
+# every step's name, as in its `step NAME ...` line below: a name mistyped in GPU_CHECK_STEPS is
+# an error here, not a run of the build alone
+STEPS=" build linkage pytest_cuda pytest_attention info bench_attention bench_train bench_generate pytest bench_softmax bench_norms "
+for name in ${GPU_CHECK_STEPS//,/ }; do
+  if [[ "$STEPS" != *" $name "* ]]; then
+    echo "GPU_CHECK_STEPS: unknown step '$name'; the steps:$STEPS" >&2
+    exit 2
+  fi
+done
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 WORK=$(mktemp -d)       # per-step logs and Markdown tables, gathered into OUTDIR at the end

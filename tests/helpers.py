@@ -108,3 +108,16 @@ def assert_argument_error(main, argv: list[str], flag: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def forced_config_runs(per_kernel: dict) -> list[dict]:
+    """Forced (fwd, dq, dkdv) configurations so that each of every kernel's candidates runs once
+    at least: the i-th of each kernel together, and, where the i-th dK/dV adds dQ up atomically
+    (no dQ kernel runs then), once more with the default dK/dV so the i-th dQ runs too."""
+    runs = []
+    for i in range(max(len(c) for c in per_kernel.values())):
+        chosen = {name: c[i % len(c)] for name, c in per_kernel.items()}
+        runs.append(chosen)
+        if chosen["dkdv"].atomic_dq:
+            runs.append({**chosen, "dkdv": per_kernel["dkdv"][0]})
+    return runs

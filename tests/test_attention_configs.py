@@ -294,6 +294,21 @@ def test_atomic_dq_never_serves_masks_or_varlen(case, monkeypatch):
         torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_the_gpu_test_forces_every_candidate_of_every_kernel(d):
+    """tests/test_gpu_attention.py forces each Hopper candidate in turn (forced_config_runs): every
+    one of every kernel runs there, the dQ ones too when paired with an atomic dK/dV (which runs
+    no dQ kernel)."""
+    from gptkern.kernels import attention
+    from helpers import forced_config_runs
+
+    per_kernel = {name: attention.configs(name, d, d, False, attention.PLAIN, (9, 0)) for name in ("fwd", "dq", "dkdv")}
+    ran = {(name, run[name]) for run in forced_config_runs(per_kernel) for name in ("fwd", "dkdv")}
+    ran |= {("dq", run["dq"]) for run in forced_config_runs(per_kernel) if not run["dkdv"].atomic_dq}
+    assert ran == {(name, c) for name, cs in per_kernel.items() for c in cs}
+    assert any(c.atomic_dq for c in per_kernel["dkdv"])
+
+
 def test_atomic_dq_is_timed_as_a_whole_backward_and_never_deterministic(monkeypatch):
     """With atomic candidates, the dQ kernel is tuned first and every plain dK/dV candidate is timed
     together with it, against the atomic one alone; torch's deterministic mode never gets the atomic

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import gptkern
-from helpers import assert_close
+from helpers import assert_close, forced_config_runs
 
 pytestmark = pytest.mark.gpu
 
@@ -198,10 +198,9 @@ def test_every_autotuning_alternative_is_correct(monkeypatch, d):
     used = []
     original = attention._descriptors
     monkeypatch.setattr(attention, "_descriptors", lambda *args: used.append((args[0], args[2])) or original(*args))
-    for i in range(max(len(c) for c in per_kernel.values())):
-        chosen = {name: c[i % len(c)] for name, c in per_kernel.items()}
+    for chosen in forced_config_runs(per_kernel):
         with monkeypatch.context() as m:
-            m.setattr(attention, "configs", lambda name, *args: (chosen[name],))
+            m.setattr(attention, "configs", lambda name, *args, chosen=chosen: (chosen[name],))
             run_and_check()
     assert set(used) == {(c, name) for name, cs in per_kernel.items() for c in cs if c.tma}  # each TMA one ran
     autotune.reset()

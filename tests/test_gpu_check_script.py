@@ -20,3 +20,15 @@ def test_selected_steps_only(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| info | 0 |" in summary and "torch:" in summary
     assert "======== info" in (tmp_path / "steps.log").read_text()
+
+
+def test_a_mistyped_step_name_is_refused(tmp_path):
+    """GPU_CHECK_STEPS names only steps the script has (its list matches its `step NAME` lines)."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    listed = script.split('STEPS=" ')[1].split(' "')[0].split()
+    assert listed == [line.split()[1] for line in script.splitlines() if line.startswith("step ")]
+    env = {**os.environ, "GPU_CHECK_STEPS": "info,bench_trian"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown step 'bench_trian'" in result.stderr
+    assert not (tmp_path / "out").exists()
