@@ -471,8 +471,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         skipped = {k: v for k, v in skipped.items() if k in args.providers}
     benchmark.check_output_files(parser, args)
 
-    matmul = measure_matmul(defaults["matmul_n"] if args.matmul_n is None else args.matmul_n, dtype, device,
-                            warmup, repeats)
+    matmul_n = defaults["matmul_n"] if args.matmul_n is None else args.matmul_n
+    try:
+        matmul = measure_matmul(matmul_n, dtype, device, warmup, repeats)
+    except (RuntimeError, MemoryError) as exc:  # (torch.OutOfMemoryError is a RuntimeError)
+        parser.error(f"argument --matmul-n: {matmul_n}x{matmul_n} matrices in {str(dtype).removeprefix('torch.')} "
+                     f"do not fit on {device}: {benchmark._error(exc)}")
     lengths = varlen_lengths(tokens)
     report = {"meta": {**metadata(device, argv, warmup, repeats), "bwd_timing": BWD_TIMING},
               "complete": False, "tokens": tokens, "width": width, "matmul": matmul,

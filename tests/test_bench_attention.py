@@ -136,3 +136,10 @@ def test_matmul_n_out_of_range_is_an_error(n, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_attention.main(["--matmul-n", n])
     assert exit_info.value.code == 2 and "argument --matmul-n: must be a positive int" in capsys.readouterr().err
+
+
+def test_a_roof_matmul_too_large_to_allocate_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_attention.main(["--quick", "--matmul-n", "1000000"])  # two 4 TB float32 matrices
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --matmul-n: 1000000x1000000 matrices" in err and "do not fit" in err
