@@ -121,6 +121,17 @@ def test_top_k_top_p_filters():
     assert kept(filter_top_k_top_p(logits, 0, None)) == [True] * 4  # 0: no top-k, as transformers reads it
 
 
+def test_temperature_scales_the_logits_before_top_p():
+    """As transformers' warpers run: temperature 3 flattens [.5, .3, .15, .05] to about
+    [.34, .28, .23, .16], so top_p=0.7 keeps three tokens (filtering unscaled logits keeps two)."""
+    from gptkern.generation.sampling import next_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    drawn = next_tokens(logits, torch.zeros(4000, 1, dtype=torch.long), True, 3.0, None, 0.7, 1.0,
+                        torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1, 2}
+
+
 def test_top_p_matches_transformers_with_ties():
     """Tied logits at the cut: the same tokens stay as with transformers' TopPLogitsWarper, so
     seeded sampling agrees with it there too."""
@@ -213,6 +224,10 @@ def test_eos_stops_each_sequence_and_pads():
             assert new[:stop + 1] == ref[:stop + 1] and all(t == 0 for t in new[stop + 1:])
     if all(any(t in (eos, 98) for t in free[r, 6:].tolist()) for r in range(3)):
         assert out.shape[1] < free.shape[1]  # everyone stopped: generation ended early
+    # without pad_token_id, the first EOS id pads
+    new = generate(model, prompt, 10, attention_mask=mask, eos_token_id=[eos, 98])[0, 6:].tolist()
+    stop = new.index(eos)
+    assert new[stop + 1:] and all(t == eos for t in new[stop + 1:])
 
 
 class CharTokenizer:

@@ -133,3 +133,13 @@ def test_an_accepted_learning_rate_takes_an_adamw_step(lr, beta1, weight_decay):
     optimizer = make_optimizer(model, cfg, torch.device("cpu"))
     optimizer.step()  # raised "value cannot be converted to type float without overflow" at lr 1e38
     assert TrainConfig(lr=1.0, min_lr=0.5).lr == 1.0  # large but sane rates stay accepted
+
+
+def test_learning_rate_schedule():
+    """Linear warmup from lr / warmup_steps at step 0 to lr, then cosine down to min_lr at max_steps."""
+    from gptkern.train.trainer import learning_rate
+
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=12)
+    assert [learning_rate(c, s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert learning_rate(c, 8) == pytest.approx(0.55)  # halfway through the decay: (lr + min_lr) / 2
+    assert learning_rate(c, 12) == pytest.approx(0.1) and learning_rate(c, 50) == pytest.approx(0.1)

@@ -86,6 +86,14 @@ def test_windows(backend, causal, window):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(1, 1), (0, 1), (1, 0), (2, 3)])
+def test_narrow_windows_over_several_key_blocks(backend, window):
+    """Windows of a few keys on sequences longer than two 64-key blocks: the backward kernels'
+    query ranges per key block end exactly at a block's first rows for some of them."""
+    check(backend, torch.float32, [100, 7], [100, 9], causal=False, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_windows_wider_than_every_sequence_are_unbounded(backend):
     """A window side past every key (up to 2**63 - 1) sees what -1 sees: no kernel adds it to a
     position and wraps around (Triton's int32 sums gave all zeros), with L != S either way."""
