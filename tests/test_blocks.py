@@ -159,3 +159,18 @@ def test_block_is_pre_norm_residual():
     assert isinstance(block.ln_1, gptkern.nn.RMSNorm)
     with pytest.raises(ValueError, match="norm"):
         Block(32, 4, norm="batchnorm")
+
+
+@pytest.mark.parametrize("base", [10000.0, 100.0])
+def test_rotary_is_llama_and_hugging_face_half_split(base):
+    """Half-split RoPE as Llama / Hugging Face lay it out (weights in that convention load as they
+    are): out[:h] = x1 cos - x2 sin, out[h:] = x2 cos + x1 sin, at frequencies base ** (-2i / d)."""
+    d, pos = 4, 3
+    x = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]], dtype=torch.float64)  # (B, H, L, D)
+    cos, sin = rope_cos_sin(torch.tensor([pos]), d, base, dtype=torch.float64)
+    freqs = [base ** (-i / d) for i in (0, 2)]
+    c = torch.tensor([math.cos(pos * f) for f in freqs], dtype=torch.float64)
+    s = torch.tensor([math.sin(pos * f) for f in freqs], dtype=torch.float64)
+    x1, x2 = x[..., :2], x[..., 2:]
+    torch.testing.assert_close(apply_rotary(x, cos, sin), torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1),
+                               atol=1e-6, rtol=1e-6)  # (angles in fp32)

@@ -527,3 +527,11 @@ def test_document_bounds_drive_varlen_attention():
         ref = torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)),
                                                                is_causal=True).transpose(0, 1)
         torch.testing.assert_close(out[s:e], ref, atol=2e-5, rtol=2e-5)
+
+
+def test_the_validation_split_always_leaves_a_training_document():
+    from gptkern.data.prepare import split_documents
+
+    for n_docs, fraction in ((1, 0.6), (3, 0.9), (10, 0.97)):
+        val = split_documents(n_docs, fraction, seed=0)
+        assert int(val.sum()) == max(n_docs - 1, 0) and int((~val).sum()) >= 1

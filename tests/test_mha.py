@@ -364,3 +364,12 @@ def test_queries_that_see_no_key_as_torch(backend, bias):
             assert torch.equal(out.isnan(), ref.isnan()), (kwargs, train)
             assert out.isnan().any() == (bias and not train)  # the case is one: NaN on the fast path only
             torch.testing.assert_close(out.nan_to_num(7.0), ref.nan_to_num(7.0), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_zero_attn_alone_as_torch(backend):
+    """add_zero_attn without add_bias_kv (a zero key and value appended) takes torch's path too."""
+    torch.manual_seed(0)
+    ours, theirs = pair(embed_dim=16, num_heads=2, add_zero_attn=True)
+    x = torch.randn(5, 2, 16, device=DEVICE)
+    run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)

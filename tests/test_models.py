@@ -365,3 +365,13 @@ def test_export_with_a_dynamic_batch_under_auto():
             program = torch.export.export(module, (torch.randn(8, 256),), dynamic_shapes=({0: Dim("B")},))
         x = torch.randn(5000, 256)
         torch.testing.assert_close(program.module()(x), module(x))
+
+
+def test_rope_base_reaches_the_model():
+    torch.manual_seed(0)
+    a = GPT(tiny("llama-tiny")).eval()
+    b = GPT(tiny("llama-tiny", rope_base=100.0)).eval()
+    b.load_state_dict(a.state_dict())
+    ids = random_ids(a.config)
+    with torch.no_grad():
+        assert not torch.allclose(a(ids)[0], b(ids)[0], atol=1e-4)

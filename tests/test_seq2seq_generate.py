@@ -180,3 +180,33 @@ def test_beams_running_at_the_last_step_are_scored_whatever_early_stopping(early
     out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 2, bos_token_id=m.BOS, eos_token_id=m.EOS,
                            num_beams=2, length_penalty=1.0, early_stopping=early_stopping)
     assert out.tolist() == [[m.BOS, m.A, m.A]]
+
+
+class _EosFirst(_BigramDecoder):
+    # p(. | BOS) = (0, .4, 0, .6): EOS at once scores log .6 / 1 = -0.51; the beam A A still running
+    # at the end has log(.4 * .6) = -1.43 over 2 generated tokens = -0.71 and loses (counting BOS,
+    # over 3, it would score -0.48 and win).
+    PROBS = {0: [0, .4, 0, .6], 1: [0, .6, 0, .4], 2: [0, .3, .3, .4]}
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_running_beams_are_penalized_by_their_generated_length(early_stopping):
+    m = _EosFirst()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 2, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=1.0, early_stopping=early_stopping)
+    assert out.tolist() == [[m.BOS, m.EOS]]
+
+
+class _StopsEarly(_BigramDecoder):
+    PROBS = {0: [0, .01, .87, .12], 1: [0, .03, .85, .12], 2: [0, .48, .01, .51]}
+
+
+def test_early_stopping_false_compares_with_the_kth_best_finished():
+    """After 4 generated tokens four hypotheses have finished; the 2nd best of them (-0.427, with
+    num_beams=2) beats the best running beam at its length (-0.442), so the source is done with
+    B EOS (-0.406), as with transformers' early_stopping=False. Comparing with the worst finished
+    one (-2.12) would search on and return B A B A B (-0.386)."""
+    m = _StopsEarly()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 5, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=1.0, early_stopping=False)
+    assert out.tolist() == [[m.BOS, m.B, m.EOS]]

@@ -548,3 +548,17 @@ def test_resume_takes_this_runs_weight_decay_and_betas(data_dir, tmp_path, capsy
     capsys.readouterr()
     train(config(data_dir, tmp_path / "a", max_steps=6, resume=True))
     assert "nothing to train" in capsys.readouterr().err
+
+
+def test_rng_state_round_trip_restores_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    torch.save(ckpt.rng_state(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    first = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == first
