@@ -373,3 +373,53 @@ def test_add_zero_attn_alone_as_torch(backend):
     ours, theirs = pair(embed_dim=16, num_heads=2, add_zero_attn=True)
     x = torch.randn(5, 2, 16, device=DEVICE)
     run_both(ours, theirs, (x, x, x), dict(need_weights=False), backend)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_output_is_contiguous_so_view_works_as_after_torch(batch_first, train):
+    """torch's sequence-first output is a contiguous (L, B, E) tensor (code calls .view on it);
+    gptkern's is contiguous in both layouts."""
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=batch_first)
+    x = torch.randn(4, 3, 8, device=DEVICE)
+    for module in (ours, theirs):
+        module.train(train)
+    for kv in (x, torch.randn(4, 3, 8, device=DEVICE)):
+        with torch.set_grad_enabled(train):
+            out, ref = ours(x, kv, kv, need_weights=False)[0], theirs(x, kv, kv, need_weights=False)[0]
+        assert out.is_contiguous() and out.shape == ref.shape
+        if not train:
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        assert out.view(-1, 8).shape == (12, 8)
+
+
+@pytest.mark.parametrize("trace", ["compile", "make_fx", "export"])
+def test_queries_that_see_no_key_while_traced_as_torch(trace):
+    """Under torch.compile, make_fx and torch.export torch's module leaves its fast path, so a
+    query that sees no key gets 0 there rather than NaN; gptkern's too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ours, theirs = pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(2, 4, 8, device=DEVICE)
+    kpm = torch.zeros(2, 4, dtype=torch.bool, device=DEVICE)
+    kpm[0] = True
+    outs = []
+    for module in (theirs.eval(), ours.eval()):
+        class Call(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attention = module
+
+            def forward(self, x, kpm):
+                return self.attention(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+        with torch.no_grad():
+            if trace == "compile":
+                outs.append(torch.compile(Call(), backend="eager", fullgraph=True)(x, kpm))
+            elif trace == "make_fx":
+                outs.append(make_fx(Call())(x, kpm)(x, kpm))
+            else:
+                outs.append(torch.export.export(Call(), (x, kpm)).module()(x, kpm))
+    assert not outs[0].isnan().any()  # torch's own behaviour, which the test assumes
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+    assert torch.equal(outs[1][0], torch.zeros_like(outs[1][0]).add_(ours.out_proj.bias))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import ops
+from gptkern.ops import _fx
 
 
 def _sdpa_mask(mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
@@ -84,6 +85,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if torch.jit.is_scripting():  # TorchScript runs torch's attention (gptkern's ops are Python)
             return self._torch_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                        average_attn_weights, is_causal)
+        node = _fx.leaf_call(self, (query, key, value), dict(  # torch.fx keeps torch.nn's modules as leaves
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal))
+        if node is not None:
+            return node
         if (need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() not in (2, 3)
                 or query.is_nested or (self.training and self.dropout >= 1.0)):  # p = 1: torch's zeros
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
@@ -113,22 +119,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if same:
             key = value = query
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows)
-        if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        seq_first = not unbatched and not self.batch_first
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows, seq_first)
+        return (out.squeeze(0) if unbatched else out), None
 
     def _torch_fast_path(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor] = None) -> bool:
         """Whether torch's module would enter its fused fast path (eval-mode batched self-attention
         with nothing requiring grad), which reads attn_mask even with the is_causal hint (without
         biases too: it merges the masks before it finds none and turns back), and gives NaN to a
-        query that may attend to no key (its other paths give 0)."""
+        query that may attend to no key (its other paths give 0). Not while torch.compile, torch.export
+        or make_fx traces, nor for tensors with ``__torch_function__``: torch's turns back there too."""
         params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         devices = ("cpu", "cuda", torch._C._get_privateuse1_backend_name())
-        return (torch.backends.mha.get_fastpath_enabled() and query.dim() == 3 and query is key
+        return (torch.backends.mha.get_fastpath_enabled() and not _tracing()
+                and not torch.overrides.has_torch_function((query, *params)) and query.dim() == 3 and query is key
                 and all(t is None or t.device.type in devices for t in (query, *params))
                 and key is value and not self.training and self.num_heads % 2 == 0 and self.batch_first
                 and self._qkv_same_embed_dim and query.dtype == self.in_proj_weight.dtype
@@ -167,8 +172,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(e, dim=-1)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows: bool = False):
-        """nan_rows: a query that may attend to no key gets NaN (torch's fast path), else 0."""
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, nan_rows: bool = False,
+                seq_first: bool = False):
+        """(B, seq, E) inputs; the output (B, L, E), or with ``seq_first`` (L, B, E), contiguous as
+        torch's. nan_rows: a query that may attend to no key gets NaN (torch's fast path), else 0."""
         b, l, e = query.shape
         s = key.shape[1]
         h, dh = self.num_heads, self.head_dim
@@ -209,11 +216,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         dropout = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=bool(is_causal))
-        out = out.transpose(1, 2).reshape(b, l, self.embed_dim)
+        # (B, H, L, Ev) -> (L, B, E) or (B, L, E)
+        out = out.permute(2, 0, 1, 3).reshape(l, b, e) if seq_first else out.transpose(1, 2).reshape(b, l, e)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # as torch: out_proj's hooks do not run
         if nan_rows and mask is not None:  # (no host sync: a GPU call, a compiled or captured one, runs on)
-            out = out.masked_fill(_rows_seeing_nothing(mask, bool(is_causal), b, l)[..., None], float("nan"))
+            dead = _rows_seeing_nothing(mask, bool(is_causal), b, l)  # (B, L)
+            out = out.masked_fill((dead.t() if seq_first else dead)[..., None], float("nan"))
         return out
+
+
+def _tracing() -> bool:
+    """torch.compile, torch.export or make_fx is tracing (where torch's MultiheadAttention leaves its
+    fast path)."""
+    make_fx_tracing = getattr(torch.nn.modules.activation, "_is_make_fx_tracing", None)
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or (make_fx_tracing is not None and make_fx_tracing()))
 
 
 def _rows_seeing_nothing(mask: torch.Tensor, is_causal: bool, b: int, l: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import ops
+from gptkern.ops import _fx
 
 
 class Linear(torch.nn.Linear):
@@ -14,4 +15,7 @@ class Linear(torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript runs torch's kernel (gptkern's ops are Python)
             return F.linear(input, self.weight, self.bias)
+        node = _fx.leaf_call(self, (input,), {})  # torch.fx keeps torch.nn's modules as leaves
+        if node is not None:
+            return node
         return ops.linear(input, self.weight, self.bias)

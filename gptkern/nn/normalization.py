@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import ops
+from gptkern.ops import _fx
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -13,6 +14,9 @@ class LayerNorm(torch.nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript runs torch's kernel (gptkern's ops are Python)
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        node = _fx.leaf_call(self, (input,), {})  # torch.fx keeps torch.nn's modules as leaves
+        if node is not None:
+            return node
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -22,4 +26,7 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        node = _fx.leaf_call(self, (x,), {})
+        if node is not None:
+            return node
         return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)

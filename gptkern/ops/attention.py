@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autocast, _autograd, _checks, cuda_attention
+from gptkern.ops import _autocast, _autograd, _checks, _fx, cuda_attention
 from gptkern.ops import attention_double_backward as double_backward
 from gptkern.ops._checks import (check_bool_arg, check_float_arg, check_tensor, device_guard, kernel_seed,
                                  triton_dtype_support)
@@ -284,6 +284,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Returns:
         (..., Hq, L, Ev), in query's dtype.
     """
+    proxy = _fx.proxy_in(query, key, value, attn_mask)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(scaled_dot_product_attention, proxy, query, key, value, attn_mask, dropout_p, is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(t, name)
     if attn_mask is not None:
@@ -568,6 +572,10 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     Returns:
         (total_q, H, Dv) in q's dtype.
     """
+    proxy = _fx.proxy_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(flash_attn_varlen, proxy, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          dropout_p, causal, scale, window_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name)
     q, k, v = _autocast.lower_precision(q, k, v)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autocast, _autograd, _checks, cuda_attention
+from gptkern.ops import _autocast, _autograd, _checks, _fx, cuda_attention
 from gptkern.ops._checks import check_float_arg, check_tensor, triton_dtype_support
 
 
@@ -176,6 +176,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns:
         (B, H, Lq, Dv), in q's dtype (under autocast, the autocast dtype, as torch's SDPA).
     """
+    proxy = _fx.proxy_in(q, k_cache, v_cache, cache_seqlens, block_table)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(decode_attention, proxy, q, k_cache, v_cache, cache_seqlens, scale, block_table)
     if isinstance(q, torch.Tensor):  # else _check names the argument
         q, k_cache, v_cache = _autocast.lower_precision(q, k_cache, v_cache)
     _check(q, k_cache, v_cache, cache_seqlens, scale, block_table)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autocast, _autograd
+from gptkern.ops import _autocast, _autograd, _fx
 from gptkern.ops._checks import (check_float_arg, check_norm_args, check_tensor, device_guard,
                                  normalized_shape_tuple, row_size_limits, triton_dtype_support)
 
@@ -166,6 +166,9 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     Returns:
         a tensor of ``input``'s shape and dtype (float32 under autocast where torch's is).
     """
+    proxy = _fx.proxy_in(input, weight, bias)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(layer_norm, proxy, input, normalized_shape, weight, bias, eps)
     check_tensor(input, "input")
     input, weight, bias = _autocast.float32("layer_norm", input, weight, bias)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape, "layer_norm")
@@ -190,6 +193,9 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     Returns:
         a tensor of ``input``'s shape and dtype (float32 under autocast where torch's is).
     """
+    proxy = _fx.proxy_in(input, weight)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(rms_norm, proxy, input, normalized_shape, weight, eps)
     check_tensor(input, "input")
     input, weight = _autocast.float32("rms_norm", input, weight)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape, "rms_norm")

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from gptkern import _backend
-from gptkern.ops import _autocast, _autograd
+from gptkern.ops import _autocast, _autograd, _fx
 from gptkern.ops._checks import (check_dtype_arg, check_floating, check_tensor, device_guard,
                                  row_size_limits, triton_dtype_support, wrap_dim)
 
@@ -128,10 +128,14 @@ def softmax(input: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = N
     Returns:
         a tensor of ``input``'s shape.
     """
+    if isinstance(input, _fx.Proxy):  # torch.fx.symbolic_trace
+        return _fx.record(softmax, input, input, dim, dtype)
     return _softmax("softmax", input, dim, dtype)
 
 
 def log_softmax(input: torch.Tensor, dim: int = -1,
                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``torch.log_softmax``: x - logsumexp(x) along ``dim``; arguments as in :func:`softmax`."""
+    if isinstance(input, _fx.Proxy):
+        return _fx.record(log_softmax, input, input, dim, dtype)
     return _softmax("log_softmax", input, dim, dtype)
