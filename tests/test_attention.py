@@ -543,3 +543,30 @@ def test_a_nan_score_makes_its_rows_and_their_lse_nan(backend):
         out, lse = torch.ops.gptkern.triton_attention(q, k, v, None, True, 0.125, 0.0, None)
     assert bool(out[:, :, 50:].isnan().all()) and bool(lse[:, :, 50:].isnan().all())
     assert not out[:, :, :50].isnan().any() and not lse[:, :, :50].isnan().any()
+
+
+@pytest.mark.parametrize("where", ["query", "mask"])
+@pytest.mark.parametrize("backend", backends_here(DEVICE, attention=True))
+def test_a_nan_score_gives_nan_gradients_as_torch(backend, where):
+    """A NaN score (from a NaN query entry or mask entry) makes the gradients NaN where torch's are,
+    never inf (the C++ backward's fast exp turned NaN into inf)."""
+    torch.manual_seed(0)
+    q, k, v = rand(1, 2, 20, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    mask = rand(20, 24)
+    if where == "query":
+        q[0, 1, 3, 0] = float("nan")
+    else:
+        mask[5, 2] = float("nan")
+    grads, grad_out = [], rand(1, 2, 20, 16)
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if name == "reference":
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+        else:
+            with gptkern.backend(name):
+                out = gptkern.ops.scaled_dot_product_attention(*leaves, attn_mask=mask)
+        grads.append(torch.autograd.grad(out, leaves, grad_out))
+    for got, want in zip(*grads):
+        assert not got.isinf().any()
+        assert torch.equal(got.isnan(), want.isnan())
+        torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=1e-4)

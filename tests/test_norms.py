@@ -332,3 +332,17 @@ def test_layer_norm_of_constant_and_near_constant_rows(backend):
     want = F.layer_norm(x.double(), (n,), None, bias.double())
     assert (got[1].double() - want[1]).abs().max() < 2e-2  # torch's own fp32 error here is about 1e-3
     assert zero_eps.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_grad_of_an_inference_mode_input(backend):
+    """F.rms_norm trains its weight on an input made under torch.inference_mode (features cached
+    without autograd); gptkern too (its ops would save the inference tensor, which autograd refuses)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 64, device=DEVICE)
+    weight = torch.randn(64, device=DEVICE, requires_grad=True)
+    with gptkern.backend(backend):
+        got = torch.autograd.grad(gptkern.ops.rms_norm(x, (64,), weight).square().sum(), weight)[0]
+    want = torch.autograd.grad(F.rms_norm(x, (64,), weight).square().sum(), weight)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

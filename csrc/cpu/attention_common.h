@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -205,12 +206,16 @@ inline float row_max(const float* x, int64_t n) {  // n a multiple of kW
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
-// x[i] = exp(x[i] - m) for i < n (a multiple of kW); returns the sum.
+// x[i] = exp(x[i] - m) for i < n (a multiple of kW); returns the sum. ATen's exp_u20 turns NaN
+// into inf: a row whose m is not finite (NaN from a NaN score, +inf for a row that saw nothing)
+// uses Sleef's exp, which keeps NaN.
 inline float exp_sub_sum(float* x, int64_t n, float m) {
   const Vec vm(m);
+  const bool fast = std::isfinite(m);
   Vec acc(0.0f);
   for (int64_t i = 0; i < n; i += kW) {
-    const Vec e = (Vec::loadu(x + i) - vm).exp_u20();  // exp(-inf) = 0
+    const Vec d = Vec::loadu(x + i) - vm;
+    const Vec e = fast ? d.exp_u20() : d.exp();  // exp(-inf) = 0
     e.store(x + i);
     acc = acc + e;
   }

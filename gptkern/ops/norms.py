@@ -77,6 +77,8 @@ def _(grad_out, x, k, weight, bias, mean, rstd, is_rms, need_dw, need_db):
 def _setup_context(ctx, inputs, output):
     x, k, weight, bias, eps, is_rms = inputs
     _, mean, rstd = output
+    if x.is_inference():  # made under torch.inference_mode, which cannot be saved (the weight's grad needs it)
+        x = x.clone()
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.k, ctx.eps, ctx.is_rms = k, eps, is_rms
 
