@@ -386,7 +386,8 @@ def _parser(prog: str = "gptkern bench", default_ops: Sequence[str] = DEFAULT_OP
     return p
 
 
-def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_help: str) -> None:
+def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_help: str,
+                    threads_help: str = "torch.set_num_threads (CPU)") -> None:
     """The options every benchmark takes: dtype, device, providers, repeats, threads, outputs."""
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
@@ -396,7 +397,7 @@ def add_common_args(p: argparse.ArgumentParser, providers_example: str, quick_he
                                       f"e.g. {providers_example} (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per provider (>= 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out-json", metavar="PATH", help="write all numbers and metadata as JSON")
     p.add_argument("--out-md", metavar="PATH", help="write the Markdown tables")

@@ -1,7 +1,9 @@
 """Where a step's time goes: a torch.profiler trace summed by kernel name into categories.
 
 On CUDA the entries are the GPU kernels (their device time); on the CPU, the ops (their self
-time, which on the CPU is the kernel). Used by the training-step benchmark's ``--profile``.
+time, which on the CPU is the kernel), an op run inside ``Optimizer.step`` (AdamW's per-tensor
+``mul_``, ``lerp_``, ``addcdiv_``...) counted as the optimizer's. Used by the training-step
+benchmark's ``--profile``.
 """
 from __future__ import annotations
 
@@ -40,9 +42,35 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device) 
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        return summarize(prof.key_averages(), steps, device.type)
+        if device.type == "cuda":
+            return summarize(prof.key_averages(), steps, device.type)
+        return summarize_cpu_events(prof.events(), steps)
     except Exception as err:  # noqa: BLE001
         return {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _in_optimizer(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if category(parent.name) == "optimizer":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def summarize_cpu_events(events, steps: int) -> dict:
+    """summarize's result from a CPU profile's ``events`` (FunctionEvents, with their parents): each
+    op's self time, in the optimizer's category when an enclosing range is the optimizer's."""
+    totals: dict[tuple[str, str], list] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or e.self_cpu_time_total <= 0:
+            continue
+        cat = "optimizer" if _in_optimizer(e) else category(e.name)
+        total = totals.setdefault((e.name, cat), [0.0, 0])
+        total[0] += e.self_cpu_time_total
+        total[1] += 1
+    return _summary([{"name": name, "category": cat, "ms": us / 1e3 / steps, "calls": count / steps}
+                     for (name, cat), (us, count) in totals.items()])
 
 
 def summarize(entries, steps: int, device_type: str) -> dict:
@@ -60,6 +88,10 @@ def summarize(entries, steps: int, device_type: str) -> dict:
         if us > 0:
             rows.append({"name": e.key, "category": category(e.key), "ms": us / 1e3 / steps,
                          "calls": e.count / steps})
+    return _summary(rows)
+
+
+def _summary(rows: list[dict]) -> dict:
     rows.sort(key=lambda r: -r["ms"])
     categories = {cat: 0.0 for cat, _ in CATEGORIES}
     for r in rows:

@@ -33,6 +33,9 @@ def test_a_training_run_is_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
     err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "a")
     assert "is a training run" in err and "checkpoints" in err
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    err = run(capsys, "generate", "--checkpoint", str(tmp_path / "model.safetensors"), "--prompt", "a")
+    assert "model.safetensors is a file, not a model directory" in err and str(tmp_path) in err
 
 
 def test_a_csv_row_without_a_label(tmp_path):
@@ -164,7 +167,7 @@ def test_out_dir_that_is_a_file(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     err = run(capsys, "train", "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "afile"),
               "--max-steps", "1", "--device", "cpu", "--progress", "false")
-    assert "afile" in err
+    assert "afile" in err and "exists and is not a folder" in err
 
 
 @pytest.mark.parametrize("flag,value", [("--weight-decay", "-1"), ("--grad-clip", "-1"), ("--beta1", "1"),
@@ -196,6 +199,21 @@ def test_prepare_negative_seed_names_the_flag(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "--out", str(tmp_path / "out"), "--seed", "-1"])
     assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["0", "-3"])
+def test_prepare_workers_below_one_is_an_error(capsys, tmp_path, workers):
+    err = run(capsys, "prepare", "--out", str(tmp_path / "out"), "--max-chars", "1000", "--workers", workers)
+    assert f"--workers) must be an integer >= 1, got {workers}" in err and not (tmp_path / "out").exists()
+
+
+def test_bench_thread_default_is_in_the_help(capsys):
+    from gptkern import bench_generate, bench_train
+
+    for module in (bench_train, bench_generate):
+        with pytest.raises(SystemExit):
+            module.main(["-h"])
+        assert "default 2" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_backend_that_cannot_serve_the_call_is_one_line(capsys, tmp_path, monkeypatch):
@@ -275,6 +293,9 @@ def test_finetune_help(capsys):
     assert cli.main(["finetune", "--help"]) == 0
     assert "gptkern finetune classify --init CKPT" in capsys.readouterr().out
     assert cli.main(["finetune"]) == 2
+    assert "gptkern finetune: error: no task given" in capsys.readouterr().err
+    assert cli.main(["finetune", "regress", "--init", "x"]) == 2
+    assert "gptkern finetune: error: unknown task 'regress'" in capsys.readouterr().err
 
 
 def test_benchmark_output_files_are_checked_before_any_timing(tmp_path, capsys):

@@ -78,3 +78,19 @@ def test_bench_train_profile_reports_each_provider(tmp_path, monkeypatch, altern
         assert p["categories"]["matmul"] > 0 and p["categories"]["attention forward"] > 0
     text = out_md.read_text()
     assert "| category | gptkern | torch |" in text and "Top of gptkern:" in text
+
+
+def test_cpu_ops_run_by_the_optimizer_count_as_optimizer():
+    """AdamW on the CPU runs per-tensor aten ops (mul_, lerp_, addcdiv_, sqrt...) inside its step
+    range: they are the optimizer's time, not "other"; the model's ops keep their categories."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    x = torch.randn(8, 16)
+    model(x).square().mean().backward()
+    optimizer.step()
+    only_step = kernel_profile.profile_steps(optimizer.step, 2, torch.device("cpu"))
+    assert only_step["categories"]["optimizer"] > 0
+    assert all(ms == 0 for cat, ms in only_step["categories"].items() if cat != "optimizer"), only_step
+    forward = kernel_profile.profile_steps(lambda: model(x), 2, torch.device("cpu"))
+    assert forward["categories"]["matmul"] > 0 and forward["categories"]["optimizer"] == 0

@@ -72,6 +72,9 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
 
     directory = Path(directory)
     config_file = directory / "config.json"
+    if directory.is_file():  # (e.g. the model.safetensors inside one)
+        raise FileNotFoundError(f"{directory} is a file, not a model directory: give the folder that holds "
+                                f"config.json (here perhaps {directory.parent})")
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} not found: no such model directory")
     if not config_file.is_file():

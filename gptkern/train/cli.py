@@ -76,7 +76,8 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
               f"`gptkern finetune classify -h` lists its flags.")
         return 0
     if argv[:1] != ["classify"]:
-        print(usage, file=sys.stderr)
+        what = f"unknown task {argv[0]!r}" if argv else "no task given"
+        print(f"{usage}\ngptkern finetune: error: {what}: the task is classify", file=sys.stderr)
         return 2
     from gptkern.train.tasks import main_classify
 

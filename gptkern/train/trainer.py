@@ -105,6 +105,8 @@ class Trainer:
         self.autocast = autocast_dtype(c, self.device)
         # fp16 autocast needs loss scaling (small gradients underflow in fp16); a no-op otherwise
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast is torch.float16)
+        if Path(c.out_dir).exists() and not Path(c.out_dir).is_dir():
+            raise NotADirectoryError(f"--out-dir {c.out_dir} exists and is not a folder")
         meta = read_meta(c.data)
         self.tokenizer = load_tokenizer(c.data)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
