@@ -18,10 +18,12 @@ def raises(exc, match, fn, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_integer_dtypes(backend):
     xi = torch.arange(12, device=DEVICE).reshape(3, 4)
-    raises(NotImplementedError, "input", lambda: ops.softmax(xi, -1), backend)
-    raises(NotImplementedError, "input", lambda: ops.log_softmax(xi, -1), backend)
-    raises(NotImplementedError, "input", lambda: ops.layer_norm(xi, (4,)), backend)
-    raises(NotImplementedError, "input", lambda: ops.rms_norm(xi, (4,)), backend)
+    # auto and torch defer to torch's functions for dtypes the kernels lack (torch's own message)
+    names = "not implemented for 'Long'" if backend in ("auto", "torch") else "input"
+    raises(NotImplementedError, names, lambda: ops.softmax(xi, -1), backend)
+    raises(NotImplementedError, names, lambda: ops.log_softmax(xi, -1), backend)
+    raises(NotImplementedError, names, lambda: ops.layer_norm(xi, (4,)), backend)
+    raises(NotImplementedError, names, lambda: ops.rms_norm(xi, (4,)), backend)
     x = torch.randn(3, 4, device=DEVICE)
     raises(NotImplementedError, "dtype", lambda: ops.softmax(x, -1, dtype=torch.int32), backend)
     long_w = torch.ones(4, dtype=torch.long, device=DEVICE)
@@ -114,3 +116,24 @@ def test_mixed_devices(backend):
 def test_not_a_tensor(backend):
     raises(TypeError, "input", lambda: ops.softmax([1.0, 2.0], 0), backend)
     raises(TypeError, "input", lambda: ops.layer_norm([1.0, 2.0], (2,)), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes_torch_serves_and_the_kernels_do_not(backend):
+    """torch's rms_norm takes complex inputs and its softmax an empty integer tensor: auto and torch
+    give torch's result; a kernel backend named explicitly raises NotImplementedError naming the dtype."""
+    torch.manual_seed(0)
+    xc = torch.randn(3, 4, dtype=torch.complex64, device=DEVICE)
+    empty = torch.ones(0, 4, dtype=torch.long, device=DEVICE)
+    calls = [(lambda: ops.rms_norm(xc, (4,)), lambda: torch.nn.functional.rms_norm(xc, (4,)), "complex64"),
+             (lambda: ops.softmax(empty, -1), lambda: torch.softmax(empty, -1), "int64"),
+             (lambda: ops.log_softmax(empty, 1), lambda: torch.log_softmax(empty, 1), "int64")]
+    for ours, theirs, dtype in calls:
+        if backend in ("auto", "torch"):
+            with gptkern.backend(backend):
+                got = ours()
+            want = theirs()
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+        else:
+            raises(NotImplementedError, dtype, ours, backend)

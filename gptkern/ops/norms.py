@@ -174,6 +174,8 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional
     check_tensor(input, "input")
     input, weight, bias = _autocast.float32("layer_norm", input, weight, bias)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape, "layer_norm")
+    if not input.is_floating_point() and _backend.get_backend() in ("auto", "torch"):
+        return F.layer_norm(input, shape, weight, bias, eps)  # torch's answer (its error) for other dtypes
     check_norm_args("layer_norm", input, shape, weight, bias)
     check_float_arg(eps, "eps", "layer_norm")
     name = _choose("layer_norm", input, math.prod(shape), weight, bias, width=math.prod(shape))
@@ -201,6 +203,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeArg, weight: Optional[t
     check_tensor(input, "input")
     input, weight = _autocast.float32("rms_norm", input, weight)  # torch's autocast on CUDA
     shape = normalized_shape_tuple(normalized_shape, "rms_norm")
+    if not input.is_floating_point() and _backend.get_backend() in ("auto", "torch"):
+        return F.rms_norm(input, shape, weight, eps)  # torch's answer for other dtypes (complex: a result)
     check_norm_args("rms_norm", input, shape, weight)
     if eps is not None:
         check_float_arg(eps, "eps", "rms_norm")

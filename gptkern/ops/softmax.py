@@ -82,7 +82,9 @@ def _softmax(op: str, input: torch.Tensor, dim: int, dtype: Optional[torch.dtype
     check_dtype_arg(dtype, op)
     if dtype is None and _autocast.runs_in_float32(op, input):  # torch's autocast on CUDA: a float32 result
         dtype = torch.float32
-    if dtype is None:
+    if dtype is None and not input.is_floating_point():
+        if _backend.get_backend() in ("auto", "torch"):  # torch's answer (an empty result, or its error)
+            return (torch.log_softmax if op == "log_softmax" else torch.softmax)(input, dim)
         check_floating(input, "input", op)
     log = op == "log_softmax"
     out_dtype = dtype if dtype is not None else input.dtype
