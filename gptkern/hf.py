@@ -28,12 +28,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if unsupported:
         raise NotImplementedError(f"gptkern attention does not support {', '.join(unsupported)} (softcap, "
                                   f"position biases or attention sinks); use attn_implementation='eager'")
-    l = query.shape[2]
+    l, s = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # the causal hint only holds for a prompt (L > 1) with no explicit mask, as in transformers' sdpa
     causal = bool(causal and attention_mask is None and l > 1)
-    if causal and key.shape[2] > l:  # an empty static cache: the keys past the prompt are unused
-        key, value = key[:, :, :l], value[:, :, :l]
+    if causal and s > l:
+        # gptkern's masks are None only where the mask had as many queries as keys (causal_mask):
+        # these queries are its last L (Gemma-4 drops the others), query i sees keys up to S - L + i
+        attention_mask = torch.ones(l, s, dtype=torch.bool, device=query.device).tril(s - l)
+        causal = False
     # a float mask stays in its dtype, as sdpa takes it: fp32's min in an fp16 model must not
     # become -inf (a fully masked row would give 0, not the average) nor a large bias overflow
     out = ops.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
@@ -42,13 +45,33 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
+def causal_mask(*args, **kwargs) -> Optional[torch.Tensor]:
+    """transformers' sdpa mask (boolean, True = attend), None (the causal hint) only where there are
+    as many queries as keys, or one query. sdpa's also gives None to a prefill into an empty static
+    cache (keys past the prompt unused), which relies on torch's top-left causal alignment; but a
+    model that then keeps only its last queries (Gemma-4 does so unless the implementation is
+    named "sdpa") needs the bottom-right one. Here that case gets the mask written out."""
+    import inspect
+
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None:
+        return mask
+    bound = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+    q_length = bound["q_length"] if "q_length" in bound else len(bound["cache_position"])  # (transformers 4)
+    if q_length in (1, bound["kv_length"]):
+        return None
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+
 def register() -> None:
     """Register ``"gptkern"`` with transformers (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks as "sdpa"
+    AttentionMaskInterface.register(NAME, causal_mask)  # sdpa's boolean masks
 
 
 try:

@@ -234,3 +234,62 @@ def test_saved_directories_get_the_usual_mode(tmp_path):
         assert stat.S_IMODE((tmp_path / "kept").stat().st_mode) == 0o750
     finally:
         os.umask(old)
+
+
+def test_queries_kept_from_the_end_see_the_keys_before_them():
+    """A model may drop the first queries after its mask was made (Gemma-4 keeps the last
+    ``logits_to_keep``): with no mask and fewer queries than keys, query i sees keys up to S - L + i."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    got = gptkern.hf.attention_forward(torch.nn.Module(), q, k, v, None)[0]
+    visible = torch.ones(3, 7, dtype=torch.bool).tril(4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+
+
+def test_the_mask_is_written_out_for_a_prefill_into_a_static_cache():
+    """sdpa's mask function gives None (its top-left causal hint) to a prefill into an empty static
+    cache; gptkern's gives None only where queries and keys are as many, or one query."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs = dict(batch_size=1, q_length=5, kv_length=12, attention_mask=torch.ones(1, 12, dtype=torch.bool))
+    kwargs["attention_mask"][:, 5:] = False  # the cache slots past the prompt
+    if sdpa_mask(**kwargs) is not None:
+        pytest.skip("this transformers' sdpa mask does not skip here")
+    mask = gptkern.hf.causal_mask(**kwargs)
+    assert mask is not None and mask.shape[-2:] == (5, 12)
+    assert torch.equal(mask[0, 0, :, :5], torch.ones(5, 5, dtype=torch.bool).tril()) and not mask[..., 5:].any()
+    assert gptkern.hf.causal_mask(batch_size=1, q_length=6, kv_length=6) is None
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers without Gemma-4")
+def test_gemma4_keeping_its_last_logits_matches_eager():
+    config = transformers.Gemma4TextConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2, vocab_size_per_layer_input=101, hidden_size_per_layer_input=8, pad_token_id=None,
+        eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # (its zero-initialized scales would hide the attention)
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() >= 2 else 1 + 0.3 * torch.randn_like(p))
+    idx = ids(l=10, vocab=101)
+    out = {}
+    for name in ("eager", "gptkern"):
+        model.set_attn_implementation(name)
+        with torch.no_grad():
+            out[name] = model(idx, logits_to_keep=3).logits
+    assert_close(out["gptkern"], out["eager"], torch.float32, atol_scale=5)
+
+
+def test_greedy_generation_with_a_static_cache_matches_eager():
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]().eval()
+    idx = ids(b=1, l=6)
+    tokens = {}
+    for name in ("eager", "gptkern"):
+        model.set_attn_implementation(name)
+        tokens[name] = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8, do_sample=False,
+                                      cache_implementation="static", pad_token_id=0)
+    assert torch.equal(tokens["gptkern"], tokens["eager"])
