@@ -251,9 +251,10 @@ def test_stop_strings_and_streaming():
         generate(model, prompt, 3, stop_strings=["x"])
     # one string is one stop string (as transformers takes it), not a set of characters
     assert torch.equal(generate(model, prompt, 12, stop_strings=stop, tokenizer=CharTokenizer()), out)
-    for bad in ([""], ["ok", 3]):
-        with pytest.raises(ValueError, match="non-empty strings"):
-            generate(model, prompt, 3, stop_strings=bad, tokenizer=CharTokenizer())
+    with pytest.raises(ValueError, match="non-empty strings"):
+        generate(model, prompt, 3, stop_strings=[""], tokenizer=CharTokenizer())
+    with pytest.raises(TypeError, match="stop_strings must be strings"):
+        generate(model, prompt, 3, stop_strings=["ok", 3], tokenizer=CharTokenizer())
     with pytest.raises(TypeError, match="stop_strings"):
         generate(model, prompt, 3, stop_strings=5, tokenizer=CharTokenizer())
 
@@ -286,8 +287,9 @@ def test_bad_arguments():
     for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
                           (dict(temperature=nan), "temperature"), (dict(top_p=0.0), "top_p"),
                           (dict(top_p=1.5), "top_p"), (dict(top_p=nan), "top_p"), (dict(top_k=-1), "top_k"),
-                          (dict(top_k=True), "top_k"), (dict(repetition_penalty=nan), "repetition_penalty"),
-                          (dict(repetition_penalty=0.0), "repetition_penalty")):
+                          (dict(repetition_penalty=nan), "repetition_penalty"),
+                          (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(seed=2**64), "seed must fit"),
+                          (dict(num_cache_blocks=9), "num_cache_blocks sizes the paged cache")):
         args = dict(max_new_tokens=2, do_sample=True)
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
@@ -325,17 +327,21 @@ def test_bad_arguments():
     for args, kwargs, match in (((None, 2), {}, "input_ids"), (([[1, 2]], 2), {}, "input_ids"),
                                 ((prompt, 2), dict(attention_mask=[[1, 1, 1]]), "attention_mask"),
                                 ((prompt, 2), dict(temperature="1"), "temperature"),
-                                ((prompt, 2), dict(do_sample=True, seed="x"), "seed")):
+                                ((prompt, 2), dict(do_sample=True, seed="x"), "seed"),
+                                ((prompt, True), {}, "max_new_tokens"), ((prompt, "3"), {}, "max_new_tokens"),
+                                ((prompt, None), {}, "max_new_tokens"), ((prompt, 2), dict(top_k=True), "top_k"),
+                                ((prompt, 2), dict(do_sample=True, top_k="5"), "top_k")):
         with pytest.raises(TypeError, match=match):
             generate(model, *args, **kwargs)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(model, prompt, True, attention_mask=mask)
     with pytest.raises(TypeError, match="temperature"):
         generate(model, prompt, 2, attention_mask=mask, temperature=None)
     # numbers as numpy scalars and 0-d tensors are fine
     sampled = [generate(model, prompt, 3, attention_mask=mask, do_sample=True, seed=seed, temperature=t)
                for seed, t in ((np.int64(3), torch.tensor(1)), (3, 1.0))]
     assert torch.equal(*sampled)
+    top_k = [generate(model, prompt, 3, attention_mask=mask, do_sample=True, seed=5, top_k=k)
+             for k in (torch.tensor(2), 2)]
+    assert torch.equal(*top_k)
     assert torch.equal(generate(model, prompt, 0, attention_mask=mask), prompt)
     out = generate(model, prompt.int(), 0, attention_mask=mask.bool())  # a LongTensor, as documented
     assert out.dtype == torch.long and torch.equal(out, prompt)

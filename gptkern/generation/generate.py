@@ -17,8 +17,10 @@ from gptkern.ops._checks import int_arg, is_int
 def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   max_new_tokens: int) -> torch.Tensor:
     """The (B, L) 0/1 mask of the left-padded prompt, after the argument checks."""
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a (batch, prompt_len) tensor of token ids, got {type(input_ids).__name__}")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
@@ -149,8 +151,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     """Continue each prompt of ``input_ids`` (B, L) by up to ``max_new_tokens`` tokens.
 
     Prompts of different lengths are left-padded, with ``attention_mask`` (B, L) 1 on real tokens.
-    Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k``, ``top_p`` (after a
-    ``repetition_penalty``), reproducibly with ``seed``. A sequence stops on its own at
+    Greedy by default; ``do_sample=True`` samples with ``temperature`` (0: greedy, where transformers
+    raises), ``top_k``, ``top_p`` (after a ``repetition_penalty``), reproducibly with ``seed``. A sequence stops on its own at
     ``eos_token_id`` (one id or several) or at one of ``stop_strings`` found in its generated text
     (decoded with ``tokenizer``; the prompt's text is not searched); later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation ends early once every
@@ -159,7 +161,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     Returns a LongTensor (B, L + new): the prompt followed by the new tokens, as transformers
     returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
     ``cache``: ``static`` (per-sequence buffers) or ``paged`` (a shared pool of 16-token blocks,
-    ``num_cache_blocks`` of them; finished sequences return theirs); ``use_cache=False`` runs the
+    ``num_cache_blocks`` of them, one of which is scratch; finished sequences return theirs); ``use_cache=False`` runs the
     whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
     decode step once and replays it for every token; the graph and its cache are kept for the
     model's next call with the same batch size, total length and cache
@@ -177,6 +179,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         lead = input_ids.shape[1] - int(mask.sum(-1).max())
         input_ids, mask = input_ids[:, lead:], mask[:, lead:]
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    top_k = None if top_k is None else int(top_k)  # (a 0-d integer tensor too)
     check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:
         raise ValueError("a sliding-window model decodes with cache='static' (the paged cache has no windows)")
@@ -188,7 +191,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         except TypeError:
             raise TypeError(f"stop_strings must be a string, a sequence of strings or None, got "
                             f"{stop_strings!r}") from None
-        if not all(isinstance(s, str) and s for s in stop_strings):
+        if not all(isinstance(s, str) for s in stop_strings):
+            raise TypeError(f"stop_strings must be strings, got {stop_strings!r}")
+        if not all(stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs a tokenizer to decode the generated tokens")
@@ -199,6 +204,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         pad_token_id = int_arg(pad_token_id, "pad_token_id", "generate")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not -2**63 <= seed < 2**64:  # torch.Generator.manual_seed's range
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=model_device).manual_seed(int(seed))
@@ -207,6 +214,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     elif not isinstance(cuda_graph, (bool, np.bool_)):
         raise TypeError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
     cuda_graph = bool(cuda_graph)
+    if num_cache_blocks is not None and cache != "paged":
+        raise ValueError(f"num_cache_blocks sizes the paged cache; cache={cache!r} does not use it")
     shape = (cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, num_cache_blocks)
     use_cache = use_cache and max_new_tokens > 0
     if cuda_graph and use_cache:  # (only the cached decode steps are graphed)

@@ -19,11 +19,15 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
                 isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
                 and value.dtype != torch.bool)):
             raise TypeError(f"{name} must be a number, got {value!r}")
+    if top_k is not None and not is_int(top_k) and not (
+            isinstance(top_k, torch.Tensor) and top_k.dim() == 0 and not top_k.is_floating_point()
+            and not top_k.is_complex() and top_k.dtype != torch.bool):
+        raise TypeError(f"top_k must be an int or None, got {top_k!r}")
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not is_int(top_k) or top_k < 0):
-        raise ValueError(f"top_k must be an int >= 0 (0: off, as in transformers) or None, got {top_k!r}")
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off, as in transformers) or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not repetition_penalty > 0:
