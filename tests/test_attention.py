@@ -185,6 +185,7 @@ def test_bad_input(backend):
         (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=1.0)),
         (RuntimeError, "dropout", lambda: sdpa(q, k, v, dropout_p=1.5)),
         (TypeError, "dropout_p", lambda: sdpa(q, k, v, dropout_p="0.1")),
+        (TypeError, "dropout_p", lambda: sdpa(q, k, v, dropout_p=torch.tensor([0.0]))),  # a 0-d tensor is a float
         (TypeError, "is_causal", lambda: sdpa(q, k, v, is_causal=1)),
         (TypeError, "enable_gqa", lambda: sdpa(q, k, v, enable_gqa=None)),
         (TypeError, "scale", lambda: sdpa(q, k, v, scale="a")),
@@ -570,3 +571,40 @@ def test_a_nan_score_gives_nan_gradients_as_torch(backend, where):
         assert not got.isinf().any()
         assert torch.equal(got.isnan(), want.isnan())
         torch.testing.assert_close(got.nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backends_here(DEVICE, attention=True))
+@pytest.mark.parametrize("size", [1e2, 1e3, 1e4])
+def test_gradients_of_huge_scores(backend, size):
+    """Scores of 1e4 to 1e8: the backward recomputes each weight from the saved log2-domain LSE in
+    that same domain, so a key that takes all the weight gets exactly 1 (the C++ backward once
+    converted the LSE back to the natural domain first: at 1e8, weights off by 1e6)."""
+    torch.manual_seed(0)
+    q, k, v = rand(1, 2, 8, 8) * size, rand(1, 2, 8, 8) * size, rand(1, 2, 8, 8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with gptkern.backend(backend):
+        out = gptkern.ops.scaled_dot_product_attention(*leaves)
+    (dv,) = torch.autograd.grad(out, leaves[2], torch.ones_like(out))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*ref), ref[2], torch.ones_like(out).double())[0]
+    assert dv.sum(-1).sum(-1).tolist() == [[64.0, 64.0]]  # columns of P sum to L = 8, times Dv = 8
+    torch.testing.assert_close(dv.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_here(DEVICE, attention=True))
+def test_scale_zero_and_inputs_of_different_ranks_as_torch(backend):
+    """scale=0.0 is uniform weights (not the default scale); q, k, v of different ranks and a 2-D
+    mask broadcast from the right, as torch's."""
+    torch.manual_seed(0)
+    q, k, v = rand(1, 2, 6, 8), rand(1, 2, 9, 8), rand(1, 2, 9, 8)
+    with gptkern.backend(backend):
+        got = gptkern.ops.scaled_dot_product_attention(q, k, v, scale=0.0)
+    torch.testing.assert_close(got, v.mean(-2, keepdim=True).expand(1, 2, 6, 8), atol=1e-5, rtol=1e-5)
+    k3, v3 = rand(2, 9, 8), rand(2, 9, 8)  # (H, S, E) against a (1, H, L, E) query
+    mask = torch.ones(6, 9, dtype=torch.bool, device=DEVICE).tril()
+    for args, kwargs in (((q, k3, v3), {}), ((q[:, :1], k[:, :1], v[:, :1]), dict(attn_mask=mask))):
+        with gptkern.backend(backend):
+            got = gptkern.ops.scaled_dot_product_attention(*args, **kwargs)
+        want = F.scaled_dot_product_attention(*args, **kwargs)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

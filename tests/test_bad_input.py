@@ -43,6 +43,7 @@ def test_layer_norm_mixed_parameter_dtypes(backend):
     raises(RuntimeError, "weight torch.float16", lambda: ops.layer_norm(x, (4,), w16), backend)
     raises(RuntimeError, "bias torch.float16", lambda: ops.layer_norm(x.half(), (4,), w32, w16), backend)
     raises(RuntimeError, "bias torch.float32", lambda: ops.layer_norm(x.half(), (4,), w16, w32), backend)
+    raises(RuntimeError, "weight torch.float32", lambda: ops.layer_norm(x.double(), (4,), w32), backend)
     with gptkern.backend(backend):
         out = ops.layer_norm(x.half(), (4,), w32, w32)
     assert out.dtype == torch.float16
@@ -91,6 +92,7 @@ def test_wrong_normalized_shape(backend, op):
     raises(RuntimeError, "normalized_shape", lambda: op(x, ()), backend)
     raises(TypeError, "normalized_shape", lambda: op(x, "4"), backend)
     raises(TypeError, "normalized_shape", lambda: op(x, 4), backend)  # an int: F's refuse it (nn's take one)
+    raises(TypeError, "normalized_shape", lambda: op(x[:, :1], (True,)), backend)  # True == 1, not an int to torch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,6 +103,10 @@ def test_wrong_weight_shape(backend):
     raises(RuntimeError, "bias", lambda: ops.layer_norm(x, (4,), None, w5), backend)
     raises(RuntimeError, "weight", lambda: ops.rms_norm(x, (4,), w5), backend)
     raises(TypeError, "weight", lambda: ops.rms_norm(x, (4,), [1.0] * 4), backend)
+    x3, w6 = torch.randn(3, 2, 3, device=DEVICE), torch.ones(6, device=DEVICE)  # as many elements, another shape
+    raises(RuntimeError, "weight", lambda: ops.layer_norm(x3, (2, 3), w6), backend)
+    raises(RuntimeError, "bias", lambda: ops.layer_norm(x3, (2, 3), None, w6), backend)
+    raises(RuntimeError, "weight", lambda: ops.rms_norm(x3, (2, 3), w6), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

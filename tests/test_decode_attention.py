@@ -78,6 +78,8 @@ def test_head_dims_and_scale(backend, dtype, dims):
     k_cache, v_cache = caches(2, 2, 70, d, dv, dtype)
     check(backend, rand(2, 4, 2, d, dtype=dtype), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32),
           scale=0.3)
+    if d != dv:  # the default scale is 1 / sqrt(D), the query's head dim, not the value's
+        check(backend, rand(2, 4, 2, d, dtype=dtype), k_cache, v_cache, torch.tensor([70, 33], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,6 +202,10 @@ def test_bad_input(backend):
         (RuntimeError, "batch size", dict(k_cache=rand(3, 2, 10, 8), v_cache=rand(3, 2, 10, 8))),
         (RuntimeError, "block_table", dict(block_table=table[:1])),
         (IndexError, "block_table", dict(block_table=table + 100)),
+        # k as a pool of 2 blocks of 10 tokens: block 2 is one past its end, here in sequence 0's
+        # second block, which holds its last 5 tokens only
+        (IndexError, r"block_table\[0\] = \[0, 2\]", dict(block_table=torch.tensor([[0, 2, 0], [1, 0, 0]], dtype=torch.int32),
+                                                         cache_seqlens=torch.tensor([15, 3], dtype=torch.int32))),
         (TypeError, "scale", dict(scale="0.1")),
         (RuntimeError, "device", dict(cache_seqlens=n.to("meta"))),
         (RuntimeError, "blocks of at least one token", dict(k_cache=rand(3, 2, 0, 8), v_cache=rand(3, 2, 0, 8),

@@ -423,3 +423,12 @@ def test_queries_that_see_no_key_while_traced_as_torch(trace):
     assert not outs[0].isnan().any()  # torch's own behaviour, which the test assumes
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
     assert torch.equal(outs[1][0], torch.zeros_like(outs[1][0]).add_(ours.out_proj.bias))
+
+
+def test_eval_mode_applies_no_dropout():
+    ours, theirs = pair(embed_dim=16, num_heads=2, dropout=0.5, batch_first=True)
+    ours.eval(), theirs.eval()
+    x, y = torch.randn(2, 5, 16, device=DEVICE), torch.randn(2, 6, 16, device=DEVICE)
+    first, second = (ours(x, y, y, need_weights=False)[0] for _ in range(2))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, theirs(x, y, y, need_weights=False)[0], atol=2e-5, rtol=2e-5)

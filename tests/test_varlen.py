@@ -309,3 +309,10 @@ def test_no_keys_gives_zeros_with_zero_gradients(backend):
         assert torch.equal(out[:empty_rows], torch.zeros_like(out[:empty_rows]))
         grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
         assert torch.equal(grads[0][:empty_rows], torch.zeros_like(grads[0][:empty_rows]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, 0.5, -0.3])
+def test_explicit_scales(backend, scale):
+    """An explicit scale on every backend, 0 (uniform weights, not the default) included."""
+    check(backend, torch.float32, [5, 0, 9], [7, 3, 9], causal=True, scale=scale)

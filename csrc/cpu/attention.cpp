@@ -490,7 +490,7 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
           load_f32(qo.row(b, h, q0 + r), qo.sc, w.q.data() + r * p.dp, p.d, p.dp, p.scale);
           load_f32(go.row(b, h, q0 + r), go.sc, w.dout.data() + r * p.dvp, p.dv, p.dvp);
           const float l2 = ls.at(b, h, q0 + r);
-          w.lse[r] = l2 == kNegInf ? std::numeric_limits<float>::infinity() : l2 * kLn2;  // saw nothing: p = 0
+          w.lse[r] = l2 == kNegInf ? std::numeric_limits<float>::infinity() : l2;  // saw nothing: p = 0
           w.delta[r] = delta.at(b, h, q0 + r);
         }
         std::fill(w.dq.begin(), w.dq.begin() + rows * p.dp, 0.0f);
@@ -502,7 +502,7 @@ void backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q, con
           gemm<false>(rows, kBN, p.d, w.q.data(), p.dp, 1, pk.kt_block(p, b, hkv, n0), kBN, pr, kBN);
           for (int64_t r = 0; r < rows; ++r) {
             mask_row(pr + r * kBN, p, mask, b, h, i0 + r, dg, n0, len_k);
-            exp_sub_sum(pr + r * kBN, kBN, w.lse[r]);
+            exp2_sub(pr + r * kBN, kBN, w.lse[r]);
           }
           // dV += (P Z)^T dO;  dP = (dO V^T) Z;  dS = P * (dP - delta);  dK += dS^T (scale q);  dQ += dS K
           // (Z: the dropout factors, 1 without dropout)

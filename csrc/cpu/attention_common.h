@@ -222,6 +222,26 @@ inline float exp_sub_sum(float* x, int64_t n, float m) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
 }
 
+// x[i] = exp(x[i] - lse) for i < n (a multiple of kW), with lse2 = lse * log2(e) as the forward
+// stores it: computed as 2^(x[i] * log2(e) - lse2), so that a score equal to the row's max, which
+// the forward rounded to lse2 the same way, gives exactly 1 however large it is (converting lse2
+// back to the natural domain first would be off by about |lse| * 1e-7: at scores of 1e4 to 1e8,
+// weights off by 0.1% to a factor of 1e7). The product is rounded in a pass of its own: fused
+// into the subtraction (an FMA, which GCC forms by default, -ffp-contract=fast) it would keep that
+// error; the empty asm keeps the compiler from fusing the two passes.
+inline void exp2_sub(float* x, int64_t n, float lse2) {
+  const Vec vm(lse2), vlog2e(kLog2e), vln2(kLn2);
+  for (int64_t i = 0; i < n; i += kW) (Vec::loadu(x + i) * vlog2e).store(x + i);
+#if defined(__GNUC__)
+  asm volatile("" ::: "memory");
+#endif
+  const bool fast = std::isfinite(lse2);  // (as exp_sub_sum: NaN stays NaN; +inf, no key seen, gives 0)
+  for (int64_t i = 0; i < n; i += kW) {
+    const Vec d = (Vec::loadu(x + i) - vm) * vln2;
+    (fast ? d.exp_u20() : d.exp()).store(x + i);
+  }
+}
+
 inline void scale_row(float* x, int64_t n, float s) {
   const Vec vs(s);
   for (int64_t i = 0; i < n; i += kW) (Vec::loadu(x + i) * vs).store(x + i);
