@@ -204,8 +204,9 @@ def test_bad_input(backend):
         (IndexError, "block_table", dict(block_table=table + 100)),
         # k as a pool of 2 blocks of 10 tokens: block 2 is one past its end, here in sequence 0's
         # second block, which holds its last 5 tokens only
-        (IndexError, r"block_table\[0\] = \[0, 2\]", dict(block_table=torch.tensor([[0, 2, 0], [1, 0, 0]], dtype=torch.int32),
-                                                         cache_seqlens=torch.tensor([15, 3], dtype=torch.int32))),
+        (IndexError, r"block_table\[0\] = \[0, 2\]",
+         dict(block_table=torch.tensor([[0, 2, 0], [1, 0, 0]], dtype=torch.int32),
+              cache_seqlens=torch.tensor([15, 3], dtype=torch.int32))),
         (TypeError, "scale", dict(scale="0.1")),
         (RuntimeError, "device", dict(cache_seqlens=n.to("meta"))),
         (RuntimeError, "blocks of at least one token", dict(k_cache=rand(3, 2, 0, 8), v_cache=rand(3, 2, 0, 8),

@@ -152,17 +152,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
 
     Prompts of different lengths are left-padded, with ``attention_mask`` (B, L) 1 on real tokens.
     Greedy by default; ``do_sample=True`` samples with ``temperature`` (0: greedy, where transformers
-    raises), ``top_k``, ``top_p`` (after a ``repetition_penalty``), reproducibly with ``seed``. A sequence stops on its own at
-    ``eos_token_id`` (one id or several) or at one of ``stop_strings`` found in its generated text
-    (decoded with ``tokenizer``; the prompt's text is not searched); later positions hold
+    raises), ``top_k``, ``top_p`` (after a ``repetition_penalty``), reproducibly with ``seed``. A
+    sequence stops on its own at ``eos_token_id`` (one id or several) or at one of ``stop_strings``
+    found in its generated text (decoded with ``tokenizer``; the prompt's text is not searched); later positions hold
     ``pad_token_id`` (default: the first EOS id, else 0), and generation ends early once every
     sequence has stopped. Each step runs the model in eval mode (its mode is restored after it).
 
     Returns a LongTensor (B, L + new): the prompt followed by the new tokens, as transformers
     returns it. With ``stream=True``, returns an iterator of the (B,) new tokens of each step.
     ``cache``: ``static`` (per-sequence buffers) or ``paged`` (a shared pool of 16-token blocks,
-    ``num_cache_blocks`` of them, one of which is scratch; finished sequences return theirs); ``use_cache=False`` runs the
-    whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
+    ``num_cache_blocks`` of them, one of which is scratch; finished sequences return theirs);
+    ``use_cache=False`` runs the whole sequence at every step. ``cuda_graph`` (default: on for CUDA models) captures the
     decode step once and replays it for every token; the graph and its cache are kept for the
     model's next call with the same batch size, total length and cache
     (:func:`gptkern.generation.release_decode_graphs` frees them).

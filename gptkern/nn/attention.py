@@ -229,7 +229,8 @@ def _tracing() -> bool:
     """torch.compile, torch.export or make_fx is tracing (where torch's MultiheadAttention leaves its
     fast path)."""
     make_fx_tracing = getattr(torch.nn.modules.activation, "_is_make_fx_tracing", None)
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (torch.compiler.is_compiling() or (exporting is not None and exporting())
             or (make_fx_tracing is not None and make_fx_tracing()))
 
 
