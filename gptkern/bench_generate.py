@@ -173,8 +173,8 @@ def markdown(report: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench_generate", description=__doc__.split("\n\n")[0].replace("\n", " "))
     add_common_args(p, "gptkern,transformers", "tiny model and short runs (seconds)",
-                    threads_help="torch.set_num_threads on a CPU (default 2, the threads of the CPU targets, "
-                                 "whatever OMP_NUM_THREADS says)")
+                    threads_help="torch.set_num_threads on a CPU (on a machine without CUDA, default 2, "
+                                 "the threads of the CPU targets, whatever OMP_NUM_THREADS says)")
     p.add_argument("--preset", default=None, help="model preset (default: gpt2-small, gpt2-tiny with --quick)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128, 16 with --quick)")
     p.add_argument("--new", type=int, default=None, help="tokens to generate (default 64, 8 with --quick)")

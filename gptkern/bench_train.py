@@ -111,8 +111,8 @@ def markdown(report: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench_train", description=__doc__.splitlines()[0])
     add_common_args(p, "gptkern,torch+compile", "a tiny model and 2 steps",
-                    threads_help="torch.set_num_threads on a CPU (default 2, the threads of the CPU targets, "
-                                 "whatever OMP_NUM_THREADS says)")
+                    threads_help="torch.set_num_threads on a CPU (on a machine without CUDA, default 2, "
+                                 "the threads of the CPU targets, whatever OMP_NUM_THREADS says)")
     p.add_argument("--preset", default=None, help="default: gpt2-small on CUDA, gpt2-tiny on the CPU")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--block", type=int, default=None)

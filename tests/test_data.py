@@ -535,3 +535,15 @@ def test_the_validation_split_always_leaves_a_training_document():
     for n_docs, fraction in ((1, 0.6), (3, 0.9), (10, 0.97)):
         val = split_documents(n_docs, fraction, seed=0)
         assert int(val.sum()) == max(n_docs - 1, 0) and int((~val).sum()) >= 1
+
+
+def test_prepare_workers_takes_numpy_integers_and_refuses_other_types(tmp_path):
+    import numpy as np
+
+    from gptkern.data.prepare import prepare
+
+    meta = prepare([], tmp_path / "a", "byte", max_chars=5_000, workers=np.int64(2), progress=False)
+    assert meta["splits"]["train"]["tokens"] > 0
+    for bad in ("2", 2.0, True):
+        with pytest.raises(TypeError, match="workers"):
+            prepare([], tmp_path / "b", "byte", max_chars=5_000, workers=bad, progress=False)

@@ -66,12 +66,12 @@ def test_ops_called_in_a_traced_function_are_nodes_that_run_gptkern():
         packed = q[0].transpose(0, 1)  # (5, 2, 8)
         d = ops.flash_attn_varlen(packed, packed, packed, cu, cu, 3, 3, causal=True)
         e = ops.decode_attention(q[:, :, :1], k, v, lengths)
-        return c, d, e
+        return c, d, e, ops.linear(e, weight.expand(3, 8).contiguous())
 
     graph_module, calls = traced(f)
     targets = {target for op, target in calls if op == "call_function"}
     assert {ops.scaled_dot_product_attention, ops.layer_norm, ops.rms_norm, ops.softmax, ops.log_softmax,
-            ops.flash_attn_varlen, ops.decode_attention} <= targets
+            ops.flash_attn_varlen, ops.decode_attention, ops.linear} <= targets
     for backend in backends_here(q.device, attention=True):  # (those with every op used here)
         with gptkern.backend(backend):
             for got, want in zip(graph_module(q, k, v, weight), f(q, k, v, weight)):
@@ -84,3 +84,14 @@ def test_fx_checks_do_not_change_eager_errors():
         ops.layer_norm([1.0, 2.0], (2,))
     with pytest.raises(TypeError, match="query"):
         ops.scaled_dot_product_attention("q", torch.randn(1, 2, 3), torch.randn(1, 2, 3))
+
+
+def test_a_proxy_of_a_bare_graph_records_the_modules_ops():
+    """A Proxy made on an fx.Graph directly (no tracer of modules): the module's ops are recorded,
+    as torch.nn's are."""
+    graph = torch.fx.Graph()
+    x = torch.fx.Proxy(graph.placeholder("x"))
+    norm = gnn.LayerNorm(4)
+    graph.output(norm(x).node)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [ops.layer_norm]

@@ -415,8 +415,10 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a folder")
     vocab_size = _check_vocab_size(tokenizer, vocab_size, log)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers (--workers) must be an integer >= 1, got {workers!r}")
+    if workers is not None and not is_int(workers):
+        raise TypeError(f"workers (--workers) must be an integer, got {workers!r}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers (--workers) must be >= 1, got {workers!r}")
     if inputs:
         if max_chars is not None:
             raise ValueError("max_chars caps the embedded corpus; it cannot be used with inputs")

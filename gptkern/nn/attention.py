@@ -226,12 +226,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
 
 def _tracing() -> bool:
-    """torch.compile, torch.export or make_fx is tracing (where torch's MultiheadAttention leaves its
-    fast path)."""
+    """Whether torch's MultiheadAttention leaves its fast path for tracing: its own test where this
+    torch has it (make_fx and torch.export; under torch.compile as this torch's Dynamo evaluates it),
+    else torch.compile or torch.export."""
     make_fx_tracing = getattr(torch.nn.modules.activation, "_is_make_fx_tracing", None)
+    if make_fx_tracing is not None:
+        return make_fx_tracing()
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return (torch.compiler.is_compiling() or (exporting is not None and exporting())
-            or (make_fx_tracing is not None and make_fx_tracing()))
+    return torch.compiler.is_compiling() or (exporting is not None and exporting())
 
 
 def _rows_seeing_nothing(mask: torch.Tensor, is_causal: bool, b: int, l: int) -> torch.Tensor:

@@ -30,8 +30,8 @@ def leaf_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[Pr
     """When torch.fx traces through ``module`` below its root, the ``call_module`` node it makes for
     a torch.nn leaf; else None (not tracing, or ``module`` is the traced root or outside it)."""
     proxy = proxy_in(*args, *kwargs.values())
-    if proxy is None or getattr(proxy.tracer, "root", None) is module:
-        return None
+    if proxy is None or not isinstance(proxy.tracer, torch.fx.Tracer) or getattr(proxy.tracer, "root", None) is module:
+        return None  # (a Proxy of a bare Graph has no module tree: the module's ops are recorded)
     try:
         path = proxy.tracer.path_of_module(module)
     except NameError:  # a module called from a traced function, not a submodule of the root

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern import _backend
-from gptkern.ops import _autograd
+from gptkern.ops import _autograd, _fx
 
 MAX_ROWS = 8  # flattened rows of input the kernel serves; above, F.linear (MKL GEMM) wins
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -74,6 +74,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Under torch.compile, torch.jit.trace (whose check reruns without grad) or CPU autocast this is
     F.linear.
     """
+    proxy = _fx.proxy_in(input, weight, bias)
+    if proxy is not None:  # torch.fx.symbolic_trace
+        return _fx.record(linear, proxy, input, weight, bias)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _use_kernel(input, weight, bias):
         return F.linear(input, weight, bias)
     y = _autograd.call(torch.ops.gptkern.linear_small_m, input.reshape(-1, weight.shape[1]), weight, bias)
