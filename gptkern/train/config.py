@@ -266,7 +266,8 @@ FLAG_HELP = {
     "doc_mask": "attention stays inside each EOS-separated document (varlen attention)",
     "fsdp": "FSDP2 (fully_shard) instead of DDP under torchrun",
     "peak_tflops": "peak TFLOP/s per device for MFU (default: known GPUs' dense bf16 peak)",
-    "max_seconds": "stop (and checkpoint) after this much training time",
+    "max_seconds": "stop (and checkpoint) after this much training time (under torchrun checked at log steps, "
+                   "where the ranks agree to stop together)",
     "resume": "continue from the last checkpoint in out_dir",
     "progress": "show the progress bar",
 }

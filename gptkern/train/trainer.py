@@ -213,10 +213,23 @@ class Trainer:
         if self.config.fsdp and self.env.world_size > 1:  # the saved state is the full one: shard it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.raw_model, self.optimizer, state,
+            set_optimizer_state_dict(self.raw_model, self.optimizer, self._keyed_by_name(state),
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(state)
+
+    def _keyed_by_name(self, state: dict) -> dict:
+        """An optimizer state saved without FSDP (keyed by the parameters' positions, as
+        ``optimizer.state_dict()`` writes it) keyed by their names instead, as FSDP's full state is
+        and ``set_optimizer_state_dict`` reads it; a state keyed by names is returned as it is."""
+        groups = state.get("param_groups", [])
+        if not any(isinstance(i, int) for g in groups for i in g.get("params", ())):
+            return state
+        names = {p: name for name, p in self.raw_model.named_parameters()}
+        name_of = {saved: names[p] for saved_group, group in zip(groups, self.optimizer.param_groups)
+                   for saved, p in zip(saved_group["params"], group["params"])}
+        return {"state": {name_of[i]: s for i, s in state.get("state", {}).items()},
+                "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in groups]}
 
     def _full_states(self):
         """(model, optimizer) objects whose state_dict is the full, unsharded state."""
