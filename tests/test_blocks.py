@@ -174,3 +174,42 @@ def test_rotary_is_llama_and_hugging_face_half_split(base):
     x1, x2 = x[..., :2], x[..., 2:]
     torch.testing.assert_close(apply_rotary(x, cos, sin), torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1),
                                atol=1e-6, rtol=1e-6)  # (angles in fp32)
+
+
+def test_block_dropout_reaches_the_attention_output_and_the_mlp():
+    """Training mode, dropout 0.999: the attention sublayer's residual dropout and the MLP's dropout
+    zero (nearly) all of their outputs (without them, c_proj's bias would show through)."""
+    torch.manual_seed(0)
+    block = Block(16, 2, dropout=0.999).train()
+    x = torch.randn(2, 8, 16)
+    attn, mlp = block.attn(block.ln_1(x)), block.mlp(block.ln_2(x))
+    assert (attn == 0).float().mean() > 0.95
+    assert (mlp == 0).float().mean() > 0.95
+    block.eval()
+    assert (block.attn(block.ln_1(x)) != 0).all() and (block.mlp(block.ln_2(x)) != 0).all()
+
+
+def test_cross_attention_dropout_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 4, dropout=0.5).eval()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, memory), attn(x, memory), rtol=0, atol=0)
+
+
+def test_bidirectional_window_with_one_document_equals_the_plain_forward():
+    """causal=False with a window sees ``window - 1`` keys on both sides, in the packed-document
+    (varlen) path as in the plain one."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 2, causal=False, window=2).eval()
+    x = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        plain = attn(x)
+        packed = attn(x, doc_bounds=(torch.tensor([0, 6], dtype=torch.int32), 6))
+    torch.testing.assert_close(packed, plain)
+
+
+def test_rotary_positions_are_not_rounded_through_half_precision():
+    cos, sin = rope_cos_sin(torch.tensor([4097]), 8, dtype=torch.float64)  # 4097 is not a float16
+    assert abs(cos[0, 0].item() - math.cos(4097)) < 1e-5
+    assert abs(sin[0, 0].item() - math.sin(4097)) < 1e-5

@@ -351,3 +351,15 @@ def test_the_new_tf32_api_is_read_and_keyed(emulator):
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
     assert len(emulator.graphs) == 3
+
+
+def test_another_paged_pool_size_captures_again(emulator):
+    """The kept graph's cache is a pool of num_cache_blocks: a call asking for another size gets its
+    own (reusing a smaller pool would run out of blocks, a larger one would hold more than asked)."""
+    model = _model("gpt2-tiny")
+    prompt = torch.randint(1, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    for blocks in (4, 7):  # 3 usable blocks: one per sequence of 12 + 4 tokens; then 6
+        kwargs = dict(cache="paged", num_cache_blocks=blocks)
+        expected = generate(model, prompt, 4, cuda_graph=False, **kwargs)
+        assert torch.equal(generate(model, prompt, 4, cuda_graph=True, **kwargs), expected)
+    assert len(emulator.graphs) == 2

@@ -520,3 +520,91 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype():
         assert gptkern.generation.kv_cache.make_cache(model.bfloat16(), "static", 2, 16).k[0].dtype == torch.float16
         assert gptkern.generation.kv_cache.make_cache(model.double(), "static", 2, 16).k[0].dtype == torch.float64
     assert torch.equal(static, paged) and static.shape == (2, 14)
+
+
+def test_degenerate_sampling_settings_are_greedy():
+    """do_sample with temperature 0 (documented as greedy) or a tiny top_p (the top token is always
+    kept) gives the greedy tokens, not an error from an all-filtered distribution."""
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([5, 3])
+    greedy = generate(model, prompt, 6, attention_mask=mask)
+    for kwargs in (dict(temperature=0.0), dict(top_p=1e-9), dict(temperature=0.0, top_p=0.5, top_k=3)):
+        assert torch.equal(generate(model, prompt, 6, attention_mask=mask, do_sample=True, seed=1, **kwargs),
+                           greedy), kwargs
+
+
+def test_every_row_stopping_at_its_first_token_ends_after_one_column():
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([5, 3, 4])
+    first = generate(model, prompt, 1, attention_mask=mask)[:, -1].tolist()
+    out = generate(model, prompt, 8, attention_mask=mask, eos_token_id=first)
+    assert out.shape == (3, prompt.shape[1] + 1) and out[:, -1].tolist() == first
+
+
+def test_stop_strings_with_an_eos_that_never_comes():
+    """A stop string stops its sequence whether or not eos_token_id is given too."""
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    full = generate(model, prompt, 12)
+    text = CharTokenizer().decode(full[0, 5:].tolist())
+    unused = next(t for t in range(1, 99) if t not in full[0].tolist())
+    stop = text[3:5]
+    want = generate(model, prompt, 12, stop_strings=[stop], tokenizer=CharTokenizer())
+    assert want.shape[1] < full.shape[1]
+    got = generate(model, prompt, 12, stop_strings=[stop], tokenizer=CharTokenizer(), eos_token_id=unused)
+    assert torch.equal(got, want)
+
+
+def test_stop_strings_skip_the_first_id_past_the_tokenizer():
+    """An id equal to the tokenizer's size is past it (ids 0 .. size - 1 decode)."""
+    _, model = hf_and_gpt()
+    prompt, _ = left_padded([5])
+    full = generate(model, prompt, 12)
+    boundary = type("Boundary", (SmallTokenizer,), {"vocab_size": int(full[0, 6])})  # a generated id
+    out = generate(model, prompt, 12, stop_strings=["never there"], tokenizer=boundary())
+    assert torch.equal(out, full)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("kind", ["static", "paged"])
+def test_several_tokens_decoded_at_once_equal_the_full_forward(preset, kind):
+    """A cached step of 3 tokens (speculative decoding, chunked prefill) sits them at their own positions."""
+    from gptkern.generation import PagedKVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(preset, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    cache_type = StaticKVCache if kind == "static" else PagedKVCache
+    cache = cache_type.for_model(model, 1, 16)
+    cache.allocate([8])
+    with torch.no_grad():
+        full = model(ids)[0][0, 5:]
+        model.transformer(ids[:, :5], cache=cache)
+        got = model.lm_head(model.transformer(ids[:, 5:], cache=cache))[0]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert cache.seqlens.tolist() == [8]
+
+
+def test_cache_bookkeeping_edges():
+    from gptkern.generation import PagedKVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", vocab_size=64)).eval()
+    paged = PagedKVCache.for_model(model, 1, 64)
+    paged.allocate([5])  # one 16-token block: decoding to position 16 needs a second
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs 17 positions"):
+        model.transformer(torch.randint(0, 64, (1, 5)), cache=paged)
+        for _ in range(12):
+            model.transformer(torch.randint(0, 64, (1, 1)), cache=paged)
+    pool = PagedKVCache(1, 1, 1, 4, num_blocks=4, block_size=16)
+    pool.allocate([16])
+    pool.free(0)
+    pool.allocate([16])  # the freed row is in use again, with one block
+    k = torch.randn(1, 1, 20, 4)
+    with pytest.raises(RuntimeError):
+        pool.write_prompt(0, k, k, torch.tensor([20]))
+    static = StaticKVCache(1, 2, 1, 8, 4)
+    static.allocate([8, 3])  # exactly the capacity fits
+    static.seqlens.copy_(torch.tensor([2, 5]))
+    static.reorder(torch.tensor([1, 0]))
+    assert static.seqlens.tolist() == [5, 2]

@@ -293,3 +293,79 @@ def test_greedy_generation_with_a_static_cache_matches_eager():
         tokens[name] = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=8, do_sample=False,
                                       cache_implementation="static", pad_token_id=0)
     assert torch.equal(tokens["gptkern"], tokens["eager"])
+
+
+def test_exact_gelu_imports_as_exact_gelu():
+    """activation_function="gelu" is the exact (erf) GELU, not the tanh one: weights scaled up
+    so that the two differ in the logits (at GPT-2's init they agree to ~1e-6)."""
+    hf = hf_gpt2(activation_function="gelu")
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3)
+    model = GPT.from_hf(hf)
+    assert model.config.activation == "gelu"
+    idx = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)  # tanh GELU: ~1e-3 off
+
+
+def test_unscaled_attention_is_refused():
+    with pytest.raises(ValueError, match="scale_attn_weights"):
+        GPT.from_hf(hf_gpt2(scale_attn_weights=False))
+
+
+@pytest.mark.parametrize("overrides", [dict(mlp_hidden=48), dict(norm_eps=1e-2), dict(activation="gelu")])
+def test_export_keeps_mlp_width_norm_eps_and_activation(overrides):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=2, n_embd=32, n_head=4, vocab_size=99, block_size=32,
+                                    **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms and biases
+            p.add_(torch.randn_like(p) * 0.1)
+    hf = model.to_hf()
+    assert hf.config.n_inner == model.config.mlp_hidden
+    assert hf.config.layer_norm_epsilon == model.config.norm_eps
+    idx = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+
+
+def test_export_ties_the_head_to_the_token_table():
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=99, block_size=32))
+    hf = model.to_hf()
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    untied = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=99, block_size=32,
+                                     tie_weights=False)).to_hf()
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+
+
+def test_old_checkpoint_with_attention_mask_buffers(tmp_path):
+    """Older GPT-2 checkpoints (the original gpt2 pytorch_model.bin) carry the causal-mask buffers
+    h.N.attn.bias and h.N.attn.masked_bias: not weights, dropped on import."""
+    hf = hf_gpt2()
+    hf.config.save_pretrained(tmp_path)
+    state = dict(hf.state_dict())
+    for i in range(hf.config.n_layer):
+        state[f"transformer.h.{i}.attn.bias"] = torch.ones(64, 64).tril().view(1, 1, 64, 64)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = GPT.from_hf(tmp_path)
+    idx = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_export_of_a_vocabulary_one_short_of_gpt2_eos_has_no_special_ids():
+    hf_config = config_to_hf(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=50256))
+    assert hf_config.bos_token_id is None and hf_config.eos_token_id is None  # 50256 would be out of range
+
+
+def test_sharded_safetensors_directory(tmp_path):
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    model = GPT.from_hf(tmp_path)
+    idx = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)

@@ -375,3 +375,11 @@ def test_rope_base_reaches_the_model():
     ids = random_ids(a.config)
     with torch.no_grad():
         assert not torch.allclose(a(ids)[0], b(ids)[0], atol=1e-4)
+
+
+def test_init_std_reaches_the_embeddings():
+    torch.manual_seed(0)
+    model = GPT(tiny(init_std=0.1))
+    for table in (model.transformer.wte, model.transformer.wpe):
+        assert abs(table.weight.std().item() - 0.1) < 0.01
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.1) < 0.01

@@ -68,9 +68,10 @@ def exhaustive_best(model, src, pad, vocab, max_new, length_penalty):
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
-def test_beam_search_is_exhaustive_with_enough_beams(length_penalty):
+@pytest.mark.parametrize("seed", [1, 3])
+def test_beam_search_is_exhaustive_with_enough_beams(length_penalty, seed):
     vocab, max_new = 4, 3
-    model = model_with(vocab, seed=3, std=1.0)
+    model = model_with(vocab, seed=seed, std=1.0)
     src = torch.tensor([[2, 3, 3, 2, 3]])
     out = generate_seq2seq(model, src, max_new, bos_token_id=BOS, eos_token_id=EOS, num_beams=vocab ** 2,
                            length_penalty=length_penalty, early_stopping="never")
@@ -210,3 +211,42 @@ def test_early_stopping_false_compares_with_the_kth_best_finished():
     out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 5, bos_token_id=m.BOS, eos_token_id=m.EOS,
                            num_beams=2, length_penalty=1.0, early_stopping=False)
     assert out.tolist() == [[m.BOS, m.B, m.EOS]]
+
+
+def test_greedy_reads_the_source_padding_mask():
+    """A padded source in a batch decodes as the same source alone, unpadded (weights large enough
+    for the padded positions to change the output if they were read)."""
+    model = model_with(12, std=1.0)
+    src, pad = sources()
+    out = generate_seq2seq(model, src, 8, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, pad_token_id=11)
+    alone = generate_seq2seq(model, src[1:2, :4], 8, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=11)
+    assert out[1, :alone.shape[1]].tolist() == alone[0].tolist()
+    unmasked = generate_seq2seq(model, src, 8, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=11)
+    assert unmasked[1].tolist() != out[1].tolist()  # (the case: the padding would change row 1)
+
+
+def test_early_stopping_true_ends_with_the_first_num_beams_finished():
+    """_BigramDecoder: after 2 steps EOS (-1.20) and A EOS (-0.80) have finished, which ends the
+    search with early_stopping=True; False and "never" go on, since A A ... improves towards
+    log 0.6 a token, and return A A A A A (-0.547, against A A A A EOS's -0.628)."""
+    m = _BigramDecoder()
+    outs = {es: generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 5, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                                 num_beams=2, length_penalty=1.0, early_stopping=es).tolist()
+            for es in (True, False, "never")}
+    assert outs[True] == [[m.BOS, m.A, m.EOS]]
+    assert outs[False] == outs["never"] == [[m.BOS] + [m.A] * 5]
+
+
+class _EosThird(_BigramDecoder):
+    # After A (-0.69) and B (-1.20), step 2 ranks A A (-1.39), A EOS (-1.49), then B EOS (-1.89)
+    # third: transformers keeps an EOS ranked past the beams out of the hypotheses. Kept, B EOS would
+    # make two finished ones and end the search (early_stopping=True) with A EOS (-0.745 a token);
+    # left out, the search goes on to A A A (-0.693), which A A EOS (-0.73) does not beat.
+    PROBS = {0: [0, .5, .3, .2], 1: [0, .5, .05, .45], 2: [0, .25, .25, .5]}
+
+
+def test_an_eos_ranked_past_the_beams_is_not_a_hypothesis():
+    m = _EosThird()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 3, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=1.0, early_stopping=True)
+    assert out.tolist() == [[m.BOS, m.A, m.A, m.A]]
