@@ -433,21 +433,19 @@ def test_ddp_and_fsdp_on_two_cpu_processes_match_one_process(data_dir, tmp_path)
         assert [p.name for p in ckpt.list_checkpoints(str(tmp_path / mode))] == ["step_00000004"]  # rank 0 only
         model, _ = load_pretrained(ckpt.latest_checkpoint(str(tmp_path / mode)))  # the full, unsharded weights
         assert model.transformer.h[1].mlp.c_fc.weight.shape == (256, 64)
+    def resume_under_fsdp_to_step_6(mode):
+        flags = _flags(data_dir, tmp_path / mode, 2)
+        flags[flags.index("--max-steps") + 1] = "6"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "gptkern", "train", *flags, "--fsdp", "--resume"], capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+
     # FSDP resumes from the full checkpoint (model and optimizer sharded again)
-    flags = _flags(data_dir, tmp_path / "fsdp", 2)
-    flags[flags.index("--max-steps") + 1] = "6"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "gptkern", "train", *flags, "--fsdp", "--resume"], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    resume_under_fsdp_to_step_6("fsdp")
     assert [r["step"] for r in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     # a DDP checkpoint (its optimizer state keyed by positions) resumed under FSDP: the same steps 5 and 6
-    flags = _flags(data_dir, tmp_path / "ddp", 2)
-    flags[flags.index("--max-steps") + 1] = "6"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "gptkern", "train", *flags, "--fsdp", "--resume"], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    resume_under_fsdp_to_step_6("ddp")
     assert losses(tmp_path / "ddp")[4:] == pytest.approx(losses(tmp_path / "fsdp")[4:], rel=1e-5, abs=1e-6)
 
 
