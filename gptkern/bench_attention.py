@@ -350,7 +350,7 @@ def measure_matmul(n: int, dtype: torch.dtype, device: torch.device, warmup: int
 
 def _cells(r: dict) -> str:
     if r["status"] != "ok":
-        return f" {r['status']}: {r['error'].replace('|', '/')} | | | |"
+        return f" {r['status']}: {r['error'].replace('|', '/')} | | | | |"  # as many cells as an ok row
     speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
     return (f" {r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} | {r['tflops']:.3g} "
             f"| {100 * r['matmul_fraction']:.1f}% | {speedup} |")

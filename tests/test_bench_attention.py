@@ -79,6 +79,8 @@ def test_failures_are_table_cells():
     text = bench_attention.markdown(report)
     assert "| sdpa | fwd+bwd | yes | 1 | 2 | 8 | 4 | torch:efficient | unsupported: RuntimeError" in text
     assert "| torch.compile | error: RuntimeError: compile failed / because of reasons |" in text
+    table = [line for line in text.splitlines() if line.startswith("| sdpa ")]
+    assert len(table) == 3 and len({line.count("|") for line in table}) == 1  # error rows have every cell
     assert "Autotuning chose" not in text
     report["autotune"] = {"(('fwd', 128), 'cuda:0')": "AttnConfig(block_m=128, tma=True)"}
     assert "- `(('fwd', 128), 'cuda:0')`: `AttnConfig(block_m=128, tma=True)`" in bench_attention.markdown(report)

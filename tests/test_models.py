@@ -121,6 +121,13 @@ def test_flops_per_token():
     matmul = c.n_layer * per_layer + c.vocab_size * c.n_embd
     assert model.flops_per_token() == 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
     assert model.flops_per_token(8) < model.flops_per_token()
+    # a window of w keys: the attention term counts the keys each query sees (doubled, as without one)
+    windowed = GPT(tiny(window=4))
+    t = 16
+    seen = sum(min(i + 1, 4) for i in range(t))  # 10 over the first 4 queries, then 4 each
+    attention = windowed.flops_per_token(t) - 6 * matmul
+    assert attention == pytest.approx(12 * c.n_layer * c.n_embd * 2 * seen / t)
+    assert windowed.flops_per_token(3) == model.flops_per_token(3)  # a window past the sequence: no change
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])

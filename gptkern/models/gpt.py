@@ -185,11 +185,18 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs (forward + backward) per token at ``seq_len`` (default block_size):
         6 per weight of every matmul, plus 12 * n_layer * n_head * head_dim * seq_len for the
-        attention scores and weighted sum (the PaLM count, without the causal halving)."""
+        attention scores and weighted sum (the PaLM count, without the causal halving). With a
+        sliding window (each query sees at most w keys, itself included, and the kernels read no
+        others), seq_len becomes twice the mean number of keys a query sees, 2 * mean(min(i + 1, w)):
+        the same count, since without a window that is seq_len + 1."""
         c = self.config
         seq_len = c.block_size if seq_len is None else seq_len
+        keys = seq_len
+        window = getattr(c, "window", None)
+        if window is not None and window < seq_len:  # sum over i < T of min(i + 1, w), doubled, per query
+            keys = 2.0 * (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * seq_len
+        return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * keys
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
