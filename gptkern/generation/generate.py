@@ -178,8 +178,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
         # every row (only then: a fixed width keeps the CUDA-graph session's key from call to call)
         lead = input_ids.shape[1] - int(mask.sum(-1).max())
         input_ids, mask = input_ids[:, lead:], mask[:, lead:]
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    top_k = None if top_k is None else int(top_k)  # (a 0-d integer tensor too)
+    top_k = check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     check_cache_kind(cache)
     if cache == "paged" and getattr(model.config, "window", None) is not None:
         raise ValueError("a sliding-window model decodes with cache='static' (the paged cache has no windows)")

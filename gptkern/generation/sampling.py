@@ -6,11 +6,12 @@ from typing import Optional
 
 import torch
 
-from gptkern.ops._checks import is_int
+from gptkern.ops._checks import int_arg
 
 
 def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optional[float],
-                        repetition_penalty: float) -> None:
+                        repetition_penalty: float) -> Optional[int]:
+    """Checks the sampling arguments; returns top_k as an int (or None)."""
     for name, value, optional in (("temperature", temperature, False), ("top_p", top_p, True),
                                   ("repetition_penalty", repetition_penalty, False)):
         if value is None and optional:
@@ -19,10 +20,8 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
                 isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
                 and value.dtype != torch.bool)):
             raise TypeError(f"{name} must be a number, got {value!r}")
-    if top_k is not None and not is_int(top_k) and not (
-            isinstance(top_k, torch.Tensor) and top_k.dim() == 0 and not top_k.is_floating_point()
-            and not top_k.is_complex() and top_k.dtype != torch.bool):
-        raise TypeError(f"top_k must be an int or None, got {top_k!r}")
+    if top_k is not None:  # an int, numpy integer or 0-d integer tensor
+        top_k = int_arg(top_k, "top_k", "generate")
     # written as "not (valid)" so that NaN is refused too
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
@@ -32,6 +31,7 @@ def check_sampling_args(temperature: float, top_k: Optional[int], top_p: Optiona
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    return top_k
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float,
