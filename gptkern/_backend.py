@@ -325,9 +325,33 @@ def _log_fallback_once(op: str, name: str, reason: str) -> None:
     log.debug("gptkern.%s: backend %r skipped under auto: %s", op, name, reason)
 
 
+_choice_logs: list[list[tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def record_choices() -> Iterator[list[tuple[str, str]]]:
+    """Collect (op, backend) for every op call inside the block (benchmarks name the backend
+    that ``auto`` picked with it)."""
+    log: list[tuple[str, str]] = []
+    _choice_logs.append(log)
+    try:
+        yield log
+    finally:
+        _choice_logs.remove(log)
+
+
 def choose(op: str, device: torch.device, supports: dict[str, Support],
            auto_only: Optional[dict[str, Support]] = None,
            inputs: Sequence[Optional[torch.Tensor]] = ()) -> str:
+    """Pick the backend for one call of ``op`` on ``device`` (see ``_choose``)."""
+    name = _choose(op, device, supports, auto_only, inputs)
+    for log in _choice_logs:
+        log.append((op, name))
+    return name
+
+
+def _choose(op: str, device: torch.device, supports: dict[str, Support],
+            auto_only: Optional[dict[str, Support]], inputs: Sequence[Optional[torch.Tensor]]) -> str:
     """Pick the backend for one call of ``op`` on ``device``.
 
     ``supports`` maps each backend that implements ``op`` to a check of the call's

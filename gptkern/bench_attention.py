@@ -69,11 +69,14 @@ Forward = Callable[..., torch.Tensor]
 
 
 def attention_flops(mode: str, batch: int, heads: int, l: int, s: int, d: int, causal: bool) -> float:
-    """Matmul FLOPs of attention: fwd 4·B·H·L·S·D (q kᵀ and p v, 2 each), halved when causal;
-    bwd 2.5x fwd (five matmuls instead of two); fwd+bwd 3.5x fwd. Softmax and masking are not
-    counted; every provider gets the same count."""
-    fwd = 4.0 * batch * heads * l * s * d * (0.5 if causal else 1.0)
-    return fwd * MODE_FACTOR[mode]
+    """Matmul FLOPs of attention: fwd 4·B·H·L·S·D (q kᵀ and p v, 2 each), halved when causal
+    and L = S; bwd 2.5x fwd (five matmuls instead of two); fwd+bwd 3.5x fwd. Softmax and masking
+    are not counted; every provider gets the same count. Causal counts the area of the visible
+    region under PyTorch's top-left alignment: L²/2 of L·S when L <= S, L·S - S²/2 when L > S."""
+    area = l * s
+    if causal:
+        area = l * l / 2 if l <= s else l * s - s * s / 2
+    return 4.0 * batch * heads * area * d * MODE_FACTOR[mode]
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,

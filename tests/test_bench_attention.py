@@ -113,6 +113,12 @@ def test_flop_model_and_lengths():
     assert bench_attention.attention_flops("fwd", 2, 3, 5, 7, 11, False) == 4 * 2 * 3 * 5 * 7 * 11
     assert bench_attention.attention_flops("bwd", 1, 1, 4, 4, 2, True) == 2.5 * 0.5 * 4 * 16 * 2
     assert bench_attention.attention_flops("fwd+bwd", 1, 1, 4, 4, 2, False) == 3.5 * 4 * 16 * 2
+    # causal with L != S (top-left): the continuous area of the visible region, which a
+    # many-row count of visible (query, key) pairs approaches
+    for l, s in ((1000, 3000), (3000, 1000)):
+        pairs = sum(min(i + 1, s) for i in range(l))
+        flops = bench_attention.attention_flops("fwd", 1, 1, l, s, 1, True)
+        assert abs(flops / (4 * pairs) - 1) < 1e-3, (l, s)
     lengths = bench_attention.varlen_lengths(16384)
     assert 16384 - 256 < sum(lengths) <= 16384 and all(256 <= n <= 4096 for n in lengths)
 

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
+import gptkern
 from gptkern import bench_generate
+from gptkern.models import GPTConfig
 from helpers import assert_argument_error
 
 pytest.importorskip("transformers")
@@ -81,3 +83,26 @@ def test_decode_kernel_rows_include_a_partly_filled_cache():
     assert [r["case"] for r in rows] == ["decode kernel, cache 64", "decode kernel, cache 128",
                                          "decode kernel, cache 128 filled to 16"]
     assert all(r["median_ms"] > 0 and r["read_gbps"] > 0 and r["fraction_of_copy"] > 0 for r in rows)
+    assert {r["provider"] for r in rows} == {"gptkern cpu"}  # auto's choice on CPU tensors
+    # the provider names the backend that served the kernel, not "auto"
+    with gptkern.backend("torch"):
+        rows = bench_generate.bench_decode_kernel(torch.device("cpu"), torch.float32, (64,), 1)
+    assert {r["provider"] for r in rows} == {"gptkern torch"}
+
+
+def test_paged_batch_counts_decode_tokens_only(monkeypatch):
+    """The batch row's tokens/s is the steady-state decode rate (prefill not counted), summed
+    over the batch's rows."""
+    seen = []
+
+    def fake_rate(run, prompt_len, new, device, repeats, warmup=1):
+        out = run(prompt_len, new)
+        seen.append((out.shape, prompt_len, new))
+        return {"start_ms": 1.0, "warm_tokens": 3, "total_ms": 9.0, "decode_tokens_per_s": 250.0}
+
+    monkeypatch.setattr(bench_generate, "decode_rate", fake_rate)
+    cfg = GPTConfig.from_name("gpt2-tiny")
+    rows = bench_generate.bench_paged_batch(cfg, torch.float32, torch.device("cpu"), 3, 8, 4)
+    assert seen == [(torch.Size([3, 12]), 8, 4)]
+    assert rows == [{"case": "batch 3, paged cache", "provider": "gptkern", "total_s": 9.0e-3,
+                     "decode_tokens_per_s": 750.0}]
