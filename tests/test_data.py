@@ -547,3 +547,60 @@ def test_prepare_workers_takes_numpy_integers_and_refuses_other_types(tmp_path):
     for bad in ("2", 2.0, True):
         with pytest.raises(TypeError, match="workers"):
             prepare([], tmp_path / "b", "byte", max_chars=5_000, workers=bad, progress=False)
+
+
+def test_prepare_checks_seed_fraction_and_pieces_before_tokenizing(tmp_path):
+    """numpy numbers are taken (and written to meta.json as plain numbers); other types and values
+    are refused up front, naming the argument, not after the shards are written."""
+    meta = prepare([], tmp_path / "a", "byte", max_chars=5_000, seed=np.int64(3), val_fraction=np.float32(0.5),
+                   progress=False)
+    assert type(meta["seed"]) is int and type(meta["val_fraction"]) is float
+    assert read_meta(tmp_path / "a")["seed"] == 3
+    for kwargs, error, match in ((dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed"),
+                                 (dict(seed=True), TypeError, "seed"),
+                                 (dict(val_fraction="0.1"), TypeError, "val_fraction"),
+                                 (dict(val_fraction=1.0), ValueError, "val_fraction"),
+                                 (dict(piece_chars=0), ValueError, "piece_chars"),
+                                 (dict(piece_chars=2.5), TypeError, "piece_chars")):
+        with pytest.raises(error, match=match):
+            prepare([], tmp_path / "b", "byte", max_chars=5_000, progress=False, **kwargs)
+    assert not (tmp_path / "b").exists()
+    for bad in (0, -1):  # a window of no characters never advanced: an endless loop
+        with pytest.raises(ValueError, match="max_chars"):
+            split_text("ab", bad)
+
+
+def test_an_input_that_is_not_a_file_or_folder(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"pipe is not a regular file or a folder"):
+        prepare([fifo], tmp_path / "o", progress=False)
+
+
+def test_loader_arguments_are_ints_and_its_state_is_json(data_dir):
+    loader = TokenLoader(data_dir, "train", np.int64(4), np.int32(2), seed=np.int64(5), rank=np.int64(0),
+                         world_size=np.int64(1))
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["seed"] == 5 and state["block_size"] == 4
+    for name in ("block_size", "batch_size", "seed", "rank", "world_size"):
+        kwargs = dict(block_size=4, batch_size=2, seed=0, rank=0, world_size=1)
+        for bad in (float(kwargs[name] or 1), True):
+            with pytest.raises(TypeError, match=f"{name} must be an int"):
+                TokenLoader(data_dir, "train", **{**kwargs, name: bad})
+    with pytest.raises(ValueError, match="invalid step True"):
+        loader.load_state_dict({**loader.state_dict(), "step": True})
+
+
+def test_a_split_smaller_than_the_global_batch_deals_every_window_before_repeating(tmp_path):
+    """3 windows for 2 ranks x 2 rows: every window is read at each step (none twice before all
+    once), so the ranks never read the same window twice over."""
+    write_meta_dir = tmp_path / "d"
+    prepare([], write_meta_dir, "byte", max_chars=2_000, val_fraction=0.0, progress=False)
+    n = read_meta(write_meta_dir)["splits"]["train"]["tokens"]
+    block = n - 3  # windows start at 0, 1 or 2
+    for step in range(5):
+        rows = []
+        for rank in range(2):
+            loader = TokenLoader(write_meta_dir, "train", block, 2, seed=step, rank=rank, world_size=2)
+            rows += loader._starts(0).tolist()
+        assert sorted(rows[:3]) == [0, 1, 2], rows

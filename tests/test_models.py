@@ -46,7 +46,8 @@ def test_config_checks_and_round_trip():
     for bad in (dict(n_layer=0), dict(vocab_size=-3), dict(dropout=1.0), dict(norm="batchnorm"),
                 dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0), dict(window=2.5),
                 dict(mlp_hidden=0), dict(mlp_hidden=-4), dict(mlp_hidden=2.5), dict(n_kv_head=True),
-                dict(tie_weights="no"), dict(bias=1), dict(norm_eps=-1.0), dict(rope_base=0.0),
+                dict(tie_weights="no"), dict(bias=1), dict(norm_eps=-1.0), dict(rope_base=0.0), dict(rope_base=1.0),
+                dict(rope_base=1e-50),
                 dict(init_std=-1.0), dict(init_std=float("nan")), dict(dropout="0.1"), dict(dropout=None)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GPTConfig(**bad)
@@ -71,6 +72,23 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="attention_mask and doc_bounds cannot be combined"):
         model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4),
               doc_bounds=(torch.tensor([0, 4], dtype=torch.int32), 4))
+    # learned positions: every index into the table is checked, naming the argument
+    ids = torch.randint(0, 97, (2, 12))
+    for positions, match in ((torch.arange(25, 37), "position 36 in position_ids.*block_size 32"),
+                             (torch.arange(-1, 11), "position -1 in position_ids")):
+        with pytest.raises(IndexError, match=match):
+            model(ids, position_ids=positions)
+    with pytest.raises(ValueError, match=r"position_ids of shape \[3, 12\]"):
+        model(ids, position_ids=torch.zeros(3, 12, dtype=torch.long))
+    with pytest.raises(TypeError, match="position_ids must be an int64 or int32"):
+        model(ids, position_ids=torch.zeros(12))
+    for cu, max_len, match in (([0, 5, 24], 19, "doc_bounds: a document of 19 tokens.*block_size 16"),
+                               ([5, 12, 24], 12, "must start at 0, got 5"),
+                               ([0, 5], 5, "ends at 5 but idx")):
+        short = GPT(tiny(block_size=16))
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            short(ids, doc_bounds=(torch.tensor(cu, dtype=torch.int32), max_len))
+    assert torch.isfinite(model(ids, position_ids=torch.arange(20, 32))[0]).all()  # the table's last rows
     # rope has no table of positions: longer sequences run
     rope = GPT(tiny("llama-tiny"))
     assert rope(torch.zeros(1, 40, dtype=torch.long))[0].shape == (1, 40, 97)
@@ -121,13 +139,16 @@ def test_flops_per_token():
     matmul = c.n_layer * per_layer + c.vocab_size * c.n_embd
     assert model.flops_per_token() == 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
     assert model.flops_per_token(8) < model.flops_per_token()
-    # a window of w keys: the attention term counts the keys each query sees (doubled, as without one)
+    # a window of w keys: the attention term scales by the visible share of the causal pairs
     windowed = GPT(tiny(window=4))
     t = 16
     seen = sum(min(i + 1, 4) for i in range(t))  # 10 over the first 4 queries, then 4 each
     attention = windowed.flops_per_token(t) - 6 * matmul
-    assert attention == pytest.approx(12 * c.n_layer * c.n_embd * 2 * seen / t)
+    assert attention == pytest.approx(12 * c.n_layer * c.n_embd * t * seen / (t * (t + 1) / 2))
     assert windowed.flops_per_token(3) == model.flops_per_token(3)  # a window past the sequence: no change
+    # a smaller window never costs more, down from the full count at w = T
+    counts = [GPT(tiny(window=w)).flops_per_token(t) for w in range(1, t + 1)]
+    assert counts == sorted(counts) and len(set(counts)) == t and counts[-1] == model.flops_per_token(t)
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])

@@ -189,3 +189,27 @@ def test_a_vocabulary_with_gaps_sizes_by_its_largest_id(tmp_path, bpe):
     ids = encode_array(tok, moved.replace("\u0120", " ") * 3, token_dtype(tok.vocab_size))
     assert ids.dtype == np.uint32 and 70000 in ids.tolist()
     assert tok.decode([70000]) == tok.decode(tok.encode(moved.replace("\u0120", " ")))
+
+
+def test_a_post_processor_template_adds_no_ids(tmp_path, bpe):
+    """A tokenizer.json whose post-processor appends EOS (a BOS/EOS template): encode gives the
+    text's ids alone, so prepare writes one EOS per document, not one per piece."""
+    from tokenizers.processors import TemplateProcessing
+
+    from gptkern.data.prepare import prepare
+
+    eos = "<|endoftext|>"
+    original = bpe.tokenizer.post_processor
+    bpe.tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, bpe.eos_id)])
+    try:
+        (tmp_path / "tok").mkdir()
+        bpe.tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
+    finally:
+        bpe.tokenizer.post_processor = original
+    tok = make_tokenizer(f"gpt2-dir:{tmp_path / 'tok'}")
+    assert tok.encode("the fox") == bpe.encode("the fox") and bpe.eos_id not in tok.encode("the fox")
+    (tmp_path / "doc.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    prepare([tmp_path / "doc.txt"], tmp_path / "out", f"gpt2-dir:{tmp_path / 'tok'}", val_fraction=0.0,
+            piece_chars=20, progress=False)
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    assert (ids == bpe.eos_id).sum() == 1 and ids[-1] == bpe.eos_id

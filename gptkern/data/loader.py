@@ -3,15 +3,17 @@
 Sampling: at step ``k`` the loader draws the start offsets of one *global* batch of
 ``batch_size * world_size`` windows of ``block_size + 1`` tokens from a generator seeded with
 ``(seed, split, k)`` (numpy ``SeedSequence`` → PCG64), without replacement whenever the split has
-that many windows. Rank ``r`` takes rows ``r * batch_size`` to ``(r + 1) * batch_size`` of it.
+that many windows; a smaller split deals out every window once before any twice (permutations
+end to end). Rank ``r`` takes rows ``r * batch_size`` to ``(r + 1) * batch_size`` of it.
 
 Guarantees:
 - a batch depends only on ``(seed, split, rank, world_size, batch_size, block_size, step)``:
   2N batches straight equal N batches, ``state_dict()`` → ``load_state_dict()`` into a fresh
   loader, then N more; the state is the same on every rank (saving rank 0's suffices);
 - at every step the ranks read disjoint sets of windows (distinct start offsets; windows may
-  still overlap in tokens, as two rows of one batch may), and their batches put together in rank
-  order equal the batch of a single loader with ``batch_size * world_size`` rows.
+  still overlap in tokens, as two rows of one batch may) when the split has at least
+  ``batch_size * world_size`` windows, and their batches put together in rank order equal the
+  batch of a single loader with ``batch_size * world_size`` rows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from gptkern.data.prepare import read_meta
+from gptkern.ops._checks import is_int
 
 STATE_VERSION = 1
 
@@ -57,6 +60,12 @@ class TokenLoader:
 
     def __init__(self, data_dir: Union[str, os.PathLike], split: str, block_size: int, batch_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu"):
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("seed", seed),
+                            ("rank", rank), ("world_size", world_size)):
+            if not is_int(value):
+                raise TypeError(f"TokenLoader: {name} must be an int, got {type(value).__name__} {value!r}")
+        block_size, batch_size, seed, rank, world_size = (int(v) for v in (block_size, batch_size, seed, rank,
+                                                                              world_size))  # JSON state
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}")
         if seed < 0:
@@ -91,7 +100,10 @@ class TokenLoader:
         windows = self.num_tokens - self.block_size
         rng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence([self.seed, zlib.crc32(self.split.encode()), step])))
-        starts = rng.choice(windows, size=total, replace=total > windows)
+        if total <= windows:
+            starts = rng.choice(windows, size=total, replace=False)
+        else:  # every window once before any twice
+            starts = np.concatenate([rng.permutation(windows) for _ in range(-(-total // windows))])[:total]
         return starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def next_batch(self, with_doc_ids: bool = False):
@@ -129,6 +141,6 @@ class TokenLoader:
                  if k != "step" and state.get(k) != mine[k]]
         if wrong:
             raise ValueError("loader state does not match this loader (" + "; ".join(wrong) + ")")
-        if not isinstance(state.get("step"), int) or state["step"] < 0:
+        if not is_int(state.get("step")) or state["step"] < 0:
             raise ValueError(f"loader state has an invalid step {state.get('step')!r}")
-        self.step = state["step"]
+        self.step = int(state["step"])

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import numbers
 import os
 import re
 import shutil
@@ -134,6 +135,8 @@ def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr
         elif path.is_file():
             docs += _file_documents(path, True, log)
             files += 1
+        elif path.exists():
+            raise ValueError(f"input {path} is not a regular file or a folder")
         else:
             raise FileNotFoundError(f"input {path} does not exist")
     return docs, f"{len(docs)} documents from {files} file(s) in: {', '.join(str(i) for i in inputs)}"
@@ -156,12 +159,20 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- tokenizing
 
+def _check_piece_chars(value: object, name: str) -> None:
+    if not is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
 def split_text(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
     """``text`` cut into pieces of at most ``max_chars`` characters, in linear time.
 
     Each cut is placed before the last whitespace character preceding a non-space within the
     second half of the window, so byte-level BPE gives the same tokens for the pieces as for the
     whole text; a window without such a place (one 20 MB "word") is cut at its end."""
+    _check_piece_chars(max_chars, "max_chars")
     pieces, start, n = [], 0, len(text)
     while n - start > max_chars:
         end = start + max_chars
@@ -419,6 +430,14 @@ def prepare(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.Pa
         raise TypeError(f"workers (--workers) must be an integer, got {workers!r}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers (--workers) must be >= 1, got {workers!r}")
+    if not is_int(seed) or seed < 0:
+        raise (ValueError if is_int(seed) else TypeError)(f"seed (--seed) must be a non-negative integer, got {seed!r}")
+    if not isinstance(val_fraction, numbers.Real) or isinstance(val_fraction, bool):
+        raise TypeError(f"val_fraction (--val-fraction) must be a number, got {val_fraction!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction (--val-fraction) must be in [0, 1), got {val_fraction}")
+    _check_piece_chars(piece_chars, "piece_chars")
+    seed, val_fraction = int(seed), float(val_fraction)  # plain Python numbers in meta.json
     if inputs:
         if max_chars is not None:
             raise ValueError("max_chars caps the embedded corpus; it cannot be used with inputs")

@@ -96,7 +96,9 @@ class HFTokenizer:
         """Ids of ``text`` read as plain text: a literal ``<|endoftext|>`` in it is not the EOS id (as
         with the byte tokenizer; EOS ids are added by whoever ends a document)."""
         self.tokenizer.encode_special_tokens = True  # set per call: a pickled copy (a worker's) drops it
-        return self.tokenizer.encode(_no_surrogates(text)).ids
+        # no post-processor template either: a tokenizer.json's BOS / EOS template would put
+        # special ids inside a document that prepare cuts into pieces
+        return self.tokenizer.encode(_no_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (EOS dropped); ValueError for an id outside the vocabulary."""

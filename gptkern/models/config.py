@@ -70,10 +70,13 @@ class GPTConfig:
         for name in ("bias", "tie_weights", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, low in (("norm_eps", 0.0), ("init_std", 0.0), ("rope_base", 1e-300)):
+        # rope_base: RoPE's wavelengths grow as its powers; at or below 1 they do not (and fp32
+        # powers of a tiny base underflow to 0, giving infinite frequencies)
+        for name, low, strict in (("norm_eps", 0.0, False), ("init_std", 0.0, False), ("rope_base", 1.0, True)):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not low <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not value < math.inf
+                    or not (value > low if strict else value >= low)):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
             setattr(self, name, float(value))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

@@ -33,12 +33,52 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, name: str = "idx") -> No
         raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"{name} must be (batch, sequence), got shape {list(idx.shape)}")
-    if idx.numel() == 0 or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # reading the values would sync the host: not while tracing or capturing a CUDA graph
+    if idx.numel() == 0 or not _reading_values_allowed(idx):
+        return
     low, high = (int(v) for v in torch.aminmax(idx))
     if high >= vocab_size or low < 0:
         bad = high if high >= vocab_size else low
         raise IndexError(f"token id {bad} in {name} is out of range for vocab_size {vocab_size}")
+
+
+def _reading_values_allowed(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: not while torch.compile traces or a CUDA graph is
+    captured (a host sync)."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def check_learned_positions(position_ids: Optional[torch.Tensor], doc_bounds, shape: torch.Size,
+                            block_size: int) -> None:
+    """The positions a learned table is indexed with lie in [0, block_size): ``position_ids``
+    broadcastable to ``shape``, or ``doc_bounds`` (cu_seqlens, max_seqlen) covering the B * L tokens
+    with no document longer than block_size. Else ValueError / IndexError naming the argument."""
+    if position_ids is not None:
+        if position_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"position_ids must be an int64 or int32 tensor, got {position_ids.dtype}")
+        try:
+            fits = torch.broadcast_shapes(position_ids.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"position_ids of shape {list(position_ids.shape)} do not broadcast to idx's "
+                             f"shape {list(shape)}")
+        if position_ids.numel() and _reading_values_allowed(position_ids):
+            low, high = (int(v) for v in torch.aminmax(position_ids))
+            if low < 0 or high >= block_size:
+                bad = low if low < 0 else high
+                raise IndexError(f"position {bad} in position_ids is out of range for block_size {block_size} "
+                                 f"(learned position embeddings)")
+    elif doc_bounds is not None:
+        from gptkern.ops.attention import _check_offsets_tensor, _offset_bounds
+
+        cu, max_seqlen = doc_bounds
+        _check_offsets_tensor(cu, "doc_bounds cu_seqlens", cu.device)
+        if _reading_values_allowed(cu):
+            bounds = _offset_bounds(cu, "doc_bounds cu_seqlens", shape[0] * shape[1], max_seqlen, "idx (flattened)")
+            longest = max((end - start for start, end in bounds), default=0)
+            if longest > block_size:
+                raise ValueError(f"doc_bounds: a document of {longest} tokens is longer than block_size "
+                                 f"{block_size} (learned position embeddings)")
 
 
 def positions_in_documents(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -96,8 +136,10 @@ class GPTBody(nn.Module):
         decoding = cache is not None and cache.filled
         if not decoding and not (self.training and idx.is_cuda):
             # decoded tokens come from the model's own logits, and a GPU training step must not wait
-            # for the host: neither is checked (the check reads the ids)
+            # for the host: neither is checked (the checks read the ids and positions)
             check_token_ids(idx, c.vocab_size)
+            if c.pos_embedding == "learned":
+                check_learned_positions(position_ids, doc_bounds, idx.shape, c.block_size)
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask must have idx's shape {list(idx.shape)}, got "
                              f"{list(attention_mask.shape)}")
@@ -187,14 +229,15 @@ class GPT(nn.Module):
         6 per weight of every matmul, plus 12 * n_layer * n_head * head_dim * seq_len for the
         attention scores and weighted sum (the PaLM count, without the causal halving). With a
         sliding window (each query sees at most w keys, itself included, and the kernels read no
-        others), seq_len becomes twice the mean number of keys a query sees, 2 * mean(min(i + 1, w)):
-        the same count, since without a window that is seq_len + 1."""
+        others), seq_len is scaled by the fraction of the causal (query, key) pairs that stay
+        visible, sum over i < T of min(i + 1, w) out of T (T + 1) / 2: seq_len at w >= T, less below."""
         c = self.config
         seq_len = c.block_size if seq_len is None else seq_len
         keys = seq_len
         window = getattr(c, "window", None)
-        if window is not None and window < seq_len:  # sum over i < T of min(i + 1, w), doubled, per query
-            keys = 2.0 * (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+        if window is not None and window < seq_len:
+            visible = window * (window + 1) / 2 + (seq_len - window) * window
+            keys = seq_len * visible / (seq_len * (seq_len + 1) / 2)
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * keys
 
