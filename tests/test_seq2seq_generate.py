@@ -129,6 +129,11 @@ def test_bad_arguments():
             ids = {"bos_token_id": BOS, "eos_token_id": EOS, name: bad}
             with pytest.raises(TypeError, match=name):
                 generate_seq2seq(model, src, 3, **ids)
+    for bad in (12, -1):
+        with pytest.raises(IndexError, match=f"bos_token_id {bad} is out of range for the target vocabulary of 12"):
+            generate_seq2seq(model, src, 3, bos_token_id=bad, eos_token_id=EOS)
+    with pytest.raises(TypeError, match="src_pad_mask must be a bool tensor or None, got list"):
+        generate_seq2seq(model, src, 3, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=[[False] * 7] * 3)
     # 0-d integer tensors are ids too
     as_tensors = generate_seq2seq(model, src, 3, bos_token_id=torch.tensor(BOS), eos_token_id=torch.tensor(EOS),
                                   pad_token_id=torch.tensor(0), num_beams=2)
@@ -159,7 +164,7 @@ class _BigramDecoder(torch.nn.Module):
     (PROBS), so beam scores are exact: p(next | BOS) = (0, .5, .2, .3), and so on."""
     BOS, A, B, EOS = 0, 1, 2, 3
     PROBS = {0: [0, .5, .2, .3], 1: [0, .6, 0, .4], 2: [0, .3, .3, .4]}
-    config = types.SimpleNamespace(max_len=8, n_decoder_layer=1, n_head=1, n_embd=2)
+    config = types.SimpleNamespace(max_len=8, n_decoder_layer=1, n_head=1, n_embd=2, target_vocab_size=4)
 
     def __init__(self):
         super().__init__()
@@ -250,3 +255,23 @@ def test_an_eos_ranked_past_the_beams_is_not_a_hypothesis():
     out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 3, bos_token_id=m.BOS, eos_token_id=m.EOS,
                            num_beams=2, length_penalty=1.0, early_stopping=True)
     assert out.tolist() == [[m.BOS, m.A, m.A, m.A]]
+
+
+@pytest.mark.parametrize("length_penalty", [700.0, -700.0, -150.0])
+def test_extreme_length_penalties_score_without_overflow(length_penalty):
+    """length ** penalty past fp64's range: the penalized score is 0 or -inf, not an OverflowError or
+    ZeroDivisionError; the search still returns each source's hypotheses."""
+    model = model_with(12)
+    src, pad = sources()
+    out = generate_seq2seq(model, src, 6, bos_token_id=BOS, eos_token_id=EOS, src_pad_mask=pad, num_beams=2,
+                           length_penalty=length_penalty)
+    assert out.shape[0] == 3 and (out[:, 0] == BOS).all()
+
+
+def test_keyword_arguments_override_the_config():
+    cfg = Seq2SeqConfig(src_vocab_size=12, n_embd=32, n_head=4, n_encoder_layer=1, n_decoder_layer=1, max_len=16)
+    model = Seq2SeqTransformer(cfg, n_decoder_layer=3, tgt_vocab_size=7)
+    assert len(model.decoder) == 3 and model.lm_head.out_features == 7 and model.config.n_decoder_layer == 3
+    assert cfg.n_decoder_layer == 1  # the config given is not changed
+    with pytest.raises(ValueError):
+        Seq2SeqTransformer(cfg, n_head=5)  # validated as a config built from scratch

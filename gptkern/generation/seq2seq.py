@@ -62,6 +62,9 @@ def generate_seq2seq(model, src: torch.Tensor, max_new_tokens: int, *, bos_token
     # token ids: ints, numpy integers or 0-d integer tensors, as ints
     bos_token_id = int_arg(bos_token_id, "bos_token_id", "generate_seq2seq")
     eos_token_id = int_arg(eos_token_id, "eos_token_id", "generate_seq2seq")
+    vocab = model.config.target_vocab_size
+    if not 0 <= bos_token_id < vocab:
+        raise IndexError(f"bos_token_id {bos_token_id} is out of range for the target vocabulary of {vocab}")
     if pad_token_id is not None:
         pad_token_id = int_arg(pad_token_id, "pad_token_id", "generate_seq2seq")
     max_new_tokens, num_beams, length_penalty = int(max_new_tokens), int(num_beams), float(length_penalty)
@@ -110,8 +113,13 @@ def _beam_search(model, src, src_pad_mask, max_new_tokens, bos, eos, k, length_p
     hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
     done = [False] * b
 
-    def penalized(total: float, length: int) -> float:
-        return total / (length ** length_penalty)
+    def penalized(total: float, length: int) -> float:  # total: a finite log-probability, <= 0
+        try:
+            return total / (length ** length_penalty)
+        except OverflowError:  # length ** penalty past fp64's largest: the quotient is 0
+            return total * 0.0
+        except ZeroDivisionError:  # length ** penalty below fp64's smallest
+            return -math.inf if total < 0 else 0.0
 
     for step in range(max_new_tokens):
         logits = model.decode(tokens[:, -1:], None, mask, cache=cache, memory_kv=memory_kv)

@@ -108,7 +108,8 @@ class Seq2SeqTransformer(nn.Module):
 
     def __init__(self, config: Optional[Seq2SeqConfig] = None, **kwargs: Any):
         super().__init__()
-        self.config = c = config if config is not None else Seq2SeqConfig(**kwargs)
+        # keyword arguments build the config, or override fields of the one given
+        self.config = c = dataclasses.replace(config, **kwargs) if config is not None else Seq2SeqConfig(**kwargs)
         self.src_emb = nn.Embedding(c.src_vocab_size, c.n_embd)
         self.tgt_emb = self.src_emb if c.shared_vocab else nn.Embedding(c.target_vocab_size, c.n_embd)
         self.src_pos = nn.Embedding(c.max_len, c.n_embd)
@@ -141,6 +142,8 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, src: torch.Tensor, src_pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """src (B, S) -> memory (B, S, n_embd); computed once per source for decoding."""
+        if src_pad_mask is not None and not isinstance(src_pad_mask, torch.Tensor):
+            raise TypeError(f"src_pad_mask must be a bool tensor or None, got {type(src_pad_mask).__name__}")
         if src_pad_mask is not None and src_pad_mask.shape != src.shape:
             raise ValueError(f"src_pad_mask must have src's shape {list(src.shape)}, got {list(src_pad_mask.shape)}")
         x = self._embed(src, self.src_emb, self.src_pos, "src")
