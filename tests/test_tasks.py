@@ -94,6 +94,11 @@ def test_task_config_errors(tmp_path):
             train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, batch_size=bad))
     with pytest.raises(ValueError, match=r"max_len \(--max-len\) must be an integer of at least 3, got 2"):
         train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, max_len=2))
+    for bad in (-1, 2**64, 1.5):
+        with pytest.raises(ValueError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*64\)"):
+            finetune_classify(*args, TaskConfig(steps=1, seed=bad))
+        with pytest.raises(ValueError, match=r"seed \(--seed\)"):
+            train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, seed=bad))
 
 
 def test_finetune_command(classification_files):

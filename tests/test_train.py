@@ -146,6 +146,35 @@ def test_corrupt_checkpoint_file_is_named(data_dir, tmp_path, name):
         train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
 
 
+def test_a_newest_checkpoint_folder_without_its_state_is_named_not_skipped(data_dir, tmp_path):
+    """Saves rename whole folders into place, so a newest step folder lacking state.json was damaged
+    from outside: resuming from the one before, or starting afresh, would overwrite it."""
+    train(tiny(data_dir, tmp_path, max_steps=2))
+    newest = ckpt.latest_checkpoint(str(tmp_path))
+    (newest / "state.json").unlink()
+    weights = (newest / "model.safetensors").read_bytes()
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=f"checkpoint folder {newest} has no state.json"):
+            train(tiny(data_dir, tmp_path, max_steps=3, resume=resume))
+    assert (newest / "model.safetensors").read_bytes() == weights
+    # an older one (a rotation killed midway) is ignored
+    shutil.move(newest, tmp_path / "aside")
+    train(tiny(data_dir, tmp_path, max_steps=2, keep_last=2))
+    older = ckpt.list_checkpoints(str(tmp_path))[0]
+    (older / "state.json").unlink()
+    train(tiny(data_dir, tmp_path, max_steps=3, keep_last=2, resume=True))
+    assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.parametrize("name, content", [("rng.pt", {"python": 1}), ("optimizer.pt", {"state": {}, "param_groups": []})])
+def test_a_checkpoint_file_of_the_wrong_structure_is_named(data_dir, tmp_path, name, content):
+    train(tiny(data_dir, tmp_path, max_steps=1))
+    file = ckpt.latest_checkpoint(str(tmp_path)) / name
+    torch.save(content, file)
+    with pytest.raises(ValueError, match=f"checkpoint file {file} does not hold what it should"):
+        train(tiny(data_dir, tmp_path, max_steps=2, resume=True))
+
+
 def test_a_state_file_without_the_loader_position_is_named(data_dir, tmp_path):
     train(tiny(data_dir, tmp_path, max_steps=1))
     file = ckpt.latest_checkpoint(str(tmp_path)) / "state.json"

@@ -1,4 +1,6 @@
 """TrainConfig from config files and flags: typed values, clear errors naming the key and the file."""
+import json
+
 import pytest
 
 from gptkern import cli
@@ -49,6 +51,8 @@ def test_bad_config_file_values_name_the_key_and_file(tmp_path, name, text, mess
     (["--block-size", "-4"], r"block_size \(--block-size\) must be an integer >= 1"),
     (["--max-seconds", "-1"], r"max_seconds \(--max-seconds\) must be a positive number"),
     (["--max-seconds", "nan"], r"max_seconds \(--max-seconds\) must be a positive number"),
+    # the cosine runs from lr down to min_lr (default 1e-4): a lower lr alone would make it rise
+    (["--lr", "5e-5"], r"min_lr \(--min-lr\) must be at most lr \(--lr\).*got lr 5e-05 and min_lr 0.0001"),
 ])
 def test_bad_numbers_name_the_flag(flags, message, capsys):
     with pytest.raises(ValueError, match=message):
@@ -143,3 +147,22 @@ def test_learning_rate_schedule():
     assert [learning_rate(c, s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert learning_rate(c, 8) == pytest.approx(0.55)  # halfway through the decay: (lr + min_lr) / 2
     assert learning_rate(c, 12) == pytest.approx(0.1) and learning_rate(c, 50) == pytest.approx(0.1)
+
+
+def test_bools_and_strings_are_typed_and_paths_are_taken(tmp_path):
+    """A string "false" is a true value: refused, naming the field, from the API as from a dict."""
+    with pytest.raises(ValueError, match=r"resume \(--resume\) must be true or false, got 'false'"):
+        TrainConfig(resume="false")
+    with pytest.raises(ValueError, match=r"doc_mask \(--doc-mask\) must be true or false, got 'no'"):
+        TrainConfig.from_dict({"doc_mask": "no"})
+    with pytest.raises(ValueError, match=r"device \(--device\) must be a string, got 3"):
+        TrainConfig(device=3)
+    cfg = TrainConfig(data=tmp_path / "d", out_dir=tmp_path / "o", min_lr=5e-5, lr=5e-5)
+    assert cfg.data == str(tmp_path / "d") and cfg.out_dir == str(tmp_path / "o")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_help_anywhere_in_the_flags(capsys):
+    assert cli.main(["train", "--max-steps", "3", "-h"]) == 0
+    assert "--min-lr" in capsys.readouterr().out
+    assert cli.main(["train", "--help"]) == 0

@@ -160,6 +160,20 @@ def list_checkpoints(out_dir: str) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
+def damaged_checkpoint(out_dir: str) -> Optional[Path]:
+    """The newest ``step_N`` folder without state.json, if it is newer than every complete one.
+    Saves rename whole folders into place, so only damage from outside leaves one (an older one
+    is what a process killed while rotating leaves, and is ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    numbered = sorted((int(m.group(1)), p) for p in root.iterdir()
+                      if (m := CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir())
+    if numbered and not (numbered[-1][1] / "state.json").is_file():
+        return numbered[-1][1]
+    return None
+
+
 def latest_checkpoint(out_dir: str) -> Optional[Path]:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
@@ -169,8 +183,13 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
     """The optimizer state (handed to ``load_optimizer``, which knows how the optimizer is
     sharded) and the RNG states into place; returns state.json's content (the model is loaded by
     the caller, from the same directory)."""
-    load_optimizer(read_file(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True)))
-    set_rng_state(read_file(path / "rng.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True)))
+    for name, apply in (("optimizer.pt", load_optimizer), ("rng.pt", set_rng_state)):
+        content = read_file(path / name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            apply(content)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # loads, but not this shape
+            raise ValueError(f"checkpoint file {path / name} does not hold what it should "
+                             f"({type(err).__name__}: {err}); {AN_EARLIER_ONE.format(path)}") from err
     return read_state(path)
 
 

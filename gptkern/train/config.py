@@ -64,6 +64,14 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # bools and strings as such ("false" is a true value)
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name} ({_flag(f.name)}) must be true or false, got {value!r}")
+            if f.type in ("str", str) and isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))  # a folder as a pathlib.Path, kept as a str (JSON)
+            elif f.type in ("str", str) and not isinstance(value, str):
+                raise ValueError(f"{f.name} ({_flag(f.name)}) must be a string, got {value!r}")
         counts = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
                   "checkpoint_interval", "keep_last")
         for name in (*counts, "warmup_steps", "seed"):
@@ -108,6 +116,9 @@ class TrainConfig:
                              f"{self.min_lr}")
         for name in ("lr", "min_lr"):  # the schedule's rates run between the two
             check_adamw_lr(getattr(self, name), self.beta1, self.weight_decay, name)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({_flag('min_lr')}) must be at most lr ({_flag('lr')}): the cosine decays "
+                             f"from lr to min_lr, got lr {self.lr} and min_lr {self.min_lr}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         self.model_config()  # checks the preset and overrides

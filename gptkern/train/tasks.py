@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkern._backend import check_device
+from gptkern.ops._checks import is_int
 from gptkern.train.config import check_adamw_lr
 
 
@@ -43,6 +44,8 @@ def _check_config(c: TaskConfig, min_len: int) -> None:
     if not (isinstance(c.lr, (int, float)) and 0 < c.lr < float("inf")):
         raise ValueError(f"lr (--lr) must be a positive number, got {c.lr!r}")
     check_adamw_lr(c.lr, 0.9, c.weight_decay)  # _optimizer's AdamW: the default betas
+    if not is_int(c.seed) or not 0 <= c.seed < 2**64:  # torch.manual_seed's range (of non-negative seeds)
+        raise ValueError(f"seed (--seed) must be an integer in [0, 2**64), got {c.seed!r}")
 
 
 def _schedule(step: int, c: TaskConfig) -> float:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from gptkern._backend import check_device
 from gptkern._files import write_atomic
 from gptkern.models import GPT
-from gptkern.train.checkpoint import latest_checkpoint, load_training_state, read_file, read_state, save_checkpoint
+from gptkern.train.checkpoint import (damaged_checkpoint, latest_checkpoint, load_training_state, read_file, read_state,
+                                      save_checkpoint)
 from gptkern.train.config import TrainConfig, config_mismatch
 from gptkern.train.metrics import MetricsLog, peak_flops, plot_losses
 
@@ -135,6 +136,10 @@ class Trainer:
         # validation batches; without any, the checks of the weights before a save read training windows
         self.val_loader_args = (c.data, "val" if self.evaluating else "train", self.block_size, c.batch_size)
         TokenLoader(*self.val_loader_args, seed=c.seed)  # fail now, not at the first evaluation
+        damaged = damaged_checkpoint(c.out_dir)
+        if damaged is not None:  # resuming would skip it, and a fresh start would overwrite it
+            raise ValueError(f"checkpoint folder {damaged} has no state.json (damaged): move it out of the "
+                             f"checkpoints folder")
         if c.resume:
             self._resume()
         elif latest_checkpoint(c.out_dir) is not None:
