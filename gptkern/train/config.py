@@ -258,7 +258,7 @@ FLAG_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps",
     "lr": "peak learning rate (AdamW)",
-    "min_lr": "learning rate at the end of the cosine decay",
+    "min_lr": "learning rate at the end of the cosine decay (at most --lr)",
     "warmup_steps": "steps of linear warmup",
     "weight_decay": "AdamW weight decay (not on norms and biases)",
     "beta1": "AdamW beta1",
