@@ -89,11 +89,6 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float* scratch) {
   return out;
 }
 
-// True when the pointer and every row start are 16-byte aligned (row length n elements).
-inline bool aligned16(const void* p, int64_t n, int64_t elem_size) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (n * elem_size) % 16 == 0;
-}
-
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // Grid sizes: a count of blocks that would not fit grid x (2**31 - 1) raises instead of wrapping.
