@@ -219,10 +219,28 @@ def test_triton_declines_sequences_beyond_the_launch_grid():
     assert attention._triton_limits(tensor(limit + 1), tensor(limit + 1), False, 0.0, lengths=(4096, 4096)) is None
     cpu = SimpleNamespace(dtype=torch.float16, shape=(1, 2, limit + 1, 64), device=torch.device("cpu"))
     assert attention._triton_limits(cpu, cpu, False, 0.0) is None  # the interpreter has no such grid limit
-    # offsets inside a tile are 32-bit: a row stride times 128 rows (a (1, 1, L, S) mask with S of 2**24)
-    assert "a row stride of 16777216" in attention._triton_limits(tensor(16), tensor(16), True, 0.0,
-                                                                   row_strides=[64, 1, 2**24, 1])
-    assert attention._triton_limits(tensor(16), tensor(16), True, 0.0, row_strides=[64, 1, 2**24 - 1]) is None
+    # offsets inside a tile are 32-bit: 127 rows times the row stride plus 255 columns (head dims to
+    # 256) times the column stride, per tensor
+    def why(*pairs):
+        return attention._triton_limits(tensor(16), tensor(16), True, 0.0, tile_strides=pairs)
+
+    row_limit = (2**31 - 1 - 255) // 127  # with a unit column stride
+    assert why((64, 1), (row_limit, 1)) is None
+    assert f"strides ({row_limit + 1}, 1)" in why((64, 1), (row_limit + 1, 1))
+    # K given as the transpose of a (1, 1, D, S) buffer: its column stride S counts 255 times
+    assert why((1, 8421505)) is not None  # 128 x 8421505 < 2**31, but a head dim of 256 reaches past
+    assert why((1, (2**31 - 1 - 127) // 255)) is None
+    assert why((2**23, 2**23)) is not None  # each below 2**31 / 128: their sum is not
+
+
+def test_a_gradient_whose_strides_overflow_tile_offsets_is_made_contiguous():
+    from gptkern.ops import attention
+
+    base = torch.randint(0, 100, (2**25 + 3,), dtype=torch.int8)
+    assert attention._fit_tile_offsets(base[:6].view(2, 3), -2).data_ptr() == base.data_ptr()  # kept as is
+    wide = base.as_strided((2, 3), (2**25, 1))  # a row stride that 127 rows overflow
+    fitted = attention._fit_tile_offsets(wide, -2)
+    assert fitted.stride() == (3, 1) and torch.equal(fitted, wide)
 
 
 def atomic_configs() -> list[tuple[int, int]]:

@@ -357,3 +357,33 @@ def test_weight_grad_of_an_inference_mode_input(backend):
         got = torch.autograd.grad(gptkern.ops.rms_norm(x, (64,), weight).square().sum(), weight)[0]
     want = torch.autograd.grad(F.rms_norm(x, (64,), weight).square().sum(), weight)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_grid_fits_cuda_limits_at_the_longest_rows(monkeypatch):
+    """The looped backward launches one program per 4096-column tile: at the longest row the
+    Triton path takes (2**31 - 4097 elements), tiles go on the grid's first axis; the second
+    (65535 at most on CUDA) holds the row groups. Meta tensors, recorded launches: nothing runs."""
+    from gptkern.kernels import norms as kernels
+    from gptkern.ops._checks import row_size_limits
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.setdefault(self.name, grid)
+
+    for name in ("_norm_bwd_kernel", "_norm_bwd_row_sums_kernel", "_sum_rows_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    n = 2**31 - 1 - 4096
+    assert row_size_limits("triton", n, 2) is None  # auto sends it to Triton
+    x = torch.empty((2, n), device="meta", dtype=torch.bfloat16)
+    w = torch.empty(n, device="meta", dtype=torch.bfloat16)
+    stats = torch.empty(2, device="meta")
+    kernels.norm_bwd(x, x, n, w, stats, stats, False, True, True, torch.empty_like(x), torch.empty_like(w),
+                     torch.empty_like(w))
+    for name, grid in grids.items():
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), (name, grid)
+    assert grids["_norm_bwd_kernel"][0] > 65535  # the tiles: past the second axis' limit

@@ -91,11 +91,12 @@ def _norm_bwd_kernel(
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     SUMS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (g, t) writes dX of column tile t for the rows of group g and keeps that tile's
-    dW/dB partials in registers. Without SUMS_GIVEN one tile holds the whole row (grid (G, 1))
-    and the row sums c1 = mean(xhat * w * dy), c2 = mean(w * dy) are computed here."""
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Program (t, g) writes dX of column tile t for the rows of group g and keeps that tile's
+    dW/dB partials in registers. Without SUMS_GIVEN one tile holds the whole row (grid (1, G))
+    and the row sums c1 = mean(xhat * w * dy), c2 = mean(w * dy) are computed here. Tiles go on
+    the grid's first axis: a row of 2**31 elements has 2**19 of them (the second holds 65535)."""
+    pid = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
@@ -257,7 +258,7 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
             x2, dy2, w, mean, rstd, c1, c2, x2.stride(0), dy2.stride(0), n,
             IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
         tiles = triton.cdiv(n, block)
-    _norm_bwd_kernel[(programs, tiles)](x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides,
+    _norm_bwd_kernel[(tiles, programs)](x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides,
                                         SUMS_GIVEN=not fused, **flags)
     if need_dw:
         sum_rows(dw_part, grad_weight)

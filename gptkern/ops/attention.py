@@ -74,7 +74,8 @@ def triton_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     dmask = _empty_mask_grad(q, k, mask, causal, mask_grad)
     problem = _dense_problem(q, k, v, causal, scale, dropout_p, seed)
     with device_guard(q):
-        attn_bwd(grad_out, q, k, v, out, lse, mask, problem, dq, dk, dv, dmask if mask_grad else None)
+        attn_bwd(_fit_tile_offsets(grad_out, -2), q, k, v, out, lse, mask, problem, dq, dk, dv,
+                 dmask if mask_grad else None)
     return dq, dk, dv, dmask
 
 
@@ -117,14 +118,32 @@ def _backward(ctx, grad_out, _grad_lse):
 _autograd.register("gptkern::triton_attention", _backward, _setup_context)
 
 
+def _tile_offsets_problem(tile_strides: Sequence[tuple[int, int]]) -> Optional[str]:
+    """The Triton kernels address a tile in 32 bits from its first element: row index (below 128)
+    times the row stride plus column index (below 256, the widest head block) times the column
+    stride. None if every (row stride, column stride) pair keeps that below 2**31."""
+    for row, col in tile_strides:
+        if 127 * abs(row) + 255 * abs(col) >= 2**31:
+            return (f"strides ({row}, {col}) (32-bit offsets inside a tile: 127 x the row stride + 255 x the "
+                    f"column stride must stay below 2**31)")
+    return None
+
+
+def _fit_tile_offsets(t: torch.Tensor, row_dim: int) -> torch.Tensor:
+    """``t`` (a gradient handed to a backward), or a contiguous copy where its strides overflow
+    the kernels' tile offsets."""
+    if _tile_offsets_problem([(t.stride(row_dim), t.stride(-1))]) is None:
+        return t
+    return t.contiguous()
+
+
 def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: float,
                    lengths: Optional[tuple[int, int]] = None, grad: bool = True,
-                   row_strides: Sequence[int] = ()) -> Optional[str]:
+                   tile_strides: Sequence[tuple[int, int]] = ()) -> Optional[str]:
     """Why the Triton attention kernels cannot take these inputs, or None. ``lengths``: the query
     and key rows of the launch grids (default: q's and v's second-to-last dims); the keys' only
-    count with ``grad`` (the dK/dV kernel's grid; the forward loops over keys). ``row_strides``: the
-    row and column strides of q, k, v and the mask, which times a tile's 128 rows must fit the
-    kernels' 32-bit offsets inside a tile."""
+    count with ``grad`` (the dK/dV kernel's grid; the forward loops over keys). ``tile_strides``:
+    the (row, column) strides of q, k, v and the mask (see _tile_offsets_problem)."""
     why = triton_dtype_support(q.dtype)
     if why is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         why = f"head dims above {MAX_HEAD_DIM}"
@@ -134,9 +153,9 @@ def _triton_limits(q: torch.Tensor, v: torch.Tensor, masked: bool, dropout_p: fl
     longest = max(rows) if grad else rows[0]
     if longest > MAX_TRITON_ROWS:
         return f"sequences of {longest} rows (at most {MAX_TRITON_ROWS}: 65535 blocks of 16 in the launch grid)"
-    widest = max(map(abs, row_strides), default=0)
-    if widest * 128 >= 2**31:
-        return f"a row stride of {widest} elements (32-bit offsets inside a tile of 128 rows: below 2**24)"
+    why = _tile_offsets_problem(tile_strides)
+    if why is not None:
+        return why
     # Cases without a spill-free Hopper configuration (the interpreter takes all).
     from gptkern.kernels import attention
 
@@ -312,8 +331,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     def triton_support():
         return _triton_limits(query, value, attn_mask is not None, dropout_p, grad=needs_grad,
-                              row_strides=[s for t in (query, key, value, attn_mask) if t is not None
-                                           for s in t.stride()[-2:]])
+                              tile_strides=[t.stride()[-2:] for t in (query, key, value, attn_mask) if t is not None])
 
     def cpu_support():
         return _cpu_limits(query)
@@ -323,7 +341,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if why is None and query.shape[-2] > 65535 * 64:  # its grid: blocks of 64 query rows on the second axis
             why = f"query length {query.shape[-2]} (at most 4194240)"
         if why is None and needs_grad:
-            why = (_triton_limits(query, value, False, 0.0) if _backend._has_triton()
+            why = (_triton_limits(query, value, False, 0.0,
+                                  tile_strides=[t.stride()[-2:] for t in (query, key, value)]) if _backend._has_triton()
                    else "gradients without triton (the CUDA backward is Triton's)")
         return why
 
@@ -412,7 +431,7 @@ def triton_attention_varlen_backward(grad_out: torch.Tensor, q: torch.Tensor, k:
     problem = _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                               (window_left, window_right), dropout_p, seed)
     with device_guard(q):
-        attn_bwd(grad_out, q, k, v, out, lse, None, problem, dq, dk, dv)
+        attn_bwd(_fit_tile_offsets(grad_out, 0), q, k, v, out, lse, None, problem, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -520,7 +539,7 @@ def _varlen_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _backend.choose("flash_attn_varlen", q.device,
                            {"triton": lambda: _triton_limits(q, v, False, dropout_p, lengths, grad, [
-                               s for t in (q, k, v) for s in (t.stride(0), t.stride(-1))]),
+                               (t.stride(0), t.stride(-1)) for t in (q, k, v)]),
                             "cpu": lambda: _cpu_limits(q), "torch": lambda: None}, inputs=(q, k, v))
 
 
