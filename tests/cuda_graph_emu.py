@@ -180,6 +180,7 @@ class Emulator:
         if cuda_graph.captured:
             raise RuntimeError("CUDA graph capture: this graph was captured already (reset() it first)")
         self.graphs.append(cuda_graph)
+        cuda_graph.capture_error_mode = capture_error_mode
         recorder = _Recorder(cuda_graph)
         saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
         checks_read_values = _checks.checks_read_values

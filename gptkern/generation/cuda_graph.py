@@ -56,7 +56,9 @@ class GraphedDecodeStep:
             if self.graph is None:
                 graph = torch.cuda.CUDAGraph()
                 stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-                with torch.cuda.graph(graph, stream=stream):
+                # thread_local: another thread's device sync (a first call's autotuning timing,
+                # say) neither is refused nor breaks this capture, as under "global" it would
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self.logits = self._run(model, self.tokens)
                 self.graph = graph  # only once captured: a failed capture is tried again next step
             self.graph.replay()
