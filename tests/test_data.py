@@ -565,6 +565,8 @@ def test_prepare_checks_seed_fraction_and_pieces_before_tokenizing(tmp_path):
         with pytest.raises(error, match=match):
             prepare([], tmp_path / "b", "byte", max_chars=5_000, progress=False, **kwargs)
     assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="tokenizer must be byte, bpe or gpt2-dir:DIR, got 'foo'"):
+        prepare([tmp_path / "missing.txt"], tmp_path / "b", "foo", progress=False)  # before reading inputs
     for bad in (0, -1):  # a window of no characters never advanced: an endless loop
         with pytest.raises(ValueError, match="max_chars"):
             split_text("ab", bad)

@@ -376,7 +376,10 @@ def _is_count(value) -> bool:
 # ---------------------------------------------------------------- the job
 
 def _check_vocab_size(tokenizer: str, vocab_size: Optional[int], log: Log) -> Optional[int]:
-    """The BPE vocabulary size to train (default 8192); None for the other tokenizers."""
+    """The BPE vocabulary size to train (default 8192); None for the other tokenizers. An unknown
+    tokenizer is refused here, before any input is read."""
+    if not isinstance(tokenizer, str) or not (tokenizer in ("byte", "bpe") or tokenizer.startswith("gpt2-dir:")):
+        raise ValueError(f"tokenizer must be byte, bpe or gpt2-dir:DIR, got {tokenizer!r}")
     if tokenizer != "bpe":
         if vocab_size is not None:
             log(f"note: --vocab-size is ignored by the {tokenizer} tokenizer")
