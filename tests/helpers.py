@@ -121,3 +121,21 @@ def forced_config_runs(per_kernel: dict) -> list[dict]:
         if chosen["dkdv"].atomic_dq:
             runs.append({**chosen, "dkdv": per_kernel["dkdv"][0]})
     return runs
+
+
+def fsync_spy(monkeypatch) -> list[str]:
+    """The paths of the files os.fsync is called on, from now until the test ends."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        try:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced

@@ -16,6 +16,7 @@ from gptkern.data import ByteTokenizer, TokenLoader, document_bounds, load_token
 from gptkern.data import corpus
 from gptkern.data import prepare as prepare_module
 from gptkern.data.prepare import prepare, progress_bar, split_documents, split_text, token_dtype, write_meta
+from helpers import fsync_spy
 
 JSONL_DOCS = [f"document number {i} about topic {'abcdefghij'[i]} with some words" for i in range(10)]
 DOCS = [  # the documents of the tree below, in sorted path order
@@ -606,3 +607,91 @@ def test_a_split_smaller_than_the_global_batch_deals_every_window_before_repeati
             loader = TokenLoader(write_meta_dir, "train", block, 2, seed=step, rank=rank, world_size=2)
             rows += loader._starts(0).tolist()
         assert sorted(rows[:3]) == [0, 1, 2], rows
+
+
+# ---------------------------------------------------------------- durability, seeding, checks
+
+def test_shards_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    (tmp_path / "in.txt").write_text("some text " * 20)
+    synced = fsync_spy(monkeypatch)
+    prepare([tmp_path / "in.txt"], tmp_path / "out", "byte", val_fraction=0, workers=1, progress=False)
+    assert any(".tmp" in p and os.path.basename(p).startswith("train.bin") for p in synced), synced
+
+
+def test_a_failed_install_leaves_no_meta_describing_a_mix(tmp_path, monkeypatch):
+    for name, text in (("a.txt", "first " * 50), ("b.txt", "second " * 50)):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    prepare([tmp_path / "a.txt"], out, "byte", val_fraction=0, workers=1, progress=False)
+    real = os.replace
+
+    def fail_on_val(src, dst, *a, **k):  # installing val.bin (after train.bin) fails
+        if str(dst) == str(out / "val.bin"):
+            raise OSError(5, "I/O error")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", fail_on_val)
+    with pytest.raises(OSError):
+        prepare([tmp_path / "b.txt"], out, "byte", val_fraction=0, workers=1, progress=False)
+    monkeypatch.undo()
+    # train.bin is the new one; a meta.json still there would describe the old one
+    assert not (out / "meta.json").exists()
+
+
+def test_whitespace_only_jsonl_texts_are_skipped(tmp_path):
+    lines = [{"text": "real document one"}, {"text": "  \n\t "}, {"text": "real document two"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    notes = []
+    meta = prepare([tmp_path / "d.jsonl"], tmp_path / "out", "byte", val_fraction=0, workers=1, progress=False,
+                   log=notes.append)
+    assert meta["splits"]["train"]["documents"] == 2
+    assert any("skipped 1 line(s) with empty text" in n for n in notes)
+
+
+def twin_split_dir(path):
+    """Identical 200-token train and val shards."""
+    tokens = np.arange(200, dtype=np.uint16) % 256
+    tokens.tofile(path / "train.bin")
+    tokens.tofile(path / "val.bin")
+    split = {"tokens": 200, "documents": 1}
+    write_meta(path, {"format": "gptkern-tokens", "tokenizer": "byte", "vocab_size": 257, "eos_id": 256,
+                      "dtype": "uint16", "splits": {"train": {"file": "train.bin", **split},
+                                                   "val": {"file": "val.bin", **split}}})
+    return path
+
+
+def test_the_split_name_seeds_the_window_draw(tmp_path):
+    d = twin_split_dir(tmp_path)
+    train_x = TokenLoader(d, "train", 8, 4, seed=0).next_batch()[0]
+    val_x = TokenLoader(d, "val", 8, 4, seed=0).next_batch()[0]
+    assert not torch.equal(train_x, val_x)
+
+
+def test_a_shard_longer_than_meta_says_is_refused(tmp_path):
+    d = twin_split_dir(tmp_path)
+    with open(d / "val.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match=r"val\.bin holds 402 bytes, but meta\.json says 200 uint16"):
+        TokenLoader(d, "val", 8, 1)
+
+
+@pytest.mark.parametrize("step", [-1, "3", 2.0, None])
+def test_an_invalid_saved_step_is_refused(tmp_path, step):
+    d = twin_split_dir(tmp_path)
+    loader = TokenLoader(d, "train", 8, 2)
+    with pytest.raises(ValueError, match="invalid step"):
+        loader.load_state_dict({**loader.state_dict(), "step": step})
+
+
+def test_a_saved_gpt2_tokenizer_loads_back_as_gpt2(tmp_path):
+    from gptkern.data import make_tokenizer
+
+    bpe = train_bpe(["the quick brown fox jumps over the lazy dog\n" * 20], 300)
+    model = json.loads(bpe.tokenizer.to_str())["model"]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tmp_path / "src" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = make_tokenizer(f"gpt2-dir:{tmp_path / 'src'}")
+    tok.save(tmp_path / "saved")
+    assert load_tokenizer(tmp_path / "saved").kind == "gpt2"
