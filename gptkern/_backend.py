@@ -337,7 +337,7 @@ def record_choices() -> Iterator[list[tuple[str, str]]]:
     try:
         yield log
     finally:
-        _choice_logs.remove(log)
+        _choice_logs[:] = [other for other in _choice_logs if other is not log]  # by identity: logs may be equal
 
 
 def choose(op: str, device: torch.device, supports: dict[str, Support],

@@ -330,3 +330,17 @@ def test_row_kernels_decline_rows_their_counters_cannot_reach():
     assert row_size_limits("triton", 1024, 2**31) and row_size_limits("triton", 1024, 2**31 - 1) is None
     assert row_size_limits("cuda", 2**30, 1) and row_size_limits("cuda", 2**30 - 1, 2**40) is None
     assert row_size_limits("cpu", 2**40, 2**40) is None
+
+
+def test_record_choices_nests():
+    """Each block gets the calls made inside it, nested blocks included (logs that compare equal
+    are told apart by identity)."""
+    from gptkern import _backend
+
+    x = torch.randn(2, 3)
+    with _backend.record_choices() as outer:
+        with _backend.record_choices() as inner:
+            pass
+        gptkern.ops.softmax(x, -1)
+    assert inner == [] and [op for op, _ in outer] == ["softmax"]
+    assert _backend._choice_logs == []

@@ -292,6 +292,9 @@ def test_finetune_help(capsys):
 
     assert cli.main(["finetune", "--help"]) == 0
     assert "gptkern finetune classify --init CKPT" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # after the task: its own parser's flags
+        cli.main(["finetune", "classify", "-h"])
+    assert exit_info.value.code == 0 and "--init" in capsys.readouterr().out
     assert cli.main(["finetune"]) == 2
     assert "gptkern finetune: error: no task given" in capsys.readouterr().err
     assert cli.main(["finetune", "regress", "--init", "x"]) == 2

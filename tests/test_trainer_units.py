@@ -270,3 +270,17 @@ def test_a_resume_keeps_the_metrics_of_the_checkpoint_step(data_dir, tmp_path):
     train(config(data_dir, tmp_path, max_steps=4, log_interval=1, checkpoint_interval=4))
     train(config(data_dir, tmp_path, max_steps=6, log_interval=1, checkpoint_interval=4, resume=True))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_damaged_file(tmp_path):
+    model, opt = small_model()
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model, opt, ByteTokenizer(), {"config": {"data": "d"}, "loader": {}},
+                                keep_last=1)
+
+    def out_of_memory(state):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ckpt.load_training_state(path, out_of_memory)
+    with pytest.raises(ValueError, match="optimizer.pt does not hold what it should"):
+        ckpt.load_training_state(path, lambda state: opt.load_state_dict({"state": {}, "param_groups": []}))

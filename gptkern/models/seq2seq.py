@@ -108,8 +108,10 @@ class Seq2SeqTransformer(nn.Module):
 
     def __init__(self, config: Optional[Seq2SeqConfig] = None, **kwargs: Any):
         super().__init__()
-        # keyword arguments build the config, or override fields of the one given
-        self.config = c = dataclasses.replace(config, **kwargs) if config is not None else Seq2SeqConfig(**kwargs)
+        if config is not None and kwargs:  # a given config's derived fields (mlp_hidden) would not follow
+            raise TypeError(f"Seq2SeqTransformer takes a config or keyword arguments, not both: got "
+                            f"{sorted(kwargs)} beside the config (use dataclasses.replace(config, ...))")
+        self.config = c = config if config is not None else Seq2SeqConfig(**kwargs)
         self.src_emb = nn.Embedding(c.src_vocab_size, c.n_embd)
         self.tgt_emb = self.src_emb if c.shared_vocab else nn.Embedding(c.target_vocab_size, c.n_embd)
         self.src_pos = nn.Embedding(c.max_len, c.n_embd)

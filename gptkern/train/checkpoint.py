@@ -187,6 +187,8 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
         content = read_file(path / name, lambda f: torch.load(f, map_location="cpu", weights_only=True))
         try:
             apply(content)
+        except (MemoryError, torch.cuda.OutOfMemoryError, getattr(torch.distributed, "DistError", MemoryError)):
+            raise  # not the file's fault
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # loads, but not this shape
             raise ValueError(f"checkpoint file {path / name} does not hold what it should "
                              f"({type(err).__name__}: {err}); {AN_EARLIER_ONE.format(path)}") from err

@@ -71,7 +71,7 @@ def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
     """``gptkern finetune classify --init CKPT --data train.csv --val val.csv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: gptkern finetune classify --init CKPT --data train.csv --val val.csv [--steps N ...]"
-    if argv[:1] != ["seq2seq"] and ("-h" in argv or "--help" in argv):  # anywhere, as argparse takes it
+    if argv[:1] in (["-h"], ["--help"]):  # after classify, its own parser lists the flags
         print(f"{usage}\n\nFine-tune a pretrained GPT checkpoint as a text classifier (CSV columns text, label); "
               f"`gptkern finetune classify -h` lists its flags.")
         return 0
