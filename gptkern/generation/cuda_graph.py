@@ -56,8 +56,9 @@ class GraphedDecodeStep:
             if self.graph is None:
                 graph = torch.cuda.CUDAGraph()
                 stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-                # thread_local: another thread's device sync (a first call's autotuning timing,
-                # say) neither is refused nor breaks this capture, as under "global" it would
+                # thread_local: CUDA then ignores this capture in other threads, whose potentially
+                # unsafe calls (allocations, a first call's autotuning syncs) "global" would refuse
+                # and which would invalidate it (CUDA's documented modes; not yet run on a GPU)
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self.logits = self._run(model, self.tokens)
                 self.graph = graph  # only once captured: a failed capture is tried again next step
