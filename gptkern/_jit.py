@@ -149,6 +149,11 @@ def build(reason: str):
     except ValueError as err:  # a bad GPTKERN_CPU_CAPABILITY
         _failed = f"gptkern: cannot build gptkern._C: {err}; {DISABLE_HINT}"
         raise JITBuildError(_failed) from None
+    missing = _build.missing_cpu_flags(_build.cpu_capability())
+    if missing:  # GPTKERN_CPU_CAPABILITY asks for instructions this CPU lacks: loading would crash (SIGILL)
+        _failed = (f"gptkern: cannot build gptkern._C for GPTKERN_CPU_CAPABILITY={_build.cpu_capability()}: this "
+                   f"CPU lacks {', '.join(sorted(missing))}; unset it, or {DISABLE_HINT}")
+        raise JITBuildError(_failed)
     root = cache_dir()
     build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")
     try:

@@ -174,6 +174,28 @@ def test_norm_ops_check_their_parameters():
     with pytest.raises(NotImplementedError, match="norm_bwd on CPU .x.: not implemented for 'Double'"):
         torch.ops.gptkern.norm_bwd(torch.randn(3, 10).double(), x.double(), 1, None, None, mean, rstd, False, False,
                                    False)
+    # what the kernel reads row by row: a gradient of x's shape, one mean / rstd per row, 0 <= k <= x.dim()
+    with pytest.raises(RuntimeError, match=r"grad_out must have x's shape \[3, 10\], got \[1, 10\]"):
+        torch.ops.gptkern.norm_bwd(torch.randn(1, 10), x, 1, None, None, mean, rstd, False, False, False)
+    with pytest.raises(RuntimeError, match=r"mean and rstd must hold one value per row of x \(3\), got 1 and 3"):
+        torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 1, None, None, mean[:1].clone(), rstd, False, False, False)
+    with pytest.raises(RuntimeError, match=r"one value per row of x \(1\), got 3 and 3"):  # k = 2: one row
+        torch.ops.gptkern.norm_bwd(torch.randn(3, 10), x, 2, None, None, mean, rstd, False, False, False)
+    for op in ("norm_fwd", "norm_bwd"):
+        for k in (3, -1):
+            args = (x, k, None, None, 1e-5, False) if op == "norm_fwd" else (
+                torch.randn(3, 10), x, k, None, None, mean, rstd, False, False, False)
+            with pytest.raises(RuntimeError, match=rf"{op}: k \(the normalized dims\) must be in \[0, 2\], got {k}"):
+                getattr(torch.ops.gptkern, op)(*args)
+
+
+def test_softmax_backward_checks_the_gradient_shape():
+    """Called directly, softmax_bwd refuses a grad_out of another shape than out (it read out's
+    element count from it: NaN rows, or a crash past the buffer's end)."""
+    out = torch.softmax(torch.randn(8, 33), -1)
+    for log in (False, True):
+        with pytest.raises(RuntimeError, match=r"grad_out must have out's shape \[8, 33\], got \[1, 33\]"):
+            torch.ops.gptkern.softmax_bwd(torch.randn(1, 33), out, -1, log)
 
 
 @pytest.mark.parametrize("is_rms", [False, True])

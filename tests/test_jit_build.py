@@ -149,3 +149,20 @@ def test_an_unusable_cache_folder_is_a_build_error_and_auto_moves_on(bare_packag
     out = run(env, "import torch, gptkern; q = torch.randn(1, 2, 8, 16); "
                    "print(gptkern.ops.scaled_dot_product_attention(q, q, q).shape)")
     assert out.returncode == 0 and "torch.Size([1, 2, 8, 16])" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_capability_this_cpu_lacks_is_refused_before_building(monkeypatch):
+    """GPTKERN_CPU_CAPABILITY=avx512 on a CPU without AVX-512: the JIT path refuses, as the import
+    guard does for an installed build, instead of loading code that dies of SIGILL."""
+    from gptkern import _build, _jit
+
+    monkeypatch.setattr(_jit, "_failed", None)
+    monkeypatch.setenv("GPTKERN_CPU_CAPABILITY", "avx512")
+    monkeypatch.setattr(_build, "host_cpu_flags", lambda: {"avx2", "fma"})
+
+    def never(*args, **kwargs):
+        raise AssertionError("built for a capability this CPU lacks")
+
+    monkeypatch.setattr(_jit, "_load", never)
+    with pytest.raises(_jit.JITBuildError, match=r"GPTKERN_CPU_CAPABILITY=avx512: this CPU lacks avx512"):
+        _jit.build("test")

@@ -396,7 +396,7 @@ void forward(const Problem& p, const at::Tensor& q, const at::Tensor& k, const a
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s + r * kBN;
         mask_row(sr, p, mask, b, h, i0 + r, dg, n0, len_k);
-        const float m_new = std::max(w.m[r], row_max(sr, kBN));
+        const float m_new = running_max(w.m[r], row_max(sr, kBN));
         const float m_ref = m_new == kNegInf ? 0.0f : m_new;  // nothing visible yet: p = 0
         const float alpha = std::exp(w.m[r] - m_ref);
         w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, kBN, m_ref);

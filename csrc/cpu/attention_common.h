@@ -206,6 +206,12 @@ inline float row_max(const float* x, int64_t n) {  // n a multiple of kW
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
 }
 
+// The running max of an online softmax: a NaN maximum stays NaN (std::max(a, NaN) returns a, so a
+// NaN score after the first block would otherwise be dropped and its row's LSE come out +inf).
+inline float running_max(float m, float block_max) {
+  return std::isnan(block_max) ? block_max : std::max(m, block_max);
+}
+
 // x[i] = exp(x[i] - m) for i < n (a multiple of kW); returns the sum. ATen's exp_u20 turns NaN
 // into inf: a row whose m is not finite (NaN from a NaN score, +inf for a row that saw nothing)
 // uses Sleef's exp, which keeps NaN.

@@ -307,7 +307,7 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
         float* sr = w.s.data() + r * kSRow;
         w.visible[r] = std::clamp<int64_t>(len - lq + r % lq + 1 - j0, 0, n);
         std::fill(sr + w.visible[r], sr + n_pad, kNegInf);
-        const float m_new = std::max(w.m[r], row_max(sr, n_pad));
+        const float m_new = running_max(w.m[r], row_max(sr, n_pad));
         const float m_ref = m_new == kNegInf ? 0.0f : m_new;
         const float alpha = std::exp(w.m[r] - m_ref);
         w.l[r] = w.l[r] * alpha + exp_sub_sum(sr, n_pad, m_ref);
@@ -348,7 +348,7 @@ void decode(const at::Tensor& q, const Cache& kc, const Cache& vc, const int32_t
       const int64_t bk = i / rows, r = i % rows;
       const float* src = part + (bk * split.count * rows + r) * part_width;
       float m = kNegInf;
-      for (int64_t s = 0; s < split.count; ++s) m = std::max(m, src[s * rows * part_width]);
+      for (int64_t s = 0; s < split.count; ++s) m = running_max(m, src[s * rows * part_width]);
       const float m_ref = m == kNegInf ? 0.0f : m;
       float l = 0.0f;
       std::fill(acc.begin(), acc.end(), 0.0f);

@@ -219,6 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& x, int
                                                         bool is_rms) {
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_fwd: x must be a CPU tensor");
   check_16_32(x.scalar_type(), "gptkern::norm_fwd on CPU (x)");
+  TORCH_CHECK(k >= 0 && k <= x.dim(), "gptkern::norm_fwd: k (the normalized dims) must be in [0, ", x.dim(),
+              "], got ", k);
   auto lead = x.sizes().slice(0, x.dim() - k);
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   auto y = empty_output(x.sizes(), x.options());
@@ -245,8 +247,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_o
                                                         bool is_rms, bool need_dw, bool need_db) {
   TORCH_CHECK(x.device().is_cpu(), "gptkern::norm_bwd: x must be a CPU tensor");
   check_16_32(x.scalar_type(), "gptkern::norm_bwd on CPU (x)");
+  TORCH_CHECK(k >= 0 && k <= x.dim(), "gptkern::norm_bwd: k (the normalized dims) must be in [0, ", x.dim(),
+              "], got ", k);
+  TORCH_CHECK(grad_out.device().is_cpu() && mean.device().is_cpu() && rstd.device().is_cpu(),
+              "gptkern::norm_bwd: grad_out, mean and rstd must be CPU tensors");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "gptkern::norm_bwd: grad_out must have x's shape ", x.sizes(),
+              ", got ", grad_out.sizes());
   const int64_t n = c10::multiply_integers(x.sizes().slice(x.dim() - k));
   const int64_t rows = n ? x.numel() / n : 0;
+  const int64_t lead = c10::multiply_integers(x.sizes().slice(0, x.dim() - k));  // rows, also when n == 0
+  TORCH_CHECK(mean.numel() == lead && rstd.numel() == lead, "gptkern::norm_bwd: mean and rstd must hold one value "
+              "per row of x (", lead, "), got ", mean.numel(), " and ", rstd.numel());
   auto dx = empty_output(x.sizes(), x.options());
   auto empty = [&] { return at::empty({0}, x.options()); };
   const int64_t groups = num_groups(rows);

@@ -197,6 +197,9 @@ at::Tensor softmax_bwd(const at::Tensor& grad_out, const at::Tensor& out, int64_
   const int64_t rank = std::max<int64_t>(out.dim(), 1);
   dim = at::maybe_wrap_dim(dim, rank);
   check_16_32(out.scalar_type(), "gptkern::softmax_bwd on CPU (out)");
+  TORCH_CHECK(grad_out.device().is_cpu(), "gptkern::softmax_bwd: grad_out must be a CPU tensor");
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "gptkern::softmax_bwd: grad_out must have out's shape ",
+              out.sizes(), ", got ", grad_out.sizes());
   auto shape_1d = [&](const at::Tensor& t) { return t.dim() == 0 ? t.reshape({1}) : t; };
   auto yt = shape_1d(out).movedim(dim, -1).contiguous();
   auto gt = shape_1d(grad_out.to(out.scalar_type())).movedim(dim, -1).contiguous();
