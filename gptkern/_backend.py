@@ -193,10 +193,24 @@ def _ext_serves(name: str, device_type: str) -> bool:
     if ext is not None:
         return name in getattr(ext, "devices", ()) and (name != "cuda" or torch.cuda.is_available())
     if name == "cpu":
+        if torch.compiler.is_compiling():  # no build while tracing (its file checks would break the graph):
+            return False  # an eager call builds it; until then, compiled graphs use another backend
         from gptkern import _jit
 
         return _jit.available()
     return False  # the JIT fallback builds the CPU kernels only
+
+
+def _extension_problem(name: str) -> str:
+    """Why gptkern._C cannot serve the ``cpu`` / ``cuda`` backend here (for error messages)."""
+    ext = _extension()
+    if ext is not None:
+        return f"gptkern._C was built without {name} kernels"
+    from gptkern import _jit
+
+    why = _EXT_MISSING or "gptkern._C is not built"
+    jit = _jit.unavailable_reason() if name == "cpu" else "the JIT build makes the CPU kernels only"
+    return f"{why}; {jit}" if jit else why
 
 
 def _backend_runs_on(name: str, device_type: str) -> bool:
@@ -374,6 +388,8 @@ def _choose(op: str, device: torch.device, supports: dict[str, Support],
             runs = [b for b in supports if _backend_runs_on(b, device_type)]
             hint = " (set TRITON_INTERPRET=1 before the first Triton call, which imports triton)" if (
                 name == "triton" and device_type == "cpu" and _has_triton()) else ""
+            if name == device_type and name in ("cpu", "cuda") and not torch.compiler.is_compiling():
+                hint = f" ({_extension_problem(name)})"
             raise NotImplementedError(
                 f"gptkern.{op}: the {name!r} backend cannot run on {device_type} tensors "
                 f"here{hint}; backends that can: {runs}")

@@ -42,7 +42,7 @@ def source_dir() -> Optional[str]:
     (gptkern/_csrc) or the repository's (an editable install); None without one."""
     env = os.environ.get("GPTKERN_SOURCE_DIR")
     if env:
-        return env
+        return env if os.path.isfile(os.path.join(env, "ops.cpp")) else None
     here = os.path.dirname(os.path.abspath(__file__))
     for candidate in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
         if os.path.isfile(os.path.join(candidate, "ops.cpp")):
@@ -56,6 +56,21 @@ def cache_dir() -> str:
         return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gptkern")
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why no JIT build can be tried here, or None."""
+    if not enabled():
+        return "GPTKERN_JIT=0 turns the JIT build off"
+    if _failed is not None:
+        return _failed.splitlines()[0] + " (an earlier build in this process failed)"
+    if source_dir() is None:
+        return ("GPTKERN_SOURCE_DIR holds no ops.cpp" if os.environ.get("GPTKERN_SOURCE_DIR")
+                else "the C++ sources (csrc/) are not installed")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH to build it"
+    return None
 
 
 def available() -> bool:
@@ -96,11 +111,35 @@ def _digest(sources: list[str], headers: list[str], flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _intact(build_dir: str, done: str) -> bool:
+    """Whether the finished build's library is the one its ``built`` marker recorded (a library
+    truncated by a crash would die of SIGBUS in dlopen). Markers without a digest are trusted."""
+    with open(done) as f:
+        fields = f.read().split()
+    if len(fields) < 2:
+        return True
+    library = os.path.join(build_dir, "_C.so")
+    return os.path.isfile(library) and _file_digest(library) == fields[1]
+
+
 def _load(reason: str, src: str, sources: list[str], flags: list[str], build_dir: str):
     """Compile (once) and load the extension in ``build_dir``, under the cache's build lock."""
     global _failed
     done = os.path.join(build_dir, "built")
     fresh = not os.path.exists(done)
+    if not fresh and not _intact(build_dir, done):
+        print(f"gptkern: the cached build in {build_dir} is damaged; building it again", file=sys.stderr, flush=True)
+        shutil.rmtree(build_dir)
+        os.makedirs(build_dir)
+        fresh = True
     if fresh:
         print(f"gptkern: {reason}; building the C++ CPU kernels from {src} into {build_dir} "
               f"(once per source version, about a minute)", file=sys.stderr, flush=True)
@@ -115,11 +154,16 @@ def _load(reason: str, src: str, sources: list[str], flags: list[str], build_dir
         module = load(name="_C", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                       extra_include_paths=[src], build_directory=build_dir, with_cuda=False, verbose=False)
     except Exception as err:  # the compiler's output is in the message
-        _failed = f"gptkern: building the C++ extension gptkern._C from {src} failed:\n{err}\ngptkern: {DISABLE_HINT}"
+        _failed = (f"gptkern: building the C++ extension gptkern._C from {src} failed:\n{err}\ngptkern: "
+                   f"{DISABLE_HINT}; deleting {build_dir} makes the next use build it afresh")
         raise JITBuildError(_failed) from None
-    if fresh:
-        with open(done, "w") as f:
-            f.write(f"{time.time()}\n")
+    if fresh:  # the marker, with the library's digest, written whole
+        tmp = f"{done}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"{time.time()} {_file_digest(os.path.join(build_dir, '_C.so'))}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, done)
         print(f"gptkern: built gptkern._C in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return module
 
@@ -140,7 +184,9 @@ def build(reason: str):
         raise JITBuildError(_failed)
     src = source_dir()
     if src is None:
-        _failed = f"gptkern: cannot build gptkern._C: its C++ sources (csrc/) were not found; {DISABLE_HINT}"
+        where = (f"GPTKERN_SOURCE_DIR={os.environ['GPTKERN_SOURCE_DIR']} holds no ops.cpp"
+                 if os.environ.get("GPTKERN_SOURCE_DIR") else "its C++ sources (csrc/) were not found")
+        _failed = f"gptkern: cannot build gptkern._C: {where}; {DISABLE_HINT}"
         raise JITBuildError(_failed)
     sources = _build.cpu_sources(src)
     headers = glob.glob(os.path.join(src, "*.h")) + glob.glob(os.path.join(src, "cpu", "*.h"))
@@ -155,7 +201,11 @@ def build(reason: str):
                    f"CPU lacks {', '.join(sorted(missing))}; unset it, or {DISABLE_HINT}")
         raise JITBuildError(_failed)
     root = cache_dir()
-    build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")
+    try:
+        build_dir = os.path.join(root, f"cpu-{_digest(sources, headers, flags)}")
+    except OSError as err:  # a source file unreadable or gone
+        _failed = f"gptkern: cannot build gptkern._C: reading its sources in {src}: {err}; {DISABLE_HINT}"
+        raise JITBuildError(_failed) from None
     try:
         os.makedirs(build_dir, exist_ok=True)
         with build_lock(os.path.join(root, "build.lock")):

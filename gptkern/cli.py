@@ -57,7 +57,7 @@ def _extension_info(ext) -> str:
 
         why = _backend._EXT_MISSING or "gptkern._C is not built"
         then = ("the cpu backend builds it at its first use" if _jit.available()
-                else "no JIT build (GPTKERN_JIT=0, no sources, or a failed build)")
+                else f"no JIT build: {_jit.unavailable_reason()}")
         return f"not loaded: {why}; {then}"
     text = "built, devices: " + ", ".join(getattr(ext, "devices", ()))
     text += f"; CPU kernels for {getattr(ext, 'cpu_capability', 'default')}" + (

@@ -82,6 +82,8 @@ def test_disabled_with_gptkern_jit_0(bare_package):
     out = run(env, USE_CPU)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "NotImplementedError" in out.stdout and "cannot run on cpu tensors" in out.stdout
+    # the reason is in the message: no extension, and no JIT build to make one
+    assert "gptkern._C is not built; GPTKERN_JIT=0 turns the JIT build off" in out.stdout
 
 
 def test_lock_wait_and_failure_message(bare_package, broken_sources):
@@ -166,3 +168,59 @@ def test_a_capability_this_cpu_lacks_is_refused_before_building(monkeypatch):
     monkeypatch.setattr(_jit, "_load", never)
     with pytest.raises(_jit.JITBuildError, match=r"GPTKERN_CPU_CAPABILITY=avx512: this CPU lacks avx512"):
         _jit.build("test")
+
+
+def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch, capsys):
+    """The ``built`` marker records the library's digest: a library truncated or replaced since (a
+    crash right after a build) is rebuilt instead of loaded (dlopen of a truncated file dies of
+    SIGBUS). Markers of older builds, without a digest, are trusted."""
+    from torch.utils import cpp_extension
+
+    from gptkern import _jit
+
+    build_dir = tmp_path / "cpu-x"
+    build_dir.mkdir()
+    loads = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, extra_include_paths, build_directory, **kwargs):
+        (build_dir / "_C.so").write_bytes(b"library %d" % len(loads))
+        loads.append(build_directory)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(_jit, "_failed", None)
+    assert _jit._load("test", "src", [], [], str(build_dir)) == "module"
+    marker = (build_dir / "built").read_text().split()
+    assert marker[1] == _jit._file_digest(str(build_dir / "_C.so")) and len(loads) == 1
+    assert "building the C++ CPU kernels" in capsys.readouterr().err
+    _jit._load("test", "src", [], [], str(build_dir))  # intact: loaded, not built (no message)
+    assert "build" not in capsys.readouterr().err
+    (build_dir / "_C.so").write_bytes(b"lib")  # truncated
+    (build_dir / "stale.o").write_bytes(b"")
+    _jit._load("test", "src", [], [], str(build_dir))
+    assert "is damaged; building it again" in capsys.readouterr().err
+    assert not (build_dir / "stale.o").exists() and (build_dir / "_C.so").read_bytes() == b"library 2"
+    (build_dir / "built").write_text("12345.0\n")  # an older marker: trusted
+    assert _jit._intact(str(build_dir), str(build_dir / "built"))
+
+
+def test_a_source_dir_without_sources_is_named(bare_package, tmp_path):
+    env, _ = bare_package
+    env["GPTKERN_SOURCE_DIR"] = str(tmp_path / "nope")
+    out = run(env, USE_CPU)
+    assert out.returncode == 3 and "GPTKERN_SOURCE_DIR holds no ops.cpp" in out.stdout, out.stdout + out.stderr
+    out = run(env, "import torch, gptkern; print(gptkern.ops.softmax(torch.randn(64, 64), -1).shape)")
+    assert out.returncode == 0 and "torch.Size([64, 64])" in out.stdout, out.stdout + out.stderr  # auto moves on
+
+
+def test_compiling_without_the_extension_builds_nothing_and_traces(bare_package):
+    """torch.compile(fullgraph=True) under auto with no gptkern._C: tracing does not probe for a JIT
+    build (its file checks would break the graph); the graph uses another backend."""
+    env, cache = bare_package
+    out = run(env, "import torch, gptkern\n"
+                   "f = torch.compile(lambda x: gptkern.ops.rms_norm(x, (8,)), fullgraph=True, backend='eager')\n"
+                   "x = torch.randn(3, 8)\n"
+                   "torch.testing.assert_close(f(x), torch.nn.functional.rms_norm(x, (8,)))\n"
+                   "print('OK')", timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "building" not in out.stderr and (not cache.exists() or not any(cache.iterdir()))
