@@ -9,31 +9,19 @@ import pytest
 import torch
 
 from gptkern.data import ByteTokenizer, TokenLoader
-from gptkern.data.prepare import prepare
 from gptkern.train import TrainConfig, Trainer, TrainingError, train
 from gptkern.train import checkpoint as ckpt
 from gptkern.train.metrics import read_metrics
 from helpers import fsync_spy
+import test_train
+from test_train import tiny
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n" for i in range(200))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "input").mkdir()
-    (root / "input" / "a.txt").write_text(TEXT)
-    (root / "input" / "b.txt").write_text(TEXT.upper())
-    prepare([root / "input"], root / "data", "byte", val_fraction=0.5, workers=1, progress=False)
-    return root / "data"
+data_dir = test_train.data_dir  # the fixture: test_train's byte-level shards
 
 
 def config(data_dir, out_dir, **overrides):
-    values = dict(preset="gpt2-tiny", model=dict(n_layer=1, n_embd=32, n_head=2, block_size=16), data=str(data_dir),
-                  out_dir=str(out_dir), batch_size=2, max_steps=4, lr=3e-3, warmup_steps=2, eval_interval=4,
-                  eval_steps=1, log_interval=2, checkpoint_interval=4, keep_last=2, progress=False, seed=3)
-    values.update(overrides)
-    return TrainConfig(**values)
+    """test_train's 1-layer model, 4 steps, checkpoints at the last one."""
+    return tiny(data_dir, out_dir, **{"max_steps": 4, "checkpoint_interval": 4, "keep_last": 2, **overrides})
 
 
 def fixed_grads(trainer, batch):
