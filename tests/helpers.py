@@ -139,3 +139,17 @@ def fsync_spy(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", spy)
     return synced
+
+
+class StandInKernel:
+    """A Triton kernel stand-in: its launches record their num_warps in ``launched`` (the
+    interpreter ignores num_warps, so tests of the warp choice launch this instead)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.fn = SimpleNamespace(__name__="stand_in")
+        self.launched: list[int] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, num_warps, **constexprs: self.launched.append(num_warps)

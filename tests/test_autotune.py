@@ -341,18 +341,11 @@ def test_decode_timing_reads_the_whole_capacity(monkeypatch, paged):
 def test_tune_fused_rows_launches_the_pick_last(monkeypatch):
     """Every warp count is timed, then the fastest is launched once more (the interpreter ignores
     num_warps, so the launches are recorded from a stand-in kernel)."""
-    from types import SimpleNamespace
-
     from gptkern.kernels import launch
+    from helpers import StandInKernel
 
-    launched = []
-
-    class Kernel:
-        fn = SimpleNamespace(__name__="stand_in")
-
-        def __getitem__(self, grid):
-            return lambda *args, num_warps, **constexprs: launched.append(num_warps)
-
+    kernel = StandInKernel()
+    launched = kernel.launched
     monkeypatch.setattr(autotune, "enabled", lambda device: True)
     choices = launch.SOFTMAX_FWD.warp_choices(8192, True, True, 2)
     speed = dict(zip(choices, (2.0, 1.0, 3.0)))  # the middle one is fastest
@@ -362,7 +355,7 @@ def test_tune_fused_rows_launches_the_pick_last(monkeypatch):
         return speed[launched[-1]]
 
     monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
-    args = (Kernel(), (64,), (), {"BLOCK_N": 8192}, True, True, 2, ("k",), CPU)
+    args = (kernel, (64,), (), {"BLOCK_N": 8192}, True, True, 2, ("k",), CPU)
     assert launch.tune_fused_rows(launch.SOFTMAX_FWD, *args) == choices[1]
     assert launched == [*choices, choices[1]]
     launched.clear()
