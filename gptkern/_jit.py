@@ -159,8 +159,9 @@ def _load(reason: str, src: str, sources: list[str], flags: list[str], build_dir
         raise JITBuildError(_failed) from None
     if fresh:  # the marker, with the library's digest, written whole
         tmp = f"{done}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(f"{time.time()} {_file_digest(os.path.join(build_dir, '_C.so'))}\n")
+        library = os.path.join(build_dir, "_C.so")
+        with open(tmp, "w") as f:  # (a library named otherwise: no digest, trusted as before)
+            f.write(f"{time.time()} {_file_digest(library) if os.path.isfile(library) else ''}".rstrip() + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, done)
