@@ -280,6 +280,22 @@ def test_stop_strings_skip_ids_past_the_tokenizer():
     assert torch.equal(out, full)
 
 
+@pytest.mark.parametrize("cache", ["static", "paged", None])
+def test_a_pad_id_outside_the_vocabulary_pads_without_being_fed(cache):
+    """pad_token_id=-1 (as in some Llama configs) fills finished rows' output but is never fed to
+    the model, which only takes ids in [0, vocab_size): the other rows' tokens are unchanged."""
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([6, 2, 4], seed=3)
+    free = generate(model, prompt, 10, attention_mask=mask)
+    eos = int(free[0, 6 + 2])
+    kwargs = dict(use_cache=False) if cache is None else dict(cache=cache)
+    want = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=5, **kwargs)
+    got = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=-1, **kwargs)
+    padded = got == -1
+    assert padded.any() and not padded.all(dim=1).any()  # a row stopped while another went on
+    assert torch.equal(got[~padded], want[~padded]) and (want[padded] == 5).all()
+
+
 def test_bad_arguments():
     _, model = hf_and_gpt()
     prompt, mask = left_padded([3, 2])
@@ -301,8 +317,12 @@ def test_bad_arguments():
     # nothing graphed without the cache: as asked, whatever the device
     assert generate(model, prompt, 2, attention_mask=mask, cuda_graph=np.bool_(True), use_cache=False).shape[1] == \
         prompt.shape[1] + 2
-    with pytest.raises(TypeError, match="cuda_graph"):
-        generate(model, prompt, 3, attention_mask=mask, cuda_graph="yes")
+    for flag in ("cuda_graph", "do_sample", "stream", "use_cache"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            generate(model, prompt, 3, attention_mask=mask, **{flag: "False"})
+    for ids in (prompt + 99, prompt - 10):  # vocab_size 99
+        with pytest.raises(IndexError, match="in input_ids is out of range for vocab_size 99"):
+            generate(model, ids, 0, attention_mask=mask)
     with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):
         generate(model, torch.ones(1, 60, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="left-padded"):
@@ -414,6 +434,25 @@ def test_paged_cache_allocator():
     assert cache.blocks_in_use == 1 and cache.block_table[0].tolist() == [0, 0, 0]  # scratch
     cache.allocate([0, 8])
     assert len(cache.owned[1]) == 2 and 0 not in cache.owned[1]
+
+
+def test_a_refused_paged_allocation_takes_no_block():
+    """allocate() is all or nothing: a request that runs out of blocks (or past max_seq_len in a
+    later row) leaves owned, the free list and the block table as they were, so a retry that needs
+    no new block still finds every sequence's blocks in the table (it had kept the scratch block)."""
+    from gptkern.generation import PagedKVCache
+
+    cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=4, block_size=16,
+                         max_seq_len=48)
+    for bad, error in (([20, 30], RuntimeError), ([20, 49], ValueError)):
+        with pytest.raises(error):
+            cache.allocate(bad)
+        assert cache.owned == [[], []] and len(cache.free_blocks) == 3 and not cache.block_table.any()
+    cache.allocate([20, 10])
+    assert cache.block_table[:, :2].tolist() == [cache.owned[0], cache.owned[1] + [0]]
+    assert sorted(cache.owned[0] + cache.owned[1]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="lengths has 3 entries"):
+        cache.allocate([1, 1, 1])
 
 
 def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():

@@ -11,6 +11,7 @@ from gptkern.generation.cuda_graph import DecodeGraphSession, GraphedDecodeStep
 from gptkern.generation.eval_mode import evaluating
 from gptkern.generation.kv_cache import check_cache_kind, make_cache
 from gptkern.generation.sampling import check_sampling_args, next_tokens
+from gptkern.models.gpt import check_token_ids
 from gptkern.ops._checks import int_arg, is_int
 
 
@@ -47,6 +48,11 @@ def _check_prompt(model, input_ids: torch.Tensor, attention_mask: Optional[torch
         raise ValueError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} is longer than "
                          f"the model's context (block_size {c.block_size}; the last new token is not fed back)")
     return mask
+
+
+def _check_bool(flag, name: str) -> None:
+    if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {flag!r}")
 
 
 def fed_length(prompt_len: int, max_new_tokens: int) -> int:
@@ -89,6 +95,10 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
     seen = input_ids
     seen_valid = mask.bool() if not bool(mask.all()) else None  # left padding is not penalized
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    # finished rows output pad_token_id but feed the model a valid id (their outputs are not read),
+    # so a pad outside the vocabulary (-1 in some configs) is fine
+    feed_pad = pad_token_id if 0 <= pad_token_id < model.config.vocab_size else 0
+    fed_seq = input_ids  # seen, with feed_pad for pad (the uncached path runs on it)
     generated: list[list[int]] = [[] for _ in range(b)]
     if cache is not None:
         lengths = mask.sum(-1).tolist()
@@ -106,6 +116,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                 logits = model.lm_head(hidden[:, -1])  # (B, V): the last position is a real token (left padding)
         token = next_tokens(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty, generator,
                             seen_valid)
+        fed = torch.where(finished, torch.full_like(token, feed_pad), token)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         if eos is not None:
             finished |= torch.isin(token, eos)
@@ -119,6 +130,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                 if any(s in text for s in stop_strings):  # (a match found earlier would have stopped it)
                     finished[i] = True
         seen = torch.cat([seen, token[:, None]], 1)
+        fed_seq = torch.cat([fed_seq, fed[:, None]], 1) if cache is None else None
         if seen_valid is not None:
             seen_valid = torch.cat([seen_valid, torch.ones_like(seen_valid[:, :1])], 1)
         yield token
@@ -136,9 +148,9 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                 elif not done[row]:
                     lengths[row] += 1
             cache.allocate([max(n, 0) for n in lengths])
-            step_input, step_mask = token[:, None], None
+            step_input, step_mask = fed[:, None], None
         else:
-            step_input, step_mask = seen, torch.cat([step_mask, torch.ones_like(token)[:, None]], 1)
+            step_input, step_mask = fed_seq, torch.cat([step_mask, torch.ones_like(token)[:, None]], 1)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
@@ -170,6 +182,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     model_device = next(model.parameters()).device
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     input_ids = input_ids.to(model_device, torch.long)
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     mask = mask.to(model_device)
     prompt = input_ids  # returned in full
     c = model.config
@@ -208,10 +221,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=model_device).manual_seed(int(seed))
+    for name, flag in (("do_sample", do_sample), ("stream", stream), ("use_cache", use_cache)):
+        _check_bool(flag, name)
     if cuda_graph is None:
         cuda_graph = model_device.type == "cuda"
-    elif not isinstance(cuda_graph, (bool, np.bool_)):
-        raise TypeError(f"cuda_graph must be a bool or None, got {cuda_graph!r}")
+    _check_bool(cuda_graph, "cuda_graph")
     cuda_graph = bool(cuda_graph)
     if num_cache_blocks is not None and cache != "paged":
         raise ValueError(f"num_cache_blocks sizes the paged cache; cache={cache!r} does not use it")

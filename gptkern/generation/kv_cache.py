@@ -152,21 +152,24 @@ class PagedKVCache(StaticKVCache):
                    dtype or weight.dtype, device or weight.device)
 
     def allocate(self, lengths: list[int]) -> None:
-        """Make room for ``lengths[b]`` tokens in sequence b (host-side, before they are written)."""
-        changed = False
+        """Make room for ``lengths[b]`` tokens in sequence b (host-side, before they are written).
+
+        All or nothing: a request that does not fit takes no block, so the table stays in step."""
+        if len(lengths) > len(self.owned):
+            raise ValueError(f"lengths has {len(lengths)} entries for a cache of {len(self.owned)} sequences")
+        extra = []  # blocks to add, per row
         for row, n in enumerate(lengths):
             if n > self.max_seq_len:
                 raise ValueError(f"sequence {row} needs {n} cache positions, more than max_seq_len {self.max_seq_len}")
-            need = -(-n // self.block_size)
+            extra.append(max(0, -(-n // self.block_size) - len(self.owned[row])))
+        if sum(extra) > len(self.free_blocks):
+            raise RuntimeError(f"the paged KV cache is out of blocks ({self.k[0].shape[0] - 1} blocks of "
+                               f"{self.block_size} tokens): free finished sequences or allocate more")
+        for row, (n, count) in enumerate(zip(lengths, extra)):
             if n > 0:
                 self.freed.discard(row)
-            while len(self.owned[row]) < need:
-                if not self.free_blocks:
-                    raise RuntimeError(f"the paged KV cache is out of blocks ({self.k[0].shape[0] - 1} blocks of "
-                                       f"{self.block_size} tokens): free finished sequences or allocate more")
-                self.owned[row].append(self.free_blocks.pop())
-                changed = True
-        if changed:
+            self.owned[row].extend(self.free_blocks.pop() for _ in range(count))
+        if any(extra):
             self._sync_table()
 
     def free(self, row: int) -> None:
