@@ -20,10 +20,12 @@ def reference(q, k, v, mask=None, **kw):
     q, k, v = q.double(), k.double(), v.double()
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.double()
-    if mask is not None and kw.get("is_causal"):  # both apply: combined here (torch's math backend raises)
+    if kw.get("is_causal") and (mask is not None or (kw.get("scale") or 1) < 0):
+        # both apply: combined here (torch's math backend raises); a negative scale: torch's causal path gives NaN
         kw = {**kw, "is_causal": False}
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+        mask = causal if mask is None else mask & causal if mask.dtype == torch.bool else \
+            mask.masked_fill(~causal, float("-inf"))
     if q.dim() >= 3 and 0 in (q.shape[-3], k.shape[-3]):  # torch 2.11's CPU SDPA dies of SIGFPE on zero heads
         return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask=mask, **kw)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
@@ -87,6 +89,21 @@ def test_gqa_with_different_key_and_value_heads(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scale(backend):
     check(backend, rand(1, 2, 9, 16), rand(1, 2, 11, 16), rand(1, 2, 11, 16), scale=0.37)
+    # negative: torch's own causal kernels return NaN here, the torch backend passes the rule as a mask
+    check(backend, rand(1, 2, 9, 16), rand(1, 2, 11, 16), rand(1, 2, 11, 16), scale=-0.37, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_of_queries_without_batch_or_head_dims(backend):
+    """As torch: an (S,) mask serves a 2-D or 3-D query (every row), not a 4-D one; a 2-D query's
+    mask broadcasts to (L, S), so a (1, L, S) one is refused."""
+    keep = torch.rand(11, device=DEVICE) > 0.3
+    check(backend, rand(9, 16), rand(11, 16), rand(11, 8), mask=keep)
+    check(backend, rand(2, 9, 16), rand(2, 11, 16), rand(2, 11, 8), mask=rand(11))
+    check(backend, rand(9, 16), rand(11, 16), rand(11, 8), mask=rand(9, 11) > 0)
+    with gptkern.backend(backend), pytest.raises(RuntimeError, match=r"attn_mask of shape \[1, 9, 11\] does not "
+                                                                     r"broadcast to \[9, 11\]"):
+        sdpa(rand(9, 16), rand(11, 16), rand(11, 8), attn_mask=rand(1, 9, 11) > 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -183,6 +183,23 @@ def test_compile_fullgraph(backend):
     assert_close(got, decode_attention_ref(q, k_cache, v_cache, seqlens), torch.float32)
 
 
+@needs_cpu
+def test_compiled_int64_indices_beyond_int32_are_refused_not_wrapped():
+    """Under torch.compile the Python value checks do not run: an int64 length or block id past
+    int32 must still be refused by the kernel's checks, not wrapped to a valid-looking one."""
+    k_cache, v_cache = caches(2, 2, 40, 16, 16)
+    q = rand(2, 4, 1, 16)
+    k_pages, v_pages, table = paged(k_cache, v_cache, 8)
+    f = torch.compile(lambda q, k, v, n, t: decode(q, k, v, n, block_table=t), backend="aot_eager", fullgraph=True)
+    wide = table.long()
+    wide[0, 1] += 2**32
+    for seqlens, blocks, match in ((torch.tensor([2**32 + 3, 7]), table, r"cache_seqlens\[0\] = -1"),
+                                   (torch.tensor([40, 7]), wide, r"block_table\[0, 1\] = -1")):
+        torch._dynamo.reset()
+        with gptkern.backend("cpu"), pytest.raises(RuntimeError, match=match):
+            f(q, k_pages, v_pages, seqlens, blocks)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
     q, (k, v) = rand(2, 4, 1, 8), caches(2, 2, 10, 8, 8)

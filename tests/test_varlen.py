@@ -221,6 +221,22 @@ def test_opcheck_and_compile():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_compiled_int64_offsets_beyond_int32_are_refused_not_wrapped():
+    q = torch.randn(10, 2, 8)
+    f = torch.compile(lambda q, cu: varlen(q, q, q, cu, cu, 7, 7), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    with gptkern.backend("cpu"), pytest.raises(RuntimeError, match="cu_seqlens_q must be non-decreasing"):
+        f(q, torch.tensor([0, 3 + 2**32, 10]))  # wrapped to int32 it would read [0, 3, 10]
+
+
+def test_meta_tensors_give_a_meta_result():
+    q, k, v = (torch.empty(10, 2, d, device="meta") for d in (8, 8, 6))
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    out = varlen(q, k, v, cu, cu, 7, 7, causal=True)
+    assert out.device.type == "meta" and out.shape == (10, 2, 6)
+
+
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
 def test_dropout_matches_dense_and_is_reproducible():
     """One packed sequence draws the same dropout mask as dense SDPA of batch 1 (same seed, same

@@ -40,6 +40,15 @@ def checks_read_values(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def as_int32(t: torch.Tensor) -> torch.Tensor:
+    """An int32/int64 index tensor as int32 for the kernels, int64 values outside int32's range
+    made -1 (which the kernels' own checks refuse) rather than wrapped into a valid-looking index:
+    under torch.compile the Python value checks do not run."""
+    if t.dtype == torch.int32:
+        return t
+    return torch.where((t >= 0) & (t <= 2**31 - 1), t, -1).to(torch.int32)
+
+
 def kernel_seed(seed: Optional[torch.Tensor], dropout_p: float, device: torch.device, op: str
                 ) -> Optional[torch.Tensor]:
     """A dropout seed as the Triton kernels read it: (1,) int64 on ``device`` (copied there if

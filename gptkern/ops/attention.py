@@ -196,9 +196,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
-        if attn_mask.dim() < 2:
+        if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() > 3):  # (torch takes (S,) up to 3-D)
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
-                             f"(..., L, S), got shape {list(attn_mask.shape)}")
+                             f"(..., L, S), or be (S,) for a query of at most 3, got shape {list(attn_mask.shape)}")
     if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:  # (as torch, which reads dim -3)
         raise IndexError(f"scaled_dot_product_attention: enable_gqa=True needs a head dim (-3): query, key and "
                          f"value have {query.dim()}, {key.dim()} and {value.dim()} dims")
@@ -250,7 +250,7 @@ def _sdpa_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Option
         hk = hq
         out_shape = (*lead, l, dv)
     if mask is not None:
-        target = (*batch, hq, l, s)
+        target = (*out_shape[:-2], l, s)  # (L, S) for 2-D inputs, which have no head dim
         try:
             ok = _broadcast_shapes(mask.shape, target) == torch.Size(target)
         except RuntimeError:
@@ -318,6 +318,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     check_bool_arg(enable_gqa, "enable_gqa", "scaled_dot_product_attention")
     query, key, value, attn_mask = _autocast.lower_precision(query, key, value, attn_mask)
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if attn_mask is not None and attn_mask.dim() == 1:  # (S,): every query row
+        attn_mask = attn_mask[None]
     if enable_gqa and key.dim() >= 3 and value.dim() >= 3 and key.shape[-3] != value.shape[-3]:
         # torch repeats key and value heads separately; the kernels share one count: repeat both to Hq
         hq = query.shape[-3]
@@ -362,6 +364,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return out.reshape(out_shape)
     if attn_mask is not None and is_causal:  # both apply, whichever backend torch picks (its math one raises)
         attn_mask, is_causal = _with_causal(attn_mask, query.shape[-2], key.shape[-2]), False
+    elif is_causal and scale_value < 0:  # torch's fused kernels return NaN there; its masked path does not
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        is_causal = False
     if hq == 0 or hk == 0:  # torch's math kernel: torch 2.11's CPU flash kernel dies of SIGFPE on zero heads
         return torch.ops.aten._scaled_dot_product_attention_math(  # (key heads repeated to 0: no grouping)
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
@@ -648,10 +653,12 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
     name = _varlen_backend(q, k, v, dropout_p, (min(int(max_seqlen_q), q.shape[0]), min(int(max_seqlen_k), k.shape[0])))
     if name in ("triton", "cpu"):
-        args = (q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+        args = (q, k, v, _checks.as_int32(cu_seqlens_q), _checks.as_int32(cu_seqlens_k), int(max_seqlen_q),
                 int(max_seqlen_k), bool(causal), scale_value, *window)
         op = torch.ops.gptkern.attention_varlen_fwd if name == "cpu" else torch.ops.gptkern.triton_attention_varlen
         return _autograd.call(op, *args, float(dropout_p), draw_seed(dropout_p, q.device))[0]
+    if q.device.type == "meta":  # shapes only: the offsets have no values to read
+        return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
     if compiling:
         raise NotImplementedError("flash_attn_varlen: the torch backend needs the offsets' values and cannot "
                                   "be traced by torch.compile; use the triton or cpu backend")

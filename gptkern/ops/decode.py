@@ -202,11 +202,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if name == "triton":
         from gptkern.ops.triton_decode import triton_decode_attention
 
-        table = block_table.to(torch.int32) if block_table is not None else None
-        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens.to(torch.int32), scale_value, table)
+        table = _checks.as_int32(block_table) if block_table is not None else None
+        return triton_decode_attention(q, k_cache, v_cache, _checks.as_int32(cache_seqlens), scale_value, table)
     if name in ("cpu", "cuda"):
         k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
-        table = block_table.to(torch.int32) if block_table is not None else None
-        return _autograd.call(torch.ops.gptkern.decode_attention, q, k_c, v_c, cache_seqlens.to(torch.int32),
+        table = _checks.as_int32(block_table) if block_table is not None else None
+        return _autograd.call(torch.ops.gptkern.decode_attention, q, k_c, v_c, _checks.as_int32(cache_seqlens),
                               scale_value, table)
     return decode_attention_torch(q, k_cache, v_cache, cache_seqlens, scale_value, block_table)
