@@ -88,6 +88,25 @@ def test_self_attention_mask_shapes():
     assert mask[0, 0, 0, 0] and not mask[0, 0, 1, 0]  # padding sees itself, nobody else sees it
     with pytest.raises(ValueError, match="window"):
         CausalSelfAttention(32, 4, window=0)
+
+
+def test_token_masks_of_the_blocks_must_be_bool_b_by_s():
+    """An HF-style 0/1 mask (int or float) would be read as additive or fail deep in SDPA: refused
+    with the argument named."""
+    x = torch.randn(2, 5, 32)
+    attn, cross = CausalSelfAttention(32, 4), CrossAttention(32, 4)
+    memory = torch.randn(2, 7, 32)
+    for bad in (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5)):
+        with pytest.raises(TypeError, match="key_mask must be a .B, S. bool tensor"):
+            attn(x, key_mask=bad)
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(B, S\) = \(2, 5\), got \[2, 6\]"):
+        attn(x, key_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="memory_mask"):
+        cross(x, memory, memory_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match="memory_mask"):
+        cross(x, memory, memory_mask=torch.ones(2, 5, dtype=torch.bool))
+    keep = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    assert cross(x, memory, memory_mask=keep).shape == (2, 5, 32)
     with pytest.raises(ValueError, match="n_kv_head"):
         CausalSelfAttention(32, 4, n_kv_head=3)
 

@@ -182,6 +182,19 @@ def test_shape_checks_as_torch():
             module(x, x, x, need_weights=False, attn_mask=torch.zeros(3, 5, 5, device=DEVICE))
 
 
+def test_masks_that_are_not_tensors_and_an_is_causal_that_is_not_bool_are_type_errors():
+    ours, theirs = pair(embed_dim=16, num_heads=2, batch_first=True)
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).tril()
+    for module in (theirs, ours):
+        for name in ("key_padding_mask", "attn_mask"):
+            with pytest.raises(TypeError, match=None if module is theirs else name):
+                module(x, x, x, need_weights=False, **{name: [[False] * 3] * 2})
+        for flag in ("no", None, torch.tensor(True)):
+            with pytest.raises(TypeError, match="is_causal"):
+                module(x, x, x, need_weights=False, attn_mask=~causal, is_causal=flag)
+
+
 def test_batch_mismatch_empty_batch_and_kdim_checks():
     """A key/value batch that differs from the query's raises (it was reshaped into the query's
     batch); an empty batch works; kdim / vdim mismatches raise AssertionError, as torch."""
@@ -253,13 +266,13 @@ def test_causal_hint_drops_attn_mask_unread_as_torch():
 
 
 @pytest.mark.parametrize("case", ["fast", "training", "grad", "odd heads", "sequence first", "separate kv",
-                                  "float mask", "bias off"])
+                                  "float mask", "bias off", "3-D (B, L, L)", "3-D (B, L, L), bias off"])
 def test_a_misfit_mask_with_the_causal_hint_raises_where_torch_fast_path_reads_it(case):
     """torch's fused fast path (eval, nothing requiring grad, batched self-attention, ...) views
     attn_mask as (1, 1, L, L) even with is_causal: a mask that does not fit raises there. Elsewhere
     torch drops it unread; gptkern raises exactly where torch does."""
     heads = 3 if case == "odd heads" else 2
-    ours, theirs = pair(embed_dim=6, num_heads=heads, batch_first=case != "sequence first", bias=case != "bias off")
+    ours, theirs = pair(embed_dim=6, num_heads=heads, batch_first=case != "sequence first", bias="bias off" not in case)
     for module in (ours, theirs):
         module.train(case == "training")
     x = torch.randn(2, 5, 6, device=DEVICE)
@@ -267,6 +280,8 @@ def test_a_misfit_mask_with_the_causal_hint_raises_where_torch_fast_path_reads_i
     wrong = torch.ones(3, 3, dtype=torch.bool, device=DEVICE).triu(1)
     if case == "float mask":
         wrong = torch.zeros(3, 3, device=DEVICE).masked_fill(wrong, float("-inf"))
+    if case.startswith("3-D"):  # views as (B, -1, L, L), but the fused kernel (biases on) wants (B * H, L, L)
+        wrong = torch.ones(2, 5, 5, dtype=torch.bool, device=DEVICE).triu(1)
     outcomes = []
     for module in (theirs, ours):
         with torch.set_grad_enabled(case == "grad"), warnings.catch_warnings():
@@ -277,7 +292,8 @@ def test_a_misfit_mask_with_the_causal_hint_raises_where_torch_fast_path_reads_i
             except RuntimeError as err:
                 outcomes.append("raised")
                 assert module is theirs or "attn_mask" in str(err)
-    assert outcomes[1] == outcomes[0] and outcomes[0] == ("raised" if case in ("fast", "bias off") else "ok")
+    assert outcomes[1] == outcomes[0] and outcomes[0] == ("raised" if case in ("fast", "bias off", "3-D (B, L, L)")
+                                                          else "ok")
 
 
 def test_nested_tensor_input_takes_torch_fast_path():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gptkern import ops
 from gptkern.ops import _fx
+from gptkern.ops._checks import check_bool_arg
 
 
 def _sdpa_mask(mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
@@ -57,13 +58,17 @@ def _padding_mask_for_causal(kpm: Optional[torch.Tensor], am: Optional[torch.Ten
     return kpm if kpm.dtype == torch.bool else kpm.to(merged)
 
 
-def _check_fast_path_mask(attn_mask: torch.Tensor, query: torch.Tensor) -> None:
-    """torch's fast path views attn_mask as (1, 1, L, L) (2-D) or (B, -1, L, L) (3-D): a mask that
-    does not fit is a RuntimeError there, even with the is_causal hint (which the slow path
-    honours by dropping the mask unread)."""
+def _check_fast_path_mask(attn_mask: torch.Tensor, query: torch.Tensor, fused_heads: Optional[int]) -> None:
+    """torch's fast path views attn_mask as (1, 1, L, L) (2-D) or (B, -1, L, L) (3-D), and its fused
+    kernel (``fused_heads``: the module has input biases) takes a 3-D one only as (B, H, L, L): a
+    mask that does not fit is a RuntimeError there, even with the is_causal hint (which the slow
+    path honours by dropping the mask unread)."""
     b, l = query.shape[:2]
     # (a view with -1 of an empty tensor is ambiguous: torch raises)
     fits = attn_mask.numel() == l * l if attn_mask.dim() == 2 else b * l * l > 0 and attn_mask.numel() % (b * l * l) == 0
+    if fits and attn_mask.dim() == 3 and fused_heads is not None and attn_mask.numel() != b * fused_heads * l * l:
+        raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} is not (B * num_heads, L, L) = "
+                           f"({b * fused_heads}, {l}, {l}) (torch's fused fast path reads it even with is_causal=True)")
     if not fits:
         view = (1, 1, l, l) if attn_mask.dim() == 2 else (b, -1, l, l)
         raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} cannot be viewed as {view} (torch's "
@@ -95,13 +100,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and not isinstance(mask, torch.Tensor):
+                raise TypeError(f"MultiheadAttention(): argument '{name}' must be a Tensor or None, not "
+                                f"{type(mask).__name__}")
+        check_bool_arg(is_causal, "is_causal", "MultiheadAttention")
         # torch's own shape checks (AssertionError on a mismatch), before anything is reshaped
         F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if is_causal and attn_mask is None:  # (torch's fast path ignores the hint and attends to every key)
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
         if is_causal and key_padding_mask is None and self._torch_fast_path(query, key, value, attn_mask):
-            _check_fast_path_mask(attn_mask, query)
+            _check_fast_path_mask(attn_mask, query, self.num_heads if self.in_proj_bias is not None else None)
         if (key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype
                 and all(m.dtype == torch.bool or m.is_floating_point() for m in (key_padding_mask, attn_mask))):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. "

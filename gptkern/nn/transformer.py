@@ -25,12 +25,22 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
+def check_token_mask(mask: torch.Tensor, name: str, b: int, s: int) -> None:
+    """A (B, S) bool mask, True for real tokens (0/1 integers or floats would be read otherwise)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a (B, S) bool tensor (True = real token), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}: use .bool()")
+    if tuple(mask.shape) != (b, s):
+        raise ValueError(f"{name} must have shape (B, S) = ({b}, {s}), got {list(mask.shape)}")
+
+
 def self_attention_mask(l: int, s: int, causal: bool, window: Optional[int],
                         key_mask: Optional[torch.Tensor], device: torch.device
                         ) -> tuple[Optional[torch.Tensor], bool]:
     """The (mask, is_causal) pair for SDPA. Queries are the last ``l`` of ``s`` positions.
 
-    window: each query sees at most this many keys, itself included (None: unbounded).
+    window: each query sees the keys less than ``window`` positions away, itself included: at most
+        ``window`` keys when causal, ``2 * window - 1`` otherwise (None: unbounded).
     key_mask: (B, S) bool, True for real tokens; a query always sees itself, so no row is empty.
     Returns a bool mask (True = attend) broadcastable to (B, 1, L, S), or None with is_causal.
     """
@@ -53,7 +63,8 @@ class CausalSelfAttention(nn.Module):
         head_dim: per-head width (default n_embd // n_head).
         bias: biases on the projections. dropout: on the attention weights and the output.
         causal: False gives bidirectional attention (an encoder).
-        window: sliding-window size, each query seeing at most this many keys (None: all).
+        window: sliding-window size: each query sees the keys less than ``window`` positions away
+            (before it when causal: at most ``window`` keys; on both sides otherwise, 2 * window - 1).
     Forward: x (B, L, n_embd), rope (cos, sin) each (L, head_dim) or (B, L, head_dim) or None,
     key_mask (B, L) bool (True = real token) or None -> (B, L, n_embd).
     """
@@ -81,6 +92,8 @@ class CausalSelfAttention(nn.Module):
         doc_bounds: (cu_seqlens int32 over the B * L flattened tokens, max_seqlen): attention stays
         inside each document (``gptkern.ops.flash_attn_varlen``)."""
         b, l, _ = x.shape
+        if key_mask is not None:
+            check_token_mask(key_mask, "key_mask", b, l)
         h, hkv, d = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split((h * d, hkv * d, hkv * d), dim=-1)
         q = q.view(b, l, h, d).transpose(1, 2)  # (B, H, L, D)
@@ -149,6 +162,8 @@ class CrossAttention(nn.Module):
         h = self.n_head
         q = self.q_proj(x).view(b, l, h, e // h).transpose(1, 2)  # (B, H, L, D)
         k, v = memory_kv if memory_kv is not None else self.project_memory(memory)
+        if memory_mask is not None:
+            check_token_mask(memory_mask, "memory_mask", b, k.shape[-2])
         mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
         y = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
