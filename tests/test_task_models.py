@@ -175,12 +175,14 @@ def _train(backend: str, steps: int, device) -> list[float]:
 
 
 def test_training_tracks_the_torch_backend(device):
-    """A tiny GPT trained 50 steps on gptkern's kernels follows the torch backend's loss curve."""
+    """A tiny GPT trained 50 steps on gptkern's kernels follows the torch backend's loss curve
+    (the Triton interpreter, at 3-4 s a step, the first 12)."""
     expected = _train("torch", 50, device)
     assert expected[-1] < 0.25 * expected[0]
     for backend in backends_here(device, attention=True):
         if backend in ("torch", "auto"):
             continue
-        losses = _train(backend, 50, device)
-        worst = max(abs(a - b) / b for a, b in zip(losses, expected))
+        steps = 12 if backend == "triton" and device.type == "cpu" else 50
+        losses = _train(backend, steps, device)
+        worst = max(abs(a - b) / b for a, b in zip(losses, expected[:steps]))
         assert worst < 0.02, (backend, worst, losses[-5:], expected[-5:])
