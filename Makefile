@@ -17,8 +17,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py tools/bo
 demo: setup
 	$(PY) -m gptkern demo
 
+# pytest-xdist workers for `make test`: the cores this process may use, at most 4 (the Triton
+# interpreter's tests are single-threaded Python); 1 (or no xdist in the venv): one process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))' 2>/dev/null || echo 1)
+
 test: setup
-	$(PY) -m pytest
+	@if [ "$(TEST_WORKERS)" -gt 1 ] && $(PY) -c 'import xdist' 2>/dev/null; then \
+	  echo "$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal"; $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal; \
+	else echo "$(PY) -m pytest"; $(PY) -m pytest; fi
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu

@@ -24,7 +24,7 @@ if system_cuda_torch; then
   # (the GPU machine may have no network).
   missing=$("$VENV/bin/python" - <<'PY'
 import importlib.util
-modules = {"PyYAML": "yaml"}  # distributions whose module is named otherwise
+modules = {"PyYAML": "yaml", "pytest-xdist": "xdist"}  # distributions whose module is named otherwise
 lines = [l.strip() for f in ("requirements.txt", "requirements-dev.txt") for l in open(f)]
 names = [l.split("==")[0] for l in lines if l and not l.startswith("#")]
 print(" ".join(n for n in names if n != "triton" and importlib.util.find_spec(modules.get(n, n)) is None))
