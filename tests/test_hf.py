@@ -101,6 +101,60 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
         GPT.from_hf(tmp_path)
 
 
+def test_a_head_that_differs_from_the_token_table_stays_untied(tmp_path):
+    """tie_word_embeddings=True (the default) with an lm_head.weight of its own: transformers keeps
+    that head (and warns); so does the import, from a directory or from the module."""
+    from safetensors.torch import load_file, save_file
+
+    hf_gpt2().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()  # (it logs a warning)
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    x = ids()
+    for source in (tmp_path, hf):
+        with pytest.warns(UserWarning, match="keeping the head untied"):
+            model = GPT.from_hf(source)
+        assert not model.config.tie_weights
+        assert_close(model(x)[0], hf(x).logits, torch.float32, atol_scale=10)
+    assert GPT.from_hf(hf_gpt2()).config.tie_weights  # equal: tied, without a word
+
+
+def test_weights_files_are_found_as_transformers_finds_them_and_bad_ones_named(tmp_path):
+    """model.safetensors first (an unsharded save over a sharded one leaves the old index);
+    missing shards, corrupt files and configs are ValueErrors / FileNotFoundErrors naming the file."""
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    x = ids()
+    assert_close(GPT.from_hf(tmp_path)(x)[0], hf(x).logits, torch.float32, atol_scale=10)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"shards \\['{shard.name}'\\] named by model.safetensors.index.json"):
+        GPT.from_hf(tmp_path)
+    hf.save_pretrained(tmp_path)  # unsharded: transformers removes the shards, keeps the index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_close(GPT.from_hf(tmp_path)(x)[0], hf(x).logits, torch.float32, atol_scale=10)
+    config = (tmp_path / "config.json").read_text()
+    for text, match in (("[]", "config.json is corrupt: a JSON object was expected"),
+                        ("{", "config.json is corrupt: not valid JSON"),
+                        (config.replace('"vocab_size": 99', '"vocab_size": 100'),
+                         r"shapes transformer.wte.weight \[99, 32\] \(config: \[100, 32\]\)")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            GPT.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        GPT.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="pytorch_model.bin is corrupt"):
+        GPT.from_hf(tmp_path)
+
+
 def test_unsupported_models_and_configs(tmp_path):
     with pytest.raises(ValueError, match="pos_embedding='rope'"):
         GPT(GPTConfig.from_name("llama-tiny")).to_hf()

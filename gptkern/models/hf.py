@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 import and export for gptkern's GPT (transformers is optional)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -47,22 +48,60 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      tie_weights=hf.get("tie_word_embeddings", True))
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupt: a JSON object was expected, got {type(value).__name__}")
+    return value
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, else the shards its index names (as transformers looks: a folder saved
+    unsharded over a sharded one keeps the old index), else pytorch_model.bin."""
+    single, index, bin_file = (directory / name for name in
+                               ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    if single.is_file():
+        return [single]
+    missing: list[str] = []
+    if index.is_file():
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} is corrupt: no 'weight_map' object")
+        shards = [directory / name for name in sorted(set(map(str, weight_map.values())))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if not missing:
+            return shards
+    if bin_file.is_file():
+        return [bin_file]
+    if missing:
+        raise FileNotFoundError(f"{directory}: shards {missing} named by {index.name} are missing "
+                                f"(and there is no model.safetensors or pytorch_model.bin)")
+    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+
+
 def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """Weights from model.safetensors (single or sharded) or pytorch_model.bin (weights only)."""
-    index = directory / "model.safetensors.index.json"
-    files = ([directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-             if index.is_file() else [directory / "model.safetensors"])
-    if all(f.is_file() for f in files):
-        from safetensors.torch import load_file
+    import pickle
 
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bin_file = directory / "pytorch_model.bin"
-    if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(directory):
+        try:
+            part = (torch.load(f, map_location="cpu", weights_only=True) if f.suffix == ".bin"
+                    else load_file(str(f)))
+        except pickle.UnpicklingError:  # (torch's message suggests weights_only=False: never here)
+            raise ValueError(f"{f} is corrupt or not weights only: torch.load(weights_only=True) refuses it") from None
+        except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+            raise ValueError(f"{f} is corrupt: not a readable weights file ({str(err).splitlines()[0]})") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ValueError(f"{f} is corrupt: not a dictionary of tensors")
+        state.update(part)
+    return state
 
 
 def _state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +117,8 @@ def _state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(assign=True), raising one error that lists every missing and unexpected key."""
-    expected = set(model.state_dict())
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    expected = set(shapes)
     missing = sorted(expected - set(state))
     if getattr(model, "config", None) is not None and getattr(model.config, "tie_weights", False):
         missing = [k for k in missing if k != "lm_head.weight"]  # filled from the tied token table
@@ -86,6 +126,10 @@ def _load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model: missing keys {missing}, unexpected keys "
                          f"{unexpected}")
+    wrong = [f"{key} {list(value.shape)} (config: {list(shapes[key])})"
+             for key, value in state.items() if value.shape != shapes[key]]
+    if wrong:
+        raise ValueError(f"{source} does not match its config: shapes {', '.join(wrong)}")
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -95,7 +139,7 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
         config_file = directory / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
-        config = config_from_hf(json.loads(config_file.read_text()))
+        config = config_from_hf(_read_json_object(config_file))
         state, source = _read_state_dict(directory), str(directory)
     elif isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         config = config_from_hf(model_or_dir.config.to_dict())
@@ -104,9 +148,16 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
         source = type(model_or_dir).__name__
     else:
         raise TypeError(f"GPT.from_hf expects a GPT2LMHeadModel or a directory, got {type(model_or_dir).__name__}")
+    state = _state_from_hf(state)
+    head, table = state.get("lm_head.weight"), state.get("transformer.wte.weight")
+    if config.tie_weights and head is not None and table is not None and not torch.equal(head, table):
+        # as transformers 5 loads it: the checkpoint's own head, untied
+        warnings.warn(f"{source}: tie_word_embeddings is set but lm_head.weight differs from the token "
+                      f"table; keeping the head untied, as transformers does", stacklevel=3)
+        config = dataclasses.replace(config, tie_weights=False)
     with torch.device("meta"):
         model = GPT(config)
-    _load_exact(model, _state_from_hf(state), source)
+    _load_exact(model, state, source)
     return model.eval()  # as transformers' from_pretrained returns it
 
 
