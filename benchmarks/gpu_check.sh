@@ -26,7 +26,8 @@ fi
 # every step's name, as in its `step NAME ...` line below: a name mistyped in GPU_CHECK_STEPS is
 # an error here, not a run of the build alone
 STEPS=" build linkage pytest_cuda pytest_attention info bench_attention bench_train bench_generate pytest bench_softmax bench_norms "
-for name in ${GPU_CHECK_STEPS//,/ }; do
+asked=${GPU_CHECK_STEPS:-}  # (unset: every step; `set -u` refuses a bare unset variable)
+for name in ${asked//,/ }; do
   if [[ "$STEPS" != *" $name "* ]]; then
     echo "GPU_CHECK_STEPS: unknown step '$name'; the steps:$STEPS" >&2
     exit 2

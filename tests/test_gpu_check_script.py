@@ -32,3 +32,21 @@ def test_a_mistyped_step_name_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown step 'bench_trian'" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_every_step_runs_when_no_steps_are_named(tmp_path):
+    """Unset GPU_CHECK_STEPS (the usual call) runs every step; under `set -u` the name check had
+    died on the unset variable before any step. A python3 that fails at once keeps it short."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 3\n")
+    (fake / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_STEPS"}
+    env["PATH"] = f"{fake}:/usr/bin:/bin"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "unbound variable" not in result.stderr, result.stderr[-2000:]
+    steps = dict(line.split("\t")[:2] for line in (tmp_path / "out" / "steps.tsv").read_text().splitlines())
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert set(steps) == set(script.split('STEPS=" ')[1].split(' "')[0].split())
+    assert "not selected" not in steps.values() and steps["info"] == "3"
