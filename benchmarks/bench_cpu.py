@@ -179,7 +179,9 @@ def gemv_cases(sizes: Sizes, dtype: torch.dtype):
     return cases
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, argv: Optional[list[str]] = None,
+        save: Callable[[dict], None] = lambda report: None) -> dict:
+    """The report; ``save`` gets it after every case (``complete`` False until the last)."""
     torch.set_num_threads(args.threads)
     sizes = TINY if args.tiny else Sizes()
     if args.row_shapes:
@@ -187,6 +189,9 @@ def run(args: argparse.Namespace) -> dict:
     warmup, repeats = (0, 5) if args.quick else (2, args.repeats)
     rows = []
     roof = read_bandwidth(sizes.read_bytes, warmup, repeats)
+    meta = metadata(torch.device("cpu"), sys.argv[1:] if argv is None else argv, warmup, repeats)
+    meta.update(threads=args.threads, simd=getattr(gptkern._backend._extension(), "simd", None))
+    report = {"meta": meta, "read_gbps": roof, "complete": False, "rows": rows}
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         for name, mode, ours, theirs, extra in [*row_cases(sizes, dtype), decode_case(sizes, dtype),
@@ -209,9 +214,9 @@ def run(args: argparse.Namespace) -> dict:
             if extra and "flop" in extra:
                 row["gflops"] = extra["flop"] / t["cpu"]["median_ms"] / 1e6
             rows.append(row)
-    meta = metadata(torch.device("cpu"), sys.argv[1:], warmup, repeats)
-    meta.update(threads=args.threads, simd=getattr(gptkern._backend._extension(), "simd", None))
-    return {"meta": meta, "read_gbps": roof, "rows": rows}
+            save(report)
+    report["complete"] = True
+    return report
 
 
 def _ms(value: float) -> str:
@@ -241,7 +246,7 @@ def row_shapes(text: str) -> list[tuple[int, int]]:
         shapes = _unique(tuple(int(n) for n in item.lower().split("x")) for item in text.split(",") if item)
     except ValueError:
         shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+    if not shapes or any(len(s) != 2 or min(s) < 1 or s[0] * s[1] >= 2**63 for s in shapes):  # (int64 sizes)
         raise argparse.ArgumentTypeError(f"expected ROWSxCOLS[,ROWSxCOLS...] of positive integers, got {text!r}")
     return shapes
 
@@ -271,10 +276,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.dtype = _unique(args.dtype)  # each once
     if args.json and output_file_problem(args.json):
         parser.error(f"--json {args.json} {output_file_problem(args.json)}")
-    report = run(args)
+    def save(report: dict) -> None:  # after each case: a run cut short keeps what it timed
+        if args.json:
+            write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+
+    report = run(args, argv, save)
+    save(report)
     print(table(report))
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

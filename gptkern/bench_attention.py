@@ -414,8 +414,8 @@ def _parse_ints(text: str) -> list[int]:
         values = benchmark._unique(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers N[,N...], got {text!r}")
+    if not values or min(values) < 1 or max(values) >= 2**31:
+        raise argparse.ArgumentTypeError(f"expected positive integers N[,N...] below 2**31, got {text!r}")
     return values
 
 
@@ -459,6 +459,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype, warmup, repeats = benchmark.dtype_and_repeats(parser, args, device)
     if tokens < 1 or any(width // d < 1 for d in head_dims):
         parser.error("--tokens must be positive and --width at least the largest head dim")
+    for flag, value in (("--tokens", tokens), ("--width", width), ("--matmul-n", args.matmul_n)):
+        if value is not None and value >= 2**31:  # (past int64 once multiplied; torch would raise a TypeError)
+            parser.error(f"argument {flag}: must be below 2**31, got {value}")
     if args.matmul_n is not None and args.matmul_n < 1:
         parser.error(f"argument --matmul-n: must be a positive int, got {args.matmul_n}")
 

@@ -51,13 +51,13 @@ WARM_TOKENS = 3
 
 def decode_rate(run, prompt_len: int, new: int, device, repeats: int, warmup: int = 1) -> dict:
     """Steady-state decode tokens/s: (time of prompt + new tokens - time of prompt + w tokens) /
-    (new - w), w = min(WARM_TOKENS, new - 1); ``start_ms`` is the time of the first w tokens."""
+    (new - w), w = min(WARM_TOKENS, new - 1); ``start_ms`` is the time of the first w tokens. NaN
+    when noise made the longer run no slower than the shorter (no rate can be read from them)."""
     warm = min(WARM_TOKENS, new - 1)
     full = _timed(lambda: run(prompt_len, new), device, repeats, warmup)
     start = _timed(lambda: run(prompt_len, warm), device, repeats, warmup)
-    per_token = max(full - start, 1e-9) / (new - warm)
-    return {"start_ms": start * 1e3, "warm_tokens": warm, "total_ms": full * 1e3,
-            "decode_tokens_per_s": 1.0 / per_token}
+    rate = (new - warm) / (full - start) if full > start else float("nan")
+    return {"start_ms": start * 1e3, "warm_tokens": warm, "total_ms": full * 1e3, "decode_tokens_per_s": rate}
 
 
 def bench_vs_transformers(cfg: GPTConfig, dtype, device, prompt_len, new, batch, repeats, warmup: int = 1,
@@ -149,7 +149,7 @@ def bench_paged_batch(cfg, dtype, device, batch: int, prompt_len: int, new: int)
     prompt_len) with the paged cache, summed over the rows (the prefill is not counted)."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device=device, dtype=dtype).eval()
-    lengths = torch.randint(prompt_len // 4, prompt_len + 1, (batch,)).tolist()
+    lengths = torch.randint(max(1, prompt_len // 4), prompt_len + 1, (batch,)).tolist()  # (no empty prompt)
     ids = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompt = args.prompt if args.prompt is not None else (16 if args.quick else 128)
     new = args.new if args.new is not None else (8 if args.quick else 64)
     total = args.total if args.total is not None else (64 if args.quick else 1024)
-    cache_new = 3 if args.quick else 8
+    cache_new = 8  # (3 left one token's difference to time)
     if new < 2:
         p.error(f"--new must be at least 2 (decode tokens/s needs a decode step), got {new}")
     if prompt < 1 or prompt + new > cfg.block_size:

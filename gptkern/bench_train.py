@@ -13,7 +13,7 @@ import torch
 
 import gptkern
 import gptkern.nn as gnn
-from gptkern import kernel_profile
+from gptkern import benchmark, kernel_profile
 from gptkern.benchmark import _save, add_common_args, check_common_args, device_from_args, metadata
 from gptkern.models import GPT, GPTConfig
 from gptkern.train.metrics import peak_flops
@@ -97,7 +97,7 @@ def markdown(report: dict) -> str:
              "| provider | step ms | tokens/s | MFU | speedup |", "|---|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['provider']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['provider']} | error: {r['error'].replace('|', '/')} | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
@@ -166,7 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(row)
 
     def failed(provider: str, err: Exception) -> None:  # a provider that fails is reported, not fatal
-        results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        # (in place of a row its earlier steps recorded: its time no longer stands, nor its speedup)
+        results[:] = [r for r in results if r["provider"] != provider]
+        results.append({"provider": provider, "error": benchmark._error(err)})
 
     if device.type not in ALTERNATE_ON:  # one provider after another, saved after each
         for provider in providers:

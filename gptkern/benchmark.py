@@ -365,8 +365,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
         shapes = _unique(tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s.strip())
     except ValueError:
         shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS[,ROWSxCOLS...], got {text!r}")
+    if not shapes or any(len(s) != 2 or min(s) < 1 or s[0] * s[1] >= 2**63 for s in shapes):  # (int64 sizes)
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS[,ROWSxCOLS...] of positive integers, got {text!r}")
     return shapes
 
 
@@ -422,6 +422,9 @@ def check_output_files(parser: argparse.ArgumentParser, args: argparse.Namespace
         problem = path and output_file_problem(path)
         if problem:
             parser.error(f"argument --{flag.replace('_', '-')}: {path} {problem}")
+    json_path, md_path = getattr(args, "out_json", None), getattr(args, "out_md", None)
+    if json_path and md_path and os.path.abspath(json_path) == os.path.abspath(md_path):
+        parser.error(f"argument --out-md: {md_path} is also --out-json (the Markdown would overwrite the JSON)")
 
 
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,

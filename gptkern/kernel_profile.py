@@ -15,7 +15,7 @@ import torch
 # (category, pattern on the lowercased kernel or op name); the first match wins.
 CATEGORIES = (
     ("optimizer", r"adam|optimizer|multi_tensor"),
-    ("attention backward", r"(attn|attention|flash|fmha|sdpa|cudnn).*(bwd|backward|bprop|dkdv|_dq_)"),
+    ("attention backward", r"(attn|attention|flash|fmha|sdpa|cudnn).*(bwd|backward|bprop|dkdv|_dq_|cutlassb)"),
     ("attention forward", r"attn|attention|flash|fmha|sdpa|cudnn"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|aten::mm$|aten::addmm|aten::bmm|sm90_|linear"),
     ("norms", r"norm|_sum_rows_kernel|sum_partials_kernel"),  # (the norm backward's dW / dB sums)

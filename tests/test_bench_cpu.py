@@ -20,7 +20,7 @@ def test_bench_cpu_quick_tiny(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["meta"]["threads"] == 1 and report["read_gbps"] > 0
+    assert report["meta"]["threads"] == 1 and report["read_gbps"] > 0 and report["complete"]
     rows = report["rows"]
     assert {(r["case"].split()[0], r["mode"], r["dtype"]) for r in rows} == {
         (case, mode, dtype) for dtype in ("fp32", "bf16")
@@ -63,3 +63,29 @@ def test_bench_cpu_refuses_bad_flags_before_timing(argv, flag, capsys):
     with pytest.raises(SystemExit) as err:
         bench_cpu.main(["--quick", "--tiny", *argv])
     assert err.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_bench_cpu_run_cut_short_keeps_the_cases_it_timed(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case (it had been written only at the end), with the
+    arguments main() was given."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.pop(0)
+    real, calls = bench_cpu.timed_pair, []
+
+    def timed_pair(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the read roof, then two cases
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_cpu, "timed_pair", timed_pair)
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--tiny", "--threads", "1", "--dtype", "fp32", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_cpu.main(argv)
+    report = json.loads(out.read_text())
+    assert not report["complete"] and len(report["rows"]) == 2 and report["meta"]["argv"] == argv

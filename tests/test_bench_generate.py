@@ -1,5 +1,6 @@
 """The generation benchmark runs end to end on the CPU at a tiny size (no timing checks)."""
 import json
+import math
 
 import pytest
 import torch
@@ -15,13 +16,13 @@ pytest.importorskip("transformers")
 def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     out_json, out_md = tmp_path / "generate.json", tmp_path / "generate.md"
     rc = bench_generate.main(["--quick", "--device", "cpu", "--threads", "1", "--prompt", "4", "--new", "3",
-                              "--total", "6", "--repeats", "2", "--out-json", str(out_json), "--out-md", str(out_md)])
+                              "--total", "10", "--repeats", "2", "--out-json", str(out_json), "--out-md", str(out_md)])
     assert rc == 0
     report = json.loads(out_json.read_text())
     assert report["model"] == "gpt2-tiny" and report["dtype"] == "float32"
     providers = [(r["case"], r["provider"]) for r in report["results"]]
     assert providers == [("generate", "gptkern"), ("generate", "transformers"),
-                         ("cache vs none, 6-token context", "gptkern")]
+                         ("cache vs none, 10-token context", "gptkern")]
     ours, theirs, cache = report["results"]
     assert ours["decode_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0 and ours["speedup"] > 0
     assert cache["with_cache_tokens_per_s"] > 0 and cache["without_cache_tokens_per_s"] > 0
@@ -36,6 +37,8 @@ def test_decode_rate_leaves_out_the_warm_tokens(monkeypatch):
     monkeypatch.setattr(bench_generate, "_timed", lambda fn, device, repeats, warmup=1: fn())
     rate = bench_generate.decode_rate(lambda prompt, n: seconds[n], 4, 19, "cpu", 1)
     assert rate["warm_tokens"] == 3 and rate["decode_tokens_per_s"] == pytest.approx(0.5)
+    seconds[19] = 39.0  # noise: the longer run timed faster, which gives no rate (it had given 1e9 tokens/s)
+    assert math.isnan(bench_generate.decode_rate(lambda prompt, n: seconds[n], 4, 19, "cpu", 1)["decode_tokens_per_s"])
 
 
 def test_timed_is_the_median_after_the_warmup_calls(monkeypatch):
@@ -106,3 +109,5 @@ def test_paged_batch_counts_decode_tokens_only(monkeypatch):
     assert seen == [(torch.Size([3, 12]), 8, 4)]
     assert rows == [{"case": "batch 3, paged cache", "provider": "gptkern", "total_s": 9.0e-3,
                      "decode_tokens_per_s": 750.0}]
+    for prompt_len in (1, 2, 3):  # prompts of prompt_len // 4 = 0 tokens had been drawn
+        bench_generate.bench_paged_batch(cfg, torch.float32, torch.device("cpu"), 8, prompt_len, 4)

@@ -45,6 +45,30 @@ def test_a_run_cut_short_keeps_the_rounds_it_timed(tmp_path, monkeypatch):
     assert "(incomplete)" in out_md.read_text() and "alternating" in out_md.read_text()
 
 
+def test_a_provider_failing_after_a_timed_step_leaves_one_error_row(tmp_path, monkeypatch):
+    """Its earlier time no longer stands (nor a speedup from it); the error, with a newline and a
+    pipe in it, stays one table row."""
+    out_json, out_md = tmp_path / "train.json", tmp_path / "train.md"
+    real = bench_train.step_times
+
+    def step_times(provider, *args):
+        run = real(provider, *args)
+        yield next(run)
+        yield next(run)
+        if provider == "gptkern":
+            raise RuntimeError("Inductor failed\nfrom user code: x | y")
+        yield from run
+
+    monkeypatch.setattr(bench_train, "step_times", step_times)
+    assert bench_train.main(["--quick", "--device", "cpu", "--threads", "1", "--repeats", "3", "--out-json",
+                             str(out_json), "--out-md", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["provider"] for r in rows] == ["gptkern", "torch"] and "step_s" not in rows[0]
+    assert rows[0]["error"] == "RuntimeError: Inductor failed / from user code: x | y"
+    table = [line for line in out_md.read_text().splitlines() if line.startswith("| gptkern")]
+    assert table == ["| gptkern | error: RuntimeError: Inductor failed / from user code: x / y | | | |"]
+
+
 def test_a_sequential_run_cut_short_keeps_the_providers_it_timed(tmp_path, monkeypatch):
     """One provider after another (as on a GPU), saved after each: the first one's row survives an
     interrupted second, marked incomplete, and with no torch provider timed there is no speedup

@@ -1,11 +1,12 @@
 """The benchmark harness and the CLI run end to end on the CPU (tiny shapes, few repeats)."""
 import json
+import re
 import subprocess
 import sys
 
 import torch
 
-from gptkern import benchmark
+from gptkern import bench_attention, benchmark
 
 
 def test_benchmark_main_writes_json_and_markdown(tmp_path, capsys):
@@ -75,6 +76,24 @@ def test_a_shape_that_does_not_fit_is_an_argument_error(capsys):
         benchmark.main(["--device", "cpu", "--shapes", "100000000000x100000", "--op", "softmax", "--mode", "fwd"])
     assert exit_info.value.code == 2
     assert "argument --shapes: 100000000000x100000 in float32 does not fit on cpu" in capsys.readouterr().err
+
+
+def test_sizes_past_int64_and_one_file_for_both_outputs_are_argument_errors(tmp_path, capsys):
+    """Sizes past int64 had ended in torch's TypeError; the same path for --out-json and --out-md
+    had left the Markdown where the JSON was."""
+    import pytest
+
+    same = str(tmp_path / "same.out")
+    for argv, message in ((["--shapes", "99999999999999999999x2"], "argument --shapes"),
+                          (["--out-json", same, "--out-md", same], "argument --out-md: .* is also --out-json")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(["--device", "cpu", "--op", "softmax", "--mode", "fwd", *argv])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    for flag in ("--matmul-n", "--tokens", "--width"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_attention.main([flag, "99999999999999999999"])
+        assert exit_info.value.code == 2 and f"argument {flag}: must be below 2**31" in capsys.readouterr().err
 
 
 def test_inputs_that_do_not_fit_are_table_cells(monkeypatch):

@@ -17,6 +17,8 @@ from gptkern import bench_train, kernel_profile
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_1_128x128x64", "attention backward"),
     ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention backward"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention forward"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80", "attention backward"),  # torch's memory-efficient backward
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention forward"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
     ("nvjet_tst_128x192_64x4_2x1_v_bz_coopB_TNT", "matmul"),
     ("aten::mm", "matmul"),
