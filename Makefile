@@ -23,7 +23,7 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(len(os.sched_getaffin
 
 test: setup
 	@if [ "$(TEST_WORKERS)" -gt 1 ] && $(PY) -c 'import xdist' 2>/dev/null; then \
-	  echo "$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal"; $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal; \
+	  echo "$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup"; $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup; \
 	else echo "$(PY) -m pytest"; $(PY) -m pytest; fi
 
 test-gpu: setup

@@ -11,6 +11,7 @@ Rows (ratios measured in one run; never asserted):
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Optional, Sequence
@@ -171,7 +172,8 @@ def markdown(report: dict) -> str:
     for r in report["results"]:
         numbers = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                             if k not in ("case", "provider", "speedup"))
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        ratio = r.get("speedup")
+        speedup = f"{ratio:.2f}x" if ratio is not None and math.isfinite(ratio) else ""
         lines.append(f"| {r['case']} | {r['provider']} | {numbers} | {speedup} |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -330,13 +331,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _save(report: dict, args: argparse.Namespace, render: Optional[Callable[[dict], str]] = None) -> str:
     """Write the JSON and Markdown files asked for; returns the Markdown (``render``, by default
     this module's table)."""
     report["autotune"] = autotune.choices()  # what first-call autotuning chose so far (CUDA)
     text = (render or markdown)(report)
-    if args.out_json:
-        write_atomic(args.out_json, json.dumps(report, indent=1) + "\n")
+    if args.out_json:  # (NaN, a number that could not be measured, as null: bare NaN is not JSON)
+        write_atomic(args.out_json, json.dumps(_finite_or_null(report), indent=1) + "\n")
     if args.out_md:
         write_atomic(args.out_md, text)
     return text

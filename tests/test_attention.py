@@ -440,8 +440,9 @@ def test_empty_value_dim_and_bad_mask_rank(backend):
     with gptkern.backend(backend):  # no query heads, grouped keys and values of different head counts
         out = sdpa(rand(1, 0, 3, 8), rand(1, 2, 5, 8), rand(1, 1, 5, 6), enable_gqa=True)
     assert out.shape == (1, 0, 3, 6)
-    with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
-        sdpa(q, k, rand(1, 2, 6, 8), attn_mask=torch.ones(6, dtype=torch.bool, device=DEVICE))
+    for bad in (torch.tensor(True, device=DEVICE), torch.ones(6, dtype=torch.bool, device=DEVICE)):
+        with gptkern.backend(backend), pytest.raises(IndexError, match="attn_mask"):
+            sdpa(q, k, rand(1, 2, 6, 8), attn_mask=bad)
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")

@@ -34,9 +34,11 @@ CASES = [(name, cap) for name in ("decode.cpp", "linear.cpp", "norms.cpp", "soft
          for cap in ("avx512", "avx2")]
 CASES.append(("attention.cpp", "avx512"))
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     platform.machine() != "x86_64" or not sys.platform.startswith("linux") or shutil.which(CXX) is None,
-    reason="reads GNU assembler output: needs x86-64 Linux with a C++ compiler")
+    reason="reads GNU assembler output: needs x86-64 Linux with a C++ compiler"),
+    # one xdist worker takes the module (make test's --dist loadgroup): each would compile every assembly
+    pytest.mark.xdist_group("cpu_codegen")]
 
 LABEL = re.compile(r"^(\.L\w+):")
 BACK_JUMP = re.compile(r"^\s+j(?!mp\b)\w+\s+(\.L\w+)\s*$")  # conditional jumps only

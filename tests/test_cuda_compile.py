@@ -83,9 +83,10 @@ def _cached_run(cmd: list[str], key: str) -> tuple[int, str]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     if out.returncode == 0:
-        with open(path + ".tmp", "w") as f:
+        temporary = f"{path}.{os.getpid()}.tmp"  # (xdist workers may compile the same key at once)
+        with open(temporary, "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
+        os.replace(temporary, path)
     return out.returncode, text
 
 
@@ -139,7 +140,9 @@ def demangle(name: str) -> str:
 
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
-pytestmark = pytest.mark.slow  # about 2 minutes on 2 cores without the cache, seconds with it
+# about 2 minutes on 2 cores without the cache, seconds with it; one xdist worker takes the module
+# (make test's --dist loadgroup), or each would compile everything
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cuda_compile")]
 
 
 @pytest.fixture(scope="module")

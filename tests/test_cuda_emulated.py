@@ -43,6 +43,9 @@ SCHEDULES = [("forward", False, True), ("reverse", False, False), ("random", Fal
 H200_SMS = 132
 
 
+pytestmark = pytest.mark.xdist_group("cuda_emulated")  # one xdist worker builds and runs the emulator
+
+
 @pytest.fixture(scope="module")
 def emu():
     emu_build.load()

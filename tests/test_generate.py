@@ -289,11 +289,29 @@ def test_a_pad_id_outside_the_vocabulary_pads_without_being_fed(cache):
     free = generate(model, prompt, 10, attention_mask=mask)
     eos = int(free[0, 6 + 2])
     kwargs = dict(use_cache=False) if cache is None else dict(cache=cache)
-    want = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=5, **kwargs)
-    got = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=-1, **kwargs)
-    padded = got == -1
-    assert padded.any() and not padded.all(dim=1).any()  # a row stopped while another went on
-    assert torch.equal(got[~padded], want[~padded]) and (want[padded] == 5).all()
+    for penalty in (1.0, 1.3):  # (the penalty reads the ids so far)
+        want = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=5,
+                        repetition_penalty=penalty, **kwargs)
+        got = generate(model, prompt, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=-1,
+                       repetition_penalty=penalty, **kwargs)
+        padded = got == -1
+        assert padded.any() and not padded.all(dim=1).any()  # a row stopped while another went on
+        assert torch.equal(got[~padded], want[~padded]) and (want[padded] == 5).all()
+
+
+def test_the_prompts_padding_ids_are_never_read():
+    """Left padding may hold any id (here vocab_size and -1): the model sees only the real tokens,
+    and the prompt comes back as given."""
+    _, model = hf_and_gpt()
+    prompt, mask = left_padded([6, 2, 4], seed=3)
+    want = generate(model, prompt, 5, attention_mask=mask)
+    for pad in (99, -1):
+        odd = prompt.masked_fill(mask == 0, pad)
+        for kwargs in (dict(), dict(use_cache=False), dict(cache="paged")):
+            got = generate(model, odd, 5, attention_mask=mask, **kwargs)
+            assert torch.equal(got[:, :6], odd) and torch.equal(got[:, 6:], want[:, 6:])
+    wide = torch.cat([torch.full((1, 70), 99), torch.randint(1, 99, (1, 4))], 1)  # past block_size 64
+    assert generate(model, wide, 3, attention_mask=(wide != 99).long()).shape == (1, 77)
 
 
 def test_bad_arguments():
@@ -320,7 +338,7 @@ def test_bad_arguments():
     for flag in ("cuda_graph", "do_sample", "stream", "use_cache"):
         with pytest.raises(TypeError, match=f"{flag} must be a bool"):
             generate(model, prompt, 3, attention_mask=mask, **{flag: "False"})
-    for ids in (prompt + 99, prompt - 10):  # vocab_size 99
+    for ids in (prompt + 99, prompt.masked_fill(mask == 1, -1)):  # vocab_size 99; real tokens only (padding is not read)
         with pytest.raises(IndexError, match="in input_ids is out of range for vocab_size 99"):
             generate(model, ids, 0, attention_mask=mask)
     with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):

@@ -2,6 +2,7 @@
 import inspect
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,14 @@ def test_masks_that_are_not_tensors_and_an_is_causal_that_is_not_bool_are_type_e
         for flag in ("no", None, torch.tensor(True)):
             with pytest.raises(TypeError, match="is_causal"):
                 module(x, x, x, need_weights=False, attn_mask=~causal, is_causal=flag)
+    # torch's fused fast path (eval, no grad, biases) reads no is_causal: any truthy hint passes there
+    for module in (theirs, ours):
+        module.eval()
+    with torch.no_grad():
+        want = theirs(x, x, x, need_weights=False, attn_mask=~causal, is_causal=True)[0]
+        for flag in (np.bool_(True), 1, torch.tensor(True)):
+            torch.testing.assert_close(ours(x, x, x, need_weights=False, attn_mask=~causal, is_causal=flag)[0], want)
+            theirs(x, x, x, need_weights=False, attn_mask=~causal, is_causal=flag)
 
 
 def test_batch_mismatch_empty_batch_and_kdim_checks():

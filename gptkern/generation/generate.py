@@ -98,7 +98,6 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
     # finished rows output pad_token_id but feed the model a valid id (their outputs are not read),
     # so a pad outside the vocabulary (-1 in some configs) is fine
     feed_pad = pad_token_id if 0 <= pad_token_id < model.config.vocab_size else 0
-    fed_seq = input_ids  # seen, with feed_pad for pad (the uncached path runs on it)
     generated: list[list[int]] = [[] for _ in range(b)]
     if cache is not None:
         lengths = mask.sum(-1).tolist()
@@ -129,8 +128,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
                 text = tokenizer.decode(generated[i])  # whole: a character may span tokens
                 if any(s in text for s in stop_strings):  # (a match found earlier would have stopped it)
                     finished[i] = True
-        seen = torch.cat([seen, token[:, None]], 1)
-        fed_seq = torch.cat([fed_seq, fed[:, None]], 1) if cache is None else None
+        seen = torch.cat([seen, fed[:, None]], 1)  # (a finished row's ids are not read)
         if seen_valid is not None:
             seen_valid = torch.cat([seen_valid, torch.ones_like(seen_valid[:, :1])], 1)
         yield token
@@ -150,7 +148,7 @@ def _decode_steps(model, input_ids, mask, max_new_tokens, *, cache, graphed: Opt
             cache.allocate([max(n, 0) for n in lengths])
             step_input, step_mask = fed[:, None], None
         else:
-            step_input, step_mask = fed_seq, torch.cat([step_mask, torch.ones_like(token)[:, None]], 1)
+            step_input, step_mask = seen, torch.cat([step_mask, torch.ones_like(token)[:, None]], 1)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
@@ -181,10 +179,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, attention_mask
     """
     model_device = next(model.parameters()).device
     mask = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
-    input_ids = input_ids.to(model_device, torch.long)
-    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
+    prompt = input_ids = input_ids.to(model_device, torch.long)  # returned in full
     mask = mask.to(model_device)
-    prompt = input_ids  # returned in full
+    # the model reads the real tokens only: padding ids (any value) become 0
+    input_ids = input_ids.masked_fill(mask == 0, 0)
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     c = model.config
     if c.pos_embedding == "learned" and fed_length(input_ids.shape[1], max_new_tokens) > c.block_size:
         # the padded width would pass the context: the steps skip the columns that are padding in

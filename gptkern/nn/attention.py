@@ -104,7 +104,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if mask is not None and not isinstance(mask, torch.Tensor):
                 raise TypeError(f"MultiheadAttention(): argument '{name}' must be a Tensor or None, not "
                                 f"{type(mask).__name__}")
-        check_bool_arg(is_causal, "is_causal", "MultiheadAttention")
+        if not isinstance(is_causal, bool):  # torch's fused fast path takes any truthy hint; its others raise
+            if not self._torch_fast_path(query, key, value, attn_mask, key_padding_mask):
+                check_bool_arg(is_causal, "is_causal", "MultiheadAttention")
+            is_causal = bool(is_causal)
         # torch's own shape checks (AssertionError on a mismatch), before anything is reshaped
         F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if is_causal and attn_mask is None:  # (torch's fast path ignores the hint and attends to every key)

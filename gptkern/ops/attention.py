@@ -196,7 +196,9 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
-        if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() > 3):  # (torch takes (S,) up to 3-D)
+        # (S,): as torch, for 2-D and 3-D queries; its 4-D paths read dim -2 and raise IndexError
+        # (a 5-D query gets past torch, not past this rule)
+        if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() > 3):
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
                              f"(..., L, S), or be (S,) for a query of at most 3, got shape {list(attn_mask.shape)}")
     if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:  # (as torch, which reads dim -3)
