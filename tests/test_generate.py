@@ -338,7 +338,7 @@ def test_bad_arguments():
     for flag in ("cuda_graph", "do_sample", "stream", "use_cache"):
         with pytest.raises(TypeError, match=f"{flag} must be a bool"):
             generate(model, prompt, 3, attention_mask=mask, **{flag: "False"})
-    for ids in (prompt + 99, prompt.masked_fill(mask == 1, -1)):  # vocab_size 99; real tokens only (padding is not read)
+    for ids in (prompt + 99, prompt.masked_fill(mask == 1, -1)):  # vocab_size 99 (padding is not read)
         with pytest.raises(IndexError, match="in input_ids is out of range for vocab_size 99"):
             generate(model, ids, 0, attention_mask=mask)
     with pytest.raises(ValueError, match="prompt length 60 plus max_new_tokens 10.*block_size 64"):
