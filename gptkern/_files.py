@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never part of one."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,17 @@ def write_atomic(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_json_object(path: Path) -> dict:
+    """``path``'s JSON object; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupt: a JSON object was expected, got {type(value).__name__}")
+    return value
 
 
 def output_file_problem(path: str) -> str | None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from gptkern._files import is_weights_file, save_into_directory
+from gptkern._files import is_weights_file, read_json_object, save_into_directory
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -48,16 +47,6 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      tie_weights=hf.get("tie_word_embeddings", True))
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is corrupt: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is corrupt: a JSON object was expected, got {type(value).__name__}")
-    return value
-
-
 def _weight_files(directory: Path) -> list[Path]:
     """model.safetensors, else the shards its index names (as transformers looks: a folder saved
     unsharded over a sharded one keeps the old index), else pytorch_model.bin."""
@@ -67,7 +56,7 @@ def _weight_files(directory: Path) -> list[Path]:
         return [single]
     missing: list[str] = []
     if index.is_file():
-        weight_map = _read_json_object(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} is corrupt: no 'weight_map' object")
         shards = [directory / name for name in sorted(set(map(str, weight_map.values())))]
@@ -139,7 +128,7 @@ def gpt_from_hf(model_or_dir: Union[str, os.PathLike, torch.nn.Module]) -> GPT:
         config_file = directory / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face GPT-2 directory")
-        config = config_from_hf(_read_json_object(config_file))
+        config = config_from_hf(read_json_object(config_file))
         state, source = _read_state_dict(directory), str(directory)
     elif isinstance(model_or_dir, torch.nn.Module) and hasattr(model_or_dir, "config"):
         config = config_from_hf(model_or_dir.config.to_dict())

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from gptkern._backend import check_device
-from gptkern._files import is_weights_file, save_into_directory, write_atomic
+from gptkern._files import is_weights_file, read_json_object, save_into_directory, write_atomic
 from gptkern.models.config import GPTConfig
 from gptkern.models.gpt import GPT
 
@@ -79,12 +79,7 @@ def load_pretrained(directory: Union[str, os.PathLike], device: Optional[Union[s
         raise FileNotFoundError(f"{directory} not found: no such model directory")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a gptkern model directory")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is corrupt: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{config_file} is corrupt: a JSON object was expected, got {type(meta).__name__}")
+    meta = read_json_object(config_file)
     if "preset" in meta and "model" in meta and (directory / "checkpoints").is_dir():
         raise ValueError(f"{directory} is a training run, not a model: pass one of its checkpoints, "
                          f"{directory / 'checkpoints'}/step_N")
