@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import gptkern
 from gptkern.nn import MLP, Block, CausalSelfAttention, CrossAttention
 from gptkern.nn.rotary import apply_rotary, rope_cos_sin
-from gptkern.nn.transformer import self_attention_mask
+from gptkern.nn.transformer import make_norm, self_attention_mask
 from helpers import assert_close, backends_here
 
 
@@ -232,3 +232,38 @@ def test_rotary_positions_are_not_rounded_through_half_precision():
     cos, sin = rope_cos_sin(torch.tensor([4097]), 8, dtype=torch.float64)  # 4097 is not a float16
     assert abs(cos[0, 0].item() - math.cos(4097)) < 1e-5
     assert abs(sin[0, 0].item() - math.sin(4097)) < 1e-5
+
+# Found by a mutation run over generation and nn (each test kills a mutant that all others let through).
+
+
+def test_make_norm_and_block_keep_the_rmsnorm_eps():
+    """T9 (transformer.py:24 RMSNorm(dim, eps=eps) -> RMSNorm(dim)): a Llama-style GPT's
+    norm_eps was dropped for torch's default."""
+    x = torch.randn(2, 3, 8) * 0.1
+    norm = make_norm("rmsnorm", 8, 0.5)
+    assert norm.eps == 0.5
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (8,), norm.weight, 0.5))
+    block = Block(8, 2, norm="rmsnorm", norm_eps=0.5)
+    assert block.ln_1.eps == block.ln_2.eps == 0.5
+
+
+def test_scripted_rmsnorm_keeps_its_eps():
+    """N3 (normalization.py:28 the TorchScript path without eps)."""
+    x = torch.randn(2, 3, 8) * 0.1
+    norm = gptkern.nn.RMSNorm(8, eps=0.5)
+    torch.testing.assert_close(torch.jit.script(norm)(x), norm(x))
+
+
+def test_block_mlp_hidden_defaults_to_four_times_the_width():
+    """T5 (transformer.py:210 `4 * n_embd` -> `2 * n_embd`): Block's documented GPT-2 default."""
+    assert Block(8, 2).mlp.c_fc.out_features == 32
+    assert Block(8, 2, activation="swiglu").mlp.c_proj.in_features == 32
+
+
+def test_self_attention_mask_queries_are_the_last_l_of_s_positions():
+    """T2 (transformer.py:53 `+ (s - l)` dropped from `itself`): with fewer queries than keys, a
+    query at a padding position still sees itself (no row of the mask is empty)."""
+    key_mask = torch.tensor([[True, False, False, False]])
+    mask, is_causal = self_attention_mask(2, 4, True, None, key_mask, torch.device("cpu"))
+    assert not is_causal
+    assert mask[0, 0].tolist() == [[True, False, True, False], [True, False, False, True]]

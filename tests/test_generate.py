@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import gptkern
-from gptkern.generation import StaticKVCache, generate
-from gptkern.generation.sampling import filter_top_k_top_p
+from gptkern.generation import PagedKVCache, StaticKVCache, generate
+from gptkern.generation.sampling import apply_repetition_penalty, filter_top_k_top_p
 from gptkern.models import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -665,3 +665,106 @@ def test_cache_bookkeeping_edges():
     static.seqlens.copy_(torch.tensor([2, 5]))
     static.reorder(torch.tensor([1, 0]))
     assert static.seqlens.tolist() == [5, 2]
+
+# Found by a mutation run over generation and nn (each test kills a mutant that all others let through).
+
+
+def tiny_gpt(vocab=64, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_name("gpt2-tiny", vocab_size=vocab)).eval()
+
+
+def test_a_pad_id_equal_to_vocab_size_pads_without_being_fed():
+    """G3 (generate.py:100 `pad_token_id < vocab_size` -> `<=`): a pad id one past the vocabulary
+    (a pad token added to the tokenizer, the embedding not resized) is output, never fed."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    free = generate(model, prompt, 8)
+    eos = int(free[0, 5])
+    assert eos not in free[1, 4:].tolist()  # (the case: row 0 stops, row 1 goes on)
+    out = generate(model, prompt, 8, eos_token_id=eos, pad_token_id=64)
+    assert out[0, 6:].eq(64).all() and torch.equal(out[1], free[1])
+
+
+def test_left_padding_is_not_penalized_when_the_row_generates_token_0():
+    """G4 (generate.py:96 seen_valid dropped). generate() rewrites the padding ids to 0 before
+    they reach the penalty, so the existing test (which puts a generated id in the padding) does
+    not see penalized padding: here the prompt alone generates token 0, which penalized padding
+    would push down."""
+    model = tiny_gpt(vocab=4, seed=5)
+    real = torch.randint(0, 4, (1, 3), generator=torch.Generator().manual_seed(5))
+    alone = generate(model, real, 8, repetition_penalty=3.0)
+    assert 0 in alone[0, 3:].tolist()  # (the case: token 0 is generated)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), real], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)], 1)
+    for kwargs in (dict(), dict(use_cache=False), dict(cache="paged")):
+        got = generate(model, padded, 8, attention_mask=mask, repetition_penalty=3.0, **kwargs)
+        assert torch.equal(got[:, 7:], alone[:, 3:]), kwargs
+
+
+def test_seed_takes_the_unsigned_64_bit_range():
+    """G8 (generate.py:218 `seed < 2**64` -> `< 2**63`): torch.Generator takes seeds up to
+    2**64 - 1; the existing test checks only that 2**64 is refused."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    for seed in (2**63, 2**64 - 1):
+        a = generate(model, prompt, 3, do_sample=True, seed=seed)
+        assert torch.equal(a, generate(model, prompt, 3, do_sample=True, seed=seed))
+
+
+def test_an_empty_batch_is_a_value_error():
+    """G11 (generate.py:31 the `input_ids.shape[0] == 0` check dropped): a (0, L) prompt raised a
+    RuntimeError from torch's max() instead; the existing test checks only (1, 0)."""
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 2)
+
+
+def test_repetition_penalty_skips_ids_at_padding_positions():
+    """S9 (sampling.py:43 padding pointed at id 0 instead of the extra column): only the ids at
+    valid positions are penalized."""
+    logits = torch.tensor([[2.0, -1.0, 4.0]])
+    seen = torch.tensor([[0, 2]])
+    out = apply_repetition_penalty(logits, seen, 2.0, torch.tensor([[False, True]]))
+    assert out.tolist() == [[2.0, -1.0, 2.0]]
+
+
+def test_top_k_zero_is_off():
+    """S2 (sampling.py:28 `top_k < 0` -> `<= 0`): top_k=0 means no limit, as in transformers."""
+    model = tiny_gpt()
+    prompt = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(generate(model, prompt, 5, do_sample=True, seed=3, top_k=0),
+                       generate(model, prompt, 5, do_sample=True, seed=3))
+
+
+def test_a_prompt_that_exactly_fills_a_static_cache():
+    """K2 (kv_cache.py:139 `l > max_seq_len` -> `>=`): a prompt of exactly max_seq_len tokens fits."""
+    cache = StaticKVCache(1, 1, 1, 4, 2)
+    k = torch.arange(8.0).reshape(1, 1, 4, 2)
+    cache.write_prompt(0, k, k, torch.tensor([4]))
+    assert torch.equal(cache.k[0], k)
+    model = tiny_gpt()
+    full = StaticKVCache.for_model(model, 1, 5)
+    full.allocate([5])
+    with torch.no_grad():
+        model.transformer(torch.randint(0, 64, (1, 5)), cache=full)
+    assert full.seqlens.tolist() == [5]
+
+
+def test_paged_writes_past_the_table_go_to_scratch_on_every_layer():
+    """K9 (kv_cache.py:293 `index < table width` -> `<=`): a position one block past the table
+    was clamped into the sequence's last block. Layer 0's host check refuses such writes; a
+    later layer (or a replayed CUDA graph) is not checked, and must not spill either."""
+    cache = PagedKVCache(n_layer=2, batch_size=1, n_kv_head=1, head_dim=4, num_blocks=2, block_size=2,
+                         max_seq_len=2)
+    cache.allocate([2])
+    kv = torch.ones(1, 1, 2, 4)
+    for layer in range(2):
+        cache.write_prompt(layer, kv, kv, torch.tensor([2], dtype=torch.int32))
+    cache.seqlens.fill_(2)
+    kept = [t[1:].clone() for t in cache.k + cache.v]
+    new = torch.full((1, 1, 1, 4), 7.0)
+    with pytest.raises(RuntimeError):  # decode attention refuses the length
+        cache.decode(1, new, new, new)
+    for before, after in zip(kept, cache.k + cache.v):
+        assert torch.equal(before, after[1:])  # block 0 is scratch

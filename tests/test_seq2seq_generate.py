@@ -277,3 +277,47 @@ def test_a_config_or_keyword_arguments_not_both():
     model = Seq2SeqTransformer(src_vocab_size=12, n_embd=32, n_head=4, n_encoder_layer=1, n_decoder_layer=3,
                                max_len=16)
     assert len(model.decoder) == 3 and model.config.mlp_hidden == 128
+
+# Found by a mutation run over generation and nn (each test kills a mutant that all others let through).
+
+
+class _Bigram(torch.nn.Module):
+    """A stand-in Seq2Seq model whose next-token probabilities depend on the last token only."""
+    BOS, A, B, EOS = 0, 1, 2, 3
+    PROBS = {0: [0, .5, .2, .3], 1: [0, .6, 0, .4], 2: [0, .3, .3, .4], 3: [0, .3, .3, .4]}
+    config = types.SimpleNamespace(max_len=8, n_decoder_layer=1, n_head=1, n_embd=2, target_vocab_size=4)
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = [types.SimpleNamespace(cross_attn=types.SimpleNamespace(project_memory=lambda m: (m, m)))]
+
+    def encode(self, src, mask):
+        return torch.zeros(src.shape[0], 1, 2)
+
+    def decode(self, tgt, memory, mask, cache=None, memory_kv=None):
+        return (torch.tensor([self.PROBS[t] for t in tgt[:, -1].tolist()]) + 1e-30).log()[:, None, :]
+
+
+class _Tie(_Bigram):
+    # step 1: EOS (log .5 / 1) and B EOS (2 log .5 / 2) have finished; the best running beam B A
+    # scores 2 log .5 / 2 too: an exact tie, which ends the search (transformers: worst >= best
+    # running). Searching on would find B A A A (-0.40).
+    PROBS = {0: [0, 0, .5, .5], 2: [0, .5, 0, .5], 1: [0, .9, 0, .1], 3: [0, .3, .3, .4]}
+
+
+def test_early_stopping_false_stops_on_a_tie_with_the_kth_finished():
+    """Q8 (seq2seq.py:184 `worst_kept >= ...` -> `>`)."""
+    m = _Tie()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 4, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=1.0, early_stopping=False)
+    assert out.tolist() == [[m.BOS, m.EOS]]
+
+
+@pytest.mark.parametrize("length_penalty", [-700.0, -1100.0])
+def test_a_hugely_negative_length_penalty_returns_the_shortest_hypothesis(length_penalty):
+    """Q12 (seq2seq.py:122 the ZeroDivisionError branch returning 0.0 for a negative total): a
+    longer hypothesis, whose length ** penalty underflows to 0, scores -inf, not 0 (the best)."""
+    m = _Bigram()
+    out = generate_seq2seq(m, torch.zeros(1, 1, dtype=torch.long), 5, bos_token_id=m.BOS, eos_token_id=m.EOS,
+                           num_beams=2, length_penalty=length_penalty)
+    assert out.tolist() == [[m.BOS, m.EOS]]
