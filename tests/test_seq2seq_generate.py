@@ -281,21 +281,9 @@ def test_a_config_or_keyword_arguments_not_both():
 # Found by a mutation run over generation and nn (each test kills a mutant that all others let through).
 
 
-class _Bigram(torch.nn.Module):
-    """A stand-in Seq2Seq model whose next-token probabilities depend on the last token only."""
-    BOS, A, B, EOS = 0, 1, 2, 3
-    PROBS = {0: [0, .5, .2, .3], 1: [0, .6, 0, .4], 2: [0, .3, .3, .4], 3: [0, .3, .3, .4]}
-    config = types.SimpleNamespace(max_len=8, n_decoder_layer=1, n_head=1, n_embd=2, target_vocab_size=4)
-
-    def __init__(self):
-        super().__init__()
-        self.decoder = [types.SimpleNamespace(cross_attn=types.SimpleNamespace(project_memory=lambda m: (m, m)))]
-
-    def encode(self, src, mask):
-        return torch.zeros(src.shape[0], 1, 2)
-
-    def decode(self, tgt, memory, mask, cache=None, memory_kv=None):
-        return (torch.tensor([self.PROBS[t] for t in tgt[:, -1].tolist()]) + 1e-30).log()[:, None, :]
+class _Bigram(_BigramDecoder):
+    """_BigramDecoder that also continues after EOS (a finished beam's row still gets scored)."""
+    PROBS = {**_BigramDecoder.PROBS, 3: [0, .3, .3, .4]}
 
 
 class _Tie(_Bigram):
