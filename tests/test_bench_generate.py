@@ -24,7 +24,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert providers == [("generate", "gptkern"), ("generate", "transformers"),
                          ("cache vs none, 10-token context", "gptkern")]
     ours, theirs, cache = report["results"]
-    assert ours["decode_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0 and ours["speedup"] > 0
+    for value in (ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"], ours["speedup"]):
+        assert value is None or value > 0  # null: the longer run timed no slower (noise on a loaded machine)
     assert cache["with_cache_tokens_per_s"] > 0 and cache["without_cache_tokens_per_s"] > 0
     assert "| generate | gptkern |" in out_md.read_text()
     assert "decode_tokens_per_s" in capsys.readouterr().out
