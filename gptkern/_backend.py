@@ -30,7 +30,9 @@ def _check_name(name: str, source: str = "backend") -> str:
     raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
 
 
-_current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
+# The process-wide choice; None until the first get_backend() reads GPTKERN_BACKEND, so that a bad
+# value fails the first op call (a ValueError naming the variable), not ``import gptkern``.
+_current: Optional[str] = None
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -59,7 +61,13 @@ _local = threading.local()  # .override: this thread's ``with backend(...)`` cho
 def get_backend() -> str:
     """The backend name in force: this thread's ``with backend(...)`` choice, else the
     process-wide one (``auto`` unless set otherwise)."""
-    return getattr(_local, "override", None) or _current
+    global _current
+    override = getattr(_local, "override", None)
+    if override is not None:
+        return override
+    if _current is None:
+        _current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
+    return _current
 
 
 def set_backend(name: str) -> None:

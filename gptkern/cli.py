@@ -36,10 +36,10 @@ def info() -> int:
         ("gptkern", gptkern.__version__),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
-        ("triton", package_version("triton") or "not installed"),
+        ("triton", _triton_info(package_version("triton"))),
         ("device", device),
         ("available backends", ", ".join(gptkern.available_backends())),
-        ("current backend", f"{gptkern.get_backend()} (GPTKERN_BACKEND="
+        ("current backend", f"{_current_backend()} (GPTKERN_BACKEND="
                             f"{os.environ.get('GPTKERN_BACKEND', 'unset')})"),
         ("C++ extension", _extension_info(ext)),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
@@ -48,6 +48,33 @@ def info() -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _current_backend() -> str:
+    import gptkern
+
+    try:
+        return gptkern.get_backend()
+    except ValueError as err:  # a bad GPTKERN_BACKEND: every op call will raise this
+        return f"none: {err}"
+
+
+def _triton_info(version: Optional[str]) -> str:
+    """Triton's version and where its kernels run here, or why they cannot."""
+    from gptkern import _backend
+
+    if version is None:
+        return "not installed: the triton backend is off (pip install triton for CUDA GPUs)"
+    try:
+        import triton  # noqa: F401  (an installed but broken triton fails here, not at the first kernel)
+    except Exception as err:  # ImportError, or whatever a broken install's import raises
+        return f"{version}, but it does not import ({type(err).__name__}: {err}): the triton backend is off"
+    if _backend.triton_interpret():
+        return f"{version}, interpreting its kernels on the CPU (TRITON_INTERPRET is set)"
+    if torch.cuda.is_available():
+        return f"{version}, compiling for the CUDA device"
+    return (f"{version}, unused here: no CUDA device (TRITON_INTERPRET=1 runs its kernels on the CPU, "
+            f"slowly, for tests)")
 
 
 def _extension_info(ext) -> str:

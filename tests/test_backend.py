@@ -1,6 +1,7 @@
 """Backend selection: set_backend, the context manager, GPTKERN_BACKEND, auto's fallbacks."""
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -56,9 +57,19 @@ def test_environment_variable(value, expected):
 
 
 def test_environment_variable_invalid():
+    """A bad GPTKERN_BACKEND fails the first op call with a ValueError naming it, not the import (so
+    that `gptkern info` can show it); `with backend(...)` still works."""
     env = dict(os.environ, GPTKERN_BACKEND="nope")
-    out = subprocess.run([sys.executable, "-c", "import gptkern"], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "GPTKERN_BACKEND must be one of" in out.stderr
+    script = ("import torch, gptkern\n"
+              "with gptkern.backend('torch'):\n"
+              "    gptkern.ops.softmax(torch.randn(2, 3), -1)\n"
+              "gptkern.ops.softmax(torch.randn(2, 3), -1)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "ValueError: GPTKERN_BACKEND must be one of" in out.stderr
+    assert "'nope'" in out.stderr and "line 4" in out.stderr
+    info = subprocess.run([sys.executable, "-m", "gptkern", "info"], env=env, capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert re.search(r"current backend +none: GPTKERN_BACKEND must be one of", info.stdout), info.stdout
 
 
 def test_auto_on_cpu_never_runs_the_triton_interpreter():

@@ -1,5 +1,6 @@
 """The benchmark harness and the CLI run end to end on the CPU (tiny shapes, few repeats)."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,10 @@ def test_cli_info_runs():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "available backends" in proc.stdout and "torch" in proc.stdout
+    triton_row = next(line for line in proc.stdout.splitlines() if line.startswith("triton "))
+    if not torch.cuda.is_available():  # the row says where Triton's kernels run here, or why they do not
+        expected = "interpreting" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "no CUDA device"
+        assert expected in triton_row or "not installed" in triton_row, triton_row
 
 
 def test_a_list_entry_given_twice_is_timed_once():
