@@ -95,11 +95,12 @@ def test_scale(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masks_of_queries_without_batch_or_head_dims(backend):
-    """As torch: an (S,) mask serves a 2-D or 3-D query (every row), not a 4-D one; a 2-D query's
-    mask broadcasts to (L, S), so a (1, L, S) one is refused."""
+    """As torch: an (S,) mask serves a 2-D, 3-D or 5-D query (every row), not a 4-D one (torch's 4-D
+    paths read its dim -2); a 2-D query's mask broadcasts to (L, S), so a (1, L, S) one is refused."""
     keep = torch.rand(11, device=DEVICE) > 0.3
     check(backend, rand(9, 16), rand(11, 16), rand(11, 8), mask=keep)
     check(backend, rand(2, 9, 16), rand(2, 11, 16), rand(2, 11, 8), mask=rand(11))
+    check(backend, rand(2, 1, 2, 9, 16), rand(2, 1, 2, 11, 16), rand(2, 1, 2, 11, 8), mask=keep)
     check(backend, rand(9, 16), rand(11, 16), rand(11, 8), mask=rand(9, 11) > 0)
     with gptkern.backend(backend), pytest.raises(RuntimeError, match=r"attn_mask of shape \[1, 9, 11\] does not "
                                                                      r"broadcast to \[9, 11\]"):

@@ -196,11 +196,10 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
-        # (S,): as torch, for 2-D and 3-D queries; its 4-D paths read dim -2 and raise IndexError
-        # (a 5-D query gets past torch, not past this rule)
-        if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() > 3):
+        # (S,): as torch, every query row; torch's 4-D paths read the mask's dim -2 and raise IndexError
+        if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() == 4):
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
-                             f"(..., L, S), or be (S,) for a query of at most 3, got shape {list(attn_mask.shape)}")
+                             f"(..., L, S), or be (S,) when the query is not 4-D, got shape {list(attn_mask.shape)}")
     if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:  # (as torch, which reads dim -3)
         raise IndexError(f"scaled_dot_product_attention: enable_gqa=True needs a head dim (-3): query, key and "
                          f"value have {query.dim()}, {key.dim()} and {value.dim()} dims")
