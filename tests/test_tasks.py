@@ -99,6 +99,16 @@ def test_task_config_errors(tmp_path):
             finetune_classify(*args, TaskConfig(steps=1, seed=bad))
         with pytest.raises(ValueError, match=r"seed \(--seed\)"):
             train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, seed=bad))
+    with pytest.raises(ValueError, match=r"device 'gpu'"):
+        train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=1, device="gpu"))
+
+
+def test_task_device_defaults_to_the_gpu_when_there_is_one():
+    from gptkern.train.tasks import _check_config
+
+    assert TaskConfig().device == "auto"
+    assert _check_config(TaskConfig(), 1).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _check_config(TaskConfig(device="cpu"), 1).device == "cpu"
 
 
 def test_finetune_command(classification_files):

@@ -7,7 +7,7 @@ import csv
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,13 +28,14 @@ class TaskConfig:
     warmup_steps: int = 20
     max_len: int = 64
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: the CUDA device when there is one, else the CPU
     out_dir: Optional[str] = None
     num_beams: int = 4
 
 
-def _check_config(c: TaskConfig, min_len: int) -> None:
-    """Values that would fail later (or silently do nothing) rejected up front."""
+def _check_config(c: TaskConfig, min_len: int) -> TaskConfig:
+    """Values that would fail later (or silently do nothing) rejected up front; returns ``c`` with
+    its device resolved (``auto``: CUDA when available)."""
     if isinstance(c.batch_size, bool) or not isinstance(c.batch_size, int) or c.batch_size < 1:
         raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {c.batch_size!r}")
     if isinstance(c.max_len, bool) or not isinstance(c.max_len, int) or c.max_len < min_len:
@@ -46,6 +47,9 @@ def _check_config(c: TaskConfig, min_len: int) -> None:
     check_adamw_lr(c.lr, 0.9, c.weight_decay)  # _optimizer's AdamW: the default betas
     if not is_int(c.seed) or not 0 <= c.seed < 2**64:  # torch.manual_seed's range (of non-negative seeds)
         raise ValueError(f"seed (--seed) must be an integer in [0, 2**64), got {c.seed!r}")
+    if c.device == "auto":
+        return replace(c, device="cuda" if torch.cuda.is_available() else "cpu")
+    return replace(c, device=str(check_device(c.device)))
 
 
 def _schedule(step: int, c: TaskConfig) -> float:
@@ -120,7 +124,7 @@ def finetune_classify(init: str, train_csv: str, val_csv: str, c: TaskConfig) ->
     from gptkern.models import GPTForSequenceClassification
     from gptkern.models.io import load_pretrained
 
-    _check_config(c, 1)
+    c = _check_config(c, 1)
     torch.manual_seed(c.seed)
     gpt, tokenizer = load_pretrained(init, device=c.device)
     if tokenizer is None:
@@ -210,7 +214,7 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
     return exact-match accuracy (and BLEU when sacrebleu is installed)."""
     from gptkern.models import Seq2SeqConfig, Seq2SeqTransformer
 
-    _check_config(c, 3)  # a target holds BOS, at least one byte and EOS
+    c = _check_config(c, 3)  # a target holds BOS, at least one byte and EOS
     torch.manual_seed(c.seed)
     pairs = read_pairs(pairs_tsv)
     random.Random(c.seed).shuffle(pairs)
@@ -302,11 +306,11 @@ def _task_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=TaskConfig.batch_size)
     p.add_argument("--lr", type=float, default=TaskConfig.lr)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--max-len", type=int, default=TaskConfig.max_len,
                    help="tokens per sequence; longer texts are cut (default 64)")
 
 
 def _task_config(args) -> TaskConfig:
     return TaskConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=str(check_device(args.device)), max_len=args.max_len)
+                      device=args.device, max_len=args.max_len)
