@@ -362,10 +362,11 @@ def test_prepare_does_not_read_its_output_folder(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("first document")
     (tmp_path / "in" / "b.txt").write_text("second document")
+    (tmp_path / "in" / "c.txt").write_text(" \n")  # empty: skipped, and not counted as a source file
     for _ in range(2):  # the second run finds the first one's meta.json, tokenizer files and shards
         meta = prepare([tmp_path / "in"], tmp_path / "in" / "out", "bpe", vocab_size=300, val_fraction=0,
                        workers=1, progress=False, log=lambda m: None)
-        assert meta["splits"]["train"]["documents"] == 2 and meta["source"].startswith("2 documents from 2 file(s)")
+        assert meta["splits"]["train"]["documents"] == 2 and meta["source"].startswith("2 documents from 2 file(s) (1 empty or binary file(s) skipped) in:")
     with pytest.raises(ValueError, match=r"input folder .*in is also the output folder"):
         prepare([tmp_path / "in"], tmp_path / "in", progress=False)
 

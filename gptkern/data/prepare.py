@@ -115,7 +115,7 @@ def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr
     Hidden files and folders (``.git``) inside an input folder are not read, nor the folder
     ``exclude`` (prepare's output folder); an input folder that is ``exclude`` is an error."""
     docs: list[str] = []
-    files = 0
+    files = skipped = 0  # files that gave documents; empty or binary files
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -130,16 +130,20 @@ def read_documents(inputs: Sequence[Union[str, os.PathLike]], log: Log = _stderr
                             and not (skip and p.relative_to(path).parts[:len(skip)] == skip)),
                            key=lambda p: p.relative_to(path).as_posix())
             for p in found:
-                docs += _file_documents(p, False, log)
-            files += len(found)
+                read = _file_documents(p, False, log)
+                docs += read
+                files, skipped = files + bool(read), skipped + (not read)
         elif path.is_file():
-            docs += _file_documents(path, True, log)
-            files += 1
+            read = _file_documents(path, True, log)
+            docs += read
+            files, skipped = files + bool(read), skipped + (not read)
         elif path.exists():
             raise ValueError(f"input {path} is not a regular file or a folder")
         else:
             raise FileNotFoundError(f"input {path} does not exist")
-    return docs, f"{len(docs)} documents from {files} file(s) in: {', '.join(str(i) for i in inputs)}"
+    skipped_note = f" ({skipped} empty or binary file(s) skipped)" if skipped else ""
+    return docs, (f"{len(docs)} documents from {files} file(s){skipped_note} in: "
+                  f"{', '.join(str(i) for i in inputs)}")
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
