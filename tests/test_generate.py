@@ -88,7 +88,6 @@ def test_static_cache_memory_is_exact():
     with pytest.raises(TypeError, match="head_dim"):
         StaticKVCache(1, 1, 1, 1, 2.5)
     assert StaticKVCache(1, 1, 1, torch.tensor(8), 4).max_seq_len == 8  # a 0-d integer tensor is an int
-    from gptkern.generation import PagedKVCache
 
     for bad, match in ((dict(n_kv_head=0), "n_kv_head=0"), (dict(batch_size=-1), "batch_size=-1"),
                        (dict(head_dim=None), "head_dim"), (dict(num_blocks=1), "num_blocks"),
@@ -439,7 +438,6 @@ def test_paged_cache_equals_static_and_frees_blocks():
 
 
 def test_paged_cache_allocator():
-    from gptkern.generation import PagedKVCache
 
     cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=4, block_size=4)
     cache.allocate([5, 4])  # 2 blocks + 1 block: the pool's 3 usable blocks
@@ -458,7 +456,6 @@ def test_a_refused_paged_allocation_takes_no_block():
     """allocate() is all or nothing: a request that runs out of blocks (or past max_seq_len in a
     later row) leaves owned, the free list and the block table as they were, so a retry that needs
     no new block still finds every sequence's blocks in the table (it had kept the scratch block)."""
-    from gptkern.generation import PagedKVCache
 
     cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=4, block_size=16,
                          max_seq_len=48)
@@ -477,7 +474,6 @@ def test_paged_cache_refuses_unallocated_writes_and_never_spills_into_blocks():
     """Writes before any allocate() raise (they would all land in the scratch block), and so do
     writes past a sequence's blocks, whether its table has columns left or not, with every
     block intact; a freed sequence's writes go to scratch."""
-    from gptkern.generation import PagedKVCache
 
     cache = PagedKVCache(n_layer=1, batch_size=2, n_kv_head=1, head_dim=4, num_blocks=3, block_size=2,
                          max_seq_len=2)
@@ -626,7 +622,6 @@ def test_stop_strings_skip_the_first_id_past_the_tokenizer():
 @pytest.mark.parametrize("kind", ["static", "paged"])
 def test_several_tokens_decoded_at_once_equal_the_full_forward(preset, kind):
     """A cached step of 3 tokens (speculative decoding, chunked prefill) sits them at their own positions."""
-    from gptkern.generation import PagedKVCache
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(preset, vocab_size=64)).eval()
@@ -643,7 +638,6 @@ def test_several_tokens_decoded_at_once_equal_the_full_forward(preset, kind):
 
 
 def test_cache_bookkeeping_edges():
-    from gptkern.generation import PagedKVCache
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt2-tiny", vocab_size=64)).eval()
