@@ -30,9 +30,16 @@ def _check_name(name: str, source: str = "backend") -> str:
     raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
 
 
-# The process-wide choice; None until the first get_backend() reads GPTKERN_BACKEND, so that a bad
-# value fails the first op call (a ValueError naming the variable), not ``import gptkern``.
-_current: Optional[str] = None
+def _from_environment() -> str:
+    return _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
+
+
+# The process-wide choice, from GPTKERN_BACKEND; None when that is not a backend, so that the first
+# op call fails (get_backend raises the ValueError naming the variable), not ``import gptkern``.
+try:
+    _current: Optional[str] = _from_environment()
+except ValueError:
+    _current = None
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -66,7 +73,7 @@ def get_backend() -> str:
     if override is not None:
         return override
     if _current is None:
-        _current = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
+        _current = _from_environment()
     return _current
 
 
