@@ -213,6 +213,9 @@ def test_bad_input(backend):
         (RuntimeError, "query", lambda: sdpa(q.long(), k.long(), v.long())),
         (NotImplementedError, "query", lambda: sdpa(q.cfloat(), k.cfloat(), v.cfloat())),  # as torch's
         (RuntimeError, "same dtype", lambda: sdpa(q.cfloat(), k, v)),  # the dtype check comes first in torch
+        (RuntimeError, "query must have at least 2 dimensions", lambda: sdpa(rand(8), rand(6, 8), rand(6, 8))),
+        (RuntimeError, "key must have at least 2 dimensions", lambda: sdpa(rand(5, 8), rand(8), rand(6, 8))),
+        (RuntimeError, "value must have at least 2 dimensions", lambda: sdpa(rand(5, 8), rand(6, 8), rand(8))),
         (RuntimeError, "dtype", lambda: sdpa(q, k.half(), v)),
         (RuntimeError, "device", lambda: sdpa(q, k.to("meta"), v)),
         (TypeError, "key", lambda: sdpa(q, [1.0], v)),
@@ -636,3 +639,35 @@ def test_scale_zero_and_inputs_of_different_ranks_as_torch(backend):
         want = F.scaled_dot_product_attention(*args, **kwargs)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_mask_with_causal_hides_the_future_keys(backend):
+    """A float mask that hides query 0's only causally visible key: that row sees nothing (0, as
+    torch), it does not average over the future keys."""
+    q, k, v = rand(1, 1, 3, 8), rand(1, 1, 3, 8), rand(1, 1, 3, 8)
+    mask = torch.zeros(3, 3, device=DEVICE)
+    mask[0, 0] = float("-inf")
+    with gptkern.backend(backend):
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=True)
+    assert_close(out, reference(q, k, v, mask, is_causal=True), torch.float32)
+    assert not out[0, 0, 0].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_head_dim_of_one_broadcasts(backend):
+    """torch broadcasts every batch / head dim of size 1, the query's too (forward and gradients)."""
+    check(backend, rand(2, 1, 5, 16), rand(2, 3, 6, 16), rand(2, 3, 6, 16), is_causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_arguments_take_zero_dim_tensors(backend):
+    """torch's argument parser takes a 0-d tensor for a float (scale, dropout_p, eps)."""
+    q, k, v, x = rand(1, 2, 4, 8), rand(1, 2, 4, 8), rand(1, 2, 4, 8), rand(3, 8)
+    with gptkern.backend(backend):
+        torch.testing.assert_close(sdpa(q, k, v, scale=torch.tensor(0.5), dropout_p=torch.tensor(0.0)),
+                                   F.scaled_dot_product_attention(q, k, v, scale=0.5))
+        torch.testing.assert_close(gptkern.ops.layer_norm(x, (8,), eps=torch.tensor(1e-3)),
+                                   F.layer_norm(x, (8,), eps=1e-3))
+        torch.testing.assert_close(gptkern.ops.rms_norm(x, (8,), eps=torch.tensor(1e-3)),
+                                   F.rms_norm(x, (8,), eps=1e-3))

@@ -347,3 +347,26 @@ def test_autocast_as_torch_sdpa(backend):
             assert_close(out, want, torch.bfloat16, msg=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not cast (served by torch)
         assert decode(q.double(), k_cache.double(), v_cache.double(), seqlens).dtype == torch.float64
+
+
+def test_block_table_entries_past_the_filled_blocks_may_hold_anything():
+    q, (k, v) = rand(2, 4, 1, 8), caches(2, 2, 10, 8, 8)
+    n = torch.tensor([10, 3], dtype=torch.int32)
+    k_pages, v_pages, table = paged(k, v, 4)  # 3 blocks per sequence; sequence 1 (3 tokens) uses one
+    junk = table.clone()
+    junk[1, 1:] = torch.tensor([-1, 2**31 - 1], dtype=torch.int32)
+    for backend in BACKENDS:
+        with gptkern.backend(backend):
+            want = decode(q, k_pages, v_pages, n, block_table=table)
+            got = decode(q, k_pages, v_pages, n, block_table=junk)
+        torch.testing.assert_close(got, want, msg=backend)
+
+
+def test_a_negative_block_in_use_is_refused():
+    q, (k, v) = rand(2, 4, 1, 8), caches(2, 2, 10, 8, 8)
+    n = torch.tensor([10, 3], dtype=torch.int32)
+    k_pages, v_pages, table = paged(k, v, 4)
+    table[0, 1] = -1  # sequence 0's second block (tokens 4..7) is in use
+    for backend in BACKENDS:
+        with gptkern.backend(backend), pytest.raises(IndexError, match=r"block_table\[0\]"):
+            decode(q, k_pages, v_pages, n, block_table=table)

@@ -193,3 +193,13 @@ def test_module_traces():
     torch.testing.assert_close(traced(x), F.linear(x, mod.weight, mod.bias))
     with torch.no_grad():
         torch.jit.trace(mod, x[:1])
+
+
+def test_a_bias_that_f_linear_broadcasts():
+    """F.linear broadcasts a bias of shape (1,) or (1, N): the op gives its result too."""
+    w, x = torch.randn(7, 5), torch.randn(2, 5)
+    for backend in ("cpu", "auto"):
+        for b in (torch.randn(1), torch.randn(1, 7)):
+            with gptkern.backend(backend):
+                got = gptkern.ops.linear(x, w, b)
+            torch.testing.assert_close(got, F.linear(x, w, b))

@@ -387,3 +387,42 @@ def test_backward_grid_fits_cuda_limits_at_the_longest_rows(monkeypatch):
     for name, grid in grids.items():
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), (name, grid)
     assert grids["_norm_bwd_kernel"][0] > 65535  # the tiles: past the second axis' limit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_eps_zero_is_zero(backend):
+    """eps=0.0 is an eps of 0, as F.rms_norm's, not eps=None's machine epsilon (tiny rows show it)."""
+    x = 1e-4 * torch.randn(4, 64, device=DEVICE)
+    with gptkern.backend(backend):
+        got = gptkern.ops.rms_norm(x, (64,), eps=0.0)
+    torch.testing.assert_close(got, F.rms_norm(x, (64,), eps=0.0))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_uses_the_given_eps(op, backend):
+    """create_graph=True gradients with an eps far from the default (small rows make eps matter)."""
+    x = (0.05 * torch.randn(4, 16, device=DEVICE)).requires_grad_()
+    w = torch.randn(16, device=DEVICE).requires_grad_()
+    g = torch.randn(4, 16, device=DEVICE)
+    want = torch.autograd.grad(reference(op, x.double(), (16,), w.double(), None, 0.1), x, g.double(),
+                               create_graph=True)[0]
+    with gptkern.backend(backend):
+        got = torch.autograd.grad(call(op, x, (16,), w, None, 0.1), x, g, create_graph=True)[0]
+    assert_close(got, want, torch.float32, grad=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cpu", "cuda")])
+def test_fp32_weight_grads_of_a_16_bit_input_keep_fp32_precision(backend):
+    """The kernels accumulate dw / db in fp32 and store them in the parameters' dtype: not rounded
+    through the input's fp16 (a relative error of ~1e-3; torch's own CPU layer_norm does round)."""
+    x = torch.randn(8, 512, dtype=torch.float16, device=DEVICE)
+    w = (1 + 0.1 * torch.randn(512, device=DEVICE)).requires_grad_()
+    b = (0.1 * torch.randn(512, device=DEVICE)).requires_grad_()
+    g = torch.randn(8, 512, dtype=torch.float16, device=DEVICE)
+    with gptkern.backend(backend):
+        got = torch.autograd.grad(gptkern.ops.layer_norm(x, (512,), w, b), (w, b), g)
+    want = torch.autograd.grad(F.layer_norm(x.double(), (512,), w.double(), b.double()), (w, b), g.double())
+    for a, e in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-5)

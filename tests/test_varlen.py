@@ -161,6 +161,7 @@ def test_matches_dense_sdpa(backend):
 def test_bad_input(backend):
     q, k, v = (torch.randn(10, 2, 8, device=DEVICE) for _ in range(3))
     good = offsets([4, 6])
+    no_offsets = torch.zeros(0, dtype=torch.int32, device=DEVICE)
     cases = [
         (RuntimeError, "start at 0", dict(cu_seqlens_q=torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE))),
         (RuntimeError, "non-decreasing", dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32,
@@ -181,6 +182,8 @@ def test_bad_input(backend):
         (TypeError, "argument 'max_seqlen_k' must be int", dict(max_seqlen_k=6.5)),
         (RuntimeError, "max_seqlen_q must be >= 0", dict(max_seqlen_q=-1)),
         (ValueError, "window_size", dict(window_size=(True, 0))),
+        (RuntimeError, "shapes do not match", dict(v=torch.randn(10, 1, 8, device=DEVICE))),  # k and v heads
+        (RuntimeError, "cu_seqlens_q must be a 1-D", dict(cu_seqlens_q=no_offsets, cu_seqlens_k=no_offsets)),
     ]
     if DEVICE.type == "cuda" and backend != "torch":  # GPU kernels trust the offsets' values (no host sync)
         cases = cases[4:]
