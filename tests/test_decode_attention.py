@@ -125,6 +125,10 @@ def test_layouts(backend):
     seqlens = torch.tensor([50, 9], dtype=torch.int32)
     check(backend, q, k_cache, v_cache, seqlens)
     check(backend, q, k_cache.transpose(2, 3).contiguous().transpose(2, 3), v_cache, seqlens.long())
+    # head dim 1: "contiguous" to torch whatever the last stride (torch ignores it), not 1 here
+    k1, v1 = rand(2, 2, 1, 50).transpose(2, 3), rand(2, 2, 1, 50).transpose(2, 3)
+    assert k1.is_contiguous() and k1.stride(-1) != 1
+    check(backend, rand(2, 4, 3, 1), k1, v1, seqlens)
 
 
 @needs_cpu

@@ -500,12 +500,12 @@ def _varlen_torch(q, k, v, bounds_q, bounds_k, dropout_p, causal, scale, window)
         qb, kb, vb = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
         mask = varlen_visibility(q1 - q0, k1 - k0, causal, window, q.device)
         if k1 == k0:  # zeros, (H, Lq, Dv), that stay in the autograd graph (zero gradients), NaN or not
-            out = _empty_sum(qb) + vb.sum((0, 1))
+            out = _empty_sum(qb) + vb.sum((0, 1)) + kb.sum()
         else:
             out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                                  enable_gqa=qb.shape[0] != kb.shape[0])
         outs.append(out.transpose(0, 1))
-    return torch.cat(outs) if outs else _empty_sum(q) + v.sum((0, 1))  # no sequence: (0, H, Dv)
+    return torch.cat(outs) if outs else _empty_sum(q) + v.sum((0, 1)) + k[:0].sum()  # no sequence: (0, H, Dv)
 
 
 def _empty_sum(t: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,16 @@ def _triton_grid_limits(q, k_cache, v_cache, block_table) -> Optional[str]:
     return None
 
 
+def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with stride 1 in its last dim, as the C++ kernels need: a view when that dim has one
+    element (whose stride torch ignores: a "contiguous" tensor may have any), else a copy if needed."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1), t.storage_offset())
+    return t.contiguous()
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the newest queries of each sequence over its KV cache.
@@ -205,7 +215,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         table = _checks.as_int32(block_table) if block_table is not None else None
         return triton_decode_attention(q, k_cache, v_cache, _checks.as_int32(cache_seqlens), scale_value, table)
     if name in ("cpu", "cuda"):
-        k_c, v_c = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_cache, v_cache))
+        k_c, v_c = (_unit_stride_last(t) for t in (k_cache, v_cache))
         table = _checks.as_int32(block_table) if block_table is not None else None
         return _autograd.call(torch.ops.gptkern.decode_attention, q, k_c, v_c, _checks.as_int32(cache_seqlens),
                               scale_value, table)
