@@ -158,11 +158,13 @@ def finetune_classify(init: str, train_csv: str, val_csv: str, c: TaskConfig) ->
 
 @torch.no_grad()
 def classification_accuracy(model, tokenizer, rows, index, max_len: int, c: TaskConfig) -> float:
+    """The fraction of ``rows`` (text, label) that ``model`` labels right (on the model's device)."""
+    device = next(model.parameters()).device
     model.eval()
     correct = 0
     for start in range(0, len(rows), c.batch_size):
         chunk = rows[start:start + c.batch_size]
-        ids, mask = _encode_batch(tokenizer, [t for t, _ in chunk], max_len, tokenizer.eos_id, c.device)
+        ids, mask = _encode_batch(tokenizer, [t for t, _ in chunk], max_len, tokenizer.eos_id, device)
         predicted = model(ids, attention_mask=mask)[0].argmax(-1).tolist()
         correct += sum(p == index[label] for p, (_, label) in zip(predicted, chunk))
     model.train()
@@ -255,13 +257,15 @@ def train_seq2seq(pairs_tsv: str, c: TaskConfig, val_fraction: float = 0.1, n_em
 
 @torch.no_grad()
 def translate(model, sources: list[str], c: TaskConfig) -> list[str]:
+    """Beam-search translations of ``sources`` (on the model's device)."""
     from gptkern.generation import generate_seq2seq
 
+    device = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(sources), c.batch_size):
         chunk = sources[start:start + c.batch_size]
-        src = _byte_batch(chunk, [], [], c.device, c.max_len)
+        src = _byte_batch(chunk, [], [], device, c.max_len)
         ids = generate_seq2seq(model, src, c.max_len - 2, bos_token_id=BOS, eos_token_id=EOS,
                                src_pad_mask=src == PAD, num_beams=c.num_beams, early_stopping=True, pad_token_id=PAD)
         for row in ids[:, 1:].tolist():
