@@ -34,12 +34,13 @@ def _from_environment() -> str:
     return _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
 
 
-# The process-wide choice, from GPTKERN_BACKEND; None when that is not a backend, so that the first
-# op call fails (get_backend raises the ValueError naming the variable), not ``import gptkern``.
+# The process-wide choice, from GPTKERN_BACKEND at import; None when that is not a backend, so that
+# op calls fail (get_backend raises the ValueError naming the variable), not ``import gptkern``.
 try:
     _current: Optional[str] = _from_environment()
-except ValueError:
-    _current = None
+    _ENV_ERROR: Optional[str] = None
+except ValueError as _err:
+    _current, _ENV_ERROR = None, str(_err)
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
@@ -68,12 +69,11 @@ _local = threading.local()  # .override: this thread's ``with backend(...)`` cho
 def get_backend() -> str:
     """The backend name in force: this thread's ``with backend(...)`` choice, else the
     process-wide one (``auto`` unless set otherwise)."""
-    global _current
     override = getattr(_local, "override", None)
     if override is not None:
         return override
-    if _current is None:
-        _current = _from_environment()
+    if _current is None:  # until set_backend: the import-time value was not a backend
+        raise ValueError(_ENV_ERROR)
     return _current
 
 

@@ -23,7 +23,7 @@ from gptkern.train.checkpoint import CheckpointWriteError
 def info() -> int:
     import gptkern
     from gptkern import _backend
-    from gptkern.benchmark import device_name, package_version
+    from gptkern.benchmark import device_name
 
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -36,7 +36,7 @@ def info() -> int:
         ("gptkern", gptkern.__version__),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
-        ("triton", _triton_info(package_version("triton"))),
+        ("triton", _triton_info()),
         ("device", device),
         ("available backends", ", ".join(gptkern.available_backends())),
         ("current backend", f"{_current_backend()} (GPTKERN_BACKEND="
@@ -59,16 +59,18 @@ def _current_backend() -> str:
         return f"none: {err}"
 
 
-def _triton_info(version: Optional[str]) -> str:
-    """Triton's version and where its kernels run here, or why they cannot."""
+def _triton_info() -> str:
+    """Triton's version and where its kernels run here, or why they cannot (the module, whichever
+    distribution installed it: triton, pytorch-triton, ...)."""
     from gptkern import _backend
 
-    if version is None:
+    if not _backend._has_triton():
         return "not installed: the triton backend is off (pip install triton for CUDA GPUs)"
     try:
-        import triton  # noqa: F401  (an installed but broken triton fails here, not at the first kernel)
+        import triton  # an installed but broken triton fails here, not at the first kernel
     except Exception as err:  # ImportError, or whatever a broken install's import raises
-        return f"{version}, but it does not import ({type(err).__name__}: {err}): the triton backend is off"
+        return f"installed, but it does not import ({type(err).__name__}: {err}): the triton backend is off"
+    version = getattr(triton, "__version__", "unknown version")
     if _backend.triton_interpret():
         return f"{version}, interpreting its kernels on the CPU (TRITON_INTERPRET is set)"
     if torch.cuda.is_available():

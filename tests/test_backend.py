@@ -64,10 +64,11 @@ def test_environment_variable_invalid():
               "with gptkern.backend('torch'):\n"
               "    gptkern.ops.softmax(torch.randn(2, 3), -1)\n"
               "gptkern.ops.softmax(torch.randn(2, 3), -1)\n")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "ValueError: GPTKERN_BACKEND must be one of" in out.stderr
     assert "'nope'" in out.stderr and "line 4" in out.stderr
-    info = subprocess.run([sys.executable, "-m", "gptkern", "info"], env=env, capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "gptkern", "info"], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert info.returncode == 0, info.stderr
     assert re.search(r"current backend +none: GPTKERN_BACKEND must be one of", info.stdout), info.stdout
 

@@ -24,9 +24,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path, capsys):
     assert providers == [("generate", "gptkern"), ("generate", "transformers"),
                          ("cache vs none, 10-token context", "gptkern")]
     ours, theirs, cache = report["results"]
-    for value in (ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"], ours["speedup"]):
+    for value in (ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"], ours["speedup"],
+                  cache["with_cache_tokens_per_s"], cache["without_cache_tokens_per_s"], cache["speedup"]):
         assert value is None or value > 0  # null: the longer run timed no slower (noise on a loaded machine)
-    assert cache["with_cache_tokens_per_s"] > 0 and cache["without_cache_tokens_per_s"] > 0
     assert "| generate | gptkern |" in out_md.read_text()
     assert "decode_tokens_per_s" in capsys.readouterr().out
     assert report["complete"] and ours["warm_tokens"] == 2  # --new 3: the first 2 tokens are not counted

@@ -185,6 +185,13 @@ def test_compile_fullgraph(backend):
     with gptkern.backend(backend):
         got = f(q, k_pages, v_pages, seqlens, table)
     assert_close(got, decode_attention_ref(q, k_cache, v_cache, seqlens), torch.float32)
+    # a head-dim-1 cache whose last stride is not 1 (the C++ kernels get a view) traces too
+    k1, v1 = rand(2, 2, 3, 40).transpose(2, 3)[..., 1:2], rand(2, 2, 3, 40).transpose(2, 3)[..., 1:2]
+    g = torch.compile(lambda q, k, v, n: decode(q, k, v, n), backend="aot_eager", fullgraph=True)
+    q1 = rand(2, 4, 1, 1)
+    with gptkern.backend(backend):
+        got = g(q1, k1, v1, seqlens)
+    assert_close(got, decode_attention_ref(q1, k1, v1, seqlens), torch.float32)
 
 
 @needs_cpu

@@ -196,7 +196,7 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) 
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
-        # (S,): as torch, every query row; torch's 4-D paths read the mask's dim -2 and raise IndexError
+        # (S,): as torch, every query row; torch's fused 4-D paths read the mask's dim -2 (IndexError)
         if attn_mask.dim() == 0 or (attn_mask.dim() == 1 and query.dim() == 4):
             raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dimensions "
                              f"(..., L, S), or be (S,) when the query is not 4-D, got shape {list(attn_mask.shape)}")

@@ -166,7 +166,7 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) == 1:
         return t
     if t.shape[-1] == 1:
-        return t.as_strided(t.shape, (*t.stride()[:-1], 1), t.storage_offset())
+        return t[..., 0].unsqueeze(-1)  # the same elements, last stride 1 (traceable: no storage offset)
     return t.contiguous()
 
 
