@@ -36,7 +36,7 @@ def classification_files(tmp_path):
 def test_classifier_learns_a_rule(classification_files):
     d = classification_files
     result = finetune_classify(str(d / "ckpt"), str(d / "train.csv"), str(d / "val.csv"),
-                               TaskConfig(steps=150, batch_size=32, lr=2e-3))
+                               TaskConfig(steps=150, batch_size=32, lr=2e-3, device="cpu"))  # the issue: a CPU minute
     assert result["labels"] == ["no", "yes"]
     assert result["accuracy"] >= 0.9
 
@@ -46,7 +46,7 @@ def test_seq2seq_learns_to_reverse(tmp_path):
     words = [random_text(rng, 3, 7) for _ in range(800)]
     (tmp_path / "pairs.tsv").write_text("\n".join(f"{w}\t{w[::-1]}" for w in words) + "\n")
     result = train_seq2seq(str(tmp_path / "pairs.tsv"), TaskConfig(steps=300, batch_size=32, lr=2e-3, max_len=16,
-                                                                   num_beams=2), n_embd=64, n_layer=2)
+                                                                   num_beams=2, device="cpu"), n_embd=64, n_layer=2)
     assert result["exact_match"] >= 0.9, result["examples"]
 
 
