@@ -423,3 +423,48 @@ def test_sharded_safetensors_directory(tmp_path):
     idx = ids()
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_gelu_pytorch_tanh_imports_as_the_tanh_approximation():
+    # large weights: exact gelu and its tanh approximation differ visibly
+    hf = hf_gpt2(activation_function="gelu_pytorch_tanh", initializer_range=0.3)
+    model = GPT.from_hf(hf)
+    assert model.config.activation == "gelu_tanh"
+    torch.testing.assert_close(model(ids())[0], hf(ids()).logits, rtol=0, atol=1e-4)
+
+
+def test_a_config_without_tie_word_embeddings_imports_tied(tmp_path):
+    """The hub's original GPT-2 config.json has no tie_word_embeddings key and its weights no
+    lm_head: transformers' default (tied) applies."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop("lm_head.weight", None)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = GPT.from_hf(tmp_path)
+    assert model.config.tie_weights and model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(model(ids())[0], hf(ids()).logits, rtol=0, atol=1e-4)
+
+
+def tiny(**overrides):
+    return GPTConfig.from_name("gpt2-tiny", **{**dict(n_layer=1, n_embd=32, vocab_size=61, block_size=32), **overrides})
+
+
+def test_export_refuses_a_sliding_window_and_bias_free_model():
+    """GPT-2 has full attention and biases: such a GPT exported would silently compute other logits."""
+    with pytest.raises(ValueError, match="window=4"):
+        GPT(tiny(window=4)).to_hf()
+    with pytest.raises(ValueError, match="bias=False"):
+        GPT(tiny(bias=False)).to_hf()
+
+
+def test_export_is_in_eval_mode_like_from_pretrained():
+    hf = GPT(tiny(dropout=0.2)).to_hf()
+    assert not hf.training
+    x = torch.randint(0, 61, (1, 8))
+    torch.testing.assert_close(hf(x).logits, hf(x).logits, rtol=0, atol=0)

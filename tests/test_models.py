@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import gptkern
 from gptkern.models import GPT, PRESETS, GPTConfig
+from gptkern.models.io import load_pretrained, save_pretrained
 from helpers import assert_close, backends_here
 
 
@@ -411,3 +412,84 @@ def test_init_std_reaches_the_embeddings():
     for table in (model.transformer.wte, model.transformer.wpe):
         assert abs(table.weight.std().item() - 0.1) < 0.01
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.1) < 0.01
+
+
+def test_window_reaches_every_block_of_the_model():
+    """GPTConfig.window must limit attention in the model itself: with n_layer layers of a w-token
+    window, a token reaches at most n_layer * (w - 1) positions ahead; past that, changing it
+    changes nothing (full attention would)."""
+    torch.manual_seed(0)
+    for name in ("gpt2-tiny", "llama-tiny"):
+        cfg = GPTConfig.from_name(name, n_layer=2, n_embd=64, vocab_size=61, block_size=32, window=4)
+        model = GPT(cfg).eval()
+        full = GPT(GPTConfig(**{**cfg.to_dict(), "window": None})).eval()
+        full.load_state_dict(model.state_dict())
+        ids = torch.randint(1, 61, (1, 16), generator=torch.Generator().manual_seed(1))
+        changed = ids.clone()
+        changed[0, 0] = 0
+        reach = cfg.n_layer * (cfg.window - 1)  # positions 0..6 may see token 0
+        with torch.no_grad():
+            a, b = model(ids)[0], model(changed)[0]
+            torch.testing.assert_close(a[:, reach + 1:], b[:, reach + 1:], rtol=0, atol=0, msg=name)
+            assert not torch.allclose(a[:, :reach + 1], b[:, :reach + 1])
+            assert not torch.allclose(full(ids)[0][:, reach + 1:], full(changed)[0][:, reach + 1:])
+            # within the window the two models agree
+            torch.testing.assert_close(model(ids[:, :4])[0], full(ids[:, :4])[0])
+
+
+def test_load_pretrained_casts_to_the_given_dtype(tmp_path):
+    torch.manual_seed(0)
+    for name in ("gpt2-tiny", "llama-tiny"):
+        model = GPT(GPTConfig.from_name(name, n_layer=1, n_embd=32, vocab_size=61)).eval()
+        save_pretrained(model, tmp_path / name)
+        loaded, _ = load_pretrained(tmp_path / name, dtype=torch.bfloat16)
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}, name
+        assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_weights
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[key], value.to(torch.bfloat16), rtol=0, atol=0, msg=key)
+        assert {p.dtype for p in load_pretrained(tmp_path / name)[0].parameters()} == {torch.float32}
+
+
+def test_learned_position_checks_are_exact_at_block_size():
+    """Position block_size (one past the table) and a document of block_size + 1 tokens are refused
+    by gptkern's own checks, naming the argument (on CUDA the table lookup would be a device assert)."""
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=97, block_size=16)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with pytest.raises(IndexError, match="position 16 in position_ids.*block_size 16"):
+        model(ids, position_ids=torch.arange(5, 17))
+    model(ids, position_ids=torch.arange(4, 16))  # the table's last row: fine
+    # cu_seqlens over the 24 flattened tokens: a document of 17 tokens, then one of 16
+    for cu, ok in (([0, 17, 24], False), ([0, 16, 24], True)):
+        bounds = (torch.tensor(cu, dtype=torch.int32), max(b - a for a, b in zip(cu, cu[1:])))
+        if ok:
+            model(ids, doc_bounds=bounds)
+        else:
+            with pytest.raises(ValueError, match="doc_bounds: a document of 17 tokens.*block_size 16"):
+                model(ids, doc_bounds=bounds)
+
+
+def test_rope_config_refuses_an_odd_head_dim():
+    with pytest.raises(ValueError, match="rope needs an even head_dim, got 5"):
+        GPTConfig(pos_embedding="rope", n_embd=20, n_head=4)
+    GPTConfig(pos_embedding="learned", n_embd=20, n_head=4)  # learned positions: any head_dim
+
+
+def test_idx_of_the_wrong_rank_is_named():
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, n_embd=32, vocab_size=61))
+    for bad in (torch.tensor([1, 2, 3]), torch.zeros(1, 2, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"idx must be \(batch, sequence\), got shape"):
+            model(bad)
+
+
+def test_an_untied_model_directory_without_its_head_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = GPT(GPTConfig.from_name("llama-tiny", n_layer=1, n_embd=32, vocab_size=61))  # untied head
+    save_pretrained(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["lm_head.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match its config: missing keys "
+                                         r"\['lm_head.weight'\]"):
+        load_pretrained(tmp_path)

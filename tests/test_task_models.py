@@ -186,3 +186,53 @@ def test_training_tracks_the_torch_backend(device):
         losses = _train(backend, steps, device)
         worst = max(abs(a - b) / b for a, b in zip(losses, expected[:steps]))
         assert worst < 0.02, (backend, worst, losses[-5:], expected[-5:])
+
+
+def test_classifier_pools_the_last_real_token_of_a_right_padded_mask():
+    """attention_mask alone (no pad_token_id; the padding id is a real token id) with right padding:
+    the pooled state is the last token the mask keeps, not the last position."""
+    torch.manual_seed(0)
+    model = GPTForSequenceClassification(tiny_config(), num_labels=3).eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, 50, (1, 7), generator=g), torch.randint(1, 50, (1, 4), generator=g)
+    expected = torch.cat([model(a)[0], model(b)[0]])
+    right = torch.cat([a, torch.cat([b, torch.full((1, 3), 7)], 1)])  # padded with id 7
+    mask = torch.ones_like(right)
+    mask[1, 4:] = 0
+    torch.testing.assert_close(model(right, attention_mask=mask)[0], expected, rtol=1e-5, atol=1e-5)
+    # the mask wins over pad_token_id
+    model.pad_token_id = 7
+    torch.testing.assert_close(model(right, attention_mask=mask)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_refuses_a_gpt_checkpoint_with_extra_body_keys():
+    """A deeper GPT's checkpoint must not load silently into a shallower classifier (its extra
+    layers dropped): the unexpected keys are listed."""
+    deeper = GPT(tiny_config(n_layer=3))
+    model = GPTForSequenceClassification(tiny_config(), num_labels=2)
+    with pytest.raises(ValueError, match=r"unexpected keys \['h.2.attn.c_attn.bias'"):
+        model.load_gpt_state_dict(deeper.state_dict())
+
+
+def test_seq2seq_lengths_are_checked_exactly_at_max_len():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=40, n_embd=32, n_head=4, n_encoder_layer=1,
+                                             n_decoder_layer=1, max_len=8)).eval()
+    ok, long = torch.randint(0, 40, (1, 8)), torch.randint(0, 40, (1, 9))
+    assert model(ok, ok).shape == (1, 8, 40)  # max_len tokens: fine
+    with pytest.raises(ValueError, match="src length 9 is longer than max_len 8"):
+        model(long, ok)
+    with pytest.raises(ValueError, match="tgt_in length 9 is longer than max_len 8"):
+        model(ok, long)
+
+
+def test_seq2seq_norms_follow_the_config():
+    """norm_eps and bias reach every norm of the encoder and decoder (ln_1/2/3, ln_enc, ln_dec)."""
+    for bias in (True, False):
+        model = Seq2SeqTransformer(Seq2SeqConfig(src_vocab_size=40, n_embd=32, n_head=4, n_encoder_layer=1,
+                                                 n_decoder_layer=2, norm_eps=1e-2, bias=bias))
+        norms = [(n, m) for n, m in model.named_modules() if n.split(".")[-1].startswith("ln_")]
+        assert len(norms) == 1 * 2 + 2 * 3 + 2
+        for name, norm in norms:
+            assert norm.eps == 1e-2, name
+            assert (getattr(norm, "bias", None) is not None) == bias, name
