@@ -47,3 +47,23 @@ def test_decode_kernel_long_cache_bf16(cache_len):
     with gptkern.backend("torch"):
         expected = gptkern.ops.decode_attention(q.double(), k.double(), v.double(), seqlens)
     assert_close(out, expected, torch.bfloat16)
+
+
+def test_load_pretrained_puts_the_model_on_the_device(tmp_path):
+    """load_pretrained(device="cuda", dtype=bf16): every parameter and buffer there, tied weights kept,
+    the same logits as the model moved by hand."""
+    from gptkern.models.io import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    for preset in ("gpt2-tiny", "llama-tiny"):
+        model = GPT(GPTConfig.from_name(preset, n_layer=1)).eval()
+        save_pretrained(model, tmp_path / preset)
+        loaded, _ = load_pretrained(tmp_path / preset, device="cuda", dtype=torch.bfloat16)
+        tensors = [*loaded.parameters(), *loaded.buffers()]
+        assert all(t.device.type == "cuda" for t in tensors), preset
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}, preset
+        assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_weights
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
+        by_hand = model.to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids)[0], by_hand(ids)[0], rtol=0, atol=0)
