@@ -123,6 +123,28 @@ def test_looped_rows(op, backend, monkeypatch):
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_looped_rows_add_eps(op, backend, monkeypatch):
+    """The multi-pass kernels add eps to the variance too (a large eps shows it)."""
+    monkeypatch.setattr(launch, "FUSED_CAP", 32)
+    x = torch.randn(3, 45, device=DEVICE)
+    w, b = make_params((45,), torch.float32, True, op == "layer_norm")
+    check_norm(op, backend, x, (45,), w, b, 0.5)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cap", [None, 16])
+def test_padded_rows(op, backend, fused_cap, monkeypatch):
+    """Rows of x padded in memory (row stride 50 for 37 values) while the gradient is contiguous:
+    each tensor is read with its own row stride, in the fused and the multi-pass kernels."""
+    monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
+    x = (1 + torch.randn(5, 50, device=DEVICE))[:, :37]
+    w, b = make_params((37,), torch.float32, True, op == "layer_norm")
+    check_norm(op, backend, x, (37,), w, b, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_very_long_row(op, backend):
     x = torch.randn(2, 40000 + 1, device=DEVICE)
     assert launch.row_block(launch.NORM_FWD, x.shape[-1], aligned=True, elem_bytes=4)[1] is False

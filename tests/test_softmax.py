@@ -223,3 +223,18 @@ def test_log_softmax_of_large_logits_keeps_the_log_sum(backend):
     want = torch.log_softmax(x.double(), -1)
     assert_close(got, want, torch.float32)
     assert abs(got[0, 0].item() - (-torch.log(torch.tensor(130.0)).item())) < 1e-5
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_with_other_strides_than_the_output(op, backend):
+    """The incoming gradient may be laid out unlike the (contiguous) output: transposed, or a
+    broadcast of a sum's gradient (stride 0)."""
+    log = op == "log_softmax"
+    x = torch.randn(6, 37, device=DEVICE, requires_grad=True)
+    xr = x.detach().double().requires_grad_()
+    for g in (torch.randn(37, 6, device=DEVICE).t(), torch.ones((), device=DEVICE).expand(6, 37)):
+        with gptkern.backend(backend):
+            (dx,) = torch.autograd.grad(OPS[op](x, -1), x, g)
+        (dxr,) = torch.autograd.grad(softmax_ref(xr, -1, upcast=True, log=log), xr, g.double())
+        assert_close(dx, dxr, torch.float32, grad=True, msg=f"{op} {backend} grad strides {g.stride()}")

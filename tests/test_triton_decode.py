@@ -138,3 +138,32 @@ def test_every_split_reads_keys_of_a_mostly_empty_cache(monkeypatch, device):
     (lse, splits, m_pad), = seen
     per_split = lse.view(2, splits, m_pad)[:, :, 0]  # (kv heads, splits): the one query row
     assert splits == 4 and torch.isfinite(per_split).all(), per_split
+
+
+@pytest.mark.parametrize("splits", [3, 5])
+def test_split_counts_that_are_not_powers_of_two(monkeypatch, device, splits):
+    """The combine kernel pads the splits to a power of two (a GPU's split count, from its SM count,
+    often is not one): the padding lanes must weigh nothing, for every (batch, kv head)."""
+    from gptkern.kernels import decode
+
+    monkeypatch.setattr(decode, "_num_splits", lambda bh, cap, block_n, device, fill=2: splits)
+    monkeypatch.setattr(decode.autotune, "enabled", lambda device: False)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 2, 16, device=device)
+    k, v = torch.randn(2, 2, 400, 16, device=device), torch.randn(2, 2, 400, 16, device=device)
+    seqlens = torch.tensor([400, 150], dtype=torch.int32, device=device)
+    with gptkern.backend("triton"), poisoned_allocations():
+        out = gptkern.ops.decode_attention(q, k, v, seqlens)
+    assert_close(out, reference(q, k, v, seqlens), torch.float32)
+
+
+def test_paged_cache_with_value_dim_other_than_key_dim(device):
+    """Paged K and V pools of different head dims: each pool is read with its own strides."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 2, 32, device=device)
+    k, v = torch.randn(2, 2, 40, 32, device=device), torch.randn(2, 2, 40, 24, device=device)
+    seqlens = torch.tensor([40, 23], dtype=torch.int32, device=device)
+    kp, vp, table = paged_copy(k, v, page=16)
+    with gptkern.backend("triton"), poisoned_allocations():
+        out = gptkern.ops.decode_attention(q, kp, vp, seqlens, block_table=table)
+    assert_close(out, reference(q, k, v, seqlens), torch.float32)

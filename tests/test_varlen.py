@@ -79,6 +79,13 @@ def test_block_edges(backend, lens, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_a_query_block_wholly_before_the_first_key(backend):
+    """Causal, 130 queries over 3 keys: the diagonal S - L = -127 puts queries 0-126 before every key
+    (zeros), so the first query blocks' ranges of keys they surely see come out negative."""
+    check(backend, torch.float32, [130, 4], [3, 4], causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal,window", [(False, (8, 3)), (True, (5, -1)), (False, (0, 0)), (False, (-1, 2)),
                                            (True, (0, 0))])
 def test_windows(backend, causal, window):
