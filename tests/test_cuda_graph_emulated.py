@@ -75,7 +75,7 @@ def test_allowed_while_capturing(emulator):
 
 def test_a_replay_after_a_read_tensor_was_freed_raises(emulator):
     kept, temporary = torch.ones(3), torch.ones(3)
-    graph, out = capture(lambda: kept + temporary)
+    graph, out = capture(lambda: kept + temporary)  # noqa: F821 (deleted below on purpose)
     graph.replay()
     del temporary  # a GPU graph would now read memory the allocator may hand out again
     with pytest.raises(cuda_graph_emu.CaptureError, match="freed after the capture"):
