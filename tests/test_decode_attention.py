@@ -94,6 +94,21 @@ def test_paged_equals_static(backend, block_size):
     torch.testing.assert_close(pages, static, atol=1e-6, rtol=1e-6)
 
 
+@needs_cpu
+@pytest.mark.parametrize("block_size", [5, 48])
+def test_paged_runs_stop_at_page_ends_past_the_first_chunk(block_size):
+    """The C++ kernel reads keys in chunks of 512 (and splits of whole chunks), each in runs that end
+    where a page ends: a run starting past the first chunk, mid-page, must still stop at its page's
+    end, not block_size keys later (1300 keys: chunks at 512 and 1024, neither on a page boundary)."""
+    k_cache, v_cache = caches(1, 2, 1300, 32, 32)
+    q = rand(1, 4, 2, 32)
+    seqlens = torch.tensor([1300], dtype=torch.int32)
+    k_pages, v_pages, table = paged(k_cache, v_cache, block_size)
+    static = check("cpu", q, k_cache, v_cache, seqlens)
+    pages = check("cpu", q, k_pages, v_pages, seqlens, block_table=table)
+    torch.testing.assert_close(pages, static, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_paged_pool_gives_zeros(backend):
     """No blocks at all (every sequence empty): zeros of q's dtype and (B, H, Lq, Dv), on every backend."""

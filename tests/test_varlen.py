@@ -121,6 +121,14 @@ def test_windows_wider_than_every_sequence_are_unbounded(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_right_side_past_every_key_but_not_every_query_still_bounds(backend):
+    """right = 5 with 4 keys in all but a sequence of 12 queries over 3 keys: bottom-right aligned,
+    its query i sees keys j <= i - 4 (queries 0-3 none). A side is unbounded only past l - 1 queries
+    (a kernel that capped it against the keys' count would show those queries every key)."""
+    check(backend, torch.float32, [12, 2], [3, 1], window=(-1, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_attention_across_sequences(backend):
     """Changing one sequence's keys leaves every other sequence's output unchanged."""
     lens = [6, 9, 4]
