@@ -14,8 +14,9 @@ schedule lets each warp run ahead to the next __syncthreads and lands each cp.as
 (a missing barrier or wait reads the wrong tile); other schedules must give the same bits. The
 emulator itself is shown to expose those bugs, unwritten shared memory, deadlocks and undefined
 warp-level behaviour in deliberately faulty kernels (tests/cuda_emu/faulty.cpp).
-What it cannot show: timing, bank conflicts (but ldmatrix's, counted here), register spills (tests/test_cuda_compile.py checks
-those), or anything the real hardware does differently from the PTX ISA's description.
+What it cannot show: timing, bank conflicts (but ldmatrix's, counted here), register spills
+(tests/test_cuda_compile.py checks those), or anything the real hardware does differently from
+the PTX ISA's description.
 """
 import math
 import os
@@ -141,6 +142,24 @@ def test_softmax_nan_and_inf(emu, cols, log):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_nan_among_minus_infs_in_the_block_kernel(emu, log):
+    """Past 1024 columns each thread keeps a running (max, sum): a NaN makes its row NaN, as in torch, also
+    when the thread reading it sees only -inf besides (its max must keep the NaN, not skip the vector)."""
+    x = torch.randn(3, 2000)  # 128 threads of 4-wide vectors: thread 1 reads columns 4-7, 516-519, ...
+    x[0] = float("-inf")  # a row of -inf with one NaN
+    x[0, 7] = float("nan")
+    x[1] = float("-inf")  # the same with a finite value, read by another thread
+    x[1, 7], x[1, 1500] = float("nan"), 2.0
+    x[2, :1000] = float("-inf")  # a NaN in a run of -inf, finite values after it in the same thread
+    x[2, 500] = float("nan")
+    y = emu.softmax_fwd(x, -1, log, torch.float32)
+    assert not warp_per_row(launches(emu)[0])
+    expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+    assert bool(expected.isnan().all())
+    torch.testing.assert_close(y.double(), expected, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------------- norms
 
 NORM_COLS = [1, 7, 1000, 1024, 1025, 3001]
@@ -213,6 +232,85 @@ def test_norm_without_weight_and_bias(emu):
     dx, dw, db = emu.norm_bwd(torch.ones_like(x), x, 1, None, None, mean, rstd, False, False, False)
     assert dw.numel() == 0 and db.numel() == 0
     assert dx.abs().max() < 1e-4  # d(sum y)/dx = 0 for a layer norm without weight
+
+
+@pytest.mark.parametrize("dtype, cols", [(torch.float32, 300), (torch.bfloat16, 512)])
+def test_warp_kernels_of_257_to_512_columns(emu, dtype, cols):
+    """The warp-per-row kernels hold 4, 8, 16 or 32 elements per lane: 16 (257 to 512 columns, scalar and
+    vector loads) is the width the column lists above miss; softmax and norms, forward and backward."""
+    x = torch.randn(5, cols).to(dtype)
+    y = emu.softmax_fwd(x, -1, False, dtype)
+    ref = softmax_ref(x, -1)
+    assert_close(y, ref, dtype, msg="softmax")
+    dy = torch.randn(5, cols).to(dtype)
+    assert_close(emu.softmax_bwd(dy, y, -1, False), softmax_grad_ref(ref, dy, -1, False), dtype, grad=True,
+                 msg="softmax backward")
+    assert all(map(warp_per_row, launches(emu)))
+    w, b = 1 + 0.5 * torch.randn(cols), 0.5 * torch.randn(cols)
+    for kind, bias in (("layer_norm", b), ("rms_norm", None)):
+        y, mean, rstd = emu.norm_fwd(x, 1, w, bias, 1e-5, kind == "rms_norm")
+        assert warp_per_row(launches(emu)[0])
+        leaves = [t.double().requires_grad_() for t in (x, w)]
+        ref = norm_ref(kind, leaves[0], (cols,), leaves[1], None if bias is None else bias.double(), 1e-5)
+        assert_close(y, ref, dtype, msg=kind)
+        dx, dw, _ = emu.norm_bwd(dy, x, 1, w, bias, mean, rstd, kind == "rms_norm", True, False)
+        assert warp_per_row(launches(emu)[0])  # dx (then the dW partials and their sum)
+        grads = torch.autograd.grad(ref, leaves, dy.double())
+        assert_close(dx, grads[0], dtype, grad=True, msg=f"{kind} dx")
+        assert_close(dw, grads[1], dtype, grad=True, msg=f"{kind} dw", atol_scale=math.sqrt(5))
+
+
+def test_gradients_of_another_dtype_are_cast(emu):
+    """softmax_bwd / norm_bwd take a gradient of any kernel dtype: an fp32 one of a bf16 output / fp16 input
+    is cast to that dtype before the kernels read it."""
+    x = torch.randn(3, 200).to(torch.bfloat16)
+    y = emu.softmax_fwd(x, -1, False, torch.bfloat16)
+    dy = torch.randn(3, 200)
+    dx = emu.softmax_bwd(dy, y, -1, False)
+    assert dx.dtype == torch.bfloat16
+    assert_close(dx, softmax_grad_ref(softmax_ref(x, -1), dy, -1, False), torch.bfloat16, grad=True, msg="softmax")
+    x = torch.randn(6, 64).to(torch.float16)
+    w, b = 1 + 0.5 * torch.randn(64), 0.5 * torch.randn(64)
+    y, mean, rstd = emu.norm_fwd(x, 1, w, b, 1e-5, False)
+    dy = torch.randn(6, 64)
+    dx, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, False, True, True)
+    assert dx.dtype == torch.float16
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    grads = torch.autograd.grad(layer_norm_ref(leaves[0], (64,), *leaves[1:], 1e-5), leaves, dy.double())
+    for name, got, want in zip(("dx", "dw", "db"), (dx, dw, db), grads):
+        assert_close(got, want, torch.float16, grad=True, msg=name, atol_scale=math.sqrt(6))
+
+
+def test_norm_stats_of_rows_of_no_element(emu):
+    """Rows of no element have variance 0: mean 0 and rstd 1/sqrt(eps) of the eps given, shaped as the lead
+    dims, as gptkern's CPU op gives (torch's native_layer_norm: mean 0, rstd NaN); y is empty."""
+    for shape, k in (((4, 0), 1), ((2, 3, 0, 5), 2)):
+        for is_rms in (False, True):
+            x = torch.randn(shape)
+            y, mean, rstd = emu.norm_fwd(x, k, None, None, 0.25, is_rms)
+            lead = shape[:len(shape) - k]
+            assert y.shape == shape and mean.shape == rstd.shape == lead
+            assert torch.equal(mean, torch.zeros(lead)) and torch.equal(rstd, torch.full(lead, 2.0))
+            cpu = torch.ops.gptkern.norm_fwd(x, k, None, None, 0.25, is_rms)
+            assert torch.equal(mean, cpu[1]) and torch.equal(rstd, cpu[2])
+    assert launches(emu) == []
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norm_takes_its_eps(emu, kind):
+    """A large eps (a variance of about 1) shows in rstd and y, in the warp (100 columns) and block (1500)
+    kernels: the eps given reaches both."""
+    is_rms = kind == "rms_norm"
+    for cols, eps in ((100, 0.5), (1500, 10.0)):
+        x = torch.randn(3, cols)
+        w = 1 + 0.5 * torch.randn(cols)
+        b = None if is_rms else 0.5 * torch.randn(cols)
+        y, _, rstd = emu.norm_fwd(x, 1, w, b, eps, is_rms)
+        assert warp_per_row(launches(emu)[0]) == (cols <= 1024)
+        assert_close(y, norm_ref(kind, x, (cols,), w, b, eps), torch.float32, msg=f"y, {cols} columns")
+        xd = x.double()
+        ms = (xd * xd).mean(-1) if is_rms else xd.var(-1, unbiased=False)
+        assert_close(rstd, (ms + eps).rsqrt(), torch.float32, msg=f"rstd, {cols} columns")
 
 
 # --------------------------------------------------------------------------------- attention
@@ -305,6 +403,27 @@ def test_norm_bwd_checks_the_parameter_sizes(emu):
             emu.norm_bwd(torch.ones_like(x), x, 1, w, b, mean, rstd, False, True, True)
 
 
+def test_attention_gqa_with_several_kv_heads(emu):
+    """Query head h reads KV head h // (H / Hkv): 6 query heads on 2 KV heads, heads 0-2 on the first and
+    3-5 on the second (the shapes above have one KV head, or as many as query heads)."""
+    q = torch.randn(1, 6, 40, 64).to(torch.float16)
+    k, v = (torch.randn(1, 2, 70, 64).to(torch.float16) for _ in range(2))
+    out, lse = emu.attention_fwd(q, k, v, None, False, 0.125, 0.0, None)
+    assert_close(out, attention_ref(q, k, v, scale=0.125), torch.float16)
+    torch.testing.assert_close(lse.double(), lse_ref(q, k, 0.125, False), atol=2e-3, rtol=2e-3)
+
+
+def test_attention_copies_rows_of_a_stride_not_a_multiple_of_8(emu):
+    """The 16-byte cp.async copies need every stride but D's to be a multiple of 8 elements: q rows 68 apart,
+    k rows 66 apart, v batches 4484 apart would start copies off 16 bytes, so the op copies such views."""
+    q = torch.randn(2, 2, 40, 68).to(torch.float16)[..., :64]
+    k = torch.randn(2, 1, 70, 66).to(torch.float16)[..., :64]
+    v = torch.randn(2, 1, 70 * 64 + 4).to(torch.float16)[..., :70 * 64].unflatten(-1, (70, 64))
+    assert (q.stride(2), k.stride(2), v.stride(0)) == (68, 66, 70 * 64 + 4)
+    out, _ = emu.attention_fwd(q, k, v, None, False, 0.125, 0.0, None)
+    assert_close(out, attention_ref(q, k, v, scale=0.125), torch.float16)
+
+
 # ------------------------------------------------------------------------------------ decode
 
 def decode_inputs(dtype, head_dim, paged, heads, kv_heads, lq, seqlens, capacity=512, block_size=16):
@@ -369,6 +488,38 @@ def test_nan_in_a_key_or_value_gives_nan_rows(emu, multiprocessors):
     out, lse = emu.attention_fwd(qa, ka, va, None, True, 0.125, 0.0, None)
     assert out.shape[2] == 70 and bool(out[:, :, 50:].isnan().all()) and bool(lse[:, :, 50:].isnan().all())
     assert not out[:, :, :50].isnan().any() and not lse[:, :, :50].isnan().any()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_over_strided_queries_and_caches(emu, paged):
+    """q and the caches are read through their strides (multiples of 8: not copied): q laid out as
+    (B, Lq, H, D), the K cache with positions outer to heads, V rows 72 elements apart."""
+    q0, k0, v0, seqlens, table = decode_inputs(torch.float16, 64, paged, 8, 2, 3, [0, 1, 37, 300])
+    q = q0.transpose(1, 2).contiguous().transpose(1, 2)
+    k = k0.transpose(1, 2).contiguous().transpose(1, 2)
+    v = torch.zeros(*v0.shape[:-1], 72, dtype=torch.float16)[..., :64].copy_(v0)
+    assert not any(t.is_contiguous() for t in (q, k, v))
+    out = emu.decode_attention(q, k, v, seqlens, 0.125, table)
+    assert_close(out, decode_attention_ref(q0, k0, v0, seqlens, 0.125, table), torch.float16)
+
+
+@pytest.mark.parametrize("block_size", [7, 64])
+def test_decode_pages_of_any_block_size(emu, block_size):
+    """A page may hold any number of tokens (the tests above use 16): key j is row j % block_size of page
+    block_table[j // block_size], several pages to a tile of 32 keys or several tiles to a page."""
+    q, k, v, seqlens, table = decode_inputs(torch.bfloat16, 64, True, 4, 2, 1, [0, 1, 37, 300],
+                                            block_size=block_size)
+    out = emu.decode_attention(q, k, v, seqlens, 0.125, table)
+    assert_close(out, decode_attention_ref(q, k, v, seqlens, 0.125, table), torch.bfloat16)
+
+
+def test_decode_combine_of_large_scores(emu):
+    """The combine weighs split s by exp2(lse_s - max lse): with scores in the hundreds (the log2-domain
+    LSEs past exp2f's 128), exp2(lse_s) alone would overflow and the rows turn NaN."""
+    q, k, v, seqlens, _ = decode_inputs(torch.float16, 64, False, 4, 2, 1, [300, 300, 150, 37])
+    out = emu.decode_attention(q, k, v, seqlens, 20.0, None)
+    assert launches(emu)[0][0][1] > 1  # several splits
+    assert_close(out, decode_attention_ref(q, k, v, seqlens, 20.0, None), torch.float16)
 
 
 # --------------------------------------------------------------------------- global memory read
