@@ -63,6 +63,13 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     return device
 
 
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``check_device(device)``, with ``"auto"`` meaning the CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(device)
+
+
 _local = threading.local()  # .override: this thread's ``with backend(...)`` choice, or None
 
 

@@ -509,6 +509,19 @@ def test_one_gpu_index_for_every_local_process_is_refused(data_dir, tmp_path, mo
     assert pick_device(config(data_dir, tmp_path, device="cpu"), Distributed(1, 1, 2)) == torch.device("cpu")
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_auto_device_is_this_process_gpu_or_the_cpu(data_dir, tmp_path, monkeypatch, cuda):
+    """--device auto: cuda:LOCAL_RANK when CUDA is available (each torchrun process its own GPU),
+    else the CPU; the task commands and `gptkern generate` resolve auto the same way."""
+    from gptkern._backend import resolve_device
+    from gptkern.train.trainer import Distributed, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    want = torch.device("cuda", 1) if cuda else torch.device("cpu")
+    assert pick_device(config(data_dir, tmp_path, device="auto"), Distributed(1, 1, 2)) == want
+    assert resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+
+
 def test_document_masked_training(data_dir, tmp_path):
     losses = train(config(data_dir, tmp_path, max_steps=6, doc_mask=True, checkpoint_interval=6))
     assert len(losses) == 6 and all(loss == loss for loss in losses) and losses[-1] < losses[0]

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from gptkern._backend import check_device
+from gptkern._backend import resolve_device
 from gptkern.generation.generate import generate
 
 
@@ -80,10 +80,7 @@ def _show(text: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = check_device(args.device)
+    device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     _check_flags(args)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from gptkern._backend import check_device
+from gptkern._backend import resolve_device
 from gptkern.ops._checks import is_int
 from gptkern.train.config import check_adamw_lr
 
@@ -47,9 +47,7 @@ def _check_config(c: TaskConfig, min_len: int) -> TaskConfig:
     check_adamw_lr(c.lr, 0.9, c.weight_decay)  # _optimizer's AdamW: the default betas
     if not is_int(c.seed) or not 0 <= c.seed < 2**64:  # torch.manual_seed's range (of non-negative seeds)
         raise ValueError(f"seed (--seed) must be an integer in [0, 2**64), got {c.seed!r}")
-    if c.device == "auto":
-        return replace(c, device="cuda" if torch.cuda.is_available() else "cpu")
-    return replace(c, device=str(check_device(c.device)))
+    return replace(c, device=str(resolve_device(c.device)))
 
 
 def _schedule(step: int, c: TaskConfig) -> float:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from gptkern._backend import check_device
+from gptkern._backend import resolve_device
 from gptkern._files import write_atomic
 from gptkern.models import GPT
 from gptkern.train.checkpoint import (damaged_checkpoint, latest_checkpoint, load_training_state, read_file, read_state,
@@ -57,12 +57,8 @@ def pick_device(config: TrainConfig, env: Distributed) -> torch.device:
         if requested.type == "cuda" and requested.index is not None:
             raise ValueError(f"--device {config.device} would put every process of this node on one GPU: "
                              f"use --device cuda (each process takes cuda:LOCAL_RANK)")
-    if config.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", env.local_rank)
-        return torch.device("cpu")
-    device = check_device(config.device)
-    if device.type == "cuda" and device.index is None:
+    device = resolve_device(config.device)
+    if device.type == "cuda" and device.index is None:  # auto and plain cuda: this process's GPU
         device = torch.device("cuda", env.local_rank)
     return device
 
