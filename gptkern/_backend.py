@@ -30,14 +30,10 @@ def _check_name(name: str, source: str = "backend") -> str:
     raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
 
 
-def _from_environment() -> str:
-    return _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
-
-
 # The process-wide choice, from GPTKERN_BACKEND at import; None when that is not a backend, so that
 # op calls fail (get_backend raises the ValueError naming the variable), not ``import gptkern``.
 try:
-    _current: Optional[str] = _from_environment()
+    _current: Optional[str] = _check_name(os.environ.get(_ENV_VAR, "auto") or "auto", source=_ENV_VAR)
     _ENV_ERROR: Optional[str] = None
 except ValueError as _err:
     _current, _ENV_ERROR = None, str(_err)
