@@ -20,6 +20,16 @@ def test_default_and_available():
     assert set(names) <= {"triton", "cuda", "cpu", "torch"}
     ext = _backend._extension()
     assert ("cpu" in names) == (ext is not None and "cpu" in ext.devices)
+    triton_runs = _backend._has_triton() and (torch.cuda.is_available() or _backend.triton_interpret())
+    assert ("triton" in names) == triton_runs
+
+
+def test_triton_interpret_is_off_for_an_empty_or_zero_setting(monkeypatch):
+    """TRITON_INTERPRET set to "" or "0" is off, any other value on; the value is read once."""
+    for value, expected in (("", False), ("0", False), ("1", True), ("yes", True)):
+        monkeypatch.setattr(_backend, "_TRITON_INTERPRET", None)
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _backend.triton_interpret() is expected, value
 
 
 def test_set_backend_and_context_manager():
@@ -131,6 +141,13 @@ def test_auto_on_cuda_prefers_triton_and_falls_back(monkeypatch, caplog):
         chosen = _backend.choose("softmax", cuda, {"triton": lambda: "float64", "torch": lambda: None})
     assert chosen == "torch"
     assert "float64" in caplog.text
+    # triton, then the CUDA C++ kernels, then torch
+    monkeypatch.setattr(_backend, "_backend_runs_on", lambda name, dev: True)
+    monkeypatch.setattr(_backend, "_load_for_auto", lambda: None)
+    supports = {"cuda": lambda: None, "torch": lambda: None, "triton": lambda: None}
+    assert _backend.choose("softmax", cuda, supports) == "triton"
+    supports["triton"] = lambda: "float64"
+    assert _backend.choose("softmax", cuda, supports) == "cuda"
 
 
 def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
@@ -144,6 +161,27 @@ def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
 def test_explicit_backend_not_on_this_device():
     with gptkern.backend("cuda"), pytest.raises(NotImplementedError, match="'cuda' backend"):
         gptkern.ops.softmax(torch.randn(3), 0)
+
+
+def test_a_backend_runs_only_on_its_own_device_type():
+    """The C++ backends serve their own device type only, triton CUDA tensors (CPU ones when
+    interpreting), never others; the error lists the backends that can run the call."""
+    supports = {name: (lambda: None) for name in ("triton", "cpu", "cuda", "torch")}
+    for name, device in (("cpu", "cuda"), ("cuda", "cpu"), ("triton", "meta"), ("cpu", "meta")):
+        assert not _backend._backend_runs_on(name, device), (name, device)
+        with gptkern.backend(name), pytest.raises(NotImplementedError,
+                                                  match=f"the '{name}' backend cannot run on {device} tensors"):
+            _backend.choose("softmax", torch.device(device), supports)
+    with gptkern.backend("cuda"), pytest.raises(NotImplementedError, match=r"backends that can: \['torch'\]$"):
+        _backend.choose("softmax", torch.device("meta"), {"cuda": lambda: None, "torch": lambda: None})
+
+
+def test_explicit_backend_that_does_not_implement_the_op():
+    supports = {"cpu": lambda: None, "torch": lambda: None}
+    for name in ("triton", "cuda"):
+        with gptkern.backend(name), pytest.raises(NotImplementedError,
+                                                  match=f"the '{name}' backend does not implement this op"):
+            _backend.choose("linear", torch.device("cpu"), supports)
 
 
 @pytest.mark.skipif("triton" not in gptkern.available_backends(), reason="triton cannot run here")
@@ -356,3 +394,29 @@ def test_record_choices_nests():
         gptkern.ops.softmax(x, -1)
     assert inner == [] and [op for op, _ in outer] == ["softmax"]
     assert _backend._choice_logs == []
+    # a call inside the inner block is in both
+    with _backend.record_choices() as outer, _backend.record_choices() as inner, gptkern.backend("torch"):
+        gptkern.ops.log_softmax(x, -1)
+    assert inner == outer == [("log_softmax", "torch")]
+
+
+def test_the_size_rule_of_the_cpp_row_kernels_at_its_bounds():
+    """Under auto the C++ softmax takes rows from 128 wide and calls from 1_000_000 elements (both
+    bounds included)."""
+    for shape, pays in (((8192, 128), True), ((8192, 127), False), ((2000, 500), True), ((1999, 500), False)):
+        x = torch.randn(shape)
+        assert (_backend.row_kernel_pays("softmax", x, shape[1], False) is None) == pays, shape
+
+
+@pytest.mark.skipif("cpu" not in gptkern.available_backends(), reason="gptkern._C is not built")
+def test_auto_under_vmap_uses_torch():
+    """vmap alone: auto picks torch (its ops have batching rules), an explicit cpu backend serves it."""
+    x = torch.randn(2, 4, 512)
+    for backend, expected in (("auto", "torch"), ("cpu", "cpu")):
+        with _backend.record_choices() as log, gptkern.backend(backend):
+            out = torch.func.vmap(lambda a: gptkern.ops.rms_norm(a, (512,)))(x)
+        assert log and {name for _, name in log} == {expected}, backend
+        torch.testing.assert_close(out, F.rms_norm(x, (512,)))
+    with _backend.record_choices() as log:
+        gptkern.ops.rms_norm(x, (512,))
+    assert log == [("rms_norm", "cpu")]

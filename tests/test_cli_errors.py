@@ -262,6 +262,7 @@ def test_bench_flags_named_and_every_backend_a_provider(capsys):
 
 @pytest.mark.parametrize("flags,message", [(["--top-k", "-1"], "--top-k must be >= 0"),
                                            (["--temperature", "nan"], "--temperature must be"),
+                                           (["--temperature", "inf"], "--temperature must be a finite number"),
                                            (["--top-p", "0"], "--top-p must be in"),
                                            (["--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
                                            (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0")])

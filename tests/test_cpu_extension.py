@@ -50,6 +50,8 @@ def test_a_private_cxx_runtime_is_reported(monkeypatch, capsys):
         warnings.simplefilter("error")
         _backend.check_cxx_runtime(shared)
     assert "C++ runtime: /usr/lib/libstdc++.so.6" in cli._extension_info(shared)
+    assert "CPU kernels for avx2 with OpenMP;" in cli._extension_info(shared)
+    assert "CPU kernels for avx2;" in cli._extension_info(SimpleNamespace(**{**vars(shared), "openmp": False}))
 
 
 def test_build_names_its_cpu_capability(monkeypatch):

@@ -54,7 +54,7 @@ def test_top_k_0_turns_top_k_off_and_ids_past_the_tokenizer_are_skipped(tmp_path
 
     def fake_generate(model, prompt, max_new_tokens, **kwargs):
         seen.update(kwargs)
-        return iter([torch.tensor([ord("A")]), torch.tensor([299]), torch.tensor([ord("B")])])
+        return iter([torch.tensor([ord("A")]), torch.tensor([299]), torch.tensor([257]), torch.tensor([ord("B")])])
 
     monkeypatch.setattr(cli, "generate", fake_generate)
     assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-k", "0", "--max-new-tokens", "3"]) == 0
@@ -102,8 +102,30 @@ def test_a_prompt_outside_the_models_vocabulary(tmp_path, capsys):
     """A tokenizer larger than the model's vocabulary (the wrong one in a directory) is one error line."""
     from gptkern import cli
 
-    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=100)).eval()
-    save_pretrained(model, tmp_path, ByteTokenizer())  # ids up to 256
-    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "z", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "token id 122" in err and "vocab_size 100" in err and "Traceback" not in err
+    for vocab_size in (100, ord("z")):  # "z" is id 122: the largest id a model of 122 ids lacks
+        model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=vocab_size)).eval()
+        save_pretrained(model, tmp_path, ByteTokenizer())  # ids up to 256
+        assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "z", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "token id 122" in err and f"vocab_size {vocab_size})" in err and "Traceback" not in err
+
+
+def test_the_bounds_of_the_sampling_flags_are_taken(tmp_path, monkeypatch, capsys):
+    """--top-p 1, --max-new-tokens 0 and a seed of 2**64 - 1 are valid and reach generate; with no new
+    tokens the prompt is printed and --bench says nothing was timed."""
+    from gptkern.generation import cli
+
+    model = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=257)).eval()
+    save_pretrained(model, tmp_path, ByteTokenizer())
+    seen = {}
+
+    def fake_generate(model, prompt, max_new_tokens, **kwargs):
+        seen.update(kwargs, max_new_tokens=max_new_tokens)
+        return iter([])
+
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--top-p", "1", "--seed", str(2**64 - 1),
+                     "--max-new-tokens", "0", "--bench"]) == 0
+    out = capsys.readouterr()
+    assert seen["top_p"] == 1.0 and seen["seed"] == 2**64 - 1 and seen["max_new_tokens"] == 0
+    assert out.out == "x\n" and "no new tokens (nothing timed)" in out.err

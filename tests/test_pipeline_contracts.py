@@ -289,3 +289,19 @@ def test_a_stopped_training_exits_with_status_1(data_dir, tmp_path, capsys):
                "--block-size", "16", "--batch-size", "2", "--max-steps", "2", "--eval-interval", "1", "--eval-steps",
                "1", "--lr", "1e8", "--min-lr", "1e8", "--warmup-steps", "0", "--progress", "false"])
     assert rc == 1 and re.search(r"validation loss is (nan|inf) at step 1", capsys.readouterr().err)
+
+
+def test_a_disabled_metrics_log_writes_nothing_and_none_values_are_left_out(tmp_path):
+    """Only rank 0's log writes (or truncates); a value of None is no key of the record; without a
+    training loss there is no loss-curve PNG."""
+    from gptkern.train.metrics import MetricsLog, plot_losses
+
+    path, loss = tmp_path / "metrics.jsonl", float(torch.rand(()))
+    MetricsLog(tmp_path / "off" / "metrics.jsonl", enabled=False).log(step=1, loss=loss)
+    assert not (tmp_path / "off").exists()
+    log = MetricsLog(path)
+    log.log(step=1, val_loss=loss, lr=None)
+    assert plot_losses(path, tmp_path / "loss.png") is None and not (tmp_path / "loss.png").exists()
+    log.log(step=2, loss=loss)
+    MetricsLog(path, enabled=False).truncate_after(1)
+    assert [sorted(r) for r in read_metrics(path)] == [["step", "time", "val_loss"], ["loss", "step", "time"]]

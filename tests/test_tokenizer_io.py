@@ -1,6 +1,9 @@
 """Tokenizers (round trips, save/load) and gptkern model directories (save/load, atomic files)."""
 import json
+import os
+import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +88,11 @@ def test_decode_rejects_ids_outside_the_vocabulary(bpe):
     for bad in (bpe.vocab_size, 99999, -1):
         with pytest.raises(ValueError, match=f"token id {bad} is out of range for the bpe tokenizer"):
             bpe.decode([0, bad])
+    ids = bpe.encode("the fox")  # numpy and 0-d tensor ints are ids, floats are not
+    assert bpe.decode([np.int64(i) for i in ids]) == bpe.decode([torch.tensor(i) for i in ids]) == "the fox"
+    for tok in (byte, bpe):
+        with pytest.raises(TypeError):
+            tok.decode([104, 105.0])
 
 
 def test_load_tokenizer_errors_name_the_file(tmp_path, bpe):
@@ -98,6 +106,9 @@ def test_load_tokenizer_errors_name_the_file(tmp_path, bpe):
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json not found"):
         load_tokenizer(tmp_path)
     (tmp_path / "gptkern_tokenizer.json").write_text('{"kind": ')
+    with pytest.raises(ValueError, match=r"gptkern_tokenizer\.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "gptkern_tokenizer.json").write_bytes(b'{"kind": "\xff"}')  # not UTF-8
     with pytest.raises(ValueError, match=r"gptkern_tokenizer\.json: not valid JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / "gptkern_tokenizer.json").write_text('["bpe"]')
@@ -127,8 +138,9 @@ def test_bpe_learns_merges_and_saves(tmp_path, bpe):
     assert again.kind == "bpe" and again.encode("the lazy dog") == bpe.encode("the lazy dog")
     ByteTokenizer().save(tmp_path / "b")
     assert isinstance(load_tokenizer(tmp_path / "b"), ByteTokenizer)
-    with pytest.raises(ValueError, match="257"):
-        train_bpe(CORPUS, 100)
+    for too_few in (100, 256):
+        with pytest.raises(ValueError, match="257"):
+            train_bpe(CORPUS, too_few)
     with pytest.raises(ValueError, match="byte, bpe or gpt2-dir"):
         make_tokenizer("words")
 
@@ -140,8 +152,41 @@ def test_gpt2_tokenizer_from_vocab_and_merges(tmp_path, bpe):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok = make_tokenizer(f"gpt2-dir:{tmp_path}")
     assert tok.encode("the quick brown fox") == bpe.encode("the quick brown fox")
+    assert load_tokenizer(tmp_path).encode("the quick brown fox") == bpe.encode("the quick brown fox")
+    (tmp_path / "a:b").mkdir()  # a directory name with a colon
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "a:b" / name).write_text((tmp_path / name).read_text())
+    assert make_tokenizer(f"gpt2-dir:{tmp_path / 'a:b'}").encode("the fox") == bpe.encode("the fox")
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         make_tokenizer(f"gpt2-dir:{tmp_path / 'none'}")
+    tok.save(tmp_path / "saved")  # saved and loaded as GPT-2's kind
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.kind == "gpt2" and again.encode("the lazy dog") == bpe.encode("the lazy dog")
+    (tmp_path / "merges.txt").unlink()  # vocab.json alone is not GPT-2's tokenizer
+    with pytest.raises(FileNotFoundError, match=r"neither tokenizer.json nor vocab.json \+ merges.txt"):
+        make_tokenizer(f"gpt2-dir:{tmp_path}")
+
+
+def test_special_tokens_other_than_eos_decode_as_their_text(bpe):
+    """decode drops the EOS id only: another special token of a tokenizer.json is text."""
+    from tokenizers import Tokenizer
+
+    from gptkern.data.tokenizer import HFTokenizer
+
+    inner = Tokenizer.from_str(bpe.tokenizer.to_str())
+    inner.add_special_tokens(["<|pad|>"])
+    tok = HFTokenizer(inner, "bpe")
+    pad = inner.token_to_id("<|pad|>")
+    assert tok.decode(bpe.encode("the fox") + [pad, tok.eos_id]) == "the fox<|pad|>"
+
+
+def test_a_tokenizer_without_eos_is_named(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    (tmp_path / "gptkern_tokenizer.json").write_text(json.dumps({"kind": "bpe"}))
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the tokenizer has no <\|endoftext\|> token"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
@@ -213,3 +258,77 @@ def test_a_post_processor_template_adds_no_ids(tmp_path, bpe):
             piece_chars=20, progress=False)
     ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
     assert (ids == bpe.eos_id).sum() == 1 and ids[-1] == bpe.eos_id
+
+
+def _random_text(n):
+    return "".join(random.choice("ab é中\n{}") for _ in range(n))
+
+
+def test_write_atomic_syncs_the_whole_text_before_the_rename(tmp_path, monkeypatch):
+    """write_atomic makes the missing folders, fsyncs its temporary file with all the text in it
+    before the rename, and leaves no temporary file, also when the rename fails (the old file stays)."""
+    from gptkern._files import write_atomic
+
+    path, text = tmp_path / "new" / "deeper" / "f.json", _random_text(300)
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_size, path.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_atomic(str(path), text)
+    assert synced == [(len(text.encode("utf-8")), False)]
+    assert path.read_text(encoding="utf-8") == text and os.listdir(path.parent) == ["f.json"]
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(str(path), _random_text(50))
+    assert path.read_text(encoding="utf-8") == text and os.listdir(path.parent) == ["f.json"]
+
+
+def test_read_json_object_names_a_file_that_is_not_utf8(tmp_path):
+    from gptkern._files import read_json_object
+
+    (tmp_path / "c.json").write_bytes(b'{"a": "\xff\xfe"}')
+    with pytest.raises(ValueError, match=r"c\.json is corrupt: not valid JSON"):
+        read_json_object(tmp_path / "c.json")
+
+
+def test_weights_files_are_whole_names():
+    """Only whole weights file names are replaced by a new save: a user's backup named after one stays."""
+    from gptkern._files import is_weights_file
+
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"):
+        assert is_weights_file(name), name
+    for name in ("model.safetensors.bak", "pytorch_model.bin.old", "model.safetensors.index.json~", "notes.txt",
+                 "my_model.bin"):
+        assert not is_weights_file(name), name
+
+
+def test_save_into_directory_from_inside_it_and_over_a_leftover(tmp_path, monkeypatch):
+    """A working directory anywhere inside the target is kept (the target is updated in place); a
+    swap folder left by a save that died is no obstacle."""
+    from gptkern._files import save_into_directory
+
+    out, text = tmp_path / "out", _random_text(40)
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "data.txt").write_text(text)
+    (out / "old.txt").write_text("old")
+
+    def write(folder):
+        (folder / "a.txt").write_text(text)
+
+    monkeypatch.chdir(out / "sub")
+    save_into_directory(out, write, keep=lambda name: name != "old.txt")
+    assert Path.cwd() == out / "sub" and (out / "sub" / "data.txt").read_text() == text
+    assert sorted(os.listdir(out)) == ["a.txt", "sub"]
+    monkeypatch.chdir(tmp_path)
+    leftover = tmp_path / f".out.old-{os.getpid()}"
+    (leftover / "x").mkdir(parents=True)
+    save_into_directory(out, write, keep=lambda name: True)
+    assert sorted(os.listdir(out)) == ["a.txt", "sub"] and sorted(os.listdir(tmp_path)) == ["out"]

@@ -166,3 +166,23 @@ def test_help_anywhere_in_the_flags(capsys):
     assert cli.main(["train", "--max-steps", "3", "-h"]) == 0
     assert "--min-lr" in capsys.readouterr().out
     assert cli.main(["train", "--help"]) == 0
+
+
+def test_config_flag_needs_one_file(tmp_path):
+    """--config FILE / --config=FILE once: twice, or an empty or missing file name, is named."""
+    path = write(tmp_path, "a.json", json.dumps({"max_steps": 3}))
+    assert parse(["--config", path]).max_steps == parse([f"--config={path}"]).max_steps == 3
+    for flags, message in ((["--config", path, f"--config={path}"], "--config given more than once"),
+                           (["--config", path, "--config", path], "--config given more than once"),
+                           (["--config", "", "--max-steps", "3"], "--config needs a file"),
+                           (["--config="], "--config needs a file"), (["--config"], "--config needs a file")):
+        with pytest.raises(ValueError, match=message):
+            parse(flags)
+
+
+def test_seq2seq_help_is_its_own(capsys):
+    """`gptkern train seq2seq -h` lists the seq2seq task's flags, not pretraining's."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "seq2seq", "-h"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--data" in out and "--min-lr" not in out
