@@ -186,8 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--preset", default=None, help="model preset (default: gpt2-small, gpt2-tiny with --quick)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128, 16 with --quick)")
     p.add_argument("--new", type=int, default=None, help="tokens to generate (default 64, 8 with --quick)")
-    p.add_argument("--total", type=int, default=None, help="tokens for the cache comparison (default 1024, 64 with --quick; at most the "
-                   "model's block_size)")
+    p.add_argument("--total", type=int, default=None,
+                   help="tokens for the cache comparison (default 1024, 64 with --quick; "
+                        "at most the model's block_size)")
     args = p.parse_args(argv)
     check_common_args(p, args, ("gptkern", "transformers"))
     if args.providers is not None and "gptkern" not in args.providers:

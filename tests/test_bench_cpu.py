@@ -24,8 +24,8 @@ def test_bench_cpu_quick_tiny(tmp_path):
     rows = report["rows"]
     assert {(r["case"].split()[0], r["mode"], r["dtype"]) for r in rows} == {
         (case, mode, dtype) for dtype in ("fp32", "bf16")
-        for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention") for m in ("fwd", "fwd+bwd")]
-        + [("decode", "fwd"), ("linear", "fwd")]}
+        for case, mode in [(c, m) for c in ("softmax", "layer_norm", "rms_norm", "attention")
+                           for m in ("fwd", "fwd+bwd")] + [("decode", "fwd"), ("linear", "fwd")]}
     assert sum("dropout" in r["case"] for r in rows) == 4  # fwd and fwd+bwd in each dtype
     assert {r["case"] for r in rows if r["case"].startswith("softmax")} == {"softmax 64x256", "softmax 3x7"}
     for r in rows:

@@ -52,8 +52,9 @@ def test_timed_is_the_median_after_the_warmup_calls(monkeypatch):
     assert len(calls) == 5
 
 
-@pytest.mark.parametrize("argv,flag", [(["--providers", "foo"], "--providers"), (["--providers", "transformers"],
-                                       "--providers"), (["--repeats", "1"], "--repeats"), (["--warmup", "-1"], "--warmup"),
+@pytest.mark.parametrize("argv,flag", [(["--providers", "foo"], "--providers"),
+                                       (["--providers", "transformers"], "--providers"),
+                                       (["--repeats", "1"], "--repeats"), (["--warmup", "-1"], "--warmup"),
                                        (["--prompt", "0"], "--prompt"), (["--prompt", "300"], "--prompt"),
                                        (["--total", "3"], "--total"), (["--preset", "foo"], "--preset")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):

@@ -309,7 +309,8 @@ def test_benchmark_output_files_are_checked_before_any_timing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert output_file_problem(str(tmp_path / "new" / "deeper" / "out.json")) is None  # folders made later
     assert output_file_problem(str(tmp_path)) == "is a folder"
-    assert output_file_problem(str(tmp_path / "file" / "out.json")) == f"cannot be written: {tmp_path / 'file'} is a file"
+    problem = output_file_problem(str(tmp_path / "file" / "out.json"))
+    assert problem == f"cannot be written: {tmp_path / 'file'} is a file"
     for flag, path in (("--out-json", tmp_path), ("--out-md", tmp_path / "file" / "t.md")):
         with pytest.raises(SystemExit) as exit_:
             benchmark.main(["--quick", "--shapes", "4x8", flag, str(path)])

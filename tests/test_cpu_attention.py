@@ -284,7 +284,8 @@ def test_opcheck():
         torch.ops.gptkern.attention_fwd(q, k, v, None, True, 0.25, 1.0, seed)
     qv, kv, vv = (rand(30, 2, 16).requires_grad_() for _ in range(3))
     cu = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.gptkern.attention_varlen_fwd.default, (qv, kv, vv, cu, cu, 20, 20, True, 0.25, 4, -1))
+    torch.library.opcheck(torch.ops.gptkern.attention_varlen_fwd.default,
+                          (qv, kv, vv, cu, cu, 20, 20, True, 0.25, 4, -1))
     out, lse = torch.ops.gptkern.attention_varlen_fwd(qv.detach(), kv.detach(), vv.detach(), cu, cu, 20, 20, False,
                                                       0.25, -1, -1)
     torch.library.opcheck(torch.ops.gptkern.attention_varlen_bwd.default,
@@ -397,9 +398,9 @@ def test_schemas_are_the_shared_contract():
         "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
         "bool causal, float scale, bool mask_grad=False, float dropout_p=0., Tensor? seed=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
-        "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right, float dropout_p=0., "
-        "Tensor? seed=None) -> (Tensor, Tensor)",
+        "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
+        "float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor)",
         "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
         "int window_left, int window_right, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)",

@@ -45,7 +45,8 @@ def test_a_private_cxx_runtime_is_reported(monkeypatch, capsys):
     with pytest.warns(RuntimeWarning, match=r"own copy of libstdc\+\+.*CXX=/opt/gcc/bin/g\+\+"):
         _backend.check_cxx_runtime(private)
     assert "its own static copy of libstdc++" in cli._extension_info(private)
-    shared = SimpleNamespace(**{**vars(private), "cxx_runtime": "/usr/lib/libstdc++.so.6", "cxx_runtime_private": False})
+    shared = SimpleNamespace(**{**vars(private), "cxx_runtime": "/usr/lib/libstdc++.so.6",
+                                "cxx_runtime_private": False})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _backend.check_cxx_runtime(shared)

@@ -3,7 +3,8 @@ against the torch backend (error at most twice torch's own, plus the dtype's tol
 fp16 / bf16, odd shapes, both kernel paths (warp and block per row, vector and scalar loads),
 reductions over inner dims, non-contiguous inputs; attention (causal or not, GQA, L != S) with
 its LSE against the Triton kernel's, gradients through attention_bwd (Triton on CUDA); decode
-with ragged cache_seqlens (0 and 1 included), paged against static caches, one split and many. Skipped (and reported) without a CUDA device."""
+with ragged cache_seqlens (0 and 1 included), paged against static caches, one split and many.
+Skipped (and reported) without a CUDA device."""
 import math
 
 import pytest

@@ -366,7 +366,8 @@ def test_prepare_does_not_read_its_output_folder(tmp_path):
     for _ in range(2):  # the second run finds the first one's meta.json, tokenizer files and shards
         meta = prepare([tmp_path / "in"], tmp_path / "in" / "out", "bpe", vocab_size=300, val_fraction=0,
                        workers=1, progress=False, log=lambda m: None)
-        assert meta["splits"]["train"]["documents"] == 2 and meta["source"].startswith("2 documents from 2 file(s) (1 empty or binary file(s) skipped) in:")
+        assert meta["splits"]["train"]["documents"] == 2
+        assert meta["source"].startswith("2 documents from 2 file(s) (1 empty or binary file(s) skipped) in:")
     with pytest.raises(ValueError, match=r"input folder .*in is also the output folder"):
         prepare([tmp_path / "in"], tmp_path / "in", progress=False)
 

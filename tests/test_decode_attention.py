@@ -273,7 +273,8 @@ def test_bad_input_to_the_op_names_the_argument():
         (r"cache_seqlens\[0\]", lambda: op(q, k, v, n + 1, 1.0, None)),
         ("contiguous in the head dim", lambda: op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, n, 1.0, None)),
         ("block_table", lambda: op(q, k, v, n, 1.0, torch.zeros(2, 3, dtype=torch.int64))),
-        (r"block_table\[0, 1\]", lambda: op(q, k, v, n + 1, 1.0, torch.tensor([[0, 5, 0], [1, 1, 1]], dtype=torch.int32))),
+        (r"block_table\[0, 1\]",
+         lambda: op(q, k, v, n + 1, 1.0, torch.tensor([[0, 5, 0], [1, 1, 1]], dtype=torch.int32))),
         # lengths are checked before the table is read up to them (a 2-column table here)
         (r"cache_seqlens\[0\] = 100000 is outside \[0, 20\]",
          lambda: op(q, k, v, torch.tensor([100000, 3], dtype=torch.int32), 1.0, torch.ones(2, 2, dtype=torch.int32))),

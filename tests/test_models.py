@@ -328,7 +328,8 @@ def test_models_pickle_and_numpy_config_values():
         torch.save(model, buffer)
         buffer.seek(0)
         copy_ = torch.load(buffer, weights_only=False)
-        assert copy_.lm_head.weight is (copy_.transformer.wte.weight if isinstance(copy_, GPT) else copy_.tgt_emb.weight)
+        embedding = copy_.transformer.wte if isinstance(copy_, GPT) else copy_.tgt_emb
+        assert copy_.lm_head.weight is embedding.weight
     cfg = GPTConfig.from_name("gpt2-tiny", n_layer=np.int64(2), norm_eps=np.float32(1e-5), window=np.int32(8),
                               dropout=np.float32(0.1))
     assert type(cfg.n_layer) is int and type(cfg.norm_eps) is float and type(cfg.window) is int

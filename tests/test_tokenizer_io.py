@@ -14,7 +14,8 @@ from gptkern.data import ByteTokenizer, load_tokenizer, make_tokenizer, train_bp
 from gptkern.models import GPT, GPTConfig
 from gptkern.models.io import load_pretrained, save_pretrained
 
-CORPUS = ["the quick brown fox jumps over the lazy dog\n" * 20, "ünïcödé ✓ 𝄞 text, numbers 12345", "def f(x):\n    return x"]
+CORPUS = ["the quick brown fox jumps over the lazy dog\n" * 20, "ünïcödé ✓ 𝄞 text, numbers 12345",
+          "def f(x):\n    return x"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -166,7 +166,8 @@ def test_a_newest_checkpoint_folder_without_its_state_is_named_not_skipped(data_
     assert [p.name for p in ckpt.list_checkpoints(str(tmp_path))] == ["step_00000002", "step_00000003"]
 
 
-@pytest.mark.parametrize("name, content", [("rng.pt", {"python": 1}), ("optimizer.pt", {"state": {}, "param_groups": []})])
+@pytest.mark.parametrize("name, content", [("rng.pt", {"python": 1}),
+                                           ("optimizer.pt", {"state": {}, "param_groups": []})])
 def test_a_checkpoint_file_of_the_wrong_structure_is_named(data_dir, tmp_path, name, content):
     train(tiny(data_dir, tmp_path, max_steps=1))
     file = ckpt.latest_checkpoint(str(tmp_path)) / name
@@ -556,7 +557,8 @@ def test_cuda_generator_state_is_this_ranks_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls.append((state.tolist(), device)))
     state = ckpt.rng_state()
     assert state["cuda_device"].tolist() == [7]
     ckpt.set_rng_state(state)

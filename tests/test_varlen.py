@@ -115,7 +115,8 @@ def test_windows_wider_than_every_sequence_are_unbounded(backend):
     assert_close(varlen(q, k, v, cu_q, cu_k, 10, 9, window_size=(7, 9)),
                  reference(q, k, v, lens_q, lens_k, False, (7, 9)), torch.float32)  # (7 < 9 - 1 still bounds)
     if backend in ("triton", "cpu"):  # the op itself, past the Python entry point: the kernel caps each side
-        op = torch.ops.gptkern.triton_attention_varlen if backend == "triton" else torch.ops.gptkern.attention_varlen_fwd
+        ops = torch.ops.gptkern
+        op = ops.triton_attention_varlen if backend == "triton" else ops.attention_varlen_fwd
         out = op(q, k, v, cu_q, cu_k, 10, 9, False, 0.25, 2**63 - 1, 2**63 - 1, 0.0, None)[0]
         assert_close(out, ref, torch.float32)
 

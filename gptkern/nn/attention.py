@@ -65,7 +65,10 @@ def _check_fast_path_mask(attn_mask: torch.Tensor, query: torch.Tensor, fused_he
     path honours by dropping the mask unread)."""
     b, l = query.shape[:2]
     # (a view with -1 of an empty tensor is ambiguous: torch raises)
-    fits = attn_mask.numel() == l * l if attn_mask.dim() == 2 else b * l * l > 0 and attn_mask.numel() % (b * l * l) == 0
+    if attn_mask.dim() == 2:
+        fits = attn_mask.numel() == l * l
+    else:
+        fits = b * l * l > 0 and attn_mask.numel() % (b * l * l) == 0
     if fits and attn_mask.dim() == 3 and fused_heads is not None and attn_mask.numel() != b * fused_heads * l * l:
         raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} is not (B * num_heads, L, L) = "
                            f"({b * fused_heads}, {l}, {l}) (torch's fused fast path reads it even with is_causal=True)")

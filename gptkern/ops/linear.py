@@ -34,7 +34,8 @@ def register_cpu_ops() -> None:
 
 def _kernel_serves(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether the C++ kernel takes this call: the conditions apart from the backend choice."""
-    if not all(isinstance(t, torch.Tensor) for t in (input, weight)) or not isinstance(bias, (torch.Tensor, type(None))):
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and isinstance(bias, (torch.Tensor, type(None)))):
         return False  # F.linear raises torch's TypeError naming the argument
     if input.device.type != "cpu" or weight.dim() != 2 or input.dim() < 1 or not weight.is_contiguous():
         return False
