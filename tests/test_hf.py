@@ -468,3 +468,25 @@ def test_export_is_in_eval_mode_like_from_pretrained():
     assert not hf.training
     x = torch.randint(0, 61, (1, 8))
     torch.testing.assert_close(hf(x).logits, hf(x).logits, rtol=0, atol=0)
+
+
+def test_scaling_and_dropout_reach_the_kernel():
+    """transformers passes the model's scaling (not always 1/sqrt(D)) and its attention dropout rate."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64) for _ in range(3))
+    scale = float(torch.rand(()) + 0.1)
+    got = gptkern.hf.attention_forward(torch.nn.Module(), q, k, v, None, scaling=scale)[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    assert_close(got, want.transpose(1, 2), torch.float64)
+    dropped = gptkern.hf.attention_forward(torch.nn.Module(), q, k, v, None, dropout=0.9, scaling=scale)[0]
+    assert not torch.allclose(dropped, got)
+
+
+def test_one_query_gets_no_mask():
+    """A decode step (one query) keeps the causal hint: None, as sdpa's mask function gives."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs = dict(batch_size=1, q_length=1, kv_length=7, attention_mask=torch.ones(1, 7, dtype=torch.bool))
+    if sdpa_mask(**kwargs) is not None:
+        pytest.skip("this transformers' sdpa mask does not skip here")
+    assert gptkern.hf.causal_mask(**kwargs) is None

@@ -224,3 +224,139 @@ def test_compiling_without_the_extension_builds_nothing_and_traces(bare_package)
                    "print('OK')", timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "building" not in out.stderr and (not cache.exists() or not any(cache.iterdir()))
+
+
+def test_switches_and_folders_from_the_environment(monkeypatch, tmp_path):
+    """GPTKERN_JIT=0 (spaces around it too) turns the build off; the cache is $GPTKERN_CACHE_DIR, else
+    gptkern/ under $XDG_CACHE_HOME, else under ~/.cache; CXX names the compiler looked for."""
+    from gptkern import _jit
+
+    monkeypatch.setattr(_jit, "_failed", None)
+    monkeypatch.setenv("GPTKERN_JIT", " 0\n")
+    assert not _jit.enabled() and not _jit.available()
+    monkeypatch.setenv("GPTKERN_JIT", "1")
+    assert _jit.enabled()
+    monkeypatch.delenv("GPTKERN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _jit.cache_dir() == str(tmp_path / "xdg" / "gptkern")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _jit.cache_dir() == str(tmp_path / "home" / ".cache" / "gptkern")
+    monkeypatch.setenv("GPTKERN_CACHE_DIR", str(tmp_path / "mine"))
+    assert _jit.cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert _jit.unavailable_reason() == f"no C++ compiler ({tmp_path / 'no-such-compiler'}) on PATH to build it"
+    assert not _jit.available()
+
+
+def test_a_failure_is_not_retried_in_the_process(monkeypatch, tmp_path):
+    """Sources not found: the error is kept, and later builds (sources found again) raise it at once;
+    refuse() does the same with its own reason."""
+    from gptkern import _jit
+
+    monkeypatch.setattr(_jit, "_failed", None)
+    monkeypatch.setenv("GPTKERN_SOURCE_DIR", str(tmp_path))
+    with pytest.raises(_jit.JITBuildError, match="GPTKERN_SOURCE_DIR=.* holds no ops.cpp"):
+        _jit.build("test")
+    monkeypatch.delenv("GPTKERN_SOURCE_DIR")
+    assert _jit.source_dir() is not None and not _jit.available()
+    assert "an earlier build in this process failed" in _jit.unavailable_reason()
+    monkeypatch.setattr(_jit, "_failed", None)
+    _jit.refuse("refused for the test")
+    with pytest.raises(_jit.JITBuildError, match="refused for the test"):
+        _jit.build("test")
+
+
+def test_the_build_folder_changes_with_the_flags_and_torch(monkeypatch, tmp_path):
+    import torch
+
+    from gptkern import _jit
+
+    (tmp_path / "a.cpp").write_text("int a;\n")
+    sources = [str(tmp_path / "a.cpp")]
+    digest = _jit._digest(sources, [], ["-O3"])
+    assert _jit._digest(sources, [], ["-O3"]) == digest and _jit._digest(sources, [], ["-O2"]) != digest
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert _jit._digest(sources, [], ["-O3"]) != digest
+
+
+def test_the_built_marker_is_written_whole_and_the_module_installed(tmp_path, monkeypatch):
+    """The marker goes to a temporary file, fsynced, then renamed over ``built``; build() names its
+    folder on the module and makes it gptkern._C."""
+    import sys
+    import types
+
+    from torch.utils import cpp_extension
+
+    from gptkern import _jit
+
+    module = types.ModuleType("_C")
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, extra_include_paths, build_directory, **kwargs):
+        with open(os.path.join(build_directory, "_C.so"), "wb") as f:
+            f.write(os.urandom(64))
+        return module
+
+    synced, replaced = [], []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append((src, dst)) or replace(src, dst))
+    monkeypatch.setattr(_jit, "_failed", None)
+    monkeypatch.setenv("GPTKERN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GPTKERN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setitem(sys.modules, "gptkern._C", None)
+    assert _jit.build("test") is module and sys.modules["gptkern._C"] is module
+    (build_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert module.jit_build_dir == str(build_dir)
+    done = str(build_dir / "built")
+    assert len(synced) == 1 and len(replaced) == 1 and replaced[0][1] == done and replaced[0][0] != done
+    assert sorted(p.name for p in build_dir.iterdir()) == ["_C.so", "built"]
+
+
+def test_cpu_capability_flags_and_tags(monkeypatch, tmp_path):
+    """The best level whose every feature the CPU has; a tag at the file's very start is read; without
+    /proc/cpuinfo nothing is reported missing."""
+    from gptkern import _build
+
+    monkeypatch.delenv("GPTKERN_CPU_CAPABILITY", raising=False)
+    for flags, best in (({"avx2"}, "default"), ({"avx2", "fma", "f16c"}, "avx2"),
+                        ({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx512")):
+        monkeypatch.setattr(_build, "host_cpu_flags", lambda: set(flags))
+        assert _build.cpu_capability() == best, flags
+    monkeypatch.setattr(_build, "host_cpu_flags", lambda: set())
+    assert _build.missing_cpu_flags("avx512") == set()
+    (tmp_path / "first.so").write_bytes(b"gptkern-cpu-capability=avx512\0rest")
+    assert _build.built_capability(str(tmp_path / "first.so")) == "avx512"
+
+
+def test_cuda_build_switches_and_architectures(monkeypatch, tmp_path):
+    from gptkern import _build
+
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o644)
+    assert _build.find_nvcc(str(tmp_path)) is None  # not executable
+    nvcc.chmod(0o755)
+    assert _build.find_nvcc(str(tmp_path)) == str(nvcc) and _build.find_nvcc(None) is None
+    monkeypatch.setenv("GPTKERN_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match=r"GPTKERN_BUILD_CUDA=1 .* no nvcc \(set CUDA_HOME\)"):
+        _build.want_cuda("12.4", None)
+    assert _build.want_cuda("12.4", str(nvcc))
+    monkeypatch.setenv("GPTKERN_BUILD_CUDA", "yes")
+    with pytest.raises(ValueError, match="GPTKERN_BUILD_CUDA must be 0 or 1, got 'yes'"):
+        _build.want_cuda("12.4", str(nvcc))
+    monkeypatch.setenv("GPTKERN_BUILD_CUDA", "0")
+    assert not _build.want_cuda("12.4", str(nvcc))
+    monkeypatch.delenv("GPTKERN_BUILD_CUDA")
+    assert not _build.want_cuda(None, str(nvcc)) and _build.want_cuda("12.4", str(nvcc))
+    archs = _build.parse_archs("8.0; 9.0a+PTX")
+    assert archs == [("80", False), ("90a", True)]
+    assert _build.nvcc_flags(archs) == ["-O3", "-lineinfo", "-gencode=arch=compute_80,code=sm_80",
+                                        "-gencode=arch=compute_90a,code=sm_90a",
+                                        "-gencode=arch=compute_90a,code=compute_90a"]
+    assert _build.cuda_defines(archs) == ["-DGPTKERN_WITH_CUDA", "-DGPTKERN_CUDA_ARCHS=sm_80,sm_90a,compute_90a"]
+    for bad in ("7.5", "8", "sm_80", ";"):
+        with pytest.raises(ValueError, match="GPTKERN_CUDA_ARCHS"):
+            _build.parse_archs(bad)

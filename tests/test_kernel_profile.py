@@ -96,3 +96,35 @@ def test_cpu_ops_run_by_the_optimizer_count_as_optimizer():
     assert all(ms == 0 for cat, ms in only_step["categories"].items() if cat != "optimizer"), only_step
     forward = kernel_profile.profile_steps(lambda: model(x), 2, torch.device("cpu"))
     assert forward["categories"]["matmul"] > 0 and forward["categories"]["optimizer"] == 0
+
+
+def _event(name, us, parent=None):
+    return SimpleNamespace(name=name, self_cpu_time_total=us, cpu_parent=parent,
+                           device_type=torch.autograd.DeviceType.CPU)
+
+
+def test_cpu_events_per_step_with_the_optimizer_found_up_the_parents():
+    """Self times and calls per step; an op two ranges below Optimizer.step is the optimizer's; ops
+    without self time are left out; the top is the TOP slowest."""
+    steps = int(torch.randint(2, 5, ()))
+    step = _event("Optimizer.step#AdamW.step", 1.0)
+    nested = _event("aten::mul_", 40.0, _event("aten::_foreach_thing", 1.0, step))
+    ops = [_event(f"aten::op{i}", 100.0 + i) for i in range(kernel_profile.TOP + 2)]
+    s = kernel_profile.summarize_cpu_events([nested, nested, _event("aten::empty", 0.0), *ops], steps)
+    assert s["categories"]["optimizer"] == pytest.approx(80.0 / 1e3 / steps)
+    top = {r["name"]: r for r in s["top"]}
+    assert len(s["top"]) == kernel_profile.TOP and "aten::empty" not in top
+    assert [r["name"] for r in s["top"]] == [f"aten::op{i}" for i in range(kernel_profile.TOP + 1, 1, -1)]
+    s = kernel_profile.summarize_cpu_events([nested, nested, _event("aten::empty", 0.0)], steps)
+    assert [(r["name"], r["category"], r["calls"]) for r in s["top"]] == [("aten::mul_", "optimizer", 2 / steps)]
+
+
+def test_markdown_gives_each_category_its_share():
+    ms = torch.rand(2, dtype=torch.float64) + 0.5
+    profile = {"total_ms": float(ms.sum()), "categories": {cat: 0.0 for cat, _ in kernel_profile.CATEGORIES},
+               "top": [{"name": "a|b", "category": "matmul", "ms": float(ms[0]), "calls": 2}]}
+    profile["categories"].update(matmul=float(ms[0]), other=float(ms[1]))
+    lines = kernel_profile.markdown({"gptkern": profile}, "test")
+    share = round(float(100 * ms[0] / ms.sum()))
+    assert f"| matmul | {float(ms[0]):.2f} ({share}%) |" in lines
+    assert f"| `a/b` | matmul | {float(ms[0]):.3f} | 2 |" in lines
