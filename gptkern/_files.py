@@ -28,7 +28,7 @@ def write_atomic(path: str, text: str) -> None:
 def read_json_object(path: Path) -> dict:
     """``path``'s JSON object; ValueError naming the file when it is not valid JSON or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is corrupt: not valid JSON ({err})") from None
     if not isinstance(value, dict):

@@ -164,15 +164,15 @@ def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
     meta_file = data / "meta.json"
     wanted = corpus_description(corpus_chars)
     if meta_file.is_file():
-        source = json.loads(meta_file.read_text()).get("source", "")
+        source = json.loads(meta_file.read_text(encoding="utf-8")).get("source", "")
         if source == wanted:
-            return json.loads(meta_file.read_text())
+            return json.loads(meta_file.read_text(encoding="utf-8"))
         if not source.startswith("embedded corpus:"):
             raise ValueError(f"{data} holds another dataset ({source}); give the demo another --out")
     elif data.exists() and any(data.iterdir()):
         raise ValueError(f"{data} is not empty and holds no prepared dataset; give the demo another --out")
     prepare([], data, "byte", max_chars=corpus_chars, progress=False)
-    return json.loads(meta_file.read_text())
+    return json.loads(meta_file.read_text(encoding="utf-8"))
 
 
 # What a training run writes into its out_dir (gptkern/train/trainer.py, metrics.py, _files.py)

@@ -30,6 +30,8 @@ def test_triton_interpret_is_off_for_an_empty_or_zero_setting(monkeypatch):
         monkeypatch.setattr(_backend, "_TRITON_INTERPRET", None)
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert _backend.triton_interpret() is expected, value
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.triton_interpret() is True  # still the "yes" read first
 
 
 def test_set_backend_and_context_manager():

@@ -284,6 +284,8 @@ def test_gradients_of_another_dtype_are_cast(emu):
 def test_norm_stats_of_rows_of_no_element(emu):
     """Rows of no element have variance 0: mean 0 and rstd 1/sqrt(eps) of the eps given, shaped as the lead
     dims, as gptkern's CPU op gives (torch's native_layer_norm: mean 0, rstd NaN); y is empty."""
+    if "cpu" not in gptkern.available_backends():
+        pytest.skip("gptkern._C's CPU kernels are not built (the comparison below calls them)")
     for shape, k in (((4, 0), 1), ((2, 3, 0, 5), 2)):
         for is_rms in (False, True):
             x = torch.randn(shape)

@@ -318,15 +318,15 @@ def test_save_into_directory_from_inside_it_and_over_a_leftover(tmp_path, monkey
 
     out, text = tmp_path / "out", _random_text(40)
     (out / "sub").mkdir(parents=True)
-    (out / "sub" / "data.txt").write_text(text)
+    (out / "sub" / "data.txt").write_text(text, encoding="utf-8")
     (out / "old.txt").write_text("old")
 
     def write(folder):
-        (folder / "a.txt").write_text(text)
+        (folder / "a.txt").write_text(text, encoding="utf-8")
 
     monkeypatch.chdir(out / "sub")
     save_into_directory(out, write, keep=lambda name: name != "old.txt")
-    assert Path.cwd() == out / "sub" and (out / "sub" / "data.txt").read_text() == text
+    assert Path.cwd() == out / "sub" and (out / "sub" / "data.txt").read_text(encoding="utf-8") == text
     assert sorted(os.listdir(out)) == ["a.txt", "sub"]
     monkeypatch.chdir(tmp_path)
     leftover = tmp_path / f".out.old-{os.getpid()}"

@@ -515,12 +515,15 @@ def test_auto_device_is_this_process_gpu_or_the_cpu(data_dir, tmp_path, monkeypa
     """--device auto: cuda:LOCAL_RANK when CUDA is available (each torchrun process its own GPU),
     else the CPU; the task commands and `gptkern generate` resolve auto the same way."""
     from gptkern._backend import resolve_device
+    from gptkern.train.tasks import TaskConfig, _check_config
     from gptkern.train.trainer import Distributed, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # auto is never refused as one GPU for every process
     want = torch.device("cuda", 1) if cuda else torch.device("cpu")
     assert pick_device(config(data_dir, tmp_path, device="auto"), Distributed(1, 1, 2)) == want
     assert resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+    assert _check_config(TaskConfig(), 1).device == ("cuda" if cuda else "cpu")
 
 
 def test_document_masked_training(data_dir, tmp_path):

@@ -333,7 +333,7 @@ def read_meta(data_dir: Union[str, os.PathLike]) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: prepare the data first (gptkern prepare --out {data_dir})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(meta, dict):

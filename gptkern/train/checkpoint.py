@@ -197,7 +197,7 @@ def load_training_state(path: Path, load_optimizer) -> dict[str, Any]:
 
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's state.json."""
-    state = read_file(path / "state.json", lambda f: json.loads(Path(f).read_text()))
+    state = read_file(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
     if not _valid_state(state):
         raise ValueError(f"checkpoint file {path / 'state.json'} is corrupt (no step, training config with its "
                          f"data folder, or loader position); {AN_EARLIER_ONE.format(path)}")

@@ -35,7 +35,7 @@ class MetricsLog:
         record = {"step": step, "time": time.time(), **{k: v for k, v in values.items() if v is not None}}
         # NaN and inf as null: strict JSON has no NaN (json.dumps would write a bare NaN)
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -68,7 +68,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a crash

@@ -172,7 +172,7 @@ class Trainer:
                               f"starting from scratch")
             return
         saved = read_state(path)
-        model_file = read_file(path / "config.json", lambda f: json.loads(Path(f).read_text()))
+        model_file = read_file(path / "config.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
         if not isinstance(model_file, dict) or not isinstance(model_file.get("config"), dict):
             raise ValueError(f"checkpoint file {path / 'config.json'} is corrupt (no model config)")
         mismatch = config_mismatch(saved["config"], self.config.to_dict(), model_file["config"],
