@@ -560,8 +560,8 @@ def head_block(d: int) -> int:
 # 16-bit and fp32 inputs and three weights of work per score: plain, with a mask, with
 # dropout (Philox draws keep the most registers live), causal or not. Every entry compiles
 # without spills with Triton 3.6 and 3.7 (their code generation differs: tests/test_hopper_compile.py
-# checks both); None: no configuration found that does not spill, so the Triton path does
-# not take that case (see ``unsupported``).
+# checks both; the alternatives below, timed before use, with 3.7); None: no configuration found
+# that does not spill, so the Triton path does not take that case (see ``unsupported``).
 PLAIN, MASKED, DROPOUT = 0, 1, 2
 _CONFIGS = {
     # kernel: {(fp32, weight): (config for d <= 64, d <= 128, d <= 256)}
