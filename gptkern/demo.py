@@ -15,7 +15,6 @@ summary covers them too (at small sizes); they are not timed there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -158,21 +157,23 @@ def prepare_corpus(data, corpus_chars: Optional[int]) -> dict:
     """The embedded corpus tokenized into ``data`` (a pathlib.Path), capped at ``corpus_chars``;
     kept from an earlier run with the same cap, prepared again (over its own files) for another.
     A folder holding another dataset is refused, never overwritten. Returns its meta."""
+    from gptkern._files import read_json_object
     from gptkern.data.corpus import corpus_description
     from gptkern.data.prepare import prepare
 
     meta_file = data / "meta.json"
     wanted = corpus_description(corpus_chars)
     if meta_file.is_file():
-        source = json.loads(meta_file.read_text(encoding="utf-8")).get("source", "")
+        meta = read_json_object(meta_file)  # a corrupt one is refused, naming the file
+        source = str(meta.get("source", ""))
         if source == wanted:
-            return json.loads(meta_file.read_text(encoding="utf-8"))
+            return meta
         if not source.startswith("embedded corpus:"):
             raise ValueError(f"{data} holds another dataset ({source}); give the demo another --out")
     elif data.exists() and any(data.iterdir()):
         raise ValueError(f"{data} is not empty and holds no prepared dataset; give the demo another --out")
     prepare([], data, "byte", max_chars=corpus_chars, progress=False)
-    return json.loads(meta_file.read_text(encoding="utf-8"))
+    return read_json_object(meta_file)
 
 
 # What a training run writes into its out_dir (gptkern/train/trainer.py, metrics.py, _files.py)

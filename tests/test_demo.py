@@ -58,6 +58,11 @@ def test_demo_flags_and_a_corpus_prepared_with_another_cap(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds another dataset"):
         demo.prepare_corpus(tmp_path / "mine" / "data", 20_000)
     assert (tmp_path / "mine" / "data" / "raw" / "notes.txt").is_file()
+    for text, match in (("{", "is corrupt: not valid JSON"), ("[1]", "is corrupt: a JSON object was expected")):
+        (tmp_path / "mine" / "data" / "meta.json").write_text(text)  # named, and the folder left alone
+        with pytest.raises(ValueError, match=match):
+            demo.prepare_corpus(tmp_path / "mine" / "data", 20_000)
+        assert (tmp_path / "mine" / "data" / "raw" / "notes.txt").is_file()
 
 
 def test_demo_clears_only_a_training_run(tmp_path):
