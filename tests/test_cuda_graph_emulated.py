@@ -341,6 +341,27 @@ def test_release_during_a_call_keeps_nothing(emulator):
     assert len(emulator.graphs) == 2
 
 
+def test_a_call_ending_beside_one_in_flight_leaves_that_ones_graph_kept(emulator):
+    """A call that had to capture its own graph (the kept one was in use) frees it when it ends
+    rather than replace the kept one: one kept cache per model beyond the calls in flight."""
+    from gptkern.generation import cuda_graph
+
+    model = _model("llama-tiny")
+    prompt, mask = _prompts(model.config.vocab_size)
+    expected = generate(model, prompt, 6, attention_mask=mask, cuda_graph=False)
+    generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
+    kept = cuda_graph._kept[model]
+    in_flight = generate(model, prompt, 6, attention_mask=mask, cuda_graph=True, stream=True)
+    first = next(in_flight)  # uses the kept graph
+    assert torch.equal(generate(model, prompt, 6, attention_mask=mask, cuda_graph=True), expected)
+    assert len(emulator.graphs) == 2 and cuda_graph._kept[model] is kept  # its own graph was not kept
+    rest = list(in_flight)
+    assert torch.equal(torch.cat([prompt, torch.stack([first, *rest], 1)], 1), expected)
+    assert cuda_graph._kept[model] is kept
+    generate(model, prompt, 6, attention_mask=mask, cuda_graph=True)
+    assert len(emulator.graphs) == 2
+
+
 def test_the_new_tf32_api_is_read_and_keyed(emulator):
     """torch >= 2.9 refuses get_float32_matmul_precision() once fp32_precision is set."""
     model = _model("gpt2-tiny")
