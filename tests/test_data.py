@@ -697,3 +697,112 @@ def test_a_saved_gpt2_tokenizer_loads_back_as_gpt2(tmp_path):
     tok = make_tokenizer(f"gpt2-dir:{tmp_path / 'src'}")
     tok.save(tmp_path / "saved")
     assert load_tokenizer(tmp_path / "saved").kind == "gpt2"
+
+
+# ---------------------------------------------------------------- contracts a mutation run found untested
+
+def test_folder_files_are_read_in_relative_path_order(tmp_path):
+    """Sorted by path inside the folder, not by file name: a/c.txt comes before b.txt."""
+    from gptkern.data.prepare import read_documents
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "b.txt").write_text("second")
+    (tmp_path / "in" / "a" / "c.txt").write_text("first")
+    docs, source = read_documents([tmp_path / "in"], log=lambda m: None)
+    assert docs == ["first", "second"] and source.startswith("2 documents from 2 file(s) in:")
+
+
+def test_two_documents_and_a_small_fraction_still_give_one_validation_document():
+    assert split_documents(2, 0.1, 0).sum() == 1 and split_documents(2, 0.0, 0).sum() == 0
+
+
+def test_split_text_of_an_exact_multiple_has_no_empty_piece():
+    assert split_text("x" * 90, 30) == ["x" * 30] * 3
+    assert split_text("abc", 3) == ["abc"] and split_text("", 4) == [""]
+
+
+@pytest.mark.parametrize("saved", [None, "true"])
+def test_a_worker_pool_leaves_tokenizers_parallelism_as_it_was(tmp_path, monkeypatch, saved):
+    if saved is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", saved)
+    (tmp_path / "a.txt").write_text("some words " * 20)
+    (tmp_path / "b.txt").write_text("other words " * 20)
+    # more text than piece_chars: the pool is started
+    meta = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", "byte", val_fraction=0, workers=2,
+                   piece_chars=64, progress=False)
+    assert meta["splits"]["train"]["documents"] == 2
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == saved
+
+
+def test_read_meta_refuses_another_format_and_incomplete_splits(tmp_path):
+    write_meta(tmp_path, {**META, "format": "other-tokens"})
+    with pytest.raises(ValueError, match=r"meta\.json: format is 'other-tokens', expected 'gptkern-tokens'"):
+        read_meta(tmp_path)
+    write_meta(tmp_path, {**META, "splits": {"train": {"file": "train.bin", "tokens": 40}}})
+    with pytest.raises(ValueError, match=r"meta\.json: split 'train' lacks \['documents'\]"):
+        read_meta(tmp_path)
+    write_meta(tmp_path, {**META, "splits": {"train": {"file": "", "tokens": 40, "documents": 1}}})
+    with pytest.raises(ValueError, match=r"field 'splits\.train\.file' must be a file name, got ''"):
+        read_meta(tmp_path)
+
+
+def test_prepare_bpe_default_vocabulary_and_ignored_vocab_size_note(tmp_path):
+    (tmp_path / "in.txt").write_text("tiny text for a tokenizer\n")
+    notes = []
+    meta = prepare([tmp_path / "in.txt"], tmp_path / "bpe", "bpe", val_fraction=0, workers=1, progress=False,
+                   log=notes.append)
+    assert meta["vocab_size"] < 8192 and any("of the 8192 asked for" in n for n in notes), notes
+    notes.clear()
+    prepare([tmp_path / "in.txt"], tmp_path / "byte", "byte", vocab_size=300, val_fraction=0, workers=1,
+            progress=False, log=notes.append)
+    assert any("--vocab-size is ignored by the byte tokenizer" in n for n in notes), notes
+
+
+def test_max_chars_with_inputs_is_refused(tmp_path):
+    (tmp_path / "in.txt").write_text("some text\n")
+    with pytest.raises(ValueError, match="max_chars caps the embedded corpus; it cannot be used with inputs"):
+        prepare([tmp_path / "in.txt"], tmp_path / "out", max_chars=100, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '"text"', "3", "null"])
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, line):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: expected a JSON object with a string field 'text'"):
+        prepare([tmp_path / "d.jsonl"], tmp_path / "out", progress=False)
+
+
+def test_cli_prepare_defaults_to_a_tenth_for_validation_and_quiet_hides_the_bars(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for i in range(10):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"document {i} " * 5)
+    argv = ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert prepare_module.main(argv + ["--quiet"]) == 0
+    assert read_meta(tmp_path / "out")["splits"]["val"]["documents"] == 1
+    assert read_meta(tmp_path / "out")["val_fraction"] == 0.1
+    assert capsys.readouterr().err == ""
+    # the module's own main: an input mistake is one line and status 2
+    assert prepare_module.main(["--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptkern prepare: error: input ") and "missing.txt does not exist" in err
+
+
+def test_prepare_into_a_file_is_refused_before_reading(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"output .*afile exists and is not a folder"):
+        prepare([tmp_path / "missing.txt"], tmp_path / "afile", progress=False)  # before the inputs are read
+
+
+def test_a_failed_prepare_keeps_an_empty_output_folder_it_did_not_make(tmp_path, monkeypatch):
+    (tmp_path / "in.txt").write_text("some text\n")
+    (tmp_path / "out").mkdir()
+
+    def fail(tok, text, dtype):
+        raise ValueError("encoding failed")
+
+    monkeypatch.setattr(prepare_module, "encode_array", fail)
+    with pytest.raises(ValueError, match="encoding failed"):
+        prepare([tmp_path / "in.txt"], tmp_path / "out", "byte", workers=1, progress=False)
+    assert (tmp_path / "out").is_dir() and list((tmp_path / "out").iterdir()) == []

@@ -1,5 +1,6 @@
 """GPTConfig and GPT: presets, checks, initialisation, loss, tying, meta loading, backends, compile."""
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_config_checks_and_round_trip():
                 dict(activation="tanh"), dict(pos_embedding="alibi"), dict(window=0), dict(window=2.5),
                 dict(mlp_hidden=0), dict(mlp_hidden=-4), dict(mlp_hidden=2.5), dict(n_kv_head=True),
                 dict(tie_weights="no"), dict(bias=1), dict(norm_eps=-1.0), dict(rope_base=0.0), dict(rope_base=1.0),
-                dict(rope_base=1e-50),
+                dict(rope_base=1e-50), dict(n_embd={}), dict(n_embd="768"), dict(n_embd=None),
                 dict(init_std=-1.0), dict(init_std=float("nan")), dict(dropout="0.1"), dict(dropout=None)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GPTConfig(**bad)
@@ -494,3 +495,46 @@ def test_an_untied_model_directory_without_its_head_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors does not match its config: missing keys "
                                          r"\['lm_head.weight'\]"):
         load_pretrained(tmp_path)
+
+
+def test_model_weights_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from helpers import fsync_spy
+
+    synced = fsync_spy(monkeypatch)
+    save_pretrained(GPT(tiny(n_layer=1)), tmp_path / "m")
+    assert any(Path(p).name.startswith("model.safetensors.tmp") for p in synced), synced
+
+
+def test_load_pretrained_names_missing_weights_extra_keys_and_bad_config_values(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    model = GPT(tiny(n_layer=1))
+    save_pretrained(model, tmp_path / "m")
+    config_file, weights = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"
+    good_config, good_weights = config_file.read_text(), weights.read_bytes()
+    # a hand-written config without mlp_hidden whose n_embd is not a number (a TypeError inside
+    # GPTConfig): still a ValueError naming the file
+    config = json.loads(good_config)
+    del config["config"]["mlp_hidden"]
+    config_file.write_text(json.dumps({**config, "config": {**config["config"], "n_embd": {}}}))
+    with pytest.raises(ValueError, match=r"config\.json: "):
+        load_pretrained(tmp_path / "m")
+    config_file.write_text(good_config)
+    state = load_file(str(weights))
+    save_file({**state, "transformer.extra": torch.zeros(2)}, str(weights))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its config: missing keys \[\], "
+                                         r"unexpected keys \['transformer\.extra'\]"):
+        load_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors not found: the model directory has no weights"):
+        load_pretrained(tmp_path / "m")
+    weights.write_bytes(good_weights)
+    import safetensors.torch
+
+    def io_error(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", io_error)  # a read error: named, as a corrupt file
+    with pytest.raises(ValueError, match=r"model\.safetensors is corrupt: not a readable safetensors file .*"
+                                         r"Input/output error"):
+        load_pretrained(tmp_path / "m")

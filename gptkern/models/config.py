@@ -60,7 +60,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.mlp_hidden is None:
+        if self.mlp_hidden is None and is_int(self.n_embd):  # (a bad n_embd is named below)
             self.mlp_hidden = 4 * self.n_embd
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             value = getattr(self, name)
