@@ -56,7 +56,8 @@ def test_timed_is_the_median_after_the_warmup_calls(monkeypatch):
                                        (["--providers", "transformers"], "--providers"),
                                        (["--repeats", "1"], "--repeats"), (["--warmup", "-1"], "--warmup"),
                                        (["--prompt", "0"], "--prompt"), (["--prompt", "300"], "--prompt"),
-                                       (["--total", "3"], "--total"), (["--preset", "foo"], "--preset")])
+                                       (["--total", "3"], "--total"), (["--total", "8"], "--total"),
+                                       (["--preset", "foo"], "--preset")])
 def test_bad_flags_are_one_error_line(argv, flag, capsys):
     assert_argument_error(bench_generate.main, ["--quick", "--device", "cpu", *argv], flag, capsys)
 
@@ -113,3 +114,109 @@ def test_paged_batch_counts_decode_tokens_only(monkeypatch):
                      "decode_tokens_per_s": 750.0}]
     for prompt_len in (1, 2, 3):  # prompts of prompt_len // 4 = 0 tokens had been drawn
         bench_generate.bench_paged_batch(cfg, torch.float32, torch.device("cpu"), 8, prompt_len, 4)
+
+
+TINY = GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=32)
+
+
+def test_speedups_are_ours_over_theirs_and_the_cache_over_none(monkeypatch):
+    """gptkern's decode tokens/s over transformers' and with the cache over without it (above 1:
+    faster); the uncached rate is timed with use_cache=False."""
+    rates = iter([30.0, 10.0])  # ours, then theirs
+    cached = []
+    real_generate = bench_generate.generate
+
+    def generate(*args, use_cache=True, **kwargs):
+        cached.append(use_cache)
+        return real_generate(*args, use_cache=use_cache, **kwargs)
+
+    def fake_rate(run, prompt_len, new, device, repeats, warmup=1):
+        run(prompt_len, new)
+        return {"start_ms": 1.0, "warm_tokens": 2, "total_ms": 2.0, "decode_tokens_per_s": next(rates)}
+
+    monkeypatch.setattr(bench_generate, "decode_rate", fake_rate)
+    ours, theirs = bench_generate.bench_vs_transformers(TINY, torch.float32, torch.device("cpu"), 4, 3, 1, 2)
+    assert (ours["provider"], theirs["provider"]) == ("gptkern", "transformers")
+    assert ours["speedup"] == pytest.approx(3.0) and "speedup" not in theirs
+    monkeypatch.setattr(bench_generate, "generate", generate)
+    rates = iter([40.0, 8.0])  # with the cache, then without
+    [row] = bench_generate.bench_cache(TINY, torch.float32, torch.device("cpu"), 12, 4, 2)
+    assert cached == [True, False]
+    assert row["with_cache_tokens_per_s"] == 40.0 and row["without_cache_tokens_per_s"] == 8.0
+    assert row["speedup"] == pytest.approx(5.0) and row["case"] == "cache vs none, 12-token context"
+
+
+def test_decode_kernel_rows_count_the_bytes_read_against_a_copy_of_them(monkeypatch):
+    """The kernel reads K and V of the filled length (2·B·Hkv·filled·D elements); a copy of as many
+    bytes reads and writes them (twice the traffic); fraction_of_copy is the kernel's GB/s over the
+    copy's. The kernel is given the filled length, and timed at least KERNEL_REPEATS times."""
+    times, seqlens = [], []
+
+    def fake_time_fn(fn, device, warmup, repeats, queue_ahead=False):
+        times.append(repeats)
+        return {"median_ms": 2.0 if len(times) % 2 else 0.5}  # the kernel's call, then the copy's
+
+    real = gptkern.ops.decode_attention
+    monkeypatch.setattr(bench_generate, "time_fn", fake_time_fn)
+    monkeypatch.setattr(gptkern.ops, "decode_attention",
+                        lambda q, k, v, lens: (seqlens.append(lens.tolist()), real(q, k, v, lens))[1])
+    rows = bench_generate.bench_decode_kernel(torch.device("cpu"), torch.float32, (64,), 2)
+    assert times == [bench_generate.KERNEL_REPEATS] * 4
+    assert seqlens == [[64] * 8, [8] * 8]  # the full cache, then an eighth of it
+    for row, filled in zip(rows, (64, 8)):
+        read = 2 * 8 * 8 * filled * 128 * 4
+        assert row["median_ms"] == 2.0 and row["read_gbps"] == pytest.approx(read / 2.0 / 1e6)
+        assert row["copy_gbps"] == pytest.approx(2 * read / 0.5 / 1e6)
+        assert row["fraction_of_copy"] == pytest.approx(0.125)
+
+
+def test_decode_rate_times_both_runs_after_their_warmup_and_equal_times_give_no_rate(monkeypatch):
+    calls = []
+
+    def run(prompt, n):
+        calls.append((prompt, n))
+
+    bench_generate.decode_rate(run, 4, 5, torch.device("cpu"), 2, warmup=1)
+    assert calls == [(4, 5)] * 3 + [(4, 3)] * 3  # warm-up + 2 timed, each
+    monkeypatch.setattr(bench_generate, "_timed", lambda fn, device, repeats, warmup=1: 40.0)
+    rate = bench_generate.decode_rate(lambda prompt, n: None, 4, 19, "cpu", 1)
+    assert math.isnan(rate["decode_tokens_per_s"])  # (not a ZeroDivisionError)
+
+
+def test_markdown_leaves_a_speedup_that_could_not_be_measured_empty():
+    report = {"meta": bench_generate.metadata(torch.device("cpu"), [], 1, 2), "complete": True, "dtype": "float32",
+              "model": "gpt2-tiny",
+              "results": [{"case": "generate", "provider": "gptkern", "warm_tokens": 2, "decode_tokens_per_s": 12.5,
+                           "speedup": 2.0},
+                          {"case": "c", "provider": "gptkern", "with_cache_tokens_per_s": float("nan"),
+                           "speedup": float("nan")}]}
+    text = bench_generate.markdown(report)
+    assert "| generate | gptkern | warm_tokens 2, decode_tokens_per_s 12.5 | 2.00x |" in text
+    assert "| c | gptkern | with_cache_tokens_per_s nan |  |" in text
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], dict(prompt=16, new=8, total=64, repeats=2, warmup=1, transformers=True)),
+    (["--prompt", "5", "--new", "251", "--total", "9", "--repeats", "3", "--warmup", "0", "--providers", "gptkern"],
+     dict(prompt=5, new=251, total=9, repeats=3, warmup=0, transformers=False)),  # gpt2-tiny: block_size 256
+])
+def test_flags_reach_the_sections(argv, expected, tmp_path, monkeypatch):
+    """--prompt, --new, --total, --repeats, --warmup and --providers (without transformers: not
+    timed) reach the benchmark's sections; prompt + new may fill the model's block_size exactly."""
+    seen = {}
+
+    def vs(cfg, dtype, device, prompt, new, batch, repeats, warmup, transformers):
+        seen.update(prompt=prompt, new=new, repeats=repeats, warmup=warmup, transformers=transformers)
+        return []
+
+    def cache(cfg, dtype, device, total, new, repeats, warmup):
+        seen.update(total=total)
+        return []
+
+    monkeypatch.setattr(bench_generate, "bench_vs_transformers", vs)
+    monkeypatch.setattr(bench_generate, "bench_cache", cache)
+    out_json = tmp_path / "g.json"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", *argv, "--out-json", str(out_json)]
+    assert bench_generate.main(argv) == 0
+    assert seen == expected
+    assert json.loads(out_json.read_text())["meta"]["warmup"] == expected["warmup"]
