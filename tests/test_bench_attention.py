@@ -204,7 +204,8 @@ def test_markdown_cells_are_in_the_units_of_their_headers():
 
 
 def test_the_bwd_mode_times_the_backward_alone():
-    """bwd: the forward runs once, outside the timed calls; fwd+bwd: once per timed call."""
+    """bwd: the forward runs once, outside the timed calls; fwd+bwd: once per timed call, plus
+    once at setup."""
     calls = []
 
     def forward(q, k, v):

@@ -512,8 +512,8 @@ def test_load_pretrained_names_missing_weights_extra_keys_and_bad_config_values(
     save_pretrained(model, tmp_path / "m")
     config_file, weights = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors"
     good_config, good_weights = config_file.read_text(), weights.read_bytes()
-    # a hand-written config without mlp_hidden whose n_embd is not a number (a TypeError inside
-    # GPTConfig): still a ValueError naming the file
+    # a hand-written config without mlp_hidden whose n_embd is not a number (once a TypeError
+    # inside GPTConfig): a ValueError naming the file
     config = json.loads(good_config)
     del config["config"]["mlp_hidden"]
     config_file.write_text(json.dumps({**config, "config": {**config["config"], "n_embd": {}}}))
