@@ -92,6 +92,33 @@ def test_corpus_reads_docstrings_and_comments_and_skips_tests(tmp_path):
         "Module b\n\nModule doc.\n\nfirst comment\ngoes on\n\nF doc.\n", "Module pkg\n\nPackage doc.\n"]
 
 
+def test_corpus_skips_every_excluded_folder_and_reads_classes_and_async_functions(tmp_path):
+    """tests, dist-packages, idle_test and __pycache__ are never entered, only .py files are read,
+    a module without text or one that cannot be opened gives no document; class and async function
+    docstrings count, cleaned of their indentation (blank ones do not), as do comments after line 1
+    starting with '#!'."""
+    for skipped in ("tests", "dist-packages", "idle_test", "__pycache__"):
+        (tmp_path / "pkg" / skipped).mkdir(parents=True)
+        (tmp_path / "pkg" / skipped / "x.py").write_text('"""Skipped."""\n')
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    for name in ("z.py", "y.py", "a.py"):
+        (tmp_path / "pkg" / name).write_text("x = 1\n")  # code only: no document
+    (tmp_path / "stub.pyi").write_text('"""Stub."""\n')
+    (tmp_path / "old.py.txt").write_text('"""Old."""\n')
+    (tmp_path / "gone.py").symlink_to(tmp_path / "missing.py")  # cannot be opened: skipped
+    (tmp_path / "m.py").write_text('# Header\nclass C:\n    """Class doc."""\n\n    async def run(self):\n'
+                                   '        """Runs\n        twice."""\n\n    def g(self):\n        """   """\n'
+                                   '#! not a shebang\n')
+    assert corpus.stdlib_files(str(tmp_path)) == ["gone.py", "m.py", "pkg/__init__.py", "pkg/a.py", "pkg/y.py",
+                                                  "pkg/z.py"]
+    assert corpus.stdlib_corpus(root=str(tmp_path)) == [
+        "Module m\n\nHeader\n\nClass doc.\n\nRuns\ntwice.\n\n! not a shebang\n"]
+    with pytest.raises(ValueError, match="max_chars must be positive"):
+        corpus.stdlib_corpus(max_chars=0, root=str(tmp_path))
+    assert corpus.corpus_description(1000).endswith(", first 1000 characters")
+    assert "first" not in corpus.corpus_description()
+
+
 # ---------------------------------------------------------------- prepare
 
 def test_token_dtype_fits_every_id():

@@ -423,6 +423,29 @@ def test_every_step_decodes_in_eval_mode_and_the_mode_is_the_users_between_steps
     assert [m.training for m in model.modules()] == modes
 
 
+def test_overlapping_steps_keep_eval_mode_until_the_last_one_ends():
+    """Steps that overlap (another thread's) share one switch to eval mode: the modules that were
+    training are switched back when the last one ends (after an error too), and the next step is
+    in eval mode again."""
+    from gptkern.generation.eval_mode import evaluating
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Dropout(0.5))
+    model[2].eval()  # the user's choice, kept
+    modes = [m.training for m in model.modules()]
+    modules = list(model.modules())
+    for _ in range(2):
+        with evaluating(model, modules):
+            assert not any(m.training for m in model.modules())
+            with evaluating(model, modules):
+                assert not any(m.training for m in model.modules())
+            assert not any(m.training for m in model.modules())  # the other step still runs
+        assert [m.training for m in model.modules()] == modes
+    with pytest.raises(KeyError):
+        with evaluating(model, modules):
+            raise KeyError("a step that fails")
+    assert [m.training for m in model.modules()] == modes
+
+
 def test_paged_cache_equals_static_and_frees_blocks():
     _, model = hf_and_gpt()
     prompt, mask = left_padded([9, 2, 5], seed=4)
