@@ -424,9 +424,9 @@ def test_every_step_decodes_in_eval_mode_and_the_mode_is_the_users_between_steps
 
 
 def test_overlapping_steps_keep_eval_mode_until_the_last_one_ends():
-    """Steps that overlap (another thread's) share one switch to eval mode: the modules that were
-    training are switched back when the last one ends (after an error too), and the next step is
-    in eval mode again."""
+    """Steps that overlap (nested here, as another thread's would) share one switch to eval mode:
+    the modules that were training are switched back when the last one ends (after an error too),
+    and the next step is in eval mode again."""
     from gptkern.generation.eval_mode import evaluating
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Dropout(0.5))
@@ -444,6 +444,9 @@ def test_overlapping_steps_keep_eval_mode_until_the_last_one_ends():
         with evaluating(model, modules):
             raise KeyError("a step that fails")
     assert [m.training for m in model.modules()] == modes
+    from gptkern.generation import eval_mode
+
+    assert model not in eval_mode._running  # nothing left registered
 
 
 def test_paged_cache_equals_static_and_frees_blocks():
