@@ -197,6 +197,46 @@ def test_row_kernels_tune_their_warps_and_stay_correct(monkeypatch):
         assert [warps for key, warps in chosen.items() if name in key] == [repr(c[-1])]
 
 
+def test_norm_backward_tunes_its_prefetch_and_launches_the_pick_last(monkeypatch):
+    """The Triton norm backward times its kernel without and with the next row's early loads
+    (default first), launches the faster once more, remembers it per key, and stays correct."""
+    from gptkern.kernels import norms
+    from gptkern.ops.reference import layer_norm_ref
+
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    kernel, launched = norms._norm_bwd_kernel, []
+
+    class Recorder:
+        fn = kernel.fn
+
+        def __getitem__(self, grid):
+            def launch(*args, PREFETCH, **kwargs):
+                launched.append(PREFETCH)
+                kernel[grid](*args, PREFETCH=PREFETCH, **kwargs)
+            return launch
+
+    monkeypatch.setattr(norms, "_norm_bwd_kernel", Recorder())
+
+    def timer(fn):  # the prefetch faster (other kernels' timings: any)
+        before = len(launched)
+        fn()
+        return 2.0 - launched[-1] if len(launched) > before else 1.0
+
+    monkeypatch.setattr(autotune, "_cuda_time_ms", timer)
+    x = (3 * torch.randn(6, 96)).requires_grad_()
+    w, b = torch.randn(96, requires_grad=True), torch.randn(96, requires_grad=True)
+    g = torch.randn(6, 96)
+    for _ in range(2):
+        with gptkern.backend("triton"), poisoned_allocations():
+            grads = torch.autograd.grad(gptkern.ops.layer_norm(x, (96,), w, b), (x, w, b), g)
+    assert launched == [False, True, True, True]  # timed both, launched the pick; then remembered
+    assert [c for k, c in autotune.choices().items() if "_norm_bwd_kernel" in k] == ["True"]
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad(layer_norm_ref(leaves[0], (96,), *leaves[1:]), leaves, g.double())
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_warp_choices_keep_to_what_the_largest_block_holds():
     """Fewer warps only up to the elements a thread holds at the kind's largest fused block; the
     looped kernels and the untuned kinds keep their one count."""

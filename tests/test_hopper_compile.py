@@ -16,9 +16,11 @@ Each check runs with the installed Triton and with every other Triton that tools
 put beside it (``$VENV/triton-X.Y.Z``, imported first through PYTHONPATH): code generation
 differs between versions, and torch 2.11's Triton 3.6 spills where 3.7 does not. With the
 other Tritons the attention check leaves out the autotuning alternatives (268 of its 755
-compiles, to keep CI's time): every configuration that runs untimed is checked with both,
-and an alternative that spilled there would only be slower, which the timing that chooses
-among them sees. Configurations that appear twice are compiled once.
+compiles, to keep CI's time), and so does the norm check (the backward's PREFETCH variant):
+every configuration that runs untimed is checked with both, and an alternative that spilled
+there would only be slower, which the timing that chooses among them sees. (The softmax and
+norm forwards' warp counts and the decode candidates are few: both Tritons compile them all.)
+Configurations that appear twice are compiled once.
 """
 import glob
 import itertools
@@ -111,7 +113,9 @@ def softmax_configs():
                             yield kernel, types, constexprs, warps, aligned
 
 
-def norm_configs():
+def norm_configs(alternatives: bool = True):
+    """The norm configurations; without ``alternatives``, the backward without its autotuning
+    alternative (PREFETCH)."""
     from gptkern.kernels import launch, norms
 
     flags = [(rms, w, b) for rms in (False, True) for w in (False, True) for b in (False, True)
@@ -136,12 +140,14 @@ def norm_configs():
                 # NEED_DW / NEED_DB: a weight or bias may be frozen (no gradient asked for).
                 for need_dw, need_db in {(has_w, has_b), (False, has_b), (has_w, False)}:
                     bwd_flags = dict(IS_RMS=is_rms, HAS_W=has_w, NEED_DW=need_dw, NEED_DB=need_db)
-                    for block in fused_blocks(launch.NORM_BWD, aligned, dtype):
-                        yield (norms._norm_bwd_kernel, bwd_types,
-                               dict(bwd_flags, BLOCK_N=block, SUMS_GIVEN=False), launch.NORM_BWD.warps(block),
-                               aligned)
-                    yield (norms._norm_bwd_kernel, bwd_types, dict(bwd_flags, BLOCK_N=looped, SUMS_GIVEN=True),
-                           warps, aligned)
+                    blocks = [(b, False, launch.NORM_BWD.warps(b))
+                              for b in fused_blocks(launch.NORM_BWD, aligned, dtype)]
+                    for block, sums_given, block_warps in blocks + [(looped, True, warps)]:
+                        choices = norms.prefetch_choices(block, BYTES[dtype])  # the autotuning's
+                        for prefetch in choices if alternatives else choices[:1]:
+                            yield (norms._norm_bwd_kernel, bwd_types,
+                                   dict(bwd_flags, BLOCK_N=block, SUMS_GIVEN=sums_given, PREFETCH=prefetch),
+                                   block_warps, aligned)
                 if not has_b:
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
@@ -302,7 +308,7 @@ def test_softmax_kernels_compile_for_hopper_without_spills(triton_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("triton_dir", TRITONS, ids=triton_id)
 def test_norm_kernels_compile_for_hopper_without_spills(triton_dir):
-    results = run_compiles("norms", triton_dir)
+    results = run_compiles("norms" if triton_dir is None else "norms-defaults", triton_dir)
     assert {r["kernel"] for r in results} == {"_norm_fwd_kernel", "_norm_bwd_kernel",
                                               "_norm_bwd_row_sums_kernel",
                                               "_sum_rows_kernel"}
@@ -386,7 +392,8 @@ def _compile_one(index: int) -> dict:
 def _main(which: str) -> None:
     import multiprocessing
 
-    configs = {"softmax": softmax_configs, "norms": norm_configs, "attention": attention_configs,
+    configs = {"softmax": softmax_configs, "norms": norm_configs,
+               "norms-defaults": lambda: norm_configs(alternatives=False), "attention": attention_configs,
                "attention-defaults": lambda: attention_configs(alternatives=False),
                "decode": decode_configs, "spill-probe": spill_probe}[which]()
     seen = set()

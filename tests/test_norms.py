@@ -121,6 +121,34 @@ def test_looped_rows(op, backend, monkeypatch):
     check_norm(op, backend, x, (203,), w, b, 1e-5)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton does not run here")
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("fused_cap", [None, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, monkeypatch):
+    """The Triton backward's autotuning alternative (each program loads its next row early) gives
+    the reference's gradients and the same bits as the default, fused and looped, with programs
+    of several rows and a last one of fewer (13 rows in 4 programs), on a strided input."""
+    from gptkern.kernels import norms as kernels
+
+    monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
+    base = (3 + torch.randn(13, 256, device=DEVICE)).to(dtype)
+    w, b = make_params((203,), dtype, True, op == "layer_norm")
+    g = torch.randn(13, 203, device=DEVICE).to(dtype)
+    grads = {}
+    for prefetch in (False, True):
+        monkeypatch.setattr(kernels, "PREFETCH_CHOICES", (prefetch,))
+        x = base.clone()[:, :203]  # row stride 256
+        assert x.stride() == (256, 1)
+        ws, bs = (t.detach().clone() if t is not None else None for t in (w, b))
+        check_norm(op, "triton", x, (203,), ws, bs, 1e-5)
+        leaves = [t for t in (x, ws, bs) if t is not None]
+        with gptkern.backend("triton"), poisoned_allocations():
+            grads[prefetch] = torch.autograd.grad(call(op, x, (203,), ws, bs, 1e-5), leaves, g)
+    for without, with_prefetch in zip(grads[False], grads[True]):
+        assert torch.equal(without, with_prefetch)
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_looped_rows_add_eps(op, backend, monkeypatch):

@@ -8,7 +8,9 @@ Backward: G programs each take a contiguous range of rows, write dX and accumula
 dW/dB partial sums of their rows in fp32 registers, stored into a (G, N) buffer; a
 last kernel sums the buffer over G in a fixed order. Rows too long for registers
 first get their two row reductions from a separate pass, then a (G, column tiles)
-grid does the rest. No atomics: results are bit-reproducible.
+grid does the rest. No atomics: results are bit-reproducible. On a GPU, autotuning
+also times a variant that loads each program's next row while it computes the
+current one (PREFETCH: the same arithmetic, so the same bits).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptkern.kernels import autotune
 from gptkern.kernels.launch import NORM_BWD, NORM_FWD, is_aligned, reduction_programs, row_block, tune_fused_rows
 
 
@@ -89,12 +92,14 @@ def _norm_bwd_kernel(
     DW_part, DB_part,      # (G, N) fp32 partial sums, row stride N
     stride_x, stride_dy, stride_dx, n_rows, rows_per_program, N,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    SUMS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUMS_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     """Program (t, g) writes dX of column tile t for the rows of group g and keeps that tile's
     dW/dB partials in registers. Without SUMS_GIVEN one tile holds the whole row (grid (1, G))
     and the row sums c1 = mean(xhat * w * dy), c2 = mean(w * dy) are computed here. Tiles go on
-    the grid's first axis: a row of 2**31 elements has 2**19 of them (the second holds 65535)."""
+    the grid's first axis: a row of 2**31 elements has 2**19 of them (the second holds 65535).
+    With PREFETCH the next row's x and dy are loaded before this row's reductions and store, so
+    that they are in flight while the program computes (a program holds one row at a time)."""
     pid = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -104,9 +109,19 @@ def _norm_bwd_kernel(
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], tl.float32)
     db_acc = tl.zeros([BLOCK_N], tl.float32)
+    if PREFETCH:  # the first row (every program has one); stored dtypes, converted when used
+        x_next = tl.load(X + first * stride_x + cols, mask=mask, other=0.0)
+        dy_next = tl.load(DY + first * stride_dy + cols, mask=mask, other=0.0)
     for row in range(first, last):  # int64 bounds, so int64 offsets
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            more = mask & (row + 1 < last)
+            x_next = tl.load(X + (row + 1) * stride_x + cols, mask=more, other=0.0)
+            dy_next = tl.load(DY + (row + 1) * stride_dy + cols, mask=more, other=0.0)
+        else:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(Rstd + row)
         if IS_RMS:
             xhat = x * rstd
@@ -184,6 +199,16 @@ def _sum_rows_kernel(
 
 
 SUM_ROWS_BLOCK = 256
+# What the backward's autotuning times: without, then with the next row's loads issued early (the default
+# first: it runs untuned). A program walks its rows one by one, and an SM holds one program of a
+# long row (registers), so without the prefetch its loads wait through each row's reductions.
+PREFETCH_CHOICES = (False, True)
+PREFETCH_MAX_BYTES = 16384  # a block of 8192 fp32 elements spills with the prefetch (sm_90)
+
+
+def prefetch_choices(block: int, elem_bytes: int) -> tuple[bool, ...]:
+    """The backward's PREFETCH choices for a block of up to ``elem_bytes``-byte elements."""
+    return PREFETCH_CHOICES if block * elem_bytes <= PREFETCH_MAX_BYTES else PREFETCH_CHOICES[:1]
 
 
 def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -239,7 +264,8 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
     x2, dy2, dx2 = as_rows(x, n), as_rows(grad_out, n), grad_in.view(-1, n)
     w = weight.reshape(-1).contiguous() if weight is not None else x2
     aligned = is_aligned(n, x2, dy2, dx2, w, x2.stride(0), dy2.stride(0), dx2.stride(0))
-    block, fused = row_block(NORM_BWD, n, aligned, max(t.element_size() for t in (x2, dy2, w)))
+    elem_bytes = max(t.element_size() for t in (x2, dy2, w))
+    block, fused = row_block(NORM_BWD, n, aligned, elem_bytes)
     programs = reduction_programs(x.device, rows)
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program)
@@ -258,8 +284,15 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
             x2, dy2, w, mean, rstd, c1, c2, x2.stride(0), dy2.stride(0), n,
             IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=block, num_warps=NORM_BWD.warps(block, fused))
         tiles = triton.cdiv(n, block)
-    _norm_bwd_kernel[(tiles, programs)](x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides,
-                                        SUMS_GIVEN=not fused, **flags)
+
+    def run(prefetch: bool) -> None:
+        _norm_bwd_kernel[(tiles, programs)](x2, dy2, dx2, w, mean, rstd, c1, c2, dw_part, db_part, *strides,
+                                            SUMS_GIVEN=not fused, PREFETCH=prefetch, **flags)
+
+    # Prefetching the next row changes no arithmetic (the same bits either way), only when loads are issued.
+    key = ("_norm_bwd_kernel", x2.dtype, dy2.dtype, w.dtype, dx2.dtype, tuple(sorted(flags.items())), fused,
+           aligned, triton.next_power_of_2(rows))
+    run(autotune.pick(key, prefetch_choices(block, elem_bytes), run, x.device))
     if need_dw:
         sum_rows(dw_part, grad_weight)
     if need_db:
