@@ -189,7 +189,13 @@ def test_norms(emu, dtype, cols, kind):
     assert_close(rstd, (ms + eps).rsqrt(), torch.float32, msg="rstd")
 
     dy = torch.randn(rows, cols).to(dtype)
+    launches(emu)
     dx, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, is_rms, True, b is not None)
+    # dW / dB partials: aligned rows read 16-byte vectors, a thread's columns contiguous (32 of them a
+    # warp); others two columns a thread
+    vec = 16 // x.element_size()
+    tile = 32 * (vec if cols % vec == 0 else 2)
+    assert [grid for grid, block in launches(emu) if block == (32, 8, 1)] == [(-(-cols // tile), 2, 1)]
     ref_grads = torch.autograd.grad(ref, leaves, dy.double())
     assert_close(dx, ref_grads[0], dtype, grad=True, msg="dx")
     # dW / dB sum rows of dtype-rounded products: the error grows with the row count

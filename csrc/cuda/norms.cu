@@ -254,14 +254,16 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-// Stage 1 of dW / dB. Grid (column tiles of kPartCols, groups); block (32, kPartRows): thread
-// (tx, ty) sums rows ty, ty + kPartRows, ... of its group for columns tx + 32 * c; the
-// kPartRows sums are then added in ty order.
+// Stage 1 of dW / dB. Grid (column tiles of 32 * kCols, groups); block (32, kPartRows): thread
+// (tx, ty) sums rows ty, ty + kPartRows, ... of its group for its kCols columns; the kPartRows
+// sums are then added in ty order. With kVec > 1 (aligned rows) a thread's columns are kVec
+// contiguous ones, read as one 16-byte vector of each tensor a row; else two columns 32 apart.
 constexpr int kPartRows = 8;
-constexpr int kPartColsPerThread = 2;
-constexpr int kPartCols = 32 * kPartColsPerThread;
 
-template <typename T>
+template <int kVec>
+constexpr int part_cols() { return kVec > 1 ? kVec : 2; }
+
+template <typename T, int kVec>
 __global__ void __launch_bounds__(32 * kPartRows)
     norm_bwd_partials_kernel(const T* __restrict__ dy,        // (rows, n)
                              const T* __restrict__ x,         // (rows, n)
@@ -270,44 +272,56 @@ __global__ void __launch_bounds__(32 * kPartRows)
                              float* __restrict__ dw_part,     // (groups, n) or null
                              float* __restrict__ db_part,     // (groups, n) or null
                              int64_t rows, int n, int64_t rows_per_group) {
-  __shared__ float sw[kPartRows][kPartCols + 1], sb[kPartRows][kPartCols + 1];
+  constexpr int kCols = part_cols<kVec>();
+  constexpr int kTile = 32 * kCols;
+  __shared__ float sw[kPartRows][kTile + 1], sb[kPartRows][kTile + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t group = blockIdx.y;
   const int64_t r0 = group * rows_per_group, r1 = min(rows, r0 + rows_per_group);
-  const int col0 = blockIdx.x * kPartCols + tx;
-  float accw[kPartColsPerThread] = {}, accb[kPartColsPerThread] = {};
+  const int tile0 = blockIdx.x * kTile;
+  // column c of this thread: its index in the tile
+  auto slot = [&](int c) { return kVec > 1 ? tx * kVec + c : tx + 32 * c; };
+  float accw[kCols] = {}, accb[kCols] = {};
   for (int64_t r = r0 + ty; r < r1; r += kPartRows) {
     const float mu = mean[r], rs = rstd[r];
+    float g[kCols], h[kCols];
+    if constexpr (kVec > 1) {
+      const int col = tile0 + tx * kVec;
+      if (col >= n) continue;  // n is a multiple of kVec: a vector is whole or out
+      load_floats<T, kVec>(dy + r * n + col, g);
+      load_floats<T, kVec>(x + r * n + col, h);
+    } else {
 #pragma unroll
-    for (int c = 0; c < kPartColsPerThread; ++c) {
-      const int col = col0 + 32 * c;
-      if (col < n) {
-        const float g = to_float(dy[r * n + col]);
-        accw[c] += g * (to_float(x[r * n + col]) - mu) * rs;
-        accb[c] += g;
+      for (int c = 0; c < kCols; ++c) {
+        const int col = tile0 + slot(c);
+        g[c] = col < n ? to_float(dy[r * n + col]) : 0.0f;
+        h[c] = col < n ? to_float(x[r * n + col]) : 0.0f;
       }
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      accw[c] += g[c] * (h[c] - mu) * rs;
+      accb[c] += g[c];
     }
   }
 #pragma unroll
-  for (int c = 0; c < kPartColsPerThread; ++c) {
-    sw[ty][tx + 32 * c] = accw[c];
-    sb[ty][tx + 32 * c] = accb[c];
+  for (int c = 0; c < kCols; ++c) {
+    sw[ty][slot(c)] = accw[c];
+    sb[ty][slot(c)] = accb[c];
   }
   __syncthreads();
-  if (ty == 0) {
+  // Thread (tx, ty) adds up the kPartRows sums of tile columns ty * 32 + tx, + 256, ...
+  for (int t = ty * 32 + tx; t < kTile; t += 32 * kPartRows) {
+    const int col = tile0 + t;
+    if (col >= n) continue;
+    float tw = 0.0f, tb = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kPartColsPerThread; ++c) {
-      const int col = col0 + 32 * c;
-      if (col >= n) continue;
-      float tw = 0.0f, tb = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kPartRows; ++i) {
-        tw += sw[i][tx + 32 * c];
-        tb += sb[i][tx + 32 * c];
-      }
-      if (dw_part) dw_part[group * n + col] = tw;
-      if (db_part) db_part[group * n + col] = tb;
+    for (int i = 0; i < kPartRows; ++i) {
+      tw += sw[i][t];
+      tb += sb[i][t];
     }
+    if (dw_part) dw_part[group * n + col] = tw;
+    if (db_part) db_part[group * n + col] = tb;
   }
 }
 
@@ -423,12 +437,23 @@ void norm_bwd_partials(const at::TensorBase& dy, const at::TensorBase& x, const 
   const int64_t groups = norm_groups(rows);
   const int64_t per_group = (rows + groups - 1) / groups;
   GPTKERN_CUDA_DISPATCH(x.scalar_type(), "gptkern::norm_bwd (x)", [&] {
-    norm_bwd_partials_kernel<scalar_t><<<dim3(ceil_div(n, kPartCols), unsigned(groups)), dim3(32, kPartRows), 0,
-                                         stream()>>>(
-        static_cast<const scalar_t*>(dy.const_data_ptr()), static_cast<const scalar_t*>(x.const_data_ptr()),
-        float_ptr(mean), float_ptr(rstd), dw_part.defined() ? static_cast<float*>(dw_part.data_ptr()) : nullptr,
-        db_part.defined() ? static_cast<float*>(db_part.data_ptr()) : nullptr, rows, int(n), per_group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto* gp = static_cast<const scalar_t*>(dy.const_data_ptr());
+    const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    auto launch = [&](auto vec_c) {
+      constexpr int V = decltype(vec_c)::value;
+      norm_bwd_partials_kernel<scalar_t, V><<<dim3(ceil_div(n, 32 * part_cols<V>()), unsigned(groups)),
+                                              dim3(32, kPartRows), 0, stream()>>>(
+          gp, xp, float_ptr(mean), float_ptr(rstd),
+          dw_part.defined() ? static_cast<float*>(dw_part.data_ptr()) : nullptr,
+          db_part.defined() ? static_cast<float*>(db_part.data_ptr()) : nullptr, rows, int(n), per_group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vec_ok(gp, n, kVec, sizeof(scalar_t)) && vec_ok(xp, n, kVec, sizeof(scalar_t))) {
+      launch(std::integral_constant<int, kVec>());
+    } else {
+      launch(std::integral_constant<int, 1>());
+    }
   });
 }
 
