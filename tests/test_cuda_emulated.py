@@ -191,11 +191,13 @@ def test_norms(emu, dtype, cols, kind):
     dy = torch.randn(rows, cols).to(dtype)
     launches(emu)
     dx, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, is_rms, True, b is not None)
-    # dW / dB partials: aligned rows read 16-byte vectors, a thread's columns contiguous (32 of them a
-    # warp); others two columns a thread
+    # dW / dB partials (the first (32, 8) launch; the sums of each follow): aligned rows read 16-byte
+    # vectors, a thread's columns contiguous (32 of them a warp); others two columns a thread
     vec = 16 // x.element_size()
     tile = 32 * (vec if cols % vec == 0 else 2)
-    assert [grid for grid, block in launches(emu) if block == (32, 8, 1)] == [(-(-cols // tile), 2, 1)]
+    sums = (-(-cols // 32), 1, 1)
+    assert [grid for grid, block in launches(emu) if block == (32, 8, 1)] == [
+        (-(-cols // tile), 2, 1), *[sums] * (1 + (b is not None))]
     ref_grads = torch.autograd.grad(ref, leaves, dy.double())
     assert_close(dx, ref_grads[0], dtype, grad=True, msg="dx")
     # dW / dB sum rows of dtype-rounded products: the error grows with the row count
@@ -203,6 +205,48 @@ def test_norms(emu, dtype, cols, kind):
     if b is not None:
         assert_close(db, ref_grads[2], dtype, grad=True, msg="db", atol_scale=math.sqrt(rows))
     assert dw.dtype == w.dtype and (b is None or db.dtype == b.dtype)
+
+
+@pytest.mark.parametrize("cols", [40, 1000])
+def test_norm_weight_grads_over_many_row_groups(emu, cols):
+    """300 rows: 10 groups of dW / dB partials (more than the 8 a thread of the sum adds in turn,
+    and a last group of fewer rows), aligned (vectors) and not."""
+    rows = 300
+    x = torch.randn(rows, cols) + 0.5
+    w, b = 1 + 0.5 * torch.randn(cols), 0.5 * torch.randn(cols)
+    y, mean, rstd = emu.norm_fwd(x, 1, w, b, 1e-5, False)
+    dy = torch.randn(rows, cols)
+    launches(emu)
+    _, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, False, True, True)
+    assert (10, 1) in {grid[1:] for grid, _ in launches(emu)}  # the partials' groups
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    grads = torch.autograd.grad(layer_norm_ref(leaves[0], (cols,), *leaves[1:], 1e-5), leaves, dy.double())
+    assert_close(dw, grads[1], torch.float32, grad=True, atol_scale=math.sqrt(rows))
+    assert_close(db, grads[2], torch.float32, grad=True, atol_scale=math.sqrt(rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_backward_of_rows_one_element_off_16_bytes(emu, dtype):
+    """Rows whose length allows 16-byte vectors but whose data starts one element past a 16-byte
+    boundary take the scalar paths (a vector load there would fault on a GPU), with right results."""
+    rows, cols = 37, 1024
+
+    def one_off(t):
+        flat = torch.empty(t.numel() + 16, dtype=t.dtype)
+        start = next(i for i in range(16) if (flat.data_ptr() + i * t.element_size()) % 16 == t.element_size())
+        return flat[start:start + t.numel()].view(t.shape).copy_(t)
+
+    x, dy = one_off(torch.randn(rows, cols).to(dtype)), one_off(torch.randn(rows, cols).to(dtype))
+    w, b = 1 + 0.5 * torch.randn(cols), 0.5 * torch.randn(cols)
+    _, mean, rstd = emu.norm_fwd(x, 1, w, b, 1e-5, False)
+    launches(emu)
+    dx, dw, db = emu.norm_bwd(dy, x, 1, w, b, mean, rstd, False, True, True)
+    assert [grid for grid, block in launches(emu) if block == (32, 8, 1)][0] == (cols // 64, 2, 1)  # scalar
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    grads = torch.autograd.grad(layer_norm_ref(leaves[0], (cols,), *leaves[1:], 1e-5), leaves, dy.double())
+    assert_close(dx, grads[0], dtype, grad=True)
+    for got, want in zip((dw, db), grads[1:]):
+        assert_close(got, want, dtype, grad=True, atol_scale=math.sqrt(rows))
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -152,7 +152,7 @@ def norm_configs(alternatives: bool = True):
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
             yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32"},
-                   {"BLOCK_N": norms.SUM_ROWS_BLOCK}, 4, aligned)
+                   {"BLOCK_G": norms.SUM_ROWS_BLOCK_G, "BLOCK_N": norms.SUM_ROWS_BLOCK_N}, 4, aligned)
 
 
 ATTN_HEAD_DIMS = (16, 64, 80, 128, 256)  # powers of two and one that is padded (80 -> 128)

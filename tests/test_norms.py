@@ -125,15 +125,18 @@ def test_looped_rows(op, backend, monkeypatch):
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("fused_cap", [None, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, monkeypatch):
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, affine, monkeypatch):
     """The Triton backward's autotuning alternative (each program loads its next row early) gives
     the reference's gradients and the same bits as the default, fused and looped, with programs
-    of several rows and a last one of fewer (13 rows in 4 programs), on a strided input."""
+    of several rows and a last one of fewer (13 rows in 4 programs, on a GPU too), on a strided
+    input, with and without a weight (without one, dy's masked lanes enter the row sums)."""
     from gptkern.kernels import norms as kernels
 
     monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
+    monkeypatch.setattr(kernels, "reduction_programs", lambda device, rows: min(rows, 4))
     base = (3 + torch.randn(13, 256, device=DEVICE)).to(dtype)
-    w, b = make_params((203,), dtype, True, op == "layer_norm")
+    w, b = make_params((203,), dtype, affine, affine and op == "layer_norm")
     g = torch.randn(13, 203, device=DEVICE).to(dtype)
     grads = {}
     for prefetch in (False, True):
@@ -437,6 +440,21 @@ def test_backward_grid_fits_cuda_limits_at_the_longest_rows(monkeypatch):
     for name, grid in grids.items():
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), (name, grid)
     assert grids["_norm_bwd_kernel"][0] > 65535  # the tiles: past the second axis' limit
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton does not run here")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups,n", [(150, 100), (64, 64), (1, 7), (65, 129)])
+def test_dw_db_partials_sum_over_every_group(groups, n, out_dtype):
+    """The norm backward's last step adds its (G, N) fp32 partials over G, BLOCK_G rows a step:
+    more groups than a step (a GPU has 4 per multiprocessor; the interpreter's backward makes 4),
+    a ragged last step and column tile, the output's dtype, against a float64 sum."""
+    from gptkern.kernels import norms as kernels
+
+    partial = 0.5 + torch.rand(groups, n, device=DEVICE)  # each row moves every sum past fp32's tolerance
+    out = torch.full((n,), float("nan"), device=DEVICE, dtype=out_dtype)
+    kernels.sum_rows(partial, out)
+    assert_close(out, partial.double().sum(0), out_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

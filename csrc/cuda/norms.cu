@@ -325,15 +325,28 @@ __global__ void __launch_bounds__(32 * kPartRows)
   }
 }
 
+// Stage 2: block (32, kPartRows); thread (tx, ty) adds groups ty, ty + kPartRows, ... of column
+// 32 * blockIdx.x + tx (kPartRows loads of a column in flight at once, not one), then the
+// kPartRows sums are added in ty order.
 template <typename T>
-__global__ void __launch_bounds__(256) sum_partials_kernel(const float* __restrict__ part,  // (groups, n)
-                                                           T* __restrict__ out,             // (n,)
-                                                           int64_t groups, int64_t n) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= n) return;
+__global__ void __launch_bounds__(32 * kPartRows) sum_partials_kernel(const float* __restrict__ part,  // (groups, n)
+                                                                      T* __restrict__ out,             // (n,)
+                                                                      int64_t groups, int64_t n) {
+  __shared__ float sums[kPartRows][33];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = int64_t(blockIdx.x) * 32 + tx;
   float acc = 0.0f;
-  for (int64_t g = 0; g < groups; ++g) acc += part[g * n + col];
-  out[col] = from_float<T>(acc);
+  if (col < n) {
+    for (int64_t g = ty; g < groups; g += kPartRows) acc += part[g * n + col];
+  }
+  sums[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && col < n) {
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPartRows; ++i) total += sums[i][tx];
+    out[col] = from_float<T>(total);
+  }
 }
 
 // ---------------------------------------------------------------------------------- launch
@@ -461,7 +474,7 @@ void sum_partials(const at::TensorBase& part, const at::TensorBase& out) {
   const int64_t groups = part.size(0), n = part.size(1);
   if (n == 0) return;
   GPTKERN_CUDA_DISPATCH(out.scalar_type(), "gptkern::norm_bwd (weight)", [&] {
-    sum_partials_kernel<scalar_t><<<ceil_div(n, 256), 256, 0, stream()>>>(
+    sum_partials_kernel<scalar_t><<<ceil_div(n, 32), dim3(32, kPartRows), 0, stream()>>>(
         static_cast<const float*>(part.const_data_ptr()), static_cast<scalar_t*>(out.data_ptr()), groups, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

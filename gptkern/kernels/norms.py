@@ -186,19 +186,33 @@ def _sum_rows_kernel(
     P,                     # (G, N) fp32, contiguous
     OUT,                   # (N,)
     G, N,
-    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """OUT = P summed over its G rows, BLOCK_G rows a step (their loads in flight together; one
+    row a step left an SM waiting on each load in turn), then over the step's rows."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    ptrs = P + cols
-    for _ in range(0, G):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += N
-    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+    rows = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + rows
+        offsets = g.to(tl.int64)[:, None] * N + cols[None, :]  # G * N may pass 2**31
+        acc += tl.load(P + offsets, mask=(g < G)[:, None] & mask[None, :], other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=mask)
 
 
-SUM_ROWS_BLOCK = 256
+SUM_ROWS_BLOCK_G = 64
+SUM_ROWS_BLOCK_N = 64
+
+
+def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum over g of partial[g, n], in a fixed order."""
+    g, n = partial.shape
+    _sum_rows_kernel[(triton.cdiv(n, SUM_ROWS_BLOCK_N),)](partial, out, g, n, BLOCK_G=SUM_ROWS_BLOCK_G,
+                                                          BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=4)
+    return out
+
+
 # What the backward's autotuning times: without, then with the next row's loads issued early (the default
 # first: it runs untuned). A program walks its rows one by one, and an SM holds one program of a
 # long row (registers), so without the prefetch its loads wait through each row's reductions.
@@ -209,14 +223,6 @@ PREFETCH_MAX_BYTES = 16384  # a block of 8192 fp32 elements spills with the pref
 def prefetch_choices(block: int, elem_bytes: int) -> tuple[bool, ...]:
     """The backward's PREFETCH choices for a block of up to ``elem_bytes``-byte elements."""
     return PREFETCH_CHOICES if block * elem_bytes <= PREFETCH_MAX_BYTES else PREFETCH_CHOICES[:1]
-
-
-def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[n] = sum over g of partial[g, n], in a fixed order."""
-    g, n = partial.shape
-    _sum_rows_kernel[(triton.cdiv(n, SUM_ROWS_BLOCK),)](partial, out, g, n,
-                                                        BLOCK_N=SUM_ROWS_BLOCK, num_warps=4)
-    return out
 
 
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -291,7 +297,7 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
 
     # Prefetching the next row changes no arithmetic (the same bits either way), only when loads are issued.
     key = ("_norm_bwd_kernel", x2.dtype, dy2.dtype, w.dtype, dx2.dtype, tuple(sorted(flags.items())), fused,
-           aligned, triton.next_power_of_2(rows))
+           aligned, triton.next_power_of_2(rows), triton.next_power_of_2(n))  # (looped rows: one BLOCK_N)
     run(autotune.pick(key, prefetch_choices(block, elem_bytes), run, x.device))
     if need_dw:
         sum_rows(dw_part, grad_weight)
