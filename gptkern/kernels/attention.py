@@ -95,14 +95,20 @@ def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+def _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+                 CAUSAL: tl.constexpr):
     """A query-block program's (batch-head, batch, head, KV head, first query row, first key
-    row, L, S, diag, first query of the block); grid (B * H, query blocks)."""
+    row, L, S, diag, first query of the block); grid (B * H, query blocks). Causal query blocks
+    go last first: the GPU starts programs in grid order, and a later block sees more keys, so
+    the longest programs start first and the last to start are the shortest."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
-    return bh, b, h, h // GROUP, q0, k0, L, S, diag, tl.program_id(1) * BLOCK_M
+    block = tl.program_id(1)
+    if CAUSAL:
+        block = tl.num_programs(1) - 1 - block
+    return bh, b, h, h // GROUP, q0, k0, L, S, diag, block * BLOCK_M
 
 
 @triton.jit
@@ -201,7 +207,8 @@ def _attn_fwd_kernel(
 ):
     # Tile bases are int64; offsets inside a tile are int32.
     seed = _load_seed(SEED, DROPOUT)
-    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
+    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(
+        CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN, CAUSAL)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
@@ -483,7 +490,8 @@ def _attn_bwd_dq_kernel(
 ):
     """One program: a block of queries of one head, looping over the visible keys."""
     seed = _load_seed(SEED, DROPOUT)
-    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN)
+    bh, b, h, hk, q0, k0, L, S, diag, start_m = _query_block(
+        CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M, VARLEN, CAUSAL)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     cols = tl.arange(0, BLOCK_N)
