@@ -139,10 +139,11 @@ step bench_train 170 "$PY" benchmarks/bench_train.py --repeats 20 --profile 2 \
 step bench_generate 60 "$PY" benchmarks/bench_generate.py --new 32 --total 256 --repeats 2 \
   --out-json "$OUT/generate.json" --out-md "$WORK/bench/generate.md"
 step pytest 90 "${PYTEST[@]}" --ignore=tests/test_cuda_kernels.py "${FIRST[@]/#/--ignore=}" tests
-BENCH=(--mode all --shapes 8192x8192,4096x32768 --dtype bf16)
-step bench_softmax 60 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" \
+BENCH=(--mode all --dtype bf16)
+step bench_softmax 60 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" --shapes 8192x8192,4096x32768 \
   --out-json "$OUT/softmax.json" --out-md "$WORK/bench/softmax.md"
-step bench_norms 70 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" \
+# (+ gpt2-small's training rows: 16 x 1024 tokens of 768, where the backward's dW / dB sums weigh most)
+step bench_norms 70 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" --shapes 8192x8192,4096x32768,16384x768 \
   --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
 
 # ---- summary
