@@ -143,7 +143,7 @@ BENCH=(--mode all --dtype bf16)
 step bench_softmax 60 "$PY" benchmarks/bench_softmax.py --op softmax "${BENCH[@]}" --shapes 8192x8192,4096x32768 \
   --out-json "$OUT/softmax.json" --out-md "$WORK/bench/softmax.md"
 # (+ gpt2-small's training rows: 16 x 1024 tokens of 768, where the backward's dW / dB sums weigh most)
-step bench_norms 70 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" --shapes 8192x8192,4096x32768,16384x768 \
+step bench_norms 90 "$PY" benchmarks/bench_norms.py "${BENCH[@]}" --shapes 8192x8192,4096x32768,16384x768 \
   --out-json "$OUT/norms.json" --out-md "$WORK/bench/norms.md"
 
 # ---- summary
