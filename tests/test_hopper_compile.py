@@ -56,7 +56,7 @@ def resource_usage(kernel, types: dict, constexprs: dict, num_warps: int, aligne
     # to divide by 16, and they change no load's width.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and n not in constexprs and (types[n] == "i32" or types[n].startswith("*"))
-             and n not in ("n_rows", "rows_per_program", "G", "threshold")}
+             and n not in ("n_rows", "rows_per_program", "G", "ROWS", "threshold")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -151,7 +151,7 @@ def norm_configs(alternatives: bool = True):
                 if not has_b:
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
-            yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32"},
+            yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32", "ROWS": "i32"},
                    {"BLOCK_G": norms.SUM_ROWS_BLOCK_G, "BLOCK_N": norms.SUM_ROWS_BLOCK_N}, 4, aligned)
 
 

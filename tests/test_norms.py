@@ -134,7 +134,7 @@ def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, 
     from gptkern.kernels import norms as kernels
 
     monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
-    monkeypatch.setattr(kernels, "reduction_programs", lambda device, rows: min(rows, 4))
+    monkeypatch.setattr(kernels, "reduction_programs", lambda device, rows, warps: min(rows, 4))
     base = (3 + torch.randn(13, 256, device=DEVICE)).to(dtype)
     w, b = make_params((203,), dtype, affine, affine and op == "layer_norm")
     g = torch.randn(13, 203, device=DEVICE).to(dtype)
@@ -444,11 +444,13 @@ def test_backward_grid_fits_cuda_limits_at_the_longest_rows(monkeypatch):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton does not run here")
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("groups,n", [(150, 100), (128, 64), (1, 7), (257, 33)])
+@pytest.mark.parametrize("groups,n", [(150, 100), (128, 64), (1, 7), (257, 33), (1024, 40), (1025, 40),
+                                      (2500, 33)])
 def test_dw_db_partials_sum_over_every_group(groups, n, out_dtype):
     """The norm backward's last step adds its (G, N) fp32 partials over G, BLOCK_G rows a step:
-    more groups than a step (a GPU has 4 per multiprocessor; the interpreter's backward makes 4),
-    a ragged last step and column tile, the output's dtype, against a float64 sum."""
+    more groups than a step (a GPU has 4 to 32 per multiprocessor; the interpreter's backward
+    makes 4), a ragged last step and column tile; past SUM_ROWS_CHUNK groups, chunks first (the
+    last of one group, or ragged); the output's dtype; against a float64 sum."""
     from gptkern.kernels import norms as kernels
 
     partial = 0.5 + torch.rand(groups, n, device=DEVICE)  # each row moves every sum past fp32's tolerance

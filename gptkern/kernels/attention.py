@@ -98,15 +98,17 @@ def _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN: tl.constexpr):
 def _query_block(CU_Q, CU_K, H, GROUP, L, S, diag, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
                  CAUSAL: tl.constexpr):
     """A query-block program's (batch-head, batch, head, KV head, first query row, first key
-    row, L, S, diag, first query of the block); grid (B * H, query blocks). Causal query blocks
-    go last first: the GPU starts programs in grid order, and a later block sees more keys, so
-    the longest programs start first and the last to start are the shortest."""
+    row, L, S, diag, first query of the block); grid (B * H, query blocks). Dense causal query
+    blocks go last first: the GPU starts programs in grid order, and a later block sees more
+    keys, so the longest programs start first and the last to start are the shortest. (Varlen
+    keeps the order: its grid counts the longest sequence's blocks, and reversed, its dropout dQ
+    kernel at head dim 64 spilled with Triton 3.6.)"""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     q0, k0, L, S, diag = _sequence(CU_Q, CU_K, b, L, S, diag, VARLEN)
     block = tl.program_id(1)
-    if CAUSAL:
+    if CAUSAL and not VARLEN:
         block = tl.num_programs(1) - 1 - block
     return bh, b, h, h // GROUP, q0, k0, L, S, diag, block * BLOCK_M
 

@@ -117,10 +117,14 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def reduction_programs(device: torch.device, n_rows: int) -> int:
-    """Programs for a kernel that accumulates per-column partial sums over rows."""
+def reduction_programs(device: torch.device, n_rows: int, warps: int = 16) -> int:
+    """Programs of ``warps`` warps for a kernel that accumulates per-column partial sums over rows,
+    each walking its share of the rows one by one: on a GPU, 4 a multiprocessor, and for programs
+    of 4 warps or fewer (rows of up to 512 columns) up to 32 (the most an SM holds), so that they
+    still fill an SM's 64 warps with rows in flight (4 one-warp programs left an SM 4 warps)."""
     if device.type == "cuda":
-        target = 4 * sm_count(device)
+        per_sm = 4 if warps >= 8 else min(32, 2048 // (32 * warps))
+        target = per_sm * sm_count(device)
     else:  # interpreter: programs run one after another, few are enough
         target = 4
     return max(1, min(n_rows, target))

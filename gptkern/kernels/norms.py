@@ -184,32 +184,43 @@ def _norm_bwd_row_sums_kernel(
 @triton.jit
 def _sum_rows_kernel(
     P,                     # (G, N) fp32, contiguous
-    OUT,                   # (N,)
-    G, N,
+    OUT,                   # (cdiv(G, ROWS), N): row c gets the sum of P's rows c * ROWS ... c * ROWS + ROWS - 1
+    G, N, ROWS,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """OUT = P summed over its G rows, BLOCK_G rows a step (their loads in flight together; one
-    row a step left an SM waiting on each load in turn), then over the step's rows."""
+    """Program (t, c) sums column tile t of P's rows chunk c, BLOCK_G rows a step (their loads in
+    flight together; one row a step left an SM waiting on each load in turn), then over the
+    step's rows, in a fixed order."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
+    chunk = tl.program_id(1).to(tl.int64)
+    first = chunk * ROWS
+    last = tl.minimum(first + ROWS, G)
     rows = tl.arange(0, BLOCK_G)
     acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + rows
-        offsets = g.to(tl.int64)[:, None] * N + cols[None, :]  # G * N may pass 2**31
-        acc += tl.load(P + offsets, mask=(g < G)[:, None] & mask[None, :], other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=mask)
+    for g0 in range(first, last, BLOCK_G):
+        g = g0 + rows  # int64: G * N may pass 2**31
+        acc += tl.load(P + g[:, None] * N + cols[None, :], mask=(g < last)[:, None] & mask[None, :], other=0.0)
+    tl.store(OUT + chunk * N + cols, tl.sum(acc, 0).to(OUT.dtype.element_ty), mask=mask)
 
 
 SUM_ROWS_BLOCK_G = 128
-SUM_ROWS_BLOCK_N = 32  # 24 programs at 768 columns, 256 at 8192
+SUM_ROWS_BLOCK_N = 32  # 24 column tiles at 768 columns, 256 at 8192
+SUM_ROWS_CHUNK = 1024  # more rows than this: chunks summed in parallel first, then their sums
 
 
 def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[n] = sum over g of partial[g, n], in a fixed order."""
     g, n = partial.shape
-    _sum_rows_kernel[(triton.cdiv(n, SUM_ROWS_BLOCK_N),)](partial, out, g, n, BLOCK_G=SUM_ROWS_BLOCK_G,
-                                                          BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=4)
+    tiles = triton.cdiv(n, SUM_ROWS_BLOCK_N)
+    if g > SUM_ROWS_CHUNK:  # (short rows of many programs: 4224 groups on an H200, 4 column tiles at 128)
+        chunks = triton.cdiv(g, SUM_ROWS_CHUNK)
+        sums = torch.empty((chunks, n), device=partial.device, dtype=torch.float32)
+        _sum_rows_kernel[(tiles, chunks)](partial, sums, g, n, SUM_ROWS_CHUNK, BLOCK_G=SUM_ROWS_BLOCK_G,
+                                          BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=4)
+        partial, g = sums, chunks
+    _sum_rows_kernel[(tiles, 1)](partial, out, g, n, g, BLOCK_G=SUM_ROWS_BLOCK_G, BLOCK_N=SUM_ROWS_BLOCK_N,
+                                 num_warps=4)
     return out
 
 
@@ -272,7 +283,7 @@ def norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, n: int, weight: Optional[t
     aligned = is_aligned(n, x2, dy2, dx2, w, x2.stride(0), dy2.stride(0), dx2.stride(0))
     elem_bytes = max(t.element_size() for t in (x2, dy2, w))
     block, fused = row_block(NORM_BWD, n, aligned, elem_bytes)
-    programs = reduction_programs(x.device, rows)
+    programs = reduction_programs(x.device, rows, NORM_BWD.warps(block, fused))
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program)
     dw_part = torch.empty((programs, n), device=x.device, dtype=torch.float32) if need_dw else rstd
