@@ -88,9 +88,12 @@ def test_reduction_programs_stay_within_the_rows(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert launch.reduction_programs(cuda, 7) == 7
     assert launch.reduction_programs(cuda, 100_000) == 4 * 132
-    # programs of few warps: more of them, up to the 32 an SM holds (its 64 warps filled from 2 warps down)
-    per_sm = {16: 4, 8: 4, 4: 16, 2: 32, 1: 32}
+    # programs of few warps: about 40 warps of them an SM (at most 32 programs), 16 rows each at least,
+    # never fewer than 4 an SM
+    per_sm = {16: 4, 8: 4, 4: 10, 2: 20, 1: 32}
     assert {w: launch.reduction_programs(cuda, 10**6, w) for w in per_sm} == {w: n * 132 for w, n in per_sm.items()}
+    assert launch.reduction_programs(cuda, 16 * 1000, 1) == 1000
+    assert launch.reduction_programs(cuda, 16 * 100, 1) == 4 * 132
     assert launch.reduction_programs(CPU, 1000, 1) == 4  # the interpreter: few
 
 

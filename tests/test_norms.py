@@ -134,7 +134,8 @@ def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, 
     from gptkern.kernels import norms as kernels
 
     monkeypatch.setattr(launch, "FUSED_CAP", fused_cap)
-    monkeypatch.setattr(kernels, "reduction_programs", lambda device, rows, warps: min(rows, 4))
+    warps = []
+    monkeypatch.setattr(kernels, "reduction_programs", lambda device, rows, w: (warps.append(w), min(rows, 4))[1])
     base = (3 + torch.randn(13, 256, device=DEVICE)).to(dtype)
     w, b = make_params((203,), dtype, affine, affine and op == "layer_norm")
     g = torch.randn(13, 203, device=DEVICE).to(dtype)
@@ -150,6 +151,8 @@ def test_backward_prefetch_is_correct_and_changes_no_bits(op, fused_cap, dtype, 
             grads[prefetch] = torch.autograd.grad(call(op, x, (203,), ws, bs, 1e-5), leaves, g)
     for without, with_prefetch in zip(grads[False], grads[True]):
         assert torch.equal(without, with_prefetch)
+    block = 256 if fused_cap is None else 64  # the programs' warps (how many programs a GPU gets)
+    assert set(warps) == {launch.NORM_BWD.warps(block, fused_cap is None)}
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -457,6 +460,34 @@ def test_dw_db_partials_sum_over_every_group(groups, n, out_dtype):
     out = torch.full((n,), float("nan"), device=DEVICE, dtype=out_dtype)
     kernels.sum_rows(partial, out)
     assert_close(out, partial.double().sum(0), out_dtype)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton does not run here")
+def test_dw_db_partials_sum_in_chunks(monkeypatch):
+    """Past 4 chunks of rows the sum adds the chunks in parallel first (one launch of a program per
+    column tile and chunk), then their sums: with chunks of 200 rows, not a multiple of the kernel's
+    128-row step, 1001 rows make 6 chunks, the last of one row."""
+    from gptkern.kernels import norms as kernels
+
+    grids = []
+    kernel = kernels._sum_rows_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kernels, "_sum_rows_kernel", Recorder())
+    monkeypatch.setattr(kernels, "SUM_ROWS_CHUNK", 200)
+    partial = 0.5 + torch.rand(1001, 40, device=DEVICE)
+    out = torch.full((40,), float("nan"), device=DEVICE)
+    kernels.sum_rows(partial, out)
+    assert grids == [(2, 6), (2, 1)]
+    assert_close(out, partial.double().sum(0), torch.float32)
+    grids.clear()
+    kernels.sum_rows(partial[:800], out)  # 4 chunks: one pass
+    assert grids == [(2, 1)]
+    assert_close(out, partial[:800].double().sum(0), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -119,12 +119,16 @@ def sm_count(device: torch.device) -> int:
 
 def reduction_programs(device: torch.device, n_rows: int, warps: int = 16) -> int:
     """Programs of ``warps`` warps for a kernel that accumulates per-column partial sums over rows,
-    each walking its share of the rows one by one: on a GPU, 4 a multiprocessor, and for programs
-    of 4 warps or fewer (rows of up to 512 columns) up to 32 (the most an SM holds), so that they
-    still fill an SM's 64 warps with rows in flight (4 one-warp programs left an SM 4 warps)."""
+    each walking its share of the rows one by one. On a GPU, 4 a multiprocessor; programs of 4
+    warps or fewer (rows of up to 512 columns) number as many as an SM holds at once, about 40
+    warps (the norm backward's 45-62 registers a thread; at most 32 programs), where 4 one-warp
+    programs left an SM with 4 warps of rows in flight, but keep 16 rows each (their partial
+    sums are traffic too) down to 4 programs an SM."""
     if device.type == "cuda":
-        per_sm = 4 if warps >= 8 else min(32, 2048 // (32 * warps))
-        target = per_sm * sm_count(device)
+        sms = sm_count(device)
+        target = 4 * sms
+        if warps < 8:
+            target = max(target, min(min(32, 40 // warps) * sms, n_rows // 16))
     else:  # interpreter: programs run one after another, few are enough
         target = 4
     return max(1, min(n_rows, target))

@@ -6,11 +6,12 @@ mean (LayerNorm) and reciprocal standard deviation, in fp32.
 
 Backward: G programs each take a contiguous range of rows, write dX and accumulate
 dW/dB partial sums of their rows in fp32 registers, stored into a (G, N) buffer; a
-last kernel sums the buffer over G in a fixed order. Rows too long for registers
-first get their two row reductions from a separate pass, then a (G, column tiles)
-grid does the rest. No atomics: results are bit-reproducible. On a GPU, autotuning
-also times a variant that loads each program's next row while it computes the
-current one (PREFETCH: the same arithmetic, so the same bits).
+last kernel sums the buffer over G in a fixed order (for a G of thousands, chunks of
+rows first, then their sums). Rows too long for registers first get their two row
+reductions from a separate pass, then a (column tiles, G) grid does the rest. No
+atomics: results are bit-reproducible. On a GPU, autotuning also times a variant
+that loads each program's next row while it computes the current one (PREFETCH:
+the same arithmetic, so the same bits).
 """
 from __future__ import annotations
 
@@ -206,14 +207,14 @@ def _sum_rows_kernel(
 
 SUM_ROWS_BLOCK_G = 128
 SUM_ROWS_BLOCK_N = 32  # 24 column tiles at 768 columns, 256 at 8192
-SUM_ROWS_CHUNK = 1024  # more rows than this: chunks summed in parallel first, then their sums
+SUM_ROWS_CHUNK = 256  # over 4 chunks of rows: the chunks summed in parallel first, then their sums
 
 
 def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[n] = sum over g of partial[g, n], in a fixed order."""
     g, n = partial.shape
     tiles = triton.cdiv(n, SUM_ROWS_BLOCK_N)
-    if g > SUM_ROWS_CHUNK:  # (short rows of many programs: 4224 groups on an H200, 4 column tiles at 128)
+    if g > 4 * SUM_ROWS_CHUNK:  # (short rows of many programs: 4224 groups on an H200, 4 column tiles at 128)
         chunks = triton.cdiv(g, SUM_ROWS_CHUNK)
         sums = torch.empty((chunks, n), device=partial.device, dtype=torch.float32)
         _sum_rows_kernel[(tiles, chunks)](partial, sums, g, n, SUM_ROWS_CHUNK, BLOCK_G=SUM_ROWS_BLOCK_G,
