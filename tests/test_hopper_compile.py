@@ -151,8 +151,9 @@ def norm_configs(alternatives: bool = True):
                 if not has_b:
                     yield (norms._norm_bwd_row_sums_kernel, bwd_types,
                            dict(IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=looped), warps, aligned)
-            yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32", "ROWS": "i32"},
-                   {"BLOCK_G": norms.SUM_ROWS_BLOCK_G, "BLOCK_N": norms.SUM_ROWS_BLOCK_N}, 4, aligned)
+            for block_g in (1 << p for p in range(norms.SUM_ROWS_BLOCK_G.bit_length())):  # (few groups: 1, 2, ...)
+                yield (norms._sum_rows_kernel, {"P": "*fp32", "OUT": ptr, "G": "i32", "N": "i32", "ROWS": "i32"},
+                       {"BLOCK_G": block_g, "BLOCK_N": norms.SUM_ROWS_BLOCK_N}, 4, aligned)
 
 
 ATTN_HEAD_DIMS = (16, 64, 80, 128, 256)  # powers of two and one that is padded (80 -> 128)

@@ -449,13 +449,14 @@ def test_backward_grid_fits_cuda_limits_at_the_longest_rows(monkeypatch):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups,n", [(150, 100), (128, 64), (1, 7), (257, 33), (1024, 40), (1025, 40),
                                       (2500, 33)])
-def test_dw_db_partials_sum_over_every_group(groups, n, out_dtype):
+def test_dw_db_partials_sum_over_every_group(groups, n, out_dtype, monkeypatch):
     """The norm backward's last step adds its (G, N) fp32 partials over G, BLOCK_G rows a step:
     more groups than a step (a GPU has 4 to 32 per multiprocessor; the interpreter's backward
     makes 4), a ragged last step and column tile; past SUM_ROWS_CHUNK groups, chunks first (the
     last of one group, or ragged); the output's dtype; against a float64 sum."""
     from gptkern.kernels import norms as kernels
 
+    monkeypatch.setattr(kernels, "SUM_ROWS_BLOCK_N_INTERPRETER", 32)  # column tiles as on a GPU
     partial = 0.5 + torch.rand(groups, n, device=DEVICE)  # each row moves every sum past fp32's tolerance
     out = torch.full((n,), float("nan"), device=DEVICE, dtype=out_dtype)
     kernels.sum_rows(partial, out)
@@ -479,6 +480,7 @@ def test_dw_db_partials_sum_in_chunks(monkeypatch):
 
     monkeypatch.setattr(kernels, "_sum_rows_kernel", Recorder())
     monkeypatch.setattr(kernels, "SUM_ROWS_CHUNK", 200)
+    monkeypatch.setattr(kernels, "SUM_ROWS_BLOCK_N_INTERPRETER", 32)  # column tiles as on a GPU
     partial = 0.5 + torch.rand(1001, 40, device=DEVICE)
     out = torch.full((40,), float("nan"), device=DEVICE)
     kernels.sum_rows(partial, out)

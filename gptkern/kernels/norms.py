@@ -207,21 +207,23 @@ def _sum_rows_kernel(
 
 SUM_ROWS_BLOCK_G = 128
 SUM_ROWS_BLOCK_N = 32  # 24 column tiles at 768 columns, 256 at 8192
+SUM_ROWS_BLOCK_N_INTERPRETER = 4096  # the interpreter runs programs one by one: few, wide ones
 SUM_ROWS_CHUNK = 256  # over 4 chunks of rows: the chunks summed in parallel first, then their sums
 
 
 def sum_rows(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[n] = sum over g of partial[g, n], in a fixed order."""
     g, n = partial.shape
-    tiles = triton.cdiv(n, SUM_ROWS_BLOCK_N)
+    block_n = SUM_ROWS_BLOCK_N if partial.device.type == "cuda" else SUM_ROWS_BLOCK_N_INTERPRETER
+    tiles = triton.cdiv(n, block_n)
+    blocks = dict(BLOCK_G=min(SUM_ROWS_BLOCK_G, triton.next_power_of_2(g)), BLOCK_N=block_n, num_warps=4)
     if g > 4 * SUM_ROWS_CHUNK:  # (short rows of many programs: 4224 groups on an H200, 4 column tiles at 128)
         chunks = triton.cdiv(g, SUM_ROWS_CHUNK)
         sums = torch.empty((chunks, n), device=partial.device, dtype=torch.float32)
-        _sum_rows_kernel[(tiles, chunks)](partial, sums, g, n, SUM_ROWS_CHUNK, BLOCK_G=SUM_ROWS_BLOCK_G,
-                                          BLOCK_N=SUM_ROWS_BLOCK_N, num_warps=4)
+        _sum_rows_kernel[(tiles, chunks)](partial, sums, g, n, SUM_ROWS_CHUNK, **blocks)
         partial, g = sums, chunks
-    _sum_rows_kernel[(tiles, 1)](partial, out, g, n, g, BLOCK_G=SUM_ROWS_BLOCK_G, BLOCK_N=SUM_ROWS_BLOCK_N,
-                                 num_warps=4)
+        blocks["BLOCK_G"] = min(SUM_ROWS_BLOCK_G, triton.next_power_of_2(g))
+    _sum_rows_kernel[(tiles, 1)](partial, out, g, n, g, **blocks)
     return out
 
 
